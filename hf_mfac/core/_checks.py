@@ -1,0 +1,86 @@
+"""Argument checks and the damped-factorisation fallback shared by the core solvers."""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+logger = logging.getLogger("hf_mfac")
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_damp(damp: float) -> float:
+    damp = float(damp)
+    if not math.isfinite(damp) or damp <= 0:
+        raise ValueError(f"damp must be a finite number > 0 (the dampening λ of F = damp*I + G^T G / m); got {damp}")
+    return damp
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    return int(value)
+
+
+def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
+    sparsity = float(sparsity)
+    if not (0.0 <= sparsity < 1.0):
+        raise ValueError(f"{name} must lie in [0, 1) (the fraction of weights set to zero); got {sparsity}")
+    return sparsity
+
+
+def check_float_tensor(name: str, t, ndim: int | None = None, size: tuple | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (fp16/bf16/fp32/fp64); got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s); got shape {tuple(t.shape)}")
+    if size is not None:
+        for i, s in enumerate(size):
+            if s is not None and t.shape[i] != s:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple('*' if s is None else s for s in size)}")
+    return t
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise FloatingPointError(
+            f"{name} contains NaN or inf values; nothing was changed. Check the loss scale / learning rate, "
+            "or skip this batch (the optimizer's nonfinite='skip' does that)."
+        )
+
+
+def damped_cholesky(K: torch.Tensor, shift: torch.Tensor | float, what: str, max_tries: int = 8):
+    """Cholesky of ``K`` (batch allowed); where it fails, retry with ``K + 10^t * shift * I`` and warn.
+
+    ``shift`` is the diagonal that the damping already contributes (scalar or per-batch), so each retry
+    multiplies the effective damping by 10. Returns ``(L, extra)``, where ``extra`` is the diagonal
+    added to each matrix (zeros where the first try worked). Raises instead of returning non-finite values.
+    """
+    L, info = torch.linalg.cholesky_ex(K)
+    bad = (info != 0) | ~torch.isfinite(L).flatten(-2).all(-1)
+    extra = torch.zeros(K.shape[:-2], dtype=K.dtype, device=K.device)
+    if not bool(bad.any()):
+        return L, extra
+    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+    shift_t = torch.as_tensor(shift, dtype=K.dtype, device=K.device).expand(K.shape[:-2]).clone()
+    shift_t = torch.where(shift_t > 0, shift_t, torch.ones_like(shift_t))
+    for t in range(1, max_tries + 1):
+        add = torch.where(bad, shift_t * (10.0**t), extra)
+        L2, info2 = torch.linalg.cholesky_ex(K + add[..., None, None] * eye)
+        fixed = (info2 == 0) & torch.isfinite(L2).flatten(-2).all(-1)
+        L = torch.where(bad[..., None, None] & fixed[..., None, None], L2, L)
+        extra = torch.where(bad & fixed, add, extra)
+        bad = bad & ~fixed
+        if not bool(bad.any()):
+            n = int((extra > 0).sum())
+            logger.warning("%s: Cholesky failed for %d matrix(es); retried with up to %.1e more damping.",
+                           what, n, float(extra.max()))
+            return L, extra
+    raise FloatingPointError(
+        f"{what}: Cholesky failed even after adding {10.0**max_tries:g} times the damping; the inputs are "
+        "probably non-finite or wildly scaled. Increase damp or check the gradients."
+    )

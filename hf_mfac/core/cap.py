@@ -1,0 +1,167 @@
+"""CAP: correlation-aware greedy pruning with block-Fisher inverses (seed 004 §3.1, appendix A).
+
+Inside each block of B weights, repeatedly remove the weight with the smallest current OBS score
+``w_j^2 / (2 [H^{-1}]_jj)``, apply its OBS update to the rest of the block and downdate the block
+inverse by the rank-1 Schur complement ``H^{-1} <- H^{-1} - H^{-1}_{:,j} H^{-1}_{j,:} / H^{-1}_jj`` (the OBC
+step). The running sum of the step scores is the joint group saliency ``rho_Q`` (seed 004 eq. 5/7) of
+the set removed so far. Then merge globally: sort all recorded losses, prune the k smallest, and give
+each block the prefix of its elimination order that falls under the threshold.
+
+Memory: the reference code saves the block's weights after every step ((B+1) d values). Here only the
+elimination order and the losses are kept (O(d)); the chosen prefix is applied with the joint OBS
+solve ``w - H^{-1}_{:,P} (H^{-1}_{PP})^{-1} w_P``, which equals the sequential OBS/downdate replay
+exactly (the sequential eliminations solve the same constrained quadratic). The elimination runs on
+pages of blocks so the working copy of the inverses is bounded too.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_positive_int
+
+__all__ = ["cap_eliminate", "cap_select", "cap_apply", "cap_prune"]
+
+_PAGE = 2048  # blocks per page of the elimination (working memory: _PAGE * B^2 fp64 values)
+
+
+def _nm_groups(B: int, nm: tuple[int, int] | None):
+    if nm is None:
+        return None
+    n, m = nm
+    if not 0 < n < m:
+        raise ValueError(f"N:M needs 0 < N < M; got {n}:{m}")
+    if B % m:
+        raise ValueError(f"block size {B} must be a multiple of M={m} for N:M pruning")
+    return n, m
+
+
+def cap_eliminate(w: torch.Tensor, hinv: torch.Tensor, *, valid: torch.Tensor | None = None,
+                  forced: torch.Tensor | None = None, nm: tuple[int, int] | None = None):
+    """Greedy per-block elimination, vectorised over blocks.
+
+    w (nb, B) weights; hinv (nb, B, B) block inverses (not modified); valid (nb, B) bool, False for
+    padding (never eliminated); forced (nb, B) bool, weights already pruned (eliminated first, at zero
+    loss, so the inverses are downdated for them); nm=(N, M): never eliminate a weight whose group of M
+    already has M - N zeros. Returns (order (nb, B) long, losses (nb, B) fp64): ``order[:, t]`` is the
+    weight removed at step t and ``losses[:, t]`` the cumulative saliency after it (inf, and an
+    arbitrary order entry, where no weight could be removed). Cost O(nb B^3) = O(d B^2).
+    """
+    nb, B = w.shape
+    nm = _nm_groups(B, nm)
+    order = torch.zeros(nb, B, dtype=torch.long, device=w.device)
+    losses = torch.full((nb, B), float("inf"), dtype=torch.float64, device=w.device)
+    for s in range(0, nb, _PAGE):
+        e = min(nb, s + _PAGE)
+        o, l = _eliminate_page(
+            w[s:e], hinv[s:e],
+            None if valid is None else valid[s:e], None if forced is None else forced[s:e], nm)
+        order[s:e], losses[s:e] = o, l
+    return order, losses
+
+
+def _eliminate_page(w, hinv, valid, forced, nm):
+    nb, B = w.shape
+    dev = w.device
+    W = w.to(torch.float64).clone()
+    H = hinv.to(torch.float64).clone()
+    cand = torch.ones(nb, B, dtype=torch.bool, device=dev) if valid is None else valid.clone()
+    force = torch.zeros_like(cand) if forced is None else (forced & cand)
+    zeros_in_group = None
+    if nm is not None:
+        n, m = nm
+        zeros_in_group = torch.zeros(nb, B // m, dtype=torch.long, device=dev)
+    rows = torch.arange(nb, device=dev)
+    order = torch.zeros(nb, B, dtype=torch.long, device=dev)
+    losses = torch.full((nb, B), float("inf"), dtype=torch.float64, device=dev)
+    cum = torch.zeros(nb, dtype=torch.float64, device=dev)
+    for t in range(B):
+        d = H.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300)  # (nb, B)
+        score = W**2 / (2 * d)
+        score = torch.where(force, torch.full_like(score, -1.0), score)
+        score = torch.where(cand, score, torch.full_like(score, float("inf")))
+        j = score.argmin(1)  # (nb,)
+        ok = cand[rows, j]
+        step = score[rows, j].clamp_min(0)
+        cum = torch.where(ok, cum + step, cum)
+        order[:, t] = j
+        losses[:, t] = torch.where(ok, cum, torch.full_like(cum, float("inf")))
+        col = H[rows, :, j]  # (nb, B)
+        dj = col[rows, j].clamp_min(1e-300)
+        coef = torch.where(ok, W[rows, j] / dj, torch.zeros_like(dj))
+        W -= coef[:, None] * col  # OBS update of the remaining weights
+        W[rows[ok], j[ok]] = 0.0
+        scale = torch.where(ok, 1.0 / dj, torch.zeros_like(dj))
+        H -= (col * scale[:, None])[:, :, None] * col[:, None, :]  # rank-1 downdate
+        cand[rows, j] = False
+        force[rows, j] = False
+        if nm is not None:
+            g = torch.div(j, m, rounding_mode="floor")
+            zeros_in_group[rows, g] += ok.long()
+            full = (zeros_in_group >= m - n).repeat_interleave(m, dim=1)
+            cand &= ~full
+    return order, losses
+
+
+def cap_select(losses: torch.Tensor, k: int, block_groups: torch.Tensor | None = None,
+               k_per_group: dict | list | None = None) -> torch.Tensor:
+    """Global merge: prune the ``k`` smallest recorded losses; returns per-block counts (nb,).
+
+    The losses are non-decreasing along each block's order, and ties keep their order (stable sort), so
+    each block's selection is a prefix of its elimination order. With ``block_groups`` (nb,) and
+    ``k_per_group`` (one count per group id), the merge is done within each group instead (uniform
+    per-layer sparsity).
+    """
+    nb, B = losses.shape
+    if block_groups is None:
+        return _select(losses, k)
+    counts = torch.zeros(nb, dtype=torch.long, device=losses.device)
+    for gid in torch.unique(block_groups).tolist():
+        sel = block_groups == gid
+        counts[sel] = _select(losses[sel], int(k_per_group[gid]))
+    return counts
+
+
+def _select(losses: torch.Tensor, k: int) -> torch.Tensor:
+    nb, B = losses.shape
+    finite = int(torch.isfinite(losses).sum())
+    if not 0 <= k <= finite:
+        raise ValueError(f"cannot prune {k} weights: only {finite} are prunable under the constraints")
+    order = torch.sort(losses.reshape(-1), stable=True).indices[:k]
+    return torch.bincount(torch.div(order, B, rounding_mode="floor"), minlength=nb)
+
+
+def cap_apply(w: torch.Tensor, hinv: torch.Tensor, order: torch.Tensor, counts: torch.Tensor):
+    """Weights after removing the first ``counts[b]`` weights of each block's ``order``: the joint OBS
+    update ``w - H^{-1}_{:,P} (H^{-1}_{PP})^{-1} w_P`` with ``w_P`` set exactly to 0.
+    Returns (new weights (nb, B) in w's dtype, pruned mask (nb, B) bool). Cost O(d B^2)."""
+    nb, B = w.shape
+    steps = torch.arange(B, device=w.device)[None, :] < counts[:, None]  # (nb, B) prefix of the order
+    # scatter_add: after the last possible elimination the order repeats index 0 (steps past counts)
+    pruned = torch.zeros(nb, B, dtype=torch.long, device=w.device).scatter_add_(1, order, steps.long()) > 0
+    out = torch.empty_like(w)
+    eye = torch.eye(B, dtype=torch.float64, device=w.device)
+    for s in range(0, nb, _PAGE):
+        e = min(nb, s + _PAGE)
+        P = pruned[s:e].to(torch.float64)  # (n, B)
+        H = hinv[s:e].to(torch.float64)
+        Wp = w[s:e].to(torch.float64)
+        A = P[:, :, None] * H * P[:, None, :] + (1 - P)[:, :, None] * eye  # H_PP on P, identity elsewhere
+        z = torch.linalg.solve(A, (P * Wp)[..., None])  # (n, B, 1), zero outside P
+        new = Wp - (H @ z)[..., 0]
+        out[s:e] = torch.where(pruned[s:e], torch.zeros_like(new), new).to(w.dtype)
+    return out, pruned
+
+
+def cap_prune(w: torch.Tensor, hinv: torch.Tensor, k: int, *, valid=None, forced=None, nm=None,
+              block_groups=None, k_per_group=None):
+    """Eliminate, merge and apply in one call. ``k`` is the total number of weights to prune (counting
+    the ``forced`` ones); with ``nm`` every group gets exactly M - N zeros and ``k`` is ignored.
+    Returns (new weights (nb, B), pruned mask (nb, B), losses (nb, B))."""
+    check_positive_int("block size", w.shape[1])
+    order, losses = cap_eliminate(w, hinv, valid=valid, forced=forced, nm=nm)
+    if nm is not None:
+        counts = torch.isfinite(losses).sum(1)
+    else:
+        counts = cap_select(losses, k, block_groups, k_per_group)
+    new, pruned = cap_apply(w, hinv, order, counts)
+    return new, pruned, losses

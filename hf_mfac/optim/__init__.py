@@ -1,0 +1,3 @@
+from .mfac import MFAC
+
+__all__ = ["MFAC"]

@@ -1,0 +1,154 @@
+"""BlockFisherInverse and OBS scores/updates against dense closed forms (seed 001 eqs. 10-11, seed 004 eq. 5)."""
+import pytest
+import torch
+
+from hf_mfac.core import BlockFisherInverse, StaticMFAC
+from hf_mfac.core.obs import group_scores, nm_select, obs_scores, obs_update, woodtaylor_shift
+from conftest import block_fisher, dense_fisher, rel_err
+
+
+@pytest.mark.parametrize("d,B", [(30, 5), (31, 8), (7, 16), (64, 1)])
+def test_block_inverse_matches_dense(d, B, gen):
+    m, damp = 11, 0.05
+    G = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    bf = BlockFisherInverse(d, B, damp, dtype=torch.float64)
+    for chunk in G.split(4):  # streamed in chunks, never all m at once
+        bf.add_grads(chunk)
+    Finv = torch.linalg.inv(block_fisher(G, damp, min(B, d)))
+    x = torch.randn(d, generator=gen, dtype=torch.float64)
+    assert rel_err(bf.mul(x), Finv @ x) < 1e-10
+    assert rel_err(bf.diag(), Finv.diagonal()) < 1e-10
+    assert bf.blocks().shape == (-(-d // min(B, d)), min(B, d), min(B, d))
+    assert bf.num_grads == m
+
+
+def test_block_size_one_is_diagonal_fisher(gen):
+    G = torch.randn(9, 13, generator=gen, dtype=torch.float64)
+    bf = BlockFisherInverse(13, 1, 0.1, dtype=torch.float64)
+    bf.add_grads(G)
+    assert rel_err(bf.diag(), 1 / (0.1 + (G**2).mean(0))) < 1e-12
+
+
+def test_block_inverse_float32_within_tolerance(gen):
+    m, d, B, damp = 32, 96, 16, 0.1
+    G = torch.randn(m, d, generator=gen)
+    bf = BlockFisherInverse(d, B, damp)
+    bf.add_grads(G)
+    F = block_fisher(G, damp, B)
+    tol = 50 * torch.finfo(torch.float32).eps * float(torch.linalg.cond(F))
+    assert rel_err(bf.diag(), torch.linalg.inv(F).diagonal()) < tol
+
+
+def test_block_inverse_errors(gen):
+    bf = BlockFisherInverse(10, 4, 0.1)
+    with pytest.raises(RuntimeError, match="no gradients"):
+        bf.diag()
+    with pytest.raises(ValueError, match=r"\(k, 10\)"):
+        bf.add_grads(torch.ones(2, 9))
+    bf.add_grads(torch.ones(2, 10))
+    with pytest.raises(FloatingPointError):
+        bf.add_grads(torch.full((1, 10), float("nan")))
+    assert bf.num_grads == 2
+    bf.diag()
+    with pytest.raises(RuntimeError, match="reset"):
+        bf.add_grads(torch.ones(1, 10))
+
+
+class Dense:
+    """Dense F^{-1} with the finv protocol, for closed-form references."""
+
+    def __init__(self, Finv):
+        self.Finv = Finv
+
+    def diag(self):
+        return self.Finv.diagonal()
+
+    def mul(self, x):
+        return self.Finv @ x.to(self.Finv.dtype)
+
+    def submatrix(self, idx):
+        return self.Finv[idx[:, :, None], idx[:, None, :]]
+
+
+def _problem(gen, d=12, m=20, damp=0.1):
+    G = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    F = dense_fisher(G, damp)
+    w = torch.randn(d, generator=gen, dtype=torch.float64)
+    return F, torch.linalg.inv(F), w
+
+
+def test_single_weight_obs_is_exact_constrained_minimum(gen):
+    """Pruning one weight with the OBS update solves min 1/2 dw^T F dw s.t. w_q + dw_q = 0, and the score
+    equals the attained quadratic (seed 001 eqs. 10-11)."""
+    F, Finv, w = _problem(gen)
+    q = 5
+    new = obs_update(Dense(Finv), w, torch.tensor([[q]]))
+    dw = new - w
+    assert new[q] == 0
+    # KKT: F dw is a multiple of e_q
+    Fdw = F @ dw
+    assert torch.allclose(torch.cat([Fdw[:q], Fdw[q + 1 :]]), torch.zeros(11, dtype=torch.float64), atol=1e-10)
+    assert torch.isclose(0.5 * dw @ F @ dw, obs_scores(w, Finv.diagonal())[q])
+
+
+def test_group_obs_closed_form(gen):
+    F, Finv, w = _problem(gen)
+    Q = torch.tensor([[2, 3, 7, 8]])
+    sub = Dense(Finv).submatrix(Q)
+    new = obs_update(Dense(Finv), w, Q)
+    dw = new - w
+    assert torch.all(new[Q[0]] == 0)
+    keep = torch.ones(12, dtype=torch.bool)
+    keep[Q[0]] = False
+    assert torch.allclose((F @ dw)[keep], torch.zeros(8, dtype=torch.float64), atol=1e-10)
+    assert torch.isclose(group_scores(w, sub, Q)[0], 0.5 * dw @ F @ dw)
+
+
+def test_group_of_one_equals_single_weight(gen):
+    _, Finv, w = _problem(gen)
+    idx = torch.arange(12)[:, None]
+    assert torch.allclose(group_scores(w, Dense(Finv).submatrix(idx), idx), obs_scores(w, Finv.diagonal()))
+
+
+def test_nm_select_is_exhaustive_optimum(gen):
+    _, Finv, w = _problem(gen, d=16)
+    idx = torch.arange(16).view(4, 4)
+    pruned, score = nm_select(w, Dense(Finv).submatrix(idx), idx, n_keep=2)
+    assert (pruned.sum(1) == 2).all()
+    import itertools
+    for gi in range(4):
+        best = min(group_scores(w, Dense(Finv).submatrix(idx[gi][list(c)][None]), idx[gi][list(c)][None])[0]
+                   for c in itertools.combinations(range(4), 2))
+        assert torch.isclose(score[gi], best)
+
+
+def test_woodtaylor_matches_closed_form(gen):
+    """seed 001 eqs. 21 and 23 with the gradient term."""
+    F, Finv, w = _problem(gen)
+    grad = 0.3 * torch.randn(12, generator=gen, dtype=torch.float64)
+    u = woodtaylor_shift(Dense(Finv), grad)
+    q = 4
+    d = Finv[q, q]
+    rho = w[q] ** 2 / (2 * d) + 0.5 * u[q] ** 2 / d - w[q] * u[q] / d  # eq. 23
+    assert torch.isclose(obs_scores(w, Finv.diagonal(), u)[q], rho)
+    dw = -(w[q] - u[q]) * Finv[:, q] / d - u  # eq. 21
+    new = obs_update(Dense(Finv), w, torch.tensor([[q]]), u=u)
+    expect = w + dw
+    expect[q] = 0
+    assert torch.allclose(new, expect, atol=1e-12)
+
+
+def test_obs_works_with_static_and_block_operators(gen):
+    """The same OBS update through StaticMFAC and BlockFisherInverse as through the dense inverse."""
+    m, d, damp = 10, 24, 0.1
+    G = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    w = torch.randn(d, generator=gen, dtype=torch.float64)
+    idx = torch.tensor([[1], [6], [13]])
+    for B in (24, 8):
+        dense = Dense(torch.linalg.inv(block_fisher(G, damp, B)))
+        s = StaticMFAC(G.clone(), damp, block_size=B)
+        bf = BlockFisherInverse(d, B, damp, dtype=torch.float64)
+        bf.add_grads(G)
+        ref = obs_update(dense, w, idx)
+        assert torch.allclose(obs_update(s, w, idx), ref, atol=1e-9)
+        assert torch.allclose(obs_update(bf, w, idx), ref, atol=1e-9)
