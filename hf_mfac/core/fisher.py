@@ -57,7 +57,8 @@ class BlockFisherInverse:
             raise ValueError(f"G must have shape (k, {self.dim}); got {tuple(G.shape)}")
         G = G.to(device=self.device, dtype=self.dtype)
         check_finite("G", G)
-        Gb = self._padded(G).view(G.shape[0], self.num_blocks, self.block_size).transpose(0, 1)  # (nb, k, B)
+        # (nb, k, B), made contiguous: one O(kd) copy lets the batched GEMM run on dense operands
+        Gb = self._padded(G).view(G.shape[0], self.num_blocks, self.block_size).transpose(0, 1).contiguous()
         self._mat.baddbmm_(Gb.mT, Gb)  # (nb, B, B) += G_b^T G_b
         self.num_grads += G.shape[0]
 

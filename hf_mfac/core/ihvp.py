@@ -58,6 +58,11 @@ class DynamicMFAC:
     :func:`hf_mfac.kernels.mfac_coefficients` gives D and B explicitly), and cuSOLVER/LAPACK Cholesky is
     the strong baseline the tiled B kernel has to beat.
 
+    Numerics: the m x m system is factorised in fp64, but ``G G^T`` is only as exact as the products
+    over G (fp32 accumulation: error ~ eps32 * |g|^2). A ``damp`` far below that level makes the
+    system numerically indefinite; the factorisation then retries with 10x, 100x, ... more damping,
+    warns once and counts the occurrences in ``fallbacks``; results are never silently non-finite.
+
     Before the window is full: by default (``normalize_by_seen=False``) the Fisher is divided by m as in
     the paper, i.e. the missing gradients count as zeros. With ``normalize_by_seen=True`` it is divided by
     the number n of gradients held, ``F = damp*I + (1/n) sum_i g_i g_i^T``. Both agree once the window is
@@ -80,6 +85,7 @@ class DynamicMFAC:
         self.ptr = 0  # next slot to overwrite
         self.count = 0  # slots in use; they are always G[:count]
         self._chol = None  # Cholesky factor of K for the current window (fp64), None when stale
+        self.fallbacks = 0  # factorisations that needed extra damping (warned about once)
 
     # -- helpers ---------------------------------------------------------------------------------------
     @property
@@ -102,7 +108,9 @@ class DynamicMFAC:
             n = self.count
             shift = self._scale(n) * self.damp
             K = self.GGt[:n, :n] + shift * torch.eye(n, dtype=torch.float64, device=self.device)
-            self._chol, _ = damped_cholesky(K, shift, "DynamicMFAC")
+            self._chol, extra = damped_cholesky(K, shift, "DynamicMFAC", warn=self.fallbacks == 0)
+            if float(extra.max()) > 0:
+                self.fallbacks += 1
         return self._chol
 
     def _solve(self, p: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from ..core import DynamicMFAC
-from ..core._checks import check_damp, check_positive_int
+from ..core._checks import all_finite, check_damp, check_positive_int
 from ..core.ihvp import _storage_dtype
 
 logger = logging.getLogger("hf_mfac")
@@ -170,7 +170,7 @@ class MFAC(torch.optim.Optimizer):
             raise RuntimeError("a parameter that had no gradient when MFAC started now has one; "
                                "call reset_window() after changing which parameters train")
         g = self._flat_grad()
-        if not bool(torch.isfinite(g).all()):
+        if not all_finite(g):
             msg = ("MFAC got NaN/inf gradients; the step was not applied and the gradient window is unchanged. "
                    "Lower the learning rate, enable gradient clipping (max_grad_norm) or use nonfinite='skip'.")
             if self.nonfinite == "raise":
