@@ -214,3 +214,35 @@ def test_static_bad_inputs():
         StaticMFAC(torch.tensor([[1.0, float("inf")]]), 0.1)
     with pytest.raises(ValueError, match="damp"):
         StaticMFAC(torch.ones(2, 3), -1.0)
+
+
+def test_sharded_window_equals_unsharded(gen):
+    """Coordinates split in 3 shards whose partial products are summed give the same F^{-1} x."""
+    m, d, damp = 5, 40, 0.05
+    cuts = [0, 13, 27, 40]
+    full = DynamicMFAC(d, m, damp, dtype=torch.float64)
+    shards = [DynamicMFAC(cuts[i + 1] - cuts[i], m, damp, dtype=torch.float64, allreduce=lambda p: None)
+              for i in range(3)]
+    for step in range(2 * m):
+        g = torch.randn(d, generator=gen, dtype=torch.float64)
+        # Shards run one after the other here, so the "all_reduce" of shard i adds the other shards'
+        # products of their (new) windows with their parts of g.
+        parts = [g[cuts[i] : cuts[i + 1]] for i in range(3)]
+        ys = []
+        for i, s in enumerate(shards):
+            def reduce(p, i=i):
+                total = torch.zeros_like(p)
+                for j, sh in enumerate(shards):
+                    Gj = sh.G[: p.numel()].to(torch.float64)
+                    if j < i:  # already updated shards hold the new row
+                        total += Gj @ parts[j]
+                    elif j == i:
+                        total += p
+                    else:  # not yet updated: emulate the row replacement
+                        Gj = Gj.clone()
+                        Gj[sh.ptr] = parts[j]
+                        total += Gj @ parts[j]
+                p.copy_(total)
+            s.allreduce = reduce
+            ys.append(s.update_mul(parts[i]))
+        assert rel_err(torch.cat(ys), full.update_mul(g)) < 1e-10

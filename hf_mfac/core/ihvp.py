@@ -63,6 +63,12 @@ class DynamicMFAC:
     system numerically indefinite; the factorisation then retries with 10x, 100x, ... more damping,
     warns once and counts the occurrences in ``fallbacks``; results are never silently non-finite.
 
+    Sharding (DESIGN.md §1.3): with ``allreduce`` given, this object holds only a shard of the
+    coordinates (``dim`` is the shard's size) and ``allreduce(p)`` sums the partial products ``p = G_r x_r``
+    over all shards in place (e.g. ``torch.distributed.all_reduce``). Everything m x m is then identical
+    on every shard, and ``mul``/``update_mul`` return this shard's part of ``F^{-1} x`` for the Fisher over
+    all coordinates. Communication: one m-vector per call.
+
     Before the window is full: by default (``normalize_by_seen=False``) the Fisher is divided by m as in
     the paper, i.e. the missing gradients count as zeros. With ``normalize_by_seen=True`` it is divided by
     the number n of gradients held, ``F = damp*I + (1/n) sum_i g_i g_i^T``. Both agree once the window is
@@ -70,7 +76,7 @@ class DynamicMFAC:
     """
 
     def __init__(self, dim: int, num_grads: int, damp: float, device=None, dtype: torch.dtype = torch.float32,
-                 grad_dtype=None, normalize_by_seen: bool = False):
+                 grad_dtype=None, normalize_by_seen: bool = False, allreduce=None):
         self.dim = check_positive_int("dim", dim)
         self.num_grads = check_positive_int("num_grads", num_grads)
         self.damp = check_damp(damp)
@@ -79,6 +85,7 @@ class DynamicMFAC:
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.normalize_by_seen = bool(normalize_by_seen)
+        self.allreduce = allreduce  # sums an m-vector across coordinate shards in place (None: unsharded)
         storage = _storage_dtype(grad_dtype, dtype)
         self.G = torch.zeros(self.num_grads, self.dim, dtype=storage, device=self.device)  # (m, d)
         self.GGt = torch.zeros(self.num_grads, self.num_grads, dtype=torch.float64, device=self.device)  # (m, m)
@@ -103,6 +110,11 @@ class DynamicMFAC:
         check_finite(name, x)
         return x
 
+    def _reduce(self, p: torch.Tensor) -> torch.Tensor:
+        if self.allreduce is not None:
+            self.allreduce(p)
+        return p
+
     def _factor(self) -> torch.Tensor:
         if self._chol is None:
             n = self.count
@@ -123,7 +135,7 @@ class DynamicMFAC:
         self.G[slot] = g  # casts to the storage dtype
         n = min(self.count + 1, self.num_grads)
         g_stored = self.G[slot].to(self.dtype)
-        p = kernels.window_matvec(self.G[:n], g_stored, self.dtype)  # (n,) one pass over G
+        p = self._reduce(kernels.window_matvec(self.G[:n], g_stored, self.dtype))  # (n,) one pass over G
         p64 = p.to(torch.float64)
         self.GGt[slot, :n] = p64
         self.GGt[:n, slot] = p64
@@ -147,7 +159,7 @@ class DynamicMFAC:
         x = self._vector("x", x).to(self.dtype)
         if self.count == 0:
             return x / self.damp
-        return self._finish(x, kernels.window_matvec(self.G[: self.count], x, self.dtype))
+        return self._finish(x, self._reduce(kernels.window_matvec(self.G[: self.count], x, self.dtype)))
 
     def update_mul(self, g: torch.Tensor) -> torch.Tensor:
         """``update(g)`` then ``mul(g)``, reusing ``p = G g``: two passes over G instead of three."""
