@@ -1,0 +1,204 @@
+"""``TrainingArguments`` that accept ``--optim mfac``.
+
+Stock transformers rejects ``mfac`` in three places: the CLI choices that ``HfArgumentParser`` builds from
+the ``OptimizerNames`` enum, the enum conversion in ``TrainingArguments.__post_init__``, and
+``Trainer.get_optimizer_cls_and_kwargs``. :class:`MFACTrainingArguments` handles the first two (``optim``
+becomes a plain string field whose choices add ``mfac``); :class:`hf_mfac.integrations.MFACTrainer` or
+:func:`hf_mfac.integrations.mfac_optimizer_cls_and_kwargs` handle the third.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+from transformers.training_args import OptimizerNames
+
+__all__ = ["MFACTrainingArguments", "parse_optim_args", "MFAC_OPTIM", "OPTIM_ARG_ALIASES"]
+
+logger = logging.getLogger(__name__)
+
+MFAC_OPTIM = "mfac"
+
+# Spellings accepted in --optim_args -> hf_mfac.MFAC keyword. `num_grads`/`damp`/`lr` appear on the M-FAC
+# model cards on the Hub (`--optim_args '{"lr": 1e-4, "num_grads": 1024, "damp": 1e-6}'`), `ngrads` in the
+# reference code's command lines.
+OPTIM_ARG_ALIASES = {
+    "num_grads": "num_grads", "ngrads": "num_grads",
+    "damp": "damp",
+    "momentum": "momentum",
+    "grad_dtype": "grad_dtype",
+    "window_device": "window_device",
+    "normalize_by_seen": "normalize_by_seen",
+    "nonfinite": "nonfinite",
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+}
+# optim_args key -> the typed field it sets (the other keys go to MFAC as they are, or to the Trainer's args).
+_FIELD_OF = {"num_grads": "mfac_num_grads", "damp": "mfac_damp", "momentum": "mfac_momentum",
+             "grad_dtype": "mfac_grad_dtype", "window_device": "mfac_window_device"}
+
+
+def _convert(value: str):
+    """'1e-6' -> 1e-6, '1024' -> 1024, 'true' -> True, 'none' -> None, anything else stays a string."""
+    low = value.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value.strip()
+
+
+def parse_optim_args(s: str | dict | None) -> dict:
+    """Parse ``--optim_args`` for M-FAC into ``hf_mfac.MFAC`` keyword names.
+
+    Accepts ``None``/``""`` (-> ``{}``), a JSON object (``'{"num_grads": 512, "damp": 1e-6}'``), the
+    transformers form ``"k=v,k=v"`` (``"ngrads=512,damp=1e-6"``) or an already parsed dict. Values of the
+    ``k=v`` form are typed (int, float, bool, ``none``). Keys are mapped through :data:`OPTIM_ARG_ALIASES`
+    (``ngrads`` -> ``num_grads``); an unknown key raises ``ValueError``.
+    """
+    if s is None or (isinstance(s, str) and not s.strip()):
+        return {}
+    if isinstance(s, dict):
+        raw = dict(s)
+    elif s.strip().startswith("{"):
+        raw = json.loads(s)
+        if not isinstance(raw, dict):
+            raise ValueError(f"--optim_args JSON must be an object; got {s!r}")
+        raw = {k: _convert(v) if isinstance(v, str) else v for k, v in raw.items()}
+    else:
+        raw = {}
+        for item in s.split(","):
+            if not item.strip():
+                continue
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--optim_args expects 'k=v,k=v' or a JSON object; cannot read {item!r} in {s!r}")
+            raw[key.strip()] = _convert(value)
+    out = {}
+    for key, value in raw.items():
+        name = OPTIM_ARG_ALIASES.get(key.strip().lower())
+        if name is None:
+            raise ValueError(f"unknown M-FAC optim_args key {key!r}; known: {sorted(OPTIM_ARG_ALIASES)}")
+        if name in out and out[name] != value:
+            raise ValueError(f"--optim_args gives {name} twice with different values ({out[name]!r}, {value!r})")
+        out[name] = value
+    return out
+
+
+def _choices() -> list[str]:
+    return [o.value for o in OptimizerNames] + [MFAC_OPTIM, MFAC_OPTIM.upper()]
+
+
+@dataclass
+class MFACTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus M-FAC: ``--optim mfac``, typed ``mfac_*`` fields, richer ``--optim_args``.
+
+    Everything of :class:`transformers.TrainingArguments` behaves as usual; with another ``optim`` the
+    ``mfac_*`` fields are ignored. With ``optim="mfac"`` (also ``"MFAC"``, the model-card spelling):
+
+    * ``learning_rate`` is M-FAC's lr, scheduled by the Trainer as for any optimizer. Its scale depends on
+      ``mfac_num_grads`` (m): for gradients inside the window's span the update grows roughly like m, so
+      use ``lr ≈ 0.1 / m`` (``1e-4`` at m=1024 as in the paper, ``~2e-3`` at m=64). The transformers default
+      ``5e-5`` is a poor choice for M-FAC.
+    * ``weight_decay`` is decoupled (``p -= lr * weight_decay * p``) and, as for AdamW, the Trainer leaves
+      biases and LayerNorm weights out of it (its no-decay parameter group).
+    * ``optim_args`` may be ``"k=v,k=v"`` or JSON and may use the model-card spellings
+      (``num_grads``/``ngrads``, ``damp``, ``momentum``, ``lr``, plus ``grad_dtype``, ``window_device``,
+      ``normalize_by_seen``, ``nonfinite``). Its values are written into the typed fields, so
+      ``args.mfac_num_grads`` always holds the value in use; a typed field set away from its default
+      that disagrees with ``optim_args`` is an error. An ``lr`` there replaces ``learning_rate`` (with a
+      warning if they differ).
+    * ``max_grad_norm`` (default 1.0) is left as it is for every optimizer: the Trainer clips the
+      (accumulated, all-reduced, unscaled) gradient *before* M-FAC sees it, so the window holds the clipped
+      gradients and the Fisher is the empirical Fisher of what the optimizer is actually fed. This is also
+      what the published M-FAC fine-tuning runs did (the stock Trainer with its default clipping). Pass
+      ``--max_grad_norm 0`` for the paper's unclipped algorithm. Clipping rescales gradients, and
+      ``F^{-1} g`` is not invariant to that scale (small gradients give larger steps), so keep the same
+      setting when comparing learning rates.
+    * Memory: the window holds m x d values (d = trainable parameters) of ``mfac_grad_dtype``, on
+      ``mfac_window_device``; e.g. BERT-base (110M) at m=1024 in fp32 needs ~450 GB, in bf16 half of it.
+    * FSDP, DeepSpeed and tensor/context parallelism are refused (they move or shard the optimizer step);
+      DDP is supported (every rank holds the full window and computes the same step).
+    """
+
+    optim: str = field(
+        default=TrainingArguments.default_optim,
+        metadata={"help": "The optimizer to use; `mfac` selects hf_mfac.MFAC.", "choices": _choices()},
+    )
+    optim_args: str | None = field(
+        default=None,
+        metadata={"help": "Optimizer arguments as 'k=v,k=v' or JSON. For mfac: num_grads (or ngrads), damp, "
+                          "momentum, grad_dtype, window_device, normalize_by_seen, nonfinite, lr."},
+    )
+    mfac_num_grads: int = field(
+        default=1024, metadata={"help": "M-FAC: number m of past gradients in the sliding window."})
+    mfac_damp: float = field(
+        default=1e-6, metadata={"help": "M-FAC: dampening λ of the empirical Fisher, F = λI + (1/m) Σ g gᵀ."})
+    mfac_momentum: float = field(
+        default=0.0, metadata={"help": "M-FAC: momentum applied to the preconditioned direction."})
+    mfac_grad_dtype: str | None = field(
+        default=None,
+        metadata={"help": "M-FAC: storage dtype of the gradient window (float32 by default; bfloat16 or float16 "
+                          "halve memory and time).", "choices": ["float32", "bfloat16", "float16"]})
+    mfac_window_device: str | None = field(
+        default=None, metadata={"help": "M-FAC: device holding the window (default: the parameters' device)."})
+
+    def __post_init__(self):
+        is_mfac = isinstance(self.optim, str) and self.optim.lower() == MFAC_OPTIM
+        if not is_mfac:
+            super().__post_init__()
+            return
+        self._resolve_mfac_options()
+        from .trainer import check_supported_setup  # before super(): a DeepSpeed config would be built there
+
+        check_supported_setup(self)
+        # Stock __post_init__ converts `optim` with OptimizerNames(...), which has no member for us.
+        self.optim = OptimizerNames.SGD
+        try:
+            super().__post_init__()
+        finally:
+            self.optim = MFAC_OPTIM
+
+    def _resolve_mfac_options(self) -> None:
+        opts = parse_optim_args(self.optim_args)
+        defaults = {f.name: f.default for f in self.__dataclass_fields__.values()}
+        for key, name in _FIELD_OF.items():
+            if key not in opts:
+                continue
+            current = getattr(self, name)
+            if current != defaults[name] and current != opts[key]:
+                raise ValueError(f"--{name}={current!r} and --optim_args {key}={opts[key]!r} disagree; give one")
+            setattr(self, name, opts[key])
+        if "lr" in opts and opts["lr"] != self.learning_rate:
+            logger.warning("--optim_args lr=%s replaces --learning_rate=%s", opts["lr"], self.learning_rate)
+            self.learning_rate = float(opts["lr"])
+        if "weight_decay" in opts and opts["weight_decay"] != self.weight_decay:
+            logger.warning("--optim_args weight_decay=%s replaces --weight_decay=%s",
+                           opts["weight_decay"], self.weight_decay)
+            self.weight_decay = float(opts["weight_decay"])
+        for name, cast in (("mfac_num_grads", int), ("mfac_damp", float), ("mfac_momentum", float)):
+            setattr(self, name, cast(getattr(self, name)))
+
+    def mfac_kwargs(self) -> dict:
+        """Keyword arguments for ``hf_mfac.MFAC`` (lr included; per-group weight decay comes from the Trainer)."""
+        extra = {k: v for k, v in parse_optim_args(self.optim_args).items()
+                 if k in ("normalize_by_seen", "nonfinite")}
+        return {"lr": self.learning_rate, "weight_decay": self.weight_decay, "num_grads": self.mfac_num_grads,
+                "damp": self.mfac_damp, "momentum": self.mfac_momentum, "grad_dtype": self.mfac_grad_dtype,
+                "window_device": self.mfac_window_device, **extra}
+
+    def set_optimizer(self, name="adamw_torch", *args, **kwargs):
+        """As :meth:`TrainingArguments.set_optimizer`, also accepting ``name="mfac"``."""
+        if isinstance(name, str) and name.lower() == MFAC_OPTIM:
+            super().set_optimizer("sgd", *args, **kwargs)
+            self.optim = MFAC_OPTIM
+            self._resolve_mfac_options()
+            return self
+        return super().set_optimizer(name, *args, **kwargs)
