@@ -46,34 +46,56 @@ def window_rmatvec(G: torch.Tensor, c: torch.Tensor, acc_dtype: torch.dtype | No
     return out
 
 
-def mfac_coefficients(GGt: torch.Tensor, damp: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seed 000 Algorithm 1: the M-FAC coefficient matrices D (upper) and B (lower), both (m, m).
+def mfac_d(GGt: torch.Tensor, damp: float, scale: float) -> torch.Tensor:
+    """Seed 000 Algorithm 1, first loop: the upper-triangular coefficient matrix D, (m, m).
 
     ``D`` is the upper factor of the LU decomposition without pivoting of ``A = GG^T / damp + scale * I``
-    minus ``scale * I``; ``B = (I + L)^{-1} / damp`` with ``L`` the strictly lower part of the unit-lower
-    LU factor, ``L[i, j] = D[j, i] / (scale + D[j, j])``. ``scale`` is m in the paper. A is symmetric
-    positive definite, so the LU without pivoting is the LDL^T / Cholesky factorisation:
-    ``A = C C^T``, ``U = diag(C) C^T``, unit lower ``C diag(C)^{-1}``. Cost O(m^3), computed in the
-    dtype of ``GGt`` (pass fp64 for tiny damp).
+    minus ``scale * I`` (``scale`` is m in the paper). A is symmetric positive definite, so this LU is the
+    LDL^T / Cholesky factorisation: ``A = C C^T``, ``U = diag(C) C^T``. Cost O(m^3) in the dtype of
+    ``GGt`` (pass fp64 for tiny damp). Raises ``torch.linalg.LinAlgError`` when A is not positive definite.
     """
     m = GGt.shape[-1]
     eye = torch.eye(m, dtype=GGt.dtype, device=GGt.device)
-    A = GGt / damp + scale * eye
-    C = torch.linalg.cholesky(A)  # (m, m) lower
-    cdiag = torch.diagonal(C)
-    D = cdiag[:, None] * C.mT - scale * eye  # U - scale I, upper
-    Lunit = C / cdiag[None, :]
-    B = torch.linalg.solve_triangular(Lunit, eye, upper=False, unitriangular=True) / damp
-    return D, B
+    C = torch.linalg.cholesky(GGt / damp + scale * eye)  # (m, m) lower
+    return torch.diagonal(C)[:, None] * C.mT - scale * eye  # U - scale I, upper
+
+
+def mfac_b(D: torch.Tensor, damp: float, scale: float) -> torch.Tensor:
+    """Seed 000 Algorithm 1, second loop: the lower-triangular coefficient matrix B, (m, m).
+
+    ``B = (I + L)^{-1} / damp`` with L strictly lower, ``L[i, j] = D[j, i] / (scale + D[j, j])``: row i of B
+    is minus the combination of rows < i with coefficients ``D[:i, i] / (scale + diag(D)[:i])``, plus
+    ``1/damp`` on the diagonal. One unit-lower triangular solve, O(m^3). The CUDA twin is the 32x32-tiled
+    kernel of appendix B (``cuda/mfac_b.cu``).
+    """
+    m = D.shape[-1]
+    eye = torch.eye(m, dtype=D.dtype, device=D.device)
+    Lunit = (D + scale * eye).mT / (scale + torch.diagonal(D))[None, :]  # (m, m), unit lower (upper part unused)
+    return torch.linalg.solve_triangular(Lunit, eye, upper=False, unitriangular=True) / damp
+
+
+def mfac_coefficients(GGt: torch.Tensor, damp: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seed 000 Algorithm 1: the M-FAC coefficient matrices ``(D, B)``, both (m, m); see :func:`mfac_d`
+    and :func:`mfac_b`. Cost O(m^3) in the dtype of ``GGt``."""
+    D = mfac_d(GGt, damp, scale)
+    return D, mfac_b(D, damp, scale)
+
+
+def mfac_coefficient_vector(D: torch.Tensor, B: torch.Tensor, p: torch.Tensor, damp: float,
+                            scale: float) -> torch.Tensor:
+    """The O(m^2) middle of seed 000 Algorithm 2: ``c = B^T q`` with ``q = (D + scale I)^{-T} (p / damp)``
+    and ``p = G x`` (m,). Each q_i is divided by ``scale + D_ii`` before it is used in the recursion (the
+    triangular solve), as DESIGN.md §4 requires. Returns c (m,) in the dtype of D."""
+    m = D.shape[-1]
+    U = D + scale * torch.eye(m, dtype=D.dtype, device=D.device)  # (m, m) upper
+    q = torch.linalg.solve_triangular(U.mT, (p.to(D.dtype) / damp)[:, None], upper=False)[:, 0]
+    return B.mT @ q
 
 
 def mfac_apply_coefficients(G: torch.Tensor, D: torch.Tensor, B: torch.Tensor, x: torch.Tensor,
                             damp: float, scale: float) -> torch.Tensor:
-    """Seed 000 Algorithm 2 (with each q_{i-1} already divided when used, see DESIGN.md §4):
-    ``F^{-1} x = x / damp - G^T (B^T q)`` with ``q = (D + scale I)^{-T} (G x / damp)``. Cost O(dm + m^2)."""
-    m = D.shape[-1]
-    q = window_matvec(G, x, D.dtype) / damp
-    U = D + scale * torch.eye(m, dtype=D.dtype, device=D.device)
-    q = torch.linalg.solve_triangular(U.mT, q[:, None], upper=False)[:, 0]
-    c = B.mT @ q
+    """Seed 000 Algorithm 2: ``F^{-1} x = x / damp - G^T c`` with c from :func:`mfac_coefficient_vector`
+    applied to ``p = G x``, where ``F = damp I + G^T G / scale``. G (m, d), D and B (m, m), x (d,);
+    returns (d,) in the dtype of D. Cost: two passes over G plus O(m^2)."""
+    c = mfac_coefficient_vector(D, B, window_matvec(G, x, D.dtype), damp, scale)
     return x.to(D.dtype) / damp - window_rmatvec(G, c, D.dtype)
