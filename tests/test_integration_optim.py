@@ -239,6 +239,16 @@ def test_gradient_accumulation_matches_large_batch(tmp_path):
     torch.testing.assert_close(flat_params(acc.model), flat_params(big.model), rtol=1e-4, atol=1e-5)
 
 
+def test_gradient_accumulation_stock_loss_is_mean_gradient(tmp_path):
+    """With the model's own (mean) loss, MFACTrainer still feeds M-FAC the mean gradient of the optimizer
+    step: 2 x 4 accumulated equals one batch of 8 (stock transformers would double the gradient)."""
+    big = train(make_args(tmp_path / "big", per_device_train_batch_size=8, max_steps=3, mfac_damp=1e-2),
+                model=tiny_bert(dropout=0.0))
+    acc = train(make_args(tmp_path / "acc", per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                          max_steps=3, mfac_damp=1e-2), model=tiny_bert(dropout=0.0))
+    torch.testing.assert_close(flat_params(acc.model), flat_params(big.model), rtol=1e-4, atol=1e-5)
+
+
 def test_factory_for_any_trainer_subclass(tmp_path):
     """Trainer(optimizer_cls_and_kwargs=mfac_optimizer_cls_and_kwargs(args)) equals MFACTrainer; a stock
     TrainingArguments works with the M-FAC settings given as overrides."""

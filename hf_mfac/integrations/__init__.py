@@ -17,7 +17,10 @@ _NAMES = {
     "save_compact_pretrained": "sparse_checkpoint",
     "load_compact_pretrained": "sparse_checkpoint",
     "export_semi_structured": "sparse_checkpoint",
+    "load_sparse_masks": "sparse_checkpoint",
     "create_sparse_model_card": "model_card",
+    "write_trainer_model_card": "model_card",
+    "push_sparse_to_hub": "model_card",
 }
 
 __all__ = sorted(_NAMES)

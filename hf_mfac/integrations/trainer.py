@@ -113,12 +113,24 @@ class MFACTrainer(Trainer):
     with every checkpoint and restored by ``train(resume_from_checkpoint=...)``. FSDP and DeepSpeed are
     refused (:func:`check_supported_setup`). ``create_model_card`` writes hf_mfac's card when
     ``hf_mfac.integrations.model_card`` is available, the stock card otherwise.
+
+    Gradient scale: transformers 5.x assumes a model whose ``forward`` takes ``**kwargs`` normalises its
+    loss by ``num_items_in_batch``, and then neither divides by the accumulation steps nor undoes the
+    multiplication by the number of processes. Most models (BERT/ViT classification among them) ignore
+    ``num_items_in_batch``, so their gradient comes out (accumulation steps x processes) too large. AdamW
+    does not care; M-FAC's step ``F^{-1} g`` does. With ``optim="mfac"``, unless a ``compute_loss_func`` is
+    given or the model declares ``accepts_loss_kwargs``, this trainer therefore sets
+    ``model_accepts_loss_kwargs = False``: every micro-batch loss is a mean and is divided by the
+    accumulation steps, so M-FAC sees the mean gradient of the optimizer step.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if _is_mfac(self.args):
             check_supported_setup(self.args, self)
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            if self.compute_loss_func is None and not hasattr(unwrapped, "accepts_loss_kwargs"):
+                self.model_accepts_loss_kwargs = False
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args: TrainingArguments, model=None):

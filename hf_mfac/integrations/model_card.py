@@ -1,0 +1,422 @@
+"""Model cards for sparse and M-FAC-trained models, and publishing them to the Hub.
+
+* :func:`create_sparse_model_card` — ``README.md`` from the templates in ``model_cards/`` (installed as
+  ``hf_mfac._model_cards``): YAML front matter built with ``huggingface_hub.ModelCardData`` (library,
+  tags, base model, datasets, metrics, ``model-index`` from ``EvalResult``), then hf_mfac's marked section:
+  sparsity summary, per-layer table and plot, recipe and command, M-FAC hyperparameters, evaluation.
+  An existing card is updated: its metadata is merged and only the text between the
+  ``<!-- hf_mfac:start ... -->`` / ``<!-- hf_mfac:end -->`` markers is replaced (appended when absent).
+* :func:`write_trainer_model_card` — the same from a ``Trainer`` (what ``MFACTrainer.create_model_card``
+  calls), so ``trainer.push_to_hub()`` uploads this card and the sparse checkpoint.
+* :func:`push_sparse_to_hub` — save (:func:`~hf_mfac.integrations.save_sparse_pretrained`), write the
+  card, and upload with ``huggingface_hub.HfApi`` (``create_repo`` + ``upload_folder``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shlex
+import sys
+import tempfile
+from importlib.resources import files
+from typing import Any, Iterable, Mapping
+
+import torch
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+
+from .sparse_checkpoint import read_sparsity_metadata, resolve_masks, save_sparse_pretrained, sparsity_metadata
+
+logger = logging.getLogger("hf_mfac")
+
+__all__ = ["create_sparse_model_card", "write_trainer_model_card", "push_sparse_to_hub", "PLOT_NAME"]
+
+PLOT_NAME = "sparsity_per_layer.png"
+START, END = "<!-- hf_mfac:start", "<!-- hf_mfac:end -->"
+_SECTION = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+# architecture suffix -> (Auto class, pipeline tag)
+_HEADS = {
+    "ForSequenceClassification": ("AutoModelForSequenceClassification", "text-classification"),
+    "ForTokenClassification": ("AutoModelForTokenClassification", "token-classification"),
+    "ForQuestionAnswering": ("AutoModelForQuestionAnswering", "question-answering"),
+    "ForMaskedLM": ("AutoModelForMaskedLM", "fill-mask"),
+    "ForCausalLM": ("AutoModelForCausalLM", "text-generation"),
+    "ForImageClassification": ("AutoModelForImageClassification", "image-classification"),
+    "ForMultipleChoice": ("AutoModelForMultipleChoice", "multiple-choice"),
+}
+_PERF_KEYS = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time")
+
+
+def _template(name: str) -> str:
+    return files("hf_mfac._model_cards").joinpath(name).read_text(encoding="utf-8")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _head(architectures) -> tuple[str, str | None]:
+    for arch in architectures or []:
+        for suffix, head in _HEADS.items():
+            if arch.endswith(suffix):
+                return head
+    return "AutoModel", None
+
+
+def _architectures(model, save_directory) -> list[str]:
+    if model is not None:
+        return list(getattr(model.config, "architectures", None) or [type(model).__name__])
+    path = os.path.join(save_directory or "", "config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("architectures") or []
+    return []
+
+
+def _sparsity_from(sparsity, model, masks, save_directory) -> tuple[dict | None, bool]:
+    """(sparsity record, whether it is the one saved with the checkpoint): given > in
+    save_directory/config.json > model.config > derived from the model's masks or zeros (not saved)."""
+    if sparsity is not None:
+        return dict(sparsity), True
+    found = read_sparsity_metadata(save_directory) if save_directory else None
+    if found is None and model is not None:
+        found = read_sparsity_metadata(model)
+        if found is None:
+            m = resolve_masks(model, masks)
+            if any(not bool(k.all()) for k in m.values()):
+                return sparsity_metadata(model, m), False
+    return found, found is not None
+
+
+def _natural(name: str):
+    """Sort key putting ``layer.2`` before ``layer.10`` (config.json stores the record with sorted keys)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _plot(per_layer: Mapping[str, Mapping], path: str) -> None:
+    """Horizontal bar chart of per-layer sparsity, drawn with matplotlib's object API (no pyplot, no global
+    backend change)."""
+    from matplotlib.figure import Figure
+
+    names = sorted(per_layer, key=_natural)
+    values = [100 * per_layer[n]["sparsity"] for n in names]
+    fig = Figure(figsize=(8, 1.2 + 0.22 * len(names)), layout="constrained")
+    ax = fig.add_subplot()
+    ax.barh(range(len(names)), values, color="tab:blue")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("sparsity (%)")
+    ax.set_title("Per-layer sparsity")
+    fig.savefig(path, dpi=100)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _eval_results(eval_results, task, dataset_name, dataset_type, dataset_config, dataset_split):
+    """(EvalResults for model-index or None, table rows). A metrics mapping needs a dataset and a task to
+    enter model-index; without them its rows go to the card's text only."""
+    if not eval_results:
+        return None, []
+    if isinstance(eval_results, Mapping):
+        named = dataset_name or dataset_type
+        rows = [dict(task=task or "", dataset=named or "(not named)", split=dataset_split or "", metric=k,
+                     value=_fmt(v)) for k, v in eval_results.items()]
+        if not (named and task):
+            return None, rows
+        eval_results = [EvalResult(task_type=task, dataset_type=dataset_type or named, dataset_name=named,
+                                   dataset_config=dataset_config, dataset_split=dataset_split,
+                                   metric_type=k, metric_value=v) for k, v in eval_results.items()]
+    rows = [dict(task=r.task_type, dataset=r.dataset_name + (f" ({r.dataset_config})" if r.dataset_config else ""),
+                 split=r.dataset_split or "", metric=r.metric_type,
+                 value=_fmt(r.metric_value)) for r in eval_results]
+    return list(eval_results), rows
+
+
+def _merge_data(existing: ModelCardData | None, ours: ModelCardData) -> ModelCardData:
+    """Our fields win, tags and datasets are unioned, everything else of the existing card is kept."""
+    if existing is None:
+        return ours
+    merged = existing.to_dict()
+    for key, value in ours.to_dict().items():
+        if key in ("tags", "datasets", "metrics"):
+            old = merged.get(key) or []
+            old = [old] if isinstance(old, str) else list(old)
+            merged[key] = old + [v for v in ([value] if isinstance(value, str) else value) if v not in old]
+        else:
+            merged[key] = value
+    return ModelCardData(**merged)
+
+
+def create_sparse_model_card(
+    save_directory: str | os.PathLike | None = None, *, model=None, sparsity: Mapping | None = None,
+    masks: Mapping | None = None, model_name: str | None = None, repo_id: str | None = None,
+    base_model: str | None = None, datasets: str | list[str] | None = None,
+    eval_results: list[EvalResult] | Mapping[str, float] | None = None, task: str | None = None,
+    dataset_name: str | None = None, dataset_type: str | None = None, dataset_config: str | None = None,
+    dataset_split: str | None = None, license: str | None = None, language: str | list[str] | None = None,
+    tags: Iterable[str] | None = None, pipeline_tag: str | None = None, method: str | None = None,
+    recipe=None, command: str | None = None, mfac: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None, description: str | None = None, plot: bool = True,
+) -> ModelCard:
+    """Build (and, with ``save_directory``, write) the model card of a sparse and/or M-FAC-trained model.
+
+    Sparsity comes from ``sparsity`` (a ``hf_mfac_sparsity`` record), else ``save_directory/config.json``
+    (as written by :func:`~hf_mfac.integrations.save_sparse_pretrained`), else ``model.config``, else
+    ``model``'s ``masks`` or exact zeros (:func:`~hf_mfac.integrations.sparse_checkpoint.resolve_masks`);
+    a model with none gets a card saying it is dense. ``method`` and ``recipe`` default to the record's.
+
+    Metadata: ``library_name: transformers``; tags ``hf_mfac`` + ``sparse``, ``pruned`` and the method when
+    sparse + ``m-fac`` when ``mfac`` hyperparameters are given or the method is ``"mfac"`` + ``tags``;
+    ``base_model``, ``datasets``, ``license``, ``language``, ``pipeline_tag`` (default: from the
+    architecture, e.g. ``...ForSequenceClassification`` -> ``text-classification``); ``model-index`` from
+    ``eval_results`` — a list of ``huggingface_hub.EvalResult``, or ``{metric: value}`` with ``task``
+    (default: the pipeline tag) and ``dataset_name``/``dataset_type`` (default: the first of ``datasets``).
+    A metrics mapping without a dataset is shown in the text only, and a card without results says so in
+    a marked paragraph; the YAML never carries a partial ``model-index``.
+
+    Writing to ``save_directory``: ``README.md`` (an existing one is loaded with ``ModelCard.load``, its
+    metadata merged — ours wins, tags/datasets/metrics unioned — and only hf_mfac's marked section replaced
+    or appended) and, with ``plot``, ``sparsity_per_layer.png`` (matplotlib). Returns the ``ModelCard``.
+    """
+    meta, saved = _sparsity_from(sparsity, model, masks, save_directory)
+    method = method or (meta or {}).get("method")
+    recipe = recipe if recipe is not None else (meta or {}).get("recipe")
+    auto_class, inferred_tag = _head(_architectures(model, save_directory))
+    pipeline_tag = pipeline_tag or inferred_tag
+    datasets = [datasets] if isinstance(datasets, str) else (list(datasets) if datasets else None)
+    model_name = model_name or (repo_id or "").split("/")[-1] or (
+        os.path.basename(os.path.normpath(save_directory)) if save_directory else "model")
+    results, eval_rows = _eval_results(eval_results, task or pipeline_tag,
+                                       dataset_name or (datasets[0] if datasets else None),
+                                       dataset_type or (datasets[0] if datasets else None),
+                                       dataset_config, dataset_split)
+    is_mfac = bool(mfac) or method == "mfac"
+    all_tags = ["hf_mfac"] + (["sparse", "pruned"] + ([method] if method else []) if meta else [])
+    all_tags += ["m-fac"] if is_mfac else []
+    all_tags += [t for t in (tags or []) if t not in all_tags]
+    data = ModelCardData(library_name="transformers", tags=all_tags, base_model=base_model, datasets=datasets,
+                         license=license, language=language, pipeline_tag=pipeline_tag, eval_results=results,
+                         metrics=sorted({r.metric_type for r in results}) if results else None,
+                         model_name=model_name if results else None)
+
+    plot_file = PLOT_NAME if (plot and meta and save_directory) else None
+    section = _render_section(meta, saved=saved, method=method, auto_class=auto_class, repo_id=repo_id or model_name,
+                              plot_file=plot_file, recipe=recipe, command=command, mfac=mfac, training=training,
+                              eval_rows=eval_rows, in_model_index=results is not None)
+    readme = os.path.join(save_directory, "README.md") if save_directory else None
+    if readme and os.path.isfile(readme):
+        card = _update_card(ModelCard.load(readme), data, section)  # a broken YAML header raises here
+    else:
+        if description is None:
+            what = f"A {_pct(meta['sparsity'])} sparse" if meta else "A"
+            base = f" version of [{base_model}](https://huggingface.co/{base_model})" if base_model else " model"
+            how = " trained with the M-FAC optimizer" if is_mfac else ""
+            description = f"{what}{base}{how}, produced with hf_mfac."
+        card = ModelCard.from_template(data, template_str=_template("model_card.md"), model_name=model_name,
+                                       description=description, hf_mfac_section=section)
+    if save_directory:
+        os.makedirs(save_directory, exist_ok=True)
+        if plot_file:
+            _plot(meta["per_layer"], os.path.join(save_directory, plot_file))
+        card.save(readme)
+    return card
+
+
+def _render_section(meta, *, recipe, mfac, training, **kwargs) -> str:
+    """hf_mfac's marked section, from ``hf_mfac_section.md.jinja``."""
+    import jinja2
+
+    from .. import __version__
+
+    rows = [dict(name=n, shape="×".join(map(str, r["shape"])), sparsity=r["sparsity"], num_pruned=r["num_pruned"],
+                 numel=int(torch.Size(r["shape"]).numel()))
+            for n, r in sorted((meta or {}).get("per_layer", {}).items(), key=lambda kv: _natural(kv[0]))]
+    if isinstance(recipe, (dict, list)):
+        import yaml
+        recipe, recipe_lang = yaml.safe_dump(recipe, sort_keys=False).rstrip(), "yaml"
+    else:
+        recipe, recipe_lang = (str(recipe) if recipe else None), "text"
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    return env.from_string(_template("hf_mfac_section.md.jinja")).render(
+        version=__version__, sparsity=meta, rows=rows, pct=_pct, recipe=recipe, recipe_lang=recipe_lang,
+        mfac=dict(mfac or {}), training=dict(training or {}), **kwargs).strip()
+
+
+def _update_card(old: ModelCard, data: ModelCardData, section: str) -> ModelCard:
+    """``old`` with merged metadata and hf_mfac's section replaced (or appended); the rest of its text kept."""
+    body = old.text
+    body = _SECTION.sub(lambda _: section, body) if _SECTION.search(body) else body.rstrip() + "\n\n" + section
+    return ModelCard(f"---\n{_merge_data(old.data, data).to_yaml()}\n---\n{body.rstrip()}\n")
+
+
+# -- Trainer ---------------------------------------------------------------------------------------------
+
+def _redacted_command(argv: list[str]) -> str:
+    """``python argv...`` with the values of token/secret/password flags replaced by ``***``."""
+    out, hide = [], False
+    for a in argv:
+        secret = re.search(r"token|secret|password", a, re.I) and a.startswith("-")
+        if hide:
+            out.append("***")
+        elif secret and "=" in a:
+            out.append(a.split("=", 1)[0] + "=***")
+        else:
+            out.append(a)
+        hide = bool(secret) and "=" not in a
+    return "python " + " ".join(shlex.quote(a) for a in out)
+
+
+def _mfac_hparams(trainer) -> dict | None:
+    import hf_mfac
+
+    args = trainer.args
+    if str(getattr(args, "optim", "")).lower() == "mfac" and hasattr(args, "mfac_kwargs"):
+        hp = args.mfac_kwargs()
+    else:
+        opt = getattr(trainer, "optimizer", None)
+        opt = getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps it
+        if not isinstance(opt, hf_mfac.MFAC):
+            return None
+        hp = {"lr": opt.defaults["lr"], "num_grads": opt.num_grads, "damp": opt.damp,
+              "weight_decay": opt.defaults["weight_decay"], "momentum": opt.defaults["momentum"],
+              "grad_dtype": opt.grad_dtype}
+    return {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in hp.items()
+            if v is not None}
+
+
+def _training_hparams(trainer) -> dict:
+    a = trainer.args
+    hp = {"learning_rate": a.learning_rate, "per_device_train_batch_size": a.per_device_train_batch_size,
+          "gradient_accumulation_steps": a.gradient_accumulation_steps,
+          "num_train_epochs": a.num_train_epochs if a.max_steps <= 0 else None,
+          "max_steps": a.max_steps if a.max_steps > 0 else None,
+          "lr_scheduler_type": getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type),
+          "weight_decay": a.weight_decay, "max_grad_norm": a.max_grad_norm, "seed": a.seed,
+          "optim": getattr(a.optim, "value", a.optim), "global_step": trainer.state.global_step}
+    return {k: v for k, v in hp.items() if v is not None}
+
+
+def _last_eval(trainer) -> dict:
+    for entry in reversed(trainer.state.log_history):
+        metrics = {k[len("eval_"):]: v for k, v in entry.items() if k.startswith("eval_")
+                   and not k.endswith(_PERF_KEYS) and isinstance(v, (int, float))}
+        if metrics:
+            return metrics
+    return {}
+
+
+_RECIPE_FIELDS = ("final_sparsity", "initial_sparsity", "sparsities", "start", "end", "frequency", "unit",
+                  "num_grads", "recompute", "fisher_batch_size", "cyclic_lr")
+
+
+def _callback_sparsity(trainer, model) -> tuple[dict | None, dict]:
+    """Masks, method, pattern and recipe from the first callback with a non-empty ``masks`` mapping (keyed by
+    parameter name or by parameter), e.g. :class:`~hf_mfac.integrations.PruningCallback`: ``method`` and
+    ``recipe`` attributes when it has them, else its ``pruner.config()`` and schedule attributes."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    for cb in trainer.callback_handler.callbacks:
+        masks = getattr(cb, "masks", None)
+        if not (isinstance(masks, Mapping) and masks):
+            continue
+        pruner = getattr(cb, "pruner", None)
+        config = pruner.config() if callable(getattr(pruner, "config", None)) else {}
+        recipe = getattr(cb, "recipe", None)
+        if recipe is None and config:
+            recipe = {"callback": type(cb).__name__, **{k: v for k, v in config.items() if v is not None},
+                      **{k: getattr(cb, k) for k in _RECIPE_FIELDS if getattr(cb, k, None) is not None}}
+        info = {"method": getattr(cb, "method", None) or config.get("method"), "recipe": recipe,
+                "pattern": config.get("pattern")}
+        masks = {names.get(id(k), k) if torch.is_tensor(k) else k: v for k, v in masks.items()}
+        return masks, {k: v for k, v in info.items() if v is not None}
+    return None, {}
+
+
+def write_trainer_model_card(trainer, output_dir: str | os.PathLike | None = None, **info) -> ModelCard:
+    """Write hf_mfac's card (and, for a sparse model, its sparsity record) for ``trainer`` into ``output_dir``.
+
+    For ``MFACTrainer.create_model_card``: ``Trainer.push_to_hub`` calls ``save_model`` and then
+    ``create_model_card(**kwargs)`` before uploading ``output_dir``, so this card (not the generic one) is
+    what reaches the Hub. ``info`` takes ``Trainer.create_model_card``'s arguments (``language``,
+    ``license``, ``tags``, ``model_name``, ``finetuned_from`` -> base model, ``tasks`` -> task,
+    ``dataset_tags`` -> datasets, ``dataset`` -> dataset name, ``dataset_args`` -> dataset config) and any
+    :func:`create_sparse_model_card` or :func:`~hf_mfac.integrations.save_sparse_pretrained` argument
+    (``masks``, ``method``, ``targets``, ``pattern``, ``recipe``, ``command``...).
+
+    Gathered from the trainer: masks (``info["masks"]``, else the first callback with a non-empty ``masks``
+    mapping — keyed by parameter name or by parameter — such as ``PruningCallback``, with its method,
+    pattern and schedule as the recipe, else exact zeros in ``nn.Linear`` weights); M-FAC hyperparameters
+    (``args.mfac_kwargs()`` when ``args.optim == "mfac"``, else the ``hf_mfac.MFAC`` optimizer's settings);
+    training hyperparameters;
+    the last ``eval_*`` metrics of ``state.log_history``; the base model from ``config._name_or_path`` when
+    it is not a local folder; the command line, with token/secret/password values redacted.
+    When the model is sparse, ``output_dir`` is rewritten with
+    :func:`~hf_mfac.integrations.save_sparse_pretrained` (same weights, plus the sparsity record in
+    ``config.json`` and the masks file).
+    """
+    output_dir = output_dir or trainer.args.output_dir
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    cb_masks, cb_info = _callback_sparsity(trainer, model)
+    masks = info.pop("masks", None) or cb_masks
+    method = info.pop("method", None) or cb_info.get("method")
+    recipe = info.pop("recipe", None) or cb_info.get("recipe")
+    save_args = {k: info.pop(k) for k in ("targets", "pattern", "save_masks", "extra_metadata") if k in info}
+    if "pattern" in cb_info and "pattern" not in save_args and masks is cb_masks:
+        save_args["pattern"] = cb_info["pattern"]
+    tasks, dataset = info.pop("tasks", None), info.pop("dataset", None)
+    dataset_tags, dataset_args = info.pop("dataset_tags", None), info.pop("dataset_args", None)
+    first = lambda v: v[0] if isinstance(v, (list, tuple)) and v else v  # noqa: E731
+
+    resolved = resolve_masks(model, masks, save_args.get("targets"))
+    sparsity = None
+    if any(not bool(k.all()) for k in resolved.values()):
+        sparsity = save_sparse_pretrained(model, output_dir, resolved, method=method, recipe=recipe, **save_args)
+
+    name_or_path = getattr(model.config, "_name_or_path", "") or ""
+    hub_name = name_or_path if name_or_path and not os.path.isdir(name_or_path) else None
+    base = info.pop("finetuned_from", None) or hub_name
+    tags = info.pop("tags", None)
+    kwargs = dict(model=model, sparsity=sparsity, method=method, recipe=recipe, base_model=base,
+                  tags=[tags] if isinstance(tags, str) else tags, task=first(tasks),
+                  datasets=dataset_tags, dataset_name=first(dataset), dataset_config=first(dataset_args),
+                  eval_results=_last_eval(trainer) or None, mfac=_mfac_hparams(trainer),
+                  training=_training_hparams(trainer), command=_redacted_command(sys.argv),
+                  repo_id=getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id)
+    kwargs.update(info)
+    return create_sparse_model_card(output_dir, **kwargs)
+
+
+# -- Hub -------------------------------------------------------------------------------------------------
+
+def push_sparse_to_hub(model, repo_id: str, masks: Mapping | None = None, *, processing_class=None,
+                       private: bool | None = None, token: str | bool | None = None, endpoint: str | None = None,
+                       revision: str | None = None, commit_message: str = "Upload sparse model with hf_mfac",
+                       method: str | None = None, targets=None, pattern: str | None = None, recipe=None,
+                       save_masks: bool = True, **card_kwargs):
+    """Save ``model`` sparse, write its card, and upload both to ``repo_id``; returns the ``CommitInfo``.
+
+    In a temporary folder: :func:`~hf_mfac.integrations.save_sparse_pretrained` (same checks and errors,
+    raised before contacting the Hub), ``processing_class.save_pretrained`` when given (tokenizer or
+    image processor), and :func:`create_sparse_model_card` with ``card_kwargs`` — starting from the
+    repository's current ``README.md`` when it has one, so a card written by hand is updated, not replaced.
+    Then ``HfApi(endpoint, token).create_repo(repo_id, private=private, exist_ok=True)`` and
+    ``upload_folder`` as one commit.
+    """
+    api = HfApi(endpoint=endpoint, token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = save_sparse_pretrained(model, tmp, masks, method=method, targets=targets, pattern=pattern,
+                                      recipe=recipe, save_masks=save_masks)
+        if processing_class is not None:
+            processing_class.save_pretrained(tmp)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        if api.file_exists(repo.repo_id, "README.md", revision=revision):
+            with open(api.hf_hub_download(repo.repo_id, "README.md", revision=revision), encoding="utf-8") as f:
+                existing = f.read()
+            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+                f.write(existing)
+        create_sparse_model_card(tmp, model=model, sparsity=meta, repo_id=repo.repo_id, **card_kwargs)
+        return api.upload_folder(repo_id=repo.repo_id, folder_path=tmp, commit_message=commit_message,
+                                 revision=revision)

@@ -1,0 +1,282 @@
+"""Model cards parse back through huggingface_hub, update existing cards, and reach a local fake Hub."""
+import os
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+huggingface_hub = pytest.importorskip("huggingface_hub")
+from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, RepoUrl  # noqa: E402
+from huggingface_hub.utils import filter_repo_objects  # noqa: E402
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, TrainerCallback  # noqa: E402
+
+from hf_mfac.core.masks import threshold_masks  # noqa: E402
+from hf_mfac.integrations import create_sparse_model_card, save_sparse_pretrained  # noqa: E402
+from hf_mfac.integrations.model_card import PLOT_NAME, _redacted_command, push_sparse_to_hub  # noqa: E402
+from hf_mfac.integrations.sparse_checkpoint import MASKS_NAME, load_sparse_masks  # noqa: E402
+
+CFG = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+           max_position_embeddings=32, num_labels=2)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def pruned_model(sparsity=0.75):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**CFG)).eval()
+    weights = {n: p for n, p in model.named_parameters() if n.startswith("bert.encoder") and n.endswith("dense.weight")}
+    masks = threshold_masks({n: p.detach().abs() for n, p in weights.items()}, sparsity, scope="layer")
+    with torch.no_grad():
+        for n, p in weights.items():
+            p.mul_(masks[n])
+    return model, masks
+
+
+def section(text):
+    return text[text.index("<!-- hf_mfac:start"): text.index("<!-- hf_mfac:end -->")]
+
+
+def test_card_metadata_parses_back(tmp_path):
+    model, masks = pruned_model()
+    save_sparse_pretrained(model, tmp_path, masks, method="obert", recipe={"sparsity": 0.75, "block_size": 32})
+    card = create_sparse_model_card(
+        tmp_path, base_model="google/bert_uncased_L-2_H-128_A-2", datasets=["glue"], dataset_config="sst2",
+        dataset_split="validation", eval_results={"accuracy": 0.875, "f1": 0.86}, license="apache-2.0",
+        mfac={"num_grads": 64, "damp": 1e-6, "lr": 2e-3}, command="hf-mfac prune --method obert --sparsity 0.75")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    assert loaded.data.to_dict() == card.data.to_dict()
+    data = loaded.data
+    assert data.library_name == "transformers" and data.license == "apache-2.0"
+    assert {"sparse", "pruned", "m-fac", "obert", "hf_mfac"} <= set(data.tags)
+    assert data.base_model == "google/bert_uncased_L-2_H-128_A-2" and data.datasets == ["glue"]
+    assert data.pipeline_tag == "text-classification" and sorted(data.metrics) == ["accuracy", "f1"]
+    results = {r.metric_type: r for r in data.eval_results}
+    assert results["accuracy"].metric_value == 0.875 and results["f1"].metric_value == 0.86
+    assert results["accuracy"].dataset_config == "sst2" and results["accuracy"].dataset_split == "validation"
+    assert results["accuracy"].task_type == "text-classification" and data.model_name == tmp_path.name
+    text = section(loaded.text)
+    for name, mask in masks.items():  # one table row per layer, with its exact pruned count
+        assert f"| `{name}` | {mask.shape[0]}×{mask.shape[1]} | 75.00% | {int((~mask).sum())} / {mask.numel()} |" in text
+    assert "AutoModelForSequenceClassification" in text and f"]({PLOT_NAME})" in text
+    assert "block_size: 32" in text and "hf-mfac prune --method obert" in text
+    assert "| `num_grads` | 64 |" in text and "| `damp` | 1e-06 |" in text
+    assert (tmp_path / PLOT_NAME).read_bytes().startswith(PNG)
+
+
+def test_card_without_metrics_is_marked_and_valid(tmp_path):
+    model, masks = pruned_model()
+    create_sparse_model_card(tmp_path / "a", model=model, masks=masks)
+    card = ModelCard.load(tmp_path / "a" / "README.md")
+    assert card.data.eval_results is None and "model-index" not in card.data.to_dict()
+    assert "model_name" not in card.data.to_dict() and "**No evaluation results were provided.**" in card.text
+    # metrics but no dataset: shown in the text, kept out of the metadata
+    create_sparse_model_card(tmp_path / "b", model=model, masks=masks, eval_results={"accuracy": 0.5})
+    card = ModelCard.load(tmp_path / "b" / "README.md")
+    assert card.data.eval_results is None and "model-index" not in card.data.to_dict()
+    assert "| accuracy | 0.5 |" in card.text and "no dataset was named" in card.text
+    # explicit EvalResult objects go to model-index as they are
+    r = EvalResult(task_type="text-classification", dataset_type="imdb", dataset_name="IMDb", metric_type="accuracy",
+                   metric_value=0.9)
+    card = create_sparse_model_card(model=model, masks=masks, eval_results=[r], model_name="x")
+    assert ModelCard(card.content).data.eval_results == [r]
+
+
+def test_dense_model_card(tmp_path):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**CFG))
+    card = create_sparse_model_card(tmp_path, model=model, mfac={"num_grads": 32})
+    assert "sparse" not in card.data.tags and "m-fac" in card.data.tags
+    assert "This model is dense" in card.text and not (tmp_path / PLOT_NAME).exists()
+
+
+def test_existing_card_is_updated_not_clobbered(tmp_path):
+    model, masks = pruned_model()
+    save_sparse_pretrained(model, tmp_path, masks, method="cap")
+    readme = tmp_path / "README.md"
+    readme.write_text("---\nlicense: mit\nlanguage: en\ntags:\n- my-tag\n---\n\n# My model\n\nMy own notes.\n")
+    create_sparse_model_card(tmp_path, eval_results={"accuracy": 0.7}, datasets="glue")
+    first = readme.read_text()
+    create_sparse_model_card(tmp_path, eval_results={"accuracy": 0.8}, datasets="glue")
+    card = ModelCard.load(readme)
+    assert card.data.license == "mit" and card.data.language == "en"
+    assert card.data.tags[0] == "my-tag" and "sparse" in card.data.tags and card.data.tags.count("sparse") == 1
+    assert card.data.eval_results[0].metric_value == 0.8
+    assert card.text.startswith("\n# My model\n\nMy own notes.\n") and card.text.count("<!-- hf_mfac:start") == 1
+    assert "0.8" in section(card.text) and "0.7" in section(first)
+    # text the user adds after our section survives regeneration too
+    readme.write_text(readme.read_text() + "\n## Citation\n\nPlease cite us.\n")
+    create_sparse_model_card(tmp_path)
+    text = ModelCard.load(readme).text
+    assert text.rstrip().endswith("Please cite us.") and "My own notes." in text
+
+
+def test_broken_existing_yaml_is_refused_untouched(tmp_path):
+    model, masks = pruned_model()
+    save_sparse_pretrained(model, tmp_path, masks)
+    broken = "---\ntags: [sparse\n---\n# hand-written\n"
+    (tmp_path / "README.md").write_text(broken)
+    with pytest.raises(Exception):
+        create_sparse_model_card(tmp_path)
+    assert (tmp_path / "README.md").read_text() == broken
+
+
+def test_redacted_command():
+    cmd = _redacted_command(["run.py", "--hub_token", "hf_abc", "--lr", "1e-3", "--api_secret=xyz", "--x", "1"])
+    assert "hf_abc" not in cmd and "xyz" not in cmd and "--lr 1e-3" in cmd and "--hub_token '***'" in cmd
+
+
+# -- a local fake of the Hub API -----------------------------------------------------------------------------
+
+class FakeHub:
+    """Stores repositories as folders under ``root``; patches the HfApi methods hf_mfac and Trainer use."""
+
+    def __init__(self, root, monkeypatch):
+        self.root, self.calls = root, []
+        for name in ("create_repo", "upload_folder", "file_exists", "hf_hub_download"):
+            monkeypatch.setattr(HfApi, name, getattr(self, name.replace("create_repo", "create")))
+        monkeypatch.setattr(HfApi, "create_commit", self.refuse)
+
+    def repo(self, repo_id):
+        return self.root / repo_id.replace("/", "--")
+
+    def create(self, repo_id, *, private=None, exist_ok=False, **_):
+        repo_id = repo_id if "/" in repo_id else f"me/{repo_id}"
+        self.calls.append(("create_repo", repo_id, private))
+        self.repo(repo_id).mkdir(parents=True, exist_ok=True)
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message=None, ignore_patterns=None,
+                      allow_patterns=None, path_in_repo=None, **_):
+        self.calls.append(("upload_folder", repo_id, commit_message))
+        files = [os.path.relpath(os.path.join(d, f), folder_path) for d, _, fs in os.walk(folder_path) for f in fs]
+        ignore = list(ignore_patterns or []) + [".git/*", ".cache/huggingface/*"]
+        for rel in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore):
+            dst = self.repo(repo_id) / (path_in_repo or "") / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(os.path.join(folder_path, rel), dst)
+        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message=commit_message or "",
+                          commit_description="", oid="0" * 40)
+
+    def file_exists(self, repo_id, filename, **_):
+        return (self.repo(repo_id) / filename).is_file()
+
+    def hf_hub_download(self, repo_id, filename, **_):
+        return str(self.repo(repo_id) / filename)
+
+    def refuse(self, *a, **k):
+        raise AssertionError("create_commit would contact the Hub")
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    return FakeHub(tmp_path / "hub", monkeypatch)
+
+
+def test_push_sparse_to_hub(hub):
+    model, masks = pruned_model()
+    repo = hub.repo("me/tiny-sparse")
+    repo.mkdir(parents=True)
+    (repo / "README.md").write_text("---\nlicense: mit\n---\n# Tiny\n\nWritten by hand.\n")
+    info = push_sparse_to_hub(model, "me/tiny-sparse", masks, method="magnitude", private=True,
+                              datasets="glue", eval_results={"accuracy": 0.6})
+    assert info.commit_url.endswith("/commit/0")
+    assert [c[0] for c in hub.calls] == ["create_repo", "upload_folder"] and hub.calls[0][2] is True
+    assert sorted(os.listdir(repo)) == sorted(["README.md", "config.json", "model.safetensors", MASKS_NAME, PLOT_NAME])
+    card = ModelCard.load(repo / "README.md")
+    assert card.data.license == "mit" and "Written by hand." in card.text and "sparse" in card.data.tags
+    assert 'from_pretrained("me/tiny-sparse")' in card.text
+    loaded = AutoModelForSequenceClassification.from_pretrained(repo).eval()
+    x = torch.randint(0, CFG["vocab_size"], (2, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+    assert loaded.config.hf_mfac_sparsity["method"] == "magnitude"
+
+
+def test_push_refuses_dense_model_before_contacting_hub(hub):
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="no sparsity"):
+        push_sparse_to_hub(BertForSequenceClassification(BertConfig(**CFG)), "me/dense")
+    assert hub.calls == []
+
+
+class MaskCallback(TrainerCallback):
+    """Stand-in for a pruning callback: exposes ``masks``/``method``/``recipe`` and keeps pruned weights at 0."""
+
+    method, recipe = "obert", {"sparsity": 0.75, "schedule": "cubic"}
+
+    def __init__(self, model, masks):
+        self.params = dict(model.named_parameters())
+        self.masks = masks
+
+    def on_step_end(self, args, state, control, **kwargs):
+        with torch.no_grad():
+            for n, m in self.masks.items():
+                self.params[n].mul_(m)
+
+
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, n=16):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, CFG["vocab_size"], (n, 8), generator=g)
+        self.y = (self.x[:, 0] % 2).long()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.y[i]}
+
+
+def test_trainer_push_to_hub_writes_hf_mfac_card(hub, tmp_path):
+    from hf_mfac.integrations import MFACTrainer, MFACTrainingArguments
+
+    model, masks = pruned_model()
+    out = tmp_path / "run"
+    args = MFACTrainingArguments(output_dir=str(out), optim="mfac", optim_args="num_grads=4,damp=1e-4",
+                                 learning_rate=1e-3, max_steps=2, per_device_train_batch_size=8, report_to=[],
+                                 push_to_hub=True, hub_model_id="me/tiny-mfac", save_strategy="no", use_cpu=True)
+    acc = lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}  # noqa: E731
+    trainer = MFACTrainer(model=model, args=args, train_dataset=Pairs(), eval_dataset=Pairs(8),
+                          compute_metrics=acc, callbacks=[MaskCallback(model, masks)])
+    trainer.train()
+    metrics = trainer.evaluate()
+    trainer.push_to_hub(dataset="local pairs", dataset_tags="pairs", finetuned_from="bert-tiny-local")
+    repo = hub.repo("me/tiny-mfac")
+    assert {"README.md", "config.json", "model.safetensors", MASKS_NAME, PLOT_NAME} <= set(os.listdir(repo))
+    card = ModelCard.load(repo / "README.md")
+    assert {"sparse", "pruned", "m-fac", "obert"} <= set(card.data.tags)
+    assert card.data.base_model == "bert-tiny-local" and card.data.datasets == ["pairs"]
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results["accuracy"] == metrics["eval_accuracy"] and results["loss"] == metrics["eval_loss"]
+    assert "runtime" not in results and "samples_per_second" not in results
+    assert "| `num_grads` | 4 |" in card.text and "schedule: cubic" in card.text
+    assert 'from_pretrained("me/tiny-mfac")' in card.text
+    loaded = AutoModelForSequenceClassification.from_pretrained(repo)
+    assert loaded.config.hf_mfac_sparsity["method"] == "obert"
+    saved = load_sparse_masks(repo)
+    for n, m in masks.items():
+        assert torch.equal(saved[n], m) and bool((loaded.state_dict()[n][~m] == 0).all())
+
+
+def test_trainer_push_with_pruning_callback(hub, tmp_path):
+    from hf_mfac.integrations import MFACTrainer, MFACTrainingArguments, PruningCallback
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**CFG))
+    args = MFACTrainingArguments(output_dir=str(tmp_path / "run"), optim="mfac", optim_args="num_grads=4,damp=1e-4",
+                                 learning_rate=1e-3, max_steps=3, per_device_train_batch_size=8, report_to=[],
+                                 push_to_hub=True, hub_model_id="me/gradual", save_strategy="no", use_cpu=True)
+    callback = PruningCallback("magnitude", final_sparsity=0.5, start=0, end=2, frequency=1)
+    trainer = MFACTrainer(model=model, args=args, train_dataset=Pairs(), callbacks=[callback])
+    callback.attach(trainer)
+    trainer.train()
+    trainer.push_to_hub()
+    repo = hub.repo("me/gradual")
+    card = ModelCard.load(repo / "README.md")
+    assert {"sparse", "pruned", "magnitude", "m-fac"} <= set(card.data.tags)
+    assert "final_sparsity: 0.5" in card.text and "**No evaluation results were provided.**" in card.text
+    record = AutoModelForSequenceClassification.from_pretrained(repo).config.hf_mfac_sparsity
+    assert record["method"] == "magnitude" and record["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert record["recipe"]["final_sparsity"] == 0.5 and record["pattern"] == "unstructured"
+    saved = load_sparse_masks(repo)
+    assert set(saved) == set(callback.masks) and all(torch.equal(saved[n], callback.masks[n].cpu()) for n in saved)
