@@ -1,0 +1,113 @@
+"""Core math benchmarks (issue 2): ratios measured in the same run.
+
+1. DynamicMFAC.update_mul throughput as a fraction of the copy bandwidth of a same-size tensor.
+2. BlockFisherInverse.add_grads as a fraction of plain batched-matmul throughput on the same shapes.
+3. CAP elimination+apply time over oBERT-style selection (scores + global threshold + summed OBS update)
+   at the same block size.
+Usage: python benchmarks/bench_core.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from _util import copy_bandwidth, machine, table, timeit
+from hf_mfac.core import BlockFisherInverse, DynamicMFAC
+from hf_mfac.core.cap import cap_prune
+from hf_mfac.core.masks import threshold_masks
+from hf_mfac.core.obs import obs_scores, obs_update
+
+
+def bench_update_mul(dims, ms, dtype=torch.float32, device="cpu"):
+    rows = []
+    for d in dims:
+        for m in ms:
+            win = DynamicMFAC(d, m, 1e-6, device=device, grad_dtype=dtype)
+            gs = [torch.randn(d, device=device) / d**0.5 for _ in range(8)]  # unit-norm-ish gradients
+            for i in range(m):  # fill the window
+                win.update(gs[i % 8] + 0.1 * gs[(i * 3 + 1) % 8] * (i / m))
+            k = iter(range(10**9))
+            t = timeit(lambda: win.update_mul(gs[next(k) % 8] * 1.01), repeats=5)
+            elem = torch.empty((), dtype=dtype).element_size()
+            read = 2 * m * d * elem  # two passes over G
+            bw = copy_bandwidth(m * d, dtype, device)
+            gemv = timeit(lambda: win.G @ gs[0].to(dtype), repeats=5) if dtype == torch.float32 else float("nan")
+            rows.append((d, m, str(dtype).replace("torch.", ""), f"{t * 1e3:.1f}", f"{read / t / 1e9:.1f}",
+                         f"{bw / 1e9:.1f}", f"{read / t / bw:.2f}", f"{2 * gemv / t:.2f}"))
+            del win
+    return table(["d", "m", "storage", "update_mul ms", "GB/s read", "copy GB/s", "fraction of copy bw",
+                  "2 x gemv time / update_mul time"], rows)
+
+
+def bench_block_fisher(dims, Bs, k=32):
+    rows = []
+    for d in dims:
+        for B in Bs:
+            G = torch.randn(k, d)
+            bf = BlockFisherInverse(d, B, 1e-6)
+            t_add = timeit(lambda: bf.add_grads(G), repeats=3)
+            nb = bf.num_blocks
+            Gb = torch.randn(nb, k, B)
+            out = torch.zeros(nb, B, B)
+            t_bmm = timeit(lambda: out.baddbmm_(Gb.mT, Gb), repeats=3)
+            t0 = time.perf_counter()
+            bf.diag()
+            t_inv = time.perf_counter() - t0
+            rows.append((d, B, k, f"{t_add * 1e3:.1f}", f"{t_bmm * 1e3:.1f}", f"{t_bmm / t_add:.2f}",
+                         f"{2 * k * d * B / t_add / 1e9:.1f}", f"{t_inv * 1e3:.0f}"))
+    return table(["d", "B", "k grads/chunk", "add_grads ms", "bare baddbmm ms", "fraction of bmm throughput",
+                  "GFLOP/s", "invert ms (once)"], rows)
+
+
+def bench_cap_vs_obert(dims, Bs, sparsity=0.5, m=64):
+    """Solver-only ratio, and the ratio of full pruning steps without gradient collection
+    (accumulate m gradients + invert + solver), which is what the paper's 23 vs 20 minutes compares
+    apart from the (dominant, model-dependent) gradient collection."""
+    rows = []
+    for d in dims:
+        for B in Bs:
+            grads = torch.randn(m, d)
+            t0 = time.perf_counter()
+            bf = BlockFisherInverse(d, B, 1e-4)
+            for chunk in grads.split(16):
+                bf.add_grads(chunk)
+            H = bf.blocks()
+            t_build = time.perf_counter() - t0
+            w = torch.randn(d)
+            k = int(sparsity * d)
+
+            def obert():
+                s = obs_scores(w, bf.diag())
+                pruned = ~threshold_masks([s], sparsity)[0]
+                return obs_update(bf, w, pruned.nonzero())
+
+            def cap():
+                return cap_prune(w.view(-1, B), H, k)
+
+            t_ob = timeit(obert, repeats=3)
+            t_cap = timeit(cap, repeats=1, warmup=0)
+            rows.append((d, B, m, f"{t_build * 1e3:.0f}", f"{t_ob * 1e3:.0f}", f"{t_cap * 1e3:.0f}",
+                         f"{t_cap / t_ob:.1f}", f"{(t_build + t_cap) / (t_build + t_ob):.2f}"))
+    return table(["d", "B", "m", "Fisher build+invert ms", "oBERT select+update ms", "CAP ms",
+                  "CAP / oBERT (solver)", "CAP / oBERT (step w/o grad collection)"], rows)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    print(f"# core benchmarks — {machine()} — {time.strftime('%Y-%m-%d')}\n")
+    dims = [1 << 18, 1 << 20] if a.quick else [1 << 18, 1 << 20, 1 << 22]
+    print("## DynamicMFAC.update_mul vs copy bandwidth\n")
+    print(bench_update_mul(dims, [32, 128] if a.quick else [32, 128, 512]))
+    print(bench_update_mul([1 << 20], [128], dtype=torch.bfloat16))
+    print("\n## BlockFisherInverse.add_grads vs batched matmul\n")
+    print(bench_block_fisher([1 << 18] if a.quick else [1 << 18, 1 << 20], [16, 32, 64]))
+    print("\n## CAP vs oBERT-style selection at the same block size (50% sparsity)\n")
+    print(bench_cap_vs_obert([1 << 16] if a.quick else [1 << 16, 1 << 18], [8, 16, 32]))
+
+
+if __name__ == "__main__":
+    main()
