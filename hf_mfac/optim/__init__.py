@@ -1,3 +1,4 @@
-from .mfac import MFAC
+from .distributed import ShardedMFAC
+from .mfac import MFAC, window_bytes
 
-__all__ = ["MFAC"]
+__all__ = ["MFAC", "ShardedMFAC", "window_bytes"]

@@ -106,20 +106,24 @@ class MFAC(torch.optim.Optimizer):
             layout.append((p, idx, offset, n))
             offset += n
         if offset == 0:
-            raise ValueError("MFAC has no trainable coordinates (all parameters frozen or fully masked)")
+            raise ValueError(f"{type(self).__name__} has no trainable coordinates (all parameters frozen or fully masked)")
+        window = self._make_window(offset, self.window_device or layout[0][0].device)
         self._layout = layout
         self._layout_ids = {id(p) for p, *_ in layout}
-        device = self.window_device or layout[0][0].device
-        need = window_bytes(offset, self.num_grads, self.grad_dtype)
+        self.window = window
+
+    def _make_window(self, dim: int, device) -> DynamicMFAC:
+        """The window over ``dim`` flattened coordinates (subclasses shard it); fails early without memory."""
+        need = window_bytes(dim, self.num_grads, self.grad_dtype)
         free = _free_bytes(device)
         if free is not None and need > free:
             raise MemoryError(
-                f"the M-FAC window needs {need / 2**30:.2f} GiB (num_grads={self.num_grads} x d={offset} values) "
+                f"the M-FAC window needs {need / 2**30:.2f} GiB (num_grads={self.num_grads} x d={dim} values) "
                 f"but only {free / 2**30:.2f} GiB is free on {device}. Lower num_grads, store it in bfloat16 "
-                "(grad_dtype), put it on another device (window_device) or shard it across processes."
+                "(grad_dtype), put it on another device (window_device) or shard it across processes (ShardedMFAC)."
             )
-        self.window = DynamicMFAC(offset, self.num_grads, self.damp, device=device, grad_dtype=self.grad_dtype,
-                                  normalize_by_seen=self.normalize_by_seen)
+        return DynamicMFAC(dim, self.num_grads, self.damp, device=device, grad_dtype=self.grad_dtype,
+                           normalize_by_seen=self.normalize_by_seen)
 
     def set_masks(self, masks: dict | None) -> None:
         """Fix sparsity masks ``{param: bool tensor}`` (True = kept) for sparse fine-tuning: masked weights

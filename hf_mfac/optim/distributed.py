@@ -1,0 +1,375 @@
+"""M-FAC under DDP with the gradient window sharded over the ranks (DESIGN.md §1.3, issue 6).
+
+Under DDP every rank holds the same all-reduced gradient g (D,). :class:`ShardedMFAC` gives rank r a
+contiguous, balanced range ``[start_r, stop_r)`` of the D coordinates and keeps the window only for it:
+``G_r`` (m, D_r), D_r ≈ D / N. Woodbury (DESIGN.md §4) needs ``G x = sum_r G_r x_r``, so the m-vector of
+partial products is all-reduced (the ``allreduce`` hook of :class:`~hf_mfac.core.DynamicMFAC`); every
+rank then holds the same m x m system and computes its shard of ``F^{-1} g = (g - G^T K^{-1} G g) / damp``,
+and the shards are all-gathered so every rank applies the same update. Per step and rank: one
+all-reduce of m values, one all-gather of D values (padded to N * ceil(D / N)), 2 m D / N multiply-adds
+instead of 2 m D. Memory per rank: m D / N window values plus the m x m matrix.
+
+Checkpoints: ``optimizer.state_dict()`` holds everything but the window (the Trainer saves it from the
+main process only); each rank writes its columns of the window with :func:`save_mfac_shards` to
+``mfac_shard_{rank}.pt`` and :func:`load_mfac_shards` reads them back, also into another number of
+ranks or into a plain :class:`~hf_mfac.MFAC`. :class:`~hf_mfac.integrations.distributed.MFACShardCheckpointCallback`
+does both inside ``transformers.Trainer``.
+
+:class:`Comm` is the small set of collectives hf_mfac's distributed code uses (also by
+:mod:`hf_mfac.pruning.distributed`): it counts the bytes it moves, works as a no-op in one process, and
+turns an exception on any rank into the same :class:`DistributedError` on every rank.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+
+import torch
+import torch.distributed as dist
+
+from ..core import DynamicMFAC
+from .mfac import MFAC, _free_bytes, window_bytes
+
+__all__ = ["ShardedMFAC", "Comm", "DistributedError", "shard_bounds", "save_mfac_shards", "load_mfac_shards",
+           "shard_file"]
+
+SHARD_FILE = "mfac_shard_{rank}.pt"
+# torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_FORMAT = 1
+
+
+class DistributedError(RuntimeError):
+    """Raised on every rank when one or more ranks failed; the message names the ranks and their errors."""
+
+
+def shard_bounds(n: int, world_size: int) -> list[int]:
+    """Boundaries (world_size + 1,) of contiguous ranges of ``n`` items whose sizes differ by at most one."""
+    return [i * n // world_size for i in range(world_size + 1)]
+
+
+def shard_file(folder: str, rank: int) -> str:
+    return os.path.join(folder, SHARD_FILE.format(rank=rank))
+
+
+class Comm:
+    """Collectives on one process group (``None``: the default group), counting the bytes they move.
+
+    Without an initialised process group (or in a group of one) every operation is local, so the same code
+    runs in one process. ``bytes_received`` adds up what this rank receives: the payload of an all-reduce,
+    the other ranks' pieces of an all-gather (padding included) or an all-to-all. Tensors are moved to the
+    current CUDA device for NCCL and back.
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        self.active = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size(group) if self.active else 1
+        self.rank = dist.get_rank(group) if self.active else 0
+        self.device = None
+        if self.active and "nccl" in str(dist.get_backend(group)).lower():
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.bytes_received = 0
+        self.calls = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def _dev(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.device is None or t.device == self.device else t.to(self.device)
+
+    def all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        """Sum (or ``op``) ``t`` over the ranks, in place; returns ``t``."""
+        if not self.distributed:
+            return t
+        buf = self._dev(t)
+        dist.all_reduce(buf, op=op or dist.ReduceOp.SUM, group=self.group)
+        if buf is not t:
+            t.copy_(buf)
+        self.bytes_received += t.numel() * t.element_size()
+        self.calls += 1
+        return t
+
+    def all_gatherv(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Concatenation (sum(sizes),) of every rank's 1-D ``t`` of ``sizes[rank]`` elements (padded gather)."""
+        t = t.reshape(-1)
+        if t.numel() != sizes[self.rank]:
+            raise ValueError(f"rank {self.rank} gives {t.numel()} elements; sizes say {sizes[self.rank]}")
+        if not self.distributed:
+            return t
+        width = max(sizes)
+        src = self._dev(t)
+        if t.numel() < width:
+            src = torch.cat([src, src.new_zeros(width - t.numel())])
+        out = src.new_empty(self.world_size * width)
+        _all_gather_single(out, src, group=self.group)
+        self.bytes_received += (self.world_size - 1) * width * t.element_size()
+        self.calls += 1
+        if width * self.world_size != sum(sizes):
+            out = torch.cat([out[r * width : r * width + s] for r, s in enumerate(sizes)])
+        return out.to(t.device)
+
+    def all_to_allv(self, t: torch.Tensor, send_sizes: list[int], recv_sizes: list[int]) -> torch.Tensor:
+        """Send ``t[sum(send_sizes[:s]):...]`` to rank s, return what every rank sent here, in rank order."""
+        if not self.distributed:
+            return t
+        out = t.new_empty(sum(recv_sizes), device=self.device or t.device)
+        dist.all_to_all_single(out, self._dev(t.contiguous()), recv_sizes, send_sizes, group=self.group)
+        self.bytes_received += (sum(recv_sizes) - recv_sizes[self.rank]) * t.element_size()
+        self.calls += 1
+        return out.to(t.device)
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's picklable ``obj``, in rank order."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        self.bytes_received += (self.world_size - 1) * len(pickle.dumps(obj))
+        self.calls += 1
+        return out
+
+    def check(self, error: BaseException | None = None) -> None:
+        """Agree on failure: every rank calls this at the same point, ``error`` set on the ranks that failed.
+        If any did, every rank raises :class:`DistributedError` naming the failed ranks and their messages
+        (when all ranks failed with the same message, each re-raises its own exception instead).
+        Cost: one all-reduce of one integer (plus an all-gather of the messages on failure)."""
+        if not self.distributed:
+            if error is not None:
+                raise error
+            return
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32)
+        self.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag) == 0:
+            return
+        msgs = self.all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+        by_msg: dict[str, list[int]] = {}
+        for r, m in enumerate(msgs):
+            if m is not None:
+                by_msg.setdefault(m, []).append(r)
+        if error is not None and list(by_msg.values()) == [list(range(self.world_size))]:
+            raise error  # every rank failed the same way (e.g. a bad argument): the error as in one process
+        failed = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {m}"
+                           for m, rs in by_msg.items())
+        raise DistributedError(f"stopped on all {self.world_size} ranks because {failed}") from error
+
+    def agree(self, what: str, value) -> None:
+        """Raise on every rank unless all ranks hold the same (picklable, comparable) ``value``."""
+        values = self.all_gather_object(value)
+        if any(v != values[0] for v in values):
+            shown = "; ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+            raise DistributedError(f"{what} differs between ranks ({shown})")
+
+
+# -- the sharded window ---------------------------------------------------------------------------------------
+class _ShardedWindow:
+    """This rank's :class:`DynamicMFAC` over coordinates ``[start, stop)``, seen as a window over all D.
+
+    ``update_mul(g)`` takes the full gradient (D,), identical on every rank, and returns the full ``F^{-1} g``
+    (D,): the local shard's part (one all-reduce of the m-vector inside) all-gathered.
+    """
+
+    def __init__(self, dim: int, num_grads: int, damp: float, device, grad_dtype, normalize_by_seen: bool,
+                 comm: Comm):
+        if dim < comm.world_size:
+            raise ValueError(f"ShardedMFAC needs at least one coordinate per rank: D={dim} < {comm.world_size} ranks")
+        self.dim, self.device, self.comm = dim, torch.device(device), comm
+        self.bounds = shard_bounds(dim, comm.world_size)
+        self.sizes = [b - a for a, b in zip(self.bounds, self.bounds[1:])]
+        self.start, self.stop = self.bounds[comm.rank], self.bounds[comm.rank + 1]
+        hook = comm.all_reduce if comm.distributed else None
+        self.local = DynamicMFAC(self.stop - self.start, num_grads, damp, device=device, grad_dtype=grad_dtype,
+                                 normalize_by_seen=normalize_by_seen, allreduce=hook)
+
+    @property
+    def count(self) -> int:
+        return self.local.count
+
+    def update_mul(self, g: torch.Tensor) -> torch.Tensor:
+        d = self.local.update_mul(g[self.start : self.stop])  # (D_r,) this shard of F^{-1} g
+        return self.comm.all_gatherv(d, self.sizes)  # (D,)
+
+    def state_dict(self) -> dict:
+        return {**self.local.state_dict(), "start": self.start, "stop": self.stop, "full_dim": self.dim}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a shard saved for the same range, or a full window (plain MFAC's) of which we keep our columns."""
+        G = state["G"]
+        if G.shape[1] == self.dim and (self.start, self.stop) != (0, self.dim):
+            state = {**state, "G": G[:, self.start : self.stop]}
+        elif "start" in state and (int(state["start"]), int(state["stop"])) != (self.start, self.stop):
+            raise ValueError(f"window shard covers [{state['start']}, {state['stop']}); this rank holds "
+                             f"[{self.start}, {self.stop}): use load_mfac_shards() to re-shard")
+        self.local.load_state_dict(state)
+
+
+class ShardedMFAC(MFAC):
+    r""":class:`~hf_mfac.MFAC` for DDP with the gradient window split over the ranks (memory ≈ m·D/N each).
+
+    Same arguments and results as ``MFAC`` (up to float rounding of the sharded dot products), plus
+    ``process_group`` (default: the whole world). Every rank must call ``step()`` with the same gradient, as
+    under DDP (``DistributedDataParallel``, ``accelerate``, ``transformers.Trainer`` all-reduce it first).
+    Without an initialised process group it is a plain ``MFAC``.
+
+    Per step and rank: all-reduce of m values and all-gather of D values; 2·m·D/N multiply-adds.
+
+    Checkpoints: :meth:`state_dict` has everything except the window (the same on every rank: param groups,
+    momentum, masks), so the Trainer's ``optimizer.pt`` from the main process works as usual; the window lives
+    in :meth:`sharded_state_dict` per rank (:func:`save_mfac_shards` / :func:`load_mfac_shards`, or
+    :class:`~hf_mfac.integrations.distributed.MFACShardCheckpointCallback` with the Trainer). A plain ``MFAC``
+    ``state_dict()`` with its window also loads here (each rank keeps its columns).
+    """
+
+    def __init__(self, params, lr: float = 1e-4, num_grads: int = 1024, damp: float = 1e-6,
+                 weight_decay: float = 0.0, momentum: float = 0.0, *, process_group=None, **kwargs):
+        super().__init__(params, lr=lr, num_grads=num_grads, damp=damp, weight_decay=weight_decay,
+                         momentum=momentum, **kwargs)
+        self.process_group = process_group
+        self._comm = None
+
+    @property
+    def comm(self) -> Comm:
+        """Created on first use: the process group may be initialised after the optimizer."""
+        if self._comm is None:
+            self._comm = Comm(self.process_group)
+        return self._comm
+
+    def _make_window(self, dim: int, device):  # MFAC's layout, with the window sharded
+        share = -(-dim // self.comm.world_size)
+        need, free = window_bytes(share, self.num_grads, self.grad_dtype), _free_bytes(device)
+        error = window = None
+        try:
+            if free is not None and need > free:
+                raise MemoryError(
+                    f"this rank's share of the M-FAC window needs {need / 2**30:.2f} GiB (num_grads={self.num_grads} "
+                    f"x {share} of d={dim} values) but only {free / 2**30:.2f} GiB is free on {device}. Lower "
+                    "num_grads, store it in bfloat16 (grad_dtype), or use more processes.")
+            window = _ShardedWindow(dim, self.num_grads, self.damp, device, self.grad_dtype,
+                                    self.normalize_by_seen, self.comm)
+        except Exception as e:  # noqa: BLE001 - one rank short of memory must not leave the others waiting
+            error = e
+        self.comm.check(error)
+        return window
+
+    def _param_index(self) -> dict:
+        return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+
+    # -- checkpointing ---------------------------------------------------------------------------------------
+    def state_dict(self):
+        """Like ``MFAC.state_dict`` without the window (see :meth:`sharded_state_dict`)."""
+        sd = super().state_dict()
+        sd["mfac"].pop("window", None)
+        sd["mfac"]["sharded"] = {"world_size": self.comm.world_size}
+        return sd
+
+    def sharded_state_dict(self) -> dict:
+        """This rank's columns of the window: ``G`` (m, D_r) with the m x m matrix and ring position, its range
+        ``[start, stop)`` of the D coordinates, and the parameter layout. Tensors and plain types only."""
+        out = {"format": _FORMAT, "rank": self.comm.rank, "world_size": self.comm.world_size}
+        if self.window is None:
+            return {**out, "window": None}
+        index = self._param_index()
+        return {**out, "window": self.window.state_dict(), "layout": [index[id(p)] for p, *_ in self._layout]}
+
+    def load_sharded_state_dict(self, state: dict) -> None:
+        """Restore this rank's window from :meth:`sharded_state_dict` (same range; :func:`load_mfac_shards`
+        re-shards between different numbers of ranks). Load ``state_dict()`` first: it resets the window."""
+        if state.get("window") is None:
+            self._layout = self.window = None
+            return
+        self._build_layout()
+        index = self._param_index()
+        if [index[id(p)] for p, *_ in self._layout] != list(state["layout"]):
+            raise ValueError("the saved M-FAC window was built over other parameters than this optimizer's")
+        if int(state["window"]["full_dim"]) != self.window.dim:
+            raise ValueError(f"the saved window covers {state['window']['full_dim']} coordinates; "
+                             f"this optimizer has {self.window.dim}")
+        self.window.load_state_dict(state["window"])
+
+
+# -- shard files ----------------------------------------------------------------------------------------------
+def _unwrap(optimizer):
+    """The hf_mfac optimizer inside accelerate's / the Trainer's wrappers."""
+    while not isinstance(optimizer, MFAC) and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def save_mfac_shards(optimizer, folder: str, **meta) -> str:
+    """Write this rank's window shard to ``folder/mfac_shard_{rank}.pt`` (call on every rank; returns the path).
+
+    ``meta`` (plain values, e.g. ``global_step``) is stored alongside. The write is atomic (temporary file,
+    then rename); all ranks then agree that every write succeeded (else all raise :class:`DistributedError`).
+    """
+    opt = _unwrap(optimizer)
+    if not isinstance(opt, ShardedMFAC):
+        raise TypeError(f"save_mfac_shards needs a ShardedMFAC; got {type(opt).__name__}")
+    path = shard_file(folder, opt.comm.rank)
+    error = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}.tmp"
+        torch.save({**opt.sharded_state_dict(), "meta": dict(meta)}, tmp)
+        os.replace(tmp, path)
+    except Exception as e:  # noqa: BLE001 - reported on every rank
+        error = e
+    opt.comm.check(error)
+    return path
+
+
+def _load(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def load_mfac_shards(optimizer, folder: str, *, expect_meta: dict | None = None) -> dict:
+    """Restore the window from ``mfac_shard_*.pt`` in ``folder`` into a :class:`ShardedMFAC` (any number of
+    ranks: each reads the columns it now holds from the files that have them; with the saving run's number
+    of ranks that is its own file only, so no shared file system is needed) or into a plain ``MFAC`` (the
+    whole window is put together). Load ``optimizer.load_state_dict(...)`` first. ``expect_meta``: values the
+    files' ``meta`` must match (e.g. ``{"global_step": 10}``). Returns the files' ``meta``.
+    Memory: the files are memory-mapped and only the needed columns are copied."""
+    opt = _unwrap(optimizer)
+    sharded = isinstance(opt, ShardedMFAC)
+    own = shard_file(folder, opt.comm.rank if sharded else 0)
+    if not os.path.isfile(own):  # more ranks than the saving run: start from rank 0's file
+        own = shard_file(folder, 0)
+        if not os.path.isfile(own):
+            raise FileNotFoundError(f"no M-FAC window shards (mfac_shard_*.pt) in {folder}")
+    first = _load(own)
+    if int(first.get("format", 0)) != _FORMAT:
+        raise ValueError(f"{own} is not an M-FAC window shard of format {_FORMAT}")
+    meta = dict(first.get("meta", {}))
+    for k, v in (expect_meta or {}).items():
+        if k in meta and meta[k] != v:
+            raise ValueError(f"the M-FAC shards in {folder} were saved at {k}={meta[k]}, expected {v}")
+    if first["window"] is None:
+        if sharded:
+            opt.load_sharded_state_dict(first)
+        else:
+            opt.reset_window()
+        return meta
+    opt._build_layout()
+    start, stop = (opt.window.start, opt.window.stop) if sharded else (0, opt.window.dim)
+    full_dim = int(first["window"]["full_dim"])
+    if full_dim != opt.window.dim:
+        raise ValueError(f"the saved window covers {full_dim} coordinates; this optimizer has {opt.window.dim}")
+    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    if [index[id(p)] for p, *_ in opt._layout] != list(first["layout"]):
+        raise ValueError("the saved M-FAC window was built over other parameters than this optimizer's")
+    win, saved = first["window"], shard_bounds(full_dim, int(first["world_size"]))
+    G = torch.empty(win["G"].shape[0], stop - start, dtype=win["G"].dtype)  # (m, columns held here)
+    for r, (a, b) in enumerate(zip(saved, saved[1:])):
+        lo, hi = max(a, start), min(b, stop)
+        if lo >= hi:
+            continue
+        shard = first if int(first["rank"]) == r else _load(shard_file(folder, r))
+        if (int(shard["window"]["start"]), int(shard["window"]["stop"])) != (a, b):
+            raise ValueError(f"{shard_file(folder, r)} does not hold the columns [{a}, {b}) it should")
+        G[:, lo - start : hi - start] = shard["window"]["G"][:, lo - a : hi - a]
+    state = {k: v for k, v in win.items() if k not in ("G", "start", "stop")}
+    state["G"] = G
+    if sharded:
+        state.update(start=start, stop=stop)
+    opt.window.load_state_dict(state)
+    return meta

@@ -1,0 +1,25 @@
+"""Second-order pruning: magnitude, WoodFisher/oBERT, static M-FAC and CAP over ``torch.nn`` models.
+
+```python
+from hf_mfac.pruning import prune_oneshot, PRUNERS
+masks, report = prune_oneshot(model, dataloader, method="obert", sparsity=0.8, num_grads=256, recompute=4)
+print(report.to_markdown())
+```
+
+Layout: :mod:`.targets` (which weights; flat padded view), :mod:`.grads` (gradients streamed from a
+dataloader), :mod:`.pruners` (selection + update per method), :mod:`.oneshot` (driver, recomputations,
+sweeps). Imports torch and :mod:`hf_mfac.core` only; the Trainer glue is in
+:mod:`hf_mfac.integrations.callbacks`.
+"""
+from .grads import GradStats, collect_grads, default_loss, iter_grads
+from .oneshot import PruneReport, PruneResult, apply_masks, masks_from_zeros, prune_oneshot, prune_sweep
+from .pruners import (PRUNERS, CAPPruner, MagnitudePruner, MFACPruner, OBSPruner, Pattern, Pruner, StepResult,
+                      make_pruner)
+from .targets import DEFAULT_EXCLUDE, DEFAULT_TYPES, Layout, find_prunable
+
+__all__ = [
+    "prune_oneshot", "prune_sweep", "PRUNERS", "make_pruner", "Pruner", "MagnitudePruner", "OBSPruner",
+    "MFACPruner", "CAPPruner", "Pattern", "StepResult", "PruneReport", "PruneResult", "find_prunable", "Layout",
+    "DEFAULT_EXCLUDE", "DEFAULT_TYPES", "collect_grads", "iter_grads", "GradStats", "default_loss", "apply_masks",
+    "masks_from_zeros",
+]

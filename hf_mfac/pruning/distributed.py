@@ -1,0 +1,364 @@
+"""Distributed one-shot pruning: gradients data-parallel, Fisher blocks owned by ranks (DESIGN.md §1.3, issue 6).
+
+With N processes (``torchrun``, ``accelerate launch``, the Trainer's DDP) every rank holds the same model.
+
+1. **Gradients**: rank r computes its share of the m gradients on its shard of the calibration data (batches
+   r, r + N, r + 2N, ... of the dataloader, unless it is sharded already). Each chunk of k gradients (k, D) is
+   sent through one all-to-all so that every rank receives the columns of the Fisher blocks it owns from
+   all ranks' chunks; every gradient is counted once. Per chunk and rank: about k·D·(N-1)/N values in and out.
+2. **Fisher blocks**: contiguous ranges of whole blocks, balanced in size, one per rank (blocks never cross
+   ranks), accumulated and factorised where they live: memory D·B/N values per rank for oBERT/CAP
+   (m·D/N gradient columns for static M-FAC, held in host memory).
+3. **Scores and updates**: for OBS (oBERT/WoodFisher, M-FAC) :class:`ShardedFisherInverse` answers the
+   pruner's ``diag``/``mul``/``submatrix`` by computing the rank's coordinates and all-gathering them, so the
+   pruner's own selection (one global threshold or per-layer) runs unchanged and identically on every rank;
+   CAP eliminates inside the owned blocks, all-gathers the recorded losses (D values) for the global merge,
+   applies the chosen prefixes locally and all-gathers the new weights and masks. Every rank ends with the
+   same weights and masks, as tensors; no rank-0-only step, no object broadcast of the model.
+
+Failures: each collective is preceded by a one-integer all-reduce of an error flag, and an exception on any
+rank is caught and reported at that point, so all ranks raise :class:`~hf_mfac.optim.distributed.DistributedError`
+with the failing rank's message instead of hanging.
+
+Timeouts: ranks meet once per chunk of ``chunk_size`` gradients during collection, then a handful of times
+per pruning step; a collective times out only when one rank is more than the process group's ``timeout``
+behind the others. The default is 30 min for gloo and 10 min for NCCL; for very slow gradients or huge CAP
+blocks raise it: ``torch.distributed.init_process_group(..., timeout=datetime.timedelta(hours=2))``,
+``Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])``, or
+``TrainingArguments(ddp_timeout=7200)`` with the Trainer.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+
+from ..core.cap import cap_apply, cap_eliminate, cap_select
+from ..core.masks import num_to_prune
+from ..optim.distributed import Comm, DistributedError
+from .oneshot import prune_oneshot
+from .pruners import CAPPruner, Pruner, StepResult, make_pruner
+
+__all__ = ["DistributedPruner", "ShardedFisherInverse", "ShardedBatches", "prune_oneshot_distributed",
+           "block_bounds", "DistributedError"]
+
+
+def block_bounds(dim: int, block_size: int | None, world_size: int) -> list[int]:
+    """Coordinate boundaries (world_size + 1,) of contiguous ranges of whole Fisher blocks of ``block_size``
+    (``None``: one block), balanced in number of blocks (so in size: all blocks but the last are equal)."""
+    B = dim if not block_size else min(block_size, dim)
+    nb = -(-dim // B)
+    return [min(dim, (i * nb // world_size) * B) for i in range(world_size + 1)]
+
+
+class ShardedBatches:
+    """Batches ``rank, rank + N, rank + 2N, ...`` of ``dataloader``: this rank's shard of the calibration data.
+    Re-iterable when the dataloader is."""
+
+    def __init__(self, dataloader, rank: int, world_size: int):
+        self.dataloader, self.rank, self.world_size = dataloader, rank, world_size
+
+    def __iter__(self):
+        for i, batch in enumerate(self.dataloader):
+            if i % self.world_size == self.rank:
+                yield batch
+
+    def __len__(self) -> int:
+        return max(0, len(self.dataloader) - self.rank + self.world_size - 1) // self.world_size
+
+    def __getattr__(self, name):  # batch_size and the like, for the size checks
+        if name == "dataloader":
+            raise AttributeError(name)
+        return getattr(self.dataloader, name)
+
+
+def _is_sharded(dataloader) -> bool:
+    """True for loaders that already give each rank its own data (DistributedSampler, accelerate's prepared)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    for obj in (getattr(dataloader, "sampler", None), getattr(dataloader, "batch_sampler", None), dataloader):
+        if isinstance(obj, DistributedSampler) or type(obj).__module__.split(".")[0] == "accelerate":
+            return True
+    return False
+
+
+class ShardedFisherInverse:
+    """A block-diagonal ``F^{-1}`` whose blocks live on different ranks, seen whole from every rank.
+
+    Rank r holds ``local`` (a :class:`~hf_mfac.core.BlockFisherInverse` or :class:`~hf_mfac.core.StaticMFAC`)
+    for coordinates ``[bounds[r], bounds[r+1])``, or nothing. ``diag()``, ``mul(x)`` and ``submatrix(idx)`` give
+    the same tensors as the unsharded inverse, on every rank: each rank computes its part, then one all-gather
+    (D values for ``diag``/``mul``, n·g² for ``submatrix``). All ranks must make the same calls in the same
+    order, as a pruner's replicated ``prune`` does. ``mean_grad``: the mean gradient over all ranks (WoodTaylor).
+    """
+
+    def __init__(self, comm: Comm, local, bounds: list[int], dim: int, dtype: torch.dtype, device,
+                 mean_grad: torch.Tensor | None = None):
+        self.comm, self.local, self.bounds, self.dim = comm, local, bounds, dim
+        self.dtype, self.device, self.mean_grad = dtype, torch.device(device), mean_grad
+        self.start, self.stop = bounds[comm.rank], bounds[comm.rank + 1]
+        self.sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+        self._diag = None
+
+    def _empty(self, *shape) -> torch.Tensor:
+        return torch.empty(*shape, dtype=self.dtype, device=self.device)
+
+    def _gather(self, local: torch.Tensor | None, sizes) -> torch.Tensor:
+        local = self._empty(0) if local is None else local.to(device=self.device, dtype=self.dtype)
+        self.comm.check()
+        return self.comm.all_gatherv(local.reshape(-1), sizes)
+
+    def diag(self) -> torch.Tensor:
+        """``diag(F^{-1})`` (D,), gathered once and cached (the pruners ask for it more than once)."""
+        if self._diag is None:
+            self._diag = self._gather(None if self.local is None else self.local.diag(), self.sizes)
+        return self._diag
+
+    def mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``F^{-1} x`` (D,) for x (D,), identical on all ranks."""
+        y = None if self.local is None else self.local.mul(x.reshape(-1)[self.start : self.stop])
+        return self._gather(y, self.sizes)
+
+    def submatrix(self, idx: torch.Tensor) -> torch.Tensor:
+        """``[F^{-1}]_QQ`` (n, g, g) for groups ``idx`` (n, g) that each lie inside one rank's blocks."""
+        idx = torch.as_tensor(idx, device=self.device)
+        n, g = idx.shape
+        ends = torch.tensor(self.bounds[1:], device=self.device)
+        owner = torch.searchsorted(ends, idx, right=True)  # (n, g) rank holding each coordinate
+        if bool((owner != owner[:, :1]).any()):
+            raise ValueError("a group of weights straddles two ranks' Fisher blocks; groups must lie inside one block")
+        owner = owner[:, 0]
+        mine = idx[owner == self.comm.rank] - self.start
+        sub = self.local.submatrix(mine) if (self.local is not None and mine.numel()) else self._empty(0, g, g)
+        counts = torch.bincount(owner, minlength=self.comm.world_size).tolist()
+        flat = self._gather(sub, [c * g * g for c in counts]).view(n, g, g)  # rows grouped by owner
+        out = torch.empty_like(flat)
+        out[torch.sort(owner, stable=True).indices] = flat
+        return out
+
+    def blocks(self):
+        raise NotImplementedError("the Fisher blocks are spread over the ranks; use local_blocks() on each rank")
+
+    def local_blocks(self) -> torch.Tensor | None:
+        """This rank's inverse blocks (nb_r, B, B), or None when it owns none."""
+        return None if self.local is None else self.local.blocks()
+
+
+class _ShardSink:
+    """Gradient sink of one rank (what ``pruner.new_fisher`` returns): exchanges every chunk so that each
+    rank feeds its local Fisher with the columns it owns of all ranks' gradients."""
+
+    def __init__(self, owner: "DistributedPruner", dim: int, num_grads: int, device):
+        comm = self.comm = owner.comm
+        self.owner, self.dim, self.device = owner, dim, torch.device(device)
+        self.bounds = block_bounds(dim, owner.inner.block_size, comm.world_size)
+        self.start, self.stop = self.bounds[comm.rank], self.bounds[comm.rank + 1]
+        self.widths = [b - a for a, b in zip(self.bounds, self.bounds[1:])]
+        total = num_grads * comm.world_size
+        self.local = owner.inner.new_fisher(self.stop - self.start, total, device) if self.stop > self.start else None
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device) if owner.woodtaylor else None
+        self.num_grads = 0
+
+    def add_grads(self, chunk: torch.Tensor) -> None:
+        k = chunk.shape[0]
+        send = torch.cat([chunk[:, a:b].reshape(-1) for a, b in zip(self.bounds, self.bounds[1:])])  # (k D,)
+        width = self.stop - self.start
+        self.comm.check()
+        recv = self.comm.all_to_allv(send, [k * w for w in self.widths], [k * width] * self.comm.world_size)
+        if self.local is not None:
+            self.local.add_grads(recv.view(self.comm.world_size * k, width))  # (N k, D_r)
+        if self.sum is not None:
+            self.sum += chunk.sum(0, dtype=torch.float64)
+        self.num_grads += k * self.comm.world_size
+
+    def finish(self) -> ShardedFisherInverse:
+        local = None if self.local is None else self.local.finish()
+        dtype = None if local is None else getattr(local, "dtype", None) or local.W.dtype
+        self.comm.check()
+        dtypes = {str(d) for d in self.comm.all_gather_object(None if dtype is None else str(dtype)) if d}
+        dtype = getattr(torch, dtypes.pop().replace("torch.", ""))
+        mean = None
+        if self.sum is not None:
+            self.comm.check()
+            mean = (self.comm.all_reduce(self.sum) / self.num_grads).to(torch.float32)
+        return ShardedFisherInverse(self.comm, local, self.bounds, self.dim, dtype, self.device, mean)
+
+
+class DistributedPruner(Pruner):
+    """Runs a :class:`~hf_mfac.pruning.Pruner` over the ranks of a process group (see the module docstring).
+
+    Give it to :func:`~hf_mfac.pruning.prune_oneshot` as ``method=`` on every rank (or use
+    :func:`prune_oneshot_distributed`). ``num_grads`` given to ``prune_oneshot`` is then per rank: the Fisher
+    uses ``num_grads * world_size`` gradients. Magnitude pruning needs no communication (every rank computes
+    the same masks); OBS methods go through :class:`ShardedFisherInverse`; CAP has its own distributed step.
+    """
+
+    def __init__(self, pruner: Pruner | str, group=None, **kwargs):
+        self.inner = make_pruner(pruner, **kwargs)
+        if isinstance(self.inner, DistributedPruner):
+            raise TypeError("the pruner is already distributed")
+        self.comm = Comm(group)
+        self._checked = False
+
+    # the configuration prune_oneshot reads, forwarded to the wrapped pruner
+    name = property(lambda self: self.inner.name)
+    uses_fisher = property(lambda self: self.inner.uses_fisher)
+    pattern = property(lambda self: self.inner.pattern)
+    scope = property(lambda self: self.inner.scope)
+    block_size = property(lambda self: self.inner.block_size)
+    damp = property(lambda self: self.inner.damp)
+    woodtaylor = property(lambda self: self.inner.woodtaylor)
+    device = property(lambda self: self.inner.device)
+    pad = property(lambda self: self.inner.pad)
+    default_num_grads = property(lambda self: self.inner.default_num_grads)
+    grads_device = property(lambda self: getattr(self.inner, "grads_device", None))
+
+    def __getattr__(self, name):  # anything else the driver may read
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def check(self, layout) -> None:
+        self.inner.check(layout)
+
+    def config(self) -> dict:
+        return {**self.inner.config(), "world_size": self.comm.world_size}
+
+    def fisher_bytes(self, dim: int, num_grads: int) -> int:
+        """This rank's share: its blocks of the Fisher over ``num_grads * world_size`` gradients."""
+        b = block_bounds(dim, self.inner.block_size, self.comm.world_size)
+        width = max(y - x for x, y in zip(b, b[1:]))
+        return self.inner.fisher_bytes(width, num_grads * self.comm.world_size) if width else 0
+
+    def new_fisher(self, dim: int, num_grads: int, device):
+        return _ShardSink(self, dim, num_grads, device)
+
+    def _agree_on_inputs(self, w: torch.Tensor, keep: torch.Tensor) -> None:
+        """Every rank must start from the same weights and masks (else the results would silently differ)."""
+        pos = torch.arange(1, w.numel() + 1, dtype=torch.float64, device=w.device)
+        wd = w.to(torch.float64)
+        fp = torch.stack([wd.sum(), (wd * pos).sum(), (wd * wd).sum(), keep.sum().to(torch.float64)])
+        self.comm.check()
+        fps = self.comm.all_gatherv(fp, [4] * self.comm.world_size).view(-1, 4)
+        if not bool((fps == fps[:1]).all()):
+            raise DistributedError("the ranks hold different weights or masks of the pruning targets; every rank "
+                                   "must start from the same model (load it the same way, or broadcast it first)")
+
+    def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
+        self._agree_on_inputs(w, keep)
+        if not self.uses_fisher:  # magnitude: the same masks on every rank, nothing to exchange
+            return self.inner.prune(layout, w, keep, sparsity=sparsity, zeros=zeros, finv=finv, grad=grad)
+        if isinstance(self.inner, CAPPruner):
+            return _cap_prune(self.inner, self.comm, finv, layout, w, keep, sparsity, zeros)
+        if self.woodtaylor:
+            grad = finv.mean_grad
+        return self.inner.prune(layout, w, keep, sparsity=sparsity, zeros=zeros, finv=finv, grad=grad)
+
+
+def _cap_prune(pruner: CAPPruner, comm: Comm, finv: ShardedFisherInverse, layout, w, keep, sparsity, zeros):
+    """CAPPruner.prune with the blocks spread over the ranks: eliminate in the owned blocks, merge the
+    all-gathered losses globally (replicated, identical on every rank), apply the owned prefixes, gather."""
+    B = pruner.block_size
+    nb = layout.dim // B
+    lo, hi = finv.start // B, finv.stop // B  # this rank's blocks
+    W = w.view(nb, B)
+    valid = layout.valid(w.device).view(nb, B)
+    forced = ~keep.view(nb, B) & valid
+    block_layer = layout.layer_index(w.device).view(nb, B)[:, 0]
+    hinv = finv.local_blocks()  # (nb_r, B, B)
+    nm = None if pruner.pattern.kind != "nm" else (pruner.pattern.m - zeros, pruner.pattern.m)
+    if hi > lo:
+        order, losses = cap_eliminate(W[lo:hi], hinv, valid=valid[lo:hi], forced=forced[lo:hi], nm=nm)
+    else:
+        order = torch.zeros(0, B, dtype=torch.long, device=w.device)
+        losses = torch.zeros(0, B, dtype=torch.float64, device=w.device)
+    block_sizes = [(b - a) // B for a, b in zip(finv.bounds, finv.bounds[1:])]
+    if nm is not None:
+        counts = torch.isfinite(losses).sum(1)
+    else:
+        steps = torch.arange(B, device=w.device)[None, :]
+        losses = torch.where(steps < forced[lo:hi].sum(1, keepdim=True), torch.full_like(losses, -1.0), losses)
+        comm.check()
+        all_losses = comm.all_gatherv(losses.reshape(-1), [s * B for s in block_sizes]).view(nb, B)
+        if pruner.scope == "global":
+            counts = cap_select(all_losses, num_to_prune(layout.numel, sparsity))[lo:hi]
+        else:
+            k = {i: num_to_prune(n, sparsity) for i, n in enumerate(layout.numels)}
+            counts = cap_select(all_losses, 0, block_layer, k)[lo:hi]
+    if hi > lo:
+        new, pruned = cap_apply(W[lo:hi], hinv, order, counts)
+        pruned = pruned & valid[lo:hi] | forced[lo:hi]
+        last = losses.gather(1, (counts - 1).clamp_min(0)[:, None])[:, 0].clamp_min(0)
+        block_loss = torch.where(counts > 0, last, torch.zeros_like(last))
+    else:
+        new, pruned = W[:0], valid[:0]
+        block_loss = torch.zeros(0, dtype=torch.float64, device=w.device)
+    comm.check()
+    new = comm.all_gatherv(new.reshape(-1).to(w.dtype), [s * B for s in block_sizes])  # (D,)
+    pruned = comm.all_gatherv(pruned.reshape(-1), [s * B for s in block_sizes])
+    block_loss = comm.all_gatherv(block_loss, block_sizes)  # (nb,)
+    loss = torch.zeros(len(layout.names), dtype=torch.float64, device=w.device)
+    loss.index_add_(0, block_layer, block_loss)
+    new_keep = keep & ~pruned
+    return StepResult(new * new_keep, new_keep, loss)
+
+
+_PRUNER_KWARGS = ("pattern", "scope", "block_size", "damp", "woodtaylor", "device", "page_bytes")
+
+
+def prune_oneshot_distributed(model, dataloader=None, *, method="obert", num_grads: int | None = None,
+                              shard_data: bool | str = "auto", group=None, **kwargs):
+    """:func:`~hf_mfac.pruning.prune_oneshot` over all ranks of ``group`` (call it on every rank).
+
+    Same arguments and result as ``prune_oneshot`` (every rank gets the same masks and report, and ends with
+    the same model), except:
+
+    * ``num_grads``: the total number of gradients; each rank computes ``ceil(num_grads / N)`` of them (the
+      report gives the total used).
+    * ``shard_data``: ``"auto"`` (default) gives rank r the batches r, r + N, ... of ``dataloader``, unless
+      the dataloader is already sharded (a ``DistributedSampler``, or prepared by accelerate); ``True`` /
+      ``False`` force it. The same dataloader can thus be passed on every rank.
+    * ``method``: a name with the pruner keyword arguments (``pattern``, ``block_size``, ...), a
+      :class:`Pruner`, or a :class:`DistributedPruner` (then ``group`` is its own).
+
+    Works without a process group too (then it is ``prune_oneshot``). Errors on any rank raise
+    :class:`~hf_mfac.optim.distributed.DistributedError` on every rank. See the module docstring for the
+    process-group ``timeout`` to use with long gradient collections.
+    """
+    comm = method.comm if isinstance(method, DistributedPruner) else Comm(group)
+    error, result = None, None
+    try:
+        pkw = {k: kwargs.pop(k) for k in _PRUNER_KWARGS if k in kwargs}
+        if isinstance(method, DistributedPruner):
+            pruner = method
+        else:
+            pruner = DistributedPruner(method if isinstance(method, Pruner) else make_pruner(method, **pkw), group)
+            pruner.comm = comm
+        world = comm.world_size
+        total = None
+        if pruner.uses_fisher:
+            total = int(num_grads or pruner.default_num_grads)
+            num_grads = math.ceil(total / world)
+        if dataloader is not None and comm.distributed and (
+                shard_data is True or (shard_data == "auto" and not _is_sharded(dataloader))):
+            dataloader = ShardedBatches(dataloader, comm.rank, world)
+        settings = {k: (tuple(v) if isinstance(v, list) else v if isinstance(v, (int, float, str, bool, type(None),
+                    tuple)) else type(v).__name__) for k, v in {**kwargs, "num_grads": num_grads}.items()
+                    if not isinstance(v, Mapping) and k != "progress"}
+        settings["pruner"] = repr(pruner.inner)
+        kwargs["progress"] = kwargs.get("progress", True) and comm.rank == 0
+    except Exception as e:  # noqa: BLE001 - reported on every rank
+        error = e
+    comm.check(error)
+    comm.agree("the pruning settings", settings)
+    try:
+        result = prune_oneshot(model, dataloader, method=pruner, num_grads=num_grads, **kwargs)
+        if total is not None:
+            result.report.num_grads = num_grads * world
+    except DistributedError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        error = e
+    comm.check(error)
+    return result

@@ -1,0 +1,460 @@
+"""Pruner classes: magnitude, OBS with block-Fisher (WoodFisher/oBERT), static M-FAC, and CAP.
+
+All work on the flat padded vector of a :class:`~hf_mfac.pruning.targets.Layout` (D coordinates):
+``w`` (D,) weights, ``keep`` (D,) bool (True = kept). One pruning step is
+
+1. (Fisher methods) ``fisher = pruner.new_fisher(D, m, device)``; gradients are streamed into
+   ``fisher.add_grads(G)``; ``finv = fisher.finish()`` gives the inverse (``diag``/``mul``/``submatrix``).
+2. ``pruner.prune(layout, w, keep, sparsity=..., zeros=..., finv=finv, grad=mean_grad)`` selects the
+   weights to remove, updates the rest, and returns the new weights, mask and estimated loss increase.
+
+Gradient collection (step 1) and the per-block work (step 2) are separate so that a distributed driver
+can shard either. Selections are exact: ``round(sparsity * n / unit)`` units (globally or per layer), or
+exactly ``zeros`` per N:M group. Weights already pruned stay pruned (their score is ``-inf``, their
+gradient is masked so the Fisher inverse never moves them).
+
+Patterns: ``"unstructured"`` (None), ``"N:M"`` (e.g. ``"2:4"``: at most N of every M consecutive weights
+along the last dimension are kept) and ``"G-block"`` (e.g. ``"4-block"``: groups of G consecutive weights
+pruned together, oBERT's block pruning).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..core import BlockFisherInverse, StaticMFAC
+from ..core._checks import check_damp, check_positive_int
+from ..core.cap import cap_apply, cap_eliminate, cap_select
+from ..core.masks import num_to_prune, threshold_masks
+from ..core.obs import group_scores, obs_scores, obs_update
+
+__all__ = ["Pattern", "Pruner", "MagnitudePruner", "OBSPruner", "MFACPruner", "CAPPruner", "PRUNERS",
+           "make_pruner", "StepResult"]
+
+
+# -- patterns ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pattern:
+    """Sparsity pattern: ``kind`` in {"unstructured", "nm", "group"}; ``n``:``m`` for N:M, ``m`` = group size."""
+    kind: str = "unstructured"
+    n: int = 0
+    m: int = 1
+
+    @classmethod
+    def parse(cls, spec) -> "Pattern":
+        if isinstance(spec, Pattern):
+            return spec
+        if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "unstructured", "none")):
+            return cls()
+        if isinstance(spec, (tuple, list)) and len(spec) == 2:
+            spec = f"{spec[0]}:{spec[1]}"
+        s = str(spec).strip().lower()
+        if mo := re.fullmatch(r"(\d+)\s*:\s*(\d+)", s):
+            n, m = int(mo[1]), int(mo[2])
+            if not 0 < n < m:
+                raise ValueError(f"N:M pattern needs 0 < N < M; got {spec!r}")
+            return cls("nm", n, m)
+        if mo := re.fullmatch(r"(\d+)-?blocks?|blocks?-?(\d+)|1x(\d+)|groups?[:-]?(\d+)", s):
+            g = int(next(x for x in mo.groups() if x))
+            if g < 1:
+                raise ValueError(f"group size must be >= 1; got {spec!r}")
+            return cls() if g == 1 else cls("group", 0, g)
+        raise ValueError(f"unknown sparsity pattern {spec!r}: use 'unstructured', 'N:M' (e.g. '2:4') or "
+                         "'G-block' (e.g. '4-block')")
+
+    @property
+    def group(self) -> int:
+        """Weights per selection unit (M for N:M, G for groups, 1 unstructured)."""
+        return 1 if self.kind == "unstructured" else self.m
+
+    @property
+    def sparsity(self) -> float | None:
+        return 1.0 - self.n / self.m if self.kind == "nm" else None
+
+    def check_shape(self, name: str, shape) -> None:
+        if self.kind != "unstructured" and shape[-1] % self.m:
+            what = f"{self.n}:{self.m}" if self.kind == "nm" else f"{self.m}-block"
+            raise ValueError(f"pattern {what} needs the last dimension of every target to be divisible by {self.m}; "
+                             f"{name} has shape {tuple(shape)}. Exclude it (exclude=...) or pick another pattern.")
+
+    def __str__(self) -> str:
+        return {"unstructured": "unstructured", "nm": f"{self.n}:{self.m}", "group": f"{self.m}-block"}[self.kind]
+
+
+@dataclass
+class StepResult:
+    """One pruning step: new weights (D,), new mask (D,) and estimated loss increase per target (L,) or None."""
+    weights: torch.Tensor
+    keep: torch.Tensor
+    loss: torch.Tensor | None
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+def _free_bytes(device: torch.device) -> int | None:
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        pass
+    return None
+
+
+def _check_memory(nbytes: int, device, what: str, advice: str) -> None:
+    free = _free_bytes(torch.device(device))
+    if free is not None and nbytes > free:
+        raise MemoryError(f"{what} needs {nbytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free on "
+                          f"{device}; {advice}")
+
+
+def _unit_slices(layout, g: int):
+    return [(off // g, n // g) for off, n in zip(layout.offsets, layout.numels)]
+
+
+def _select(layout, scores_u: torch.Tensor, sparsity: float, scope: str, g: int) -> torch.Tensor:
+    """Units (D/g,) to prune: the ``sparsity`` fraction of lowest scores, globally or per target (exact)."""
+    sl = _unit_slices(layout, g)
+    per = {i: scores_u[o : o + c] for i, (o, c) in enumerate(sl)}
+    sel = threshold_masks(per, sparsity, scope=scope, unit=g, prune_mask_only=True)
+    out = torch.zeros_like(scores_u, dtype=torch.bool)
+    for i, (o, c) in enumerate(sl):
+        out[o : o + c] = sel[i]
+    return out
+
+
+def _per_layer(layout, values: torch.Tensor, g: int = 1) -> torch.Tensor:
+    """Sum a per-unit quantity (D/g,) over each target -> (L,) fp64."""
+    out = torch.zeros(len(layout.names), dtype=torch.float64, device=values.device)
+    for i, (o, c) in enumerate(_unit_slices(layout, g)):
+        out[i] = values[o : o + c].to(torch.float64).sum()
+    return out
+
+
+def _submatrix(finv, idx: torch.Tensor, budget: int = 1 << 24) -> torch.Tensor:
+    """``[F^{-1}]_QQ`` (n, g, g) in row chunks (static M-FAC gathers m*g*g values per group)."""
+    g = idx.shape[1]
+    m = finv.num_grads if isinstance(finv, StaticMFAC) else 1
+    rows = max(1, budget // (m * g * g))
+    if idx.shape[0] <= rows:
+        return finv.submatrix(idx)
+    return torch.cat([finv.submatrix(idx[s : s + rows]) for s in range(0, idx.shape[0], rows)])
+
+
+def _nm_select(w: torch.Tensor, sub: torch.Tensor, idx: torch.Tensor, zeros: int, forced: torch.Tensor,
+               u: torch.Tensor | None = None, budget: int = 1 << 22):
+    """Best ``zeros`` weights to prune in each N:M group that include the ``forced`` (already pruned) ones.
+
+    Exact joint OBS saliency ``1/2 w_Q^T ([F^{-1}]_QQ)^{-1} w_Q`` (oBERT, seed 004 eq. 5) over all
+    C(M, zeros) subsets, as :func:`hf_mfac.core.obs.nm_select` but with forced members. ``sub`` (n, M, M);
+    ``forced`` (n, M). Returns (pruned (n, M) bool, score (n,) fp64). Cost O(n C zeros^3).
+    """
+    n, M = idx.shape
+    combos = torch.tensor(list(itertools.combinations(range(M), zeros)), device=idx.device)  # (C, z)
+    member = torch.zeros(combos.shape[0], M, dtype=torch.bool, device=idx.device)
+    member.scatter_(1, combos, True)
+    ws_all = (w if u is None else w - u.to(w.dtype))[idx].to(torch.float64)  # (n, M)
+    pruned = torch.zeros(n, M, dtype=torch.bool, device=idx.device)
+    score = torch.zeros(n, dtype=torch.float64, device=idx.device)
+    rows = max(1, budget // (combos.numel() * zeros))
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        ws = ws_all[s:e][:, combos]  # (r, C, z)
+        S = sub[s:e].to(torch.float64)[:, combos[:, :, None], combos[:, None, :]]  # (r, C, z, z)
+        sc = 0.5 * (ws * torch.linalg.solve(S, ws[..., None])[..., 0]).sum(-1)  # (r, C)
+        ok = ~(forced[s:e, None, :] & ~member[None]).any(-1)
+        sc = torch.where(ok, sc, torch.full_like(sc, float("inf")))
+        best = sc.argmin(1)
+        pruned[s:e] = member[best]
+        score[s:e] = sc.gather(1, best[:, None])[:, 0]
+    if not bool(torch.isfinite(score).all()):
+        raise ValueError(f"an N:M group already has more than {zeros} pruned weights; masks never regrow")
+    return pruned, score
+
+
+# -- pruners ----------------------------------------------------------------------------------------------
+class Pruner:
+    """Base class. ``scope``: "global" (one threshold over all targets) or "layer" (uniform sparsity).
+
+    Subclasses set the defaults (one place for each: ``default_block_size``, ``default_damp``,
+    ``default_num_grads``) and implement :meth:`prune` (and :meth:`new_fisher` when ``uses_fisher``).
+    """
+    name = "base"
+    uses_fisher = True
+    patterns = ("unstructured", "nm", "group")
+    supports_woodtaylor = True
+    default_block_size: int | None = 128
+    default_damp = 1e-6
+    default_num_grads = 1024
+
+    def __init__(self, *, pattern=None, scope: str = "global", block_size: int | None = None,
+                 damp: float | None = None, woodtaylor: bool = False, device=None, page_bytes: int | None = None,
+                 fisher_dtype: torch.dtype = torch.float32):
+        self.pattern = Pattern.parse(pattern)
+        if self.pattern.kind not in self.patterns:
+            raise ValueError(f"method {self.name!r} does not support the {self.pattern} pattern "
+                             f"(supported: {', '.join(self.patterns)})")
+        if scope not in ("global", "layer"):
+            raise ValueError(f"scope must be 'global' or 'layer' (uniform per-layer sparsity); got {scope!r}")
+        self.scope = scope
+        if woodtaylor and not self.supports_woodtaylor:
+            raise ValueError(f"method {self.name!r} does not support woodtaylor=True")
+        self.woodtaylor = bool(woodtaylor)
+        self.block_size = (self.default_block_size if block_size is None
+                           else check_positive_int("block_size", block_size))
+        self.damp = check_damp(self.default_damp if damp is None else damp)
+        self.device = None if device is None else torch.device(device)
+        self.page_bytes = page_bytes
+        self.fisher_dtype = fisher_dtype
+        g = self.pattern.group
+        if self.uses_fisher and self.block_size is not None and self.block_size % g:
+            raise ValueError(f"block_size={self.block_size} must be a multiple of {g} for the {self.pattern} "
+                             "pattern (groups must not straddle Fisher blocks)")
+
+    @property
+    def pad(self) -> int:
+        """Alignment of each target in the flat layout (Fisher blocks never straddle two targets)."""
+        return self.block_size if (self.uses_fisher and self.block_size) else 1
+
+    def check(self, layout) -> None:
+        """Raise ``ValueError`` for targets the pattern cannot cover (before any weight is touched)."""
+        for name, shape in zip(layout.names, layout.shapes):
+            self.pattern.check_shape(name, shape)
+
+    def fisher_bytes(self, dim: int, num_grads: int) -> int:
+        return dim * self.block_size * 4
+
+    def work_device(self, device: torch.device) -> torch.device:
+        """Where the weights, masks and scores live during :meth:`prune` (with the inverse)."""
+        return device
+
+    def config(self) -> dict:
+        return {"method": self.name, "pattern": str(self.pattern), "scope": self.scope,
+                "block_size": self.block_size if self.uses_fisher else None,
+                "damp": self.damp if self.uses_fisher else None, "woodtaylor": self.woodtaylor}
+
+    def new_fisher(self, dim: int, num_grads: int, device):
+        raise NotImplementedError
+
+    def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
+
+
+class MagnitudePruner(Pruner):
+    """Magnitude pruning: score ``w^2`` (group: sum over the group); ``scope="global"`` is global magnitude,
+    ``scope="layer"`` uniform magnitude. No Fisher, no update, no loss estimate."""
+    name = "magnitude"
+    uses_fisher = False
+    supports_woodtaylor = False
+    default_block_size = None
+
+    def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
+        g = self.pattern.group
+        sq = (w.to(torch.float64) ** 2).view(-1, g)
+        prev = ~keep.view(-1, g).any(1)
+        if self.pattern.kind == "nm":
+            sc = torch.where(keep.view(-1, g), sq, torch.full_like(sq, -float("inf")))
+            if bool(((~keep.view(-1, g)).sum(1) > zeros).any()):
+                raise ValueError(f"an N:M group already has more than {zeros} pruned weights; masks never regrow")
+            order = torch.sort(sc, dim=1, stable=True).indices[:, :zeros]
+            pruned = torch.zeros_like(sq, dtype=torch.bool).scatter_(1, order, True).view(-1)
+            pruned &= layout.valid(w.device)
+        else:
+            sc = torch.where(prev, torch.full_like(prev, -float("inf"), dtype=torch.float64), sq.sum(1))
+            pruned = _select(layout, sc, sparsity, self.scope, g).repeat_interleave(g)
+        new_keep = keep & ~pruned
+        return StepResult(w * new_keep, new_keep, None)
+
+
+class _OBSMixin:
+    """Selection and summed OBS update (seed 001 eqs. 10-11; groups and N:M: seed 004 eq. 5) for any
+    inverse with ``diag``/``mul``/``submatrix``."""
+
+    def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
+        if finv is None:
+            raise ValueError(f"method {self.name!r} needs the Fisher inverse (finv)")
+        u = None
+        if self.woodtaylor:
+            if grad is None:
+                raise ValueError("woodtaylor=True needs the mean gradient")
+            u = finv.mul(grad.to(w.dtype)).to(w.dtype)  # WoodTaylor's F^{-1} grad (seed 001 §6.2)
+        g, kind = self.pattern.group, self.pattern.kind
+        valid = layout.valid(w.device)
+        if kind == "unstructured":
+            sc = obs_scores(w, finv.diag().to(w.device), u).to(torch.float64)  # (D,) w^2 / (2 [F^{-1}]_qq)
+            sc = torch.where(keep, sc, torch.full_like(sc, -float("inf")))
+            pruned = (_select(layout, sc, sparsity, self.scope, 1) | ~keep) & valid
+            new = obs_update(finv, w, pruned.nonzero()[:, 0], u=u)
+            loss = torch.where(pruned & keep, sc, torch.zeros_like(sc))
+            return StepResult(new, keep & ~pruned, _per_layer(layout, loss))
+        units = torch.arange(layout.dim, device=w.device).view(-1, g)  # (D/g, g)
+        uvalid = valid.view(-1, g).all(1)
+        idx = units[uvalid]
+        sub = _submatrix(finv, idx).to(w.device)  # (n, g, g)
+        if kind == "nm":
+            forced = ~keep.view(-1, g)[uvalid]
+            sel, score = _nm_select(w, sub, idx, zeros, forced, u)  # (n, M), (n,)
+            pos = sel.nonzero()[:, 1].view(-1, zeros)  # (n, z) positions inside each group
+            r = torch.arange(idx.shape[0], device=w.device)[:, None, None]
+            new = obs_update(finv, w, idx.gather(1, pos), u=u, sub=sub[r, pos[:, :, None], pos[:, None, :]])
+            pruned = torch.zeros(layout.dim // g, g, dtype=torch.bool, device=w.device)
+            pruned[uvalid] = sel
+            loss_u = torch.zeros(layout.dim // g, dtype=torch.float64, device=w.device)
+            loss_u[uvalid] = score
+            new_keep = keep & ~pruned.view(-1)
+            return StepResult(new, new_keep, _per_layer(layout, loss_u, g))
+        # groups of g weights (oBERT "4-block")
+        prev = ~keep.view(-1, g).any(1)
+        sc_valid = group_scores(w, sub, idx, u)  # (n,)
+        sc = torch.full((layout.dim // g,), float("inf"), dtype=torch.float64, device=w.device)
+        sc[uvalid] = sc_valid
+        sc = torch.where(prev, torch.full_like(sc, -float("inf")), sc)
+        pruned_u = (_select(layout, sc, sparsity, self.scope, g) | prev) & uvalid
+        sel_rows = pruned_u[uvalid]
+        new = obs_update(finv, w, idx[sel_rows], u=u, sub=sub[sel_rows])
+        loss_u = torch.where(pruned_u & ~prev, sc, torch.zeros_like(sc))
+        new_keep = keep & ~pruned_u.repeat_interleave(g)
+        return StepResult(new, new_keep, _per_layer(layout, loss_u, g))
+
+
+class _BlockFisherSink(BlockFisherInverse):
+    def finish(self):
+        return self
+
+
+class OBSPruner(_OBSMixin, Pruner):
+    """WoodFisher / oBERT: OBS with a block-diagonal empirical-Fisher inverse (seed 001 eqs. 10-11;
+    groups and N:M with the oBERT group formula, seed 004 eq. 5). Blocks of ``block_size`` weights inside
+    each target; Fisher memory D*B values, gradients streamed (never all held). Cost per step: O(m D B)
+    to accumulate, O(D B^2) to invert, O(D B) to score and update. WoodTaylor (seed 001 §6.2) with
+    ``woodtaylor=True``. Defaults as in oBERT-style runs: B=128, damp=1e-6, m=1024."""
+    name = "obert"
+
+    def new_fisher(self, dim: int, num_grads: int, device):
+        return _BlockFisherSink(dim, self.block_size, self.damp, device=device, dtype=self.fisher_dtype)
+
+
+class _GradBuffer:
+    """Holds the m gradients (host memory by default) for the static M-FAC inverse."""
+
+    def __init__(self, pruner, dim: int, num_grads: int, device):
+        self.pruner, self.n = pruner, 0
+        self.G = torch.empty(num_grads, dim, dtype=torch.float32, device=pruner.grads_device or "cpu")
+        self.device = device
+
+    def add_grads(self, chunk: torch.Tensor) -> None:
+        self.G[self.n : self.n + chunk.shape[0]] = chunk.to(self.G.device)
+        self.n += chunk.shape[0]
+
+    def finish(self) -> StaticMFAC:
+        p = self.pruner
+        page = p.page_bytes
+        if page is None:  # bound the fp64 temporaries of the precomputation (about 6x the page) on any device
+            page = MFACPruner.default_page_bytes
+        return StaticMFAC(self.G[: self.n], p.damp, p.block_size, device=self.device, page_bytes=page)
+
+
+class MFACPruner(_OBSMixin, Pruner):
+    """OBS with the static M-FAC inverse (seed 002 "static algorithm", seed 000 appendix C): the m
+    gradients (m x D fp32, host memory; ``page_bytes`` pages them through the device) give
+    ``diag(F^{-1})`` (eq. 25) and ``F^{-1} x`` (eq. 24) in O(D m) after an O(D m^2) precomputation, for
+    blocks of ``block_size`` (None = one block over all targets, the "full" M-FAC); the precomputation runs in
+    pages of ``page_bytes`` (default 256 MiB of G) to bound its temporaries. Blocks are consecutive
+    coordinates of the flat vector and may span two targets, as in the M-FAC code. Default B=2048 (the
+    M-FAC paper's choice, seed 004 appendix), damp=1e-6, m=1024."""
+    name = "mfac"
+    default_block_size = 2048
+    default_page_bytes = 1 << 28  # precompute in pages of 256 MiB of G (``page_bytes`` overrides)
+
+    def __init__(self, *args, grads_device=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grads_device = grads_device
+
+    @property
+    def pad(self) -> int:
+        return 1
+
+    def fisher_bytes(self, dim: int, num_grads: int) -> int:
+        return dim * num_grads * 4
+
+    def work_device(self, device: torch.device) -> torch.device:
+        return torch.device(self.grads_device or "cpu")  # W = L^{-1} G stays where G is; queries run there
+
+    def new_fisher(self, dim: int, num_grads: int, device):
+        return _GradBuffer(self, dim, num_grads, device)
+
+
+class CAPPruner(Pruner):
+    """CAP, the correlation-aware pruner (seed 004 §3.1, appendix A) on block-Fisher inverses: greedy OBC
+    elimination inside every block, then one global (or per-layer) merge of the recorded losses; the
+    chosen prefix of each block's order is applied with the joint OBS solve (O(D) extra memory instead of
+    the reference's (B+1) D). N:M: no weight is eliminated from a group that already has its zeros.
+    Cost O(D B^2). Defaults: B=128, damp=1e-8 (CAP's optimum, seed 004 appendix), m=1024."""
+    name = "cap"
+    patterns = ("unstructured", "nm")
+    supports_woodtaylor = False
+    default_damp = 1e-8
+
+    def new_fisher(self, dim: int, num_grads: int, device):
+        return _BlockFisherSink(dim, self.block_size, self.damp, device=device, dtype=self.fisher_dtype)
+
+    def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
+        if finv is None:
+            raise ValueError("method 'cap' needs the Fisher inverse (finv)")
+        B = self.block_size
+        hinv = finv.blocks()  # (nb, B, B)
+        nb = hinv.shape[0]
+        W = w.view(nb, B)
+        valid = layout.valid(w.device).view(nb, B)
+        forced = ~keep.view(nb, B) & valid
+        block_layer = layout.layer_index(w.device).view(nb, B)[:, 0]
+        if self.pattern.kind == "nm":
+            M = self.pattern.m
+            order, losses = cap_eliminate(W, hinv, valid=valid, forced=forced, nm=(M - zeros, M))
+            counts = torch.isfinite(losses).sum(1)
+        else:
+            order, losses = cap_eliminate(W, hinv, valid=valid, forced=forced)
+            steps = torch.arange(B, device=w.device)[None, :]
+            losses = torch.where(steps < forced.sum(1, keepdim=True), torch.full_like(losses, -1.0), losses)
+            if self.scope == "global":
+                counts = cap_select(losses, num_to_prune(layout.numel, sparsity))
+            else:
+                k = {i: num_to_prune(n, sparsity) for i, n in enumerate(layout.numels)}
+                counts = cap_select(losses, 0, block_layer, k)
+        new, pruned = cap_apply(W, hinv, order, counts)
+        pruned = pruned & valid | forced
+        last = losses.gather(1, (counts - 1).clamp_min(0)[:, None])[:, 0].clamp_min(0)
+        block_loss = torch.where(counts > 0, last, torch.zeros_like(last))
+        loss = torch.zeros(len(layout.names), dtype=torch.float64, device=w.device)
+        loss.index_add_(0, block_layer, block_loss)
+        new_keep = keep & ~pruned.view(-1)
+        return StepResult(new.view(-1) * new_keep, new_keep, loss)
+
+
+PRUNERS: dict[str, type[Pruner]] = {
+    "magnitude": MagnitudePruner,
+    "mfac": MFACPruner,
+    "obert": OBSPruner,
+    "cap": CAPPruner,
+}
+
+
+def make_pruner(method: str | Pruner, **kwargs) -> Pruner:
+    """A pruner from its name in :data:`PRUNERS` (or an instance, returned as it is)."""
+    if isinstance(method, Pruner):
+        return method
+    cls = PRUNERS.get(str(method).lower())
+    if cls is None:
+        raise ValueError(f"unknown pruning method {method!r}; choose one of {sorted(PRUNERS)}")
+    if cls is MagnitudePruner:
+        for k in ("block_size", "damp"):
+            if kwargs.get(k) is not None:
+                raise ValueError(f"{k} does not apply to magnitude pruning")
+    return cls(**kwargs)
