@@ -72,10 +72,10 @@ def damped_cholesky(K: torch.Tensor, shift: torch.Tensor | float, what: str, max
     added to each matrix (zeros where the first try worked). Raises instead of returning non-finite values.
     """
     L, info = torch.linalg.cholesky_ex(K)
-    bad = (info != 0) | ~torch.isfinite(L).flatten(-2).all(-1)
     extra = torch.zeros(K.shape[:-2], dtype=K.dtype, device=K.device)
-    if not bool(bad.any()):
+    if not bool((info != 0).any()) and all_finite(L):  # the common case, two cheap reductions
         return L, extra
+    bad = (info != 0) | ~torch.isfinite(L).flatten(-2).all(-1)
     eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
     shift_t = torch.as_tensor(shift, dtype=K.dtype, device=K.device).expand(K.shape[:-2]).clone()
     shift_t = torch.where(shift_t > 0, shift_t, torch.ones_like(shift_t))

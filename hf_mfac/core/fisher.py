@@ -15,8 +15,8 @@ from ._checks import check_damp, check_finite, check_float_tensor, check_positiv
 
 __all__ = ["BlockFisherInverse"]
 
-# Blocks factorised per batch: bounds the fp64 temporaries to _BATCH * B^2 * 8 * 3 bytes.
-_BATCH = 4096
+# fp64 bytes of blocks factorised per batch (the temporaries are a few times this).
+_BATCH_BYTES = 32 << 20
 
 
 class BlockFisherInverse:
@@ -69,10 +69,11 @@ class BlockFisherInverse:
             raise RuntimeError("no gradients were added; call add_grads() first")
         B = self.block_size
         eye = torch.eye(B, dtype=torch.float64, device=self.device)
-        for s in range(0, self.num_blocks, _BATCH):
-            F = self._mat[s : s + _BATCH].to(torch.float64) / self.num_grads + self.damp * eye  # (nb, B, B)
+        batch = max(1, _BATCH_BYTES // (8 * B * B))
+        for s in range(0, self.num_blocks, batch):
+            F = self._mat[s : s + batch].to(torch.float64) / self.num_grads + self.damp * eye  # (nb, B, B)
             L, _ = damped_cholesky(F, self.damp, "BlockFisherInverse")
-            self._mat[s : s + _BATCH] = torch.cholesky_inverse(L).to(self.dtype)
+            self._mat[s : s + batch] = torch.cholesky_inverse(L).to(self.dtype)
         self._inverted = True
 
     def blocks(self) -> torch.Tensor:

@@ -319,10 +319,11 @@ class StaticMFAC:
         return (y / self.damp).to(x.device)
 
     def diag(self) -> torch.Tensor:
-        """``diag(F^{-1})`` (d,) (eq. 25), O(dm), accumulated in fp64 over the m rows."""
-        sq = torch.zeros(self.dim, dtype=torch.float64, device=self.W.device)
-        for i in range(0, self.num_grads, 64):
-            sq += (self.W[i : i + 64].to(torch.float64) ** 2).sum(0)
+        """``diag(F^{-1})`` (d,) (eq. 25), O(dm), accumulated in fp64 over column chunks (bounded temporaries)."""
+        sq = torch.empty(self.dim, dtype=torch.float64, device=self.W.device)
+        step = max(1, (32 << 20) // (8 * self.num_grads))  # 32 MiB of fp64 per chunk
+        for s in range(0, self.dim, step):
+            sq[s : s + step] = (self.W[:, s : s + step].to(torch.float64) ** 2).sum(0)
         return ((1.0 - sq) / self.damp).to(self.W.dtype)
 
     def _block_of(self, i: torch.Tensor) -> torch.Tensor:
