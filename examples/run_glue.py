@@ -13,7 +13,11 @@ Port of transformers' ``examples/pytorch/text-classification/run_glue.py`` (5.x)
 * computes the GLUE metrics locally (accuracy, F1, Matthews, Pearson/Spearman): ``evaluate.load`` needs the Hub;
 * parses :class:`hf_mfac.integrations.MFACTrainingArguments` and trains with
   :class:`hf_mfac.integrations.MFACTrainer`, so ``--optim mfac`` (with ``--mfac_num_grads``, ``--mfac_damp``,
-  ``--optim_args``...) works, and every stock ``--optim`` still does.
+  ``--optim_args``...) works, and every stock ``--optim`` still does;
+* parses :class:`hf_mfac.integrations.PruningArguments` as run_qa.py does: ``--prune_method obert
+  --prune_sparsity 0.8 --prune_end 2 --prune_unit epochs ...`` prunes gradually during training (add
+  ``--distill_teacher self`` for distillation from the dense starting model), ``--prune_mode oneshot`` prunes
+  before training; the pruned model is saved with :func:`hf_mfac.integrations.save_sparse_pretrained`.
 
 Example (see examples/README.md)::
 
@@ -21,6 +25,7 @@ Example (see examples/README.md)::
         --train_file sst2/train.csv --validation_file sst2/dev.csv --do_train --do_eval \
         --optim mfac --mfac_num_grads 1024 --learning_rate 1e-4 --output_dir out/sst2
 """
+import copy
 import csv
 import json
 import logging
@@ -45,6 +50,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_mfac.integrations import MFACTrainer, MFACTrainingArguments
+from hf_mfac.integrations.callbacks import DistillationMixin, PruningArguments
 
 task_to_keys = {
     "cola": ("sentence", None),
@@ -191,6 +197,10 @@ def load_local_splits(data_files: dict, encoding: str = "utf-8", cache_dir=None)
     return datasets.load_dataset("csv", data_files=data_files, cache_dir=cache_dir, encoding=encoding, **kwargs)
 
 
+class GlueTrainer(DistillationMixin, MFACTrainer):
+    """``MFACTrainer`` with optional distillation from a dense teacher (``--distill_teacher``)."""
+
+
 # ---- metrics ------------------------------------------------------------------------------------------------
 def glue_metrics(task: str | None, preds: np.ndarray, labels: np.ndarray, is_regression: bool) -> dict:
     """The GLUE metric of ``task`` computed locally (same definitions as ``evaluate.load("glue", task)``)."""
@@ -213,12 +223,13 @@ def glue_metrics(task: str | None, preds: np.ndarray, labels: np.ndarray, is_reg
 
 
 def main(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, MFACTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, MFACTrainingArguments, PruningArguments))
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        model_args, data_args, training_args, prune_args = parser.parse_json_file(
+            json_file=os.path.abspath(argv[0]))
     else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+        model_args, data_args, training_args, prune_args = parser.parse_args_into_dataclasses(args=argv)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -367,9 +378,13 @@ def main(argv=None):
     else:
         data_collator = DataCollatorWithPadding(tokenizer)
 
-    # Hook for gradual pruning: append e.g. hf_mfac.integrations.PruningCallback(...) here.
-    callbacks = []
-    trainer = MFACTrainer(
+    teacher = None
+    if prune_args.distill_teacher == "self":
+        teacher = copy.deepcopy(model)
+    elif prune_args.distill_teacher:
+        teacher = AutoModelForSequenceClassification.from_pretrained(prune_args.distill_teacher)
+
+    trainer = GlueTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -377,8 +392,26 @@ def main(argv=None):
         compute_metrics=compute_metrics,
         processing_class=tokenizer,
         data_collator=data_collator,
-        callbacks=callbacks,
+        teacher_model=teacher,
+        distill_hardness=prune_args.distill_hardness,
+        distill_temperature=prune_args.distill_temperature,
     )
+
+    # Pruning (as in run_qa.py): one-shot before training, or gradual with a PruningCallback during it.
+    masks, method = None, prune_args.prune_method
+    if method and prune_args.prune_mode == "oneshot":
+        from hf_mfac.pruning import prune_oneshot
+
+        if train_dataset is None and method != "magnitude":
+            raise ValueError("one-shot second-order pruning needs --train_file and --do_train for its gradients")
+        loader = trainer.get_train_dataloader() if train_dataset is not None else None
+        masks, report = prune_oneshot(trainer.model, loader, **prune_args.oneshot_kwargs())
+        logger.info("one-shot pruning:\n%s", report.to_markdown())
+        trainer.log({"sparsity": report.sparsity, **({"pruning_loss_increase": report.loss_increase}
+                                                     if report.loss_increase is not None else {})})
+    callback = prune_args.callback(masks=masks)
+    if callback is not None:
+        callback.attach(trainer)
 
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint or last_checkpoint
@@ -389,6 +422,13 @@ def main(argv=None):
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
+    if callback is not None and callback.masks:
+        masks = callback.masks
+    if masks and trainer.is_world_process_zero() and training_args.output_dir:
+        from hf_mfac.integrations import save_sparse_pretrained
+
+        save_sparse_pretrained(trainer.model, training_args.output_dir, masks, method=method,
+                               pattern=prune_args.prune_pattern)
 
     if training_args.do_eval:
         logger.info("*** Evaluate ***")
@@ -415,6 +455,8 @@ def main(argv=None):
     if data_args.task_name is not None:
         kwargs.update(language="en", dataset_tags="glue", dataset_args=data_args.task_name,
                       dataset=f"GLUE {data_args.task_name.upper()}")
+    if masks:  # the card re-saves a sparse model: keep the method and pattern in its sparsity record
+        kwargs.update(masks=masks, method=method, pattern=prune_args.prune_pattern)
     if training_args.push_to_hub:
         trainer.push_to_hub(**kwargs)
     else:

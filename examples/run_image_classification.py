@@ -16,7 +16,11 @@ The model is a local checkpoint (``--model_name_or_path``, with its image proces
 ``ViTConfig`` trained from scratch (``--image_size``, ``--patch_size``, ``--hidden_size``...). Arguments are
 :class:`hf_mfac.integrations.MFACTrainingArguments`, so ``--optim mfac`` works; the metric (accuracy) is computed
 locally. There is no data augmentation (the official script uses torchvision's, which is not a dependency here).
+:class:`hf_mfac.integrations.PruningArguments` are parsed as in run_qa.py (``--prune_method magnitude
+--prune_sparsity 0.5 ...``: gradual pruning during training, or ``--prune_mode oneshot``; ``--distill_teacher``);
+the pruned model is saved with :func:`hf_mfac.integrations.save_sparse_pretrained`.
 """
+import copy
 import glob
 import gzip
 import logging
@@ -42,6 +46,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_mfac.integrations import MFACTrainer, MFACTrainingArguments
+from hf_mfac.integrations.callbacks import DistillationMixin, PruningArguments
 
 logger = logging.getLogger(__name__)
 
@@ -187,13 +192,18 @@ def make_transform(image_processor, image_size: int, num_channels: int):
     return transform
 
 
+class ImageClassificationTrainer(DistillationMixin, MFACTrainer):
+    """``MFACTrainer`` with optional distillation from a dense teacher (``--distill_teacher``)."""
+
+
 def main(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, MFACTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, MFACTrainingArguments, PruningArguments))
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        model_args, data_args, training_args, prune_args = parser.parse_json_file(
+            json_file=os.path.abspath(argv[0]))
     else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+        model_args, data_args, training_args, prune_args = parser.parse_args_into_dataclasses(args=argv)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -272,9 +282,13 @@ def main(argv=None):
         preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
         return {"accuracy": float((np.argmax(preds, axis=1) == p.label_ids).mean())}
 
-    # Hook for gradual pruning: append e.g. hf_mfac.integrations.PruningCallback(...) here.
-    callbacks = []
-    trainer = MFACTrainer(
+    teacher = None
+    if prune_args.distill_teacher == "self":
+        teacher = copy.deepcopy(model)
+    elif prune_args.distill_teacher:
+        teacher = AutoModelForImageClassification.from_pretrained(prune_args.distill_teacher)
+
+    trainer = ImageClassificationTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -282,8 +296,26 @@ def main(argv=None):
         compute_metrics=compute_metrics,
         processing_class=image_processor,
         data_collator=default_data_collator,
-        callbacks=callbacks,
+        teacher_model=teacher,
+        distill_hardness=prune_args.distill_hardness,
+        distill_temperature=prune_args.distill_temperature,
     )
+
+    # Pruning (as in run_qa.py): one-shot before training, or gradual with a PruningCallback during it.
+    masks, method = None, prune_args.prune_method
+    if method and prune_args.prune_mode == "oneshot":
+        from hf_mfac.pruning import prune_oneshot
+
+        if train_dataset is None and method != "magnitude":
+            raise ValueError("one-shot second-order pruning needs --do_train for its gradients")
+        loader = trainer.get_train_dataloader() if train_dataset is not None else None
+        masks, report = prune_oneshot(trainer.model, loader, **prune_args.oneshot_kwargs())
+        logger.info("one-shot pruning:\n%s", report.to_markdown())
+        trainer.log({"sparsity": report.sparsity, **({"pruning_loss_increase": report.loss_increase}
+                                                     if report.loss_increase is not None else {})})
+    callback = prune_args.callback(masks=masks)
+    if callback is not None:
+        callback.attach(trainer)
 
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
@@ -291,6 +323,13 @@ def main(argv=None):
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
         trainer.save_state()
+    if callback is not None and callback.masks:
+        masks = callback.masks
+    if masks and trainer.is_world_process_zero() and training_args.output_dir:
+        from hf_mfac.integrations import save_sparse_pretrained
+
+        save_sparse_pretrained(trainer.model, training_args.output_dir, masks, method=method,
+                               pattern=prune_args.prune_pattern)
 
     if training_args.do_eval:
         metrics = trainer.evaluate()
@@ -302,6 +341,8 @@ def main(argv=None):
         kwargs["finetuned_from"] = model_args.model_name_or_path
     if data_args.dataset is not None:
         kwargs["dataset"] = data_args.dataset
+    if masks:  # the card re-saves a sparse model: keep the method and pattern in its sparsity record
+        kwargs.update(masks=masks, method=method, pattern=prune_args.prune_pattern)
     if training_args.push_to_hub:
         trainer.push_to_hub(**kwargs)
     else:

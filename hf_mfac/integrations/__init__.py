@@ -13,6 +13,8 @@ _NAMES = {
     "mfac_optimizer_cls_and_kwargs": "trainer",
     "check_supported_setup": "trainer",
     "PruningCallback": "callbacks",
+    "PruningArguments": "callbacks",
+    "DistillationMixin": "callbacks",
     "DistillationTrainer": "callbacks",
     "MFACShardCheckpointCallback": "distributed",
     "save_sparse_pretrained": "sparse_checkpoint",

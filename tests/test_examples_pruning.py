@@ -1,0 +1,102 @@
+"""--prune_* flags (hf_mfac.integrations.PruningArguments) in examples/run_glue.py and
+examples/run_image_classification.py: a few CPU steps of magnitude pruning (gradual; one-shot for run_glue) on
+tiny random models; the saved model must hold the target sparsity in its encoder Linear weights."""
+import csv
+import importlib.util
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import (  # noqa: E402
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizer,
+)
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+COMMON = ["--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no",
+          "--log_level", "error", "--seed", "0", "--do_train", "--max_steps", "4", "--learning_rate", "1e-3",
+          "--prune_method", "magnitude", "--prune_sparsity", "0.5", "--prune_start", "1", "--prune_end", "3",
+          "--prune_frequency", "1"]
+
+
+def _load_example(name):
+    spec = importlib.util.spec_from_file_location(f"_example_prune_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BLOCK = re.compile(r"(^|\.)layers?\.\d+\.")  # the encoder blocks: bert.encoder.layer.0., vit.layers.0.
+
+
+def _encoder_linear_sparsity(model) -> float:
+    zeros = total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and BLOCK.search(name):
+            zeros += int((module.weight == 0).sum())
+            total += module.weight.numel()
+    assert total > 0
+    return zeros / total
+
+
+def _check_saved(out, model_cls):
+    from hf_mfac.integrations.sparse_checkpoint import load_sparse_masks, read_sparsity_metadata
+
+    assert read_sparsity_metadata(str(out))["method"] == "magnitude"
+    masks = load_sparse_masks(out)
+    assert masks and all(BLOCK.search(k) for k in masks)
+    model = model_cls.from_pretrained(out)
+    assert _encoder_linear_sparsity(model) == pytest.approx(0.5, abs=1e-3)
+    weights = dict(model.named_parameters())
+    for name, m in masks.items():
+        assert bool((weights[name].detach()[~m] == 0).all())
+
+
+def test_lazy_exports():
+    from hf_mfac.integrations import DistillationMixin, PruningArguments
+    from hf_mfac.integrations.callbacks import DistillationMixin as DM, PruningArguments as PA
+
+    assert PruningArguments is PA and DistillationMixin is DM
+
+
+@pytest.mark.parametrize("mode", ["gradual", "oneshot"])
+def test_run_glue_magnitude_pruning(tmp_path, mode):
+    words = "the a good bad movie film great awful plot acting is was not very".split()
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    model_dir = tmp_path / "tiny-bert"
+    BertTokenizer(vocab=vocab).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=32,
+                                             max_position_embeddings=32)).save_pretrained(model_dir)
+    rng = random.Random(0)
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sentence", "label"])
+        w.writerows([" ".join(rng.choice(words) for _ in range(5)), rng.randint(0, 1)] for _ in range(32))
+    out = tmp_path / "out"
+    trainer = _load_example("run_glue").main([
+        "--model_name_or_path", str(model_dir), "--task_name", "sst2", "--train_file", str(tmp_path / "train.csv"),
+        "--max_seq_length", "16", "--per_device_train_batch_size", "8", "--output_dir", str(out), *COMMON,
+        "--prune_mode", mode])
+    if mode == "gradual":
+        assert any("sparsity" in h for h in trainer.state.log_history)
+    _check_saved(out, AutoModelForSequenceClassification)
+
+
+def test_run_image_classification_gradual_magnitude_pruning(tmp_path):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "out"
+    trainer = _load_example("run_image_classification").main([
+        "--dataset", "digits", "--output_dir", str(out), "--per_device_train_batch_size", "16",
+        "--patch_size", "4", "--hidden_size", "16", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+        "--intermediate_size", "32", *COMMON])
+    assert any("sparsity" in h for h in trainer.state.log_history)
+    _check_saved(out, AutoModelForImageClassification)
