@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_mfac.core.cap import cap_apply, cap_eliminate, cap_prune, cap_select
-from conftest import dense_fisher
+
 
 
 def _blocks(gen, nb=4, B=6, m=24, damp=0.1):

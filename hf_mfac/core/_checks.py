@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 
@@ -95,3 +96,17 @@ def damped_cholesky(K: torch.Tensor, shift: torch.Tensor | float, what: str, max
         f"{what}: Cholesky failed even after adding {10.0**max_tries:g} times the damping; the inputs are "
         "probably non-finite or wildly scaled. Increase damp or check the gradients."
     )
+
+
+def free_bytes(device) -> int | None:
+    """Free memory on ``device`` in bytes (CUDA: ``mem_get_info``; CPU: available physical pages), or None
+    when it cannot be told. Used to fail early, with the number, before a large allocation."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        pass
+    return None

@@ -12,7 +12,6 @@ of G, so that ``F^{-1} = (I - W^T W) / damp``.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -23,7 +22,6 @@ from ._checks import (
     check_float_tensor,
     check_positive_int,
     damped_cholesky,
-    logger,
 )
 
 __all__ = ["DynamicMFAC", "StaticMFAC"]
@@ -239,8 +237,7 @@ class StaticMFAC:
         self.device = torch.device(device) if device is not None else grads.device
         self.W = grads.clone() if copy else grads  # (m, d), becomes W = L^{-1} G
         self.page_bytes = page_bytes
-        m, B = self.num_grads, self.block_size
-        if B >= self.dim:
+        if self.block_size >= self.dim:
             self._precompute_full()
         else:
             self._precompute_blocks()

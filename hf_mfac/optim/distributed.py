@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from ..core import DynamicMFAC
-from .mfac import MFAC, _free_bytes, window_bytes
+from ..core._checks import free_bytes
+from .mfac import MFAC, window_bytes
 
 __all__ = ["ShardedMFAC", "Comm", "DistributedError", "shard_bounds", "save_mfac_shards", "load_mfac_shards",
            "shard_file"]
@@ -237,7 +238,7 @@ class ShardedMFAC(MFAC):
 
     def _make_window(self, dim: int, device):  # MFAC's layout, with the window sharded
         share = -(-dim // self.comm.world_size)
-        need, free = window_bytes(share, self.num_grads, self.grad_dtype), _free_bytes(device)
+        need, free = window_bytes(share, self.num_grads, self.grad_dtype), free_bytes(device)
         error = window = None
         try:
             if free is not None and need > free:

@@ -8,13 +8,12 @@ momentum, weight decay and each group's learning rate.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 
 import torch
 
 from ..core import DynamicMFAC
-from ..core._checks import all_finite, check_damp, check_positive_int
+from ..core._checks import all_finite, check_damp, check_positive_int, free_bytes
 from ..core.ihvp import _storage_dtype
 
 logger = logging.getLogger("hf_mfac")
@@ -26,17 +25,6 @@ def window_bytes(dim: int, num_grads: int, grad_dtype=torch.float32) -> int:
     """Memory the gradient window needs: ``num_grads * dim`` stored values plus the fp64 m x m matrix."""
     item = torch.empty((), dtype=grad_dtype).element_size()
     return num_grads * dim * item + 8 * num_grads * num_grads
-
-
-def _free_bytes(device: torch.device) -> int | None:
-    try:
-        if device.type == "cuda":
-            return torch.cuda.mem_get_info(device)[0]
-        if device.type == "cpu":
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, RuntimeError):
-        pass
-    return None
 
 
 class MFAC(torch.optim.Optimizer):
@@ -115,7 +103,7 @@ class MFAC(torch.optim.Optimizer):
     def _make_window(self, dim: int, device) -> DynamicMFAC:
         """The window over ``dim`` flattened coordinates (subclasses shard it); fails early without memory."""
         need = window_bytes(dim, self.num_grads, self.grad_dtype)
-        free = _free_bytes(device)
+        free = free_bytes(device)
         if free is not None and need > free:
             raise MemoryError(
                 f"the M-FAC window needs {need / 2**30:.2f} GiB (num_grads={self.num_grads} x d={dim} values) "

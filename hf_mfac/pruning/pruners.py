@@ -20,14 +20,13 @@ pruned together, oBERT's block pruning).
 from __future__ import annotations
 
 import itertools
-import os
 import re
 from dataclasses import dataclass
 
 import torch
 
 from ..core import BlockFisherInverse, StaticMFAC
-from ..core._checks import check_damp, check_positive_int
+from ..core._checks import check_damp, check_positive_int, free_bytes
 from ..core.cap import cap_apply, cap_eliminate, cap_select
 from ..core.masks import num_to_prune, threshold_masks
 from ..core.obs import group_scores, obs_scores, obs_update
@@ -94,19 +93,8 @@ class StepResult:
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
-def _free_bytes(device: torch.device) -> int | None:
-    try:
-        if device.type == "cuda":
-            return torch.cuda.mem_get_info(device)[0]
-        if device.type == "cpu":
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, RuntimeError, AttributeError):
-        pass
-    return None
-
-
 def _check_memory(nbytes: int, device, what: str, advice: str) -> None:
-    free = _free_bytes(torch.device(device))
+    free = free_bytes(torch.device(device))
     if free is not None and nbytes > free:
         raise MemoryError(f"{what} needs {nbytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free on "
                           f"{device}; {advice}")
