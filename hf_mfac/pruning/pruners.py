@@ -226,10 +226,12 @@ class Pruner:
                 "damp": self.damp if self.uses_fisher else None, "woodtaylor": self.woodtaylor}
 
     def new_fisher(self, dim: int, num_grads: int, device):
-        raise NotImplementedError
+        """The gradient sink for Fisher methods (subclasses that set ``uses_fisher``)."""
+        raise TypeError(f"{type(self).__name__} does not use a Fisher")
 
     def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
-        raise NotImplementedError
+        """Selection and update of one pruning step; every concrete pruner defines it."""
+        raise NotImplementedError(f"{type(self).__name__} is an abstract base: use a concrete pruner (PRUNERS)")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
