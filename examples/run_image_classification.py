@@ -301,21 +301,9 @@ def main(argv=None):
         distill_temperature=prune_args.distill_temperature,
     )
 
-    # Pruning (as in run_qa.py): one-shot before training, or gradual with a PruningCallback during it.
-    masks, method = None, prune_args.prune_method
-    if method and prune_args.prune_mode == "oneshot":
-        from hf_mfac.pruning import prune_oneshot
-
-        if train_dataset is None and method != "magnitude":
-            raise ValueError("one-shot second-order pruning needs --do_train for its gradients")
-        loader = trainer.get_train_dataloader() if train_dataset is not None else None
-        masks, report = prune_oneshot(trainer.model, loader, **prune_args.oneshot_kwargs())
-        logger.info("one-shot pruning:\n%s", report.to_markdown())
-        trainer.log({"sparsity": report.sparsity, **({"pruning_loss_increase": report.loss_increase}
-                                                     if report.loss_increase is not None else {})})
-    callback = prune_args.callback(masks=masks)
-    if callback is not None:
-        callback.attach(trainer)
+    # Pruning: one-shot before training, or gradual with a PruningCallback during it (PruningArguments.setup).
+    method = prune_args.prune_method
+    callback, masks = prune_args.setup(trainer, has_train_data=train_dataset is not None)
 
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)

@@ -431,20 +431,8 @@ def main(argv=None):
         compute_metrics=compute_metrics, teacher_model=teacher, distill_hardness=prune_args.distill_hardness,
         distill_temperature=prune_args.distill_temperature)
 
-    masks, method = None, prune_args.prune_method
-    if method and prune_args.prune_mode == "oneshot":
-        from hf_mfac.pruning import prune_oneshot
-
-        if train_features is None and method != "magnitude":
-            raise ValueError("one-shot second-order pruning needs --train_file and --do_train for its gradients")
-        loader = trainer.get_train_dataloader() if train_features is not None else None
-        masks, report = prune_oneshot(trainer.model, loader, **prune_args.oneshot_kwargs())
-        logger.info("one-shot pruning:\n%s", report.to_markdown())
-        trainer.log({"sparsity": report.sparsity, **({"pruning_loss_increase": report.loss_increase}
-                                                     if report.loss_increase is not None else {})})
-    callback = prune_args.callback(masks=masks)
-    if callback is not None:
-        callback.attach(trainer)
+    method = prune_args.prune_method
+    callback, masks = prune_args.setup(trainer, has_train_data=train_features is not None)
 
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint or last_checkpoint

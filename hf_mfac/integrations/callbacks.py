@@ -508,3 +508,25 @@ class PruningArguments:
             frequency=self.prune_frequency, unit=self.prune_unit, dataloader=dataloader,
             cyclic_lr=self.prune_cyclic_lr, lr_min_ratio=self.prune_lr_min_ratio,
             save_at_targets=self.prune_save_at_targets, masks=masks, **self._common())
+
+    def setup(self, trainer, has_train_data: bool) -> tuple[PruningCallback | None, dict | None]:
+        """What the example scripts do with these flags: in oneshot mode prune ``trainer.model`` now (gradients
+        from the trainer's train dataloader, report logged through ``trainer.log``); then build the callback
+        (gradual pruning, or keeping the one-shot masks during fine-tuning) and attach it to ``trainer``.
+        Returns ``(callback or None, one-shot masks or None)``."""
+        masks = None
+        if self.prune_method and self.prune_mode == "oneshot":
+            from ..pruning import prune_oneshot
+
+            if not has_train_data and self.prune_method != "magnitude":
+                raise ValueError("one-shot second-order pruning needs training data (--train_file / --do_train) "
+                                 "for its gradients")
+            loader = trainer.get_train_dataloader() if has_train_data else None
+            masks, report = prune_oneshot(trainer.model, loader, **self.oneshot_kwargs())
+            logger.info("one-shot pruning:\n%s", report.to_markdown())
+            trainer.log({"sparsity": report.sparsity, **({"pruning_loss_increase": report.loss_increase}
+                                                         if report.loss_increase is not None else {})})
+        callback = self.callback(masks=masks)
+        if callback is not None:
+            callback.attach(trainer)
+        return callback, masks
