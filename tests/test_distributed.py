@@ -30,9 +30,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(script: str, nproc: int, *args, timeout: float = 60.0):
+_PORT_TAKEN = ("address already in use", "eaddrinuse", "errno 98")
+
+
+def launch(script: str, nproc: int, *args, timeout: float = 60.0, tries: int = 3):
     """Run ``tests/<script>`` on ``nproc`` ranks on 127.0.0.1; returns [(returncode, output)] per rank.
-    Fails (after killing them) if the ranks are not all done within ``timeout`` seconds."""
+    Fails (after killing them) if the ranks are not all done within ``timeout`` seconds. A free port is picked
+    just before the launch, so another process may take it first: then it retries on a new port."""
+    for attempt in range(tries):
+        outs = _launch_once(script, nproc, args, timeout)
+        if attempt + 1 < tries and any(rc and any(k in out.lower() for k in _PORT_TAKEN) for rc, out in outs):
+            continue
+        break
+    for rc, out in outs:
+        assert rc == 0, out[-4000:]
+    return outs
+
+
+def _launch_once(script: str, nproc: int, args, timeout: float):
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
@@ -52,8 +67,6 @@ def launch(script: str, nproc: int, *args, timeout: float = 60.0):
         for p in procs:
             p.kill()
         pytest.fail(f"{script} on {nproc} ranks did not finish within {timeout:.0f}s (hang?)")
-    for rc, out in outs:
-        assert rc == 0, out[-4000:]
     return outs
 
 
