@@ -25,6 +25,7 @@ Example (see examples/README.md)::
         --train_file sst2/train.csv --validation_file sst2/dev.csv --do_train --do_eval \
         --optim mfac --mfac_num_grads 1024 --learning_rate 1e-4 --output_dir out/sst2
 """
+import contextlib
 import copy
 import csv
 import json
@@ -173,10 +174,8 @@ def _typed(values: list) -> list:
     if not values or not all(isinstance(v, str) for v in values):
         return values
     for cast in (int, float):
-        try:
+        with contextlib.suppress(ValueError):  # not all of this type: try the next
             return [cast(v) for v in values]
-        except ValueError:
-            pass
     return values
 
 

@@ -1,6 +1,7 @@
 """Argument checks and the damped-factorisation fallback shared by the core solvers."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -102,11 +103,9 @@ def free_bytes(device) -> int | None:
     """Free memory on ``device`` in bytes (CUDA: ``mem_get_info``; CPU: available physical pages), or None
     when it cannot be told. Used to fail early, with the number, before a large allocation."""
     device = torch.device(device)
-    try:
+    with contextlib.suppress(ValueError, OSError, RuntimeError, AttributeError):  # unknown: don't block
         if device.type == "cuda":
             return torch.cuda.mem_get_info(device)[0]
         if device.type == "cpu":
             return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, RuntimeError, AttributeError):
-        pass
     return None

@@ -8,6 +8,7 @@ becomes a plain string field whose choices add ``mfac``); :class:`hf_mfac.integr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -48,10 +49,8 @@ def _convert(value: str):
     if low in ("none", "null"):
         return None
     for cast in (int, float):
-        try:
+        with contextlib.suppress(ValueError):  # not this type: try the next
             return cast(value)
-        except ValueError:
-            pass
     return value.strip()
 
 

@@ -13,6 +13,7 @@ Environment: ``HF_MFAC_BUILD_DIR`` (build root; default ``$XDG_CACHE_HOME/hf_mfa
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -38,14 +39,12 @@ class KernelUnavailableError(RuntimeError):
 def source_dir() -> Path:
     """Directory with the ``.cu``/``.cpp`` sources: the installed ``hf_mfac._cuda`` package, else the
     repository's ``cuda/`` next to ``hf_mfac/`` (a source checkout used without installing)."""
-    try:
+    with contextlib.suppress(ImportError, TypeError):  # not installed as a package: use the checkout's cuda/
         from importlib.resources import files
 
         path = Path(str(files("hf_mfac._cuda")))
         if path.is_dir():
             return path
-    except (ImportError, ModuleNotFoundError, TypeError):
-        pass
     return Path(__file__).resolve().parents[2] / "cuda"
 
 

@@ -138,7 +138,7 @@ class ShardedFisherInverse:
         return out
 
     def blocks(self):
-        raise NotImplementedError("the Fisher blocks are spread over the ranks; use local_blocks() on each rank")
+        raise RuntimeError("the Fisher blocks are spread over the ranks; use local_blocks() on each rank")
 
     def local_blocks(self) -> torch.Tensor | None:
         """This rank's inverse blocks (nb_r, B, B), or None when it owns none."""
