@@ -8,7 +8,7 @@ Starts 1, 2 and 4 processes (gloo on 127.0.0.1, CPU) for each part and prints ma
 * **Distributed oBERT / CAP pruning**: Fisher block bytes held per rank, peak resident memory growth,
   bytes received during gradient collection (per gradient) and during the pruning step, time of the step.
 
-Bytes are counted by :class:`hf_mfac.optim.distributed.Comm` (what this rank receives: an all-reduce's
+Bytes are counted by :class:`hf_mfac.comm.Comm` (what this rank receives: an all-reduce's
 payload, the other ranks' pieces of all-gathers and all-to-alls). Peak memory is ``ru_maxrss`` growth over
 the value after imports and model creation (tracemalloc does not see torch's allocator), so it includes
 transient buffers (flat gradient, gather buffers, chunk exchange). Timings on a shared CPU are indicative

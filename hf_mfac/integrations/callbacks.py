@@ -15,6 +15,11 @@ optimizer's momentum; ``on_pre_optimizer_step`` zeroes the pruned gradients; ``o
 re-zeroes the pruned weights. ``on_save`` writes ``hf_mfac_pruning.safetensors`` (masks) and
 ``hf_mfac_pruning.json`` (schedule position, history) into every ``checkpoint-N`` folder;
 ``on_train_begin`` reads them back on resume.
+
+Under DDP (``torchrun`` / ``accelerate launch``) a pruning step is one
+:func:`hf_mfac.pruning.distributed.prune_oneshot_distributed` over all ranks: each rank computes the gradients of
+its own batches (``num_grads`` counts them over all ranks), factorises and scores the Fisher blocks it owns, and
+every rank ends with the same masks and weights; an error on one rank stops all ranks with its message.
 """
 from __future__ import annotations
 
@@ -31,8 +36,10 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..comm import Comm
 from ..core.schedules import cubic_sparsity, cyclic_linear_lr
 from ..pruning import DEFAULT_EXCLUDE, DEFAULT_TYPES, Layout, find_prunable, make_pruner, prune_oneshot
+from ..pruning.distributed import prune_oneshot_distributed
 from ..pruning.oneshot import masks_from_zeros
 
 __all__ = ["PruningCallback", "PruningArguments", "cyclic_linear_lambda", "cyclic_linear_scheduler",
@@ -164,6 +171,9 @@ class PruningCallback(TrainerCallback):
         masks: initial masks ``{name: bool}`` (True = kept).
         resume_from: checkpoint folder holding the masks, if not ``checkpoint-<global_step>`` in ``output_dir``
             or ``args.resume_from_checkpoint``.
+
+    Under DDP the pruning steps run distributed (see the module docstring); ``num_grads`` is then the total
+    number of gradients over all ranks.
 
     Metrics (``sparsity``, ``pruning_target``, ``pruning_loss_increase``, ``pruning_time``,
     ``pruning_grad_share``) go through ``trainer.log`` after :meth:`attach` (so TensorBoard/W&B get them), else
@@ -312,30 +322,27 @@ class PruningCallback(TrainerCallback):
             if train_dataloader is None:
                 raise ValueError("PruningCallback needs gradients: pass dataloader=... or train with a train dataset")
             data = getattr(train_dataloader, "base_dataloader", train_dataloader)  # leave accelerate's state alone
-        masks, report = prune_oneshot(model, data, method=self.pruner, sparsity=target, num_grads=self.num_grads,
-                                      recompute=self.recompute, targets=self.targets, masks=self.masks or None,
-                                      fisher_batch_size=self.fisher_batch_size, progress=self.progress)
+        kwargs = dict(method=self.pruner, sparsity=target, num_grads=self.num_grads, recompute=self.recompute,
+                      targets=self.targets, masks=self.masks or None, fisher_batch_size=self.fisher_batch_size,
+                      progress=self.progress)
+        if Comm().distributed:
+            # Under DDP every rank computes its share of the gradients (the Trainer's sharded train batches, or
+            # batches r, r + N, ... of a given dataloader), owns its share of the Fisher blocks and ends with the
+            # same masks and weights (hf_mfac.pruning.distributed); num_grads is the total over the ranks.
+            masks, report = prune_oneshot_distributed(model, data, **kwargs)
+        else:
+            masks, report = prune_oneshot(model, data, **kwargs)
         self.masks = masks
-        self._sync_ranks()
         self._enforce(optimizer, reset=True)
         rec = {"step": state.global_step, "target": report.target_sparsity, "sparsity": report.sparsity,
-               "loss_increase": report.loss_increase, "time": report.time_total, "grad_share": report.grad_share}
+               "loss_increase": report.loss_increase, "time": report.time_total, "grad_share": report.grad_share,
+               "num_grads": report.num_grads}
         self.history.append(rec)
         logs = {"sparsity": report.sparsity, "pruning_target": report.target_sparsity,
                 "pruning_time": report.time_total, "pruning_grad_share": report.grad_share}
         if report.loss_increase is not None:
             logs["pruning_loss_increase"] = report.loss_increase
         self._log(logs, state)
-
-    def _sync_ranks(self) -> None:
-        """Under DDP each rank computed masks from its own batches: take rank 0's weights and masks."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        for name, p in self.targets.items():
-            torch.distributed.broadcast(p.data, src=0)
-            m = self.masks[name].to(torch.uint8)
-            torch.distributed.broadcast(m, src=0)
-            self.masks[name] = m.bool()
 
     def _enforce(self, optimizer, reset: bool) -> None:
         """Zero pruned weights; tell the optimizer (masks for hf_mfac.MFAC, state of pruned coordinates)."""
@@ -511,18 +518,19 @@ class PruningArguments:
 
     def setup(self, trainer, has_train_data: bool) -> tuple[PruningCallback | None, dict | None]:
         """What the example scripts do with these flags: in oneshot mode prune ``trainer.model`` now (gradients
-        from the trainer's train dataloader, report logged through ``trainer.log``); then build the callback
+        from the trainer's train dataloader, report logged through ``trainer.log``; under DDP with
+        :func:`~hf_mfac.pruning.distributed.prune_oneshot_distributed`, so every process gets the same masks); then build the callback
         (gradual pruning, or keeping the one-shot masks during fine-tuning) and attach it to ``trainer``.
         Returns ``(callback or None, one-shot masks or None)``."""
         masks = None
         if self.prune_method and self.prune_mode == "oneshot":
-            from ..pruning import prune_oneshot
-
             if not has_train_data and self.prune_method != "magnitude":
                 raise ValueError("one-shot second-order pruning needs training data (--train_file / --do_train) "
                                  "for its gradients")
             loader = trainer.get_train_dataloader() if has_train_data else None
-            masks, report = prune_oneshot(trainer.model, loader, **self.oneshot_kwargs())
+            # under DDP the loader is this process's shard of the train batches: prune over all processes
+            prune = prune_oneshot_distributed if Comm().distributed else prune_oneshot
+            masks, report = prune(trainer.model, loader, **self.oneshot_kwargs())
             logger.info("one-shot pruning:\n%s", report.to_markdown())
             trainer.log({"sparsity": report.sparsity, **({"pruning_loss_increase": report.loss_increase}
                                                          if report.loss_increase is not None else {})})

@@ -17,7 +17,7 @@ With N processes (``torchrun``, ``accelerate launch``, the Trainer's DDP) every 
    same weights and masks, as tensors; no rank-0-only step, no object broadcast of the model.
 
 Failures: each collective is preceded by a one-integer all-reduce of an error flag, and an exception on any
-rank is caught and reported at that point, so all ranks raise :class:`~hf_mfac.optim.distributed.DistributedError`
+rank is caught and reported at that point, so all ranks raise :class:`~hf_mfac.comm.DistributedError`
 with the failing rank's message instead of hanging.
 
 Timeouts: ranks meet once per chunk of ``chunk_size`` gradients during collection, then a handful of times
@@ -36,7 +36,7 @@ import torch
 
 from ..core.cap import cap_apply, cap_eliminate, cap_select
 from ..core.masks import num_to_prune
-from ..optim.distributed import Comm, DistributedError
+from ..comm import Comm, DistributedError
 from .oneshot import prune_oneshot
 from .pruners import CAPPruner, Pruner, StepResult, make_pruner
 
@@ -323,7 +323,7 @@ def prune_oneshot_distributed(model, dataloader=None, *, method="obert", num_gra
       :class:`Pruner`, or a :class:`DistributedPruner` (then ``group`` is its own).
 
     Works without a process group too (then it is ``prune_oneshot``). Errors on any rank raise
-    :class:`~hf_mfac.optim.distributed.DistributedError` on every rank. See the module docstring for the
+    :class:`~hf_mfac.comm.DistributedError` on every rank. See the module docstring for the
     process-group ``timeout`` to use with long gradient collections.
     """
     comm = method.comm if isinstance(method, DistributedPruner) else Comm(group)
