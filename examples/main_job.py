@@ -89,7 +89,7 @@ def main(argv=None):
 
     from hf_mfac.integrations import (MFACTrainer, MFACTrainingArguments, PruningCallback,
                                       create_sparse_model_card, save_sparse_pretrained)
-    from hf_mfac.pruning import prune_oneshot
+    from hf_mfac.pruning import FisherCache, prune_oneshot
 
     hf_logging.set_verbosity_error()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -159,6 +159,8 @@ def main(argv=None):
     sparsities = [float(s) for s in args.sparsities.split(",")]
     oneshot = {m: [] for m in args.methods.split(",") if m}
     last_report = {}
+    # oBERT and CAP use the same block Fisher of the dense model: collect its gradients once for the whole sweep
+    fisher_cache = FisherCache()
     for method in oneshot:
         for s in sparsities:
             t0 = time.time()
@@ -166,7 +168,7 @@ def main(argv=None):
             kw = {} if method == "magnitude" else dict(num_grads=args.prune_grads, block_size=args.block_size,
                                                       damp=args.prune_damp)
             res = prune_oneshot(model, calib, method=method, sparsity=s, progress=False,
-                                fisher_batch_size=args.fisher_batch_size, **kw)
+                                fisher_batch_size=args.fisher_batch_size, fisher_cache=fisher_cache, **kw)
             eval_trainer.model = model
             acc = evaluate(eval_trainer)
             oneshot[method].append({"sparsity": res.report.sparsity, "accuracy": acc,

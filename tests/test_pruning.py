@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from hf_mfac.pruning import (PRUNERS, Layout, Pattern, collect_grads, find_prunable, prune_oneshot, prune_sweep)
+from hf_mfac.pruning import (PRUNERS, FisherCache, Layout, Pattern, collect_grads, find_prunable, prune_oneshot,
+                             prune_sweep)
 
 transformers = pytest.importorskip("transformers")
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
@@ -280,6 +281,54 @@ def test_report(random_bert):
     assert rep.to_dict()["grad_share"] == rep.grad_share
     _, mag = prune_oneshot(copy.deepcopy(random_bert), method="magnitude", sparsity=0.5)
     assert mag.loss_increase is None and mag.time_grads == 0
+
+
+class CountingLoader(list):
+    """A list of batches that counts the batches taken from it (a collection of 8 gradients takes 8)."""
+    taken = 0
+
+    def __iter__(self):
+        for b in super().__iter__():
+            self.taken += 1
+            yield b
+
+
+def test_fisher_cache_reuses_the_first_fisher_exactly(random_bert):
+    """A comparison from one dense model: obert and cap at two sparsities share one gradient collection (same
+    block Fisher), static M-FAC gets its own; every result is bit-identical to the run without the cache; a run
+    from other weights, other masks or another damp misses; recompute > 1 reuses only its first step."""
+    loader = CountingLoader(CALIB)
+    cache = FisherCache(max_entries=2)
+    runs = [("obert", 0.5), ("cap", 0.5), ("obert", 0.7), ("cap", 0.7), ("mfac", 0.5), ("mfac", 0.7)]
+    for method, sp in runs:
+        kw = dict(method=method, sparsity=sp, num_grads=8, block_size=16, damp=1e-4, progress=False)
+        a, b = copy.deepcopy(random_bert), copy.deepcopy(random_bert)
+        masks_a, rep_a = prune_oneshot(a, loader, fisher_cache=cache, **kw)
+        masks_b, _ = prune_oneshot(b, CALIB, **kw)
+        assert all(torch.equal(masks_a[n], masks_b[n]) for n in masks_b), method
+        assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters())), method
+        assert rep_a.fisher_reused == ((method, sp) not in [("obert", 0.5), ("mfac", 0.5)])
+        assert (rep_a.time_grads == 0) == rep_a.fisher_reused
+    assert loader.taken == 2 * 8 and (cache.hits, cache.misses) == (4, 2) and len(cache) == 2
+    assert "reused from the cache" in rep_a.to_markdown()
+    # anything the Fisher depends on changes: a miss
+    other = copy.deepcopy(random_bert)
+    with torch.no_grad():
+        next(other.parameters()).mul_(1.0001)  # an embedding: not a target, but it changes the gradients
+    _, rep = prune_oneshot(other, loader, method="obert", sparsity=0.5, num_grads=8, block_size=16, damp=1e-4,
+                           fisher_cache=cache, progress=False)
+    assert not rep.fisher_reused
+    _, rep = prune_oneshot(copy.deepcopy(random_bert), loader, method="obert", sparsity=0.5, num_grads=8,
+                           block_size=16, damp=1e-3, fisher_cache=cache, progress=False)
+    assert not rep.fisher_reused
+    # recompute: the first step hits, the second (pruned weights) collects
+    before = loader.taken
+    _, rep = prune_oneshot(copy.deepcopy(random_bert), loader, method="obert", sparsity=0.6, num_grads=8,
+                           block_size=16, damp=1e-3, recompute=2, fisher_cache=cache, progress=False)
+    assert rep.fisher_reused and loader.taken == before + 8
+    assert rep.steps[0]["time_grads"] == 0 and rep.steps[1]["time_grads"] > 0
+    cache.clear()
+    assert len(cache) == 0
 
 
 def test_sweep_calls_save_fn(random_bert):

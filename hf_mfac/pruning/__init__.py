@@ -12,7 +12,7 @@ sweeps). Imports torch and :mod:`hf_mfac.core` only; the Trainer glue is in
 :mod:`hf_mfac.integrations.callbacks`.
 """
 from .grads import GradStats, collect_grads, default_loss, iter_grads
-from .oneshot import PruneReport, PruneResult, apply_masks, masks_from_zeros, prune_oneshot, prune_sweep
+from .oneshot import FisherCache, PruneReport, PruneResult, apply_masks, masks_from_zeros, prune_oneshot, prune_sweep
 from .pruners import (PRUNERS, CAPPruner, MagnitudePruner, MFACPruner, OBSPruner, Pattern, Pruner, StepResult,
                       make_pruner)
 from .targets import DEFAULT_EXCLUDE, DEFAULT_TYPES, Layout, find_prunable
@@ -21,5 +21,5 @@ __all__ = [
     "prune_oneshot", "prune_sweep", "PRUNERS", "make_pruner", "Pruner", "MagnitudePruner", "OBSPruner",
     "MFACPruner", "CAPPruner", "Pattern", "StepResult", "PruneReport", "PruneResult", "find_prunable", "Layout",
     "DEFAULT_EXCLUDE", "DEFAULT_TYPES", "collect_grads", "iter_grads", "GradStats", "default_loss", "apply_masks",
-    "masks_from_zeros",
+    "masks_from_zeros", "FisherCache",
 ]

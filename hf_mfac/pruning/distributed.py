@@ -234,6 +234,11 @@ class DistributedPruner(Pruner):
     def new_fisher(self, dim: int, num_grads: int, device):
         return _ShardSink(self, dim, num_grads, device)
 
+    def fisher_key(self) -> None:
+        """None: ``prune_oneshot(fisher_cache=...)`` does not reuse sharded inverses (a hit on some ranks and a
+        miss on others would leave ranks in different collectives); every run collects its gradients."""
+        return None
+
     def _agree_on_inputs(self, w: torch.Tensor, keep: torch.Tensor) -> None:
         """Every rank must start from the same weights and masks (else the results would silently differ)."""
         pos = torch.arange(1, w.numel() + 1, dtype=torch.float64, device=w.device)

@@ -8,8 +8,10 @@ seed 000 D.2.6). For N:M the steps add zeros per group (e.g. 4:4 -> 3:4 -> 2:4).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping, NamedTuple, Sequence
 
@@ -22,7 +24,8 @@ from .grads import check_dataloader, collect_grads
 from .pruners import Pruner, _check_memory, make_pruner
 from .targets import DEFAULT_EXCLUDE, DEFAULT_TYPES, Layout, find_prunable
 
-__all__ = ["prune_oneshot", "prune_sweep", "PruneReport", "PruneResult", "apply_masks", "masks_from_zeros"]
+__all__ = ["prune_oneshot", "prune_sweep", "PruneReport", "PruneResult", "FisherCache", "apply_masks",
+           "masks_from_zeros"]
 
 
 @dataclass
@@ -45,6 +48,7 @@ class PruneReport:
     block_size: int | None = None
     damp: float | None = None
     woodtaylor: bool = False
+    fisher_reused: bool = False
     layers: dict = field(default_factory=dict)
     steps: list = field(default_factory=list)
     time_grads: float = 0.0
@@ -69,7 +73,8 @@ class PruneReport:
         total = "-" if self.loss_increase is None else f"{self.loss_increase:.4g}"
         lines.append(f"\n{self.method} ({self.pattern}, {self.scope}): sparsity {self.sparsity:.4f} "
                      f"(target {self.target_sparsity:.4f}), est. loss increase {total}, {len(self.steps)} step(s), "
-                     f"{self.time_total:.2f}s ({100 * self.grad_share:.0f}% collecting gradients)")
+                     f"{self.time_total:.2f}s ({100 * self.grad_share:.0f}% collecting gradients"
+                     f"{'; first Fisher reused from the cache' if self.fisher_reused else ''})")
         return "\n".join(lines)
 
 
@@ -130,6 +135,63 @@ def _schedule(pruner: Pruner, layout: Layout, keep: torch.Tensor, sparsity, reco
     return [(s, None) for s in equal_fraction_schedule(sparsity, recompute, initial=min(current, sparsity))]
 
 
+class FisherCache:
+    """Keeps the Fisher inverse of a one-shot run's first step for the next runs from the same model state.
+
+    A comparison of methods and targets from one dense model (``prune_oneshot(copy.deepcopy(dense), ...)`` for
+    each) would otherwise collect the same gradients and build the same inverse every time. Pass one cache as
+    ``prune_oneshot(..., fisher_cache=cache)`` to every run: the first step of a run reuses an entry when
+    everything its Fisher depends on is equal:
+
+    * the pruner's :meth:`~hf_mfac.pruning.Pruner.fisher_key` (oBERT and CAP share the block Fisher at equal
+      block size, damp and dtype; static M-FAC has its own),
+    * the targets (names, shapes) and current masks,
+    * the model's parameters and buffers, bit for bit (a SHA-256 over all of them, computed per run),
+    * the dataloader and ``loss_fn`` objects, ``num_grads``, ``fisher_batch_size``, ``per_sample``, device.
+
+    Later steps of a run with ``recompute > 1`` start from pruned weights and always collect fresh gradients.
+    The pruners only read the inverse, so one entry serves any number of runs. Each entry holds a whole Fisher
+    inverse (``Pruner.fisher_bytes``) until it is evicted (``max_entries``, least recently used first) or
+    :meth:`clear` is called. ``hits`` / ``misses`` count the lookups.
+    """
+
+    def __init__(self, max_entries: int = 1):
+        self.max_entries = check_positive_int("max_entries", max_entries)
+        self._entries: OrderedDict = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    @staticmethod
+    def key(model: nn.Module, pruner: Pruner, layout: Layout, keep: torch.Tensor, dataloader, extra: tuple) -> tuple:
+        h = hashlib.sha256()
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            t = t.detach()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes() if t.numel() else b"")
+        h.update(keep.to(torch.uint8).cpu().numpy().tobytes())
+        return (pruner.fisher_key(), tuple(layout.names), tuple(layout.shapes), id(dataloader), *extra, h.hexdigest())
+
+    def get(self, key):
+        hit = self._entries.get(key)
+        if hit is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return hit
+
+    def put(self, key, value) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
 def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "obert", sparsity: float | None = None,
                   num_grads: int | None = None, block_size: int | None = None, damp: float | None = None,
                   recompute: int = 1, scope: str = "global", pattern=None, woodtaylor: bool = False,
@@ -137,7 +199,7 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
                   targets: Mapping[str, torch.Tensor] | None = None, masks: Mapping[str, torch.Tensor] | None = None,
                   fisher_batch_size: int | None = None, per_sample: bool = False, loss_fn: Callable | None = None,
                   device=None, page_bytes: int | None = None, chunk_size: int | None = None,
-                  progress: bool = True) -> PruneResult:
+                  fisher_cache: FisherCache | None = None, progress: bool = True) -> PruneResult:
     """Prune ``model`` in place to ``sparsity`` with ``method`` and return ``(masks, report)``.
 
     Args:
@@ -157,6 +219,9 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
         masks: existing masks ``{name: bool}`` (True = kept); those weights stay pruned.
         device: where the Fisher and the solves live (default: the model's device); ``page_bytes`` pages the
             static M-FAC gradients through it.
+        fisher_cache: a :class:`FisherCache` shared by several runs from the same model state (a comparison of
+            methods and sparsities): the first step reuses its Fisher inverse instead of recollecting the
+            gradients when nothing it depends on changed (``report.fisher_reused``).
 
     Everything is validated (pattern vs shapes, block size vs pattern, sparsity, data size, memory) before
     any weight is touched; gradient collection fails before the first update too.
@@ -193,17 +258,29 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
                          target_sparsity=steps[-1][0], num_grads=num_grads, block_size=cfg["block_size"],
                          damp=cfg["damp"], woodtaylor=cfg["woodtaylor"])
     loss_total = None
-    for step_sparsity, zeros in steps:
+    for i_step, (step_sparsity, zeros) in enumerate(steps):
         t0 = time.perf_counter()
         finv, grad, t_grads = None, None, 0.0
         if pruner.uses_fisher:
-            fisher = pruner.new_fisher(layout.dim, num_grads, dev)
-            stats = collect_grads(model, dataloader, num_grads, params=layout, keep=keep.to(dev),
-                                  sink=fisher.add_grads, fisher_batch_size=fisher_batch_size, per_sample=per_sample,
-                                  chunk_size=chunk_size, loss_fn=loss_fn, device=dev, progress=progress)
-            t_grads = stats.seconds
-            grad = stats.mean.to(wdev)
-            finv = fisher.finish()
+            cache_key = cached = None
+            if fisher_cache is not None and i_step == 0 and pruner.fisher_key() is not None:
+                cache_key = fisher_cache.key(model, pruner, layout, keep, dataloader, (
+                    id(loss_fn), num_grads, fisher_batch_size, per_sample, str(dev), str(wdev)))
+                cached = fisher_cache.get(cache_key)
+            if cached is not None:
+                finv, grad = cached
+                report.fisher_reused = True
+            else:
+                fisher = pruner.new_fisher(layout.dim, num_grads, dev)
+                stats = collect_grads(model, dataloader, num_grads, params=layout, keep=keep.to(dev),
+                                      sink=fisher.add_grads, fisher_batch_size=fisher_batch_size,
+                                      per_sample=per_sample, chunk_size=chunk_size, loss_fn=loss_fn, device=dev,
+                                      progress=progress)
+                t_grads = stats.seconds
+                grad = stats.mean.to(wdev)
+                finv = fisher.finish()
+                if cache_key is not None:
+                    fisher_cache.put(cache_key, (finv, grad))
         w = layout.flatten(targets, dtype=torch.float32, device=wdev)
         res = pruner.prune(layout, w, keep, sparsity=step_sparsity, zeros=zeros, finv=finv, grad=grad)
         if not bool(torch.isfinite(res.weights).all()):

@@ -225,6 +225,14 @@ class Pruner:
                 "block_size": self.block_size if self.uses_fisher else None,
                 "damp": self.damp if self.uses_fisher else None, "woodtaylor": self.woodtaylor}
 
+    def fisher_key(self) -> tuple | None:
+        """What the Fisher inverse this pruner builds depends on, besides the gradients: pruners with equal keys
+        can share one (``prune_oneshot(fisher_cache=...)``; oBERT and CAP at the same block size and damp do).
+        None for pruners without a Fisher."""
+        if not self.uses_fisher:
+            return None
+        return ("block", self.block_size, self.damp, self.fisher_dtype, self.pad)
+
     def new_fisher(self, dim: int, num_grads: int, device):
         """The gradient sink for Fisher methods (subclasses that set ``uses_fisher``)."""
         raise TypeError(f"{type(self).__name__} does not use a Fisher")
@@ -373,6 +381,9 @@ class MFACPruner(_OBSMixin, Pruner):
 
     def fisher_bytes(self, dim: int, num_grads: int) -> int:
         return dim * num_grads * 4
+
+    def fisher_key(self) -> tuple:
+        return ("static-mfac", self.block_size, self.damp, self.page_bytes, str(self.grads_device or "cpu"))
 
     def work_device(self, device: torch.device) -> torch.device:
         return torch.device(self.grads_device or "cpu")  # W = L^{-1} G stays where G is; queries run there
