@@ -86,6 +86,11 @@ def _eliminate_page(w, hinv, valid, forced, nm):
     k = 0
     cand = torch.ones(nb, B, dtype=torch.bool, device=dev) if valid is None else valid.clone()
     force = torch.zeros_like(cand) if forced is None else (forced & cand)
+    forced_left = bool(force.any())
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=dev)
+    zero = torch.tensor(0.0, dtype=torch.float64, device=dev)
+    minus_one = torch.tensor(-1.0, dtype=torch.float64, device=dev)
+    bias = torch.where(cand, zero, inf)  # (nb, B) added to the scores: +inf where no longer a candidate
     zeros_in_group = None
     if nm is not None:
         n, m = nm
@@ -94,17 +99,14 @@ def _eliminate_page(w, hinv, valid, forced, nm):
     order = torch.zeros(nb, B, dtype=torch.long, device=dev)
     losses = torch.full((nb, B), float("inf"), dtype=torch.float64, device=dev)
     cum = torch.zeros(nb, dtype=torch.float64, device=dev)
-    minus_one = torch.tensor(-1.0, dtype=torch.float64, device=dev)
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=dev)
-    zero = torch.tensor(0.0, dtype=torch.float64, device=dev)
     for t in range(B):
-        score = W.square().div_(diag.clamp_min(1e-300)).mul_(0.5)
-        score = torch.where(force, minus_one, score)
-        score = torch.where(cand, score, inf)
+        score = torch.addcdiv(bias, W.square(), diag.clamp_min(1e-300), value=0.5)  # w^2 / (2 d) or inf
+        if forced_left:  # already pruned weights go first, at zero loss, in index order
+            score = torch.where(force, minus_one, score)
         j = score.argmin(1)  # (nb,)
-        ok = cand[rows, j]
-        step = score[rows, j].clamp_min(0)
-        cum = torch.where(ok, cum + step, cum)
+        step = score[rows, j]
+        ok = step < inf  # False where the block has no candidate left
+        cum = torch.where(ok, cum + step.clamp_min(0), cum)
         order[:, t] = j
         losses[:, t] = torch.where(ok, cum, inf)
         col = H[rows, :, j]  # (nb, B) column j of H_0 minus the downdates folded so far
@@ -112,22 +114,27 @@ def _eliminate_page(w, hinv, valid, forced, nm):
             col = col - torch.bmm(U[:, :, :k], U[rows, j, :k].unsqueeze(-1)).squeeze(-1)
         dj = col[rows, j].clamp_min(1e-300)
         coef = torch.where(ok, W[rows, j] / dj, zero)
-        W.sub_(coef[:, None] * col)  # OBS update of the remaining weights
-        W[rows, j] = torch.where(ok, zero, W[rows, j])
+        W.addcmul_(coef[:, None], col, value=-1.0)  # OBS update of the remaining weights
+        W[rows, j] = 0.0  # (where not ok, j is no candidate: its value is never read again)
         u = col * torch.where(ok, dj.rsqrt(), zero)[:, None]
-        diag.sub_(u.square())
+        diag.addcmul_(u, u, value=-1.0)
         U[:, :, k] = u
         k += 1
         if k == K and t + 1 < B:
             H.baddbmm_(U, U.transpose(1, 2), alpha=-1.0)  # fold the delayed rank-1 downdates
             k = 0
-        cand[rows, j] = False
-        force[rows, j] = False
+        bias[rows, j] = inf
+        if forced_left:
+            force[rows, j] = False
+            forced_left = bool(force.any())
         if nm is not None:
             g = torch.div(j, m, rounding_mode="floor")
             zeros_in_group[rows, g] += ok.long()
             full = (zeros_in_group >= m - n).repeat_interleave(m, dim=1)
-            cand &= ~full
+            bias.masked_fill_(full, float("inf"))
+            if forced_left:  # a forced weight in a group that has its zeros is no candidate either
+                force &= ~full
+                forced_left = bool(force.any())
     return order, losses
 
 
