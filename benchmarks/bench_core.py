@@ -91,7 +91,7 @@ def bench_cap_vs_obert(dims, Bs, sparsity=0.5, m=64):
                 return cap_prune(w.view(-1, B), H, k)
 
             t_ob = timeit(obert, repeats=3)
-            t_cap = timeit(cap, repeats=1, warmup=0)
+            t_cap = timeit(cap, repeats=3, warmup=1)
             rows.append((d, B, m, f"{t_build * 1e3:.0f}", f"{t_ob * 1e3:.0f}", f"{t_cap * 1e3:.0f}",
                          f"{t_cap / t_ob:.1f}", f"{(t_build + t_cap) / (t_build + t_ob):.2f}"))
     return table(["d", "B", "m", "Fisher build+invert ms", "oBERT select+update ms", "CAP ms",

