@@ -1,7 +1,7 @@
 """Worker of tests/test_distributed.py: PruningCallback inside transformers.Trainer under DDP.
 
 Run on every rank (env RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1, MASTER_PORT). Two trainings of a
-tiny BERT for 4 steps with gradual pruning; writes ``<out>/rank<R>.json`` with, per case:
+tiny BERT for 4 steps with gradual pruning (AdamW, then ShardedMFAC with the window split over the ranks); writes ``<out>/rank<R>.json`` with, per case:
 
 * ``oneshot_masks_equal``: the masks of the pruning step at step 0 (before any training, so every rank and the
   single-process reference hold the same model) equal ``prune_oneshot`` in this one process on all calibration
@@ -23,7 +23,9 @@ import torch.distributed as dist
 from transformers import BertConfig, BertForSequenceClassification
 
 from hf_mfac.integrations import MFACTrainingArguments, PruningArguments, PruningCallback
-from hf_mfac.integrations.trainer import MFACTrainer
+from hf_mfac.integrations.trainer import MFACTrainer, mfac_optimizer_cls_and_kwargs
+from hf_mfac.optim import MFAC
+from hf_mfac.optim.distributed import ShardedMFAC
 from hf_mfac.pruning import make_pruner, prune_oneshot
 
 NUM_GRADS = 8
@@ -72,12 +74,21 @@ def make_args(out, optim):
         dataloader_num_workers=0)
 
 
-def train(out, optim, dataloader, schedule):
+def train(out, optim, dataloader, schedule, sharded=False):
     args = make_args(out, optim)
     cb = PruningCallback(pruner(), num_grads=NUM_GRADS, dataloader=dataloader, **schedule)
-    trainer = MFACTrainer(model=counted_bert(), args=args, train_dataset=ToyData(), callbacks=[cb])
+    extra = {}
+    if sharded:  # the window split over the ranks; the masks go to its (sharded) layout
+        extra["optimizer_cls_and_kwargs"] = (ShardedMFAC, mfac_optimizer_cls_and_kwargs(args)[1])
+    trainer = MFACTrainer(model=counted_bert(), args=args, train_dataset=ToyData(), callbacks=[cb], **extra)
     cb.attach(trainer)
     trainer.train()
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert not sharded or isinstance(opt, ShardedMFAC)
+    if isinstance(opt, MFAC):  # the optimizer holds the callback's masks and its window only the kept weights
+        assert len(opt.masks) == len(cb.masks)
+        pruned = sum(int((~m).sum()) for m in cb.masks.values())
+        assert opt.window.dim == sum(p.numel() for p in trainer.model.parameters()) - pruned
     return trainer, cb
 
 
@@ -104,9 +115,10 @@ def main(out):
     res["explicit"] = {**summary(trainer, cb),
                        "oneshot_masks_equal": set(first) == set(ref_masks)
                        and all(torch.equal(first[n], ref_masks[n]) for n in first)}
-    # 2. the Trainer's own (accelerate-sharded) train batches, cubic schedule over 3 steps, M-FAC optimizer
+    # 2. the Trainer's own (accelerate-sharded) train batches, cubic schedule over 3 steps, M-FAC optimizer with
+    # its window sharded over the ranks
     trainer, cb = train(os.path.join(out, "trainer"), "mfac", None,
-                        dict(final_sparsity=0.6, start=0, end=2, frequency=1))
+                        dict(final_sparsity=0.6, start=0, end=2, frequency=1), sharded=True)
     res["trainer"] = summary(trainer, cb)
     # 3. the example scripts' one-shot mode (PruningArguments.setup): pruned before training on the Trainer's
     # sharded batches, then sparse fine-tuning with the masks held

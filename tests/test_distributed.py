@@ -217,7 +217,8 @@ def test_trainer_checkpoint_callback_resumes_sharded_window(tmp_path):
 def test_pruning_callback_under_ddp_prunes_distributed(tmp_path):
     """PruningCallback in a 2-rank DDP Trainer: the pruning step runs prune_oneshot_distributed. With explicit
     calibration batches, the step-0 masks equal prune_oneshot in one process on all batches (each gradient
-    counted once over the ranks); with the Trainer's own sharded batches and M-FAC training the ranks end with
+    counted once over the ranks); with the Trainer's own sharded batches and ShardedMFAC training (its window
+    rebuilt over the kept weights after each pruning step) the ranks end with
     the same masks and weights; pruned weights stay zero; the report counts the gradients of both ranks. The
     example scripts' one-shot mode (PruningArguments.setup, before training) also ends identical on both ranks."""
     pytest.importorskip("transformers")
