@@ -20,34 +20,22 @@ import sys
 
 import torch
 import torch.distributed as dist
-from transformers import BertConfig, BertForSequenceClassification
+from dist_trainer import (  # the same tiny BERT and data (this folder is on sys.path)
+    ToyData,
+    tiny_bert,
+)
 
-from hf_mfac.integrations import MFACTrainingArguments, PruningArguments, PruningCallback
+from hf_mfac.integrations import (
+    MFACTrainingArguments,
+    PruningArguments,
+    PruningCallback,
+)
 from hf_mfac.integrations.trainer import MFACTrainer, mfac_optimizer_cls_and_kwargs
 from hf_mfac.optim import MFAC
 from hf_mfac.optim.distributed import ShardedMFAC
 from hf_mfac.pruning import make_pruner, prune_oneshot
 
 NUM_GRADS = 8
-
-
-def tiny_bert():
-    torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-
-
-class ToyData(torch.utils.data.Dataset):
-    def __init__(self, n=32, seed=1):
-        self.ids = torch.randint(5, 32, (n, 8), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]),
-                "labels": int(self.ids[i, 0] % 2)}
 
 
 def counted_bert():

@@ -28,8 +28,8 @@ def tiny_bert():
 
 
 class ToyData(torch.utils.data.Dataset):
-    def __init__(self, n=32):
-        self.ids = torch.randint(5, 32, (n, 8), generator=torch.Generator().manual_seed(1))
+    def __init__(self, n=32, seed=1):
+        self.ids = torch.randint(5, 32, (n, 8), generator=torch.Generator().manual_seed(seed))
 
     def __len__(self):
         return len(self.ids)
