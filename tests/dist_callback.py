@@ -20,20 +20,14 @@ import sys
 
 import torch
 import torch.distributed as dist
-from dist_trainer import (  # the same tiny BERT and data (this folder is on sys.path)
-    ToyData,
-    tiny_bert,
-)
 
-from hf_mfac.integrations import (
-    MFACTrainingArguments,
-    PruningArguments,
-    PruningCallback,
-)
+from hf_mfac.integrations import MFACTrainingArguments, PruningArguments, PruningCallback
 from hf_mfac.integrations.trainer import MFACTrainer, mfac_optimizer_cls_and_kwargs
 from hf_mfac.optim import MFAC
 from hf_mfac.optim.distributed import ShardedMFAC
 from hf_mfac.pruning import make_pruner, prune_oneshot
+
+from dist_trainer import ToyData, tiny_bert  # noqa: I001 - the same tiny BERT and data (this folder is on sys.path)
 
 NUM_GRADS = 8
 
