@@ -41,3 +41,22 @@ def table(headers, rows) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def run_main_job(output_dir: str, args: list[str], reuse: bool = False) -> dict:
+    """Run ``examples/main_job.py --output_dir output_dir *args`` in a subprocess (unless ``reuse`` and its
+    ``results.json`` exists) and return that ``results.json``."""
+    import json
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    path = os.path.join(output_dir, "results.json")
+    if not (reuse and os.path.isfile(path)):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        cmd = [sys.executable, os.path.join(root, "examples", "main_job.py"), "--output_dir", output_dir, *args]
+        print("$", shlex.join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    with open(path) as f:
+        return json.load(f)

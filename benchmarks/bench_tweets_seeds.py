@@ -16,11 +16,9 @@ Extra arguments after ``--`` go to main_job.py (e.g. ``-- --mfac_lr 1e-2``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 
@@ -28,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from _util import machine, table  # noqa: E402
+from _util import machine, run_main_job, table  # noqa: E402
 
 
 def main(argv=None):
@@ -43,15 +41,8 @@ def main(argv=None):
     results = {}
     t0 = time.time()
     for seed in seeds:
-        out = os.path.join(a.output_dir, f"seed{seed}")
-        path = os.path.join(out, "results.json")
-        if not (a.reuse and os.path.isfile(path)):
-            cmd = [sys.executable, os.path.join(ROOT, "examples", "main_job.py"), "--output_dir", out, "--seed",
-                   str(seed), "--split_seed", "0", "--methods", "", "--skip_gradual", *extra]
-            print("$", shlex.join(cmd), flush=True)
-            subprocess.run(cmd, check=True)
-        with open(path) as f:
-            results[seed] = json.load(f)["dense"]
+        results[seed] = run_main_job(os.path.join(a.output_dir, f"seed{seed}"), [
+            "--seed", str(seed), "--split_seed", "0", "--methods", "", "--skip_gradual", *extra], a.reuse)["dense"]
     names = sorted({k for r in results.values() for k in r})
     rows = []
     for seed, r in results.items():

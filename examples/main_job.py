@@ -65,6 +65,8 @@ def parse_args(argv=None):
     ap.add_argument("--adamw_lr", type=float, default=3e-4, help="best of 1e-4 and 3e-4 on this task")
     ap.add_argument("--mfac_lr", type=float, default=None,
                     help="default 0.3 / num_grads (best of a sweep on this task; README: start near 0.1 / m)")
+    ap.add_argument("--optimizers", default="adamw,mfac",
+                    help="which fine-tuning runs (the better one is pruned); e.g. 'adamw' for pruning studies")
     ap.add_argument("--num_grads", type=int, default=32, help="M-FAC window size m")
     ap.add_argument("--damp", type=float, default=1e-6)
     ap.add_argument("--methods", default="magnitude,obert,cap,mfac",
@@ -81,6 +83,8 @@ def parse_args(argv=None):
     ap.add_argument("--gradual_method", default="obert")
     ap.add_argument("--seed", type=int, default=0, help="training seed (head init, batch order, dropout)")
     ap.add_argument("--split_seed", type=int, default=0, help="seed of the fixed train/eval split of the tweets")
+    ap.add_argument("--prune_seed", type=int, default=None,
+                    help="seed of the calibration batches drawn for the pruners' Fisher (default: --seed)")
     ap.add_argument("--skip_gradual", action="store_true")
     return ap.parse_args(argv)
 
@@ -135,9 +139,13 @@ def main(argv=None):
     # ---- 1. fine-tuning: M-FAC vs AdamW at the same budget ------------------------------------------------
     mfac_lr = args.mfac_lr or 0.3 / args.num_grads
     runs = {}
-    for name, kw in (("adamw", dict(optim="adamw_torch", learning_rate=args.adamw_lr)),
-                     ("mfac", dict(optim="mfac", learning_rate=mfac_lr, mfac_num_grads=args.num_grads,
-                                   mfac_damp=args.damp))):
+    optimizers = {"adamw": dict(optim="adamw_torch", learning_rate=args.adamw_lr),
+                  "mfac": dict(optim="mfac", learning_rate=mfac_lr, mfac_num_grads=args.num_grads, mfac_damp=args.damp)}
+    chosen = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    unknown = sorted(set(chosen) - set(optimizers))
+    if unknown or not chosen:
+        raise SystemExit(f"--optimizers takes a comma list of {sorted(optimizers)}; got {args.optimizers!r}")
+    for name, kw in ((n, optimizers[n]) for n in chosen):
         t0 = time.time()
         model = fresh_model()
         trainer = MFACTrainer(model=model, args=training_args(name, **kw), train_dataset=train_ds,
@@ -158,7 +166,8 @@ def main(argv=None):
     from torch.utils.data import DataLoader
 
     calib = DataLoader(train_ds, batch_size=args.fisher_batch_size, shuffle=True, collate_fn=collator,
-                       generator=torch.Generator().manual_seed(args.seed))
+                       generator=torch.Generator().manual_seed(
+                           args.seed if args.prune_seed is None else args.prune_seed))
     eval_trainer = runs[base_name]["trainer"]
     sparsities = [float(s) for s in args.sparsities.split(",")]
     oneshot = {m: [] for m in args.methods.split(",") if m}
