@@ -103,8 +103,7 @@ def _eliminate_page(w, hinv, valid, forced, nm):
         score = torch.addcdiv(bias, W.square(), diag.clamp_min(1e-300), value=0.5)  # w^2 / (2 d) or inf
         if forced_left:  # already pruned weights go first, at zero loss, in index order
             score = torch.where(force, minus_one, score)
-        j = score.argmin(1)  # (nb,)
-        step = score[rows, j]
+        step, j = score.min(1)  # (nb,): the first minimum, as argmin (and faster than argmin on CPU)
         ok = step < inf  # False where the block has no candidate left
         cum = torch.where(ok, cum + step.clamp_min(0), cum)
         order[:, t] = j
