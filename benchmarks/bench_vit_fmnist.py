@@ -2,7 +2,7 @@
 """Small ViT on Fashion-MNIST: AdamW vs M-FAC training, then one-shot pruning (magnitude / oBERT / M-FAC / CAP).
 
 1. Loads Fashion-MNIST from the idx .gz files with ``examples/run_image_classification.load_fashion_mnist`` and
-   takes a fixed random subset (``--train_samples`` / ``--test_samples``, ``--seed``).
+   takes a fixed random subset (``--train_samples`` / ``--test_samples``, ``--data_seed``, default ``--seed``).
 2. Trains a small ViT from scratch (``transformers.ViTConfig``) twice at the same budget with
    :class:`hf_mfac.integrations.MFACTrainer`: AdamW and M-FAC (``optim="mfac"``), and evaluates test accuracy.
 3. Prunes the better dense model one-shot (:func:`hf_mfac.pruning.prune_oneshot`, global unstructured) to each
@@ -50,7 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--train_samples", type=int, default=12000)
     p.add_argument("--test_samples", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed (initialisation, batch order)")
+    p.add_argument("--data_seed", type=int, default=None,
+                   help="seed of the fixed train/test subsets (default: --seed)")
     p.add_argument("--patch_size", type=int, default=7, choices=[4, 7])
     p.add_argument("--hidden_size", type=int, default=64)
     p.add_argument("--intermediate_size", type=int, default=128)
@@ -120,7 +122,7 @@ def main(argv=None):
 
     # 1. data
     splits = load_fashion_mnist(args.data_dir)
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(args.seed if args.data_seed is None else args.data_seed)
     tr_x, tr_y = subset(*splits["train"], args.train_samples, rng)
     te_x, te_y = subset(*splits["validation"], args.test_samples, rng)
     transform = make_transform(None, 28, 1)
@@ -182,7 +184,8 @@ def main(argv=None):
     print("\n## Dense training\n")
     print(f"ViT patch {args.patch_size}, hidden {args.hidden_size}, MLP {args.intermediate_size}, "
           f"{args.num_layers} layers, {args.num_heads} heads ({n_total} parameters); Fashion-MNIST "
-          f"{args.train_samples} train / {args.test_samples} test (seed {args.seed}); {args.epochs:g} epochs, "
+          f"{args.train_samples} train / {args.test_samples} test (subset seed "
+          f"{args.seed if args.data_seed is None else args.data_seed}, training seed {args.seed}); {args.epochs:g} epochs, "
           f"batch {args.batch_size}, M-FAC num_grads {args.mfac_num_grads}.\n")
     print(table(["optimizer", "lr", "test accuracy", "train loss", "seconds", "note"],
                 [(n, f"{lr:g}", f"{a:.4f}", f"{lo:.4f}", f"{s:.1f}", note or "-")
