@@ -19,6 +19,8 @@ pruned together, oBERT's block pruning).
 """
 from __future__ import annotations
 
+import abc
+
 import itertools
 import re
 from dataclasses import dataclass
@@ -165,8 +167,8 @@ def _nm_select(w: torch.Tensor, sub: torch.Tensor, idx: torch.Tensor, zeros: int
 
 
 # -- pruners ----------------------------------------------------------------------------------------------
-class Pruner:
-    """Base class. ``scope``: "global" (one threshold over all targets) or "layer" (uniform sparsity).
+class Pruner(abc.ABC):
+    """Abstract base class. ``scope``: "global" (one threshold over all targets) or "layer" (uniform sparsity).
 
     Subclasses set the defaults (one place for each: ``default_block_size``, ``default_damp``,
     ``default_num_grads``) and implement :meth:`prune` (and :meth:`new_fisher` when ``uses_fisher``).
@@ -237,9 +239,9 @@ class Pruner:
         """The gradient sink for Fisher methods (subclasses that set ``uses_fisher``)."""
         raise TypeError(f"{type(self).__name__} does not use a Fisher")
 
+    @abc.abstractmethod
     def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
         """Selection and update of one pruning step; every concrete pruner defines it."""
-        raise NotImplementedError(f"{type(self).__name__} is an abstract base: use a concrete pruner (PRUNERS)")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
