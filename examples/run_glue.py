@@ -26,7 +26,6 @@ Example (see examples/README.md)::
         --optim mfac --mfac_num_grads 1024 --learning_rate 1e-4 --output_dir out/sst2
 """
 import contextlib
-import copy
 import csv
 import json
 import logging
@@ -377,11 +376,7 @@ def main(argv=None):
     else:
         data_collator = DataCollatorWithPadding(tokenizer)
 
-    teacher = None
-    if prune_args.distill_teacher == "self":
-        teacher = copy.deepcopy(model)
-    elif prune_args.distill_teacher:
-        teacher = AutoModelForSequenceClassification.from_pretrained(prune_args.distill_teacher)
+    teacher = prune_args.teacher(model, AutoModelForSequenceClassification)
 
     trainer = GlueTrainer(
         model=model,

@@ -20,7 +20,6 @@ locally. There is no data augmentation (the official script uses torchvision's, 
 --prune_sparsity 0.5 ...``: gradual pruning during training, or ``--prune_mode oneshot``; ``--distill_teacher``);
 the pruned model is saved with :func:`hf_mfac.integrations.save_sparse_pretrained`.
 """
-import copy
 import glob
 import gzip
 import logging
@@ -282,11 +281,7 @@ def main(argv=None):
         preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
         return {"accuracy": float((np.argmax(preds, axis=1) == p.label_ids).mean())}
 
-    teacher = None
-    if prune_args.distill_teacher == "self":
-        teacher = copy.deepcopy(model)
-    elif prune_args.distill_teacher:
-        teacher = AutoModelForImageClassification.from_pretrained(prune_args.distill_teacher)
+    teacher = prune_args.teacher(model, AutoModelForImageClassification)
 
     trainer = ImageClassificationTrainer(
         model=model,

@@ -25,7 +25,6 @@ Example::
         --prune_num_grads 1024 --distill_teacher self --output_dir out/squad-obert80
 """
 import collections
-import copy
 import json
 import logging
 import os
@@ -414,11 +413,7 @@ def main(argv=None):
     def compute_metrics(p: EvalPrediction):
         return squad_metrics(p.predictions, p.label_ids, data_args.version_2_with_negative)
 
-    teacher = None
-    if prune_args.distill_teacher == "self":
-        teacher = copy.deepcopy(model)
-    elif prune_args.distill_teacher:
-        teacher = AutoModelForQuestionAnswering.from_pretrained(prune_args.distill_teacher)
+    teacher = prune_args.teacher(model, AutoModelForQuestionAnswering)
 
     if training_args.output_dir and training_args.should_save:
         os.makedirs(training_args.output_dir, exist_ok=True)

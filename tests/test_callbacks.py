@@ -257,6 +257,17 @@ def test_pruning_arguments_build_callbacks():
     assert PruningArguments().callback() is None
 
 
+def test_pruning_arguments_teacher(tmp_path):
+    """--distill_teacher: none, "self" (a separate copy of the starting model), or a saved model folder."""
+    model = tiny_model(0)
+    assert PruningArguments().teacher(model) is None
+    twin = PruningArguments(distill_teacher="self").teacher(model)
+    assert twin is not model and all(torch.equal(a, b) for a, b in zip(twin.parameters(), model.parameters()))
+    tiny_model(1).save_pretrained(tmp_path)
+    loaded = PruningArguments(distill_teacher=str(tmp_path)).teacher(model, BertForSequenceClassification)
+    assert torch.equal(next(loaded.parameters()), next(tiny_model(1).parameters()))
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="final_sparsity"):
         PruningCallback("obert")

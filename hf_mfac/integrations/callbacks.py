@@ -24,6 +24,7 @@ every rank ends with the same masks and weights; an error on one rank stops all 
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 import logging
 import os
@@ -499,6 +500,15 @@ class PruningArguments:
         if self.prune_exclude is not None:
             kw["exclude"] = self.prune_exclude
         return kw
+
+    def teacher(self, model: nn.Module, model_cls=None) -> nn.Module | None:
+        """The distillation teacher ``--distill_teacher`` asks for: None, a copy of ``model`` for "self" (the dense
+        starting model, oBERT recipe), or ``model_cls.from_pretrained(path)`` (default: ``model``'s class)."""
+        if not self.distill_teacher:
+            return None
+        if self.distill_teacher == "self":
+            return copy.deepcopy(model)
+        return (model_cls or type(model)).from_pretrained(self.distill_teacher)
 
     def oneshot_kwargs(self) -> dict:
         """Keyword arguments for :func:`hf_mfac.pruning.prune_oneshot`."""
