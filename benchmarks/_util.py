@@ -60,3 +60,22 @@ def run_main_job(output_dir: str, args: list[str], reuse: bool = False) -> dict:
         subprocess.run(cmd, check=True)
     with open(path) as f:
         return json.load(f)
+
+
+def main_job_seeds(argv, doc: str, *, flag: str, default_dir: str, folder: str, job_args) -> dict:
+    """Command line of the seed benchmarks: ``--<flag> 0,1,2 --output_dir D [--reuse] [-- main_job args]``.
+    Runs :func:`run_main_job` once per seed in ``D/<folder><seed>`` with ``job_args(seed)`` plus the extra
+    arguments, and returns ``{seed: results.json}``."""
+    import argparse
+    import os
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(f"--{flag}", default="0,1,2")
+    ap.add_argument("--output_dir", default=default_dir)
+    ap.add_argument("--reuse", action="store_true", help="skip the seeds whose results.json exists")
+    ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: passed to main_job.py")
+    a = ap.parse_args(argv)
+    extra = [x for x in a.extra if x != "--"]
+    seeds = [int(s) for s in getattr(a, flag).split(",") if s.strip()]
+    return {s: run_main_job(os.path.join(a.output_dir, f"{folder}{s}"), [*job_args(s), *extra], a.reuse)
+            for s in seeds}

@@ -16,7 +16,6 @@ Extra arguments after ``--`` go to main_job.py (e.g. ``-- --prune_grads 128``).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import statistics
@@ -26,22 +25,16 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _util import machine, run_main_job, table  # noqa: E402
+from _util import machine, main_job_seeds, table  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prune_seeds", default="0,1,2")
-    ap.add_argument("--output_dir", default="outputs/oneshot_seeds")
-    ap.add_argument("--reuse", action="store_true", help="skip draws whose results.json exists")
-    ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: passed to main_job.py")
-    a = ap.parse_args(argv)
-    extra = [x for x in a.extra if x != "--"]
-    seeds = [int(s) for s in a.prune_seeds.split(",") if s.strip()]
     t0 = time.time()
-    runs = {s: run_main_job(os.path.join(a.output_dir, f"prune_seed{s}"), [
-        "--seed", "0", "--split_seed", "0", "--prune_seed", str(s), "--optimizers", "adamw", "--skip_gradual",
-        *extra], a.reuse) for s in seeds}
+    runs = main_job_seeds(argv, __doc__, flag="prune_seeds", default_dir="outputs/oneshot_seeds",
+                          folder="prune_seed", job_args=lambda s: [
+                              "--seed", "0", "--split_seed", "0", "--prune_seed", str(s), "--optimizers", "adamw",
+                              "--skip_gradual"])
+    seeds = list(runs)
     dense = {s: r["dense"]["adamw"]["accuracy"] for s, r in runs.items()}
     methods = list(next(iter(runs.values()))["oneshot"])
     targets = [p["sparsity"] for p in next(iter(runs.values()))["oneshot"][methods[0]]]

@@ -15,7 +15,6 @@ Extra arguments after ``--`` go to main_job.py (e.g. ``-- --mfac_lr 1e-2``).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import statistics
@@ -23,26 +22,16 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from _util import machine, run_main_job, table  # noqa: E402
+from _util import machine, main_job_seeds, table  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--output_dir", default="outputs/tweets_seeds")
-    ap.add_argument("--reuse", action="store_true", help="skip seeds whose results.json exists")
-    ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: passed to main_job.py")
-    a = ap.parse_args(argv)
-    extra = [x for x in a.extra if x != "--"]
-    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
-    results = {}
     t0 = time.time()
-    for seed in seeds:
-        results[seed] = run_main_job(os.path.join(a.output_dir, f"seed{seed}"), [
-            "--seed", str(seed), "--split_seed", "0", "--methods", "", "--skip_gradual", *extra], a.reuse)["dense"]
+    results = {s: r["dense"] for s, r in main_job_seeds(
+        argv, __doc__, flag="seeds", default_dir="outputs/tweets_seeds", folder="seed",
+        job_args=lambda s: ["--seed", str(s), "--split_seed", "0", "--methods", "", "--skip_gradual"]).items()}
     names = sorted({k for r in results.values() for k in r})
     rows = []
     for seed, r in results.items():
