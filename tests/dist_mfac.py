@@ -113,20 +113,16 @@ def main():
     res["resume_exact"] = torch.equal(flat(model2), flat(model))
 
     if a.resume_from:
-        src = a.resume_from
-        m3 = net()
-        m3.load_state_dict(torch.load(os.path.join(src, "model.pt")))
-        o3 = ShardedMFAC(groups(m3), **KW)
-        o3.load_state_dict(torch.load(os.path.join(src, "optimizer.pt"), weights_only=True))
-        load_mfac_shards(o3, src)
-        train(m3, o3, 4, first=5)
-        m4 = net()
-        m4.load_state_dict(torch.load(os.path.join(src, "model.pt")))
-        o4 = MFAC(groups(m4), **KW)
-        o4.load_state_dict(torch.load(os.path.join(src, "optimizer.pt"), weights_only=True))
-        load_mfac_shards(o4, src)
-        train(m4, o4, 4, first=5)
-        res["reshard"] = rel(flat(m3), flat(m4))
+        def resumed(cls):  # the 2-rank checkpoint, read into this world size (sharded) or a plain MFAC
+            m = net()
+            m.load_state_dict(torch.load(os.path.join(a.resume_from, "model.pt")))
+            o = cls(groups(m), **KW)
+            o.load_state_dict(torch.load(os.path.join(a.resume_from, "optimizer.pt"), weights_only=True))
+            load_mfac_shards(o, a.resume_from)
+            train(m, o, 4, first=5)
+            return flat(m)
+
+        res["reshard"] = rel(resumed(ShardedMFAC), resumed(MFAC))
 
     with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
