@@ -392,7 +392,6 @@ def main(argv=None):
     )
 
     # Pruning: one-shot before training, or gradual with a PruningCallback during it (PruningArguments.setup).
-    method = prune_args.prune_method
     callback, masks = prune_args.setup(trainer, has_train_data=train_dataset is not None)
 
     if training_args.do_train:
@@ -404,13 +403,7 @@ def main(argv=None):
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
-    if callback is not None and callback.masks:
-        masks = callback.masks
-    if masks and trainer.is_world_process_zero() and training_args.output_dir:
-        from hf_mfac.integrations import save_sparse_pretrained
-
-        save_sparse_pretrained(trainer.model, training_args.output_dir, masks, method=method,
-                               pattern=prune_args.prune_pattern)
+    masks = prune_args.save_sparse(trainer, callback, masks)  # final masks, saved as a sparse checkpoint
 
     if training_args.do_eval:
         logger.info("*** Evaluate ***")
@@ -438,7 +431,7 @@ def main(argv=None):
         kwargs.update(language="en", dataset_tags="glue", dataset_args=data_args.task_name,
                       dataset=f"GLUE {data_args.task_name.upper()}")
     if masks:  # the card re-saves a sparse model: keep the method and pattern in its sparsity record
-        kwargs.update(masks=masks, method=method, pattern=prune_args.prune_pattern)
+        kwargs.update(masks=masks, method=prune_args.prune_method, pattern=prune_args.prune_pattern)
     if training_args.push_to_hub:
         trainer.push_to_hub(**kwargs)
     else:

@@ -426,7 +426,6 @@ def main(argv=None):
         compute_metrics=compute_metrics, teacher_model=teacher, distill_hardness=prune_args.distill_hardness,
         distill_temperature=prune_args.distill_temperature)
 
-    method = prune_args.prune_method
     callback, masks = prune_args.setup(trainer, has_train_data=train_features is not None)
 
     if training_args.do_train:
@@ -438,13 +437,7 @@ def main(argv=None):
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
-    if callback is not None and callback.masks:
-        masks = callback.masks
-    if masks and trainer.is_world_process_zero() and training_args.output_dir:
-        from hf_mfac.integrations import save_sparse_pretrained
-
-        save_sparse_pretrained(trainer.model, training_args.output_dir, masks, method=method,
-                               pattern=prune_args.prune_pattern)
+    masks = prune_args.save_sparse(trainer, callback, masks)  # final masks, saved as a sparse checkpoint
 
     if training_args.do_eval:
         logger.info("*** Evaluate ***")

@@ -510,6 +510,19 @@ class PruningArguments:
             return copy.deepcopy(model)
         return (model_cls or type(model)).from_pretrained(self.distill_teacher)
 
+    def save_sparse(self, trainer, callback: PruningCallback | None, masks: dict | None) -> dict | None:
+        """After training: the final masks (the callback's, else the one-shot ``masks``), saved with
+        :func:`~hf_mfac.integrations.save_sparse_pretrained` into ``trainer.args.output_dir`` by the main process.
+        Returns the masks (None when nothing was pruned), e.g. for the model card."""
+        if callback is not None and callback.masks:
+            masks = callback.masks
+        if masks and trainer.is_world_process_zero() and trainer.args.output_dir:
+            from .sparse_checkpoint import save_sparse_pretrained
+
+            save_sparse_pretrained(trainer.model, trainer.args.output_dir, masks, method=self.prune_method,
+                                   pattern=self.prune_pattern)
+        return masks or None
+
     def oneshot_kwargs(self) -> dict:
         """Keyword arguments for :func:`hf_mfac.pruning.prune_oneshot`."""
         return dict(method=self.prune_method, sparsity=self.prune_sparsity, **self._common())
