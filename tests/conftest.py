@@ -34,6 +34,22 @@ def woodbury_tol(G: torch.Tensor, damp: float, dtype: torch.dtype, scale=None) -
     return 50 * torch.finfo(dtype).eps * float(torch.linalg.cond(K))
 
 
+def save_tiny_text_model(folder, num_hidden_layers: int = 1):
+    """A tiny random BERT classifier with a word-level tokenizer over a 14-word vocabulary, saved in
+    ``folder/tiny-bert``; returns (that path, the words)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    words = "the a good bad movie film great awful plot acting is was not very".split()
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    path = folder / "tiny-bert"
+    BertTokenizer(vocab=vocab).save_pretrained(path)
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=len(vocab), hidden_size=16,
+                                             num_hidden_layers=num_hidden_layers, num_attention_heads=2,
+                                             intermediate_size=32, max_position_embeddings=32)).save_pretrained(path)
+    return path, words
+
+
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)

@@ -9,15 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_text_model
 
 transformers = pytest.importorskip("transformers")
-from transformers import (  # noqa: E402
-    AutoModelForImageClassification,
-    AutoModelForSequenceClassification,
-    BertConfig,
-    BertForSequenceClassification,
-    BertTokenizer,
-)
+from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 COMMON = ["--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no",
@@ -68,14 +63,7 @@ def test_lazy_exports():
 
 @pytest.mark.parametrize("mode", ["gradual", "oneshot"])
 def test_run_glue_magnitude_pruning(tmp_path, mode):
-    words = "the a good bad movie film great awful plot acting is was not very".split()
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
-    model_dir = tmp_path / "tiny-bert"
-    BertTokenizer(vocab=vocab).save_pretrained(model_dir)
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2,
-                                             num_attention_heads=2, intermediate_size=32,
-                                             max_position_embeddings=32)).save_pretrained(model_dir)
+    model_dir, words = save_tiny_text_model(tmp_path, num_hidden_layers=2)
     rng = random.Random(0)
     with open(tmp_path / "train.csv", "w", newline="") as f:
         w = csv.writer(f)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_text_model
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -444,17 +445,7 @@ def test_image_example_fashion_mnist_reader_and_image_folder(tmp_path):
 
 @pytest.fixture
 def tiny_text_model(tmp_path):
-    from transformers import BertTokenizer
-
-    words = "the a good bad movie film great awful plot acting is was not very".split()
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
-    path = tmp_path / "tiny-bert"
-    BertTokenizer(vocab=vocab).save_pretrained(path)
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
-                                             num_attention_heads=2, intermediate_size=32,
-                                             max_position_embeddings=32)).save_pretrained(path)
-    return path, words
+    return save_tiny_text_model(tmp_path)
 
 
 def test_glue_example_csv_pairs_and_string_labels(tmp_path, tiny_text_model):

@@ -542,8 +542,9 @@ class PruningArguments:
     def setup(self, trainer, has_train_data: bool) -> tuple[PruningCallback | None, dict | None]:
         """What the example scripts do with these flags: in oneshot mode prune ``trainer.model`` now (gradients
         from the trainer's train dataloader, report logged through ``trainer.log``; under DDP with
-        :func:`~hf_mfac.pruning.distributed.prune_oneshot_distributed`, so every process gets the same masks); then build the callback
-        (gradual pruning, or keeping the one-shot masks during fine-tuning) and attach it to ``trainer``.
+        :func:`~hf_mfac.pruning.distributed.prune_oneshot_distributed`, so every process gets the same masks);
+        then build the callback (gradual pruning, or keeping the one-shot masks during fine-tuning) and attach it
+        to ``trainer``.
         Returns ``(callback or None, one-shot masks or None)``."""
         masks = None
         if self.prune_method and self.prune_mode == "oneshot":
