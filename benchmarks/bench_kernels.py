@@ -5,8 +5,8 @@
 
 Prints markdown tables (paste them into benchmarks/RESULTS.md with the GPU model and date):
 
-1. Coefficient setup (seed 000 Algorithm 1) for m = 256 .. 4096: D by Cholesky (cuSOLVER), then B by the
-   tiled CUDA kernel (appendix B) or by ``torch.linalg.solve_triangular`` (cuBLAS trsm); the paper reports
+1. Coefficient setup ([M-FAC, App. B, Alg. 1]) for m = 256 .. 4096: D by Cholesky (cuSOLVER), then B by the
+   tiled CUDA kernel [M-FAC, App. B] or by ``torch.linalg.solve_triangular`` (cuBLAS trsm); the paper reports
    B in under 2 ms at m = 1024 on an RTX 3090.
 2. Window products over G (m, d) (defaults: m = 1024, d = 11,170,560 = BERT-mini), fp32 and bf16 storage:
    ``G x``, ``G^T c`` and the whole Algorithm 2 step, as time, GB/s and a fraction of the copy bandwidth
@@ -31,7 +31,7 @@ from hf_mfac import kernels as K  # noqa: E402
 from hf_mfac.kernels import reference  # noqa: E402
 
 BERT_MINI_D = 11_170_560  # parameters of prajjwal1/bert-mini (L=4, H=256)
-PAPER_B_MS = {1024: 2.0}  # seed 000 appendix B: "< 2 ms" for m = 1024 on an RTX 3090
+PAPER_B_MS = {1024: 2.0}  # [M-FAC, App. B]: "< 2 ms" for m = 1024 on an RTX 3090
 
 
 def timeit(fn, device: torch.device, reps: int, warmup: int = 2) -> float:
@@ -190,7 +190,7 @@ def main(argv=None) -> None:
             m = m_new
     copy_gbs = copy_bandwidth(device, min(2**31, m * d * 2), reps)
     print(f"- copy bandwidth (read + write, same run): {copy_gbs:.0f} GB/s\n")
-    print("## Coefficient setup (seed 000 Algorithm 1), fp32\n")
+    print("## Coefficient setup ([M-FAC, App. B, Alg. 1]), fp32\n")
     print(bench_coefficients(ms, device, use_cuda, reps))
     print(f"\n## Window products, m = {m}, d = {d:,} (bound: one read of G per pass)\n")
     print(bench_window(m, d, device, use_cuda, reps, copy_gbs))

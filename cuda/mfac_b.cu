@@ -1,4 +1,4 @@
-// The M-FAC coefficient matrix B (seed 000 Algorithm 1, second loop; appendix B, Figure 3):
+// The M-FAC coefficient matrix B ([M-FAC, App. B, Alg. 1], second loop; [M-FAC, App. B, Fig. 3]):
 //   B = (I + L)^{-1} / damp,   L[i, j] = D[j, i] / (scale + D[j, j])  for i > j   (scale = m in the paper)
 // i.e. the inverse of a unit lower-triangular matrix, computed in 32x32 tiles B_IJ (I >= J):
 //   1. all diagonal tiles at once:     B_II = L_II^{-1} / damp                     (mfac_b_diag_kernel)

@@ -105,7 +105,7 @@ torch::Tensor window_rmatvec(const torch::Tensor& G, const torch::Tensor& c, int
   return out;
 }
 
-// B = (I + L)^{-1} / damp from D (seed 000 Algorithm 1 and appendix B). D (m, m) fp32/fp64 -> B (m, m).
+// B = (I + L)^{-1} / damp from D ([M-FAC, App. B, Alg. 1]). D (m, m) fp32/fp64 -> B (m, m).
 torch::Tensor mfac_b(const torch::Tensor& D, double damp, double scale, int64_t stream) {
   TORCH_CHECK(D.is_cuda(), "mfac_b: D must be a CUDA tensor; got device ", D.device());
   TORCH_CHECK(D.dim() == 2 && D.size(0) == D.size(1) && D.size(0) > 0, "mfac_b: D must be square (m, m); got ",
@@ -136,6 +136,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("x"), pybind11::arg("stream"));
   module.def("window_rmatvec", &window_rmatvec, "y = G^T @ c with fp32 accumulation", pybind11::arg("G"),
              pybind11::arg("c"), pybind11::arg("stream"));
-  module.def("mfac_b", &mfac_b, "M-FAC coefficient matrix B from D (tiled, seed 000 appendix B)",
+  module.def("mfac_b", &mfac_b, "M-FAC coefficient matrix B from D (tiled, [M-FAC, App. B])",
              pybind11::arg("D"), pybind11::arg("damp"), pybind11::arg("scale"), pybind11::arg("stream"));
 }

@@ -15,7 +15,7 @@ enum class Storage : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 constexpr int kGemvThreads = 256;  // threads per block of both window kernels
 constexpr int kMatvecRows = 4;     // rows of G per block in window_matvec (x is reused across them)
-constexpr int kBTile = 32;         // tile edge of the B kernel (seed 000 appendix B)
+constexpr int kBTile = 32;         // tile edge of the B kernel ([M-FAC, App. B])
 
 // How a window kernel splits its work: `vec` elements per load (16 bytes when aligned), and
 // `splits` slices of the reduced dimension (d for G x, m for G^T c), each `chunk` long. With
@@ -73,7 +73,7 @@ cudaError_t launch_window_matvec(Storage storage, const void* G, const float* x,
 cudaError_t launch_window_rmatvec(Storage storage, const void* G, const float* c, float* out, float* partial,
                                   int64_t m, int64_t d, const GemvPlan& plan, cudaStream_t stream);
 
-// Seed 000 Algorithm 1, second loop, as the tiled kernel of appendix B: B (m, m), lower triangular,
+// [M-FAC, App. B, Alg. 1], second loop, as the tiled kernel of [M-FAC, App. B]: B (m, m), lower triangular,
 // B = (I + L)^{-1} / damp with L[i, j] = D[j, i] / (scale + D[j, j]) for i > j. D (m, m) row-major, only
 // its upper triangle is read. B must be zero-filled on entry (its strictly upper triangle stays 0).
 cudaError_t launch_mfac_b(const float* D, float* B, int64_t m, double damp, double scale, cudaStream_t stream);

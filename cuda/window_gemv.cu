@@ -1,4 +1,4 @@
-// Fused window products of the M-FAC dynamic algorithm (seed 000 appendix B, DESIGN.md §4):
+// Fused window products of the M-FAC dynamic algorithm ([M-FAC, App. B]):
 //   p = G x     (m,)  one read of G, x reused across kMatvecRows rows per block
 //   y = G^T c   (d,)  one read of G, c staged in shared memory
 // G (m, d) row-major in fp32, bf16 or fp16; x, c, p, y in fp32; accumulation in fp32 always.

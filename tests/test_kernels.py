@@ -3,7 +3,7 @@ CPU, the CUDA kernels against the references (skipped without a GPU), and a comp
 
 Tolerances: a dot product of length n accumulated in fp32 is off by at most ``n * u32 * sum|a_i b_i|``
 (u32 = 2^-24); storing G in bf16/fp16 adds at most ``u_storage * sum|g_i x_i|``. CUDA results must be
-within a small multiple of the reference's own error in the same precision (DESIGN.md §7).
+within a small multiple of the reference's own error in the same precision.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _problem(m, d, seed=0, dtype=torch.float64, device="cpu"):
 
 
 def _dense_inverse_apply(G, x, damp, scale):
-    """F^{-1} x with F = damp I + G^T G / scale, in float64 (DESIGN.md §3 convention)."""
+    """F^{-1} x with F = damp I + G^T G / scale, in float64."""
     G, x = G.double(), x.double()
     F = damp * torch.eye(G.shape[1], dtype=torch.float64) + G.T @ G / scale
     return torch.linalg.solve(F, x)
@@ -46,7 +46,7 @@ def _dense_inverse_apply(G, x, damp, scale):
 @pytest.mark.parametrize("damp", [1e-1, 1e-4])
 @pytest.mark.parametrize("scale_kind", ["m", "seen"])
 def test_coefficients_apply_match_dense_solve(m, damp, scale_kind):
-    """Seed 000 Algorithms 1 and 2 give F^{-1} x for F = damp I + (1/scale) G^T G; scale = m is the
+    """[M-FAC, App. B, Algs. 1 and 2] give F^{-1} x for F = damp I + (1/scale) G^T G; scale = m is the
     paper's choice, a smaller scale (gradients seen so far) must work the same way."""
     d = 101
     G, x = _problem(m, d, seed=m)
@@ -59,7 +59,7 @@ def test_coefficients_apply_match_dense_solve(m, damp, scale_kind):
 
 
 def test_coefficients_match_algorithm_1_loops():
-    """D and B equal a literal transcription of seed 000 Algorithm 1 (with scale in place of m)."""
+    """D and B equal a literal transcription of [M-FAC, App. B, Alg. 1] (with scale in place of m)."""
     m, damp, scale = 13, 1e-2, 13.0
     G, _ = _problem(m, 29, seed=3)
     D = G @ G.T / damp
@@ -77,8 +77,8 @@ def test_coefficients_match_algorithm_1_loops():
 
 
 def test_apply_matches_algorithm_2_loop_with_each_q_divided_before_use():
-    """Seed 000 Algorithm 2 as a loop, each q_{i-1} divided by (scale + D_{i-1,i-1}) before it is used
-    (DESIGN.md §4: the printed algorithm divides only after the loop, which is wrong)."""
+    """[M-FAC, App. B, Alg. 2] as a loop, each q_{i-1} divided by (scale + D_{i-1,i-1}) before it is used
+    (the printed algorithm divides only after the loop, which is wrong)."""
     m, d, damp, scale = 9, 40, 1e-2, 9.0
     G, x = _problem(m, d, seed=4)
     D, B = reference.mfac_coefficients(G @ G.T, damp, scale)

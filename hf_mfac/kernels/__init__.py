@@ -11,8 +11,8 @@ kernels can be built here and why not. Importing this package compiles nothing a
 Ops (shapes: G (m, d) gradient window, m = num_grads):
 
 - ``window_matvec(G, x)`` -> ``G @ x`` (m,), fp32 accumulation; ``window_rmatvec(G, c)`` -> ``G^T @ c`` (d,).
-- ``mfac_coefficients(GGt, damp, scale)`` -> ``(D, B)``, seed 000 Algorithm 1; ``mfac_b(D, damp, scale)``.
-- ``mfac_apply_coefficients(G, D, B, x, damp, scale)`` -> ``F^{-1} x``, seed 000 Algorithm 2.
+- ``mfac_coefficients(GGt, damp, scale)`` -> ``(D, B)``, [M-FAC, App. B, Alg. 1]; ``mfac_b(D, damp, scale)``.
+- ``mfac_apply_coefficients(G, D, B, x, damp, scale)`` -> ``F^{-1} x``, [M-FAC, App. B, Alg. 2].
 """
 from __future__ import annotations
 

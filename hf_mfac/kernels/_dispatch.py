@@ -241,18 +241,18 @@ def window_rmatvec(G: torch.Tensor, c: torch.Tensor, acc_dtype: torch.dtype | No
 
 
 def mfac_b(D: torch.Tensor, damp: float, scale: float, *, impl: str = "auto") -> torch.Tensor:
-    """Seed 000 Algorithm 1's B (m, m) from D; see :func:`hf_mfac.kernels.reference.mfac_b`."""
+    """The B of [M-FAC, App. B, Alg. 1] (m, m) from D; see :func:`hf_mfac.kernels.reference.mfac_b`."""
     return _run("mfac_b", impl, D, damp, scale)
 
 
 def mfac_coefficients(GGt: torch.Tensor, damp: float, scale: float, *,
                       impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Seed 000 Algorithm 1: ``(D, B)`` from ``G G^T`` (m, m); see
+    """[M-FAC, App. B, Alg. 1]: ``(D, B)`` from ``G G^T`` (m, m); see
     :func:`hf_mfac.kernels.reference.mfac_coefficients`."""
     return _run("mfac_coefficients", impl, GGt, damp, scale)
 
 
 def mfac_apply_coefficients(G: torch.Tensor, D: torch.Tensor, B: torch.Tensor, x: torch.Tensor, damp: float,
                             scale: float, *, impl: str = "auto") -> torch.Tensor:
-    """Seed 000 Algorithm 2: ``F^{-1} x`` (d,); see :func:`hf_mfac.kernels.reference.mfac_apply_coefficients`."""
+    """[M-FAC, App. B, Alg. 2]: ``F^{-1} x`` (d,); see :func:`hf_mfac.kernels.reference.mfac_apply_coefficients`."""
     return _run("mfac_apply_coefficients", impl, G, D, B, x, damp, scale)

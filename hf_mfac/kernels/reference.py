@@ -47,7 +47,7 @@ def window_rmatvec(G: torch.Tensor, c: torch.Tensor, acc_dtype: torch.dtype | No
 
 
 def mfac_d(GGt: torch.Tensor, damp: float, scale: float) -> torch.Tensor:
-    """Seed 000 Algorithm 1, first loop: the upper-triangular coefficient matrix D, (m, m).
+    """[M-FAC, App. B, Alg. 1], first loop: the upper-triangular coefficient matrix D, (m, m).
 
     ``D`` is the upper factor of the LU decomposition without pivoting of ``A = GG^T / damp + scale * I``
     minus ``scale * I`` (``scale`` is m in the paper). A is symmetric positive definite, so this LU is the
@@ -61,12 +61,12 @@ def mfac_d(GGt: torch.Tensor, damp: float, scale: float) -> torch.Tensor:
 
 
 def mfac_b(D: torch.Tensor, damp: float, scale: float) -> torch.Tensor:
-    """Seed 000 Algorithm 1, second loop: the lower-triangular coefficient matrix B, (m, m).
+    """[M-FAC, App. B, Alg. 1], second loop: the lower-triangular coefficient matrix B, (m, m).
 
     ``B = (I + L)^{-1} / damp`` with L strictly lower, ``L[i, j] = D[j, i] / (scale + D[j, j])``: row i of B
     is minus the combination of rows < i with coefficients ``D[:i, i] / (scale + diag(D)[:i])``, plus
     ``1/damp`` on the diagonal. One unit-lower triangular solve, O(m^3). The CUDA twin is the 32x32-tiled
-    kernel of appendix B (``cuda/mfac_b.cu``).
+    kernel of [M-FAC, App. B] (``cuda/mfac_b.cu``).
     """
     m = D.shape[-1]
     eye = torch.eye(m, dtype=D.dtype, device=D.device)
@@ -75,7 +75,7 @@ def mfac_b(D: torch.Tensor, damp: float, scale: float) -> torch.Tensor:
 
 
 def mfac_coefficients(GGt: torch.Tensor, damp: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seed 000 Algorithm 1: the M-FAC coefficient matrices ``(D, B)``, both (m, m); see :func:`mfac_d`
+    """[M-FAC, App. B, Alg. 1]: the M-FAC coefficient matrices ``(D, B)``, both (m, m); see :func:`mfac_d`
     and :func:`mfac_b`. Cost O(m^3) in the dtype of ``GGt``."""
     D = mfac_d(GGt, damp, scale)
     return D, mfac_b(D, damp, scale)
@@ -83,9 +83,9 @@ def mfac_coefficients(GGt: torch.Tensor, damp: float, scale: float) -> tuple[tor
 
 def mfac_coefficient_vector(D: torch.Tensor, B: torch.Tensor, p: torch.Tensor, damp: float,
                             scale: float) -> torch.Tensor:
-    """The O(m^2) middle of seed 000 Algorithm 2: ``c = B^T q`` with ``q = (D + scale I)^{-T} (p / damp)``
+    """The O(m^2) middle of [M-FAC, App. B, Alg. 2]: ``c = B^T q`` with ``q = (D + scale I)^{-T} (p / damp)``
     and ``p = G x`` (m,). Each q_i is divided by ``scale + D_ii`` before it is used in the recursion (the
-    triangular solve), as DESIGN.md §4 requires. Returns c (m,) in the dtype of D."""
+    triangular solve), (the printed algorithm divides only after the loop, which is wrong). Returns c (m,) in the dtype of D."""
     m = D.shape[-1]
     U = D + scale * torch.eye(m, dtype=D.dtype, device=D.device)  # (m, m) upper
     q = torch.linalg.solve_triangular(U.mT, (p.to(D.dtype) / damp)[:, None], upper=False)[:, 0]
@@ -94,7 +94,7 @@ def mfac_coefficient_vector(D: torch.Tensor, B: torch.Tensor, p: torch.Tensor, d
 
 def mfac_apply_coefficients(G: torch.Tensor, D: torch.Tensor, B: torch.Tensor, x: torch.Tensor,
                             damp: float, scale: float) -> torch.Tensor:
-    """Seed 000 Algorithm 2: ``F^{-1} x = x / damp - G^T c`` with c from :func:`mfac_coefficient_vector`
+    """[M-FAC, App. B, Alg. 2]: ``F^{-1} x = x / damp - G^T c`` with c from :func:`mfac_coefficient_vector`
     applied to ``p = G x``, where ``F = damp I + G^T G / scale``. G (m, d), D and B (m, m), x (d,);
     returns (d,) in the dtype of D. Cost: two passes over G plus O(m^2)."""
     c = mfac_coefficient_vector(D, B, window_matvec(G, x, D.dtype), damp, scale)
