@@ -11,6 +11,7 @@ dataloader), :mod:`.pruners` (selection + update per method), :mod:`.oneshot` (d
 sweeps). Imports torch and :mod:`hf_mfac.core` only; the Trainer glue is in
 :mod:`hf_mfac.integrations.callbacks`.
 """
+from .config import GradualPruningConfig, PruningConfig
 from .grads import GradStats, collect_grads, default_loss, iter_grads
 from .oneshot import FisherCache, PruneReport, PruneResult, apply_masks, masks_from_zeros, prune_oneshot, prune_sweep
 from .pruners import (PRUNERS, CAPPruner, MagnitudePruner, MFACPruner, OBSPruner, Pattern, Pruner, StepResult,
@@ -21,5 +22,5 @@ __all__ = [
     "prune_oneshot", "prune_sweep", "PRUNERS", "make_pruner", "Pruner", "MagnitudePruner", "OBSPruner",
     "MFACPruner", "CAPPruner", "Pattern", "StepResult", "PruneReport", "PruneResult", "find_prunable", "Layout",
     "DEFAULT_EXCLUDE", "DEFAULT_TYPES", "collect_grads", "iter_grads", "GradStats", "default_loss", "apply_masks",
-    "masks_from_zeros", "FisherCache",
+    "masks_from_zeros", "FisherCache", "PruningConfig", "GradualPruningConfig",
 ]

@@ -1,0 +1,184 @@
+"""The pruning settings, written once: :class:`PruningConfig` (one-shot) and :class:`GradualPruningConfig`
+(adds the schedule of :class:`~hf_mfac.integrations.PruningCallback`).
+
+Every front end derives from these dataclasses, so names, defaults and help agree everywhere:
+:func:`~hf_mfac.pruning.prune_oneshot` takes their field names as keywords (:meth:`PruningConfig.oneshot_kwargs`),
+``PruningCallback(config=..., **overrides)`` takes a :class:`GradualPruningConfig`, ``hf-mfac prune`` and the
+examples' ``--prune_*`` flags are built from the fields by ``transformers.HfArgumentParser`` (the ``help``
+metadata becomes the ``--help`` text; :func:`prefixed_fields` adds the ``prune_`` prefix).
+
+``None`` means "the method's default": the defaults themselves live in the pruner classes
+(``Pruner.default_num_grads`` / ``default_block_size`` / ``default_damp``), one place each.
+
+```python
+from hf_mfac.pruning import PruningConfig, prune_oneshot
+config = PruningConfig(method="obert", sparsity=0.8, num_grads=256, recompute=4)
+masks, report = prune_oneshot(model, dataloader, **config.oneshot_kwargs())
+```
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+
+from ..core._checks import check_damp, check_positive_int, check_sparsity
+from .pruners import PRUNERS, Pattern, Pruner
+
+__all__ = ["PruningConfig", "GradualPruningConfig", "prefixed_fields", "from_prefixed"]
+
+_METHODS = sorted(PRUNERS)
+
+
+@dataclass
+class PruningConfig:
+    """How to prune once: the keyword arguments of :func:`~hf_mfac.pruning.prune_oneshot` that are settings
+    (not runtime objects such as the model, dataloader, device or a cache), plus ``sparsities`` for a sweep
+    (:func:`~hf_mfac.pruning.prune_sweep`). Validated on construction."""
+
+    method: str | None = field(default="obert", metadata={
+        "help": "Pruning method: magnitude, obert (WoodFisher/oBERT block Fisher), mfac (static M-FAC) or cap "
+                "(CAP). None: no pruning.", "choices": _METHODS})
+    sparsity: float | None = field(default=None, metadata={
+        "help": "Target (final) sparsity: the fraction in [0, 1) of the target weights set to zero; "
+                "implied by an N:M pattern."})
+    sparsities: list[float] | None = field(default=None, metadata={
+        "help": "Sparsity sweep instead of one target: prune to each of these increasing values in turn, each "
+                "starting from the previous masks (one saved result per value)."})
+    pattern: str | None = field(default=None, metadata={
+        "help": "Sparsity pattern: unstructured (default), N:M such as 2:4, or G-block such as 4-block."})
+    scope: str = field(default="global", metadata={
+        "help": "global: one threshold over all targets; layer: the same sparsity in every target.",
+        "choices": ["global", "layer"]})
+    num_grads: int | None = field(default=None, metadata={
+        "help": "Gradients m per Fisher estimate; None: the method's default."})
+    block_size: int | None = field(default=None, metadata={
+        "help": "Fisher block size B (weights per diagonal block); None: the method's default."})
+    damp: float | None = field(default=None, metadata={
+        "help": "Absolute Fisher dampening λ in F = λI + GᵀG/m; None: the method's default."})
+    rel_damp: float | None = field(default=None, metadata={
+        "help": "Dampening relative to the mean diagonal of each target's Fisher, λ = rel_damp · mean(diag F); "
+                "None: the method's default."})
+    recompute: int = field(default=1, metadata={
+        "help": "Fisher recomputations per target: steps on fresh gradients, each pruning the same fraction of "
+                "the remaining weights."})
+    woodtaylor: bool = field(default=False, metadata={
+        "help": "WoodTaylor: add the first-order (gradient) term to the saliency and update (obert, mfac)."})
+    fisher_batch_size: int | None = field(default=None, metadata={
+        "help": "Samples per Fisher gradient; None: one batch of the dataloader."})
+    per_sample: bool = field(default=False, metadata={
+        "help": "One gradient per sample (the exact empirical Fisher) instead of one per batch."})
+    include: list[str] | None = field(default=None, metadata={
+        "help": "Regular expressions of module names to prune; None: every Linear/Conv2d not excluded."})
+    exclude: list[str] | None = field(default=None, metadata={
+        "help": "Regular expressions of module names to keep dense; None: embeddings, pooler and heads "
+                "(hf_mfac.pruning.DEFAULT_EXCLUDE)."})
+
+    def __post_init__(self):
+        if self.method is not None and not isinstance(self.method, Pruner):
+            if str(self.method).lower() not in PRUNERS:
+                raise ValueError(f"unknown pruning method {self.method!r}; choose one of {_METHODS}")
+            self.method = str(self.method).lower()
+        if self.sparsity is not None:
+            self.sparsity = check_sparsity(self.sparsity)
+        if self.sparsities is not None:
+            self.sparsities = [check_sparsity(s, "sparsities") for s in self.sparsities]
+            if not self.sparsities or any(b <= a for a, b in zip(self.sparsities, self.sparsities[1:])):
+                raise ValueError(f"sparsities must be non-empty and increase strictly (masks never regrow); "
+                                 f"got {self.sparsities}")
+            if self.sparsity is not None:
+                raise ValueError("give sparsity (one target) or sparsities (a sweep), not both")
+        pat = Pattern.parse(self.pattern)
+        if pat.kind == "nm" and self.sparsity is not None and not math.isclose(self.sparsity, pat.sparsity):
+            raise ValueError(f"sparsity={self.sparsity} contradicts the {pat} pattern (which gives "
+                             f"{pat.sparsity:g}); leave sparsity out for N:M")
+        if self.scope not in ("global", "layer"):
+            raise ValueError(f"scope must be 'global' or 'layer'; got {self.scope!r}")
+        for name in ("num_grads", "block_size", "recompute", "fisher_batch_size"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_positive_int(name, getattr(self, name)))
+        if self.damp is not None:
+            self.damp = check_damp(self.damp)
+        if self.rel_damp is not None and not (math.isfinite(self.rel_damp) and self.rel_damp > 0):
+            raise ValueError(f"rel_damp must be a finite number > 0; got {self.rel_damp}")
+        for name in ("include", "exclude"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+
+    def replace(self, **overrides) -> "PruningConfig":
+        """A validated copy with ``overrides`` (field names; unknown names raise ``TypeError``)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown pruning settings {unknown}; the settings are {sorted(names)}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict:
+        """The settings as a plain dict (a Pruner instance as its ``config()``), e.g. for a recipe."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if isinstance(self.method, Pruner):
+            d["method"] = self.method.config()
+        return d
+
+    def oneshot_kwargs(self) -> dict:
+        """Keyword arguments for :func:`~hf_mfac.pruning.prune_oneshot`: the fields of :class:`PruningConfig`
+        except ``sparsities``, leaving out those that are None (the function's own default applies)."""
+        names = [f.name for f in dataclasses.fields(PruningConfig) if f.name != "sparsities"]
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+@dataclass
+class GradualPruningConfig(PruningConfig):
+    """:class:`PruningConfig` plus the schedule of gradual pruning during training
+    (:class:`~hf_mfac.integrations.PruningCallback`): the cubic schedule
+    ``s_t = s_f + (s_i - s_f)(1 - (t - start)/(end - start))^3`` from ``initial_sparsity`` to ``sparsity``,
+    pruning at ``start``, ``start + frequency``, ..., ``end``; or, with ``sparsities``, one target per pruning
+    step (a sweep, as in CAP)."""
+
+    initial_sparsity: float = field(default=0.0, metadata={"help": "Sparsity of the cubic schedule at start."})
+    start: float = field(default=0, metadata={"help": "First pruning step (or epoch, see unit)."})
+    end: float | None = field(default=None, metadata={
+        "help": "Last pruning step (or epoch) of the cubic schedule; None: three quarters of training."})
+    frequency: float = field(default=1, metadata={"help": "Steps (or epochs) between two pruning steps."})
+    unit: str = field(default="steps", metadata={
+        "help": "Unit of start, end and frequency.", "choices": ["steps", "epochs"]})
+    reset_momentum: bool = field(default=True, metadata={
+        "help": "Forget the optimizer's momentum (and the M-FAC window) after each pruning step."})
+    cyclic_lr: bool = field(default=False, metadata={
+        "help": "CAP's cyclic linear learning rate, restarting at every pruning step."})
+    lr_min_ratio: float = field(default=0.02, metadata={
+        "help": "Cyclic learning rate: lowest learning rate as a fraction of the peak."})
+    save_at_targets: bool = field(default=False, metadata={
+        "help": "Save a checkpoint at the end of each sparsity level (one fine-tuned checkpoint per sweep target)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.initial_sparsity = check_sparsity(self.initial_sparsity, "initial_sparsity")
+        if self.unit not in ("steps", "epochs"):
+            raise ValueError(f"unit must be 'steps' or 'epochs'; got {self.unit!r}")
+        if not self.frequency > 0:
+            raise ValueError(f"frequency must be > 0; got {self.frequency}")
+        if self.start < 0 or (self.end is not None and self.end < self.start):
+            raise ValueError(f"need 0 <= start <= end; got start={self.start}, end={self.end}")
+        if not 0.0 <= self.lr_min_ratio <= 1.0:
+            raise ValueError(f"lr_min_ratio must lie in [0, 1]; got {self.lr_min_ratio}")
+
+
+def prefixed_fields(cls, prefix: str, defaults: dict | None = None) -> list[tuple]:
+    """``cls``'s fields renamed ``prefix + name`` as ``(name, type, field)`` for ``dataclasses.make_dataclass``
+    (same help and choices; ``defaults`` overrides some defaults by unprefixed name). Types are resolved, so
+    ``HfArgumentParser`` reads them whatever module the new class lives in."""
+    hints = typing.get_type_hints(cls)
+    defaults = defaults or {}
+    out = []
+    for f in dataclasses.fields(cls):
+        default = defaults.get(f.name, f.default)
+        out.append((prefix + f.name, hints[f.name], field(default=default, metadata=dict(f.metadata))))
+    return out
+
+
+def from_prefixed(obj, prefix: str, cls=GradualPruningConfig, **overrides):
+    """The ``cls`` config read from ``obj``'s ``prefix + name`` attributes (the inverse of :func:`prefixed_fields`)."""
+    values = {f.name: getattr(obj, prefix + f.name) for f in dataclasses.fields(cls) if hasattr(obj, prefix + f.name)}
+    return cls(**{**values, **overrides})
