@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 import os
 
 import torch
@@ -13,10 +14,15 @@ logger = logging.getLogger("hf_mfac")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_damp(damp: float) -> float:
+def check_damp(damp: float, name: str = "damp") -> float:
+    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) and not (
+            isinstance(damp, torch.Tensor) and damp.numel() == 1):
+        raise TypeError(f"{name} must be a number; got {type(damp).__name__} {damp!r}")
     damp = float(damp)
     if not math.isfinite(damp) or damp <= 0:
-        raise ValueError(f"damp must be a finite number > 0 (the dampening λ of F = damp*I + G^T G / m); got {damp}")
+        what = "the dampening λ of F = damp*I + G^T G / m" if name == "damp" else \
+            "the dampening as a fraction of the mean Fisher diagonal"
+        raise ValueError(f"{name} must be a finite number > 0 ({what}); got {damp}")
     return damp
 
 

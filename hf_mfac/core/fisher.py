@@ -1,7 +1,10 @@
-"""Block-diagonal empirical-Fisher inverse (WoodFisher seed 001, oBERT; DESIGN.md §4).
+"""Block-diagonal empirical-Fisher inverse ([WoodFisher, §4], [oBERT, §3]).
 
 Coordinates are cut into blocks of B consecutive weights (the last block is padded with coordinates
-that carry no gradient, so d need not divide by B). Per block ``F_b = damp * I + (1/m) G_b^T G_b``.
+that carry no gradient, so d need not divide by B). Per block ``F_b = λ_b * I + (1/m) G_b^T G_b``, with
+either one absolute ``λ_b = damp`` (the papers' setting) or a damping relative to the block's own scale,
+``λ_b = rel_damp * mean(diag((1/m) G_b^T G_b))`` (see :func:`relative_damp`), which does not change when the
+loss, hence every gradient, is multiplied by a constant.
 Instead of oBERT's one Woodbury rank-1 update per gradient (memory-bound: d*B reads and writes per
 gradient), gradients arrive in chunks (k, d) and ``G_b^T G_b`` is accumulated with one batched GEMM per
 chunk; the inverse is then formed once with batched fp64 Cholesky. Memory: d*B values (the
@@ -13,10 +16,39 @@ import torch
 
 from ._checks import check_damp, check_finite, check_float_tensor, check_positive_int, damped_cholesky
 
-__all__ = ["BlockFisherInverse"]
+__all__ = ["BlockFisherInverse", "relative_damp", "check_damping"]
 
 # fp64 bytes of blocks factorised per batch (the temporaries are a few times this).
 _BATCH_BYTES = 32 << 20
+
+
+def check_damping(damp, rel_damp) -> tuple[float | None, float | None]:
+    """Validate a damping given as an absolute ``damp`` or a relative ``rel_damp`` (exactly one of them)."""
+    if (damp is None) == (rel_damp is None):
+        raise ValueError("give exactly one of damp (absolute: F = damp*I + ...) and rel_damp (relative: a fraction "
+                         f"of the mean diagonal of each Fisher block); got damp={damp!r}, rel_damp={rel_damp!r}")
+    if damp is not None:
+        return check_damp(damp), None
+    return None, check_damp(rel_damp, "rel_damp")
+
+
+def relative_damp(diag_sums: torch.Tensor, counts: torch.Tensor, rel_damp: float) -> torch.Tensor:
+    """Per-block damping ``rel_damp * mean diagonal`` (n_blocks,) fp64, from the sums of each block's Fisher
+    diagonal over its live coordinates (``diag_sums``, (n_blocks,)) and their number (``counts``).
+
+    The mean is taken over the coordinates with a non-zero diagonal (padding and pruned weights carry no
+    gradient), as SparseGPT and OBC damp each layer Hessian by a fraction of its mean diagonal. A block with no
+    gradient at all gets the smallest damping of the others (scale-aware, so that its weights, which the Fisher
+    says cost nothing, stay cheap to prune), or ``rel_damp`` when every block is empty. Multiplying every
+    gradient by c multiplies the result by c^2, as it does the Fisher: OBS scores scale uniformly and the
+    selection and the updates do not change.
+    """
+    sums = diag_sums.to(torch.float64)
+    live = counts > 0
+    lam = torch.where(live, sums / counts.clamp_min(1).to(torch.float64), torch.zeros_like(sums)) * rel_damp
+    pos = lam > 0
+    floor = lam[pos].min() if bool(pos.any()) else torch.tensor(rel_damp, dtype=torch.float64, device=lam.device)
+    return torch.where(pos, lam, floor)
 
 
 class BlockFisherInverse:
@@ -25,12 +57,16 @@ class BlockFisherInverse:
     ``add_grads(G)`` takes a chunk (k, d) or a single gradient (d,); ``diag()`` (d,), ``mul(x)`` (d,) and
     ``blocks()`` (n_blocks, B, B) give the inverse (formed on first use, O(d B^2)). Cost of
     ``add_grads``: O(k d B) as one batched GEMM. ``m`` in the formula is the number of gradients added.
+    Damping: give ``damp`` (absolute λ) or ``rel_damp`` (λ_b a fraction of block b's mean Fisher diagonal,
+    :func:`relative_damp`); ``block_damp`` (n_blocks,) holds the λ_b used once the inverse is formed.
     """
 
-    def __init__(self, dim: int, block_size: int, damp: float, *, device=None, dtype: torch.dtype = torch.float32):
+    def __init__(self, dim: int, block_size: int, damp: float | None = None, *, rel_damp: float | None = None,
+                 device=None, dtype: torch.dtype = torch.float32):
         self.dim = check_positive_int("dim", dim)
         self.block_size = min(check_positive_int("block_size", block_size), self.dim)
-        self.damp = check_damp(damp)
+        self.damp, self.rel_damp = check_damping(damp, rel_damp)
+        self.block_damp: torch.Tensor | None = None
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
         self.dtype = dtype
@@ -69,12 +105,22 @@ class BlockFisherInverse:
             raise RuntimeError("no gradients were added; call add_grads() first")
         B = self.block_size
         eye = torch.eye(B, dtype=torch.float64, device=self.device)
+        lam = self._block_damp()  # (nb,)
         batch = max(1, _BATCH_BYTES // (8 * B * B))
         for s in range(0, self.num_blocks, batch):
-            F = self._mat[s : s + batch].to(torch.float64) / self.num_grads + self.damp * eye  # (nb, B, B)
-            L, _ = damped_cholesky(F, self.damp, "BlockFisherInverse")
+            shift = lam[s : s + batch]
+            F = self._mat[s : s + batch].to(torch.float64) / self.num_grads + shift[:, None, None] * eye  # (nb, B, B)
+            L, _ = damped_cholesky(F, shift, "BlockFisherInverse")
             self._mat[s : s + batch] = torch.cholesky_inverse(L).to(self.dtype)
+        self.block_damp = lam
         self._inverted = True
+
+    def _block_damp(self) -> torch.Tensor:
+        """λ_b (n_blocks,) fp64 for the accumulated (not yet inverted) blocks."""
+        if self.rel_damp is None:
+            return torch.full((self.num_blocks,), self.damp, dtype=torch.float64, device=self.device)
+        diag = self._mat.diagonal(dim1=-2, dim2=-1).to(torch.float64) / self.num_grads  # (nb, B)
+        return relative_damp(diag.sum(1), (diag > 0).sum(1), self.rel_damp)
 
     def blocks(self) -> torch.Tensor:
         """The inverse blocks (n_blocks, B, B); rows/columns past ``dim`` in the last block are padding."""
@@ -104,12 +150,16 @@ class BlockFisherInverse:
         self._mat.zero_()
         self.num_grads = 0
         self._inverted = False
+        self.block_damp = None
 
     def state_dict(self) -> dict:
-        return {"mat": self._mat, "num_grads": self.num_grads, "inverted": self._inverted}
+        return {"mat": self._mat, "num_grads": self.num_grads, "inverted": self._inverted,
+                "block_damp": self.block_damp}
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state["mat"].shape) != tuple(self._mat.shape):
             raise ValueError(f"saved blocks have shape {tuple(state['mat'].shape)}; expected {tuple(self._mat.shape)}")
         self._mat = state["mat"].to(device=self.device, dtype=self.dtype).clone()
         self.num_grads, self._inverted = int(state["num_grads"]), bool(state["inverted"])
+        bd = state.get("block_damp")
+        self.block_damp = None if bd is None else bd.to(device=self.device, dtype=torch.float64).clone()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from .fisher import check_damping, relative_damp
 from ._checks import (
     check_damp,
     check_finite,
@@ -218,18 +219,25 @@ class StaticMFAC:
     m x m factor, two passes over the pages suffice (the paper's swap scheme needs O(k^2) page swaps).
     With ``page_bytes=None`` everything is processed in one go on ``device``.
 
+    Damping: ``damp`` (one absolute λ) or ``rel_damp`` (λ_b a fraction of block b's mean Fisher diagonal,
+    ``rel_damp * |G_b|_F^2 / (m * live columns)``, :func:`hf_mfac.core.fisher.relative_damp`; unchanged in
+    relative terms when the gradients are scaled). ``block_damp`` (n_blocks,) holds the λ_b used.
+
     ``grads`` is overwritten with W unless ``copy=True``. Precision: W is kept in the dtype of ``grads``;
     the m x m factorisations run in fp64. The diagonal suffers cancellation when ``1 - sum W^2`` is tiny
     (tiny damp): pass fp64 grads where that matters.
     """
 
-    def __init__(self, grads: torch.Tensor, damp: float, block_size: int | None = None, *, device=None,
-                 page_bytes: int | None = None, copy: bool = False):
+    def __init__(self, grads: torch.Tensor, damp: float | None = None, block_size: int | None = None, *,
+                 rel_damp: float | None = None, device=None, page_bytes: int | None = None, copy: bool = False):
         check_float_tensor("grads", grads, ndim=2)
         if grads.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"grads must be float32 or float64 for StaticMFAC; got {grads.dtype}")
+        if grads.shape[0] == 0 or grads.shape[1] == 0:
+            raise ValueError(f"grads must hold at least one gradient of at least one coordinate; got shape "
+                             f"{tuple(grads.shape)} (m gradients x d coordinates)")
         check_finite("grads", grads)
-        self.damp = check_damp(damp)
+        self.damp, self.rel_damp = check_damping(damp, rel_damp)
         self.num_grads, self.dim = grads.shape
         if block_size is not None:
             block_size = check_positive_int("block_size", block_size)
@@ -255,14 +263,30 @@ class StaticMFAC:
     def _store(self, s: int, e: int, page: torch.Tensor) -> None:
         self.W[:, s:e].copy_(page)
 
+    def _damp_of(self, Gb: torch.Tensor) -> torch.Tensor:
+        """λ_b for blocks Gb (nb, m, B): ``damp``, or ``rel_damp`` times the mean of diag(G_b^T G_b / m)."""
+        if self.rel_damp is None:
+            return torch.full(Gb.shape[:1], self.damp, dtype=torch.float64, device=Gb.device)
+        sq = (Gb.to(torch.float64) ** 2).sum(1) / self.num_grads  # (nb, B) the Fisher diagonal
+        return relative_damp(sq.sum(1), (sq > 0).sum(1), self.rel_damp)
+
     def _precompute_full(self) -> None:
         m = self.num_grads
         GGt = torch.zeros(m, m, dtype=torch.float64, device=self.device)
         pages = self._pages(1)
+        live = 0
         for s, e in pages:  # pass 1: K = m*damp*I + G G^T
             page = self._load(s, e)
             GGt += (page @ page.T).to(torch.float64)
-        shift = m * self.damp
+            if self.rel_damp is not None:
+                live += int((page != 0).any(0).sum())
+        if self.rel_damp is None:
+            lam = torch.tensor([self.damp], dtype=torch.float64, device=self.device)
+        else:
+            lam = relative_damp(GGt.diagonal().sum()[None] / m, torch.tensor([live], device=self.device), self.rel_damp)
+        self.block_damp = lam
+        self._inv_damp = 1.0 / float(lam[0])
+        shift = m * float(lam[0])
         K = GGt + shift * torch.eye(m, dtype=torch.float64, device=self.device)
         L, _ = damped_cholesky(K, shift, "StaticMFAC")
         for s, e in pages:  # pass 2: W = L^{-1} G, page by page
@@ -281,7 +305,7 @@ class StaticMFAC:
 
     def _precompute_blocks(self) -> None:
         m = self.num_grads
-        shift = m * self.damp
+        lams = []
         for start, nb, B in self._segments():
             per_page = max(1, (self._pages(B)[0][1] - self._pages(B)[0][0]) // B) if self.page_bytes else nb
             for b0 in range(0, nb, per_page):
@@ -289,10 +313,20 @@ class StaticMFAC:
                 s, e = start + b0 * B, start + b1 * B
                 Gb = self._load(s, e).reshape(m, b1 - b0, B).permute(1, 0, 2).to(torch.float64)  # (nb, m, B)
                 K = Gb @ Gb.mT  # (nb, m, m)
-                K.diagonal(dim1=-2, dim2=-1).add_(shift)
+                lam = self._damp_of(Gb)  # (nb,)
+                lams.append(lam)
+                shift = m * lam
+                K.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
                 L, _ = damped_cholesky(K, shift, "StaticMFAC(block)")
                 Wb = torch.linalg.solve_triangular(L, Gb, upper=False)  # (nb, m, B)
                 self._store(s, e, Wb.permute(1, 0, 2).reshape(m, e - s).to(self.W.dtype))
+        self.block_damp = torch.cat(lams)  # (n_blocks,) in block order
+        # 1/λ per coordinate for the queries (d,), or one number when the damping is absolute
+        self._inv_damp = (1.0 / self.damp if self.rel_damp is None else
+                          (1.0 / self.block_damp).repeat_interleave(self._block_widths()).to(self.W.device))
+
+    def _block_widths(self) -> torch.Tensor:
+        return torch.tensor([B for _, nb, B in self._segments() for _ in range(nb)], device=self.device)
 
     # -- queries ---------------------------------------------------------------------------------------
     def _blocks_view(self, v: torch.Tensor, start: int, nb: int, B: int):
@@ -313,7 +347,15 @@ class StaticMFAC:
                 xb = xw[start : start + nb * B].view(nb, B)
                 t = torch.einsum("mnb,nb->mn", Wb, xb)
                 y[start : start + nb * B] = (xb - torch.einsum("mnb,mn->nb", Wb, t)).reshape(-1)
-        return (y / self.damp).to(x.device)
+        return (y * self._inv_damp_as(y)).to(x.device)
+
+    def _inv_damp_as(self, like: torch.Tensor, index=None):
+        """1/λ of each coordinate (a number when it is the same for all) in ``like``'s dtype and device."""
+        inv = self._inv_damp
+        if isinstance(inv, float):
+            return inv
+        inv = inv if index is None else inv[index]
+        return inv.to(device=like.device, dtype=like.dtype)
 
     def diag(self) -> torch.Tensor:
         """``diag(F^{-1})`` (d,) (eq. 25), O(dm), accumulated in fp64 over column chunks (bounded temporaries)."""
@@ -321,7 +363,7 @@ class StaticMFAC:
         step = max(1, (32 << 20) // (8 * self.num_grads))  # 32 MiB of fp64 per chunk
         for s in range(0, self.dim, step):
             sq[s : s + step] = (self.W[:, s : s + step].to(torch.float64) ** 2).sum(0)
-        return ((1.0 - sq) / self.damp).to(self.W.dtype)
+        return ((1.0 - sq) * self._inv_damp_as(sq)).to(self.W.dtype)
 
     def _block_of(self, i: torch.Tensor) -> torch.Tensor:
         return torch.div(i, self.block_size, rounding_mode="floor")
@@ -333,7 +375,7 @@ class StaticMFAC:
         if bool(((i < 0) | (i >= self.dim) | (j < 0) | (j >= self.dim)).any()):
             raise IndexError(f"indices must lie in [0, {self.dim})")
         dot = (self.W[:, i].to(torch.float64) * self.W[:, j].to(torch.float64)).sum(0)
-        val = ((i == j).to(torch.float64) - dot) / self.damp
+        val = ((i == j).to(torch.float64) - dot) * self._inv_damp_as(dot, i)
         same = self._block_of(i) == self._block_of(j)
         return torch.where(same, val, torch.zeros_like(val)).to(self.W.dtype)
 
