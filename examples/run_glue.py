@@ -195,6 +195,21 @@ def load_local_splits(data_files: dict, encoding: str = "utf-8", cache_dir=None)
     return datasets.load_dataset("csv", data_files=data_files, cache_dir=cache_dir, encoding=encoding, **kwargs)
 
 
+def encode_string_labels(raw_datasets: dict, label_key: str) -> dict:
+    """A string label column (positive, negative...) as a ``ClassLabel`` over the sorted names of all splits,
+    cast before tokenising: ``map`` writing integer ids into a string column keeps its string type, and the
+    collator then fails with "too many dimensions 'str'"."""
+    import datasets
+
+    splits = {k: ds for k, ds in raw_datasets.items() if isinstance(ds, datasets.Dataset) and label_key in ds.features}
+    if not splits or any(getattr(ds.features[label_key], "dtype", None) not in ("string", "large_string")
+                         for ds in splits.values()):
+        return raw_datasets
+    names = sorted({v for ds in splits.values() for v in ds.unique(label_key) if v is not None})
+    label = datasets.ClassLabel(names=names)
+    return {k: ds.cast_column(label_key, label) if k in splits else ds for k, ds in raw_datasets.items()}
+
+
 class GlueTrainer(DistillationMixin, MFACTrainer):
     """``MFACTrainer`` with optional distillation from a dense teacher (``--distill_teacher``)."""
 
@@ -269,11 +284,16 @@ def main(argv=None):
         n_val = len(train) * data_args.validation_split_percentage // 100
         raw_datasets["validation"], raw_datasets["train"] = train.select(order[:n_val]), train.select(order[n_val:])
 
+    raw_datasets = encode_string_labels(raw_datasets, label_key)
     reference = raw_datasets.get("train", raw_datasets.get("validation"))
     first_label = reference[0][label_key]
     is_regression = data_args.task_name == "stsb" or (data_args.task_name is None and isinstance(first_label, float))
+    class_names = getattr(getattr(reference, "features", {}).get(label_key), "names", None)
     if is_regression:
         num_labels, label_list = 1, None
+    elif class_names is not None:  # a ClassLabel column holds the ids; its names become the model's labels
+        label_list = class_names
+        num_labels = len(label_list)
     else:
         label_list = sorted(reference.unique(label_key), key=str)
         num_labels = len(label_list)
@@ -310,9 +330,11 @@ def main(argv=None):
 
     padding = "max_length" if data_args.pad_to_max_length else False
     label_to_id = None if is_regression else {v: i for i, v in enumerate(label_list)}
+    if class_names is not None:
+        label_to_id = {i: i for i in range(num_labels)}
     if label_to_id is not None:
-        model.config.label2id = {str(label): i for label, i in label_to_id.items()}
-        model.config.id2label = {i: str(label) for label, i in label_to_id.items()}
+        model.config.label2id = {str(label): i for i, label in enumerate(label_list)}
+        model.config.id2label = {i: str(label) for i, label in enumerate(label_list)}
 
     if data_args.max_seq_length > tokenizer.model_max_length:
         logger.warning(

@@ -1,6 +1,7 @@
 """--prune_* flags (hf_mfac.integrations.PruningArguments) in examples/run_glue.py and
 examples/run_image_classification.py: a few CPU steps of magnitude pruning (gradual; one-shot for run_glue) on
-tiny random models; the saved model must hold the target sparsity in its encoder Linear weights."""
+tiny random models; the saved model must hold the target sparsity in its encoder Linear weights. Also
+run_glue.py on a table whose ``label`` column holds strings."""
 import csv
 import importlib.util
 import random
@@ -88,3 +89,24 @@ def test_run_image_classification_gradual_magnitude_pruning(tmp_path):
         "--intermediate_size", "32", *COMMON])
     assert any("sparsity" in h for h in trainer.state.log_history)
     _check_saved(out, AutoModelForImageClassification)
+
+
+def test_run_glue_string_label_column(tmp_path):
+    """A ``label`` column of strings is encoded as a ClassLabel over the sorted names of all splits before
+    tokenising (writing ids into a string column used to fail with "too many dimensions 'str'")."""
+    model_dir, words = save_tiny_text_model(tmp_path)
+    rng = random.Random(0)
+    for split, n in (("train", 24), ("dev", 8)):
+        with open(tmp_path / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["sentence", "label"])
+            w.writerows([" ".join(rng.choice(words) for _ in range(5)), rng.choice(["positive", "negative", "neutral"])]
+                        for _ in range(n))
+    trainer = _load_example("run_glue").main([
+        "--model_name_or_path", str(model_dir), "--train_file", str(tmp_path / "train.csv"),
+        "--validation_file", str(tmp_path / "dev.csv"), "--do_eval", "--ignore_mismatched_sizes",
+        "--max_seq_length", "16", "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "out"),
+        *COMMON])
+    assert trainer.model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    assert set(trainer.eval_dataset["label"]) <= {0, 1, 2}
+    assert "eval_accuracy" in trainer.evaluate()
