@@ -32,23 +32,37 @@ def check_damping(damp, rel_damp) -> tuple[float | None, float | None]:
     return None, check_damp(rel_damp, "rel_damp")
 
 
-def relative_damp(diag_sums: torch.Tensor, counts: torch.Tensor, rel_damp: float) -> torch.Tensor:
-    """Per-block damping ``rel_damp * mean diagonal`` (n_blocks,) fp64, from the sums of each block's Fisher
-    diagonal over its live coordinates (``diag_sums``, (n_blocks,)) and their number (``counts``).
+def relative_damp(diag_sums: torch.Tensor, counts: torch.Tensor, rel_damp: float, groups: torch.Tensor | None = None,
+                  reduce=None) -> torch.Tensor:
+    """Per-block damping ``rel_damp * mean Fisher diagonal`` (n_blocks,) fp64.
 
-    The mean is taken over the coordinates with a non-zero diagonal (padding and pruned weights carry no
-    gradient), as SparseGPT and OBC damp each layer Hessian by a fraction of its mean diagonal. A block with no
-    gradient at all gets the smallest damping of the others (scale-aware, so that its weights, which the Fisher
-    says cost nothing, stay cheap to prune), or ``rel_damp`` when every block is empty. Multiplying every
-    gradient by c multiplies the result by c^2, as it does the Fisher: OBS scores scale uniformly and the
-    selection and the updates do not change.
+    ``diag_sums`` (n_blocks,) are the sums of each block's Fisher diagonal over its live coordinates and
+    ``counts`` (n_blocks,) their number (coordinates with a non-zero diagonal: padding and pruned weights carry no
+    gradient). The mean is taken over each group of blocks (``groups`` (n_blocks,) int: the target tensor each
+    block belongs to; None: each block its own group), as SparseGPT and OBC damp a layer Hessian by a fraction of
+    its mean diagonal. With ``reduce`` given (a sharded Fisher), ``reduce(t)`` sums the per-group sums and counts
+    (a (2, n_groups) fp64 tensor) over the shards in place, so that every shard damps a group alike.
+
+    A group with no gradient at all gets the smallest damping of the others (scale-aware, so that its weights,
+    which the Fisher says cost nothing, stay cheap to prune), or ``rel_damp`` when every group is empty.
+    Multiplying every gradient by c multiplies the result by c^2, as it does the Fisher: OBS scores scale
+    uniformly and neither the selection nor the updates change.
     """
-    sums = diag_sums.to(torch.float64)
-    live = counts > 0
-    lam = torch.where(live, sums / counts.clamp_min(1).to(torch.float64), torch.zeros_like(sums)) * rel_damp
+    sums, cnt = diag_sums.to(torch.float64), counts.to(torch.float64)
+    if groups is not None:
+        n = int(groups.max()) + 1 if groups.numel() else 0
+        acc = torch.zeros(2, n, dtype=torch.float64, device=sums.device)
+        acc[0].index_add_(0, groups, sums)
+        acc[1].index_add_(0, groups, cnt)
+    else:
+        acc = torch.stack([sums, cnt])
+    if reduce is not None:
+        reduce(acc)
+    lam = torch.where(acc[1] > 0, acc[0] / acc[1].clamp_min(1), torch.zeros_like(acc[0])) * rel_damp
     pos = lam > 0
     floor = lam[pos].min() if bool(pos.any()) else torch.tensor(rel_damp, dtype=torch.float64, device=lam.device)
-    return torch.where(pos, lam, floor)
+    lam = torch.where(pos, lam, floor)
+    return lam if groups is None else lam[groups]
 
 
 class BlockFisherInverse:
@@ -57,16 +71,19 @@ class BlockFisherInverse:
     ``add_grads(G)`` takes a chunk (k, d) or a single gradient (d,); ``diag()`` (d,), ``mul(x)`` (d,) and
     ``blocks()`` (n_blocks, B, B) give the inverse (formed on first use, O(d B^2)). Cost of
     ``add_grads``: O(k d B) as one batched GEMM. ``m`` in the formula is the number of gradients added.
-    Damping: give ``damp`` (absolute λ) or ``rel_damp`` (λ_b a fraction of block b's mean Fisher diagonal,
+    Damping: give ``damp`` (absolute λ) or ``rel_damp`` (a fraction of the mean Fisher diagonal of each group of
+    blocks, ``damp_groups`` (n_blocks,) int, e.g. the target tensor of each block; default: each block alone;
     :func:`relative_damp`); ``block_damp`` (n_blocks,) holds the λ_b used once the inverse is formed.
     """
 
     def __init__(self, dim: int, block_size: int, damp: float | None = None, *, rel_damp: float | None = None,
-                 device=None, dtype: torch.dtype = torch.float32):
+                 damp_groups: torch.Tensor | None = None, damp_reduce=None, device=None,
+                 dtype: torch.dtype = torch.float32):
         self.dim = check_positive_int("dim", dim)
         self.block_size = min(check_positive_int("block_size", block_size), self.dim)
         self.damp, self.rel_damp = check_damping(damp, rel_damp)
         self.block_damp: torch.Tensor | None = None
+        self.damp_groups, self.damp_reduce = damp_groups, damp_reduce
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
         self.dtype = dtype
@@ -120,7 +137,8 @@ class BlockFisherInverse:
         if self.rel_damp is None:
             return torch.full((self.num_blocks,), self.damp, dtype=torch.float64, device=self.device)
         diag = self._mat.diagonal(dim1=-2, dim2=-1).to(torch.float64) / self.num_grads  # (nb, B)
-        return relative_damp(diag.sum(1), (diag > 0).sum(1), self.rel_damp)
+        groups = None if self.damp_groups is None else self.damp_groups.to(self.device)
+        return relative_damp(diag.sum(1), (diag > 0).sum(1), self.rel_damp, groups, self.damp_reduce)
 
     def blocks(self) -> torch.Tensor:
         """The inverse blocks (n_blocks, B, B); rows/columns past ``dim`` in the last block are padding."""

@@ -219,9 +219,10 @@ class StaticMFAC:
     m x m factor, two passes over the pages suffice (the paper's swap scheme needs O(k^2) page swaps).
     With ``page_bytes=None`` everything is processed in one go on ``device``.
 
-    Damping: ``damp`` (one absolute λ) or ``rel_damp`` (λ_b a fraction of block b's mean Fisher diagonal,
-    ``rel_damp * |G_b|_F^2 / (m * live columns)``, :func:`hf_mfac.core.fisher.relative_damp`; unchanged in
-    relative terms when the gradients are scaled). ``block_damp`` (n_blocks,) holds the λ_b used.
+    Damping: ``damp`` (one absolute λ) or ``rel_damp`` (λ_b a fraction of the mean Fisher diagonal
+    ``|G_:,j|^2 / m`` over the live columns of each group of blocks, ``damp_groups`` (n_blocks,) int, default each
+    block alone; :func:`hf_mfac.core.fisher.relative_damp`: unchanged in relative terms when the gradients are
+    scaled). ``block_damp`` (n_blocks,) holds the λ_b used.
 
     ``grads`` is overwritten with W unless ``copy=True``. Precision: W is kept in the dtype of ``grads``;
     the m x m factorisations run in fp64. The diagonal suffers cancellation when ``1 - sum W^2`` is tiny
@@ -229,7 +230,8 @@ class StaticMFAC:
     """
 
     def __init__(self, grads: torch.Tensor, damp: float | None = None, block_size: int | None = None, *,
-                 rel_damp: float | None = None, device=None, page_bytes: int | None = None, copy: bool = False):
+                 rel_damp: float | None = None, damp_groups: torch.Tensor | None = None, device=None,
+                 page_bytes: int | None = None, copy: bool = False):
         check_float_tensor("grads", grads, ndim=2)
         if grads.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"grads must be float32 or float64 for StaticMFAC; got {grads.dtype}")
@@ -245,6 +247,10 @@ class StaticMFAC:
         self.device = torch.device(device) if device is not None else grads.device
         self.W = grads.clone() if copy else grads  # (m, d), becomes W = L^{-1} G
         self.page_bytes = page_bytes
+        self.block_damp = self._block_damps(damp_groups)  # (n_blocks,) fp64
+        # 1/λ per coordinate for the queries (d,), or one number when all blocks share one λ
+        self._inv_damp = (1.0 / float(self.block_damp[0]) if self.rel_damp is None or len(self.block_damp) == 1 else
+                          (1.0 / self.block_damp).repeat_interleave(self._block_widths()).to(self.W.device))
         if self.block_size >= self.dim:
             self._precompute_full()
         else:
@@ -263,30 +269,37 @@ class StaticMFAC:
     def _store(self, s: int, e: int, page: torch.Tensor) -> None:
         self.W[:, s:e].copy_(page)
 
-    def _damp_of(self, Gb: torch.Tensor) -> torch.Tensor:
-        """λ_b for blocks Gb (nb, m, B): ``damp``, or ``rel_damp`` times the mean of diag(G_b^T G_b / m)."""
+    def _block_widths(self) -> torch.Tensor:
+        return torch.tensor([B for _, nb, B in self._segments() for _ in range(nb)], device=self.W.device)
+
+    def _block_damps(self, groups) -> torch.Tensor:
+        """λ_b (n_blocks,): ``damp``, or ``rel_damp`` times the mean of diag(G^T G / m) over each group of blocks
+        (``groups`` (n_blocks,) int, e.g. the target tensor of each block; None: each block alone). One O(dm)
+        pass over G for the column norms."""
+        widths = self._block_widths()
         if self.rel_damp is None:
-            return torch.full(Gb.shape[:1], self.damp, dtype=torch.float64, device=Gb.device)
-        sq = (Gb.to(torch.float64) ** 2).sum(1) / self.num_grads  # (nb, B) the Fisher diagonal
-        return relative_damp(sq.sum(1), (sq > 0).sum(1), self.rel_damp)
+            return torch.full((len(widths),), self.damp, dtype=torch.float64, device=self.W.device)
+        sq = torch.empty(self.dim, dtype=torch.float64, device=self.W.device)
+        step = max(1, (32 << 20) // (8 * self.num_grads))
+        for s in range(0, self.dim, step):
+            sq[s : s + step] = (self.W[:, s : s + step].to(torch.float64) ** 2).sum(0) / self.num_grads
+        block = torch.arange(len(widths), device=sq.device).repeat_interleave(widths)  # (d,) block of each column
+        sums = torch.zeros(len(widths), dtype=torch.float64, device=sq.device).index_add_(0, block, sq)
+        counts = torch.zeros(len(widths), dtype=torch.float64, device=sq.device).index_add_(0, block, (sq > 0).double())
+        if groups is not None:
+            groups = torch.as_tensor(groups, device=sq.device).long()
+            if groups.shape != (len(widths),):
+                raise ValueError(f"damp_groups must have one entry per block ({len(widths)},); got {tuple(groups.shape)}")
+        return relative_damp(sums, counts, self.rel_damp, groups)
 
     def _precompute_full(self) -> None:
         m = self.num_grads
         GGt = torch.zeros(m, m, dtype=torch.float64, device=self.device)
         pages = self._pages(1)
-        live = 0
         for s, e in pages:  # pass 1: K = m*damp*I + G G^T
             page = self._load(s, e)
             GGt += (page @ page.T).to(torch.float64)
-            if self.rel_damp is not None:
-                live += int((page != 0).any(0).sum())
-        if self.rel_damp is None:
-            lam = torch.tensor([self.damp], dtype=torch.float64, device=self.device)
-        else:
-            lam = relative_damp(GGt.diagonal().sum()[None] / m, torch.tensor([live], device=self.device), self.rel_damp)
-        self.block_damp = lam
-        self._inv_damp = 1.0 / float(lam[0])
-        shift = m * float(lam[0])
+        shift = m * float(self.block_damp[0])
         K = GGt + shift * torch.eye(m, dtype=torch.float64, device=self.device)
         L, _ = damped_cholesky(K, shift, "StaticMFAC")
         for s, e in pages:  # pass 2: W = L^{-1} G, page by page
@@ -305,7 +318,7 @@ class StaticMFAC:
 
     def _precompute_blocks(self) -> None:
         m = self.num_grads
-        lams = []
+        first = 0  # index of the first block of the current segment
         for start, nb, B in self._segments():
             per_page = max(1, (self._pages(B)[0][1] - self._pages(B)[0][0]) // B) if self.page_bytes else nb
             for b0 in range(0, nb, per_page):
@@ -313,20 +326,12 @@ class StaticMFAC:
                 s, e = start + b0 * B, start + b1 * B
                 Gb = self._load(s, e).reshape(m, b1 - b0, B).permute(1, 0, 2).to(torch.float64)  # (nb, m, B)
                 K = Gb @ Gb.mT  # (nb, m, m)
-                lam = self._damp_of(Gb)  # (nb,)
-                lams.append(lam)
-                shift = m * lam
+                shift = m * self.block_damp[first + b0 : first + b1].to(Gb.device)  # (nb,)
                 K.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
                 L, _ = damped_cholesky(K, shift, "StaticMFAC(block)")
                 Wb = torch.linalg.solve_triangular(L, Gb, upper=False)  # (nb, m, B)
                 self._store(s, e, Wb.permute(1, 0, 2).reshape(m, e - s).to(self.W.dtype))
-        self.block_damp = torch.cat(lams)  # (n_blocks,) in block order
-        # 1/λ per coordinate for the queries (d,), or one number when the damping is absolute
-        self._inv_damp = (1.0 / self.damp if self.rel_damp is None else
-                          (1.0 / self.block_damp).repeat_interleave(self._block_widths()).to(self.W.device))
-
-    def _block_widths(self) -> torch.Tensor:
-        return torch.tensor([B for _, nb, B in self._segments() for _ in range(nb)], device=self.device)
+            first += nb
 
     # -- queries ---------------------------------------------------------------------------------------
     def _blocks_view(self, v: torch.Tensor, start: int, nb: int, B: int):

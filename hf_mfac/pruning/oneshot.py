@@ -1,38 +1,50 @@
 """One-shot pruning with recomputations, and sparsity sweeps.
 
 ``prune_oneshot`` reaches the target in ``recompute`` steps that each prune the same fraction of the
-remaining weights (seed 000 D.4.2, :func:`~hf_mfac.core.schedules.equal_fraction_schedule`), collecting
+remaining weights ([M-FAC, App. D.4.2], :func:`~hf_mfac.core.schedules.equal_fraction_schedule`), collecting
 fresh gradients at the current (already pruned and updated) weights before each step: the quadratic
-model behind OBS only holds near the point where the Fisher was taken (seed 001 §5.1 "recompute",
-seed 000 D.2.6). For N:M the steps add zeros per group (e.g. 4:4 -> 3:4 -> 2:4).
+model behind OBS only holds near the point where the Fisher was taken ([WoodFisher, §5.1] "recompute",
+[M-FAC, App. D.2.6]). For N:M the steps add zeros per group (e.g. 4:4 -> 3:4 -> 2:4).
+
+All or nothing: a run that raises (KeyboardInterrupt included) copies the target weights back from a host copy
+taken before the first update (:func:`restore_on_error`), so the model is as it was before the call.
+Inside an initialised process group of several ranks, ``prune_oneshot`` runs
+:func:`~hf_mfac.pruning.distributed.prune_oneshot_distributed`, so the ranks never diverge.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
+import logging
 import math
 import time
 from collections import OrderedDict
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
+from ..comm import Comm
 from ..core._checks import check_positive_int, check_sparsity
 from ..core.schedules import equal_fraction_schedule
-from .grads import check_dataloader, collect_grads
+from .grads import check_dataloader, check_fisher_batch_size, check_trainable, collect_grads
 from .pruners import Pruner, _check_memory, make_pruner
 from .targets import DEFAULT_EXCLUDE, DEFAULT_TYPES, Layout, find_prunable
 
 __all__ = ["prune_oneshot", "prune_sweep", "PruneReport", "PruneResult", "FisherCache", "apply_masks",
-           "masks_from_zeros"]
+           "masks_from_zeros", "restore_on_error"]
+
+logger = logging.getLogger("hf_mfac")
 
 
 @dataclass
 class PruneReport:
     """What a one-shot run did. ``layers``: ``{name: {"numel", "sparsity", "loss_increase"}}``;
     ``loss_increase`` is the OBS estimate summed over steps (sum of the pruned units' saliencies
-    ``rho = 1/2 w_Q^T ([F^{-1}]_QQ)^{-1} w_Q``, seed 001 eq. 10 / seed 004 eq. 5, or CAP's recorded greedy
+    ``rho = 1/2 w_Q^T ([F^{-1}]_QQ)^{-1} w_Q``, [WoodFisher, eq. 10] / [CAP, eq. 5], or CAP's recorded greedy
     losses; None for magnitude). It is measured with the empirical Fisher of the gradients used: averaging
     each gradient over a Fisher mini-batch of b samples shrinks that Fisher by about b near a minimum, and
     the empirical Fisher underestimates the curvature of a well-fit model, so read it as a relative score
@@ -93,6 +105,87 @@ def apply_masks(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Te
 def masks_from_zeros(params: Mapping[str, torch.Tensor]) -> dict:
     """Masks that keep every non-zero weight (to resume from a pruned model without its masks)."""
     return {name: p.detach() != 0 for name, p in params.items()}
+
+
+_GUARDED: ContextVar[frozenset] = ContextVar("hf_mfac_guarded_tensors", default=frozenset())
+
+
+@contextlib.contextmanager
+def restore_on_error(tensors: Mapping[str, torch.Tensor]):
+    """Copy ``tensors`` back to their values on entry if the block raises anything (KeyboardInterrupt included),
+    then re-raise. Memory: one host (CPU) copy of the tensors for the duration of the block; tensors an
+    enclosing ``restore_on_error`` already guards are not copied again (the outer block restores them).
+    Yields ``commit()``, which makes the current values the ones to restore."""
+    outer = _GUARDED.get()
+    own = {name: t for name, t in tensors.items() if id(t) not in outer}
+    saved = {name: t.detach().to("cpu", copy=True) for name, t in own.items()}
+
+    def commit() -> None:
+        for name, t in own.items():
+            saved[name].copy_(t.detach())
+
+    token = _GUARDED.set(outer | {id(t) for t in own.values()})
+    try:
+        yield commit
+    except BaseException:
+        with torch.no_grad():
+            for name, t in own.items():
+                t.copy_(saved[name])
+        raise
+    finally:
+        _GUARDED.reset(token)
+
+
+def _resolve_targets(model: nn.Module, kwargs: dict) -> dict:
+    """``kwargs`` of :func:`prune_oneshot` with the targets resolved once (``targets=``, in place of
+    ``include``/``exclude``/``types``), for the callers that guard them across several runs."""
+    kwargs = dict(kwargs)
+    select = {k: kwargs.pop(k) for k in ("include", "exclude", "types") if k in kwargs}
+    if kwargs.get("targets") is None:
+        kwargs["targets"] = find_prunable(model, **select)
+    return kwargs
+
+
+def _pruner_from(method, *, device=None, **settings) -> Pruner:
+    """The pruner of a run: :func:`make_pruner` with the ``settings`` (pattern, scope, block_size, damp, ...), or
+    ``method`` itself when it is a :class:`Pruner`, which holds its own settings (then they must be left out)."""
+    if not isinstance(method, Pruner):
+        return make_pruner(method, device=device, **settings)
+    given = sorted(k for k, v in settings.items() if v not in (None, False) and not (k == "scope" and v == "global"))
+    if given:
+        raise ValueError(f"{given} are set on the Pruner instance; do not pass them to prune_oneshot")
+    return method
+
+
+def _fit_block_size(pruner: Pruner, targets: Mapping[str, torch.Tensor]) -> Pruner:
+    """``pruner``, or a copy with its block size lowered to the largest target's size (rounded up to the pattern's
+    unit) when the block size exceeds every target. Each target is padded to a whole number of blocks, so a larger
+    block only adds padding: the same inverse on the weights (padding carries no gradient) at a Fisher of up to
+    (B / largest target) times the memory and (B / largest target)^2 the time. Logged on logger "hf_mfac"."""
+    B = pruner.block_size
+    if not (pruner.uses_fisher and B and pruner.pad == B):  # static M-FAC: blocks span targets, no padding
+        return pruner
+    g = pruner.pattern.group
+    fit = -(-max(t.numel() for t in targets.values()) // g) * g
+    if fit >= B:
+        return pruner
+    logger.info("block_size=%d is larger than every pruning target (the largest has %d weights); using "
+                "block_size=%d, which gives the same Fisher inverse on the weights without the padding", B,
+                max(t.numel() for t in targets.values()), fit)
+    pruner = copy.copy(pruner)
+    inner = pruner.__dict__.get("inner")  # a DistributedPruner forwards its block size to the wrapped pruner
+    if inner is not None:
+        pruner.inner = inner = copy.copy(inner)
+    (inner or pruner).block_size = fit
+    return pruner
+
+
+def _several_ranks(method) -> bool:
+    """True inside an initialised process group of more than one rank, unless ``method`` is already distributed
+    (a :class:`~hf_mfac.pruning.distributed.DistributedPruner`, which brings its own group)."""
+    from .distributed import DistributedPruner
+
+    return not isinstance(method, DistributedPruner) and Comm().distributed
 
 
 def _initial_keep(layout: Layout, masks, device) -> torch.Tensor:
@@ -194,7 +287,7 @@ class FisherCache:
 
 def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "obert", sparsity: float | None = None,
                   num_grads: int | None = None, block_size: int | None = None, damp: float | None = None,
-                  recompute: int = 1, scope: str = "global", pattern=None, woodtaylor: bool = False,
+                  rel_damp: float | None = None, recompute: int = 1, scope: str = "global", pattern=None, woodtaylor: bool = False,
                   include=None, exclude=DEFAULT_EXCLUDE, types: Sequence[type] = DEFAULT_TYPES,
                   targets: Mapping[str, torch.Tensor] | None = None, masks: Mapping[str, torch.Tensor] | None = None,
                   fisher_batch_size: int | None = None, per_sample: bool = False, loss_fn: Callable | None = None,
@@ -209,12 +302,15 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
             slice of it, ``per_sample=True`` for single samples) gives one gradient. Re-iterated for each
             recomputation.
         method: "magnitude", "obert" (WoodFisher/oBERT), "mfac" (static M-FAC) or "cap", or a
-            :class:`~hf_mfac.pruning.Pruner`; ``block_size``/``damp``/``num_grads`` default to the method's.
+            :class:`~hf_mfac.pruning.Pruner`; ``block_size``/``rel_damp``/``num_grads`` default to the method's.
+        rel_damp, damp: the Fisher's damping, by default ``rel_damp`` (a fraction of the mean diagonal of each
+            Fisher block: the masks do not depend on the scale of the loss); ``damp`` is an absolute λ instead
+            (the papers' setting, ``F = damp*I + G^T G / m``). Give at most one.
         sparsity: fraction of the target weights to prune, exactly (rounded to whole units); implied by N:M.
         recompute: number of steps, each on fresh gradients, pruning the same fraction of what remains.
         scope: "global" (one threshold) or "layer" (uniform per target).
         pattern: None/"unstructured", "N:M" (e.g. "2:4"), or "G-block" (e.g. "4-block").
-        woodtaylor: add the first-order term (seed 001 §6.2) for "obert"/"mfac".
+        woodtaylor: add the first-order term ([WoodFisher, §6.2]) for "obert"/"mfac".
         include, exclude, types: target selection (:func:`find_prunable`), or ``targets={name: param}``.
         masks: existing masks ``{name: bool}`` (True = kept); those weights stay pruned.
         device: where the Fisher and the solves live (default: the model's device); ``page_bytes`` pages the
@@ -223,23 +319,39 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
             methods and sparsities): the first step reuses its Fisher inverse instead of recollecting the
             gradients when nothing it depends on changed (``report.fisher_reused``).
 
-    Everything is validated (pattern vs shapes, block size vs pattern, sparsity, data size, memory) before
-    any weight is touched; gradient collection fails before the first update too.
+    Everything is validated (pattern vs shapes, block size vs pattern, sparsity, data size, frozen targets,
+    memory) before any work. ``num_grads`` must be a positive integer (None: the method's default). A
+    ``block_size`` larger than every target is lowered to the largest target's size (rounded up to the pattern's
+    unit; logged on logger "hf_mfac"): each target is padded to whole blocks, so the larger block would give the
+    same inverse at many times the memory and time.
+
+    All or nothing: if anything raises, KeyboardInterrupt included (a failed or interrupted recomputation step,
+    a non-finite result), the target weights are copied back exactly and the exception propagates. This costs
+    one host (CPU) copy of the target weights for the duration of the call.
+
+    Inside an initialised ``torch.distributed`` process group of more than one rank this is
+    :func:`~hf_mfac.pruning.distributed.prune_oneshot_distributed` (call it on every rank; ``num_grads`` counts the
+    gradients of all ranks, each rank takes its shard of the dataloader), so that every rank ends with the same
+    model. To prune each rank's model on its own, give a group of one rank:
+    ``prune_oneshot_distributed(..., group=torch.distributed.new_subgroups(group_size=1)[0])``.
     """
+    settings = {k: v for k, v in locals().items() if k not in ("model", "dataloader")}
     t_start = time.perf_counter()
+    if _several_ranks(method):  # every rank must end with the same model: prune over all of them
+        from .distributed import prune_oneshot_distributed
+
+        return prune_oneshot_distributed(model, dataloader, **settings)
     recompute = check_positive_int("recompute", recompute)
-    if isinstance(method, Pruner):
-        given = {k: v for k, v in dict(pattern=pattern, block_size=block_size, damp=damp, woodtaylor=woodtaylor or None,
-                                       page_bytes=page_bytes, scope=None if scope == "global" else scope).items()
-                 if v is not None}
-        if given:
-            raise ValueError(f"{sorted(given)} are set on the Pruner instance; do not pass them to prune_oneshot")
-        pruner = method
-    else:
-        pruner = make_pruner(method, pattern=pattern, scope=scope, block_size=block_size, damp=damp,
-                             woodtaylor=woodtaylor, device=device, page_bytes=page_bytes)
+    if num_grads is not None:
+        num_grads = check_positive_int("num_grads", num_grads)
+    fisher_batch_size = check_fisher_batch_size(fisher_batch_size, per_sample)
+    pruner = _pruner_from(method, pattern=pattern, scope=scope, block_size=block_size, damp=damp, rel_damp=rel_damp,
+                          woodtaylor=woodtaylor, device=device, page_bytes=page_bytes)
     if targets is None:
         targets = find_prunable(model, include=include, exclude=exclude, types=types)
+    pruner = _fit_block_size(pruner, targets)
+    if pruner.uses_fisher:
+        check_trainable(targets)
     layout = Layout(targets, pad=pruner.pad)
     pruner.check(layout)
     dev = pruner.device or next(iter(targets.values())).device  # gradients and the Fisher's factorisations
@@ -247,8 +359,8 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
     keep = _initial_keep(layout, masks, wdev)
     steps = _schedule(pruner, layout, keep, sparsity, recompute)
     if pruner.uses_fisher:
-        num_grads = check_positive_int("num_grads", num_grads or pruner.default_num_grads)
-        check_dataloader(dataloader, num_grads, 1 if per_sample else fisher_batch_size, repeats=len(steps))
+        num_grads = num_grads or pruner.default_num_grads
+        check_dataloader(dataloader, num_grads, fisher_batch_size, repeats=len(steps))
         _check_memory(pruner.fisher_bytes(layout.dim, num_grads), wdev, f"the {pruner.name} Fisher",
                       "lower num_grads or block_size, prune fewer layers, or use another device")
     else:
@@ -258,74 +370,91 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
                          target_sparsity=steps[-1][0], num_grads=num_grads, block_size=cfg["block_size"],
                          damp=cfg["damp"], woodtaylor=cfg["woodtaylor"])
     loss_total = None
-    for i_step, (step_sparsity, zeros) in enumerate(steps):
-        t0 = time.perf_counter()
-        finv, grad, t_grads = None, None, 0.0
-        if pruner.uses_fisher:
-            cache_key = cached = None
-            if fisher_cache is not None and i_step == 0 and pruner.fisher_key() is not None:
-                cache_key = fisher_cache.key(model, pruner, layout, keep, dataloader, (
-                    id(loss_fn), num_grads, fisher_batch_size, per_sample, str(dev), str(wdev)))
-                cached = fisher_cache.get(cache_key)
-            if cached is not None:
-                finv, grad = cached
-                report.fisher_reused = True
-            else:
-                fisher = pruner.new_fisher(layout.dim, num_grads, dev)
-                stats = collect_grads(model, dataloader, num_grads, params=layout, keep=keep.to(dev),
-                                      sink=fisher.add_grads, fisher_batch_size=fisher_batch_size,
-                                      per_sample=per_sample, chunk_size=chunk_size, loss_fn=loss_fn, device=dev,
-                                      progress=progress)
-                t_grads = stats.seconds
-                grad = stats.mean.to(wdev)
-                finv = fisher.finish()
-                if cache_key is not None:
-                    fisher_cache.put(cache_key, (finv, grad))
-        w = layout.flatten(targets, dtype=torch.float32, device=wdev)
-        res = pruner.prune(layout, w, keep, sparsity=step_sparsity, zeros=zeros, finv=finv, grad=grad)
-        if not bool(torch.isfinite(res.weights).all()):
-            raise FloatingPointError(f"{pruner.name}: the pruned weights are not finite; increase damp")
-        keep = res.keep
-        with torch.no_grad():
-            for name, v in layout.unflatten(res.weights).items():
-                targets[name].copy_(v)
-        if res.loss is not None:
-            loss_total = res.loss if loss_total is None else loss_total + res.loss
-        dt = time.perf_counter() - t0
-        report.time_grads += t_grads
-        report.time_prune += dt - t_grads
-        report.steps.append({"sparsity": 1.0 - float(keep.sum()) / layout.numel,
-                             "loss_increase": None if res.loss is None else float(res.loss.sum()),
-                             "time_grads": t_grads, "time_prune": dt - t_grads})
-        del finv
-    out_masks = {name: m.to(targets[name].device).clone() for name, m in layout.unflatten(keep).items()}
-    report.sparsity = 1.0 - float(keep.sum()) / layout.numel
-    report.loss_increase = None if loss_total is None else float(loss_total.sum())
-    for i, name in enumerate(layout.names):
-        n = layout.numels[i]
-        report.layers[name] = {"numel": n, "sparsity": 1.0 - float(out_masks[name].sum()) / n,
-                               "loss_increase": None if loss_total is None else float(loss_total[i])}
-    report.time_total = time.perf_counter() - t_start
+    with restore_on_error(targets):  # all or nothing: the weights come back on any exception
+        for i_step, (step_sparsity, zeros) in enumerate(steps):
+            t0 = time.perf_counter()
+            finv, grad, t_grads = None, None, 0.0
+            if pruner.uses_fisher:
+                cache_key = cached = None
+                if fisher_cache is not None and i_step == 0 and pruner.fisher_key() is not None:
+                    cache_key = fisher_cache.key(model, pruner, layout, keep, dataloader, (
+                        id(loss_fn), num_grads, fisher_batch_size, per_sample, str(dev), str(wdev)))
+                    cached = fisher_cache.get(cache_key)
+                if cached is not None:
+                    finv, grad = cached
+                    report.fisher_reused = True
+                else:
+                    fisher = pruner.new_fisher(layout.dim, num_grads, dev, groups=layout.layer_index())
+                    stats = collect_grads(model, dataloader, num_grads, params=layout, keep=keep.to(dev),
+                                          sink=fisher.add_grads, fisher_batch_size=fisher_batch_size,
+                                          per_sample=per_sample, chunk_size=chunk_size, loss_fn=loss_fn, device=dev,
+                                          progress=progress)
+                    t_grads = stats.seconds
+                    grad = stats.mean.to(wdev)
+                    finv = fisher.finish()
+                    if cache_key is not None:
+                        fisher_cache.put(cache_key, (finv, grad))
+            w = layout.flatten(targets, dtype=torch.float32, device=wdev)
+            res = pruner.prune(layout, w, keep, sparsity=step_sparsity, zeros=zeros, finv=finv, grad=grad)
+            if not bool(torch.isfinite(res.weights).all()):
+                raise FloatingPointError(f"{pruner.name}: the pruned weights are not finite; increase damp")
+            keep = res.keep
+            with torch.no_grad():
+                for name, v in layout.unflatten(res.weights).items():
+                    targets[name].copy_(v)
+            if res.loss is not None:
+                loss_total = res.loss if loss_total is None else loss_total + res.loss
+            dt = time.perf_counter() - t0
+            report.time_grads += t_grads
+            report.time_prune += dt - t_grads
+            report.steps.append({"sparsity": 1.0 - float(keep.sum()) / layout.numel,
+                                 "loss_increase": None if res.loss is None else float(res.loss.sum()),
+                                 "time_grads": t_grads, "time_prune": dt - t_grads})
+            del finv
+        out_masks = {name: m.to(targets[name].device).clone() for name, m in layout.unflatten(keep).items()}
+        report.sparsity = 1.0 - float(keep.sum()) / layout.numel
+        report.loss_increase = None if loss_total is None else float(loss_total.sum())
+        for i, name in enumerate(layout.names):
+            n = layout.numels[i]
+            report.layers[name] = {"numel": n, "sparsity": 1.0 - float(out_masks[name].sum()) / n,
+                                   "loss_increase": None if loss_total is None else float(loss_total[i])}
+        report.time_total = time.perf_counter() - t_start
     return PruneResult(out_masks, report)
 
 
 def prune_sweep(model: nn.Module, dataloader=None, sparsities: Sequence[float] = (), *,
                 save_fn: Callable[[float, nn.Module, dict, PruneReport], None] | None = None,
                 **kwargs) -> list[PruneResult]:
-    """Several targets in one run (seed 004 §3.2): prune to each sparsity in increasing order, starting from
+    """Several targets in one run ([CAP, §3.2]): prune to each sparsity in increasing order, starting from
     the previous masks, and call ``save_fn(sparsity, model, masks, report)`` after each (e.g. to write a
-    checkpoint per target). ``kwargs`` go to :func:`prune_oneshot` (``recompute`` applies per target)."""
+    checkpoint per target). ``kwargs`` go to :func:`prune_oneshot` (``recompute`` applies per target).
+
+    All or nothing, as :func:`prune_oneshot`: if a target fails (or the run is interrupted), the target weights
+    are copied back to what they were before the call, unless ``save_fn`` already returned for some targets:
+    then to what they were when the last ``save_fn`` returned, so the model agrees with the last checkpoint
+    written (the exception carries a note naming the targets that were saved). Memory: one host copy of the
+    target weights for the whole sweep."""
     if not sparsities:
         raise ValueError("give at least one target sparsity")
     targets = [check_sparsity(s) for s in sparsities]
     if any(b <= a for a, b in zip(targets, targets[1:])):
         raise ValueError(f"sparsities must increase strictly (masks never regrow); got {list(sparsities)}")
+    kwargs = _resolve_targets(model, kwargs)
     masks = kwargs.pop("masks", None)
-    results = []
-    for s in targets:
-        res = prune_oneshot(model, dataloader, sparsity=s, masks=masks, **kwargs)
-        masks = res.masks
-        results.append(res)
-        if save_fn is not None:
-            save_fn(s, model, res.masks, res.report)
+    results, saved = [], []
+    try:
+        with restore_on_error(kwargs["targets"]) as commit:
+            for s in targets:
+                res = prune_oneshot(model, dataloader, sparsity=s, masks=masks, **kwargs)
+                masks = res.masks
+                results.append(res)
+                if save_fn is not None:
+                    save_fn(s, model, res.masks, res.report)
+                    commit()
+                    saved.append(s)
+    except BaseException as e:
+        if saved:
+            e.add_note(f"prune_sweep: sparsities {saved} were saved by save_fn; the model is left as at the last "
+                       f"({saved[-1]})")
+        raise
     return results

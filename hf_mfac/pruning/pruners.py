@@ -25,6 +25,8 @@ import itertools
 import re
 from dataclasses import dataclass
 
+import logging
+
 import torch
 
 from ..core import BlockFisherInverse, StaticMFAC
@@ -32,6 +34,8 @@ from ..core._checks import check_damp, check_positive_int, free_bytes
 from ..core.cap import cap_apply, cap_eliminate, cap_select
 from ..core.masks import num_to_prune, threshold_masks
 from ..core.obs import group_scores, obs_scores, obs_update
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Pattern", "Pruner", "MagnitudePruner", "OBSPruner", "MFACPruner", "CAPPruner", "PRUNERS",
            "make_pruner", "StepResult"]
@@ -117,6 +121,15 @@ def _select(layout, scores_u: torch.Tensor, sparsity: float, scope: str, g: int)
     return out
 
 
+def _block_groups(groups: torch.Tensor | None, B: int, scope: str = "global") -> torch.Tensor | None:
+    """The damping group of each block of B consecutive coordinates: one group for all (``scope="global"``), or
+    the target of the block's first coordinate (``"layer"``)."""
+    if groups is None:
+        return None
+    groups = groups[::B].cpu()
+    return torch.zeros_like(groups) if scope == "global" else groups
+
+
 def _per_layer(layout, values: torch.Tensor, g: int = 1) -> torch.Tensor:
     """Sum a per-unit quantity (D/g,) over each target -> (L,) fp64."""
     out = torch.zeros(len(layout.names), dtype=torch.float64, device=values.device)
@@ -170,7 +183,11 @@ def _nm_select(w: torch.Tensor, sub: torch.Tensor, idx: torch.Tensor, zeros: int
 class Pruner(abc.ABC):
     """Abstract base class. ``scope``: "global" (one threshold over all targets) or "layer" (uniform sparsity).
 
-    Subclasses set the defaults (one place for each: ``default_block_size``, ``default_damp``,
+    Damping: by default ``rel_damp`` (``default_rel_damp``), a fraction of the mean diagonal of each Fisher
+    block, so that the masks do not depend on the scale of the loss; ``damp`` gives the papers' absolute λ
+    instead (``F = damp*I + G^T G / m``) and turns the relative one off.
+
+    Subclasses set the defaults (one place for each: ``default_block_size``, ``default_rel_damp``,
     ``default_num_grads``) and implement :meth:`prune` (and :meth:`new_fisher` when ``uses_fisher``).
     """
     name = "base"
@@ -178,12 +195,13 @@ class Pruner(abc.ABC):
     patterns = ("unstructured", "nm", "group")
     supports_woodtaylor = True
     default_block_size: int | None = 128
-    default_damp = 1e-6
+    default_rel_damp = 1e-2
+    rel_damp_scope = "global"  # the mean diagonal is taken over all targets ("layer": over each target)
     default_num_grads = 1024
 
     def __init__(self, *, pattern=None, scope: str = "global", block_size: int | None = None,
-                 damp: float | None = None, woodtaylor: bool = False, device=None, page_bytes: int | None = None,
-                 fisher_dtype: torch.dtype = torch.float32):
+                 damp: float | None = None, rel_damp: float | None = None, woodtaylor: bool = False, device=None,
+                 page_bytes: int | None = None, fisher_dtype: torch.dtype = torch.float32):
         self.pattern = Pattern.parse(pattern)
         if self.pattern.kind not in self.patterns:
             raise ValueError(f"method {self.name!r} does not support the {self.pattern} pattern "
@@ -196,7 +214,13 @@ class Pruner(abc.ABC):
         self.woodtaylor = bool(woodtaylor)
         self.block_size = (self.default_block_size if block_size is None
                            else check_positive_int("block_size", block_size))
-        self.damp = check_damp(self.default_damp if damp is None else damp)
+        if damp is not None and rel_damp is not None:
+            raise ValueError(f"give damp (absolute) or rel_damp (relative to the Fisher's scale), not both; got "
+                             f"damp={damp!r}, rel_damp={rel_damp!r}")
+        # Default: relative damping (scale-free); an absolute damp replaces it when given.
+        self.damp = None if damp is None else check_damp(damp)
+        self.rel_damp = (check_damp(self.default_rel_damp if rel_damp is None else rel_damp, "rel_damp")
+                         if damp is None else None)
         self.device = None if device is None else torch.device(device)
         self.page_bytes = page_bytes
         self.fisher_dtype = fisher_dtype
@@ -225,7 +249,12 @@ class Pruner(abc.ABC):
     def config(self) -> dict:
         return {"method": self.name, "pattern": str(self.pattern), "scope": self.scope,
                 "block_size": self.block_size if self.uses_fisher else None,
-                "damp": self.damp if self.uses_fisher else None, "woodtaylor": self.woodtaylor}
+                "damp": self.damp if self.uses_fisher else None,
+                "rel_damp": self.rel_damp if self.uses_fisher else None, "woodtaylor": self.woodtaylor}
+
+    def damping(self) -> dict:
+        """The keyword arguments of the damping for the core inverses (``damp`` or ``rel_damp``)."""
+        return {"damp": self.damp, "rel_damp": self.rel_damp}
 
     def fisher_key(self) -> tuple | None:
         """What the Fisher inverse this pruner builds depends on, besides the gradients: pruners with equal keys
@@ -233,10 +262,11 @@ class Pruner(abc.ABC):
         None for pruners without a Fisher."""
         if not self.uses_fisher:
             return None
-        return ("block", self.block_size, self.damp, self.fisher_dtype, self.pad)
+        return ("block", self.block_size, self.damp, self.rel_damp, self.fisher_dtype, self.pad)
 
-    def new_fisher(self, dim: int, num_grads: int, device):
-        """The gradient sink for Fisher methods (subclasses that set ``uses_fisher``)."""
+    def new_fisher(self, dim: int, num_grads: int, device, groups: torch.Tensor | None = None):
+        """The gradient sink for Fisher methods (subclasses that set ``uses_fisher``). ``groups`` (dim,) int: the
+        target tensor of each coordinate (``Layout.layer_index``), over which the relative damping averages."""
         raise TypeError(f"{type(self).__name__} does not use a Fisher")
 
     @abc.abstractmethod
@@ -334,18 +364,19 @@ class OBSPruner(_OBSMixin, Pruner):
     groups and N:M with the oBERT group formula, seed 004 eq. 5). Blocks of ``block_size`` weights inside
     each target; Fisher memory D*B values, gradients streamed (never all held). Cost per step: O(m D B)
     to accumulate, O(D B^2) to invert, O(D B) to score and update. WoodTaylor (seed 001 §6.2) with
-    ``woodtaylor=True``. Defaults as in oBERT-style runs: B=128, damp=1e-6, m=1024."""
+    ``woodtaylor=True``."""
     name = "obert"
 
-    def new_fisher(self, dim: int, num_grads: int, device):
-        return _BlockFisherSink(dim, self.block_size, self.damp, device=device, dtype=self.fisher_dtype)
+    def new_fisher(self, dim: int, num_grads: int, device, groups: torch.Tensor | None = None):
+        return _BlockFisherSink(dim, self.block_size, **self.damping(), damp_groups=_block_groups(groups, self.block_size, self.rel_damp_scope),
+                                device=device, dtype=self.fisher_dtype)
 
 
 class _GradBuffer:
     """Holds the m gradients (host memory by default) for the static M-FAC inverse."""
 
-    def __init__(self, pruner, dim: int, num_grads: int, device):
-        self.pruner, self.n = pruner, 0
+    def __init__(self, pruner, dim: int, num_grads: int, device, groups=None):
+        self.pruner, self.n, self.groups = pruner, 0, groups
         self.G = torch.empty(num_grads, dim, dtype=torch.float32, device=pruner.grads_device or "cpu")
         self.device = device
 
@@ -358,7 +389,9 @@ class _GradBuffer:
         page = p.page_bytes
         if page is None:  # bound the fp64 temporaries of the precomputation (about 6x the page) on any device
             page = MFACPruner.default_page_bytes
-        return StaticMFAC(self.G[: self.n], p.damp, p.block_size, device=self.device, page_bytes=page)
+        B = min(p.block_size or self.G.shape[1], self.G.shape[1])
+        return StaticMFAC(self.G[: self.n], block_size=p.block_size, **p.damping(), damp_groups=_block_groups(self.groups, B, p.rel_damp_scope),
+                          device=self.device, page_bytes=page)
 
 
 class MFACPruner(_OBSMixin, Pruner):
@@ -367,8 +400,8 @@ class MFACPruner(_OBSMixin, Pruner):
     ``diag(F^{-1})`` (eq. 25) and ``F^{-1} x`` (eq. 24) in O(D m) after an O(D m^2) precomputation, for
     blocks of ``block_size`` (None = one block over all targets, the "full" M-FAC); the precomputation runs in
     pages of ``page_bytes`` (default 256 MiB of G) to bound its temporaries. Blocks are consecutive
-    coordinates of the flat vector and may span two targets, as in the M-FAC code. Default B=2048 (the
-    M-FAC paper's choice, seed 004 appendix), damp=1e-6, m=1024."""
+    coordinates of the flat vector and may span two targets, as in the M-FAC code; the relative damping is
+    per block. Default B=2048 (the M-FAC paper's choice)."""
     name = "mfac"
     default_block_size = 2048
     default_page_bytes = 1 << 28  # precompute in pages of 256 MiB of G (``page_bytes`` overrides)
@@ -385,13 +418,14 @@ class MFACPruner(_OBSMixin, Pruner):
         return dim * num_grads * 4
 
     def fisher_key(self) -> tuple:
-        return ("static-mfac", self.block_size, self.damp, self.page_bytes, str(self.grads_device or "cpu"))
+        return ("static-mfac", self.block_size, self.damp, self.rel_damp, self.page_bytes,
+                str(self.grads_device or "cpu"))
 
     def work_device(self, device: torch.device) -> torch.device:
         return torch.device(self.grads_device or "cpu")  # W = L^{-1} G stays where G is; queries run there
 
-    def new_fisher(self, dim: int, num_grads: int, device):
-        return _GradBuffer(self, dim, num_grads, device)
+    def new_fisher(self, dim: int, num_grads: int, device, groups: torch.Tensor | None = None):
+        return _GradBuffer(self, dim, num_grads, device, groups)
 
 
 class CAPPruner(Pruner):
@@ -399,14 +433,14 @@ class CAPPruner(Pruner):
     elimination inside every block, then one global (or per-layer) merge of the recorded losses; the
     chosen prefix of each block's order is applied with the joint OBS solve (O(D) extra memory instead of
     the reference's (B+1) D). N:M: no weight is eliminated from a group that already has its zeros.
-    Cost O(D B^2). Defaults: B=128, damp=1e-8 (CAP's optimum, seed 004 appendix), m=1024."""
+    Cost O(D B^2)."""
     name = "cap"
     patterns = ("unstructured", "nm")
     supports_woodtaylor = False
-    default_damp = 1e-8
 
-    def new_fisher(self, dim: int, num_grads: int, device):
-        return _BlockFisherSink(dim, self.block_size, self.damp, device=device, dtype=self.fisher_dtype)
+    def new_fisher(self, dim: int, num_grads: int, device, groups: torch.Tensor | None = None):
+        return _BlockFisherSink(dim, self.block_size, **self.damping(), damp_groups=_block_groups(groups, self.block_size, self.rel_damp_scope),
+                                device=device, dtype=self.fisher_dtype)
 
     def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
         if finv is None:
@@ -456,8 +490,8 @@ def make_pruner(method: str | Pruner, **kwargs) -> Pruner:
     cls = PRUNERS.get(str(method).lower())
     if cls is None:
         raise ValueError(f"unknown pruning method {method!r}; choose one of {sorted(PRUNERS)}")
-    if cls is MagnitudePruner:
-        for k in ("block_size", "damp"):
-            if kwargs.get(k) is not None:
-                raise ValueError(f"{k} does not apply to magnitude pruning")
+    if cls is MagnitudePruner:  # one sweep may pass the same settings to every method
+        unused = [k for k in ("block_size", "damp", "rel_damp", "woodtaylor") if kwargs.pop(k, None) not in (None, False)]
+        if unused:
+            logger.info("magnitude pruning uses no Fisher: ignoring %s", ", ".join(unused))
     return cls(**kwargs)
