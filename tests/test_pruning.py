@@ -351,7 +351,6 @@ def test_sweep_calls_save_fn(random_bert):
     (dict(method="obert", pattern="2-of-4", sparsity=0.5), "unknown sparsity pattern"),
     (dict(method="cap", pattern="4-block", sparsity=0.5), "does not support"),
     (dict(method="cap", sparsity=0.5, woodtaylor=True), "woodtaylor"),
-    (dict(method="magnitude", sparsity=0.5, block_size=16), "does not apply"),
     (dict(method="obert", sparsity=0.5, scope="model"), "scope"),
     (dict(method="obert", sparsity=0.5, num_grads=1000), "gives at most 32 gradients"),
     (dict(method="obert", sparsity=0.5, recompute=0), "recompute"),

@@ -1,6 +1,6 @@
 """Gradient sources for the empirical Fisher: m gradients of the loss, streamed in chunks.
 
-Each gradient is the mean loss gradient over one *Fisher mini-batch* (seed 001 §5.1: averaging over a
+Each gradient is the mean loss gradient over one *Fisher mini-batch* ([WoodFisher, §5.1]: averaging over a
 mini-batch lets the Fisher see mini-batch times more samples at the same cost), by default one batch of
 the dataloader; ``fisher_batch_size`` re-cuts the dataloader's batches (``1`` = per-sample gradients).
 The model runs in eval mode (no dropout), the gradients are taken with ``torch.autograd.grad`` (the
@@ -21,9 +21,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core._checks import check_positive_int
 from .targets import Layout, find_prunable
 
-__all__ = ["collect_grads", "iter_grads", "GradStats", "default_loss", "check_dataloader"]
+__all__ = ["collect_grads", "iter_grads", "GradStats", "default_loss", "check_dataloader", "check_trainable",
+           "check_fisher_batch_size"]
 
 
 def default_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -68,26 +70,68 @@ def _to(batch, device):
     return batch
 
 
+def check_fisher_batch_size(fisher_batch_size, per_sample: bool = False) -> int | None:
+    """The samples per gradient: ``fisher_batch_size`` (a positive integer, or None for one batch), 1 with
+    ``per_sample=True``."""
+    if per_sample:
+        if fisher_batch_size not in (None, 1):
+            raise ValueError("per_sample=True means fisher_batch_size=1; do not give both")
+        return 1
+    if fisher_batch_size is None:
+        return None
+    if isinstance(fisher_batch_size, bool) or int(fisher_batch_size) != fisher_batch_size or fisher_batch_size < 1:
+        raise ValueError(f"fisher_batch_size must be a positive integer; got {fisher_batch_size!r}")
+    return int(fisher_batch_size)
+
+
+def check_trainable(params: Mapping[str, torch.Tensor]) -> None:
+    """Refuse targets that autograd cannot differentiate (``requires_grad=False``), naming them."""
+    frozen = [name for name, p in params.items() if not p.requires_grad]
+    if frozen:
+        shown = ", ".join(frozen[:5]) + (f" and {len(frozen) - 5} more" if len(frozen) > 5 else "")
+        raise ValueError(f"frozen pruning targets (requires_grad=False): {shown}. The Fisher needs their gradients: "
+                         "unfreeze them (param.requires_grad_(True)) or leave them out of the targets "
+                         "(exclude=... or targets=...)")
+
+
+def _num_gradients(dataloader, fisher_batch_size: int | None) -> int | None:
+    """How many gradients one pass over ``dataloader`` gives, when its length says (else None): its batches, or
+    with ``fisher_batch_size`` the Fisher mini-batches of its batches (the last batch may be shorter)."""
+    try:
+        n = len(dataloader)
+    except TypeError:
+        return None
+    if fisher_batch_size is None or n == 0:
+        return n
+    bs = getattr(dataloader, "batch_size", None)
+    if bs is None:
+        return None
+    last = bs
+    if not getattr(dataloader, "drop_last", False):
+        try:
+            last = len(dataloader.sampler) - (n - 1) * bs
+        except (AttributeError, TypeError):
+            pass
+    last = min(bs, max(1, last))
+    return (n - 1) * -(-bs // fisher_batch_size) + -(-last // fisher_batch_size)
+
+
 def check_dataloader(dataloader, num_grads: int, fisher_batch_size: int | None = None, repeats: int = 1) -> None:
-    """Fail early when ``dataloader`` cannot give ``num_grads`` gradients ``repeats`` times."""
+    """Fail early when ``dataloader`` cannot give ``num_grads`` gradients ``repeats`` times: none, empty, shorter
+    than ``num_grads`` (when its length says), or a one-shot iterator asked to repeat."""
     if dataloader is None:
         raise ValueError("this pruning method needs gradients: pass a dataloader that yields batches with labels")
     if repeats > 1 and iter(dataloader) is dataloader:
         raise ValueError("recomputations need a dataloader that can be iterated again (a DataLoader or a list), "
                          "not a one-shot iterator")
-    try:
-        n = len(dataloader)
-    except TypeError:
-        return
-    per = 1
-    if fisher_batch_size is not None:
-        bs = getattr(dataloader, "batch_size", None)
-        if bs is None:
-            return
-        per = -(-bs // fisher_batch_size)
-    if n * per < num_grads:
-        raise ValueError(f"the dataloader gives at most {n * per} gradients ({n} batches"
-                         f"{'' if per == 1 else f' x {per} Fisher mini-batches'}) but num_grads={num_grads}: "
+    fisher_batch_size = check_fisher_batch_size(fisher_batch_size)
+    have = _num_gradients(dataloader, fisher_batch_size)
+    if have == 0:
+        raise ValueError("the dataloader is empty: the Fisher needs gradients, give it calibration batches")
+    if have is not None and have < num_grads:
+        per = "" if fisher_batch_size is None else f" of {fisher_batch_size} sample(s)"
+        raise ValueError(f"the dataloader gives at most {have} gradients ({len(dataloader)} batches"
+                         f"{'' if not per else f', in Fisher mini-batches{per}'}) but num_grads={num_grads}: "
                          "lower num_grads, use a smaller batch size or fisher_batch_size, or give more data")
 
 
@@ -178,16 +222,10 @@ def collect_grads(model: nn.Module, dataloader, num_grads: int, *, params: Layou
     on ``device`` (default: the model's device; ``chunk_size`` defaults to up to 32 rows within 256 MiB) plus
     ``m * D`` on ``out_device`` when ``sink`` is None.
     """
-    if per_sample:
-        if fisher_batch_size not in (None, 1):
-            raise ValueError("per_sample=True means fisher_batch_size=1; do not give both")
-        fisher_batch_size = 1
-    if fisher_batch_size is not None and (int(fisher_batch_size) != fisher_batch_size or fisher_batch_size < 1):
-        raise ValueError(f"fisher_batch_size must be a positive integer; got {fisher_batch_size!r}")
-    num_grads = int(num_grads)
-    if num_grads < 1:
-        raise ValueError(f"num_grads must be >= 1; got {num_grads}")
+    fisher_batch_size = check_fisher_batch_size(fisher_batch_size, per_sample)
+    num_grads = check_positive_int("num_grads", num_grads)
     layout = params if isinstance(params, Layout) else Layout(params or find_prunable(model))
+    check_trainable(layout.params)
     check_dataloader(dataloader, num_grads, fisher_batch_size)
     t0 = time.perf_counter()
     G = None if sink is not None else torch.empty(num_grads, layout.dim, dtype=torch.float32, device=out_device)

@@ -364,6 +364,9 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
         _check_memory(pruner.fisher_bytes(layout.dim, num_grads), wdev, f"the {pruner.name} Fisher",
                       "lower num_grads or block_size, prune fewer layers, or use another device")
     else:
+        unused = [k for k, v in dict(num_grads=num_grads, fisher_batch_size=fisher_batch_size).items() if v is not None]
+        if unused:  # one sweep may pass the same settings to every method
+            logger.info("%s pruning uses no gradients: ignoring %s", pruner.name, ", ".join(unused))
         num_grads = None
     cfg = pruner.config()
     report = PruneReport(method=cfg["method"], pattern=cfg["pattern"], scope=cfg["scope"],
