@@ -43,12 +43,12 @@ logger = logging.getLogger("hf_mfac")
 @dataclass
 class PruneReport:
     """What a one-shot run did. ``layers``: ``{name: {"numel", "sparsity", "loss_increase"}}``;
-    ``loss_increase`` is the OBS estimate summed over steps (sum of the pruned units' saliencies
-    ``rho = 1/2 w_Q^T ([F^{-1}]_QQ)^{-1} w_Q``, [WoodFisher, eq. 10] / [CAP, eq. 5], or CAP's recorded greedy
-    losses; None for magnitude). It is measured with the empirical Fisher of the gradients used: averaging
-    each gradient over a Fisher mini-batch of b samples shrinks that Fisher by about b near a minimum, and
-    the empirical Fisher underestimates the curvature of a well-fit model, so read it as a relative score
-    (layers, methods, steps of one run), not as the loss change. Times in seconds; ``grad_share`` = share
+    ``loss_increase`` is the OBS estimate of the increase of the loss, summed over steps (the pruned units'
+    saliencies ``rho = 1/2 w_Q^T ([F^{-1}]_QQ)^{-1} w_Q`` [WoodFisher, eq. 10], [oBERT, eq. 5], or CAP's
+    recorded greedy losses; None for magnitude). Each gradient of the Fisher averages a mini-batch of b
+    samples, which shrinks that Fisher by about b near a minimum: the saliencies are multiplied by b (the mean
+    number of samples per gradient) so that the estimate is on the scale of the per-sample loss. It is still a
+    second-order estimate with the empirical Fisher and the damping. Times in seconds; ``grad_share`` = share
     of the time spent collecting gradients."""
     method: str
     pattern: str
@@ -59,6 +59,7 @@ class PruneReport:
     num_grads: int | None = None
     block_size: int | None = None
     damp: float | None = None
+    rel_damp: float | None = None
     woodtaylor: bool = False
     fisher_reused: bool = False
     layers: dict = field(default_factory=dict)
@@ -371,12 +372,12 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
     cfg = pruner.config()
     report = PruneReport(method=cfg["method"], pattern=cfg["pattern"], scope=cfg["scope"],
                          target_sparsity=steps[-1][0], num_grads=num_grads, block_size=cfg["block_size"],
-                         damp=cfg["damp"], woodtaylor=cfg["woodtaylor"])
+                         damp=cfg["damp"], rel_damp=cfg["rel_damp"], woodtaylor=cfg["woodtaylor"])
     loss_total = None
     with restore_on_error(targets):  # all or nothing: the weights come back on any exception
         for i_step, (step_sparsity, zeros) in enumerate(steps):
             t0 = time.perf_counter()
-            finv, grad, t_grads = None, None, 0.0
+            finv, grad, t_grads, samples_per_grad = None, None, 0.0, 1.0
             if pruner.uses_fisher:
                 cache_key = cached = None
                 if fisher_cache is not None and i_step == 0 and pruner.fisher_key() is not None:
@@ -384,7 +385,7 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
                         id(loss_fn), num_grads, fisher_batch_size, per_sample, str(dev), str(wdev)))
                     cached = fisher_cache.get(cache_key)
                 if cached is not None:
-                    finv, grad = cached
+                    finv, grad, samples_per_grad = cached
                     report.fisher_reused = True
                 else:
                     fisher = pruner.new_fisher(layout.dim, num_grads, dev, groups=layout.layer_index())
@@ -394,9 +395,10 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
                                           progress=progress)
                     t_grads = stats.seconds
                     grad = stats.mean.to(wdev)
+                    samples_per_grad = stats.num_samples / max(1, stats.num_grads)
                     finv = fisher.finish()
                     if cache_key is not None:
-                        fisher_cache.put(cache_key, (finv, grad))
+                        fisher_cache.put(cache_key, (finv, grad, samples_per_grad))
             w = layout.flatten(targets, dtype=torch.float32, device=wdev)
             res = pruner.prune(layout, w, keep, sparsity=step_sparsity, zeros=zeros, finv=finv, grad=grad)
             if not bool(torch.isfinite(res.weights).all()):
@@ -406,6 +408,9 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
                 for name, v in layout.unflatten(res.weights).items():
                     targets[name].copy_(v)
             if res.loss is not None:
+                # The Fisher of gradients averaged over b samples is about 1/b of the per-sample Fisher that the
+                # quadratic model needs (near a minimum the mean gradient is small): scale the saliencies by b.
+                res.loss = res.loss * samples_per_grad
                 loss_total = res.loss if loss_total is None else loss_total + res.loss
             dt = time.perf_counter() - t0
             report.time_grads += t_grads
