@@ -119,6 +119,23 @@ def test_unattached_callback_logs_to_history_only(tmp_path, caplog):
     assert not [l for l in spy.logs if "sparsity" in l]
 
 
+@pytest.mark.parametrize("log_level,shown", [("info", True), ("warning", False)])
+def test_pruning_step_is_logged_at_the_trainer_log_level(tmp_path, caplog, capsys, log_level, shown):
+    """At --log_level info a pruning step logs when it starts and what it did (the "hf_mfac" logger follows
+    TrainingArguments.get_process_log_level(), as transformers' loggers do), and its metric reaches the log;
+    with tqdm enabled the gradients get a progress bar."""
+    logging.getLogger("hf_mfac").setLevel(logging.WARNING)
+    cb = PruningCallback("obert", 0.5, start=2, end=2, num_grads=4, block_size=16)
+    trainer, _ = make_trainer(tmp_path, cb, max_steps=3, args=dict(log_level=log_level, disable_tqdm=False))
+    trainer.train()
+    lines = [r.getMessage() for r in caplog.records if r.name == "hf_mfac"]
+    started = [m for m in lines if m.startswith("PruningCallback: step 2: pruning with obert")]
+    done = [m for m in lines if m.startswith("PruningCallback: step 2: sparsity 0.5000 (target 0.5000)")]
+    assert bool(started) == shown and bool(done) == shown
+    assert [h["sparsity"] for h in trainer.state.log_history if "sparsity" in h] == [pytest.approx(0.5, abs=1e-3)]
+    assert "collecting gradients" in capsys.readouterr().err
+
+
 def test_calibration_dataloader_and_epoch_unit(tmp_path):
     calib = [{"input_ids": torch.randint(5, 50, (4, 10)), "attention_mask": torch.ones(4, 10, dtype=torch.long),
               "labels": torch.randint(0, 3, (4,))} for _ in range(4)]

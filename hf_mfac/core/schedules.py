@@ -1,9 +1,16 @@
 """Sparsity and learning-rate schedules for pruning."""
 from __future__ import annotations
 
+import bisect
+import warnings
+from typing import Callable, Sequence
+
+import torch
+
 from ._checks import check_positive_int, check_sparsity
 
-__all__ = ["cubic_sparsity", "equal_fraction_schedule", "cyclic_linear_lr"]
+__all__ = ["cubic_sparsity", "equal_fraction_schedule", "cyclic_linear_lr", "cyclic_linear_lambda",
+           "cyclic_linear_scheduler"]
 
 
 def cubic_sparsity(step: int, *, start_step: int, end_step: int, initial_sparsity: float,
@@ -38,3 +45,34 @@ def cyclic_linear_lr(step: int, *, lr_max: float, lr_min: float, period: int) ->
     """CAP's cyclic linear schedule (seed 004 eq. 8): ``lr_max - (lr_max - lr_min) * (t % T) / T``."""
     period = check_positive_int("period", period)
     return lr_max - (lr_max - lr_min) * (step % period) / period
+
+
+def cyclic_linear_lambda(prune_steps: Sequence[int], max_steps: int,
+                         lr_min_ratio: float = 0.02) -> Callable[[int], float]:
+    """LR factor for ``LambdaLR``: CAP's cyclic linear schedule [CAP, eq. 8] restarted at every pruning step: from 1
+    right after a pruning step down to ``lr_min_ratio`` just before the next one (after the last, down to
+    ``lr_min_ratio`` at ``max_steps``); 1 before the first."""
+    steps = sorted(set(int(s) for s in prune_steps))
+    ends = steps[1:] + [max(int(max_steps), (steps[-1] + 1) if steps else 1)]
+
+    def factor(t: int) -> float:
+        i = bisect.bisect_right(steps, t) - 1
+        if i < 0:
+            return 1.0
+        period = max(1, ends[i] - steps[i])
+        if t - steps[i] >= period:
+            return lr_min_ratio
+        return cyclic_linear_lr(t - steps[i], lr_max=1.0, lr_min=lr_min_ratio, period=period)
+    return factor
+
+
+def cyclic_linear_scheduler(optimizer, prune_steps: Sequence[int], max_steps: int, lr_min_ratio: float = 0.02,
+                            last_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` with :func:`cyclic_linear_lambda`, positioned at ``last_step`` (for resumed runs)."""
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, cyclic_linear_lambda(prune_steps, max_steps, lr_min_ratio))
+    if last_step:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # stepping a scheduler before the optimizer: intended here
+            sched.last_epoch = last_step - 1
+            sched.step()
+    return sched
