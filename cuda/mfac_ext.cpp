@@ -1,8 +1,11 @@
 // Python bindings of the hf_mfac CUDA kernels (built by hf_mfac/kernels/_loader.py).
 // Every entry point validates its inputs with TORCH_CHECK, switches to the inputs' device with a
 // save/restore guard on the CUDA runtime API, launches on the stream passed from Python
-// (torch.cuda.current_stream(device).cuda_stream) and checks the launch. No ATen/cuda or c10/cuda
-// header is used, so this file also compiles against a CPU-only torch (see .ci/compile_cuda.sh).
+// (torch.cuda.current_stream(device).cuda_stream) and checks the launch. Each TORCH_CHECK has its
+// mirror in hf_mfac/kernels/_dispatch.py (TORCH_CHECK_MIRRORS: the why_not predicate that rejects such
+// inputs, or the conversion that makes the condition hold); tests/test_kernels.py parses this file.
+// No ATen/cuda or c10/cuda header is used, so this file also compiles against a CPU-only torch
+// (see .ci/compile_cuda.sh).
 #include <torch/extension.h>
 
 #include <cuda_runtime.h>
@@ -46,13 +49,11 @@ hf_mfac::Storage check_window(const torch::Tensor& G, const char* op) {
   TORCH_CHECK(G.dim() == 2, op, ": G must be 2-D (m, d); got shape ", G.sizes());
   TORCH_CHECK(G.size(0) > 0 && G.size(1) > 0, op, ": G must be non-empty; got shape ", G.sizes());
   TORCH_CHECK(G.is_contiguous(), op, ": G must be contiguous (row-major (m, d))");
-  switch (G.scalar_type()) {
-    case torch::kFloat32: return hf_mfac::Storage::kF32;
-    case torch::kBFloat16: return hf_mfac::Storage::kBF16;
-    case torch::kFloat16: return hf_mfac::Storage::kF16;
-    default: TORCH_CHECK(false, op, ": G must be float32, bfloat16 or float16; got ", G.scalar_type());
-  }
-  return hf_mfac::Storage::kF32;
+  const auto st = G.scalar_type();
+  TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kFloat16, op,
+              ": G must be float32, bfloat16 or float16; got ", st);
+  return st == torch::kFloat32 ? hf_mfac::Storage::kF32
+                               : (st == torch::kBFloat16 ? hf_mfac::Storage::kBF16 : hf_mfac::Storage::kF16);
 }
 
 void check_vector(const torch::Tensor& v, const torch::Tensor& G, int64_t n, const char* op, const char* name) {

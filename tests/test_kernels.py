@@ -8,6 +8,7 @@ within a small multiple of the reference's own error in the same precision.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 import hf_mfac.kernels as K
-from hf_mfac.kernels import _dispatch, _loader, reference
+from hf_mfac.kernels import _dispatch, _loader, _selfcheck, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 U32 = 2.0**-24
@@ -240,6 +241,11 @@ def test_supports_predicates(monkeypatch):
     assert K.supports("mfac_coefficients", A, 1e-3, 33.0)  # any m: not only multiples of 32
     assert "square" in K.why_not("mfac_b", A[:5], 1e-3, 33.0)
     assert "float32 or float64" in K.why_not("mfac_b", A.half(), 1e-3, 33.0)
+    for op in ("mfac_b", "mfac_coefficients"):  # the kernel's damp > 0 and scale >= 0 check
+        assert "damp > 0 and scale >= 0" in K.why_not(op, A, 0.0, 33.0)
+        assert "damp > 0 and scale >= 0" in K.why_not(op, A, 1e-3, -1.0)
+        assert "damp > 0 and scale >= 0" in K.why_not(op, A, float("nan"), 33.0)
+        assert K.supports(op, A, 1e-3, 0.0)
     Dm, Bm = torch.eye(6), torch.eye(6)
     assert K.supports("mfac_apply_coefficients", G, Dm, Bm, x, 1e-3, 6.0)
     assert "float32" in K.why_not("mfac_apply_coefficients", G, Dm.double(), Bm, x, 1e-3, 6.0)
@@ -300,6 +306,144 @@ def test_cuda_sources_compile():
     assert out.stdout.count("compile_cuda: ok") >= 3
 
 
+# --- limits in one place: every TORCH_CHECK of cuda/*.cpp has its mirror in why_not -----------------
+
+def _strip_cpp_comments(text: str) -> str:
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    return re.sub(r"//[^\n]*", " ", text)
+
+
+def torch_check_conditions(text: str) -> list[str]:
+    """The first argument of every ``TORCH_CHECK(...)`` call, whitespace collapsed (strings and nested
+    parentheses respected)."""
+    text = _strip_cpp_comments(text)
+    conds = []
+    for hit in re.finditer(r"\bTORCH_CHECK\s*\(", text):
+        i = j = hit.end()
+        depth = 0
+        while True:
+            ch = text[j]
+            if ch == '"':
+                j = text.index('"', j + 1)
+                while text[j - 1] == "\\":
+                    j = text.index('"', j + 1)
+            elif ch in "([{":
+                depth += 1
+            elif ch in ")]}":
+                if depth == 0:
+                    break
+                depth -= 1
+            elif ch == "," and depth == 0:
+                break
+            j += 1
+        conds.append(" ".join(text[i:j].split()))
+    return conds
+
+
+def _cpp_conditions() -> list[str]:
+    conds = []
+    for p in sorted(_loader.source_dir().glob("*.cpp")):
+        conds += torch_check_conditions(p.read_text())
+    return conds
+
+
+def test_torch_check_parser():
+    text = 'TORCH_CHECK(a(1, 2) > 0, "x, y", f(3));\n// TORCH_CHECK(commented, "no");\nTORCH_CHECK(b,\n "\\"q,\\"")'
+    assert torch_check_conditions(text) == ["a(1, 2) > 0", "b"]
+
+
+def test_every_torch_check_has_a_mirror():
+    conds = _cpp_conditions()
+    assert len(conds) >= 16
+    assert sorted(set(conds)) == sorted(K.TORCH_CHECK_MIRRORS), (
+        "cuda/*.cpp TORCH_CHECKs and hf_mfac.kernels.TORCH_CHECK_MIRRORS differ: "
+        f"unmirrored {sorted(set(conds) - set(K.TORCH_CHECK_MIRRORS))}, "
+        f"stale {sorted(set(K.TORCH_CHECK_MIRRORS) - set(conds))}")
+    assert {kind for kind, _ in K.TORCH_CHECK_MIRRORS.values()} <= {"why_not", "converted", "runtime"}
+
+
+def _violators() -> dict[str, list[tuple[str, tuple]]]:
+    """For each "why_not" mirror: inputs of every op that reaches the check, violating only that condition
+    (CPU tensors stand in for CUDA ones, except where the condition is the device itself)."""
+    m, d, damp, scale = 5, 24, 1e-2, 5.0
+    G, x = _problem(m, d, dtype=torch.float32)
+    c = x[:m].clone()
+    D = torch.eye(m) + torch.triu(torch.rand(m, m), 1)
+    Bm = torch.eye(m)
+    big = torch.zeros(1).expand(_dispatch._MAX_M + 1, _dispatch._MAX_M + 1)  # no memory behind it
+
+    def window(Gv, xv=x, cv=c):  # the three ops that read G
+        return [("window_matvec", (Gv, xv, None)), ("window_rmatvec", (Gv, cv, None)),
+                ("mfac_apply_coefficients", (Gv, D, Bm, xv, damp, scale))]
+
+    def square(A, dmp=damp, scl=scale):
+        return [("mfac_b", (A, dmp, scl)), ("mfac_coefficients", (A, dmp, scl))]
+
+    meta_x, meta_c = torch.empty(d, device="meta"), torch.empty(m, device="meta")
+    return {
+        "G.is_cuda()": window(G),
+        "G.dim() == 2": window(G.reshape(m, d, 1)) + window(G.reshape(-1)),
+        "G.size(0) > 0 && G.size(1) > 0": window(G[:0]) + window(G[:, :0]),
+        "G.is_contiguous()": window(G.T.contiguous().T),
+        "st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kFloat16": window(G.double()),
+        "v.device() == G.device()": [("window_matvec", (G, meta_x, None)), ("window_rmatvec", (G, meta_c, None)),
+                                     ("mfac_apply_coefficients", (G, D, Bm, meta_x, damp, scale))],
+        "v.dim() == 1 && v.size(0) == n": [("window_matvec", (G, x[:-1], None)), ("window_rmatvec", (G, x, None)),
+                                           ("mfac_apply_coefficients", (G, D, Bm, x[:, None], damp, scale))],
+        "D.is_cuda()": square(D),
+        "D.dim() == 2 && D.size(0) == D.size(1) && D.size(0) > 0": square(D[:3]) + square(D[:0, :0]),
+        "D.scalar_type() == torch::kFloat32 || D.scalar_type() == torch::kFloat64": square(D.half()),
+        "damp > 0 && scale >= 0": square(D, 0.0) + square(D, -1e-3) + square(D, damp, -1.0)
+                                   + square(D, float("nan")),
+        "hf_mfac::ceil_div(m, hf_mfac::kBTile) <= 65535": square(big),
+    }
+
+
+def test_every_why_not_mirror_rejects_a_violating_input(monkeypatch):
+    violators = _violators()
+    mirrored = {c for c, (kind, _) in K.TORCH_CHECK_MIRRORS.items() if kind == "why_not"}
+    assert set(violators) == mirrored
+    for cond, cases in violators.items():
+        fragment = K.TORCH_CHECK_MIRRORS[cond][1]
+        with monkeypatch.context() as mp:
+            if "is_cuda()" not in cond:
+                mp.setattr(_dispatch, "_is_cuda", lambda t: isinstance(t, torch.Tensor))
+            for op, args in cases:
+                why = K.why_not(op, *args)
+                assert why is not None and fragment in why, (cond, op, why)
+
+
+def test_converted_mirrors_hold_at_the_kernel_boundary(monkeypatch):
+    """x/c reach the kernel as contiguous fp32, D contiguous, whatever the caller passed."""
+    seen = []
+
+    class Ext:
+        def window_matvec(self, G, x, stream):
+            seen.append(x)
+            return reference.window_matvec(G, x)
+
+        def window_rmatvec(self, G, c, stream):
+            seen.append(c)
+            return reference.window_rmatvec(G, c)
+
+        def mfac_b(self, D, damp, scale, stream):
+            seen.append(D)
+            return reference.mfac_b(D, damp, scale)
+
+    ext = Ext()
+    G, x = _problem(6, 40, dtype=torch.float32)
+    xs = torch.randn(80)[::2].half()  # strided and fp16
+    _dispatch._cuda_window_matvec(ext, G, xs)
+    _dispatch._cuda_window_rmatvec(ext, G, torch.randn(12)[::2].bfloat16())
+    D, B = reference.mfac_coefficients((G @ G.T).double(), 1e-2, 6.0)
+    _dispatch._cuda_mfac_apply_coefficients(ext, G, D.float(), B.float(), xs, 1e-2, 6.0)
+    _dispatch._cuda_mfac_b(ext, D.T.contiguous().T, 1e-2, 6.0)
+    assert len(seen) == 5
+    for v in seen[:4]:
+        assert v.dtype == torch.float32 and v.is_contiguous()
+    assert seen[4].is_contiguous()
+
+
 # --- CUDA kernels against the references (GPU only) -------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -313,10 +457,10 @@ def ext():
 
 
 def _check_close(got, ref_same_precision, exact, floor):
-    """|got - exact| within 4x the reference's own error in the same precision, plus a floor."""
-    err_ref = (ref_same_precision.double() - exact).abs().max().item()
-    err = (got.double() - exact).abs().max().item()
-    assert err <= 4 * err_ref + floor, f"kernel error {err:.3g} vs reference error {err_ref:.3g}"
+    """|got - exact| within 4x the reference's own error in the same precision, plus a floor (the tolerance
+    the kernels' self-check uses too)."""
+    ok, err, bound = _selfcheck.within_tolerance(got, ref_same_precision, exact, floor)
+    assert ok, f"kernel error {err:.3g} > allowed {bound:.3g}"
 
 
 WINDOW_SHAPES = [(1, 1), (7, 101), (33, 4099), (4, 1 << 20), (1024, 8192), (100, 70003), (1500, 257)]

@@ -7,9 +7,18 @@ module) and the reference in :mod:`.reference`. :func:`_run` picks one:
 - ``impl="torch"``: the reference.
 - ``impl="cuda"``: the kernel, or :class:`KernelUnavailableError` naming why not (no GPU, no nvcc or
   ninja, a failed build, or inputs outside the kernel's limits).
-- ``impl="auto"``: the kernel when the inputs are within its limits and it builds; inputs outside
-  the limits (e.g. CPU tensors) silently take the reference; a kernel that cannot be built takes the
-  reference with one :class:`KernelFallbackWarning` per process.
+- ``impl="auto"``: the kernel when the inputs are within its limits, it builds and it passed its
+  self-check; inputs outside the limits (e.g. CPU tensors) silently take the reference; a kernel that
+  cannot be built takes the reference with one :class:`KernelFallbackWarning` per process, one that fails
+  its self-check with one :class:`KernelSelfCheckWarning` (per kernel, dtype and device).
+
+Before a kernel's first use in a process (per build, device and storage dtype) :mod:`._selfcheck` runs it
+against the reference on small problems that reach its edge paths (a few milliseconds, once); ``impl="cuda"``
+raises :class:`KernelSelfCheckError` on a mismatch.
+
+Limits in one place: every ``TORCH_CHECK`` in ``cuda/*.cpp`` is listed in :data:`TORCH_CHECK_MIRRORS` with the
+``_why_not_<op>`` message that rejects such inputs here (so ``auto`` never calls a kernel that would raise
+where the reference returns a value), or the conversion in ``_cuda_<op>`` that makes the condition hold.
 
 ``HF_MFAC_KERNELS=auto|cuda|torch`` replaces ``impl="auto"``; an explicit ``"cuda"``/``"torch"`` wins.
 """
@@ -21,15 +30,12 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import _loader, reference
-from ._loader import KernelUnavailableError
+from . import _loader, _selfcheck, reference
+from ._loader import KernelFallbackWarning, KernelUnavailableError
+from ._selfcheck import KernelSelfCheckError, KernelSelfCheckWarning
 
 IMPLS = ("auto", "cuda", "torch")
 ENV_VAR = "HF_MFAC_KERNELS"
-
-
-class KernelFallbackWarning(UserWarning):
-    """The CUDA kernels could not be used; the pure-PyTorch reference ops run instead."""
 
 
 _warned = [False]
@@ -52,7 +58,8 @@ def _is_cuda(t) -> bool:
 
 
 def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+    """The current CUDA stream of ``device`` as an integer (0 elsewhere: the self-check's fake kernels)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
 def _why_not_autograd(*tensors) -> str | None:
@@ -125,8 +132,18 @@ def _why_not_square(A, name: str) -> str | None:
     return None
 
 
+def _why_not_damp_scale(damp, scale) -> str | None:
+    try:
+        damp, scale = float(damp), float(scale)
+    except (TypeError, ValueError):
+        return f"damp and scale must be numbers; got {type(damp).__name__}, {type(scale).__name__}"
+    if not (damp > 0 and scale >= 0):  # also rejects NaN, as the kernel's check does
+        return f"the B kernel needs damp > 0 and scale >= 0; got damp={damp}, scale={scale}"
+    return None
+
+
 def _why_not_mfac_b(D, damp, scale) -> str | None:
-    return _why_not_square(D, "D") or _why_not_autograd(D)
+    return _why_not_square(D, "D") or _why_not_damp_scale(damp, scale) or _why_not_autograd(D)
 
 
 def _cuda_mfac_b(ext, D, damp, scale) -> torch.Tensor:
@@ -134,7 +151,7 @@ def _cuda_mfac_b(ext, D, damp, scale) -> torch.Tensor:
 
 
 def _why_not_mfac_coefficients(GGt, damp, scale) -> str | None:
-    return _why_not_square(GGt, "GGt") or _why_not_autograd(GGt)
+    return _why_not_square(GGt, "GGt") or _why_not_damp_scale(damp, scale) or _why_not_autograd(GGt)
 
 
 def _cuda_mfac_coefficients(ext, GGt, damp, scale) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,21 +181,61 @@ def _cuda_mfac_apply_coefficients(ext, G, D, B, x, damp, scale) -> torch.Tensor:
     return x32 / damp - ext.window_rmatvec(G, c.contiguous(), s)
 
 
+# --- limits in one place: every TORCH_CHECK of cuda/*.cpp and its mirror here ----------------------
+
+# Condition of each TORCH_CHECK in cuda/*.cpp (whitespace collapsed) -> how the Python side keeps it:
+# ("why_not", fragment of the _why_not_<op> message that rejects inputs violating it), ("converted", the
+# _cuda_<op> conversion that makes it hold) or ("runtime", not an input limit). tests/test_kernels.py parses
+# the C++ sources, checks that this table lists exactly their conditions, and builds a violating input for
+# every "why_not" entry of every op that reaches the check.
+TORCH_CHECK_MIRRORS: dict[str, tuple[str, str]] = {
+    # check_cuda: a failed CUDA runtime call or launch
+    "err == cudaSuccess": ("runtime", "a CUDA error raises RuntimeError; it is no input limit"),
+    # check_window (window_matvec, window_rmatvec; the window products of mfac_apply_coefficients)
+    "G.is_cuda()": ("why_not", "G must be a CUDA tensor"),
+    "G.dim() == 2": ("why_not", "G must be a non-empty 2-D (m, d) tensor"),
+    "G.size(0) > 0 && G.size(1) > 0": ("why_not", "G must be a non-empty 2-D (m, d) tensor"),
+    "G.is_contiguous()": ("why_not", "G must be contiguous"),
+    "st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kFloat16":
+        ("why_not", "G must be float32, bfloat16 or float16"),
+    # check_vector (x of G x, c of G^T c)
+    "v.device() == G.device()": ("why_not", "must be a tensor on"),
+    "v.scalar_type() == torch::kFloat32": ("converted", "_cuda_<op> passes x.to(torch.float32) / c.to(torch.float32)"),
+    "v.dim() == 1 && v.size(0) == n": ("why_not", "must have shape"),
+    "v.is_contiguous()": ("converted", "_cuda_<op> passes .contiguous() vectors"),
+    # mfac_b (mfac_b; mfac_coefficients on D = mfac_d(GGt), same device, dtype and shape as GGt)
+    "D.is_cuda()": ("why_not", "must be a CUDA tensor"),
+    "D.dim() == 2 && D.size(0) == D.size(1) && D.size(0) > 0": ("why_not", "must be a non-empty square (m, m) matrix"),
+    "D.is_contiguous()": ("converted", "_cuda_mfac_b passes D.contiguous()"),
+    "D.scalar_type() == torch::kFloat32 || D.scalar_type() == torch::kFloat64": ("why_not", "must be float32 or float64"),
+    "damp > 0 && scale >= 0": ("why_not", "needs damp > 0 and scale >= 0"),
+    "hf_mfac::ceil_div(m, hf_mfac::kBTile) <= 65535": ("why_not", "exceeds the B kernel's limit"),
+}
+
+
 # --- dispatch ---------------------------------------------------------------------------------------
 
 class _Op(NamedTuple):
     why_not: Callable[..., str | None]
     cuda: Callable[..., object]
     torch: Callable[..., object]
+    checks: Callable[..., list]  # the (kernel, storage dtype) self-checks the CUDA path relies on
+
+
+def _window_checks(G, *_):
+    return [("window_matvec", G.dtype), ("window_rmatvec", G.dtype)]
 
 
 _OPS = {
-    "window_matvec": _Op(_why_not_window_matvec, _cuda_window_matvec, reference.window_matvec),
-    "window_rmatvec": _Op(_why_not_window_rmatvec, _cuda_window_rmatvec, reference.window_rmatvec),
-    "mfac_b": _Op(_why_not_mfac_b, _cuda_mfac_b, reference.mfac_b),
-    "mfac_coefficients": _Op(_why_not_mfac_coefficients, _cuda_mfac_coefficients, reference.mfac_coefficients),
+    "window_matvec": _Op(_why_not_window_matvec, _cuda_window_matvec, reference.window_matvec,
+                         lambda G, *_: [("window_matvec", G.dtype)]),
+    "window_rmatvec": _Op(_why_not_window_rmatvec, _cuda_window_rmatvec, reference.window_rmatvec,
+                          lambda G, *_: [("window_rmatvec", G.dtype)]),
+    "mfac_b": _Op(_why_not_mfac_b, _cuda_mfac_b, reference.mfac_b, lambda D, *_: [("mfac_b", D.dtype)]),
+    "mfac_coefficients": _Op(_why_not_mfac_coefficients, _cuda_mfac_coefficients, reference.mfac_coefficients,
+                             lambda GGt, *_: [("mfac_b", GGt.dtype)]),
     "mfac_apply_coefficients": _Op(_why_not_mfac_apply_coefficients, _cuda_mfac_apply_coefficients,
-                                   reference.mfac_apply_coefficients),
+                                   reference.mfac_apply_coefficients, _window_checks),
 }
 
 
@@ -201,27 +258,32 @@ def _run(op: str, impl: str, *args):
     if impl == "torch":
         return spec.torch(*args)
     why = spec.why_not(*args)
-    if impl == "cuda":
+    strict = impl == "cuda"
+    if strict:
         env = _loader.environment_reason()
         if env is not None:
             raise KernelUnavailableError(f"hf_mfac.kernels.{op}(impl='cuda'): CUDA kernels unavailable: {env}")
         if why is not None:
             raise KernelUnavailableError(f"hf_mfac.kernels.{op}(impl='cuda'): inputs outside the kernel's "
                                          f"limits: {why}")
-        try:
-            ext = _loader.load(args[0].device)
-        except KernelUnavailableError as exc:
-            raise KernelUnavailableError(f"hf_mfac.kernels.{op}(impl='cuda'): {exc}") from exc
-        return spec.cuda(ext, *args)
-    if why is not None:
+    elif why is not None:
         return spec.torch(*args)
+    device = args[0].device
     try:
-        ext = _loader.load(args[0].device)
+        ext = _loader.load(device)
     except KernelUnavailableError as exc:
+        if strict:
+            raise KernelUnavailableError(f"hf_mfac.kernels.{op}(impl='cuda'): {exc}") from exc
         if not _warned[0]:
             _warned[0] = True
             warnings.warn(f"hf_mfac: CUDA kernels unavailable ({exc}); using the PyTorch reference ops. "
                           f"Set {ENV_VAR}=torch to choose them explicitly.", KernelFallbackWarning, stacklevel=3)
+        return spec.torch(*args)
+    try:
+        verified = _selfcheck.ensure(ext, device, spec.checks(*args), strict=strict)
+    except KernelUnavailableError as exc:
+        raise type(exc)(f"hf_mfac.kernels.{op}(impl='cuda'): {exc}") from exc
+    if not verified:
         return spec.torch(*args)
     return spec.cuda(ext, *args)
 

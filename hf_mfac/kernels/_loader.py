@@ -8,17 +8,29 @@ name are keyed on a hash of the sources, torch/CUDA/Python versions and the devi
 (also across processes). A refusal or a failed build is remembered with its reason, which
 :func:`status` reports and :class:`KernelUnavailableError` carries.
 
+A compile is visible: it logs (logger ``"hf_mfac"``, level WARNING, since it blocks the caller for a
+minute or more) where it builds and, when done, how long it took; a load from the cache logs at INFO.
+Builds into one cache folder are serialised across processes by an exclusive file lock
+(``<build dir>/hf_mfac.lock``; ``filelock`` when installed, else ``fcntl.flock``): of 8 ranks starting
+together, one compiles and the others wait, then load the result. The OS drops the lock when its holder
+dies, so a killed build never blocks the next one (torch's own lock file, which a killed build leaves
+behind, is removed under this lock). ``hf-mfac build-kernels`` (:func:`hf_mfac.kernels.build_kernels`)
+builds ahead of training.
+
 Environment: ``HF_MFAC_BUILD_DIR`` (build root; default ``$XDG_CACHE_HOME/hf_mfac/torch_extensions``),
-``HF_MFAC_KERNELS_VERBOSE=1`` (show the compiler output).
+``HF_MFAC_KERNELS_VERBOSE=1`` (show the compiler output), ``HF_MFAC_BUILD_LOCK_TIMEOUT`` (seconds to wait
+for another process's build, default 1800; then the kernels count as unavailable).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -30,10 +42,19 @@ _lock = threading.RLock()
 _modules: dict[str, object] = {}  # arch ("sm_90") -> loaded module
 _failures: dict[str, str] = {}  # arch -> why the build failed
 _precheck: list[str | None] = []  # [reason or None] once checked
+_builds: dict[str, dict] = {}  # arch -> {"name", "dir", "compiled", "seconds"} of the loaded module
+
+logger = logging.getLogger("hf_mfac")
+LOCK_NAME = "hf_mfac.lock"
+_LIB_EXT = ".pyd" if sys.platform == "win32" else ".so"
 
 
 class KernelUnavailableError(RuntimeError):
     """The CUDA kernels cannot be used here; the message says why."""
+
+
+class KernelFallbackWarning(UserWarning):
+    """The CUDA kernels could not be used; the pure-PyTorch reference ops run instead."""
 
 
 def source_dir() -> Path:
@@ -117,6 +138,98 @@ def build_root() -> Path:
     return Path(cache) / "hf_mfac" / "torch_extensions"
 
 
+def build_name(arch: str) -> str:
+    """Module name of the build for ``arch``: ``hf_mfac_cuda_<arch>_<build_key>``."""
+    return f"hf_mfac_cuda_{arch}_{build_key(arch)}"
+
+
+def build_dir(arch: str) -> Path:
+    """Cache folder of the build for ``arch`` (it also holds the self-check verdicts)."""
+    return build_root() / build_name(arch)
+
+
+def _lock_timeout() -> float:
+    env = os.environ.get("HF_MFAC_BUILD_LOCK_TIMEOUT", "").strip()
+    try:
+        return float(env) if env else 1800.0
+    except ValueError:
+        raise ValueError(f"HF_MFAC_BUILD_LOCK_TIMEOUT={env!r} is not a number of seconds") from None
+
+
+def lock_backend() -> str | None:
+    """What :func:`file_lock` uses here: ``"filelock"``, ``"fcntl"`` or None (no inter-process lock)."""
+    try:
+        import filelock  # noqa: F401
+        return "filelock"
+    except ImportError:
+        pass
+    try:
+        import fcntl  # noqa: F401
+        return "fcntl"
+    except ImportError:
+        return None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout: float | None = None, what: str = "the lock"):
+    """Hold an exclusive inter-process lock on the file ``path`` (created if missing) for the block.
+
+    ``filelock.FileLock`` when the package is installed, else ``fcntl.flock`` (both OS locks: released when
+    the holder exits or dies). Logs once at WARNING when it has to wait (saying for ``what``); raises
+    :class:`KernelUnavailableError` after ``timeout`` seconds (default ``HF_MFAC_BUILD_LOCK_TIMEOUT``).
+    Without either backend (Windows without filelock) the block runs unlocked.
+    """
+    timeout = _lock_timeout() if timeout is None else float(timeout)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    backend = lock_backend()
+
+    def waited_too_long():
+        return KernelUnavailableError(f"gave up after {timeout:.0f} s waiting for {what} ({path}: another process "
+                                      "holds it); raise HF_MFAC_BUILD_LOCK_TIMEOUT or remove a stuck process")
+
+    if backend == "filelock":
+        import filelock
+
+        lock = filelock.FileLock(str(path))
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            logger.warning("hf_mfac: waiting for %s (held by another process: %s)", what, path)
+            try:
+                lock.acquire(timeout=timeout, poll_interval=0.1)
+            except filelock.Timeout:
+                raise waited_too_long() from None
+        try:
+            yield
+        finally:
+            lock.release()
+        return
+    if backend == "fcntl":
+        import fcntl
+
+        with open(path, "a+") as fh:
+            deadline, warned = time.monotonic() + timeout, False
+            while True:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except (BlockingIOError, PermissionError):
+                    if not warned:
+                        warned = True
+                        logger.warning("hf_mfac: waiting for %s (held by another process: %s)", what, path)
+                    if time.monotonic() > deadline:
+                        raise waited_too_long() from None
+                    time.sleep(0.1)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return
+    logger.debug("hf_mfac: no file lock available (install filelock); %s is not held", what)
+    yield
+
+
 def load(device: torch.device | int | None = None):
     """The compiled module for ``device``'s architecture, built on first use.
 
@@ -138,43 +251,67 @@ def load(device: torch.device | int | None = None):
             msg = str(exc).strip().splitlines()
             detail = "\n".join(msg[-20:])[-2000:]
             _failures[arch] = f"building the CUDA extension for {arch} failed: {type(exc).__name__}: {detail}"
+            logger.warning("hf_mfac: %s", _failures[arch])
             raise KernelUnavailableError(_failures[arch]) from exc
         return _modules[arch]
 
 
 def _build(arch: str):
+    """Build (or load from the cache folder) the module for ``arch`` under the folder's file lock."""
     from torch.utils import cpp_extension
 
     cc = arch[3:]
-    name = f"hf_mfac_cuda_{arch}_{build_key(arch)}"
-    build_dir = build_root() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name=name,
-        sources=[str(p) for p in sources()],
-        extra_include_paths=[str(source_dir())],
-        extra_cflags=["-O3"],
-        # An explicit -gencode makes torch skip its own arch list: build for this device only.
-        extra_cuda_cflags=["-O3", "-lineinfo", f"-gencode=arch=compute_{cc},code=sm_{cc}"],
-        build_directory=str(build_dir),
-        verbose=os.environ.get("HF_MFAC_KERNELS_VERBOSE") == "1",
-    )
+    name = build_name(arch)
+    folder = build_root() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder / LOCK_NAME, what=f"another process's build of the hf_mfac CUDA kernels for {arch}"):
+        # Under our lock nobody else builds here: a torch lock file left by a killed build is stale, and
+        # torch would wait on it forever.
+        (folder / "lock").unlink(missing_ok=True)
+        compiled = not (folder / f"{name}{_LIB_EXT}").is_file()
+        if compiled:
+            logger.warning("hf_mfac: compiling the CUDA kernels for %s (first use of this source version, GPU "
+                           "architecture and toolchain; about a minute) into %s. `hf-mfac build-kernels` does this "
+                           "ahead of training; HF_MFAC_KERNELS=torch skips the kernels.", arch, folder)
+        else:
+            logger.info("hf_mfac: loading the CUDA kernels for %s from %s", arch, folder)
+        t0 = time.perf_counter()
+        module = cpp_extension.load(
+            name=name,
+            sources=[str(p) for p in sources()],
+            extra_include_paths=[str(source_dir())],
+            extra_cflags=["-O3"],
+            # An explicit -gencode makes torch skip its own arch list: build for this device only.
+            extra_cuda_cflags=["-O3", "-lineinfo", f"-gencode=arch=compute_{cc},code=sm_{cc}"],
+            build_directory=str(folder),
+            verbose=os.environ.get("HF_MFAC_KERNELS_VERBOSE") == "1",
+        )
+        seconds = time.perf_counter() - t0
+    if compiled:
+        logger.warning("hf_mfac: compiled the CUDA kernels for %s in %.1f s (cached in %s)", arch, seconds, folder)
+    _builds[arch] = {"name": name, "dir": str(folder), "compiled": compiled, "seconds": round(seconds, 3)}
+    return module
 
 
 def status() -> dict:
     """Where the CUDA kernels stand, without building anything.
 
     Keys: ``available`` (the environment can build them), ``reason`` (why not, else None), ``loaded``
-    (architectures with a loaded module), ``failed`` (architecture -> build error), ``build_root``,
-    ``sources``.
+    (architectures with a loaded module), ``builds`` (architecture -> name, folder, whether this process
+    compiled it and the seconds it took), ``failed`` (architecture -> build error), ``selfcheck`` (the
+    verdicts of this process, see :mod:`hf_mfac.kernels._selfcheck`), ``build_root``, ``sources``.
     """
+    from . import _selfcheck
+
     reason = environment_reason()
     with _lock:
         return {
             "available": reason is None,
             "reason": reason,
             "loaded": sorted(_modules),
+            "builds": {k: dict(v) for k, v in _builds.items()},
             "failed": dict(_failures),
+            "selfcheck": _selfcheck.verdicts(),
             "build_root": str(build_root()),
             "sources": [p.name for p in sources()],
         }
