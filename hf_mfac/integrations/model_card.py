@@ -1,8 +1,9 @@
 """Model cards for sparse and M-FAC-trained models, and publishing them to the Hub.
 
 * :func:`create_sparse_model_card` — ``README.md`` from the templates in ``model_cards/`` (installed as
-  ``hf_mfac._model_cards``): YAML front matter built with ``huggingface_hub.ModelCardData`` (library,
-  tags, base model, datasets, metrics, ``model-index`` from ``EvalResult``), then hf_mfac's marked section:
+  ``hf_mfac._model_cards``; read from the checkout's ``model_cards/`` when not installed): YAML front matter
+  built with ``huggingface_hub.ModelCardData`` (library, tags, base model, datasets, metrics, ``model-index``
+  from ``EvalResult``), then hf_mfac's marked section:
   sparsity summary, per-layer table and plot, recipe and command, M-FAC hyperparameters, evaluation.
   An existing card is updated: its metadata is merged and only the text between the
   ``<!-- hf_mfac:start ... -->`` / ``<!-- hf_mfac:end -->`` markers is replaced (appended when absent).
@@ -10,27 +11,41 @@
   calls), so ``trainer.push_to_hub()`` uploads this card and the sparse checkpoint.
 * :func:`push_sparse_to_hub` — save (:func:`~hf_mfac.integrations.save_sparse_pretrained`), write the
   card, and upload with ``huggingface_hub.HfApi`` (``create_repo`` + ``upload_folder``).
+
+Nothing secret reaches a card: the command line, the recipe and the hyperparameters are redacted by rule
+(:func:`redact_argv`, :func:`~hf_mfac.integrations.sparse_checkpoint.redact`), not by a list of flags. User
+strings cannot break the card: metadata fields with a line break or control character are refused
+(``ValueError``) and the rest is quoted by the YAML writer; text in the section is escaped for where it
+stands (table cell, code span, code block), so it cannot close a cell or a block or forge hf_mfac's markers.
+The finished card is parsed back before it is written. ``README.md`` and the plot are written through a
+staging folder (:func:`~hf_mfac.integrations.sparse_checkpoint.staged_save`): a failure leaves them as they
+were.
 """
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 from importlib.resources import files
+from pathlib import Path
 from typing import Any, Iterable, Mapping
+from urllib.parse import quote
 
 import torch
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from .sparse_checkpoint import read_sparsity_metadata, resolve_masks, save_sparse_pretrained, sparsity_metadata
+from .sparse_checkpoint import (REDACTED, _is_checkpoint_file, _version, read_sparsity_metadata, redact, resolve_masks,
+                                save_sparse_pretrained, secret_name, sparsity_metadata, staged_save)
 
 logger = logging.getLogger("hf_mfac")
 
-__all__ = ["create_sparse_model_card", "write_trainer_model_card", "push_sparse_to_hub", "PLOT_NAME"]
+__all__ = ["create_sparse_model_card", "write_trainer_model_card", "push_sparse_to_hub", "redact_argv", "PLOT_NAME"]
 
 PLOT_NAME = "sparsity_per_layer.png"
 START, END = "<!-- hf_mfac:start", "<!-- hf_mfac:end -->"
@@ -49,7 +64,57 @@ _PERF_KEYS = ("runtime", "samples_per_second", "steps_per_second", "model_prepar
 
 
 def _template(name: str) -> str:
-    return files("hf_mfac._model_cards").joinpath(name).read_text(encoding="utf-8")
+    """A template from the installed ``hf_mfac._model_cards``, else from the repository's ``model_cards/`` next to
+    ``hf_mfac/`` (a source checkout on ``sys.path`` without installing), as the CUDA sources are found."""
+    try:
+        return files("hf_mfac._model_cards").joinpath(name).read_text(encoding="utf-8")
+    except (ImportError, TypeError, OSError):
+        return (Path(__file__).resolve().parents[2] / "model_cards" / name).read_text(encoding="utf-8")
+
+
+# -- escaping: user strings must not break the YAML header, the markdown or hf_mfac's markers --------------
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")  # line breaks (YAML's too) and other controls
+_MARKER = re.compile(r"<!--(?=\s*hf_mfac)", re.I)
+
+
+def _unmark(s: str) -> str:
+    """``s`` without anything that reads as one of hf_mfac's markers (a zero-width space splits the ``<!--``)."""
+    return _MARKER.sub("<!-\u200b-", s)
+
+
+def _one_line(s) -> str:
+    return _CONTROL.sub(" ", str(s))
+
+
+def _text(v) -> str:
+    """Inline markdown text or a table cell: one line, HTML-escaped (no tags, comments or markers), ``|`` escaped."""
+    return html.escape(_one_line(v), quote=False).replace("|", "\\|")
+
+
+def _code(v, table: bool = True) -> str:
+    """An inline code span holding ``v`` literally (one line; its backticks cannot close it)."""
+    s = _unmark(_one_line(v))
+    if table:
+        s = s.replace("|", "\\|")
+    run = max((len(m) for m in re.findall(r"`+", s)), default=0)
+    return f"`{s}`" if not run else f"{'`' * (run + 1)} {s} {'`' * (run + 1)}"
+
+
+def _fenced(content: str, lang: str) -> str:
+    """A fenced code block holding ``content`` literally: the fence is longer than any backtick run in it."""
+    content = _unmark(str(content))
+    run = max((len(m) for m in re.findall(r"`{3,}", content)), default=2)
+    fence = "`" * (run + 1)
+    return f"{fence}{lang}\n{content}\n{fence}"
+
+
+def _check_line(field: str, value) -> None:
+    """Refuse a metadata value with a line break or control character (it would break the YAML header)."""
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(v, str) and _CONTROL.search(v):
+            raise ValueError(f"{field}={v!r} contains a line break or control character, which would break the "
+                             "model card's YAML metadata")
 
 
 def _pct(x: float) -> str:
@@ -182,14 +247,28 @@ def create_sparse_model_card(
     metadata merged — ours wins, tags/datasets/metrics unioned — and only hf_mfac's marked section replaced
     or appended) and, with ``plot``, ``sparsity_per_layer.png`` (matplotlib). Returns the ``ModelCard``.
     """
+    for field, value in (("model_name", model_name), ("repo_id", repo_id), ("base_model", base_model),
+                         ("datasets", datasets), ("task", task), ("dataset_name", dataset_name),
+                         ("dataset_type", dataset_type), ("dataset_config", dataset_config),
+                         ("dataset_split", dataset_split), ("license", license), ("language", language),
+                         ("tags", list(tags) if tags is not None and not isinstance(tags, str) else tags),
+                         ("pipeline_tag", pipeline_tag), ("method", method)):
+        _check_line(field, value)
+    if isinstance(eval_results, Mapping):
+        _check_line("eval_results (metric names)", [str(k) for k in eval_results])
+    elif eval_results:
+        for r in eval_results:
+            for k, v in vars(r).items():
+                _check_line(f"EvalResult.{k}", v)
     meta, saved = _sparsity_from(sparsity, model, masks, save_directory)
     method = method or (meta or {}).get("method")
+    _check_line("method", method)
     recipe = recipe if recipe is not None else (meta or {}).get("recipe")
     auto_class, inferred_tag = _head(_architectures(model, save_directory))
     pipeline_tag = pipeline_tag or inferred_tag
     datasets = [datasets] if isinstance(datasets, str) else (list(datasets) if datasets else None)
     model_name = model_name or (repo_id or "").split("/")[-1] or (
-        os.path.basename(os.path.normpath(save_directory)) if save_directory else "model")
+        _one_line(os.path.basename(os.path.normpath(save_directory))) if save_directory else "model")
     results, eval_rows = _eval_results(eval_results, task or pipeline_tag,
                                        dataset_name or (datasets[0] if datasets else None),
                                        dataset_type or (datasets[0] if datasets else None),
@@ -197,7 +276,7 @@ def create_sparse_model_card(
     is_mfac = bool(mfac) or method == "mfac"
     all_tags = ["hf_mfac"] + (["sparse", "pruned"] + ([method] if method else []) if meta else [])
     all_tags += ["m-fac"] if is_mfac else []
-    all_tags += [t for t in (tags or []) if t not in all_tags]
+    all_tags += [t for t in ([tags] if isinstance(tags, str) else (tags or [])) if t not in all_tags]
     data = ModelCardData(library_name="transformers", tags=all_tags, base_model=base_model, datasets=datasets,
                          license=license, language=language, pipeline_tag=pipeline_tag, eval_results=results,
                          metrics=sorted({r.metric_type for r in results}) if results else None,
@@ -209,69 +288,130 @@ def create_sparse_model_card(
                               eval_rows=eval_rows, in_model_index=results is not None)
     readme = os.path.join(save_directory, "README.md") if save_directory else None
     if readme and os.path.isfile(readme):
-        card = _update_card(ModelCard.load(readme), data, section)  # a broken YAML header raises here
+        old = ModelCard.load(readme)  # a broken YAML header raises here
+        data = _merge_data(old.data, data)
+        card = _update_card(old, data, section)
     else:
         if description is None:
             what = f"A {_pct(meta['sparsity'])} sparse" if meta else "A"
-            base = f" version of [{base_model}](https://huggingface.co/{base_model})" if base_model else " model"
+            base = (f" version of [{_text(base_model)}](https://huggingface.co/{quote(base_model, safe='/')})"
+                    if isinstance(base_model, str) else " model")
             how = " trained with the M-FAC optimizer" if is_mfac else ""
             description = f"{what}{base}{how}, produced with hf_mfac."
-        card = ModelCard.from_template(data, template_str=_template("model_card.md"), model_name=model_name,
-                                       description=description, hf_mfac_section=section)
+        card = ModelCard.from_template(data, template_str=_template("model_card.md"), model_name=_text(model_name),
+                                       description=_unmark(redact(str(description))), hf_mfac_section=section)
+    _verify(card, data, section)
     if save_directory:
-        os.makedirs(save_directory, exist_ok=True)
-        if plot_file:
-            _plot(meta["per_layer"], os.path.join(save_directory, plot_file))
-        card.save(readme)
+        with staged_save(save_directory) as stage:
+            if plot_file:
+                _plot(meta["per_layer"], os.path.join(stage, plot_file))
+            card.save(os.path.join(stage, "README.md"))
     return card
 
 
-def _render_section(meta, *, recipe, mfac, training, **kwargs) -> str:
-    """hf_mfac's marked section, from ``hf_mfac_section.md.jinja``."""
+def _verify(card: ModelCard, data: ModelCardData, section: str) -> None:
+    """Refuse a card whose metadata does not parse back to ``data`` or whose text does not hold hf_mfac's
+    section exactly once, between exactly one pair of markers (what a later update relies on)."""
+    parsed = ModelCard(card.content)
+    if parsed.data.to_dict() != data.to_dict():
+        raise ValueError("the model card's YAML metadata does not parse back to what was written; a field holds "
+                         f"text the YAML header cannot carry: {data.to_dict()!r}")
+    text = parsed.text
+    if text.count(START) != 1 or text.count(END) != 1 or section not in text:
+        raise ValueError("the model card's text holds hf_mfac's section markers more than once (in text outside "
+                         "the section?); refusing to write a card that the next update would clobber")
+
+
+def _render_section(meta, *, recipe, mfac, training, method, repo_id, command, eval_rows, **kwargs) -> str:
+    """hf_mfac's marked section, from ``hf_mfac_section.md.jinja``; every user string escaped for where it stands
+    and every secret redacted."""
     import jinja2
 
-    from .. import __version__
-
-    rows = [dict(name=n, shape="×".join(map(str, r["shape"])), sparsity=r["sparsity"], num_pruned=r["num_pruned"],
-                 numel=int(torch.Size(r["shape"]).numel()))
+    rows = [dict(name=_code(n), shape="×".join(map(str, r["shape"])), sparsity=r["sparsity"],
+                 num_pruned=r["num_pruned"], numel=int(torch.Size(r["shape"]).numel()))
             for n, r in sorted((meta or {}).get("per_layer", {}).items(), key=lambda kv: _natural(kv[0]))]
+    recipe = redact(recipe)
     if isinstance(recipe, (dict, list)):
         import yaml
-        recipe, recipe_lang = yaml.safe_dump(recipe, sort_keys=False).rstrip(), "yaml"
+        recipe = _fenced(yaml.safe_dump(recipe, sort_keys=False).rstrip(), "yaml")
     else:
-        recipe, recipe_lang = (str(recipe) if recipe else None), "text"
+        recipe = _fenced(str(recipe), "text") if recipe else None
+    command = _fenced(_redact_command(str(command)), "bash") if command else None
+    table = lambda d: {_code(k): _text(v) for k, v in redact(dict(d or {})).items()}  # noqa: E731
+    repo_literal = _unmark(json.dumps(str(repo_id))).replace("`", "\\u0060")
+    masks_file = (meta or {}).get("masks_file")
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     return env.from_string(_template("hf_mfac_section.md.jinja")).render(
-        version=__version__, sparsity=meta, rows=rows, pct=_pct, recipe=recipe, recipe_lang=recipe_lang,
-        mfac=dict(mfac or {}), training=dict(training or {}), **kwargs).strip()
+        version=_version(), sparsity=meta, rows=rows, pct=_pct, recipe=recipe, command=command,
+        mfac=table(mfac), training=table(training), method=_text(method) if method else None,
+        pattern=_text((meta or {}).get("pattern")), masks_file=_code(masks_file, table=False) if masks_file else None,
+        repo_literal=repo_literal, eval_rows=[{k: _text(v) for k, v in r.items()} for r in eval_rows],
+        **kwargs).strip()
 
 
 def _update_card(old: ModelCard, data: ModelCardData, section: str) -> ModelCard:
-    """``old`` with merged metadata and hf_mfac's section replaced (or appended); the rest of its text kept."""
+    """``old`` with metadata ``data`` (already merged) and hf_mfac's section replaced (or appended); the rest of
+    its text kept."""
     body = old.text
-    body = _SECTION.sub(lambda _: section, body) if _SECTION.search(body) else body.rstrip() + "\n\n" + section
-    return ModelCard(f"---\n{_merge_data(old.data, data).to_yaml()}\n---\n{body.rstrip()}\n")
+    body = _SECTION.sub(lambda _: section, body, count=1) if _SECTION.search(body) else (
+        body.rstrip() + "\n\n" + section)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body.rstrip()}\n")
 
 
 # -- Trainer ---------------------------------------------------------------------------------------------
 
-def _redacted_command(argv: list[str]) -> str:
-    """``python argv...`` with the values of token/secret/password flags replaced by ``***``."""
+_OPTION = re.compile(r"^-{1,2}[A-Za-z]")
+_FLAG = re.compile(r"^(-{1,2})([A-Za-z][\w.-]*)$")
+_ASSIGN = re.compile(r"^(-{0,2})([A-Za-z_][\w.-]*)=(.*)$", re.S)
+
+
+def redact_argv(argv: Iterable[str]) -> list[str]:
+    """``argv`` with every secret replaced by ``***``, by rule: the value of ``--NAME VALUE``, ``--NAME=VALUE``
+    and ``NAME=VALUE`` (e.g. ``HF_TOKEN=hf_...``) when ``NAME`` contains token, secret, key, pass, auth or
+    credential (any case, ``-``/``_`` ignored: ``--hub-token``, ``--api_key``, ``--passwd``, ``--auth``,
+    ``--credentials``); the userinfo of any URL; any ``hf_`` token wherever it stands; and, inside any other
+    value (``k=v,k=v`` lists, JSON such as ``--optim_args '{"api_key": ...}'``), the values of secret keys.
+    Names are matched by rule, so some harmless ones are hidden too (``--tokenizer_name``, ``--num_passes``).
+    A secret flag followed by another option (``--use_auth_token --do_train``) hides nothing."""
     out, hide = [], False
-    for a in argv:
-        secret = re.search(r"token|secret|password", a, re.I) and a.startswith("-")
-        if hide:
-            out.append("***")
-        elif secret and "=" in a:
-            out.append(a.split("=", 1)[0] + "=***")
+    for word in map(str, argv):
+        if hide and not _OPTION.match(word):
+            out.append(REDACTED)
+            hide = False
+            continue
+        hide = False
+        flag, assign = _FLAG.match(word), _ASSIGN.match(word)
+        if flag and secret_name(flag.group(2)):
+            out.append(word)
+            hide = True
+        elif assign and secret_name(assign.group(2)):
+            out.append(f"{assign.group(1)}{assign.group(2)}={REDACTED}")
+        elif assign:
+            out.append(f"{assign.group(1)}{assign.group(2)}={redact(assign.group(3))}")
         else:
-            out.append(a)
-        hide = bool(secret) and "=" not in a
-    return "python " + " ".join(shlex.quote(a) for a in out)
+            out.append(redact(word))
+    return out
+
+
+def _redacted_command(argv: list[str]) -> str:
+    """``python argv...`` (shell-quoted) with secrets redacted (:func:`redact_argv`)."""
+    return "python " + " ".join(shlex.quote(a) for a in redact_argv(argv))
+
+
+def _redact_command(command: str) -> str:
+    """A command line given as one string, redacted like :func:`redact_argv` (kept verbatim when nothing is secret)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:  # unbalanced quotes: fall back to whitespace
+        words = command.split()
+    redacted = redact_argv(words)
+    if redacted == words and redact(command) == command:
+        return command
+    return " ".join(shlex.quote(w) for w in redacted)
 
 
 def _mfac_hparams(trainer) -> dict | None:
-    import hf_mfac
+    from ..optim import MFAC
 
     args = trainer.args
     if str(getattr(args, "optim", "")).lower() == "mfac" and hasattr(args, "mfac_kwargs"):
@@ -279,7 +419,7 @@ def _mfac_hparams(trainer) -> dict | None:
     else:
         opt = getattr(trainer, "optimizer", None)
         opt = getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps it
-        if not isinstance(opt, hf_mfac.MFAC):
+        if not isinstance(opt, MFAC):
             return None
         hp = {"lr": opt.defaults["lr"], "num_grads": opt.num_grads, "damp": opt.damp,
               "weight_decay": opt.defaults["weight_decay"], "momentum": opt.defaults["momentum"],
@@ -352,10 +492,11 @@ def write_trainer_model_card(trainer, output_dir: str | os.PathLike | None = Non
     (``args.mfac_kwargs()`` when ``args.optim == "mfac"``, else the ``hf_mfac.MFAC`` optimizer's settings);
     training hyperparameters;
     the last ``eval_*`` metrics of ``state.log_history``; the base model from ``config._name_or_path`` when
-    it is not a local folder; the command line, with token/secret/password values redacted.
+    it is not a local folder; the command line, with secrets redacted (:func:`redact_argv`).
     When the model is sparse, ``output_dir`` is rewritten with
     :func:`~hf_mfac.integrations.save_sparse_pretrained` (same weights, plus the sparsity record in
-    ``config.json`` and the masks file).
+    ``config.json`` and the masks file). The checkpoint and the card are written in one staged save: an
+    exception leaves ``output_dir`` as it was.
     """
     output_dir = output_dir or trainer.args.output_dir
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -371,22 +512,29 @@ def write_trainer_model_card(trainer, output_dir: str | os.PathLike | None = Non
     first = lambda v: v[0] if isinstance(v, (list, tuple)) and v else v  # noqa: E731
 
     resolved = resolve_masks(model, masks, save_args.get("targets"))
-    sparsity = None
-    if any(not bool(k.all()) for k in resolved.values()):
-        sparsity = save_sparse_pretrained(model, output_dir, resolved, method=method, recipe=recipe, **save_args)
-
+    sparse = any(not bool(k.all()) for k in resolved.values())
     name_or_path = getattr(model.config, "_name_or_path", "") or ""
     hub_name = name_or_path if name_or_path and not os.path.isdir(name_or_path) else None
     base = info.pop("finetuned_from", None) or hub_name
     tags = info.pop("tags", None)
-    kwargs = dict(model=model, sparsity=sparsity, method=method, recipe=recipe, base_model=base,
+    repo_id = getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id
+    kwargs = dict(model=model, method=method, recipe=recipe, base_model=base,
                   tags=[tags] if isinstance(tags, str) else tags, task=first(tasks),
                   datasets=dataset_tags, dataset_name=first(dataset), dataset_config=first(dataset_args),
                   eval_results=_last_eval(trainer) or None, mfac=_mfac_hparams(trainer),
-                  training=_training_hparams(trainer), command=_redacted_command(sys.argv),
-                  repo_id=getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id)
+                  training=_training_hparams(trainer), command=_redacted_command(sys.argv), repo_id=repo_id,
+                  model_name=(repo_id or "").split("/")[-1] or _one_line(os.path.basename(os.path.normpath(output_dir))))
     kwargs.update(info)
-    return create_sparse_model_card(output_dir, **kwargs)
+    # One staged save for the checkpoint and the card: either both replace what output_dir held, or neither.
+    with staged_save(output_dir, stale=_is_checkpoint_file if sparse else None) as stage:
+        sparsity = None
+        if sparse:
+            sparsity = save_sparse_pretrained(model, stage, resolved, method=method, recipe=recipe, **save_args)
+        readme = os.path.join(output_dir, "README.md")
+        if os.path.isfile(readme):
+            shutil.copy2(readme, os.path.join(stage, "README.md"))
+        card = create_sparse_model_card(stage, sparsity=sparsity, **kwargs)
+    return card
 
 
 # -- Hub -------------------------------------------------------------------------------------------------
