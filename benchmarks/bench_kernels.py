@@ -11,6 +11,9 @@ Prints markdown tables (paste them into benchmarks/RESULTS.md with the GPU model
 2. Window products over G (m, d) (defaults: m = 1024, d = 11,170,560 = BERT-mini), fp32 and bf16 storage:
    ``G x``, ``G^T c`` and the whole Algorithm 2 step, as time, GB/s and a fraction of the copy bandwidth
    measured in the same run (the bound: each pass reads G once).
+3. ``DynamicMFAC.update_mul`` (the optimizer's per-step work: insert a gradient, ``G g``, the m x m solve,
+   ``G^T c``) at the same (m, d), fp32 and bf16 window, with the references (``HF_MFAC_KERNELS=torch``) and
+   with the kernels, as time and a fraction of the copy bandwidth (bound: two reads of G).
 
 On a machine without a GPU (or without nvcc) the CUDA columns read n/a and the reason is printed.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -143,6 +147,45 @@ def bench_window(m: int, d: int, device: torch.device, use_cuda: bool, reps: int
                   "CUDA / copy bw"], rows)
 
 
+def bench_update_mul(m: int, d: int, device: torch.device, use_cuda: bool, reps: int, copy_gbs: float) -> str:
+    """``DynamicMFAC.update_mul`` with a full window, torch references vs kernels (switched by HF_MFAC_KERNELS)."""
+    from hf_mfac.core.ihvp import DynamicMFAC
+
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    saved = os.environ.get(K.ENV_VAR)
+    try:
+        for storage in (torch.float32, torch.bfloat16):
+            w = DynamicMFAC(d, m, 1e-4, device=device, grad_dtype=storage)
+            g = torch.randn(d, device=device, generator=gen)
+            os.environ[K.ENV_VAR] = "auto"
+            t0 = time.perf_counter()
+            for _ in range(m):  # fill the window through the public API
+                w.update(torch.randn(d, device=device, generator=gen))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            fill_s = time.perf_counter() - t0
+            times = {}
+            for impl in ("torch", "cuda") if use_cuda else ("torch",):
+                os.environ[K.ENV_VAR] = impl
+                times[impl] = timeit(lambda: w.update_mul(g), device, reps)
+            nbytes = 2 * m * d * torch.empty(0, dtype=storage).element_size()
+            frac = {k: nbytes / (v * 1e-3) / 1e9 / copy_gbs for k, v in times.items()}
+            rows.append([str(storage).replace("torch.", ""), fmt(times["torch"]), fmt(times.get("cuda")),
+                         fmt(None if "cuda" not in times else times["torch"] / times["cuda"], ".2f"),
+                         fmt(frac["torch"], ".2f"), fmt(frac.get("cuda"), ".2f"), fmt(fill_s, ".1f")])
+            del w
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        if saved is None:
+            os.environ.pop(K.ENV_VAR, None)
+        else:
+            os.environ[K.ENV_VAR] = saved
+    return table(["window", "torch ms", "CUDA ms", "speed-up", "torch / copy bw", "CUDA / copy bw",
+                  "fill (m updates) s"], rows)
+
+
 def _gram_chunked(G: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
     out = torch.zeros(G.shape[0], G.shape[0], device=G.device)
     for s in range(0, G.shape[1], chunk):
@@ -158,6 +201,9 @@ def main(argv=None) -> None:
     ap.add_argument("--m", type=int, default=None, help="window size for the products (default 1024 GPU, 32 CPU)")
     ap.add_argument("--d", type=int, default=None, help="dimension (default BERT-mini on GPU, 1M on CPU)")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--skip-coefficients", action="store_true")
+    ap.add_argument("--skip-window", action="store_true")
+    ap.add_argument("--skip-update-mul", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -176,7 +222,7 @@ def main(argv=None) -> None:
         try:
             K.mfac_b(torch.eye(8, device=device), 1.0, 1.0, impl="cuda")  # JIT build or cache load
             print(f"- CUDA kernels: built/loaded in {time.perf_counter() - t0:.1f} s")
-        except K.KernelUnavailableError as exc:
+        except K.KernelUnavailableError as exc:  # includes a failed self-check
             reason = str(exc)
     use_cuda = reason is None
     if not use_cuda:
@@ -189,12 +235,16 @@ def main(argv=None) -> None:
             print(f"- note: G fp32 ({m}x{d}) does not fit in {free / 2**30:.0f} GiB free; using m = {m_new}")
             m = m_new
     copy_gbs = copy_bandwidth(device, min(2**31, m * d * 2), reps)
-    print(f"- copy bandwidth (read + write, same run): {copy_gbs:.0f} GB/s\n")
-    print("## Coefficient setup ([M-FAC, App. B, Alg. 1]), fp32\n")
-    print(bench_coefficients(ms, device, use_cuda, reps))
-    print(f"\n## Window products, m = {m}, d = {d:,} (bound: one read of G per pass)\n")
-    print(bench_window(m, d, device, use_cuda, reps, copy_gbs))
-
+    print(f"- copy bandwidth (read + write, same run): {copy_gbs:.0f} GB/s\n", flush=True)
+    if not args.skip_coefficients:
+        print("## Coefficient setup ([M-FAC, App. B, Alg. 1]), fp32\n", flush=True)
+        print(bench_coefficients(ms, device, use_cuda, reps), flush=True)
+    if not args.skip_window:
+        print(f"\n## Window products, m = {m}, d = {d:,} (bound: one read of G per pass)\n", flush=True)
+        print(bench_window(m, d, device, use_cuda, reps, copy_gbs), flush=True)
+    if not args.skip_update_mul:
+        print(f"\n## DynamicMFAC.update_mul, m = {m}, d = {d:,} (bound: two reads of G)\n", flush=True)
+        print(bench_update_mul(m, d, device, use_cuda, reps, copy_gbs), flush=True)
 
 if __name__ == "__main__":
     main()

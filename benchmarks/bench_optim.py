@@ -3,7 +3,9 @@
 The window is filled synthetically (random rows, a consistent diagonal Gram matrix) so that the
 steady-state step (window full) is timed without first running m real steps; the cost of a step does
 not depend on the window's values. Ratios are measured in the same run.
-Usage: python benchmarks/bench_optim.py [--ms 32,128,512] [--sizes tiny,mini] [--bf16]
+Usage: python benchmarks/bench_optim.py [--ms 32,128,512] [--sizes tiny,mini] [--bf16] [--device cuda]
+(default device: the GPU when there is one). On a GPU the window products run the CUDA kernels when they
+build (impl="auto"; the line "kernels:" says which path ran).
 """
 from __future__ import annotations
 
@@ -19,27 +21,31 @@ SIZES = {"tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=
          "mini": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024)}
 
 
-def bert_params(size: str):
+def bert_params(size: str, device):
     from transformers import BertConfig, BertModel
 
-    model = BertModel(BertConfig(**SIZES[size]))
+    model = BertModel(BertConfig(**SIZES[size])).to(device)
     return [p for p in model.parameters()]
 
 
-def fill_window(opt: hf_mfac.MFAC, gen: torch.Generator):
+def fill_window(opt: hf_mfac.MFAC, seed: int = 0):
+    """Random rows in the first ``dim`` columns of each window row (padding columns stay as they are) and a
+    diagonal Gram matrix of their norms, filled on the window's device."""
     w = opt.window
-    for i in range(w.num_grads):
-        w.G[i] = torch.randn(w.dim, generator=gen).to(w.G.dtype)
-    norms = (w.G.float() ** 2).sum(1).double()
-    w.GGt.copy_(torch.diag(norms))
+    gen = torch.Generator(device=w.G.device).manual_seed(seed)
+    G = w.G[:, : w.dim]  # (m, d) view
+    G.normal_(generator=gen)
+    norms = torch.stack([G[i].float().pow(2).sum() for i in range(w.num_grads)]).double()
+    w.GGt.zero_()
+    w.GGt.diagonal().copy_(norms)
     w.count, w.ptr, w._chol = w.num_grads, 0, None
 
 
-def bench(size: str, m: int, grad_dtype):
-    params = bert_params(size)
+def bench(size: str, m: int, grad_dtype, device):
+    params = bert_params(size, device)
     d = sum(p.numel() for p in params)
     gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(p.shape, generator=gen) * 1e-2 for p in params]
+    grads = [(torch.randn(p.shape, generator=gen) * 1e-2).to(device) for p in params]
 
     def set_grads():
         for p, g in zip(params, grads):
@@ -54,10 +60,10 @@ def bench(size: str, m: int, grad_dtype):
         opt._build_layout()
     except MemoryError as e:
         return (size, d, m, str(grad_dtype).replace("torch.", ""), f"{t_adam * 1e3:.1f}", "does not fit", str(e)[:60], "", "")
-    fill_window(opt, gen)
+    fill_window(opt)
     t_mfac = timeit(opt.step, repeats=3)
     elem = opt.window.G.element_size()
-    bw = copy_bandwidth(min(m * d, 1 << 27))
+    bw = copy_bandwidth(min(m * d, 1 << 27), device=device)
     bound = 2 * m * d * elem / bw  # two passes over m*d stored values at the copy traffic rate
     del opt
     return (size, d, m, str(grad_dtype).replace("torch.", ""), f"{t_adam * 1e3:.1f}", f"{t_mfac * 1e3:.0f}",
@@ -69,14 +75,23 @@ def main():
     ap.add_argument("--ms", default="32,128,512")
     ap.add_argument("--sizes", default="tiny,mini")
     ap.add_argument("--bf16", action="store_true", help="also time a bf16 window")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
+    device = torch.device(a.device)
     print(f"# optimizer step benchmark — {machine()} — {time.strftime('%Y-%m-%d')}\n")
+    if device.type == "cuda":
+        from hf_mfac.kernels import status
+
+        st = status()
+        print(f"kernels: {'CUDA (impl=auto)' if st['available'] else 'torch references: ' + str(st['reason'])}\n")
     rows = []
     for size in a.sizes.split(","):
         for m in map(int, a.ms.split(",")):
             for dt in ([torch.float32, torch.bfloat16] if a.bf16 else [torch.float32]):
-                rows.append(bench(size, m, dt))
+                rows.append(bench(size, m, dt, device))
                 print(rows[-1], flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     print()
     print(table(["params", "d", "m", "window", "AdamW step ms", "MFAC step ms", "MFAC / AdamW",
                  "bandwidth bound ms", "bound / MFAC (fraction of bound)"], rows))
