@@ -298,48 +298,6 @@ def test_bad_arguments():
         PruningCallback("obert", 1.0)
 
 
-# -- hf-mfac prune ----------------------------------------------------------------------------------------
-def test_cli_prune_sweep(tmp_path, capsys):
-    from transformers import BertTokenizer
-
-    from hf_mfac.integrations.cli import main
-    from hf_mfac.integrations.sparse_checkpoint import load_sparse_masks
-
-    words = "good bad great awful fine movie film plot was is the a".split()
-    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
-    tok = BertTokenizer(vocab=str(tmp_path / "vocab.txt"))
-    model = tiny_model()
-    model.config.vocab_size = 64
-    model.config.id2label, model.config.label2id = ({0: "neg", 1: "neu", 2: "pos"}, {"neg": 0, "neu": 1, "pos": 2})
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    g = __import__("random").Random(0)
-    with open(tmp_path / "data.csv", "w") as f:
-        f.write("text,label\n")
-        for i in range(48):
-            f.write(f"the movie was {g.choice(words)} {g.choice(words)},{g.choice(['neg', 'neu', 'pos'])}\n")
-    out = tmp_path / "pruned"
-    rc = main(["prune", str(tmp_path / "model"), "--data", str(tmp_path / "data.csv"), "--method", "obert",
-               "--sparsity", "0.3", "0.6", "--num-grads", "4", "--batch-size", "4", "--block-size", "16",
-               "--eval-data", str(tmp_path / "data.csv"), "--output-dir", str(out), "--no-progress"])
-    assert rc == 0
-    text = capsys.readouterr().out
-    assert "dense: eval loss" in text and "sparsity 0.6000" in text
-    for s in (0.3, 0.6):
-        d = out / f"sparsity-{s:.2f}"
-        masks = load_sparse_masks(d)
-        total = sum(m.numel() for m in masks.values())
-        assert sum(int((~m).sum()) for m in masks.values()) == round(s * total)
-        reloaded = BertForSequenceClassification.from_pretrained(d)  # stock transformers loads it
-        w = dict(reloaded.named_parameters())
-        assert all(bool((w[n][~m] == 0).all()) for n, m in masks.items())
-        assert json.load(open(d / "pruning_report.json"))["method"] == "obert"
-    # bad input: exit status 2 and a message, nothing written
-    rc = main(["prune", str(tmp_path / "model"), "--data", str(tmp_path / "data.csv"), "--sparsity", "1.5",
-               "--output-dir", str(tmp_path / "bad")])
-    assert rc == 2 and "sparsity" in capsys.readouterr().err and not (tmp_path / "bad").exists()
-
-
 def test_initial_masks_above_early_targets(tmp_path):
     from hf_mfac.pruning import find_prunable, prune_oneshot
 

@@ -1,147 +1,210 @@
-"""``hf-mfac`` command line. ``hf-mfac prune``: one-shot pruning of a saved sequence-classification model with
-a local CSV/TSV/JSON(L) dataset.
+"""``hf-mfac`` command line.
+
+``hf-mfac prune``: one-shot pruning of a saved sequence-classification model with a local CSV/TSV/JSON(L)
+dataset. Its options are :class:`PruneCommandArguments` (data, output, evaluation) and every field of
+:class:`~hf_mfac.pruning.PruningConfig` (the pruning settings, with the same names, defaults and help as
+``prune_oneshot``'s keywords and the examples' ``--prune_*`` flags), both parsed by ``transformers.HfArgumentParser``
+(``--num_grads`` and ``--num-grads`` both work).
 
 ```bash
-hf-mfac prune path/to/finetuned-model --data train.csv --method obert --sparsity 0.5 0.7 0.9 \
-    --num-grads 256 --batch-size 16 --recompute 4 --eval-data dev.csv --output-dir out/pruned
+hf-mfac prune path/to/finetuned-model --data train.csv --method obert --sparsities 0.5 0.7 0.9 \
+    --num_grads 256 --batch_size 16 --recompute 4 --eval_data dev.csv --output_dir out/pruned
 ```
 
-The gradients (one per ``--batch-size`` batch, seed 001 §5.1) come from ``--data``; with several sparsities
-the run is a sweep (each target continues from the previous masks) and each result goes to
-``<output-dir>/sparsity-<s>``. Every result is saved with
+The gradients (one per ``--batch_size`` batch) come from ``--data`` (read with ``datasets``, ``--encoding`` for
+files that are not UTF-8); with ``--sparsities`` the run is a sweep (each target continues from the previous masks)
+and each result goes to ``<output_dir>/sparsity-<s>``. Every result is saved with
 :func:`hf_mfac.integrations.save_sparse_pretrained` (dense safetensors with exact zeros that stock
-``from_pretrained`` loads, plus the masks and the sparsity record), with the tokenizer and
-``pruning_report.json``. ``--eval-data`` prints loss and accuracy before and after.
+``from_pretrained`` loads, plus the masks and the sparsity record), with the tokenizer, ``pruning_report.json`` and
+a model card (``README.md``, :func:`hf_mfac.integrations.create_sparse_model_card`). ``--eval_data`` prints loss
+and accuracy before and after. The inputs (settings, model folder, data files and columns) are checked before
+the model is loaded.
+
+``hf-mfac build-kernels``: build and self-check the CUDA kernels for every visible GPU
+(:func:`hf_mfac.kernels.build_kernels`), printing the report as JSON.
 """
 from __future__ import annotations
 
 import argparse
-import csv
+import dataclasses
+import glob
 import json
 import logging
 import os
-import random
+import shlex
 import sys
+from dataclasses import dataclass, field
 
 import torch
 
 logger = logging.getLogger("hf_mfac")
 
-__all__ = ["main", "build_parser", "load_table"]
+__all__ = ["main", "build_parser", "PruneCommandArguments", "load_data"]
+
+_TEXT_COLUMNS = ("sentence", "text", "sentence1", "question", "premise", "tweet")
+_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+_TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
 
 
-def load_table(path: str) -> list[dict]:
-    """Rows of a local ``.csv``/``.tsv`` (header line) or ``.json``/``.jsonl`` (list of records) file."""
-    ext = os.path.splitext(path)[1].lower()
-    with open(path, encoding="utf-8", newline="") as f:
-        if ext in (".csv", ".tsv"):
-            return list(csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ","))
-        if ext == ".jsonl":
-            return [json.loads(line) for line in f if line.strip()]
-        if ext == ".json":
-            data = json.load(f)
-            data = data.get("data", data) if isinstance(data, dict) else data
-            if not isinstance(data, list):
-                raise ValueError(f"{path}: expected a list of records (or {{'data': [...]}})")
-            return data
-    raise ValueError(f"{path}: unsupported file type {ext!r}; use .csv, .tsv, .json or .jsonl")
+@dataclass
+class PruneCommandArguments:
+    """What ``hf-mfac prune`` reads and writes (the pruning settings are :class:`~hf_mfac.pruning.PruningConfig`)."""
+
+    data: str = field(metadata={
+        "help": "Calibration data for the gradients: a .csv/.tsv/.json/.jsonl file with a text and a label column."})
+    output_dir: str = field(metadata={
+        "help": "Where to save the pruned model (a sweep: one sparsity-<s> folder per target)."})
+    encoding: str = field(default="utf-8", metadata={
+        "help": "Text encoding of .csv/.tsv files, e.g. latin-1 (JSON is always UTF-8)."})
+    text_column: str | None = field(default=None, metadata={
+        "help": "Text column; None: the first of sentence, text, sentence1, question, premise, tweet, else the first "
+                "text column."})
+    text_pair_column: str | None = field(default=None, metadata={"help": "Second text column, for pair tasks."})
+    label_column: str = field(default="label", metadata={
+        "help": "Label column: class ids, or names found in the model's label2id (else mapped in sorted order)."})
+    batch_size: int = field(default=16, metadata={
+        "help": "Samples per calibration batch (one gradient per batch unless --fisher_batch_size or --per_sample)."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per sample; longer texts are truncated."})
+    eval_data: str | None = field(default=None, metadata={
+        "help": "A file (same layout as --data) to report loss and accuracy on before and after pruning."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Samples per evaluation batch."})
+    device: str | None = field(default=None, metadata={
+        "help": "Where the model and the Fisher live: cpu, cuda, cuda:1 ...; None: cuda when available."})
+    seed: int = field(default=0, metadata={"help": "Seed of the calibration batches' order."})
+    no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar over the gradients."})
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_length", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be a positive integer; got {getattr(self, name)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..pruning import PRUNERS
+    from transformers import HfArgumentParser
+
+    from .. import __version__
+    from ..pruning import PruningConfig
 
     parser = argparse.ArgumentParser(prog="hf-mfac", description="hf_mfac: second-order optimization and pruning")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prune", help="one-shot pruning of a saved sequence-classification model",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", help="folder of a saved model (config, weights, tokenizer)")
-    p.add_argument("--data", required=True, help="calibration data: .csv/.tsv/.json/.jsonl with text and labels")
-    p.add_argument("--output-dir", required=True, help="where to save the pruned model(s)")
-    p.add_argument("--method", default="obert", choices=sorted(PRUNERS))
-    p.add_argument("--sparsity", type=float, nargs="+", default=None,
-                   help="target sparsity; several values run a sweep (one saved model each)")
-    p.add_argument("--pattern", default=None, help="unstructured (default), N:M (e.g. 2:4) or G-block (e.g. 4-block)")
-    p.add_argument("--scope", default="global", choices=["global", "layer"])
-    p.add_argument("--num-grads", type=int, default=None, help="gradients m (method default)")
-    p.add_argument("--batch-size", type=int, default=16, help="samples per gradient (the Fisher mini-batch)")
-    p.add_argument("--block-size", type=int, default=None, help="Fisher block size B (method default)")
-    p.add_argument("--damp", type=float, default=None, help="dampening λ (method default)")
-    p.add_argument("--recompute", type=int, default=1, help="Fisher recomputations per target")
-    p.add_argument("--woodtaylor", action="store_true", help="WoodTaylor (first-order term), obert/mfac")
-    p.add_argument("--include", nargs="+", default=None, help="regexes of module names to prune")
-    p.add_argument("--exclude", nargs="+", default=None, help="regexes of module names to keep dense")
-    p.add_argument("--text-column", default=None, help="text column (default: sentence/text/first text column)")
-    p.add_argument("--text-pair-column", default=None, help="second text column for pair tasks")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--eval-data", default=None, help="file to report loss/accuracy before and after")
-    p.add_argument("--eval-batch-size", type=int, default=64)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--version", action="version", version=f"hf-mfac {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
+    p = sub.add_parser("prune", dataclass_types=[PruneCommandArguments, PruningConfig],
+                       help="one-shot pruning of a saved sequence-classification model",
+                       description="One-shot pruning of a saved sequence-classification model with local data.")
+    p.add_argument("model", help="folder of a saved model (config.json, weights, tokenizer)")
+    sub.add_parser("build-kernels", help="build and self-check the CUDA kernels for every visible GPU",
+                   description="Build (or load from the cache) and self-check hf_mfac's CUDA kernels for every "
+                               "visible GPU; prints the report as JSON. Exit status 1 when a visible GPU has no "
+                               "working build.")
     return parser
 
 
-def _text_columns(rows, text_col, pair_col, label_col):
-    if not rows:
-        raise ValueError("the data file has no rows")
-    cols = list(rows[0])
+def _dataclasses_from(ns: argparse.Namespace, *types):
+    return [t(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(t)}) for t in types]
+
+
+# -- checks before loading -------------------------------------------------------------------------------
+def check_model_folder(path: str) -> None:
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is not a folder with a saved model")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{path} has no config.json: not a saved transformers model")
+    if not any(os.path.isfile(os.path.join(path, w)) for w in _WEIGHTS) and not glob.glob(
+            os.path.join(path, "model-*.safetensors")):
+        raise ValueError(f"{path} has no weights ({', '.join(_WEIGHTS[:2])} or shards)")
+    if not any(os.path.isfile(os.path.join(path, t)) for t in _TOKENIZER):
+        raise ValueError(f"{path} has no tokenizer files ({', '.join(_TOKENIZER[:3])}...): save the tokenizer next "
+                         "to the model (tokenizer.save_pretrained(folder))")
+
+
+def _unicode_error(e: BaseException) -> UnicodeDecodeError | None:
+    while e is not None:
+        if isinstance(e, UnicodeDecodeError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def load_data(path: str, encoding: str = "utf-8"):
+    """A local .csv/.tsv/.json/.jsonl file as a ``datasets.Dataset`` (the datasets csv/json builders)."""
+    import datasets
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path} not found")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".csv", ".tsv", ".json", ".jsonl"):
+        raise ValueError(f"{path}: unsupported file type {ext!r}; use .csv, .tsv, .json or .jsonl")
+    if ext in (".json", ".jsonl"):
+        builder, kwargs = "json", {}
+    else:
+        builder, kwargs = "csv", {"encoding": encoding, **({"delimiter": "\t"} if ext == ".tsv" else {})}
+    try:
+        ds = datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
+    except Exception as e:  # the csv builder wraps the codec error in a DatasetGenerationError
+        bad = _unicode_error(e)
+        if bad is None:
+            raise
+        raise ValueError(f"{path} is not valid {encoding} (byte {bad.object[bad.start:bad.start + 1]!r} at "
+                         f"position {bad.start}); pass --encoding with the file's encoding, e.g. --encoding "
+                         "latin-1") from None
+    if len(ds) == 0:
+        raise ValueError(f"{path} has no rows")
+    return ds
+
+
+def text_columns(ds, text_col, pair_col, label_col, path: str) -> tuple[str, str | None]:
+    cols = ds.column_names
     if label_col not in cols:
-        raise ValueError(f"label column {label_col!r} not found; columns: {cols}")
+        raise ValueError(f"{path}: label column {label_col!r} not found; columns: {cols} (--label_column)")
     if text_col is None:
-        for c in ("sentence", "text", "sentence1", "question", "premise", "tweet"):
-            if c in cols:
-                text_col = c
-                break
-        else:
-            text_col = next((c for c in cols if c != label_col and isinstance(rows[0][c], str)), None)
+        text_col = next((c for c in _TEXT_COLUMNS if c in cols), None) or next(
+            (c for c in cols if c != label_col and getattr(ds.features[c], "dtype", None) in ("string", "large_string")),
+            None)
+    if text_col is None:
+        raise ValueError(f"{path}: no text column found; give --text_column (columns: {cols})")
     for c in (text_col, pair_col):
         if c is not None and c not in cols:
-            raise ValueError(f"column {c!r} not found; columns: {cols}")
-    if text_col is None:
-        raise ValueError(f"no text column found; give --text-column (columns: {cols})")
+            raise ValueError(f"{path}: column {c!r} not found; columns: {cols}")
     return text_col, pair_col
 
 
-def _label_fn(config, rows, label_col):
-    values = [r[label_col] for r in rows]
+def label_mapping(config, values, label_col: str):
+    """``value -> class id`` for the label column's values: the model's label2id for names, else ints, else the
+    sorted names (with a warning)."""
     label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
     named = label2id and not all(k.startswith("LABEL_") for k in label2id)
     if named and all(str(v) in label2id for v in values):
         return lambda v: label2id[str(v)]
     try:
-        ints = [int(v) for v in values]
+        ints = sorted({int(v) for v in values})
     except (TypeError, ValueError):
         names = sorted({str(v) for v in values})
         if len(names) != config.num_labels:
-            raise ValueError(f"labels {names[:10]} cannot be mapped onto the model's {config.num_labels} classes "
-                             "(its config has no matching label2id)") from None
+            raise ValueError(f"labels {names[:10]} of {label_col!r} cannot be mapped onto the model's "
+                             f"{config.num_labels} classes (its config has no matching label2id)") from None
         mapping = {n: i for i, n in enumerate(names)}
         logger.warning("labels mapped in sorted order: %s", mapping)
         return lambda v: mapping[str(v)]
-    if min(ints) < 0 or max(ints) >= config.num_labels:
+    if ints[0] < 0 or ints[-1] >= config.num_labels:
         raise ValueError(f"integer labels must lie in [0, {config.num_labels})")
     return int
 
 
-def _batches(rows, tokenizer, cols, label_of, label_col, batch_size, max_length, shuffle, seed):
+# -- the command -----------------------------------------------------------------------------------------
+def _loader(ds, tokenizer, cols, label_of, label_col, batch_size, max_length, shuffle, seed):
+    from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding
 
-    rows = list(rows)
-    if shuffle:
-        random.Random(seed).shuffle(rows)
-    collate = DataCollatorWithPadding(tokenizer)
     text, pair = cols
-    out = []
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s : s + batch_size]
-        enc = tokenizer([r[text] for r in chunk], [r[pair] for r in chunk] if pair else None, truncation=True,
-                        max_length=max_length)
-        feats = [{k: enc[k][i] for k in enc} for i in range(len(chunk))]
-        batch = collate(feats)
-        batch["labels"] = torch.tensor([label_of(r[label_col]) for r in chunk])
-        out.append(dict(batch))
-    return out
+
+    def encode(rows):
+        enc = tokenizer(rows[text], rows[pair] if pair else None, truncation=True, max_length=max_length)
+        enc["labels"] = [label_of(v) for v in rows[label_col]]
+        return enc
+
+    ds = ds.map(encode, batched=True, remove_columns=ds.column_names)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=DataCollatorWithPadding(tokenizer),
+                      generator=torch.Generator().manual_seed(seed) if shuffle else None)
 
 
 @torch.no_grad()
@@ -157,76 +220,98 @@ def _evaluate(model, batches, device) -> dict:
     return {"loss": loss / max(n, 1), "accuracy": correct / max(n, 1)}
 
 
-def prune_command(args) -> int:
+def prune_command(model_path: str, args: PruneCommandArguments, config, argv: list[str]) -> int:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..pruning import DEFAULT_EXCLUDE, prune_sweep
+    from ..pruning import Pattern, prune_oneshot, prune_sweep
+    from .model_card import create_sparse_model_card
     from .sparse_checkpoint import save_sparse_pretrained
 
-    if not os.path.isdir(args.model):
-        raise ValueError(f"{args.model} is not a folder with a saved model")
+    # everything that can be checked before loading the model
+    nm = Pattern.parse(config.pattern).kind == "nm"
+    if config.sparsity is None and not config.sparsities and not nm:
+        raise ValueError("give --sparsity (one target) or --sparsities (a sweep), or an N:M --pattern")
+    if config.method is None:
+        raise ValueError("give --method")
+    check_model_folder(model_path)
+    data = load_data(args.data, args.encoding)
+    cols = text_columns(data, args.text_column, args.text_pair_column, args.label_column, args.data)
+    eval_data = None
+    if args.eval_data:
+        eval_data = load_data(args.eval_data, args.encoding)
+        text_columns(eval_data, *cols, args.label_column, args.eval_data)
+
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model).to(device)
-    rows = load_table(args.data)
-    cols = _text_columns(rows, args.text_column, args.text_pair_column, args.label_column)
-    label_of = _label_fn(model.config, rows, args.label_column)
-    calib = _batches(rows, tokenizer, cols, label_of, args.label_column, args.batch_size, args.max_length, True,
-                     args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path).to(device)
+    labels = list(data[args.label_column]) + (list(eval_data[args.label_column]) if eval_data is not None else [])
+    label_of = label_mapping(model.config, labels, args.label_column)
+    calib = _loader(data, tokenizer, cols, label_of, args.label_column, args.batch_size, args.max_length, True,
+                    args.seed)
     evalb = None
-    if args.eval_data:
-        erows = load_table(args.eval_data)
-        evalb = _batches(erows, tokenizer, _text_columns(erows, *cols, args.label_column), label_of,
-                         args.label_column, args.eval_batch_size, args.max_length, False, 0)
+    if eval_data is not None:
+        evalb = _loader(eval_data, tokenizer, cols, label_of, args.label_column, args.eval_batch_size,
+                        args.max_length, False, 0)
         before = _evaluate(model, evalb, device)
         print(f"dense: eval loss {before['loss']:.4f}, accuracy {before['accuracy']:.4f}")
-    sparsities = args.sparsity or ([None] if args.pattern and ":" in args.pattern else None)
-    if not sparsities:
-        raise ValueError("give --sparsity (one value, or several for a sweep)")
-    sweep = len(sparsities) > 1
-    records = []
+    sweep = bool(config.sparsities)
+    recipe = {**{k: v for k, v in config.to_dict().items() if v is not None},
+              "batch_size": args.batch_size, "max_length": args.max_length, "seed": args.seed}
+    command = shlex.join(["hf-mfac", *argv])
 
     def save(s, model, masks, report):
         out = os.path.join(args.output_dir, f"sparsity-{s:.2f}") if sweep else args.output_dir
-        os.makedirs(out, exist_ok=True)
         rec = {"target": s, "sparsity": report.sparsity, "loss_increase": report.loss_increase,
                "time": report.time_total, "grad_share": report.grad_share}
         if evalb is not None:
             rec.update({f"eval_{k}": v for k, v in _evaluate(model, evalb, device).items()})
-        recipe = {k: v for k, v in vars(args).items() if k not in ("model", "data", "output_dir", "eval_data")}
-        save_sparse_pretrained(model, out, masks, method=args.method, pattern=args.pattern, recipe=recipe)
+        save_sparse_pretrained(model, out, masks, method=config.method, pattern=config.pattern, recipe=recipe)
         tokenizer.save_pretrained(out)
         with open(os.path.join(out, "pruning_report.json"), "w") as f:
             json.dump({**report.to_dict(), **rec}, f, indent=2)
-        records.append(rec)
+        results = {k[5:]: v for k, v in rec.items() if k.startswith("eval_")} or None
+        create_sparse_model_card(out, model=model, method=config.method, recipe=recipe, command=command,
+                                 eval_results=results)
         extra = f", eval loss {rec['eval_loss']:.4f}, accuracy {rec['eval_accuracy']:.4f}" if evalb else ""
-        print(f"{args.method} -> {out}: sparsity {report.sparsity:.4f}{extra}")
+        print(f"{config.method} -> {out}: sparsity {report.sparsity:.4f}{extra}")
 
-    kwargs = dict(method=args.method, num_grads=args.num_grads, block_size=args.block_size, damp=args.damp,
-                  recompute=args.recompute, scope=args.scope, pattern=args.pattern, woodtaylor=args.woodtaylor,
-                  include=args.include, exclude=args.exclude if args.exclude is not None else DEFAULT_EXCLUDE,
-                  progress=not args.no_progress)
-    if sparsities == [None]:
-        from ..pruning import prune_oneshot
-
-        res = prune_oneshot(model, calib, sparsity=None, **kwargs)
-        save(res.report.sparsity, model, res.masks, res.report)
+    kwargs = {**config.oneshot_kwargs(), "progress": not args.no_progress}
+    if sweep:
+        prune_sweep(model, calib, config.sparsities, save_fn=save, **kwargs)
     else:
-        prune_sweep(model, calib, sparsities, save_fn=save, **kwargs)
+        res = prune_oneshot(model, calib, **kwargs)
+        save(res.report.sparsity, model, res.masks, res.report)
     return 0
+
+
+def build_kernels_command() -> int:
+    from ..kernels import build_kernels
+
+    report = build_kernels(verbose=True)
+    print(json.dumps(report, indent=2, default=str))
+    return 0 if report.get("ok") or not report.get("gpu") else 1
 
 
 def main(argv=None) -> int:
     """Entry point of the ``hf-mfac`` script. Returns the exit status (errors in the inputs: 2, with a message)."""
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    from .log_level import follow_log_level
+
+    follow_log_level(logging.INFO)
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else None
     try:
-        if args.command == "prune":
-            return prune_command(args)
+        ns = parser.parse_args(argv)  # --help, --version and unknown options exit here, as argparse does
+        if ns.command == "prune":
+            from ..pruning import PruningConfig
+
+            args, config = _dataclasses_from(ns, PruneCommandArguments, PruningConfig)
+            return prune_command(ns.model, args, config, argv)
+        if ns.command == "build-kernels":
+            return build_kernels_command()
     except (ValueError, FileNotFoundError, MemoryError) as e:
-        print(f"hf-mfac {args.command}: error: {e}", file=sys.stderr)
+        print(f"hf-mfac {command or ''}: error: {e}".replace("  ", " "), file=sys.stderr)
         return 2
     return 1
 

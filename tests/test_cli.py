@@ -1,0 +1,115 @@
+"""``hf-mfac``: --help and --version, a one-shot sweep with evaluation and model cards, inputs refused before the
+model is loaded, and build-kernels."""
+import dataclasses
+import json
+import random
+
+import pytest
+from conftest import save_tiny_text_model
+
+transformers = pytest.importorskip("transformers")
+
+from hf_mfac.integrations import cli  # noqa: E402
+from hf_mfac.pruning import PruningConfig  # noqa: E402
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A tiny BERT classifier (labels neg/pos) and a 40-row CSV of its words with string labels."""
+    model_dir, words = save_tiny_text_model(tmp_path)
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    config.id2label, config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    config.save_pretrained(model_dir)
+    rng = random.Random(0)
+    with open(tmp_path / "data.csv", "w", encoding="latin-1") as f:
+        f.write("text,label\n")
+        for _ in range(40):
+            f.write(f"the movie was {rng.choice(words)} {rng.choice(words)} caf\xe9,{rng.choice(['neg', 'pos'])}\n")
+    return model_dir, tmp_path / "data.csv"
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["prune", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(PruningConfig) + dataclasses.fields(cli.PruneCommandArguments):
+        assert f"--{f.name}" in text
+        help_text = " ".join(f.metadata["help"].split())
+        assert f"{help_text} (default: {f.default if f.default is not dataclasses.MISSING else None})" in text, f.name
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.startswith("hf-mfac ")
+
+
+def test_prune_sweep_with_eval_and_model_cards(tiny, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_mfac.integrations.sparse_checkpoint import load_sparse_masks
+
+    model_dir, data = tiny
+    out = tmp_path / "pruned"
+    rc = cli.main(["prune", str(model_dir), "--data", str(data), "--encoding", "latin-1", "--method", "obert",
+                   "--sparsities", "0.3", "0.6", "--num-grads", "4", "--batch-size", "4", "--block_size", "16",
+                   "--eval_data", str(data), "--output-dir", str(out), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "dense: eval loss" in text and "sparsity-0.60: sparsity 0.60" in text
+    for s in (0.3, 0.6):
+        d = out / f"sparsity-{s:.2f}"
+        masks = load_sparse_masks(d)
+        total = sum(m.numel() for m in masks.values())
+        assert sum(int((~m).sum()) for m in masks.values()) == round(s * total)
+        reloaded = AutoModelForSequenceClassification.from_pretrained(d)  # stock transformers loads it
+        w = dict(reloaded.named_parameters())
+        assert all(bool((w[n][~m] == 0).all()) for n, m in masks.items())
+        report = json.load(open(d / "pruning_report.json"))
+        assert report["method"] == "obert" and "eval_accuracy" in report
+        card = ModelCard.load(d / "README.md")
+        assert "hf_mfac" in card.data.tags and "obert" in card.data.tags
+        assert "--sparsities 0.3 0.6" in card.text
+
+
+LOADED = AssertionError("the model was loaded before the inputs were checked")
+
+
+@pytest.mark.parametrize("case,extra,message", [
+    ("sparsity out of range", ["--sparsity", "1.5"], "sparsity must lie in [0, 1)"),
+    ("no sparsity", [], "give --sparsity"),
+    ("no model folder", ["--sparsity", "0.5", "@no-model"], "is not a folder"),
+    ("folder without weights", ["--sparsity", "0.5", "@empty-model"], "has no weights"),
+    ("missing data", ["--sparsity", "0.5", "--data", "@missing.csv"], "not found"),
+    ("wrong label column", ["--sparsity", "0.5", "--label_column", "sentiment"], "label column 'sentiment'"),
+    ("wrong text column", ["--sparsity", "0.5", "--text_column", "tweet"], "column 'tweet' not found"),
+    ("Latin-1 read as UTF-8", ["--sparsity", "0.5", "--encoding", "utf-8"], "--encoding"),
+    ("unknown pattern", ["--pattern", "3x"], "unknown sparsity pattern"),
+])
+def test_bad_inputs_fail_before_loading(tiny, tmp_path, capsys, monkeypatch, case, extra, message):
+    model_dir, data = tiny
+    for cls in (transformers.AutoModelForSequenceClassification, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(LOADED))
+    (tmp_path / "empty-model").mkdir()
+    (tmp_path / "empty-model" / "config.json").write_text("{}")
+    model = next((str(tmp_path / e[1:]) for e in extra if e.endswith("model")), str(model_dir))
+    extra = [str(tmp_path / e[1:]) if e.startswith("@") else e for e in extra if not e.endswith("model")]
+    args = ["prune", model, "--output_dir", str(tmp_path / "out"), "--encoding", "latin-1", "--data", str(data),
+            *extra]
+    assert cli.main(args) == 2, case
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_kernels_prints_the_report(monkeypatch, capsys):
+    kernels = pytest.importorskip("hf_mfac.kernels")
+    if not hasattr(kernels, "build_kernels"):
+        pytest.skip("hf_mfac.kernels.build_kernels is not in this checkout yet")
+    calls = []
+
+    def fake(verbose=True):
+        calls.append(verbose)
+        return {"ok": False, "gpu": True, "reason": "no nvcc", "devices": []}
+
+    monkeypatch.setattr(kernels, "build_kernels", fake)
+    assert cli.main(["build-kernels"]) == 1 and calls == [True]
+    assert json.loads(capsys.readouterr().out)["reason"] == "no nvcc"
