@@ -1,8 +1,13 @@
-"""DynamicMFAC and StaticMFAC against float64 dense references (DESIGN.md §4, §7)."""
+"""DynamicMFAC and StaticMFAC against float64 dense references; DynamicMFAC's all-or-nothing updates and
+checked loads."""
+import math
+
 import pytest
 import torch
 
-from hf_mfac.core import DynamicMFAC, StaticMFAC
+from hf_mfac import kernels
+from hf_mfac.core import DynamicMFAC, StaticMFAC, ihvp
+from hf_mfac.core.ihvp import GradientRejected
 from conftest import block_fisher, dense_fisher, rel_err, woodbury_tol
 
 SIZES = [(1, 17), (5, 33), (7, 101), (13, 61)]
@@ -230,7 +235,10 @@ def test_sharded_window_equals_unsharded(gen):
         parts = [g[cuts[i] : cuts[i + 1]] for i in range(3)]
         ys = []
         for i, s in enumerate(shards):
-            def reduce(p, i=i):
+            def reduce(v, i=i):
+                if v.numel() == 1:  # the agreement on a finite result: every shard's is finite here
+                    return
+                p = v[:-2]  # the partial products; the two flags after them are 0 on every shard here
                 total = torch.zeros_like(p)
                 for j, sh in enumerate(shards):
                     Gj = sh.G[: p.numel()].to(torch.float64)
@@ -246,3 +254,155 @@ def test_sharded_window_equals_unsharded(gen):
             s.allreduce = reduce
             ys.append(s.update_mul(parts[i]))
         assert rel_err(torch.cat(ys), full.update_mul(g)) < 1e-10
+
+
+# --------------------------------------------------------------------- DynamicMFAC: all or nothing
+def _filled(gen, m=4, d=29, n=6, **kw):
+    dyn = DynamicMFAC(d, m, 0.05, **kw)
+    for _ in range(n):
+        dyn.update(torch.randn(d, generator=gen))
+    return dyn
+
+
+def _state(dyn):
+    return {"G": dyn.G.clone(), "_G": dyn._G.clone(), "GGt": dyn.GGt.clone(), "ptr": dyn.ptr, "count": dyn.count,
+            "chol": dyn._chol, "fallbacks": dyn.fallbacks}
+
+
+def _assert_unchanged(dyn, before):
+    after = _state(dyn)
+    for k in ("G", "_G", "GGt"):
+        assert after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]), k
+    assert (after["ptr"], after["count"], after["fallbacks"]) == (before["ptr"], before["count"], before["fallbacks"])
+    assert after["chol"] is before["chol"]
+
+
+@pytest.mark.parametrize("storage, value, match", [
+    (torch.float32, 1e20, "products"),  # finite, but |g|^2 overflows the fp32 products
+    (torch.float16, 7e4, "range of the window's storage dtype torch.float16"),  # > 65504
+    (torch.bfloat16, 3.4e38, "range of the window's storage dtype torch.bfloat16"),  # rounds to inf in bf16
+    (torch.float32, float("nan"), "NaN"),
+])
+@pytest.mark.parametrize("full", [False, True])
+def test_poisoned_gradient_leaves_window_unchanged(storage, value, match, full, gen):
+    """A gradient the window cannot hold is refused before anything changes, by update and update_mul, in a
+    window that is filling up or full (the row it would replace stays); the next good gradient gives exactly
+    what a window that never saw the bad one gives."""
+    m, d = 4, 29
+    dyn = _filled(gen, m, d, n=6 if full else 2, grad_dtype=storage)
+    twin = DynamicMFAC(d, m, 0.05, grad_dtype=storage)
+    twin.load_state_dict({k: v.clone() if torch.is_tensor(v) else v for k, v in dyn.state_dict().items()})
+    dyn.mul(torch.ones(d))  # the factor is cached
+    before = _state(dyn)
+    bad = torch.randn(d, generator=gen)
+    bad[d - 1] = value
+    for op in (dyn.update, dyn.update_mul):
+        with pytest.raises(GradientRejected, match=match) as info:
+            op(bad)
+        assert isinstance(info.value, FloatingPointError) and "unchanged" in str(info.value)
+        _assert_unchanged(dyn, before)
+    g = torch.randn(d, generator=gen)
+    assert torch.equal(dyn.update_mul(g), twin.update_mul(g))
+
+
+def test_failed_factorisation_is_undone(gen, monkeypatch):
+    """The factorisation fails after the row was written: G, G G^T, ptr, count, the factor come back exactly."""
+    dyn = _filled(gen)
+    dyn.mul(torch.ones(29))
+    before = _state(dyn)
+
+    def fail(*a, **k):
+        raise FloatingPointError("Cholesky failed even after adding 1e+08 times the damping")
+
+    monkeypatch.setattr(ihvp, "damped_cholesky", fail)
+    for op in (dyn.update, dyn.update_mul):
+        with pytest.raises(GradientRejected, match="could not be factorised"):
+            op(torch.randn(29, generator=gen))
+        _assert_unchanged(dyn, before)
+
+
+def test_nonfinite_result_and_interrupt_are_undone(gen, monkeypatch):
+    """A non-finite F^{-1} g (here forced) is refused; an interrupt in the middle of an update (after the row
+    was written) restores the window too and propagates."""
+    dyn = _filled(gen)
+    before = _state(dyn)
+    real = kernels.window_rmatvec
+    monkeypatch.setattr(kernels, "window_rmatvec", lambda G, c, acc=None: real(G, c, acc) * float("inf"))
+    with pytest.raises(GradientRejected, match="not finite"):
+        dyn.update_mul(torch.randn(29, generator=gen))
+    _assert_unchanged(dyn, before)
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kernels, "window_matvec", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        dyn.update(torch.randn(29, generator=gen))
+    _assert_unchanged(dyn, before)
+
+
+def test_kernel_path_damps_at_the_accumulation_error(gen, monkeypatch):
+    """Where the CUDA kernels compute G G^T (emulated here: the padded rows go to the kernels' dispatch, which
+    takes the reference on CPU), a damping below their accumulation error (~1e-4 relative at m = 1024,
+    d = 1.1e8) is raised to that level by powers of 10, once per factorisation, counted in ``fallbacks``."""
+    terms = ihvp.kernel_matvec_terms(1024, 110_000_000, 2, 132)  # bf16 window, 132 multiprocessors
+    assert 80_000 < terms < 90_000 and 1e-4 < ihvp.accumulation_error(terms) < 2e-4
+    m, d, damp = 3, 64, 1e-12
+    G = torch.randn(m, d, generator=gen)
+    plain = DynamicMFAC(d, m, damp)
+    for g in G:
+        plain.update(g)
+    assert plain.fallbacks == 0 and plain._shift_floor(m) == 0.0  # CPU / PyTorch path: no floor
+    monkeypatch.setattr(DynamicMFAC, "_kernel_rows", lambda self: True)
+    monkeypatch.setattr(ihvp, "_multiprocessors", lambda device: 132)
+    dyn = DynamicMFAC(d, m, damp)
+    for g in G:
+        dyn.update(g)
+    floor = dyn._shift_floor(m)
+    assert floor > m * damp and dyn.fallbacks == m
+    raised = m * damp * 10.0 ** math.ceil(math.log10(floor / (m * damp)))
+    x = torch.randn(d, generator=gen, dtype=torch.float64)
+    K = G.double() @ G.double().T + raised * torch.eye(m, dtype=torch.float64)
+    expect = (x - G.double().T @ torch.linalg.solve(K, G.double() @ x)) / damp
+    assert rel_err(dyn.mul(x.float()), expect) < 1e-4
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, torch.float16])
+def test_row_padding_changes_no_result(storage, gen, monkeypatch):
+    """d = 29: the padded window (rows of 32, padding kept zero) gives bit-identical results to an unpadded one
+    on the PyTorch path; ``G`` and ``state_dict`` show (m, d), and states load across the two."""
+    m, d = 4, 29
+    gs = [torch.randn(d, generator=gen) for _ in range(7)]
+    padded = DynamicMFAC(d, m, 0.05, grad_dtype=storage)
+    monkeypatch.setattr(ihvp, "_ROW_ALIGN", 1)
+    plain = DynamicMFAC(d, m, 0.05, grad_dtype=storage)
+    assert padded._G.shape == (m, 32) and plain._G.shape == (m, d) and padded.G.shape == (m, d)
+    for g in gs[:5]:
+        assert torch.equal(padded.update_mul(g), plain.update_mul(g))
+    assert torch.equal(padded.mul(gs[5]), plain.mul(gs[5]))
+    assert bool((padded._G[:, d:] == 0).all())
+    sd = padded.state_dict()
+    assert sd["G"].shape == (m, d) and torch.equal(sd["G"], plain.state_dict()["G"])
+    across = DynamicMFAC(d, m, 0.05, grad_dtype=storage)  # unpadded (_ROW_ALIGN still 1)
+    across.load_state_dict({k: v.clone() if torch.is_tensor(v) else v for k, v in sd.items()})
+    monkeypatch.setattr(ihvp, "_ROW_ALIGN", 8)
+    back = DynamicMFAC(d, m, 0.05, grad_dtype=storage)
+    back.load_state_dict(plain.state_dict())
+    expect = plain.update_mul(gs[6])
+    for w in (padded, across, back):
+        assert torch.equal(w.update_mul(gs[6]), expect)
+        assert w.G.shape == (m, d) and w.grad_dtype == storage
+
+
+def test_load_accepts_ggt_of_unrounded_gradients(gen):
+    """Older code could form G G^T from the gradients before their rounding to a bf16 window: the diagonal check
+    tolerates the storage precision, and still refuses a G G^T of other gradients."""
+    m, d = 4, 300
+    G = torch.randn(m, d, generator=gen)
+    state = {"G": G.to(torch.bfloat16), "GGt": (G @ G.T).double(), "ptr": 0, "count": m}
+    dyn = DynamicMFAC(d, m, 0.05, grad_dtype=torch.bfloat16)
+    dyn.load_state_dict(state)
+    assert dyn.count == m and torch.equal(dyn.G, state["G"])
+    other = torch.randn(m, d, generator=gen)
+    with pytest.raises(ValueError, match=r"GGt does not match G: GGt\[0, 0\]"):
+        DynamicMFAC(d, m, 0.05, grad_dtype=torch.bfloat16).load_state_dict({**state, "GGt": (other @ other.T).double()})
