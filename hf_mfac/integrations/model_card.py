@@ -40,8 +40,18 @@ from urllib.parse import quote
 import torch
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from .sparse_checkpoint import (REDACTED, _is_checkpoint_file, _version, read_sparsity_metadata, redact, resolve_masks,
-                                save_sparse_pretrained, secret_name, sparsity_metadata, staged_save)
+from .sparse_checkpoint import (
+    REDACTED,
+    _is_checkpoint_file,
+    _version,
+    read_sparsity_metadata,
+    redact,
+    resolve_masks,
+    save_sparse_pretrained,
+    secret_name,
+    sparsity_metadata,
+    staged_save,
+)
 
 logger = logging.getLogger("hf_mfac")
 
