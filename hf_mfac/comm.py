@@ -106,7 +106,8 @@ class Comm:
     def check(self, error: BaseException | None = None) -> None:
         """Agree on failure: every rank calls this at the same point, ``error`` set on the ranks that failed.
         If any did, every rank raises :class:`DistributedError` naming the failed ranks and their messages
-        (when all ranks failed with the same message, each re-raises its own exception instead).
+        (when all ranks failed with the same message, each re-raises its own exception instead; a rank whose
+        ``error`` is not an ``Exception``, e.g. a KeyboardInterrupt, re-raises it after telling the others).
         Cost: one all-reduce of one integer (plus an all-gather of the messages on failure)."""
         if not self.distributed:
             if error is not None:
@@ -121,8 +122,9 @@ class Comm:
         for r, m in enumerate(msgs):
             if m is not None:
                 by_msg.setdefault(m, []).append(r)
-        if error is not None and list(by_msg.values()) == [list(range(self.world_size))]:
-            raise error  # every rank failed the same way (e.g. a bad argument): the error as in one process
+        if error is not None and (not isinstance(error, Exception) or
+                                  list(by_msg.values()) == [list(range(self.world_size))]):
+            raise error  # an interrupt stays one; every rank failed the same way: the error as in one process
         failed = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {m}"
                            for m, rs in by_msg.items())
         raise DistributedError(f"stopped on all {self.world_size} ranks because {failed}") from error

@@ -1,4 +1,4 @@
-"""Scale-out (issue 6): sharded M-FAC window and distributed pruning, 2 and 3 processes, gloo on CPU.
+"""Scale-out: sharded M-FAC window and distributed pruning, 2 and 3 processes, gloo on CPU.
 
 Each test starts N worker processes (``tests/dist_*.py``) the way ``torchrun`` does (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR=127.0.0.1, MASTER_PORT), waits for them with a time limit, and checks the JSON each
@@ -196,6 +196,27 @@ def test_error_on_one_rank_stops_all_ranks(tmp_path):
         assert r["error"].startswith("DistributedError: stopped on all 3 ranks because rank 1: ValueError: "
                                      "bad batch on purpose on rank 1"), r["error"]
         assert r["all_error"].startswith("ValueError: sparsity"), r["all_error"]  # the same on all: as is
+
+
+@pytest.mark.distributed
+def test_prune_oneshot_in_process_group_is_distributed_and_fails_together(tmp_path):
+    """2 ranks. Plain prune_oneshot on a DataLoader over a DistributedSampler prunes over both ranks: the ranks end
+    bit-identical and equal to prune_oneshot_distributed (num_grads counts both ranks' gradients). A
+    KeyboardInterrupt in rank 1's loss during the second recomputation: rank 1 re-raises it, rank 0 raises
+    DistributedError naming rank 1 within seconds (the process group's timeout is 30 s), and both put their
+    weights back. Rank 1 holding another model: both ranks raise, naming the first target that differs."""
+    launch("dist_prune.py", 2, tmp_path, "--checks", timeout=90)
+    r0, r1 = results(tmp_path, 2)
+    for r in (r0, r1):
+        assert r["plain"]["ranks_identical"] and r["plain"]["equals_distributed"], r["plain"]
+        assert r["plain"]["num_grads"] == 16 and abs(r["plain"]["sparsity"] - 0.6) < 1e-3
+        assert r["interrupt"]["unchanged"] and r["other_model"]["unchanged"]
+        assert r["other_model"]["error"].startswith("DistributedError: the ranks hold different pruning targets"), r
+        assert "rank 1 has 3 targets" in r["other_model"]["error"] and "fc1.weight (20, 12)" in r["other_model"]["error"]
+    assert r1["interrupt"]["error"] == "KeyboardInterrupt: "
+    assert r0["interrupt"]["error"].startswith("DistributedError: stopped on all 2 ranks because rank 1: "
+                                               "KeyboardInterrupt"), r0["interrupt"]
+    assert r0["interrupt"]["seconds"] < 10
 
 
 @pytest.mark.distributed

@@ -8,10 +8,12 @@ print(report.to_markdown())
 
 Layout: :mod:`.targets` (which weights; flat padded view), :mod:`.grads` (gradients streamed from a
 dataloader), :mod:`.pruners` (selection + update per method), :mod:`.oneshot` (driver, recomputations,
-sweeps). Imports torch and :mod:`hf_mfac.core` only; the Trainer glue is in
+sweeps), :mod:`.distributed` (the same over the ranks of a process group: ``prune_oneshot_distributed``).
+Imports torch, :mod:`hf_mfac.core` and :mod:`hf_mfac.comm` only; the Trainer glue is in
 :mod:`hf_mfac.integrations.callbacks`.
 """
 from .config import GradualPruningConfig, PruningConfig
+from .distributed import DistributedPruner, prune_oneshot_distributed
 from .grads import GradStats, collect_grads, default_loss, iter_grads
 from .oneshot import FisherCache, PruneReport, PruneResult, apply_masks, masks_from_zeros, prune_oneshot, prune_sweep
 from .pruners import (PRUNERS, CAPPruner, MagnitudePruner, MFACPruner, OBSPruner, Pattern, Pruner, StepResult,
@@ -22,5 +24,6 @@ __all__ = [
     "prune_oneshot", "prune_sweep", "PRUNERS", "make_pruner", "Pruner", "MagnitudePruner", "OBSPruner",
     "MFACPruner", "CAPPruner", "Pattern", "StepResult", "PruneReport", "PruneResult", "find_prunable", "Layout",
     "DEFAULT_EXCLUDE", "DEFAULT_TYPES", "collect_grads", "iter_grads", "GradStats", "default_loss", "apply_masks",
-    "masks_from_zeros", "FisherCache", "PruningConfig", "GradualPruningConfig",
+    "masks_from_zeros", "FisherCache", "PruningConfig", "GradualPruningConfig", "prune_oneshot_distributed",
+    "DistributedPruner",
 ]

@@ -1,4 +1,4 @@
-"""Distributed one-shot pruning: gradients data-parallel, Fisher blocks owned by ranks (DESIGN.md §1.3, issue 6).
+"""Distributed one-shot pruning: gradients data-parallel, Fisher blocks owned by ranks.
 
 With N processes (``torchrun``, ``accelerate launch``, the Trainer's DDP) every rank holds the same model.
 
@@ -16,9 +16,14 @@ With N processes (``torchrun``, ``accelerate launch``, the Trainer's DDP) every 
    applies the chosen prefixes locally and all-gathers the new weights and masks. Every rank ends with the
    same weights and masks, as tensors; no rank-0-only step, no object broadcast of the model.
 
-Failures: each collective is preceded by a one-integer all-reduce of an error flag, and an exception on any
-rank is caught and reported at that point, so all ranks raise :class:`~hf_mfac.comm.DistributedError`
-with the failing rank's message instead of hanging.
+Failures: before the gradients, the ranks compare their pruning targets (names, shapes, dtypes: one all-gather
+of a hash), so a rank holding another model stops every rank with a message naming the first difference. Each
+collective is preceded by a one-integer all-reduce of an error flag, and an exception on any rank (any
+``BaseException``: a KeyboardInterrupt too) is caught and reported at the next such point, so all ranks raise
+:class:`~hf_mfac.comm.DistributedError` with the failing rank's message instead of waiting for the timeout (the
+interrupted rank re-raises its KeyboardInterrupt). Every rank then copies its target weights back, as
+:func:`~hf_mfac.pruning.prune_oneshot` does. An interrupt that lands inside a collective (rather than between two,
+as an exception in the loss does) leaves the other ranks to the process group's timeout.
 
 Timeouts: ranks meet once per chunk of ``chunk_size`` gradients during collection, then a handful of times
 per pruning step; a collective times out only when one rank is more than the process group's ``timeout``
@@ -29,16 +34,16 @@ blocks raise it: ``torch.distributed.init_process_group(..., timeout=datetime.ti
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Mapping
 
 import torch
 
-from ..core.cap import cap_apply, cap_eliminate, cap_select
-from ..core.masks import num_to_prune
 from ..comm import Comm, DistributedError
-from .oneshot import prune_oneshot
-from .pruners import CAPPruner, Pruner, StepResult, make_pruner
+from ..core._checks import check_positive_int
+from .oneshot import _pruner_from, _resolve_targets, prune_oneshot, restore_on_error
+from .pruners import CAPPruner, MFACPruner, Pruner, StepResult, make_pruner
 
 __all__ = ["DistributedPruner", "ShardedFisherInverse", "ShardedBatches", "prune_oneshot_distributed",
            "block_bounds", "DistributedError"]
@@ -147,18 +152,33 @@ class ShardedFisherInverse:
 
 class _ShardSink:
     """Gradient sink of one rank (what ``pruner.new_fisher`` returns): exchanges every chunk so that each
-    rank feeds its local Fisher with the columns it owns of all ranks' gradients."""
+    rank feeds its local Fisher with the columns it owns of all ranks' gradients. Relative damping (``rel_damp``)
+    averages the Fisher diagonal over all ranks' blocks (one all-reduce of 2 values per damping group)."""
 
-    def __init__(self, owner: "DistributedPruner", dim: int, num_grads: int, device):
+    def __init__(self, owner: "DistributedPruner", dim: int, num_grads: int, device, groups=None):
         comm = self.comm = owner.comm
         self.owner, self.dim, self.device = owner, dim, torch.device(device)
         self.bounds = block_bounds(dim, owner.inner.block_size, comm.world_size)
         self.start, self.stop = self.bounds[comm.rank], self.bounds[comm.rank + 1]
         self.widths = [b - a for a, b in zip(self.bounds, self.bounds[1:])]
         total = num_grads * comm.world_size
-        self.local = owner.inner.new_fisher(self.stop - self.start, total, device) if self.stop > self.start else None
+        local_groups = None if groups is None else groups[self.start : self.stop]
+        self.local = (owner.inner.new_fisher(self.stop - self.start, total, device, groups=local_groups)
+                      if self.stop > self.start else None)
+        self.num_groups = 1 if groups is None or not groups.numel() else int(groups.max()) + 1
+        self.reduces = owner.inner.rel_damp is not None  # the block Fisher calls damp_reduce when it inverts
+        if self.local is not None and self.reduces:
+            self.local.damp_reduce = self._reduce_damp
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device) if owner.woodtaylor else None
         self.num_grads = 0
+
+    def _reduce_damp(self, acc: torch.Tensor) -> None:
+        """Sum the (2, n) per-group diagonal sums and counts over the ranks, in place (n <= num_groups here)."""
+        full = torch.zeros(2, self.num_groups, dtype=torch.float64, device=acc.device)
+        full[:, : acc.shape[1]] = acc
+        self.comm.check()
+        self.comm.all_reduce(full)
+        acc.copy_(full[:, : acc.shape[1]])
 
     def add_grads(self, chunk: torch.Tensor) -> None:
         k = chunk.shape[0]
@@ -174,6 +194,11 @@ class _ShardSink:
 
     def finish(self) -> ShardedFisherInverse:
         local = None if self.local is None else self.local.finish()
+        if self.reduces:  # invert now, so that every rank takes part in the damping's all-reduce here
+            if local is None:
+                self._reduce_damp(torch.zeros(2, 0, dtype=torch.float64, device=self.device))
+            else:
+                local.blocks()
         dtype = None if local is None else getattr(local, "dtype", None) or local.W.dtype
         self.comm.check()
         dtypes = {str(d) for d in self.comm.all_gather_object(None if dtype is None else str(dtype)) if d}
@@ -220,7 +245,37 @@ class DistributedPruner(Pruner):
         return getattr(self.inner, name)
 
     def check(self, layout) -> None:
-        self.inner.check(layout)
+        """The wrapped pruner's checks, then every rank must hold the same targets (before any gradient)."""
+        error = None
+        try:
+            self.inner.check(layout)
+            if isinstance(self.inner, MFACPruner) and self.inner.rel_damp is not None:
+                raise NotImplementedError("distributed static M-FAC needs an absolute damping: pass damp=... (its "
+                                          "relative damping is not yet averaged over the ranks)")
+        except Exception as e:  # noqa: BLE001 - reported on every rank
+            error = e
+        self.comm.check(error)
+        self._agree_on_layout(layout)
+
+    def _agree_on_layout(self, layout) -> None:
+        """Raise :class:`DistributedError` on every rank unless all ranks hold the same targets (names, shapes,
+        dtypes): one all-gather of a hash and a summary; the whole list is gathered only to name a difference."""
+        rows = [f"{name} {tuple(shape)} {layout.params[name].dtype}" for name, shape in zip(layout.names, layout.shapes)]
+        digest = hashlib.sha256("\n".join(rows).encode()).hexdigest()
+        summary = f"{len(rows)} targets, {layout.numel} weights"
+        self.comm.check()
+        seen = self.comm.all_gather_object((digest, summary))
+        if all(d == seen[0][0] for d, _ in seen):
+            return
+        every = self.comm.all_gather_object(rows)
+        diffs = []
+        for r, other in enumerate(every[1:], 1):
+            if other != every[0]:
+                i = next((i for i, (a, b) in enumerate(zip(every[0], other)) if a != b), min(len(other), len(every[0])))
+                show = lambda rs: rs[i] if i < len(rs) else "nothing"  # noqa: E731
+                diffs.append(f"rank {r} has {seen[r][1]}, target {i} is {show(other)} (rank 0: {show(every[0])})")
+        raise DistributedError(f"the ranks hold different pruning targets (rank 0: {seen[0][1]}); "
+                               + "; ".join(diffs) + ". Every rank must prune the same model")
 
     def config(self) -> dict:
         return {**self.inner.config(), "world_size": self.comm.world_size}
@@ -231,8 +286,8 @@ class DistributedPruner(Pruner):
         width = max(y - x for x, y in zip(b, b[1:]))
         return self.inner.fisher_bytes(width, num_grads * self.comm.world_size) if width else 0
 
-    def new_fisher(self, dim: int, num_grads: int, device):
-        return _ShardSink(self, dim, num_grads, device)
+    def new_fisher(self, dim: int, num_grads: int, device, groups: torch.Tensor | None = None):
+        return _ShardSink(self, dim, num_grads, device, groups)
 
     def fisher_key(self) -> None:
         """None: ``prune_oneshot(fisher_cache=...)`` does not reuse sharded inverses (a hit on some ranks and a
@@ -250,66 +305,30 @@ class DistributedPruner(Pruner):
             raise DistributedError("the ranks hold different weights or masks of the pruning targets; every rank "
                                    "must start from the same model (load it the same way, or broadcast it first)")
 
+    def _gather_blocks(self, t: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """(nb, ...) on every rank from each rank's (counts[rank], ...) rows, in rank (= block) order."""
+        per = math.prod(t.shape[1:])
+        self.comm.check()
+        return self.comm.all_gatherv(t.reshape(-1), [c * per for c in counts]).view(sum(counts), *t.shape[1:])
+
     def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
         self._agree_on_inputs(w, keep)
         if not self.uses_fisher:  # magnitude: the same masks on every rank, nothing to exchange
             return self.inner.prune(layout, w, keep, sparsity=sparsity, zeros=zeros, finv=finv, grad=grad)
-        if isinstance(self.inner, CAPPruner):
-            return _cap_prune(self.inner, self.comm, finv, layout, w, keep, sparsity, zeros)
+        if isinstance(self.inner, CAPPruner):  # CAP's own step on this rank's blocks, the merge over all blocks
+            B = self.inner.block_size
+            hinv = finv.local_blocks()
+            if hinv is None:
+                hinv = torch.zeros(0, B, B, dtype=finv.dtype, device=finv.device)
+            counts = [(b - a) // B for a, b in zip(finv.bounds, finv.bounds[1:])]  # blocks per rank
+            return self.inner.prune_blocks(layout, w, keep, hinv, finv.start // B, sparsity=sparsity, zeros=zeros,
+                                           gather=lambda t: self._gather_blocks(t, counts))
         if self.woodtaylor:
             grad = finv.mean_grad
         return self.inner.prune(layout, w, keep, sparsity=sparsity, zeros=zeros, finv=finv, grad=grad)
 
 
-def _cap_prune(pruner: CAPPruner, comm: Comm, finv: ShardedFisherInverse, layout, w, keep, sparsity, zeros):
-    """CAPPruner.prune with the blocks spread over the ranks: eliminate in the owned blocks, merge the
-    all-gathered losses globally (replicated, identical on every rank), apply the owned prefixes, gather."""
-    B = pruner.block_size
-    nb = layout.dim // B
-    lo, hi = finv.start // B, finv.stop // B  # this rank's blocks
-    W = w.view(nb, B)
-    valid = layout.valid(w.device).view(nb, B)
-    forced = ~keep.view(nb, B) & valid
-    block_layer = layout.layer_index(w.device).view(nb, B)[:, 0]
-    hinv = finv.local_blocks()  # (nb_r, B, B)
-    nm = None if pruner.pattern.kind != "nm" else (pruner.pattern.m - zeros, pruner.pattern.m)
-    if hi > lo:
-        order, losses = cap_eliminate(W[lo:hi], hinv, valid=valid[lo:hi], forced=forced[lo:hi], nm=nm)
-    else:
-        order = torch.zeros(0, B, dtype=torch.long, device=w.device)
-        losses = torch.zeros(0, B, dtype=torch.float64, device=w.device)
-    block_sizes = [(b - a) // B for a, b in zip(finv.bounds, finv.bounds[1:])]
-    if nm is not None:
-        counts = torch.isfinite(losses).sum(1)
-    else:
-        steps = torch.arange(B, device=w.device)[None, :]
-        losses = torch.where(steps < forced[lo:hi].sum(1, keepdim=True), torch.full_like(losses, -1.0), losses)
-        comm.check()
-        all_losses = comm.all_gatherv(losses.reshape(-1), [s * B for s in block_sizes]).view(nb, B)
-        if pruner.scope == "global":
-            counts = cap_select(all_losses, num_to_prune(layout.numel, sparsity))[lo:hi]
-        else:
-            k = {i: num_to_prune(n, sparsity) for i, n in enumerate(layout.numels)}
-            counts = cap_select(all_losses, 0, block_layer, k)[lo:hi]
-    if hi > lo:
-        new, pruned = cap_apply(W[lo:hi], hinv, order, counts)
-        pruned = pruned & valid[lo:hi] | forced[lo:hi]
-        last = losses.gather(1, (counts - 1).clamp_min(0)[:, None])[:, 0].clamp_min(0)
-        block_loss = torch.where(counts > 0, last, torch.zeros_like(last))
-    else:
-        new, pruned = W[:0], valid[:0]
-        block_loss = torch.zeros(0, dtype=torch.float64, device=w.device)
-    comm.check()
-    new = comm.all_gatherv(new.reshape(-1).to(w.dtype), [s * B for s in block_sizes])  # (D,)
-    pruned = comm.all_gatherv(pruned.reshape(-1), [s * B for s in block_sizes])
-    block_loss = comm.all_gatherv(block_loss, block_sizes)  # (nb,)
-    loss = torch.zeros(len(layout.names), dtype=torch.float64, device=w.device)
-    loss.index_add_(0, block_layer, block_loss)
-    new_keep = keep & ~pruned
-    return StepResult(new * new_keep, new_keep, loss)
-
-
-_PRUNER_KWARGS = ("pattern", "scope", "block_size", "damp", "woodtaylor", "device", "page_bytes")
+_PRUNER_KWARGS = ("pattern", "scope", "block_size", "damp", "rel_damp", "woodtaylor", "device", "page_bytes")
 
 
 def prune_oneshot_distributed(model, dataloader=None, *, method="obert", num_grads: int | None = None,
@@ -327,43 +346,53 @@ def prune_oneshot_distributed(model, dataloader=None, *, method="obert", num_gra
     * ``method``: a name with the pruner keyword arguments (``pattern``, ``block_size``, ...), a
       :class:`Pruner`, or a :class:`DistributedPruner` (then ``group`` is its own).
 
-    Works without a process group too (then it is ``prune_oneshot``). Errors on any rank raise
-    :class:`~hf_mfac.comm.DistributedError` on every rank. See the module docstring for the
-    process-group ``timeout`` to use with long gradient collections.
+    Works without a process group too (then it is ``prune_oneshot``). Errors on any rank (KeyboardInterrupt
+    included) raise :class:`~hf_mfac.comm.DistributedError` on every rank (the interrupted rank re-raises its
+    KeyboardInterrupt), and every rank copies its target weights back, as ``prune_oneshot`` does (one host copy
+    of the target weights). A rank whose targets (names, shapes, dtypes), weights, masks or settings differ
+    from the others' stops every rank before the gradients. See the module docstring for the process-group
+    ``timeout`` to use with long gradient collections.
     """
     comm = method.comm if isinstance(method, DistributedPruner) else Comm(group)
-    error, result = None, None
+    error = settings = None
     try:
-        pkw = {k: kwargs.pop(k) for k in _PRUNER_KWARGS if k in kwargs}
-        if isinstance(method, DistributedPruner):
-            pruner = method
-        else:
-            pruner = DistributedPruner(method if isinstance(method, Pruner) else make_pruner(method, **pkw), group)
-            pruner.comm = comm
-        world = comm.world_size
-        total = None
-        if pruner.uses_fisher:
-            total = int(num_grads or pruner.default_num_grads)
-            num_grads = math.ceil(total / world)
-        if dataloader is not None and comm.distributed and (
-                shard_data is True or (shard_data == "auto" and not _is_sharded(dataloader))):
-            dataloader = ShardedBatches(dataloader, comm.rank, world)
-        settings = {k: (tuple(v) if isinstance(v, list) else v if isinstance(v, (int, float, str, bool, type(None),
-                    tuple)) else type(v).__name__) for k, v in {**kwargs, "num_grads": num_grads}.items()
-                    if not isinstance(v, Mapping) and k != "progress"}
-        settings["pruner"] = repr(pruner.inner)
-        kwargs["progress"] = kwargs.get("progress", True) and comm.rank == 0
-    except Exception as e:  # noqa: BLE001 - reported on every rank
+        pruner, num_grads, dataloader, kwargs, settings = _setup(model, dataloader, method, num_grads, shard_data,
+                                                                 group, comm, kwargs)
+    except BaseException as e:  # noqa: BLE001 - reported on every rank
         error = e
     comm.check(error)
     comm.agree("the pruning settings", settings)
-    try:
-        result = prune_oneshot(model, dataloader, method=pruner, num_grads=num_grads, **kwargs)
-        if total is not None:
-            result.report.num_grads = num_grads * world
-    except DistributedError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        error = e
-    comm.check(error)
+    with restore_on_error(kwargs["targets"]):  # a rank done before another failed puts its weights back too
+        try:
+            result = prune_oneshot(model, dataloader, method=pruner, num_grads=num_grads, **kwargs)
+        except DistributedError:  # raised on every rank already
+            raise
+        except BaseException as e:  # noqa: BLE001
+            error = e
+        comm.check(error)
+    if pruner.uses_fisher:
+        result.report.num_grads = num_grads * comm.world_size
     return result
+
+
+def _setup(model, dataloader, method, num_grads, shard_data, group, comm: Comm, kwargs: dict):
+    """This rank's pruner, gradients per rank, data shard, ``prune_oneshot`` keywords (targets resolved) and the
+    settings every rank must agree on."""
+    pruner = _pruner_from(method, **{k: kwargs.pop(k) for k in _PRUNER_KWARGS if k in kwargs})
+    if not isinstance(pruner, DistributedPruner):
+        pruner = DistributedPruner(pruner, group)
+        pruner.comm = comm
+    if num_grads is not None:
+        num_grads = check_positive_int("num_grads", num_grads)
+    if pruner.uses_fisher:  # the total over the ranks; each rank computes its share
+        num_grads = math.ceil((num_grads or pruner.default_num_grads) / comm.world_size)
+    if dataloader is not None and comm.distributed and (
+            shard_data is True or (shard_data == "auto" and not _is_sharded(dataloader))):
+        dataloader = ShardedBatches(dataloader, comm.rank, comm.world_size)
+    kwargs = _resolve_targets(model, kwargs)
+    settings = {k: (tuple(v) if isinstance(v, list) else v if isinstance(v, (int, float, str, bool, type(None),
+                tuple)) else type(v).__name__) for k, v in {**kwargs, "num_grads": num_grads}.items()
+                if not isinstance(v, Mapping) and k != "progress"}
+    settings["pruner"] = repr(pruner.inner)
+    kwargs["progress"] = kwargs.get("progress", True) and comm.rank == 0
+    return pruner, num_grads, dataloader, kwargs, settings

@@ -445,13 +445,22 @@ class CAPPruner(Pruner):
     def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
         if finv is None:
             raise ValueError("method 'cap' needs the Fisher inverse (finv)")
+        return self.prune_blocks(layout, w, keep, finv.blocks(), 0, sparsity=sparsity, zeros=zeros)
+
+    def prune_blocks(self, layout, w, keep, hinv, first: int = 0, *, sparsity=None, zeros=None,
+                     gather=None) -> StepResult:
+        """One CAP step as one rank of a distributed run sees it (in one process: all blocks, ``gather`` None).
+        ``hinv`` (n, B, B) are the inverses of the layout's blocks ``first .. first + n - 1``: eliminate inside
+        them, merge the losses of all blocks (global or per target), apply the chosen prefixes. ``gather(t)``
+        concatenates a per-block tensor (n, ...) over the ranks into (nb, ...), in block order."""
+        gather = gather or (lambda t: t)
         B = self.block_size
-        hinv = finv.blocks()  # (nb, B, B)
-        nb = hinv.shape[0]
-        W = w.view(nb, B)
-        valid = layout.valid(w.device).view(nb, B)
-        forced = ~keep.view(nb, B) & valid
-        block_layer = layout.layer_index(w.device).view(nb, B)[:, 0]
+        nb = layout.dim // B
+        lo, hi = first, first + hinv.shape[0]  # this rank's blocks
+        W = w.view(nb, B)[lo:hi]
+        valid = layout.valid(w.device).view(nb, B)[lo:hi]
+        forced = ~keep.view(nb, B)[lo:hi] & valid
+        block_layer = layout.layer_index(w.device).view(nb, B)[:, 0]  # (nb,) target of every block
         if self.pattern.kind == "nm":
             M = self.pattern.m
             order, losses = cap_eliminate(W, hinv, valid=valid, forced=forced, nm=(M - zeros, M))
@@ -460,15 +469,17 @@ class CAPPruner(Pruner):
             order, losses = cap_eliminate(W, hinv, valid=valid, forced=forced)
             steps = torch.arange(B, device=w.device)[None, :]
             losses = torch.where(steps < forced.sum(1, keepdim=True), torch.full_like(losses, -1.0), losses)
+            all_losses = gather(losses)  # (nb, B): the merge sees every block
             if self.scope == "global":
-                counts = cap_select(losses, num_to_prune(layout.numel, sparsity))
+                counts = cap_select(all_losses, num_to_prune(layout.numel, sparsity))[lo:hi]
             else:
                 k = {i: num_to_prune(n, sparsity) for i, n in enumerate(layout.numels)}
-                counts = cap_select(losses, 0, block_layer, k)
+                counts = cap_select(all_losses, 0, block_layer, k)[lo:hi]
         new, pruned = cap_apply(W, hinv, order, counts)
         pruned = pruned & valid | forced
         last = losses.gather(1, (counts - 1).clamp_min(0)[:, None])[:, 0].clamp_min(0)
         block_loss = torch.where(counts > 0, last, torch.zeros_like(last))
+        new, pruned, block_loss = gather(new), gather(pruned), gather(block_loss)  # (nb, B), (nb, B), (nb,)
         loss = torch.zeros(len(layout.names), dtype=torch.float64, device=w.device)
         loss.index_add_(0, block_layer, block_loss)
         new_keep = keep & ~pruned.view(-1)
