@@ -251,7 +251,7 @@ def load(device: torch.device | int | None = None):
             msg = str(exc).strip().splitlines()
             detail = "\n".join(msg[-20:])[-2000:]
             _failures[arch] = f"building the CUDA extension for {arch} failed: {type(exc).__name__}: {detail}"
-            logger.warning("hf_mfac: %s", _failures[arch])
+            logger.debug("hf_mfac: %s", _failures[arch])  # the caller's warning or exception carries it
             raise KernelUnavailableError(_failures[arch]) from exc
         return _modules[arch]
 
