@@ -89,11 +89,14 @@ def main(out):
     res = {}
     # 1. explicit calibration batches (each rank takes batches r, r + N, ...), one pruning step at step 0
     calib = torch.utils.data.DataLoader(ToyData(n=2 * NUM_GRADS, seed=2), batch_size=2)
+    # the reference in this one process, before the Trainer's arguments start the process group (inside it
+    # prune_oneshot would run over both ranks)
+    assert not dist.is_initialized()
+    ref_masks, _ = prune_oneshot(tiny_bert(), calib, method=pruner(), sparsity=0.5, num_grads=NUM_GRADS,
+                                 progress=False)
     trainer, cb = train(os.path.join(out, "explicit"), "adamw_torch", calib, dict(final_sparsity=0.5, start=0, end=0))
     rank = dist.get_rank()
     first = {n: m.clone() for n, m in cb.masks.items()}  # masks never change after the only pruning step
-    ref_masks, _ = prune_oneshot(tiny_bert(), calib, method=pruner(), sparsity=0.5, num_grads=NUM_GRADS,
-                                 progress=False)
     res["explicit"] = {**summary(trainer, cb),
                        "oneshot_masks_equal": set(first) == set(ref_masks)
                        and all(torch.equal(first[n], ref_masks[n]) for n in first)}

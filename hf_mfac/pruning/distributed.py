@@ -143,11 +143,28 @@ class ShardedFisherInverse:
         return out
 
     def blocks(self):
-        raise RuntimeError("the Fisher blocks are spread over the ranks; use local_blocks() on each rank")
+        raise RuntimeError("the Fisher blocks are spread over the ranks; use block_range() on each rank")
 
     def local_blocks(self) -> torch.Tensor | None:
         """This rank's inverse blocks (nb_r, B, B), or None when it owns none."""
         return None if self.local is None else self.local.blocks()
+
+    def block_range(self, block_size: int):
+        """What a step that works block by block needs on this rank: ``(hinv, first, gather)``, this rank's inverse
+        blocks (nb_r, B, B) (possibly none), the index of the first, and ``gather(t)``, which concatenates a
+        per-block tensor (nb_r, ...) over the ranks into (nb, ...) in block order (one all-gather)."""
+        B = block_size
+        hinv = self.local_blocks()
+        if hinv is None:
+            hinv = torch.zeros(0, B, B, dtype=self.dtype, device=self.device)
+        counts = [(b - a) // B for a, b in zip(self.bounds, self.bounds[1:])]  # blocks per rank
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            per = math.prod(t.shape[1:])
+            self.comm.check()
+            return self.comm.all_gatherv(t.reshape(-1), [c * per for c in counts]).view(sum(counts), *t.shape[1:])
+
+        return hinv, self.start // B, gather
 
 
 class _ShardSink:
@@ -305,24 +322,13 @@ class DistributedPruner(Pruner):
             raise DistributedError("the ranks hold different weights or masks of the pruning targets; every rank "
                                    "must start from the same model (load it the same way, or broadcast it first)")
 
-    def _gather_blocks(self, t: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """(nb, ...) on every rank from each rank's (counts[rank], ...) rows, in rank (= block) order."""
-        per = math.prod(t.shape[1:])
-        self.comm.check()
-        return self.comm.all_gatherv(t.reshape(-1), [c * per for c in counts]).view(sum(counts), *t.shape[1:])
-
     def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
         self._agree_on_inputs(w, keep)
         if not self.uses_fisher:  # magnitude: the same masks on every rank, nothing to exchange
             return self.inner.prune(layout, w, keep, sparsity=sparsity, zeros=zeros, finv=finv, grad=grad)
         if isinstance(self.inner, CAPPruner):  # CAP's own step on this rank's blocks, the merge over all blocks
-            B = self.inner.block_size
-            hinv = finv.local_blocks()
-            if hinv is None:
-                hinv = torch.zeros(0, B, B, dtype=finv.dtype, device=finv.device)
-            counts = [(b - a) // B for a, b in zip(finv.bounds, finv.bounds[1:])]  # blocks per rank
-            return self.inner.prune_blocks(layout, w, keep, hinv, finv.start // B, sparsity=sparsity, zeros=zeros,
-                                           gather=lambda t: self._gather_blocks(t, counts))
+            hinv, first, gather = finv.block_range(self.inner.block_size)
+            return self.inner.prune_blocks(layout, w, keep, hinv, first, sparsity=sparsity, zeros=zeros, gather=gather)
         if self.woodtaylor:
             grad = finv.mean_grad
         return self.inner.prune(layout, w, keep, sparsity=sparsity, zeros=zeros, finv=finv, grad=grad)
