@@ -11,11 +11,18 @@ Run on every rank (env RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT). Wr
 * ``reshard`` (with ``--resume-from DIR`` written by another number of ranks): continuing from those shards vs
   a plain MFAC restored from the same shards in one process.
 Also ``window_numel``: elements of this rank's window.
+
+With ``--faults`` (2 ranks) it checks instead that the ranks reject together: an fp16 window gets a gradient
+that overflows fp16 only in rank 1's shard (``skip_*``, ``raise_*``: skipped / raised on both ranks, nothing
+changed, ``after_skip``: training on matches one process that skipped the same step), and rank 1 loads a
+corrupt window shard (``load_*``: refused on both ranks, nothing changed); ``final``: the parameters at the end.
 """
 import argparse
+import copy
 import datetime
 import json
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -68,14 +75,87 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def error_text(call):
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - reported
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def state_of(model, opt):
+    return copy.deepcopy({"params": [p.detach().clone() for p in model.parameters()], "opt": opt.state_dict(),
+                          "window": opt.sharded_state_dict() if isinstance(opt, ShardedMFAC) else None})
+
+
+def same(a, b):
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def poisoned_step(model, opt, step):
+    x, y = data(step)
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    model.b.bias.grad[0] = 7e4  # above fp16's 65504; the coordinate is in the last rank's shard
+    opt.step()
+
+
+def faults(a, rank):
+    res = {}
+    kw = dict(KW, grad_dtype=torch.float16, nonfinite="skip")
+    model, ref = net(), net()
+    opt, ref_opt = ShardedMFAC(groups(model), **kw), MFAC(groups(ref), **kw)
+    train(model, opt, 3)
+    train(ref, ref_opt, 3)
+    before = state_of(model, opt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        poisoned_step(model, opt, 3)
+    res["skip_warned"] = any("beyond the range" in str(w.message) for w in caught)
+    res["skip_unchanged"] = same(state_of(model, opt), before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        poisoned_step(ref, ref_opt, 3)
+    opt.nonfinite = "raise"
+    res["raise_error"] = error_text(lambda: poisoned_step(model, opt, 3))
+    res["raise_unchanged"] = same(state_of(model, opt), before)
+    train(model, opt, 3, first=4)
+    train(ref, ref_opt, 3, first=4)
+    res["after_skip"] = rel(flat(model), flat(ref))
+
+    good = opt.sharded_state_dict()
+    before = state_of(model, opt)
+    for key, corrupt in (("load_error", lambda G: G[0].mul_(2.0)), ("load_nan_error", lambda G: G[1].fill_(float("nan")))):
+        state = copy.deepcopy(good)
+        if rank == 1:
+            corrupt(state["window"]["G"])
+        res[key] = error_text(lambda: opt.load_sharded_state_dict(state))
+    res["load_unchanged"] = same(state_of(model, opt), before)
+    train(model, opt, 1, first=7)
+    res["final"] = flat(model).tolist()
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--resume-from", default=None)
+    ap.add_argument("--faults", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
+    if a.faults:
+        with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
+            json.dump(faults(a, rank), f)
+        dist.destroy_process_group()
+        return
     res = {}
 
     ref = net()

@@ -1,5 +1,9 @@
-"""hf_mfac.MFAC: equivalences with SGD, param groups, masks, state_dict round trip."""
+"""hf_mfac.MFAC: equivalences with SGD, param groups, masks, state_dict round trip, refused gradients and
+arguments, low-precision parameters, the consistent decisions of ShardedMFAC on 2 ranks."""
+import copy
 import io
+import math
+import warnings
 
 import pytest
 import torch
@@ -28,7 +32,7 @@ def _train(model, opt, data):
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_huge_damp_reproduces_sgd(momentum):
-    """With damp -> inf, F^{-1} g -> g / damp: M-FAC is SGD with learning rate lr / damp (STYLE.md)."""
+    """With damp -> inf, F^{-1} g -> g / damp: M-FAC is SGD with learning rate lr / damp."""
     damp, lr = 1e7, 0.5
     a, b = _model(), _model()
     wa = _train(a, hf_mfac.MFAC(a.parameters(), lr=lr, num_grads=4, damp=damp, momentum=momentum), _data())
@@ -145,6 +149,183 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="momentum"):
         hf_mfac.MFAC(p, momentum=1.0)
     with pytest.raises(ValueError, match="grad_dtype"):
-        opt = hf_mfac.MFAC(p, grad_dtype="int8")
-        p[0].grad = torch.ones(2)
+        hf_mfac.MFAC(p, grad_dtype="int8")  # at construction, not at the first step
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("kwargs, error, name", [
+    ({"lr": NAN}, ValueError, "lr"), ({"lr": INF}, ValueError, "lr"), ({"lr": -1e-3}, ValueError, "lr"),
+    ({"lr": "0.1"}, TypeError, "lr"), ({"lr": None}, TypeError, "lr"), ({"lr": True}, TypeError, "lr"),
+    ({"weight_decay": NAN}, ValueError, "weight_decay"), ({"weight_decay": INF}, ValueError, "weight_decay"),
+    ({"momentum": NAN}, ValueError, "momentum"), ({"momentum": -INF}, ValueError, "momentum"),
+    ({"damp": NAN}, ValueError, "damp"), ({"damp": INF}, ValueError, "damp"), ({"damp": "1e-6"}, TypeError, "damp"),
+    ({"num_grads": None}, TypeError, "num_grads"), ({"num_grads": "64"}, TypeError, "num_grads"),
+    ({"num_grads": 2.5}, ValueError, "num_grads"), ({"num_grads": 0}, ValueError, "num_grads"),
+    ({"nonfinite": "ignore"}, ValueError, "nonfinite"), ({"normalize_by_seen": "yes"}, TypeError, "normalize_by_seen"),
+])
+def test_bad_arguments_are_named(kwargs, error, name):
+    with pytest.raises(error, match=rf"^{name} must"):
+        hf_mfac.MFAC([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_bad_param_group_values_are_named():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: lr must be a finite number"):
+        hf_mfac.MFAC([{"params": [a]}, {"params": [b], "lr": NAN}])
+    opt = hf_mfac.MFAC([a])
+    with pytest.raises(TypeError, match=r"param_groups\[1\]: weight_decay must be a real number"):
+        opt.add_param_group({"params": [b], "weight_decay": "0.1"})
+    assert len(opt.param_groups) == 1  # the refused group was not added
+    assert hf_mfac.MFAC([a], lr=1, num_grads=8.0, damp=1).num_grads == 8  # ints and integral floats are fine
+
+
+def _snapshot(model, opt):
+    return copy.deepcopy({"params": [p.detach().clone() for p in model.parameters()], "opt": opt.state_dict()})
+
+
+def _assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same(a[k], b[k])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("grad_dtype, value, match", [
+    (torch.float16, 7e4, "storage dtype torch.float16"),  # above 65504: inf in the window
+    (torch.bfloat16, 3.4e38, "storage dtype torch.bfloat16"),
+    (torch.float32, 1e20, "products"),  # finite, but |g|^2 overflows fp32
+])
+def test_poisoned_gradient_never_enters_the_window(grad_dtype, value, match):
+    """A finite but huge gradient is refused before it reaches the window: 'raise' raises, 'skip' skips with a
+    warning, everything (parameters, momentum, window) stays bit-identical, and the following steps train
+    exactly like a run that never saw it (the window is not poisoned for the next num_grads steps)."""
+    data = _data(6)
+    model, twin = _model(), _model()
+    kw = dict(lr=0.02, num_grads=3, damp=0.1, momentum=0.5, grad_dtype=grad_dtype)
+    opt, opt_twin = hf_mfac.MFAC(model.parameters(), **kw), hf_mfac.MFAC(twin.parameters(), **kw)
+    _train(model, opt, data[:2])
+    _train(twin, opt_twin, data[:2])
+    before = _snapshot(model, opt)
+    x, y = data[2]
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    model[0].weight.grad[0, 0] = value
+    with pytest.raises(FloatingPointError, match=match) as info:
         opt.step()
+    assert "unchanged" in str(info.value)
+    _assert_same(_snapshot(model, opt), before)
+    opt.nonfinite = "skip"
+    with pytest.warns(RuntimeWarning, match=match):
+        opt.step()
+    _assert_same(_snapshot(model, opt), before)
+    assert torch.equal(_train(model, opt, data[3:]), _train(twin, opt_twin, data[3:]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_parameters_scale_in_fp32(dtype):
+    """F^{-1} g = 66 700 overflows fp16 (max 65504), lr * F^{-1} g = 6.67 does not: the learning rate is
+    applied in fp32 and the result rounded once, exactly as an fp32 parameter rounded afterwards."""
+    a = 2.0 ** -16 * 0.98  # F^{-1} g = a / (damp + a^2) ~ 1 / a = 66 870 for one gradient, m = 1
+    p = torch.nn.Parameter(torch.zeros(4, dtype=dtype))
+    ref = torch.nn.Parameter(torch.zeros(4))
+    opts = [hf_mfac.MFAC([q], lr=1e-4, num_grads=1, damp=1e-14, momentum=0.9) for q in (p, ref)]
+    for step in range(3):
+        g = torch.tensor([a, 0.0, 0.0, a * step]).to(dtype)
+        with torch.no_grad():
+            ref.copy_(p)  # the fp32 twin starts each step where the low-precision parameter is
+        for q, opt in zip((p, ref), opts):
+            q.grad = g.to(q.dtype)
+            opt.step()
+        assert torch.isfinite(p).all()
+        assert torch.equal(p.detach(), ref.detach().to(dtype))
+        if step == 0:
+            assert abs(float(p.detach()[0]) + 1e-4 / a) < 0.01 * 1e-4 / a  # -6.7, not -inf
+    assert opts[0].state[p]["momentum_buffer"].dtype == torch.float32
+
+
+def test_fp16_momentum_buffer_survives_a_checkpoint():
+    """The fp32 momentum buffer of an fp16 parameter comes back as fp32 (torch's load_state_dict would cast it to
+    fp16): resuming continues bit for bit."""
+    def run(steps, opt=None, p=None):
+        if p is None:
+            torch.manual_seed(0)
+            p = torch.nn.Parameter(torch.randn(8).half())
+            opt = hf_mfac.MFAC([p], lr=1e-2, num_grads=2, damp=0.1, momentum=0.9)
+        for s in range(steps):
+            p.grad = torch.full((8,), 0.1 * (s + 1)).half() * torch.arange(8).half()
+            opt.step()
+        return p, opt
+
+    p, opt = run(3)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    q = torch.nn.Parameter(p.detach().clone())
+    opt_q = hf_mfac.MFAC([q], lr=1e-2, num_grads=2, damp=0.1, momentum=0.9)
+    opt_q.load_state_dict(torch.load(buf, weights_only=True))
+    assert opt_q.state[q]["momentum_buffer"].dtype == torch.float32
+    run(3, opt, p)
+    run(3, opt_q, q)
+    assert torch.equal(p, q)
+
+
+def test_refused_checkpoint_changes_nothing():
+    """A checkpoint whose window is corrupt (a NaN in G) is refused before anything changes: param groups,
+    momentum and the current window stay as they were."""
+    model = _model()
+    opt = hf_mfac.MFAC(model.parameters(), lr=0.02, num_grads=3, damp=0.1, momentum=0.5)
+    _train(model, opt, _data(2))
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0]["lr"] = 0.5
+    saved["mfac"]["window"]["G"][1, 3] = float("nan")
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"G holds NaN or inf values \(first in row 1\)"):
+        opt.load_state_dict(saved)
+    _assert_same(_snapshot(model, opt), before)
+
+
+def test_one_module_says_what_is_mfac():
+    """hf_mfac.optim owns "is this M-FAC?": wrapped optimizers (accelerate, the Trainer) and optim names."""
+    from hf_mfac.optim import ShardedMFAC, is_mfac_optimizer, selects_mfac, unwrap_optimizer
+
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    opt = ShardedMFAC(p)
+
+    class Wrapper(torch.optim.Optimizer):
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    assert unwrap_optimizer(Wrapper(Wrapper(opt))) is opt and is_mfac_optimizer(Wrapper(opt))
+    assert not is_mfac_optimizer(torch.optim.SGD(p, lr=0.1)) and not is_mfac_optimizer(None)
+    assert selects_mfac("MFAC") and selects_mfac(type("Args", (), {"optim": "mfac"})()) and not selects_mfac("sgd")
+
+
+@pytest.mark.distributed
+def test_sharded_ranks_reject_together(tmp_path):
+    """2 ranks, fp16 window: a gradient that overflows fp16 only in rank 1's shard is skipped (or raised) by both
+    ranks, which stay in step and end identical to one process that skipped it; a shard file with a corrupt
+    window on rank 1 only is refused on both ranks."""
+    from test_distributed import launch, results
+
+    launch("dist_mfac.py", 2, tmp_path, "--faults")
+    r0, r1 = results(tmp_path, 2)
+    for r in (r0, r1):
+        assert r["skip_warned"] and r["skip_unchanged"] and r["raise_unchanged"], r
+        assert r["raise_error"].startswith("GradientRejected: MFAC: g has values beyond the range"), r["raise_error"]
+        assert r["after_skip"] < 1e-6, r  # matches one process that skipped the same step
+        assert r["load_error"].startswith("ValueError: cannot load the DynamicMFAC window"), r["load_error"]
+        assert r["load_unchanged"], r
+        assert "GGt does not match G" in r["load_error"], r["load_error"]  # found from the summed row norms
+    assert "G holds NaN or inf values (first in row 1)" in r1["load_nan_error"], r1["load_nan_error"]
+    assert "another shard's window is invalid (non-finite values)" in r0["load_nan_error"], r0["load_nan_error"]
+    assert r0["final"] == r1["final"]

@@ -1,13 +1,19 @@
-"""M-FAC under DDP with the gradient window sharded over the ranks (DESIGN.md §1.3, issue 6).
+"""M-FAC under DDP with the gradient window sharded over the ranks.
 
 Under DDP every rank holds the same all-reduced gradient g (D,). :class:`ShardedMFAC` gives rank r a
 contiguous, balanced range ``[start_r, stop_r)`` of the D coordinates and keeps the window only for it:
-``G_r`` (m, D_r), D_r ≈ D / N. Woodbury (DESIGN.md §4) needs ``G x = sum_r G_r x_r``, so the m-vector of
+``G_r`` (m, D_r), D_r ≈ D / N. Woodbury needs ``G x = sum_r G_r x_r``, so the m-vector of
 partial products is all-reduced (the ``allreduce`` hook of :class:`~hf_mfac.core.DynamicMFAC`); every
 rank then holds the same m x m system and computes its shard of ``F^{-1} g = (g - G^T K^{-1} G g) / damp``,
 and the shards are all-gathered so every rank applies the same update. Per step and rank: one
-all-reduce of m values, one all-gather of D values (padded to N * ceil(D / N)), 2 m D / N multiply-adds
+all-reduce of m + 2 values, one all-gather of D values (padded to N * ceil(D / N)), 2 m D / N multiply-adds
 instead of 2 m D. Memory per rank: m D / N window values plus the m x m matrix.
+
+A gradient is accepted or rejected by all ranks together: the two values appended to the all-reduced vector
+say whether some rank's shard of g was non-finite or overflowed the window's storage dtype, the reduced
+products and the m x m factorisation are the same on every rank, and the finiteness of ``F^{-1} g`` is checked
+on the gathered vector. A rejected step (``nonfinite="skip"`` skips it, ``"raise"`` raises on every rank)
+leaves every rank's shard exactly as it was.
 
 Checkpoints: ``optimizer.state_dict()`` holds everything but the window (the Trainer saves it from the
 main process only); each rank writes its columns of the window with :func:`save_mfac_shards` to
@@ -26,8 +32,9 @@ import torch
 
 from ..comm import Comm, DistributedError
 from ..core import DynamicMFAC
-from ..core._checks import free_bytes
-from .mfac import MFAC, window_bytes
+from ..core._checks import all_finite, free_bytes
+from ..core.ihvp import GradientRejected
+from .mfac import MFAC, unwrap_optimizer, window_bytes
 
 __all__ = ["ShardedMFAC", "Comm", "DistributedError", "shard_bounds", "save_mfac_shards", "load_mfac_shards",
            "shard_file"]
@@ -50,7 +57,8 @@ class _ShardedWindow:
     """This rank's :class:`DynamicMFAC` over coordinates ``[start, stop)``, seen as a window over all D.
 
     ``update_mul(g)`` takes the full gradient (D,), identical on every rank, and returns the full ``F^{-1} g``
-    (D,): the local shard's part (one all-reduce of the m-vector inside) all-gathered.
+    (D,): the local shard's part (one all-reduce of the m-vector inside) all-gathered. It raises
+    :class:`~hf_mfac.core.ihvp.GradientRejected` on every rank or on none, with every shard restored.
     """
 
     def __init__(self, dim: int, num_grads: int, damp: float, device, grad_dtype, normalize_by_seen: bool,
@@ -70,21 +78,31 @@ class _ShardedWindow:
         return self.local.count
 
     def update_mul(self, g: torch.Tensor) -> torch.Tensor:
-        d = self.local.update_mul(g[self.start : self.stop])  # (D_r,) this shard of F^{-1} g
-        return self.comm.all_gatherv(d, self.sizes)  # (D,)
+        shard = self.local._vector("g", g[self.start : self.stop], finite=False)
+        d, undo = self.local._update_mul(shard, check=False)  # (D_r,) this shard of F^{-1} g
+        try:
+            full = self.comm.all_gatherv(d, self.sizes)  # (D,), the same on every rank
+            if not all_finite(full):
+                raise GradientRejected("F^{-1} g is not finite for this gradient (damp too small for its scale?); "
+                                       "the window is unchanged")
+        except BaseException:
+            self.local._restore(undo)
+            raise
+        return full
 
     def state_dict(self) -> dict:
         return {**self.local.state_dict(), "start": self.start, "stop": self.stop, "full_dim": self.dim}
 
     def load_state_dict(self, state: dict) -> None:
-        """Load a shard saved for the same range, or a full window (plain MFAC's) of which we keep our columns."""
-        G = state["G"]
-        if G.shape[1] == self.dim and (self.start, self.stop) != (0, self.dim):
+        """Load a shard saved for the same range, or a full window (plain MFAC's) of which we keep our columns.
+        The checks of :meth:`DynamicMFAC.load_state_dict` run on every rank together: all load or all refuse."""
+        G, problems = state.get("G"), []
+        if isinstance(G, torch.Tensor) and G.dim() == 2 and G.shape[1] == self.dim and (self.start, self.stop) != (0, self.dim):
             state = {**state, "G": G[:, self.start : self.stop]}
         elif "start" in state and (int(state["start"]), int(state["stop"])) != (self.start, self.stop):
-            raise ValueError(f"window shard covers [{state['start']}, {state['stop']}); this rank holds "
-                             f"[{self.start}, {self.stop}): use load_mfac_shards() to re-shard")
-        self.local.load_state_dict(state)
+            problems.append(f"window shard covers [{state['start']}, {state['stop']}); this rank holds "
+                            f"[{self.start}, {self.stop}): use load_mfac_shards() to re-shard")
+        self.local._load_state(state, problems)
 
 
 class ShardedMFAC(MFAC):
@@ -135,9 +153,6 @@ class ShardedMFAC(MFAC):
         self.comm.check(error)
         return window
 
-    def _param_index(self) -> dict:
-        return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-
     # -- checkpointing ---------------------------------------------------------------------------------------
     def state_dict(self):
         """Like ``MFAC.state_dict`` without the window (see :meth:`sharded_state_dict`)."""
@@ -161,22 +176,24 @@ class ShardedMFAC(MFAC):
         if state.get("window") is None:
             self._layout = self.window = None
             return
-        self._build_layout()
-        index = self._param_index()
-        if [index[id(p)] for p, *_ in self._layout] != list(state["layout"]):
-            raise ValueError("the saved M-FAC window was built over other parameters than this optimizer's")
-        if int(state["window"]["full_dim"]) != self.window.dim:
-            raise ValueError(f"the saved window covers {state['window']['full_dim']} coordinates; "
-                             f"this optimizer has {self.window.dim}")
-        self.window.load_state_dict(state["window"])
+        layout, ids, window = self._new_layout(self._masks)
+        error = None
+        try:
+            index = self._param_index()
+            if [index[id(p)] for p, *_ in layout] != list(state["layout"]):
+                raise ValueError("the saved M-FAC window was built over other parameters than this optimizer's")
+            if int(state["window"]["full_dim"]) != window.dim:
+                raise ValueError(f"the saved window covers {state['window']['full_dim']} coordinates; "
+                                 f"this optimizer has {window.dim}")
+        except Exception as e:  # noqa: BLE001 - every rank raises, none waits in the window's checks
+            error = e
+        self.comm.check(error)
+        window.load_state_dict(state["window"])
+        self._layout, self._layout_ids, self.window = layout, ids, window
 
 
 # -- shard files ----------------------------------------------------------------------------------------------
-def _unwrap(optimizer):
-    """The hf_mfac optimizer inside accelerate's / the Trainer's wrappers."""
-    while not isinstance(optimizer, MFAC) and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
+_unwrap = unwrap_optimizer  # older name, kept for importers
 
 
 def save_mfac_shards(optimizer, folder: str, **meta) -> str:
@@ -185,7 +202,7 @@ def save_mfac_shards(optimizer, folder: str, **meta) -> str:
     ``meta`` (plain values, e.g. ``global_step``) is stored alongside. The write is atomic (temporary file,
     then rename); all ranks then agree that every write succeeded (else all raise :class:`DistributedError`).
     """
-    opt = _unwrap(optimizer)
+    opt = unwrap_optimizer(optimizer)
     if not isinstance(opt, ShardedMFAC):
         raise TypeError(f"save_mfac_shards needs a ShardedMFAC; got {type(opt).__name__}")
     path = shard_file(folder, opt.comm.rank)
@@ -211,48 +228,70 @@ def load_mfac_shards(optimizer, folder: str, *, expect_meta: dict | None = None)
     of ranks that is its own file only, so no shared file system is needed) or into a plain ``MFAC`` (the
     whole window is put together). Load ``optimizer.load_state_dict(...)`` first. ``expect_meta``: values the
     files' ``meta`` must match (e.g. ``{"global_step": 10}``). Returns the files' ``meta``.
-    Memory: the files are memory-mapped and only the needed columns are copied."""
-    opt = _unwrap(optimizer)
+    Memory: the files are memory-mapped and only the needed columns are copied.
+
+    All or nothing, on all ranks together: a missing or mismatched file on any rank, or a window that
+    :meth:`~hf_mfac.core.DynamicMFAC.load_state_dict` refuses, raises on every rank (the error itself where
+    every rank failed the same way, else :class:`DistributedError`) and leaves the optimizer as it was."""
+    opt = unwrap_optimizer(optimizer)
     sharded = isinstance(opt, ShardedMFAC)
-    own = shard_file(folder, opt.comm.rank if sharded else 0)
-    if not os.path.isfile(own):  # more ranks than the saving run: start from rank 0's file
-        own = shard_file(folder, 0)
-        if not os.path.isfile(own):
-            raise FileNotFoundError(f"no M-FAC window shards (mfac_shard_*.pt) in {folder}")
-    first = _load(own)
-    if int(first.get("format", 0)) != _FORMAT:
-        raise ValueError(f"{own} is not an M-FAC window shard of format {_FORMAT}")
-    meta = dict(first.get("meta", {}))
-    for k, v in (expect_meta or {}).items():
-        if k in meta and meta[k] != v:
-            raise ValueError(f"the M-FAC shards in {folder} were saved at {k}={meta[k]}, expected {v}")
+
+    def agree(error):
+        if sharded:
+            opt.comm.check(error)
+        elif error is not None:
+            raise error
+
+    first = meta = error = None
+    try:
+        own = shard_file(folder, opt.comm.rank if sharded else 0)
+        if not os.path.isfile(own):  # more ranks than the saving run: start from rank 0's file
+            own = shard_file(folder, 0)
+            if not os.path.isfile(own):
+                raise FileNotFoundError(f"no M-FAC window shards (mfac_shard_*.pt) in {folder}")
+        first = _load(own)
+        if int(first.get("format", 0)) != _FORMAT:
+            raise ValueError(f"{own} is not an M-FAC window shard of format {_FORMAT}")
+        meta = dict(first.get("meta", {}))
+        for k, v in (expect_meta or {}).items():
+            if k in meta and meta[k] != v:
+                raise ValueError(f"the M-FAC shards in {folder} were saved at {k}={meta[k]}, expected {v}")
+    except Exception as e:  # noqa: BLE001 - reported on every rank
+        error = e
+    agree(error)
     if first["window"] is None:
         if sharded:
             opt.load_sharded_state_dict(first)
         else:
             opt.reset_window()
         return meta
-    opt._build_layout()
-    start, stop = (opt.window.start, opt.window.stop) if sharded else (0, opt.window.dim)
-    full_dim = int(first["window"]["full_dim"])
-    if full_dim != opt.window.dim:
-        raise ValueError(f"the saved window covers {full_dim} coordinates; this optimizer has {opt.window.dim}")
-    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
-    if [index[id(p)] for p, *_ in opt._layout] != list(first["layout"]):
-        raise ValueError("the saved M-FAC window was built over other parameters than this optimizer's")
-    win, saved = first["window"], shard_bounds(full_dim, int(first["world_size"]))
-    G = torch.empty(win["G"].shape[0], stop - start, dtype=win["G"].dtype)  # (m, columns held here)
-    for r, (a, b) in enumerate(zip(saved, saved[1:])):
-        lo, hi = max(a, start), min(b, stop)
-        if lo >= hi:
-            continue
-        shard = first if int(first["rank"]) == r else _load(shard_file(folder, r))
-        if (int(shard["window"]["start"]), int(shard["window"]["stop"])) != (a, b):
-            raise ValueError(f"{shard_file(folder, r)} does not hold the columns [{a}, {b}) it should")
-        G[:, lo - start : hi - start] = shard["window"]["G"][:, lo - a : hi - a]
-    state = {k: v for k, v in win.items() if k not in ("G", "start", "stop")}
-    state["G"] = G
-    if sharded:
-        state.update(start=start, stop=stop)
-    opt.window.load_state_dict(state)
+    layout, ids, window = opt._new_layout(opt._masks)  # collective for ShardedMFAC: every rank gets here
+    state = None
+    try:
+        start, stop = (window.start, window.stop) if sharded else (0, window.dim)
+        full_dim = int(first["window"]["full_dim"])
+        if full_dim != window.dim:
+            raise ValueError(f"the saved window covers {full_dim} coordinates; this optimizer has {window.dim}")
+        index = opt._param_index()
+        if [index[id(p)] for p, *_ in layout] != list(first["layout"]):
+            raise ValueError("the saved M-FAC window was built over other parameters than this optimizer's")
+        win, saved = first["window"], shard_bounds(full_dim, int(first["world_size"]))
+        G = torch.empty(win["G"].shape[0], stop - start, dtype=win["G"].dtype)  # (m, columns held here)
+        for r, (a, b) in enumerate(zip(saved, saved[1:])):
+            lo, hi = max(a, start), min(b, stop)
+            if lo >= hi:
+                continue
+            shard = first if int(first["rank"]) == r else _load(shard_file(folder, r))
+            if (int(shard["window"]["start"]), int(shard["window"]["stop"])) != (a, b):
+                raise ValueError(f"{shard_file(folder, r)} does not hold the columns [{a}, {b}) it should")
+            G[:, lo - start : hi - start] = shard["window"]["G"][:, lo - a : hi - a]
+        state = {k: v for k, v in win.items() if k not in ("G", "start", "stop")}
+        state["G"] = G
+        if sharded:
+            state.update(start=start, stop=stop)
+    except Exception as e:  # noqa: BLE001 - reported on every rank
+        error = e
+    agree(error)
+    window.load_state_dict(state)  # checks the window (on all ranks together when sharded)
+    opt._layout, opt._layout_ids, opt.window = layout, ids, window
     return meta
