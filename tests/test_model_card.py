@@ -1,6 +1,13 @@
-"""Model cards parse back through huggingface_hub, update existing cards, and reach a local fake Hub."""
+"""Model cards parse back through huggingface_hub, update existing cards, and reach a local fake Hub; nothing
+secret reaches them and no user string breaks them."""
+import json
 import os
+import pathlib
+import re
+import shlex
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 
 from hf_mfac.core.masks import threshold_masks  # noqa: E402
 from hf_mfac.integrations import create_sparse_model_card, save_sparse_pretrained  # noqa: E402
-from hf_mfac.integrations.model_card import PLOT_NAME, _redacted_command, push_sparse_to_hub  # noqa: E402
+from hf_mfac.integrations.model_card import PLOT_NAME, _redacted_command, push_sparse_to_hub, redact_argv  # noqa: E402
 from hf_mfac.integrations.sparse_checkpoint import MASKS_NAME, load_sparse_masks  # noqa: E402
 
 CFG = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -125,6 +132,165 @@ def test_redacted_command():
     assert "hf_abc" not in cmd and "xyz" not in cmd and "--lr 1e-3" in cmd and "--hub_token '***'" in cmd
 
 
+TOKEN = "hf_" + "Ab3xYz9Q" * 5  # shaped like a Hugging Face token (hf_ + 40 letters and digits)
+# (argv, what must not appear, what must stay)
+ARGV = [
+    (["--hub_token", TOKEN], [TOKEN], ["--hub_token"]),
+    (["--hub-token=s3cr3t"], ["s3cr3t"], ["--hub-token=***"]),
+    (["--HUB_TOKEN", "s3cr3t"], ["s3cr3t"], []),
+    ([f"HF_TOKEN={TOKEN}", "run.py"], [TOKEN], ["HF_TOKEN=***", "run.py"]),
+    (["WANDB_API_KEY=abc123", "run.py"], ["abc123"], ["WANDB_API_KEY=***"]),
+    (["--api_key", "abc123"], ["abc123"], ["--api_key"]),
+    (["--apiKey=abc123"], ["abc123"], []),
+    (["--auth", "user:pw"], ["user:pw"], ["--auth"]),
+    (["--credentials", "/secure/creds.json"], ["creds.json"], ["--credentials"]),
+    (["--passwd=hunter2"], ["hunter2"], ["--passwd=***"]),
+    (["--db-password", "hunter2"], ["hunter2"], []),
+    (["--client_secret", "qqq-777"], ["qqq-777"], []),
+    (["--aws-secret-access-key", "AKIAxyz"], ["AKIAxyz"], []),
+    (["--model_name_or_path", "https://alice:pw123@host.example/m.bin"], ["alice", "pw123"],
+     ["https://***@host.example/m.bin"]),
+    (["--data", "git+https://ghp_tok@github.com/o/r.git"], ["ghp_tok"], ["github.com/o/r.git"]),
+    (["--url", "https://host.example/p?access_token=zzz&split=train"], ["zzz"], ["split=train"]),
+    (["--optim_args", '{"num_grads": 64, "api_key": "zzz", "damp": 1e-06}'], ["zzz"], ["num_grads", "damp"]),
+    (['--optim_args={"Token": "zzz", "lr": 0.1}'], ["zzz"], ["lr"]),
+    (["--optim_args", '{"nested": {"password": "zzz"}, "list": ["' + TOKEN + '"]}'], ["zzz", TOKEN], ["nested"]),
+    (["--optim_args", "num_grads=64,auth_token=zzz,damp=1e-6"], ["zzz"], ["num_grads=64", "damp=1e-6"]),
+    (["--optim_args", "{'secret': 'zzz', 'x': 1}"], ["zzz"], ["'x': 1"]),
+    (["--note", f"token is {TOKEN} ok"], [TOKEN], ["token is"]),
+    (["--run_name", f"x{TOKEN}"], [TOKEN], []),
+    (["--use_auth_token", "--do_train", "--output_dir", "out"], [], ["--use_auth_token --do_train --output_dir out"]),
+    (["--lr", "1e-3", "--hub_token"], [], ["--lr 1e-3 --hub_token"]),
+    (["--push_to_hub", "--hub_model_id", "me/m", "--report_to", "none"], [],
+     ["--push_to_hub --hub_model_id me/m --report_to none"]),
+    (["--learning_rate=2e-5", "--max_steps", "10"], [], ["--learning_rate=2e-5 --max_steps 10"]),
+]
+
+
+@pytest.mark.parametrize("argv,hidden,kept", ARGV, ids=[" ".join(a)[:40] for a, _, _ in ARGV])
+def test_redaction_by_rule(argv, hidden, kept, tmp_path):
+    cmd = _redacted_command(["run.py", *argv])
+    words = shlex.split(cmd)
+    assert len(words) == len(argv) + 2  # one word per argv word
+    for h in hidden:
+        assert h not in cmd, cmd
+    for k in kept:
+        assert k in " ".join(words), cmd
+    # the same rule for a command given as one string, and wherever the card shows it
+    model, masks = pruned_model()
+    card = create_sparse_model_card(model=model, masks=masks, model_name="x", command=shlex.join(["python", *argv]))
+    for h in hidden:
+        assert h not in card.content
+    assert redact_argv(argv) == shlex.split(cmd)[2:]
+
+
+def test_secrets_in_recipe_and_hyperparameters_are_redacted(tmp_path):
+    model, masks = pruned_model()
+    recipe = {"sparsity": 0.75, "hub_token": TOKEN, "source": "https://u:p@host.example/d", "note": f"k {TOKEN}"}
+    save_sparse_pretrained(model, tmp_path, masks, recipe=recipe, extra_metadata={"api_key": "zzz", "ok": 1})
+    create_sparse_model_card(tmp_path, mfac={"num_grads": 4, "secret": "zzz"}, training={"auth": "zzz"},
+                             description=f"Made with {TOKEN}.")
+    for name in ("README.md", "config.json"):
+        text = (tmp_path / name).read_text()
+        assert TOKEN not in text and "zzz" not in text and "u:p@" not in text, name
+    rec = json.loads((tmp_path / "config.json").read_text())["hf_mfac_sparsity"]
+    assert rec["recipe"]["sparsity"] == 0.75 and rec["recipe"]["hub_token"] == "***" and rec["ok"] == 1
+    assert rec["recipe"]["source"] == "https://***@host.example/d"
+
+
+# user strings that look like markdown, YAML or hf_mfac's markers: quoted in the metadata, escaped in the text
+HOSTILE = {
+    "method": "obert <!-- hf_mfac:end --> | **x**",
+    "base_model": "org/m: 'q' \"d\" --- #x",
+    "datasets": ["glue: x", "---", "<!-- hf_mfac:start -->"],
+    "dataset_name": "name | with <b>html</b> <!-- hf_mfac:end -->",
+    "dataset_split": "'split'",
+    "tags": ["- item", "{a: 1}", "<!-- hf_mfac:end -->"],
+    "repo_id": 'me/x"y`z',
+    "model_name": "# title <!-- hf_mfac:start",
+    "recipe": "```\n<!-- hf_mfac:end -->\n```",
+    "mfac": {"num_grads`|": "<!-- hf_mfac:end -->", "lr": 0.1},
+    "eval_results": {"acc <!-- hf_mfac:end -->": 0.5, "f1: x": 0.25},
+    "command": "python run.py --sep '<!-- hf_mfac:end -->' --fence '````'",
+}
+
+
+def test_hostile_strings_cannot_break_the_card(tmp_path):
+    model, masks = pruned_model()
+    save_sparse_pretrained(model, tmp_path, masks)
+    readme = tmp_path / "README.md"
+    readme.write_text("---\nlicense: mit\n---\n# Mine\n\nBefore.\n")
+    for _ in range(2):  # the second run updates the card the first one wrote
+        create_sparse_model_card(tmp_path, **HOSTILE)
+        readme.write_text(readme.read_text() + "\nAfter, by hand.\n")
+    text = readme.read_text()
+    card = ModelCard.load(readme)
+    assert card.text.count("<!-- hf_mfac:start") == 1 and card.text.count("<!-- hf_mfac:end -->") == 1
+    assert "Before." in card.text and card.text.count("After, by hand.") == 2
+    data = card.data
+    assert data.base_model == HOSTILE["base_model"] and data.license == "mit"
+    assert set(HOSTILE["datasets"]) <= set(data.datasets) and set(HOSTILE["tags"]) <= set(data.tags)
+    assert {r.metric_type for r in data.eval_results} == set(HOSTILE["eval_results"])
+    assert data.eval_results[0].dataset_name == HOSTILE["dataset_name"]
+    assert 'from_pretrained("me/x\\"y\\u0060z")' in text  # a valid Python string literal
+    body = section(card.text)
+    assert "obert &lt;!-- hf_mfac:end --&gt; \\| **x**" in body
+    for row in body.splitlines():  # every table row has exactly its columns
+        if row.startswith("| ") and "Tensor" not in row and "Hyperparameter" not in row and "Metric" not in row:
+            cells = re.split(r"(?<!\\)\|", row)[1:-1]
+            assert len(cells) in (2, 4, 5), row
+
+
+@pytest.mark.parametrize("field,value", [("base_model", "a\nb"), ("model_name", "x\r\n---"), ("license", "mit\n"),
+                                         ("language", ["en", "fr\n"]), ("pipeline_tag", "x\u2029y"),
+                                         ("dataset_config", "c\x00")])
+def test_line_breaks_in_metadata_are_refused(tmp_path, field, value):
+    model, masks = pruned_model()
+    with pytest.raises(ValueError, match=f"{field}="):
+        create_sparse_model_card(tmp_path / "card", model=model, masks=masks, datasets="glue",
+                                 eval_results={"acc": 1.0}, **{field: value})
+    assert not (tmp_path / "card").exists()
+
+
+_SUBPROCESS = r"""
+import json, os, sys, types
+if sys.argv[1] == "checkout":  # a source checkout on sys.path, nothing installed
+    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+    sys.path.insert(0, sys.argv[2])
+    import importlib.util
+    assert importlib.util.find_spec("hf_mfac._model_cards") is None
+import torch
+from hf_mfac.integrations.model_card import _mfac_hparams, create_sparse_model_card
+from hf_mfac.optim import MFAC
+
+trainer = types.SimpleNamespace(args=types.SimpleNamespace(optim="sgd"),
+                                optimizer=MFAC([torch.nn.Parameter(torch.zeros(3))], lr=0.1, num_grads=2))
+hp = _mfac_hparams(trainer)
+rec = {"method": "magnitude", "pattern": "unstructured", "sparsity": 0.5, "model_sparsity": 0.25,
+       "per_layer": {"w": {"shape": [2, 2], "num_pruned": 2, "sparsity": 0.5}}}
+card = create_sparse_model_card(sparsity=rec, mfac=hp, model_name="tiny")
+hf = sys.modules["hf_mfac"]
+print(json.dumps({"package": getattr(hf, "__file__", None), "num_grads": hp["num_grads"],
+                  "section": "<!-- hf_mfac:start" in card.text and "| `num_grads` | 2 |" in card.text}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["namespace", "checkout"])
+def test_card_renders_from_a_checkout_and_beside_a_folder_named_hf_mfac(tmp_path, mode):
+    """``namespace``: run from a folder holding a directory ``hf_mfac`` (with an editable install, ``hf_mfac``
+    then resolves as a namespace package); ``checkout``: the repository on ``sys.path`` without installing, so
+    ``hf_mfac._model_cards`` does not exist and the templates come from ``model_cards/``."""
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    (tmp_path / "hf_mfac").mkdir()
+    out = subprocess.run([sys.executable, "-c", _SUBPROCESS, mode, str(repo)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["num_grads"] == 2 and result["section"]
+    if mode == "checkout":
+        assert result["package"] == str(repo / "hf_mfac" / "__init__.py")
+
+
 # -- a local fake of the Hub API -----------------------------------------------------------------------------
 
 class FakeHub:
@@ -227,9 +393,11 @@ class Pairs(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "labels": self.y[i]}
 
 
-def test_trainer_push_to_hub_writes_hf_mfac_card(hub, tmp_path):
+def test_trainer_push_to_hub_writes_hf_mfac_card(hub, tmp_path, monkeypatch):
     from hf_mfac.integrations import MFACTrainer, MFACTrainingArguments
 
+    monkeypatch.setattr(sys, "argv", ["run_glue.py", f"HF_TOKEN={TOKEN}", "--hub_token", "s3cr3t", "--optim_args",
+                                      '{"num_grads": 4, "api_key": "k3y"}', "--data", "https://u:pw@host.example/d"])
     model, masks = pruned_model()
     out = tmp_path / "run"
     args = MFACTrainingArguments(output_dir=str(out), optim="mfac", optim_args="num_grads=4,damp=1e-4",
@@ -251,6 +419,8 @@ def test_trainer_push_to_hub_writes_hf_mfac_card(hub, tmp_path):
     assert "runtime" not in results and "samples_per_second" not in results
     assert "| `num_grads` | 4 |" in card.text and "schedule: cubic" in card.text
     assert 'from_pretrained("me/tiny-mfac")' in card.text
+    readme = (repo / "README.md").read_text()
+    assert "run_glue.py" in readme and all(x not in readme for x in (TOKEN, "s3cr3t", "k3y", "u:pw"))
     loaded = AutoModelForSequenceClassification.from_pretrained(repo)
     assert loaded.config.hf_mfac_sparsity["method"] == "obert"
     saved = load_sparse_masks(repo)
