@@ -59,7 +59,8 @@ def bench(size: str, m: int, grad_dtype, device):
     try:
         opt._build_layout()
     except MemoryError as e:
-        return (size, d, m, str(grad_dtype).replace("torch.", ""), f"{t_adam * 1e3:.1f}", "does not fit", str(e)[:60], "", "")
+        return (size, d, m, str(grad_dtype).replace("torch.", ""), f"{t_adam * 1e3:.1f}", "does not fit",
+                str(e)[:60], "", "")
     fill_window(opt)
     t_mfac = timeit(opt.step, repeats=3)
     elem = opt.window.G.element_size()

@@ -158,11 +158,11 @@ def markdown(results: dict) -> str:
     byname = {p["name"]: p for p in parts_}
     gpu = env.get("gpu") or "no CUDA GPU visible to torch"
     head = (f"### GPU check: {gpu}"
-            + (f" (x{env['gpus']}, {env.get('sm')}, {env.get('memory_gib')} GiB, {env.get('sms')} SMs)" if env.get("gpu")
-               else "") + f", {results['date']}")
+            + (f" (x{env['gpus']}, {env.get('sm')}, {env.get('memory_gib')} GiB, {env.get('sms')} SMs)"
+               if env.get("gpu") else "") + f", {results['date']}")
     lines = [head, "",
-             f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), nvcc: {env.get('nvcc')}, ninja: {env.get('ninja')}, "
-             f"nvidia-smi: {env.get('nvidia_smi')}; hf_mfac commit {env.get('commit')}; "
+             f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), nvcc: {env.get('nvcc')}, "
+             f"ninja: {env.get('ninja')}, nvidia-smi: {env.get('nvidia_smi')}; hf_mfac commit {env.get('commit')}; "
              f"`bash benchmarks/gpu_check.sh` took {results['total_s']:.0f} s.", ""]
     if results.get("setup_error"):
         lines += [f"- Setup failed: {results['setup_error']}", ""]
@@ -191,12 +191,13 @@ def markdown(results: dict) -> str:
     devs = [d for d in (rep or {}).get("devices", []) if d.get("checks")]
     if devs:
         lines += ["#### Kernel self-check (before first use; per kernel and storage dtype)", "",
-                  "| GPU | kernel | dtype | verdict | max error | allowed | closest case | ms |", "|---|---|---|---|---:|---:|---|---:|"]
+                  "| GPU | kernel | dtype | verdict | max error | allowed | closest case | ms |",
+                  "|---|---|---|---|---:|---:|---|---:|"]
         for dev in devs:
             for c in dev["checks"]:
                 verdict = "pass" if c["ok"] else f"FAIL{': ' + c['error'] if c.get('error') else ''}"
-                lines.append(f"| cuda:{dev['index']} | {c['kernel']} | {c['dtype']} | {verdict} | {_num(c['max_err'])} | "
-                             f"{_num(c['bound'])} | {c['case']} | {1e3 * c['seconds']:.1f} |")
+                lines.append(f"| cuda:{dev['index']} | {c['kernel']} | {c['dtype']} | {verdict} | "
+                             f"{_num(c['max_err'])} | {_num(c['bound'])} | {c['case']} | {1e3 * c['seconds']:.1f} |")
         lines.append("")
     for name, title, keep in (("bench_kernels", "Kernels: coefficient setup, window products, update_mul", None),
                               ("bench_optim", "Optimizer step: M-FAC vs AdamW (BERT-mini)",
@@ -212,7 +213,8 @@ def markdown(results: dict) -> str:
         if body:
             lines += [demote(body), ""]
         if p["status"] != "ok":
-            lines += [f"({name}: {p['status']} after {p['seconds']:.0f} s of a {p['budget']} s budget; last lines:)", "",
+            lines += [f"({name}: {p['status']} after {p['seconds']:.0f} s of a {p['budget']} s budget; "
+                      "last lines:)", "",
                       "```", tail(p["stderr"] or p["stdout"]), "```", ""]
     lines += ["#### Parts", "", "| part | status | seconds | budget |", "|---|---|---:|---:|"]
     lines += [f"| {p['name']} | {p['status']} | {p['seconds']} | {p['budget']} |" for p in parts_]

@@ -54,7 +54,8 @@ def test_markdown_of_a_gpu_run():
     results = {
         "date": "2025-01-01", "total_s": 300.0, "setup_error": None,
         "env": {"gpu": "NVIDIA H200", "gpus": 1, "sm": "sm_90", "memory_gib": 139.8, "sms": 132, "torch": "2.9.0",
-                "torch_cuda": "12.8", "nvcc": "V12.8", "ninja": True, "nvidia_smi": "NVIDIA H200, 570", "commit": "abc"},
+                "torch_cuda": "12.8", "nvcc": "V12.8", "ninja": True, "nvidia_smi": "NVIDIA H200, 570",
+                "commit": "abc"},
         "build_kernels": {"ok": False, "reason": None, "lock": "filelock", "devices": [
             {"index": 0, "name": "NVIDIA H200", "arch": "sm_90", "compiled": True, "seconds": 71.2, "error": None,
              "checks": checks}]},

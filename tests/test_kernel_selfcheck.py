@@ -309,7 +309,8 @@ def test_plan_port_matches_the_header():
     """The constants the port above relies on are those of cuda/mfac_kernels.h."""
     text = (_loader.source_dir() / "mfac_kernels.h").read_text()
     for needle in ("kGemvThreads = 256", "kMatvecRows = 4", "kBTile = 32", "int64_t{8} * sms",
-                   "d / (int64_t{4} * kGemvThreads * vec)", "const int64_t most = m / 32;", "int vec = 16 / elem_bytes;"):
+                   "d / (int64_t{4} * kGemvThreads * vec)", "const int64_t most = m / 32;",
+                   "int vec = 16 / elem_bytes;"):
         assert needle in text, needle
 
 

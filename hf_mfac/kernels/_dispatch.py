@@ -32,7 +32,7 @@ import torch
 
 from . import _loader, _selfcheck, reference
 from ._loader import KernelFallbackWarning, KernelUnavailableError
-from ._selfcheck import KernelSelfCheckError, KernelSelfCheckWarning
+from ._selfcheck import KernelSelfCheckError, KernelSelfCheckWarning  # noqa: F401 - re-exported
 
 IMPLS = ("auto", "cuda", "torch")
 ENV_VAR = "HF_MFAC_KERNELS"
@@ -207,7 +207,8 @@ TORCH_CHECK_MIRRORS: dict[str, tuple[str, str]] = {
     "D.is_cuda()": ("why_not", "must be a CUDA tensor"),
     "D.dim() == 2 && D.size(0) == D.size(1) && D.size(0) > 0": ("why_not", "must be a non-empty square (m, m) matrix"),
     "D.is_contiguous()": ("converted", "_cuda_mfac_b passes D.contiguous()"),
-    "D.scalar_type() == torch::kFloat32 || D.scalar_type() == torch::kFloat64": ("why_not", "must be float32 or float64"),
+    "D.scalar_type() == torch::kFloat32 || D.scalar_type() == torch::kFloat64":
+        ("why_not", "must be float32 or float64"),
     "damp > 0 && scale >= 0": ("why_not", "needs damp > 0 and scale >= 0"),
     "hf_mfac::ceil_div(m, hf_mfac::kBTile) <= 65535": ("why_not", "exceeds the B kernel's limit"),
 }

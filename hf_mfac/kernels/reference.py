@@ -85,7 +85,8 @@ def mfac_coefficient_vector(D: torch.Tensor, B: torch.Tensor, p: torch.Tensor, d
                             scale: float) -> torch.Tensor:
     """The O(m^2) middle of [M-FAC, App. B, Alg. 2]: ``c = B^T q`` with ``q = (D + scale I)^{-T} (p / damp)``
     and ``p = G x`` (m,). Each q_i is divided by ``scale + D_ii`` before it is used in the recursion (the
-    triangular solve), (the printed algorithm divides only after the loop, which is wrong). Returns c (m,) in the dtype of D."""
+    triangular solve; the printed algorithm divides only after the loop, which is wrong). Returns c (m,) in
+    the dtype of D."""
     m = D.shape[-1]
     U = D + scale * torch.eye(m, dtype=D.dtype, device=D.device)  # (m, m) upper
     q = torch.linalg.solve_triangular(U.mT, (p.to(D.dtype) / damp)[:, None], upper=False)[:, 0]
