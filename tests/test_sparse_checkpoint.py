@@ -222,3 +222,103 @@ def test_export_semi_structured_on_gpu():
         report = export_semi_structured(lin, strict=True)
         assert set(report.values()) == {"semi-structured 2:4"}
         torch.testing.assert_close(lin(x), ref, rtol=1e-2, atol=1e-2)
+
+
+# -- a save replaces the previous one whole, and keeps what it did not write ---------------------------------
+
+def previous_save(out, kind):
+    """An earlier save of another model (seed 1, 30 % sparse) in ``out``, plus files the user put there."""
+    torch.manual_seed(1)
+    old = BertForSequenceClassification(BertConfig(**CFG, num_labels=3)).eval()
+    masks = prune(old, 0.3)
+    if kind == "compact":
+        save_compact_pretrained(old, out, masks)
+    elif kind == "sharded":  # an earlier, larger save: model-0000x-of-0000y.safetensors + index
+        save_sparse_pretrained(old, out, masks, max_shard_size="40KB")
+        assert len([f for f in os.listdir(out) if "-of-" in f]) > 1
+    elif kind == "bin":
+        old.save_pretrained(out)
+        torch.save(old.state_dict(), out / "pytorch_model.bin")
+    else:
+        save_sparse_pretrained(old, out, masks)
+    (out / "README.md").write_text("# mine\n")
+    (out / "tokenizer.json").write_text("{}")
+    (out / "notes").mkdir()
+    (out / "notes" / "a.txt").write_text("kept")
+
+
+def assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("old", ["dense", "sharded", "compact", "bin"])
+@pytest.mark.parametrize("new", ["dense", "dense-no-masks", "dense-sharded", "compact"])
+def test_save_replaces_previous_save(tmp_path, old, new):
+    out = tmp_path / "out"
+    previous_save(out, old)
+    model = tiny()
+    masks = prune(model, 0.8)
+    if new == "compact":
+        save_compact_pretrained(model, out, masks)
+    else:
+        save_sparse_pretrained(model, out, masks, save_masks=new != "dense-no-masks",
+                               **({"max_shard_size": "40KB"} if new == "dense-sharded" else {}))
+    files = set(os.listdir(out))
+    assert {"README.md", "tokenizer.json", "notes"} <= files and (out / "notes" / "a.txt").read_text() == "kept"
+    assert not [f for f in files if f.startswith(".")]  # no staging folder left
+    weights = {f for f in files if f.endswith((".safetensors", ".bin", ".json")) and f not in (
+        "config.json", "tokenizer.json", MASKS_NAME)}
+    if new == "compact":
+        assert weights == {COMPACT_WEIGHTS_NAME} and MASKS_NAME not in files
+        assert_same_state(load_compact_pretrained(out), model)
+        with pytest.raises(OSError):  # the earlier dense weights are gone, not loaded
+            AutoModelForSequenceClassification.from_pretrained(out)
+        return
+    if new == "dense-sharded":
+        shards = {f for f in weights if "-of-" in f}
+        assert len(shards) > 1 and weights == shards | {"model.safetensors.index.json"}
+        assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].keys() <= set(
+            model.state_dict())
+    else:
+        assert weights == {"model.safetensors"}
+    assert (MASKS_NAME in files) == (new != "dense-no-masks")
+    assert_same_state(AutoModelForSequenceClassification.from_pretrained(out).eval(), model)
+    rec = read_sparsity_metadata(out)
+    assert rec["format"] == "dense" and rec["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    if new == "dense":
+        saved = load_sparse_masks(out)
+        assert set(saved) == set(masks) and all(torch.equal(saved[n], masks[n]) for n in masks)
+    with pytest.raises(ValueError, match="holds no compact"):
+        load_compact_pretrained(out)
+
+
+def test_save_into_a_new_nested_folder_leaves_nothing_beside_it(tmp_path):
+    model = tiny()
+    masks = prune(model, 0.5)
+    save_sparse_pretrained(model, tmp_path / "a" / "b", masks)
+    assert os.listdir(tmp_path) == ["a"] and os.listdir(tmp_path / "a") == ["b"]
+    assert sorted(os.listdir(tmp_path / "a" / "b")) == sorted(["config.json", "model.safetensors", MASKS_NAME])
+
+
+def test_save_through_a_symlinked_folder(tmp_path):
+    real = tmp_path / "real"
+    previous_save(real, "dense")
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    model = tiny()
+    save_compact_pretrained(model, tmp_path / "link", prune(model, 0.5))
+    assert (tmp_path / "link").is_symlink() and (real / COMPACT_WEIGHTS_NAME).exists()
+    assert not (real / "model.safetensors").exists() and (real / "README.md").exists()
+
+
+def test_compact_loader_refuses_lookalike_classes(tmp_path):
+    """architectures must name a transformers model class taking this config; anything else is never looked up."""
+    model = tiny()
+    save_compact_pretrained(model, tmp_path, prune(model, 0.5))
+    config = json.loads((tmp_path / "config.json").read_text())
+    for arch in (["os.system"], ["eval"], ["PreTrainedModel"], ["BertConfig"], ["GPT2Model"], ["AutoModel"]):
+        (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": arch}))
+        with pytest.raises(ValueError, match="architectures"):
+            load_compact_pretrained(tmp_path)
+    # model_cls= still chooses the class explicitly
+    assert type(load_compact_pretrained(tmp_path, BertForSequenceClassification)) is BertForSequenceClassification
