@@ -170,6 +170,124 @@ def test_stock_optimizers_unchanged(tmp_path):
     assert cls is torch.optim.AdamW
 
 
+@pytest.mark.parametrize("overrides, flag, what", [
+    ({"mfac_num_grads": -4}, "--mfac_num_grads", "integer >= 1"),
+    ({"mfac_num_grads": "abc"}, "--mfac_num_grads", "must be an integer"),
+    ({"mfac_damp": -1.0}, "--mfac_damp", "> 0"),
+    ({"mfac_damp": float("nan")}, "--mfac_damp", "finite"),
+    ({"mfac_momentum": 1.5}, "--mfac_momentum", "< 1"),
+    ({"mfac_grad_dtype": "int8"}, "--mfac_grad_dtype", "float32, bfloat16, float16"),
+    ({"mfac_window_device": "gpu0"}, "--mfac_window_device", "device"),
+    ({"learning_rate": float("nan")}, "--learning_rate", "finite"),
+    ({"learning_rate": float("inf")}, "--learning_rate", "finite"),
+    ({"weight_decay": float("inf")}, "--weight_decay", "finite"),
+    ({"optim_args": "ngrads=abc"}, "--optim_args ngrads", "must be an integer; got 'abc'"),
+    ({"optim_args": "damp=-1e-6"}, "--optim_args damp", "> 0"),
+    ({"optim_args": "nonfinite=ignore"}, "--optim_args nonfinite", "'raise' or 'skip'"),
+    ({"optim_args": '{"num_grads": 512, "damp": }'}, "--optim_args", "not valid JSON"),
+    ({"optim_args": '{"num_grads": 512'}, "--optim_args", "not valid JSON"),
+    ({"optim_args": "lambda=2"}, "--optim_args", "unknown M-FAC key 'lambda'"),
+])
+def test_mfac_arguments_checked_at_construction(tmp_path, overrides, flag, what):
+    """A bad M-FAC setting fails when the arguments are built (not when training starts), naming the flag."""
+    with pytest.raises(ValueError) as info:
+        make_args(tmp_path, **overrides)
+    assert flag in str(info.value) and what in str(info.value), str(info.value)
+
+
+def test_bad_optim_args_from_the_command_line_name_the_flag():
+    for text, what in (("ngrads=abc", "--optim_args ngrads must be an integer"), ("{bad json", "not valid JSON")):
+        with pytest.raises(ValueError, match=what):
+            parse(["--optim", "mfac", "--optim_args", text])
+
+
+def test_unknown_optim_lists_the_choices(tmp_path):
+    with pytest.raises(ValueError) as info:
+        MFACTrainingArguments(str(tmp_path), optim="mfca", use_cpu=True, report_to="none")
+    msg = str(info.value)
+    assert "'mfca'" in msg and "mfac" in msg and "adamw_torch" in msg
+
+
+def test_integration_imports_relatively(monkeypatch):
+    """trainer.py and training_args.py reach MFAC through the package (relative imports), not through a global
+    ``import hf_mfac`` that a folder named hf_mfac next to a script (a namespace package) would shadow; and
+    training_args.py does not import trainer.py (no import circle)."""
+    import ast
+
+    for name in ("trainer.py", "training_args.py"):
+        tree = ast.parse((REPO / "hf_mfac" / "integrations" / name).read_text())
+        absolute = [n for n in ast.walk(tree) if isinstance(n, ast.Import) and any(a.name.startswith("hf_mfac")
+                                                                                  for a in n.names)]
+        absolute += [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("hf_mfac")]
+        assert not absolute, name
+    tree = ast.parse((REPO / "hf_mfac" / "integrations" / "training_args.py").read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level and n.module == "trainer"]
+    monkeypatch.setitem(sys.modules, "hf_mfac", types.ModuleType("hf_mfac"))  # what a stray namespace folder gives
+    cls, kwargs = mfac_optimizer_cls_and_kwargs({"lr": 1e-3, "ngrads": 8})
+    assert cls is hf_mfac.optim.MFAC and kwargs == {"lr": 1e-3, "num_grads": 8}
+
+
+def _offline_errors():
+    import httpx2
+    import requests
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    return [requests.exceptions.ConnectionError("Failed to establish a new connection: [Errno -3]"),
+            httpx2.ConnectError("[Errno -2] Name or service not known"),
+            OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/repos/create: offline mode is enabled.")]
+
+
+class _FakeHub:
+    """Stands for huggingface_hub.HfApi: creating the repository and/or uploading raise ``error``."""
+
+    def __init__(self, error, fail_create=True):
+        self.error, self.fail_create, self.uploads = error, fail_create, []
+
+    def create_repo(self, repo_id, **kw):
+        if self.fail_create:
+            raise self.error
+        return types.SimpleNamespace(repo_id=f"user/{repo_id}")
+
+    def upload_folder(self, **kw):
+        self.uploads.append(kw)
+        raise self.error
+
+
+@pytest.mark.parametrize("fail_create", [True, False])
+@pytest.mark.parametrize("error", range(3), ids=["requests", "httpx", "offline-mode"])
+def test_push_to_hub_offline_says_so_and_saves_locally(tmp_path, monkeypatch, error, fail_create):
+    """No network / HF_HUB_OFFLINE=1 (a faked Hub call raising the errors huggingface_hub raises then; nothing
+    touches the network): push_to_hub raises HubUnreachableError saying the Hub could not be reached, naming
+    HF_HUB_OFFLINE and where the files were saved, and they are there."""
+    import transformers.trainer as hf_trainer
+    from hf_mfac.integrations.trainer import HubUnreachableError
+
+    err = _offline_errors()[error]
+    hub = _FakeHub(err, fail_create)
+    monkeypatch.setattr(hf_trainer, "hf_api", lambda: hub)
+    out = tmp_path / "out"
+    trainer = MFACTrainer(model=tiny_bert(), args=make_args(out, max_steps=1), train_dataset=ToyData())
+    trainer.train()
+    with pytest.raises(HubUnreachableError) as info:
+        trainer.push_to_hub()
+    msg = str(info.value)
+    assert "could not reach the Hugging Face Hub" in msg and "HF_HUB_OFFLINE" in msg and "saved locally" in msg
+    assert str(out) in msg and info.value.__cause__ is err
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert len(hub.uploads) == (0 if fail_create else 1)
+
+
+def test_push_to_hub_true_offline_fails_at_construction_clearly(tmp_path, monkeypatch):
+    import transformers.trainer as hf_trainer
+    from hf_mfac.integrations.trainer import HubUnreachableError
+
+    monkeypatch.setattr(hf_trainer, "hf_api", lambda: _FakeHub(_offline_errors()[2]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubUnreachableError, match="HF_HUB_OFFLINE=1 is set") as info:
+        MFACTrainer(model=tiny_bert(), args=make_args(tmp_path, push_to_hub=True), train_dataset=ToyData())
+    assert "Nothing was uploaded or saved yet" in str(info.value)
+
+
 # ---- Trainer wiring ------------------------------------------------------------------------------------------
 def test_trainer_trains_with_mfac_and_decay_groups(tmp_path):
     model = tiny_bert()
@@ -188,7 +306,7 @@ def test_trainer_trains_with_mfac_and_decay_groups(tmp_path):
 
 
 def test_huge_damp_trainer_equals_sgd(tmp_path):
-    """F^{-1} g -> g / damp as damp grows, so M-FAC at lr*damp is SGD at lr (DESIGN §7), through the whole
+    """F^{-1} g -> g / damp as damp grows, so M-FAC at lr*damp is SGD at lr, through the whole
     Trainer: both parameter groups, the linear lr schedule, and the clipping of max_grad_norm (active here)
     all apply the same way. Torch SGD couples weight decay (p -= lr*wd*p); M-FAC's decoupled decay at
     lr*damp matches it with wd/damp."""

@@ -16,55 +16,65 @@ accumulated over micro-batches, all-reduced over DDP ranks, unscaled and clipped
 (see :class:`~hf_mfac.integrations.MFACTrainingArguments` for why clipping is kept). A step that the fp16
 gradient scaler skips for overflow never calls ``optimizer.step()``, so the overflowed gradient never
 enters the window.
+
+``MFACTrainer.push_to_hub`` (and the repository creation of ``push_to_hub=True``) turn "the Hub cannot be
+reached" (no network, ``HF_HUB_OFFLINE=1``) into :class:`HubUnreachableError`, which says so, names
+``HF_HUB_OFFLINE`` and where the files were saved locally.
 """
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 from transformers import Trainer, TrainingArguments
 
-from .training_args import MFAC_OPTIM, OPTIM_ARG_ALIASES, parse_optim_args
+from ..optim import MFAC, selects_mfac
+from .training_args import OPTIM_ARG_ALIASES, check_supported_setup, parse_optim_args
 
-__all__ = ["MFACTrainer", "mfac_optimizer_cls_and_kwargs", "check_supported_setup"]
+__all__ = ["MFACTrainer", "mfac_optimizer_cls_and_kwargs", "check_supported_setup", "HubUnreachableError"]
 
 _MFAC_KWARGS = frozenset(OPTIM_ARG_ALIASES.values())
 
 
-def _is_mfac(args) -> bool:
-    optim = getattr(args, "optim", None)
-    return isinstance(optim, str) and optim.lower() == MFAC_OPTIM
+class HubUnreachableError(ConnectionError):
+    """The Hugging Face Hub could not be reached (no network, or offline mode); the message says what was
+    saved locally and where."""
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+def _unreachable_types() -> tuple:
+    """Exception types that mean "the Hub cannot be reached" (of the HTTP libraries that are loaded)."""
+    types = [ConnectionError, TimeoutError]  # huggingface_hub's OfflineModeIsEnabled is a ConnectionError
+    requests = sys.modules.get("requests")
+    if requests is not None:
+        types += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
+    for name in ("httpx", "httpx2"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "TransportError"):
+            types.append(module.TransportError)
+    return tuple(types)
 
 
-def check_supported_setup(args, trainer=None) -> None:
-    """Raise ``ValueError`` for setups where ``hf_mfac.MFAC`` would train wrongly: FSDP, DeepSpeed, sharding.
+def _hub_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` (or an exception it was raised from) says the Hub could not be reached."""
+    types, seen = _unreachable_types(), set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, types):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
-    FSDP and DeepSpeed (ZeRO) shard or move the parameters, gradients and optimizer step, so each rank would
-    build its window from a shard, or the step would bypass ``MFAC.step``; tensor/context parallelism shard
-    the parameters too. Reads ``args.fsdp``, ``args.deepspeed``, ``args.parallelism_config``, the
-    ``ACCELERATE_USE_FSDP``/``ACCELERATE_USE_DEEPSPEED`` variables set by ``accelerate launch``, and, when
-    given, the Trainer's ``is_fsdp_enabled``/``is_deepspeed_enabled``. Plain DDP is supported.
-    """
-    problems = []
-    if getattr(args, "fsdp", None) or _env_true("ACCELERATE_USE_FSDP") or getattr(trainer, "is_fsdp_enabled", False):
-        problems.append("FSDP")
-    if (getattr(args, "deepspeed", None) or _env_true("ACCELERATE_USE_DEEPSPEED")
-            or getattr(trainer, "is_deepspeed_enabled", False)):
-        problems.append("DeepSpeed")
-    pc = getattr(args, "parallelism_config", None)
-    if pc is not None:
-        for name in ("tp_size", "cp_size", "sp_size", "dp_shard_size"):
-            if (getattr(pc, name, 1) or 1) > 1:
-                problems.append(f"parallelism_config.{name}={getattr(pc, name)}")
-    if problems:
-        raise ValueError(
-            f"hf_mfac.MFAC does not support {', '.join(problems)} yet: these shard the parameters/gradients or "
-            "move the optimizer step, so M-FAC would precondition with the wrong Fisher. Train with plain DDP "
-            "(`torchrun --nproc_per_node=N script.py ...` without --fsdp/--deepspeed), or choose another --optim."
-        )
+
+def _hub_message(what: str, error: BaseException, saved_in: str | None) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    local = (f"The model files are saved locally in {saved_in!r}; upload them once the Hub is reachable "
+             f"(trainer.push_to_hub() again, or `hf upload <repo_id> {saved_in}`)." if saved_in is not None else
+             "Nothing was uploaded or saved yet.")
+    mode = ("HF_HUB_OFFLINE=1 is set, so the Hub is not contacted: unset it to push, or train with "
+            "push_to_hub=False." if offline else
+            "To work without the Hub, set HF_HUB_OFFLINE=1 and train with push_to_hub=False.")
+    return f"could not reach the Hugging Face Hub to {what} ({type(error).__name__}: {error}). {local} {mode}"
 
 
 def mfac_optimizer_cls_and_kwargs(args_or_kwargs: TrainingArguments | dict | None = None, **overrides):
@@ -84,8 +94,6 @@ def mfac_optimizer_cls_and_kwargs(args_or_kwargs: TrainingArguments | dict | Non
         trainer = QuestionAnsweringTrainer(model=model, args=args, ...,
                                            optimizer_cls_and_kwargs=mfac_optimizer_cls_and_kwargs(args, ngrads=512))
     """
-    import hf_mfac
-
     if isinstance(args_or_kwargs, TrainingArguments):
         check_supported_setup(args_or_kwargs)
         if hasattr(args_or_kwargs, "mfac_kwargs"):
@@ -93,15 +101,15 @@ def mfac_optimizer_cls_and_kwargs(args_or_kwargs: TrainingArguments | dict | Non
         else:
             kwargs = {"lr": args_or_kwargs.learning_rate, "weight_decay": args_or_kwargs.weight_decay}
     else:
-        kwargs = parse_optim_args(dict(args_or_kwargs or {}))
-    kwargs.update(parse_optim_args(overrides))
+        kwargs = parse_optim_args(dict(args_or_kwargs or {}), source="mfac_optimizer_cls_and_kwargs")
+    kwargs.update(parse_optim_args(overrides, source="mfac_optimizer_cls_and_kwargs"))
     if "lr" not in kwargs:
         raise ValueError("mfac_optimizer_cls_and_kwargs: give `lr` (Trainer passes these kwargs as they are and "
                          "does not add the learning rate), or pass the TrainingArguments")
     unknown = set(kwargs) - _MFAC_KWARGS
     if unknown:
         raise ValueError(f"unknown hf_mfac.MFAC arguments {sorted(unknown)}")
-    return hf_mfac.MFAC, kwargs
+    return MFAC, kwargs
 
 
 class MFACTrainer(Trainer):
@@ -112,7 +120,9 @@ class MFACTrainer(Trainer):
     biases and LayerNorm) and its learning-rate schedule; its state, the gradient window included, is saved
     with every checkpoint and restored by ``train(resume_from_checkpoint=...)``. FSDP and DeepSpeed are
     refused (:func:`check_supported_setup`). ``create_model_card`` writes hf_mfac's card when
-    ``hf_mfac.integrations.model_card`` is available, the stock card otherwise.
+    ``hf_mfac.integrations.model_card`` is available, the stock card otherwise. ``push_to_hub`` without a
+    reachable Hub (no network, ``HF_HUB_OFFLINE=1``) saves the model locally and raises
+    :class:`HubUnreachableError` saying so.
 
     Gradient scale: transformers 5.x assumes a model whose ``forward`` takes ``**kwargs`` normalises its
     loss by ``num_items_in_batch``, and then neither divides by the accumulation steps nor undoes the
@@ -126,7 +136,7 @@ class MFACTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if _is_mfac(self.args):
+        if selects_mfac(self.args):
             check_supported_setup(self.args, self)
             unwrapped = self.accelerator.unwrap_model(self.model)
             if self.compute_loss_func is None and not hasattr(unwrapped, "accepts_loss_kwargs"):
@@ -134,7 +144,7 @@ class MFACTrainer(Trainer):
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args: TrainingArguments, model=None):
-        if _is_mfac(args):
+        if selects_mfac(args):
             return mfac_optimizer_cls_and_kwargs(args)
         return Trainer.get_optimizer_cls_and_kwargs(args, model)
 
@@ -146,3 +156,36 @@ class MFACTrainer(Trainer):
             return super().create_model_card(**info)
         if self.is_world_process_zero():
             write_trainer_model_card(self, self.args.output_dir, **info)
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """As ``Trainer.init_hf_repo``; an unreachable Hub raises :class:`HubUnreachableError`."""
+        try:
+            return super().init_hf_repo(token=token, private=private)
+        except Exception as e:
+            if isinstance(e, HubUnreachableError) or not _hub_unreachable(e):
+                raise
+            raise HubUnreachableError(_hub_message("create the repository", e, None)) from e
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
+        """As ``Trainer.push_to_hub``. When the Hub cannot be reached (no network, ``HF_HUB_OFFLINE=1``) the
+        model, its card and the training arguments are still saved in ``args.output_dir`` and
+        :class:`HubUnreachableError` says so (instead of a bare connection error)."""
+        if self.hub_model_id is None:
+            try:
+                self.init_hf_repo(token=token if token is not None else self.args.hub_token, private=private)
+            except HubUnreachableError as e:
+                cause = e.__cause__ or e
+                self.save_model(_internal_call=True)
+                if self.is_world_process_zero():
+                    name = kwargs.pop("model_name", None) or Path(self.args.output_dir).name
+                    self.create_model_card(model_name=name, **kwargs)
+                raise HubUnreachableError(
+                    _hub_message("create the repository", cause, self.args.output_dir)) from cause
+        try:
+            return super().push_to_hub(commit_message=commit_message, blocking=blocking, token=token,
+                                       revision=revision, private=private, **kwargs)
+        except Exception as e:
+            if isinstance(e, HubUnreachableError) or not _hub_unreachable(e):
+                raise
+            raise HubUnreachableError(_hub_message("upload the model", e, self.args.output_dir)) from e
