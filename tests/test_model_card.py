@@ -450,3 +450,12 @@ def test_trainer_push_with_pruning_callback(hub, tmp_path):
     assert record["recipe"]["final_sparsity"] == 0.5 and record["pattern"] == "unstructured"
     saved = load_sparse_masks(repo)
     assert set(saved) == set(callback.masks) and all(torch.equal(saved[n], callback.masks[n].cpu()) for n in saved)
+
+
+def test_card_of_a_compact_save_says_how_to_load_it(tmp_path):
+    from hf_mfac.integrations import save_compact_pretrained
+
+    model, masks = pruned_model()
+    save_compact_pretrained(model, tmp_path, masks, method="magnitude")
+    text = create_sparse_model_card(tmp_path, repo_id="me/compact").text
+    assert 'load_compact_pretrained(snapshot_download("me/compact"))' in text and "from_pretrained(" not in text
