@@ -1,7 +1,8 @@
 """--prune_* flags (hf_mfac.integrations.PruningArguments) in examples/run_glue.py and
 examples/run_image_classification.py: a few CPU steps of magnitude pruning (gradual; one-shot for run_glue) on
-tiny random models; the saved model must hold the target sparsity in its encoder Linear weights. Also
-run_glue.py on a table whose ``label`` column holds strings."""
+tiny random models; the saved model must hold the target sparsity in its encoder Linear weights. Also what
+run_glue.py keeps from the official script with local files: string labels, the model's own label order, MNLI's
+matched and mismatched evaluation."""
 import csv
 import importlib.util
 import random
@@ -16,10 +17,10 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-COMMON = ["--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no",
-          "--log_level", "error", "--seed", "0", "--do_train", "--max_steps", "4", "--learning_rate", "1e-3",
-          "--prune_method", "magnitude", "--prune_sparsity", "0.5", "--prune_start", "1", "--prune_end", "3",
-          "--prune_frequency", "1"]
+TRAIN = ["--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no",
+         "--log_level", "error", "--seed", "0", "--do_train", "--max_steps", "4", "--learning_rate", "1e-3"]
+COMMON = TRAIN + ["--prune_method", "magnitude", "--prune_sparsity", "0.5", "--prune_start", "1", "--prune_end", "3",
+                  "--prune_frequency", "1"]
 
 
 def _load_example(name):
@@ -110,3 +111,49 @@ def test_run_glue_string_label_column(tmp_path):
     assert trainer.model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
     assert set(trainer.eval_dataset["label"]) <= {0, 1, 2}
     assert "eval_accuracy" in trainer.evaluate()
+
+
+def _write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def test_run_glue_keeps_the_model_label_order(tmp_path):
+    """A model fine-tuned with its own label2id ({"pos": 0, "neg": 1}) keeps it: the string labels of the file are
+    mapped onto the model's ids, not onto the sorted order."""
+    model_dir, words = save_tiny_text_model(tmp_path)
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    config.label2id, config.id2label = {"pos": 0, "neg": 1}, {0: "pos", 1: "neg"}
+    config.save_pretrained(model_dir)
+    rng = random.Random(0)
+    rows = [[" ".join(rng.choice(words) for _ in range(5)), rng.choice(["pos", "neg"])] for _ in range(16)]
+    _write_csv(tmp_path / "train.csv", ["sentence", "label"], rows)
+    trainer = _load_example("run_glue").main([
+        "--model_name_or_path", str(model_dir), "--train_file", str(tmp_path / "train.csv"), "--max_seq_length", "16",
+        "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "out"), *TRAIN])
+    assert trainer.model.config.id2label == {0: "pos", 1: "neg"}
+    assert trainer.train_dataset["label"] == [{"pos": 0, "neg": 1}[r[1]] for r in rows]
+
+
+def test_run_glue_mnli_matched_and_mismatched(tmp_path):
+    """MNLI from local files: the validation file is the matched split, --validation_mismatched_file the other;
+    both are evaluated, the mismatched metrics with the _mm suffix, as upstream does with the Hub's GLUE."""
+    model_dir, words = save_tiny_text_model(tmp_path)
+    rng = random.Random(0)
+    text = lambda: " ".join(rng.choice(words) for _ in range(4))  # noqa: E731
+    for name, n in (("train", 16), ("dev_m", 6), ("dev_mm", 5)):
+        _write_csv(tmp_path / f"{name}.csv", ["premise", "hypothesis", "label"],
+                   [[text(), text(), rng.randint(0, 2)] for _ in range(n)])
+    out = tmp_path / "out"
+    _load_example("run_glue").main([
+        "--model_name_or_path", str(model_dir), "--task_name", "mnli", "--train_file", str(tmp_path / "train.csv"),
+        "--validation_file", str(tmp_path / "dev_m.csv"), "--validation_mismatched_file", str(tmp_path / "dev_mm.csv"),
+        "--do_eval", "--ignore_mismatched_sizes", "--max_seq_length", "16", "--per_device_train_batch_size", "8",
+        "--output_dir", str(out), *TRAIN])
+    import json
+
+    results = json.load(open(out / "eval_results.json"))
+    assert results["eval_samples"] == 6 and results["eval_samples_mm"] == 5
+    assert {"eval_accuracy", "eval_accuracy_mm"} <= set(results)
