@@ -385,19 +385,18 @@ def staged_save(save_directory: str | os.PathLike, stale=None):
     if os.path.exists(target) and not os.path.isdir(target):
         raise NotADirectoryError(f"{target} exists and is not a folder")
     fresh = not os.path.isdir(target)
-    made = []  # parent folders this call created, removed again on failure
-    if fresh:
-        parent = os.path.dirname(target)
-        missing = parent
-        while missing and not os.path.isdir(missing):
-            made.append(missing)
-            missing = os.path.dirname(missing)
-        os.makedirs(parent, exist_ok=True)
-        stage = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}{_STAGE_PREFIX}", dir=parent)
-    else:
-        stage = tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=target)
-    keep_stage = False
+    made, stage, keep_stage = [], None, False  # made: parent folders this call creates, removed on failure
     try:
+        if fresh:
+            parent = os.path.dirname(target)
+            missing = parent
+            while missing and not os.path.isdir(missing):
+                made.append(missing)
+                missing = os.path.dirname(missing)
+            os.makedirs(parent, exist_ok=True)
+            stage = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}{_STAGE_PREFIX}", dir=parent)
+        else:
+            stage = tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=target)
         yield stage
         _fsync_tree(stage)
         if fresh:
