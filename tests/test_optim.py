@@ -2,8 +2,6 @@
 arguments, low-precision parameters, the consistent decisions of ShardedMFAC on 2 ranks."""
 import copy
 import io
-import math
-import warnings
 
 import pytest
 import torch
