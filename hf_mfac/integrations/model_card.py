@@ -533,7 +533,8 @@ def write_trainer_model_card(trainer, output_dir: str | os.PathLike | None = Non
                   datasets=dataset_tags, dataset_name=first(dataset), dataset_config=first(dataset_args),
                   eval_results=_last_eval(trainer) or None, mfac=_mfac_hparams(trainer),
                   training=_training_hparams(trainer), command=_redacted_command(sys.argv), repo_id=repo_id,
-                  model_name=(repo_id or "").split("/")[-1] or _one_line(os.path.basename(os.path.normpath(output_dir))))
+                  model_name=(repo_id or "").split("/")[-1]
+                  or _one_line(os.path.basename(os.path.normpath(output_dir))))
     kwargs.update(info)
     # One staged save for the checkpoint and the card: either both replace what output_dir held, or neither.
     with staged_save(output_dir, stale=_is_checkpoint_file if sparse else None) as stage:

@@ -101,7 +101,9 @@ _SECRET_WORDS = re.compile(r"token|secret|key|pass|auth|credential", re.I)
 _HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{30,}")
 _URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@?#]+@")
 _KV = re.compile(r"(?P<k>[A-Za-z_][\w.-]*)(?P<sep>\s*=\s*)(?P<v>[^\s,;&]*)")
-_QUOTED_KV = re.compile(r"""(?P<q>["'])(?P<k>[^"'\n]*)(?P=q)(?P<sep>\s*:\s*)(?:(?P<vq>["'])(?P<v>(?:\\.|(?!(?P=vq)).)*)(?P=vq)|(?P<bare>[^\s,}\]]+))""")
+_QUOTED_KV = re.compile(  # "name": "value" / 'name': value, as in JSON or a Python dict literal
+    r"""(?P<q>["'])(?P<k>[^"'\n]*)(?P=q)(?P<sep>\s*:\s*)"""
+    r"""(?:(?P<vq>["'])(?P<v>(?:\\.|(?!(?P=vq)).)*)(?P=vq)|(?P<bare>[^\s,}\]]+))""")
 
 
 def secret_name(name: str) -> bool:
@@ -256,9 +258,11 @@ def sparsity_metadata(model: nn.Module, masks: Mapping[str, torch.Tensor], *, me
     Fields: ``format`` (``"dense"`` or ``"compact"``), ``format_version``, ``library``, ``library_version``,
     ``method``, ``pattern`` (``"N:M"``, checked against the masks; when None, ``"2:4"`` if every mask keeps
     exactly 2 of each 4 along its last dimension, else ``"unstructured"``), ``targets`` (as given, else the
-    masked names), ``recipe`` (secret-looking values redacted, :func:`redact`), ``sparsity`` (pruned / masked weights), ``num_masked``, ``num_pruned``,
+    masked names), ``recipe`` (secret-looking values redacted, :func:`redact`), ``sparsity`` (pruned / masked
+    weights), ``num_masked``, ``num_pruned``,
     ``model_sparsity`` (pruned / all parameters), ``per_layer`` (``{name: {shape, num_pruned, sparsity}}``),
-    plus the ``extra`` keys (redacted the same way). :func:`save_sparse_pretrained` adds ``masks_file``, :func:`save_compact_pretrained`
+    plus the ``extra`` keys (redacted the same way). :func:`save_sparse_pretrained` adds ``masks_file``,
+    :func:`save_compact_pretrained`
     the size report under ``compact``.
     Raises ``ValueError`` when nothing is pruned.
     """
@@ -310,9 +314,10 @@ def _save_config_with(model: nn.Module, attrs: Mapping[str, Any], save) -> None:
 # -- staged saves: write beside, then move into place ------------------------------------------------------
 
 # Weight files transformers writes or reads (any variant, sharded or not, with their index), and ours.
-_SINGLE_WEIGHTS = re.compile(r"^(?:model|pytorch_model|tf_model|flax_model)(?:\.[^.]+)?\.(?:safetensors|bin|h5|msgpack)$")
-_SHARD = re.compile(r"^(?:model|pytorch_model|tf_model|flax_model)(?:\.[^.]+)?-\d{5}-of-\d{5}\.(?:safetensors|bin|h5|msgpack)$")
-_INDEX = re.compile(r"^(?:model|pytorch_model|tf_model|flax_model)\.(?:safetensors|bin|h5|msgpack)\.index(?:\.[^.]+)?\.json$")
+_STEM, _EXT = r"(?:model|pytorch_model|tf_model|flax_model)", r"(?:safetensors|bin|h5|msgpack)"
+_SINGLE_WEIGHTS = re.compile(rf"^{_STEM}(?:\.[^.]+)?\.{_EXT}$")  # model.safetensors, model.fp16.safetensors
+_SHARD = re.compile(rf"^{_STEM}(?:\.[^.]+)?-\d{{5}}-of-\d{{5}}\.{_EXT}$")  # model-00001-of-00002.safetensors
+_INDEX = re.compile(rf"^{_STEM}\.{_EXT}\.index(?:\.[^.]+)?\.json$")  # model.safetensors.index(.fp16).json
 _STAGE_PREFIX = ".hf_mfac-staging-"
 _PREVIOUS = ".hf_mfac-previous"
 
@@ -328,10 +333,10 @@ def _rank(name: str) -> int:
     """Commit order (ascending on install, descending on withdrawal): the files a loader opens to find the
     weights (``model.safetensors``, an index, ``hf_mfac_compact.safetensors``) come last in and go first out;
     shards just before them; README.md after everything else it may describe."""
-    if name == COMPACT_WEIGHTS_NAME or _SINGLE_WEIGHTS.match(name) or _INDEX.match(name):
-        return 3
     if _SHARD.match(name):
         return 2
+    if name == COMPACT_WEIGHTS_NAME or _SINGLE_WEIGHTS.match(name) or _INDEX.match(name):
+        return 3
     return 1 if name == "README.md" else 0
 
 
@@ -715,7 +720,7 @@ def _compact_state(raw: dict[str, torch.Tensor], layout, rec: dict, path: str, c
             continue
         state[name] = t
     for name, shape in shapes.items():
-        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise ValueError(f"{path}: header shape of {name!r} is {shape!r}, not a list of sizes")
         for part in ("values", "bitmask"):
             if f"{name}:{part}" not in raw:
