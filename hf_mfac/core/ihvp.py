@@ -159,10 +159,11 @@ class DynamicMFAC:
     sums chunk/256 products sequentially in fp32 (chunk = d / slices): about 86 000 terms at m = 1024,
     d = 1.1e8 on a 132-SM GPU, so each entry of ``G G^T`` carries a relative error of ~1e-4 (to
     ``|g_i| |g_j|``; :func:`accumulation_error`), not ~eps32. A ``damp`` far below that level makes the
-    system numerically indefinite. Where the kernels compute the products, the factorisation therefore
-    damps at least at that level (``s*damp >= error * max_i |g_i|^2``, raising the damping by powers of
-    10); everywhere, a failed factorisation retries with 10x, 100x, ... more damping. Both warn once and
-    count the occurrences in ``fallbacks``; results are never silently non-finite.
+    system numerically indefinite. Where the products go to the kernels (a CUDA window with the fp32 compute
+    dtype, unless ``HF_MFAC_KERNELS=torch``), the factorisation therefore damps at least at that level
+    (``s*damp >= error * max_i |g_i|^2``, raising the damping by powers of 10); everywhere, a failed
+    factorisation retries with 10x, 100x, ... more damping. Both warn once and count the occurrences in
+    ``fallbacks``; results are never silently non-finite.
 
     Row padding: G is stored as (m, d_pad) with d_pad the next multiple of 8 and the padding columns kept
     zero, so that the rows stay 16-byte aligned for the CUDA kernels (which otherwise fall back to 2-byte
