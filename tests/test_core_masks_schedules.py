@@ -72,3 +72,39 @@ def test_cyclic_linear_lr():
     """seed 004 eq. 8."""
     vals = [cyclic_linear_lr(t, lr_max=1.0, lr_min=0.0, period=4) for t in range(9)]
     assert vals == [1.0, 0.75, 0.5, 0.25, 1.0, 0.75, 0.5, 0.25, 1.0]
+
+
+def _stable_sort_reference(flat, k):
+    ref = torch.zeros(flat.numel(), dtype=torch.bool)
+    ref[torch.sort(flat.double(), stable=True).indices[:k]] = True
+    return ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_lowest_k_matches_stable_sort_tie_break(dtype):
+    """The selection (no sort) picks exactly what a stable sort picks: all below the k-th value, then the
+    ties at it in position order; -inf first, +inf last."""
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 100, 1001):
+        s = torch.randint(0, 5, (n,), generator=g).to(dtype)  # many ties
+        s[torch.rand(n, generator=g) < 0.1] = -float("inf")
+        s[torch.rand(n, generator=g) < 0.1] = float("inf")
+        for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+            got = M.lowest_k_mask(s, k)
+            assert int(got.sum()) == k
+            assert torch.equal(got, _stable_sort_reference(s, k)), (n, k)
+
+
+def test_global_threshold_ties_by_position_across_tensors():
+    scores = {"a": torch.tensor([1.0, 0.0, 1.0]), "b": torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)}
+    out = M.threshold_masks(scores, 4 / 6, prune_mask_only=True)  # 2 zeros, then the first 2 ones by position
+    assert out["a"].tolist() == [True, True, True] and out["b"].tolist() == [False, False, True]
+    layer = M.threshold_masks([torch.zeros(5)], 0.4, scope="layer", prune_mask_only=True)
+    assert layer[0].tolist() == [True, True, False, False, False]
+
+
+def test_nan_scores_raise_even_beside_both_infinities():
+    s = torch.tensor([float("inf"), -float("inf"), 1.0])
+    assert M.lowest_k_mask(s, 1).tolist() == [False, True, False]  # inf + -inf sums to NaN: checked element-wise
+    with pytest.raises(FloatingPointError, match="NaN"):
+        M.lowest_k_mask(torch.tensor([1.0, float("nan")]), 1)

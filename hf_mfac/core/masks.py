@@ -30,17 +30,35 @@ def num_to_prune(numel: int, sparsity: float, unit: int = 1) -> int:
     return int(round(sparsity * numel / unit))
 
 
+def _check_no_nan(flat: torch.Tensor) -> None:
+    # a sum is one cheap pass; only a NaN sum (a NaN inside, or +inf and -inf together) is checked element-wise
+    if flat.numel() and bool(torch.isnan(flat.sum())) and bool(torch.isnan(flat).any()):
+        raise FloatingPointError("pruning scores contain NaN; check the gradients and damp")
+
+
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool tensor like ``scores`` with the ``k`` lowest entries True (ties: lower position first).
-    NaN scores raise. Forced entries can be passed as ``-inf``."""
+    NaN scores raise. Forced entries can be passed as ``-inf``.
+
+    No sort: the k-th smallest value ``t`` comes from one selection (``torch.kthvalue``, expected O(n)), every
+    entry below ``t`` is taken, and the remaining ``k - #{s < t}`` come from the entries equal to ``t`` in
+    position order. The result is the one a stable sort gives (its first k indices), at the cost of a
+    selection and two comparisons instead of an O(n log n) sort and its (n,) index tensor.
+    """
     flat = scores.reshape(-1)
-    if bool(torch.isnan(flat).any()):
-        raise FloatingPointError("pruning scores contain NaN; check the gradients and damp")
-    if not 0 <= k <= flat.numel():
-        raise ValueError(f"cannot select {k} of {flat.numel()} entries")
-    order = torch.sort(flat, stable=True).indices
-    out = torch.zeros_like(flat, dtype=torch.bool)
-    out[order[:k]] = True
+    n = flat.numel()
+    _check_no_nan(flat)
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot select {k} of {n} entries")
+    if k == 0 or k == n:
+        return torch.full_like(flat, k == n, dtype=torch.bool).view_as(scores)
+    if flat.dtype in (torch.float16, torch.bfloat16) and flat.device.type == "cpu":
+        flat = flat.float()  # exact; CPU selection kernels are fastest (and complete) in fp32/fp64
+    t = torch.kthvalue(flat, k).values
+    out = flat < t
+    rest = k - int(out.sum())  # >= 1: t itself is among the k smallest
+    ties = (flat == t).nonzero().view(-1)  # in position order
+    out[ties[:rest]] = True
     return out.view_as(scores)
 
 
@@ -64,7 +82,11 @@ def threshold_masks(scores: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
     if scope == "layer":
         pruned = [lowest_k_mask(t, num_to_prune(t.numel() * unit, sparsity, unit)) for t in tensors]
     else:
-        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+        # one common dtype (fp64 only where the tensors differ): the comparisons are exact either way
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
         sel = lowest_k_mask(flat, num_to_prune(flat.numel() * unit, sparsity, unit))
         pruned = list(torch.split(sel, [t.numel() for t in tensors]))
         pruned = [p.view_as(t) for p, t in zip(pruned, tensors)]
