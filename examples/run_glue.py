@@ -158,7 +158,9 @@ class DataTrainingArguments:
     validation_file: str | None = field(
         default=None, metadata={"help": "A csv/tsv or a json/jsonl file containing the validation data."}
     )
-    test_file: str | None = field(default=None, metadata={"help": "A csv/tsv or a json/jsonl file containing the test data."})
+    test_file: str | None = field(
+        default=None, metadata={"help": "A csv/tsv or a json/jsonl file containing the test data."}
+    )
     # hf_mfac: local MNLI mismatched splits, and the columns of tables that are not in a GLUE layout
     validation_mismatched_file: str | None = field(
         default=None, metadata={"help": "MNLI with local files: the validation_mismatched split."}
@@ -319,8 +321,9 @@ def main(argv=None):
 
     # Log on each process the small summary:
     logger.warning(
-        f"Process rank: {training_args.local_process_index}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
-        + f"distributed training: {training_args.parallel_mode.value == 'distributed'}, 16-bits training: {training_args.fp16}"
+        f"Process rank: {training_args.local_process_index}, device: {training_args.device}, "
+        f"n_gpu: {training_args.n_gpu}, distributed training: {training_args.parallel_mode.value == 'distributed'}, "
+        f"16-bits training: {training_args.fp16}"
     )
     logger.info(f"Training/evaluation parameters {training_args}")
 

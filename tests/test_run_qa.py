@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 
 transformers = pytest.importorskip("transformers")
 from transformers import BertConfig, BertForQuestionAnswering, BertTokenizer  # noqa: E402
@@ -70,29 +71,6 @@ def test_load_both_layouts(tmp_path):
     assert run_qa.load_squad_file(str(tmp_path / "c.jsonl")) == flat
 
 
-def test_train_features_label_the_answer_span(tokenizer, tmp_path):
-    examples = run_qa.load_squad_file(squad_json(tmp_path / "a.json", n=5, v2=True))
-    feats = run_qa.prepare_train_features(examples, tokenizer, max_seq_length=24, doc_stride=8)
-    assert len(feats) > len(examples), "long contexts are split into several spans"
-    found = set()
-    enc_ids = [f["input_ids"] for f in feats]
-    for f, ids in zip(feats, enc_ids):
-        assert len(ids) == 24
-        s, e = f["start_positions"], f["end_positions"]
-        if s == 0:
-            assert e == 0  # CLS: answer not in this span (or unanswerable)
-            continue
-        text = tokenizer.decode(ids[s : e + 1])
-        found.add(text)
-        assert text in {a for _, a in QUESTIONS}
-    assert found, "some span contains its answer"
-    val = run_qa.prepare_validation_features(examples, tokenizer, max_seq_length=24, doc_stride=8)
-    assert len(val) == len(feats)
-    for f in val:
-        assert f["example_id"] in {e["id"] for e in examples}
-        assert f["offset_mapping"][0] is None  # CLS and the question are outside the context
-
-
 # -- post-processing and metrics --------------------------------------------------------------------------
 def _one_feature(context, token_spans, start_logits, end_logits, eid="x"):
     feats = [{"example_id": eid, "offset_mapping": [None] + token_spans}]
@@ -106,7 +84,7 @@ def test_postprocess_picks_best_valid_span():
     start = [0.0, 0.1, 5.0, 0.2, 4.0, 0.0, 0.0]
     end = [0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 6.0]
     feats, preds = _one_feature(ctx, spans, start, end)
-    ex = [{"id": "x", "context": ctx}]
+    ex = Dataset.from_list([{"id": "x", "context": ctx}])
     assert run_qa.postprocess_qa_predictions(ex, feats, preds) == {"x": "cat sat on the mat"}
     # max_answer_length=3 excludes "cat ... mat" (5 tokens): "on the mat" wins
     assert run_qa.postprocess_qa_predictions(ex, feats, preds, max_answer_length=3) == {"x": "on the mat"}
@@ -119,7 +97,7 @@ def test_postprocess_v2_null_answer_and_files(tmp_path):
     ctx = "the cat sat"
     spans = [(0, 3), (4, 7), (8, 11)]
     feats, preds = _one_feature(ctx, spans, [5.0, 0.0, 2.0, 0.0], [5.0, 0.0, 2.0, 0.0])
-    ex = [{"id": "x", "context": ctx}]
+    ex = Dataset.from_list([{"id": "x", "context": ctx}])
     assert run_qa.postprocess_qa_predictions(ex, feats, preds, version_2_with_negative=True) == {"x": ""}
     # null score 10 vs best span 4: with a threshold above 6 the span wins
     out = run_qa.postprocess_qa_predictions(ex, feats, preds, version_2_with_negative=True,
@@ -136,7 +114,8 @@ def test_postprocess_takes_best_over_features():
     f2 = {"example_id": "x", "offset_mapping": [None, (12, 14), (15, 18), (19, 22)]}
     start = np.array([[0, 1.0, 0, 0], [0, 0, 0, 3.0]])
     end = np.array([[0, 1.0, 0, 0], [0, 0, 0, 3.0]])
-    assert run_qa.postprocess_qa_predictions([{"id": "x", "context": ctx}], [f1, f2], (start, end)) == {"x": "mat"}
+    ex = Dataset.from_list([{"id": "x", "context": ctx}])
+    assert run_qa.postprocess_qa_predictions(ex, [f1, f2], (start, end)) == {"x": "mat"}
 
 
 def test_squad_metrics():
@@ -226,3 +205,32 @@ def test_run_qa_oneshot_pruning(model_dir, tmp_path):
     weights = dict(trainer.model.named_parameters())
     for name, m in masks.items():  # sparse fine-tuning kept the masks
         assert bool((weights[name].detach().cpu()[~m] == 0).all())
+
+
+def test_features_label_the_answer_span(model_dir, tmp_path, tokenizer):
+    """The script's feature preparation (upstream's prepare_train_features / prepare_validation_features): long
+    contexts split into overlapping spans, each labelled with its answer's tokens or with CLS (answer not in the
+    span, or unanswerable); validation features keep their example id and the context offsets only."""
+    trainer, _ = _run(model_dir, tmp_path, "--max_seq_length", "24", "--max_steps", "1", v2=True)
+    train, val = trainer.train_dataset, trainer.eval_dataset
+    assert len(train) > 24, "long contexts are split into several spans"
+    found = set()
+    for f in train:
+        assert len(f["input_ids"]) == 24
+        s, e = f["start_positions"], f["end_positions"]
+        if s == 0:
+            assert e == 0  # CLS: answer not in this span (or unanswerable)
+            continue
+        found.add(tokenizer.decode(f["input_ids"][s : e + 1]))
+    assert found and found <= {a for _, a in QUESTIONS}
+    assert set(val["example_id"]) == {f"q{i}" for i in range(8)}
+    assert all(f["offset_mapping"][0] is None for f in val)  # CLS and the question are outside the context
+
+
+def test_run_qa_predict(model_dir, tmp_path):
+    """--do_predict on a test file: post-processed answers (predict_predictions.json) and their metrics."""
+    test = squad_json(tmp_path / "test.json", n=6)
+    _, out = _run(model_dir, tmp_path, "--do_predict", "--test_file", str(test), "--max_steps", "1")
+    assert set(json.load(open(out / "predict_predictions.json"))) == {f"q{i}" for i in range(6)}
+    results = json.load(open(out / "predict_results.json"))  # upstream: metric_key_prefix "test"
+    assert {"test_exact_match", "test_f1", "predict_samples"} <= set(results)

@@ -157,9 +157,9 @@ def text_columns(ds, text_col, pair_col, label_col, path: str) -> tuple[str, str
     if label_col not in cols:
         raise ValueError(f"{path}: label column {label_col!r} not found; columns: {cols} (--label_column)")
     if text_col is None:
-        text_col = next((c for c in _TEXT_COLUMNS if c in cols), None) or next(
-            (c for c in cols if c != label_col and getattr(ds.features[c], "dtype", None) in ("string", "large_string")),
-            None)
+        strings = [c for c in cols
+                   if c != label_col and getattr(ds.features[c], "dtype", None) in ("string", "large_string")]
+        text_col = next((c for c in _TEXT_COLUMNS if c in cols), strings[0] if strings else None)
     if text_col is None:
         raise ValueError(f"{path}: no text column found; give --text_column (columns: {cols})")
     for c in (text_col, pair_col):
