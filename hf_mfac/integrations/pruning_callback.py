@@ -38,6 +38,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..comm import Comm
 from ..core.schedules import cubic_sparsity, cyclic_linear_scheduler
+from ..optim import MFAC, unwrap_optimizer
 from ..pruning import DEFAULT_EXCLUDE, DEFAULT_TYPES, GradualPruningConfig, Layout, find_prunable, make_pruner, \
     prune_oneshot
 from ..pruning.distributed import prune_oneshot_distributed
@@ -53,12 +54,6 @@ STATE_NAME = "hf_mfac_pruning.json"
 
 _PRUNER_KEYS = ("pattern", "scope", "block_size", "damp", "rel_damp", "woodtaylor")  # what make_pruner takes
 _UNSET = object()
-
-
-def _unwrap_optimizer(opt):
-    while hasattr(opt, "optimizer") and isinstance(getattr(opt, "optimizer"), torch.optim.Optimizer):
-        opt = opt.optimizer
-    return opt
 
 
 class PruningCallback(TrainerCallback):
@@ -285,11 +280,9 @@ class PruningCallback(TrainerCallback):
                 p = self.targets[name]
                 self.masks[name] = mask = mask.to(device=p.device, dtype=torch.bool)
                 p.mul_(mask)
-        opt = _unwrap_optimizer(optimizer) if optimizer is not None else None
+        opt = unwrap_optimizer(optimizer)
         if opt is None:
             return
-        from ..optim import MFAC
-
         reset = reset and self.config.reset_momentum
         if isinstance(opt, MFAC):
             owned = {id(p) for g in opt.param_groups for p in g["params"]}
