@@ -54,9 +54,12 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.full_like(flat, k == n, dtype=torch.bool).view_as(scores)
     if flat.dtype in (torch.float16, torch.bfloat16) and flat.device.type == "cpu":
         flat = flat.float()  # exact; CPU selection kernels are fastest (and complete) in fp32/fp64
-    t = torch.kthvalue(flat, k).values
+    t = torch.kthvalue(flat, k).values.item()  # a Python number: comparisons with it run twice as fast
+    out = flat <= t
+    if int(out.count_nonzero()) == k:  # no ties at t past the k-th (always so for distinct scores): one pass
+        return out.view_as(scores)
     out = flat < t
-    rest = k - int(out.sum())  # >= 1: t itself is among the k smallest
+    rest = k - int(out.count_nonzero())  # >= 1: t itself is among the k smallest
     ties = (flat == t).nonzero().view(-1)  # in position order
     out[ties[:rest]] = True
     return out.view_as(scores)
