@@ -152,3 +152,40 @@ def test_obs_works_with_static_and_block_operators(gen):
         ref = obs_update(dense, w, idx)
         assert torch.allclose(obs_update(s, w, idx), ref, atol=1e-9)
         assert torch.allclose(obs_update(bf, w, idx), ref, atol=1e-9)
+
+
+@pytest.mark.parametrize("damp", [1e-5, 1e-8])
+@pytest.mark.parametrize("m,scale", [(12, 1.0), (40, 1e-3), (40, 1.0)])
+def test_block_inverse_float32_accuracy_at_small_damp(damp, m, scale, gen):
+    """fp32 blocks as accurate as the fp32 rounding of the fp64 inverse, at any gradient scale and at damp
+    down to 1e-8, where an fp32 sum of G^T G is off by orders of magnitude (fp64 accumulation)."""
+    d, B = 45, 8  # a padded last block
+    G = torch.randn(m, d, generator=gen) * scale
+    bf = BlockFisherInverse(d, B, damp)
+    for chunk in G.split(5):
+        bf.add_grads(chunk)
+    Finv = torch.linalg.inv(block_fisher(G.double(), damp, B))
+    eps = torch.finfo(torch.float32).eps
+    ref = Finv.diagonal()
+    assert ((bf.diag().double() - ref).abs() / ref).max() < 2 * eps
+    blocks = torch.stack([Finv[i:i + B, i:i + B] for i in range(0, 40, B)])
+    err = (bf.blocks()[:5].double() - blocks).abs().amax((1, 2)) / blocks.abs().amax((1, 2))
+    assert err.max() < 4 * eps
+    assert bf.blocks().dtype == torch.float32
+    # the fp32 inverse lives in the accumulator's memory: no second copy of the blocks
+    assert bf.blocks().untyped_storage().nbytes() <= 4 * bf.num_blocks * B * (B + 1)
+
+
+def test_block_inverse_state_roundtrip(gen):
+    G = torch.randn(6, 20, generator=gen)
+    a, b = BlockFisherInverse(20, 8, 1e-3), BlockFisherInverse(20, 8, 1e-3)
+    a.add_grads(G[:3])
+    b.load_state_dict(a.state_dict())  # mid-accumulation
+    a.add_grads(G[3:])
+    b.add_grads(G[3:])
+    assert torch.equal(a.diag(), b.diag())
+    c = BlockFisherInverse(20, 8, 1e-3)
+    c.load_state_dict(a.state_dict())  # inverted
+    assert torch.equal(c.blocks(), a.blocks())
+    a.reset()
+    assert a.num_grads == 0 and not a._inverted
