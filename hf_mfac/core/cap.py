@@ -4,8 +4,8 @@ Inside each block of B weights, repeatedly remove the weight with the smallest c
 ``w_j^2 / (2 [H^{-1}]_jj)``, apply its OBS update to the rest of the block and downdate the block
 inverse by the rank-1 Schur complement ``H^{-1} <- H^{-1} - H^{-1}_{:,j} H^{-1}_{j,:} / H^{-1}_jj`` (the OBC
 step). The running sum of the step scores is the joint group saliency ``rho_Q`` (seed 004 eq. 5/7) of
-the set removed so far. Then merge globally: sort all recorded losses, prune the k smallest, and give
-each block the prefix of its elimination order that falls under the threshold.
+the set removed so far. Then merge globally: prune the k smallest recorded losses (one k-th value
+selection, no sort), and give each block the prefix of its elimination order that falls under the threshold.
 
 Memory: the reference code saves the block's weights after every step ((B+1) d values). Here only the
 elimination order and the losses are kept (O(d)); the chosen prefix is applied with the joint OBS
@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_positive_int
+from .masks import lowest_k_mask
+from .obs import block_obs_update
 
 __all__ = ["cap_eliminate", "cap_select", "cap_apply", "cap_prune"]
 
@@ -141,7 +143,7 @@ def cap_select(losses: torch.Tensor, k: int, block_groups: torch.Tensor | None =
                k_per_group: dict | list | None = None) -> torch.Tensor:
     """Global merge: prune the ``k`` smallest recorded losses; returns per-block counts (nb,).
 
-    The losses are non-decreasing along each block's order, and ties keep their order (stable sort), so
+    The losses are non-decreasing along each block's order, and ties go by position (as in a stable sort), so
     each block's selection is a prefix of its elimination order. With ``block_groups`` (nb,) and
     ``k_per_group`` (one count per group id), the merge is done within each group instead (uniform
     per-layer sparsity).
@@ -161,8 +163,8 @@ def _select(losses: torch.Tensor, k: int) -> torch.Tensor:
     finite = int(torch.isfinite(losses).sum())
     if not 0 <= k <= finite:
         raise ValueError(f"cannot prune {k} weights: only {finite} are prunable under the constraints")
-    order = torch.sort(losses.reshape(-1), stable=True).indices[:k]
-    return torch.bincount(torch.div(order, B, rounding_mode="floor"), minlength=nb)
+    # the k smallest with ties by position (what a stable sort's first k are), from one selection: no sort
+    return lowest_k_mask(losses, k).count_nonzero(1)
 
 
 def cap_apply(w: torch.Tensor, hinv: torch.Tensor, order: torch.Tensor, counts: torch.Tensor):
@@ -173,19 +175,7 @@ def cap_apply(w: torch.Tensor, hinv: torch.Tensor, order: torch.Tensor, counts: 
     steps = torch.arange(B, device=w.device)[None, :] < counts[:, None]  # (nb, B) prefix of the order
     # scatter_add: after the last possible elimination the order repeats index 0 (steps past counts)
     pruned = torch.zeros(nb, B, dtype=torch.long, device=w.device).scatter_add_(1, order, steps.long()) > 0
-    out = torch.empty_like(w)
-    eye = torch.eye(B, dtype=torch.float64, device=w.device)
-    page = _page(B)
-    for s in range(0, nb, page):
-        e = min(nb, s + page)
-        P = pruned[s:e].to(torch.float64)  # (n, B)
-        H = hinv[s:e].to(torch.float64)
-        Wp = w[s:e].to(torch.float64)
-        A = P[:, :, None] * H * P[:, None, :] + (1 - P)[:, :, None] * eye  # H_PP on P, identity elsewhere
-        z = torch.linalg.solve(A, (P * Wp)[..., None])  # (n, B, 1), zero outside P
-        new = Wp - (H @ z)[..., 0]
-        out[s:e] = torch.where(pruned[s:e], torch.zeros_like(new), new).to(w.dtype)
-    return out, pruned
+    return block_obs_update(w, hinv, pruned)[0], pruned
 
 
 def cap_prune(w: torch.Tensor, hinv: torch.Tensor, k: int, *, valid=None, forced=None, nm=None,

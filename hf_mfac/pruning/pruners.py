@@ -33,7 +33,7 @@ from ..core import BlockFisherInverse, StaticMFAC
 from ..core._checks import check_damp, check_positive_int, free_bytes
 from ..core.cap import cap_apply, cap_eliminate, cap_select
 from ..core.masks import num_to_prune, threshold_masks
-from ..core.obs import group_scores, obs_scores, obs_update
+from ..core.obs import block_obs_update, group_scores, obs_scores, obs_update
 
 logger = logging.getLogger(__name__)
 
@@ -196,12 +196,13 @@ class Pruner(abc.ABC):
     supports_woodtaylor = True
     default_block_size: int | None = 128
     default_rel_damp = 1e-2
+    updates = ("joint", "summed")  # how the remaining weights are updated (OBS pruners), the first the default
     rel_damp_scope = "global"  # the mean diagonal is taken over all targets ("layer": over each target)
     default_num_grads = 1024
 
     def __init__(self, *, pattern=None, scope: str = "global", block_size: int | None = None,
                  damp: float | None = None, rel_damp: float | None = None, woodtaylor: bool = False, device=None,
-                 page_bytes: int | None = None, fisher_dtype: torch.dtype = torch.float32):
+                 page_bytes: int | None = None, fisher_dtype: torch.dtype = torch.float32, update: str | None = None):
         self.pattern = Pattern.parse(pattern)
         if self.pattern.kind not in self.patterns:
             raise ValueError(f"method {self.name!r} does not support the {self.pattern} pattern "
@@ -212,6 +213,10 @@ class Pruner(abc.ABC):
         if woodtaylor and not self.supports_woodtaylor:
             raise ValueError(f"method {self.name!r} does not support woodtaylor=True")
         self.woodtaylor = bool(woodtaylor)
+        if update is not None and update not in self.updates:
+            raise ValueError(f"update={update!r} is not available for method {self.name!r}; choose one of "
+                             f"{', '.join(self.updates)}")
+        self.update = update or self.updates[0]
         self.block_size = (self.default_block_size if block_size is None
                            else check_positive_int("block_size", block_size))
         if damp is not None and rel_damp is not None:
@@ -250,7 +255,8 @@ class Pruner(abc.ABC):
         return {"method": self.name, "pattern": str(self.pattern), "scope": self.scope,
                 "block_size": self.block_size if self.uses_fisher else None,
                 "damp": self.damp if self.uses_fisher else None,
-                "rel_damp": self.rel_damp if self.uses_fisher else None, "woodtaylor": self.woodtaylor}
+                "rel_damp": self.rel_damp if self.uses_fisher else None, "woodtaylor": self.woodtaylor,
+                "update": self.update if self.uses_fisher else None}
 
     def damping(self) -> dict:
         """The keyword arguments of the damping for the core inverses (``damp`` or ``rel_damp``)."""
@@ -304,8 +310,35 @@ class MagnitudePruner(Pruner):
 
 
 class _OBSMixin:
-    """Selection and summed OBS update (seed 001 eqs. 10-11; groups and N:M: seed 004 eq. 5) for any
-    inverse with ``diag``/``mul``/``submatrix``."""
+    """OBS selection ([WoodFisher, eqs. 10-11]; groups and N:M: [oBERT, eq. 5]) for any inverse with
+    ``diag``/``mul``/``submatrix``, and the update of the remaining weights: ``"joint"``, the exact OBS
+    solve of each Fisher block for all the weights it loses (:func:`~hf_mfac.core.obs.block_obs_update`), or
+    ``"summed"``, the sum of the single-weight (or single-group) updates, the papers' approximation, which
+    ignores the correlations between the removed weights and overshoots when the damping is small."""
+
+    def _joint(self, layout, w, keep, pruned, finv, u) -> StepResult:
+        """Apply the joint per-block update for the mask ``pruned`` (D,) (previously pruned weights included,
+        they are zero and stay zero); the loss is the quadratic model's increase of each block."""
+        B = self.block_size
+        nb = layout.dim // B
+        if hasattr(finv, "block_range"):  # a sharded inverse: this rank's blocks, then one gather
+            hinv, lo, gather = finv.block_range(B)
+        else:
+            hinv, lo, gather = finv.blocks(), 0, (lambda t: t)
+        hi = lo + hinv.shape[0]
+        ub = None if u is None else u.to(w.dtype).view(nb, B)[lo:hi]
+        new, block_loss = block_obs_update(w.view(nb, B)[lo:hi], hinv, pruned.view(nb, B)[lo:hi], ub)  # (n, B), (n,)
+        new, block_loss = gather(new), gather(block_loss)  # (nb, B), (nb,); WoodTaylor: w - u where nothing is pruned
+        loss = torch.zeros(len(layout.names), dtype=torch.float64, device=w.device)
+        loss.index_add_(0, layout.layer_index(w.device).view(nb, B)[:, 0], block_loss)
+        new_keep = keep & ~pruned
+        return StepResult(new.view(-1) * new_keep, new_keep, loss)
+
+    def _finish(self, layout, w, keep, pruned, finv, u, summed):
+        """The step's result: the joint update where the inverse has blocks, else the summed one (``summed()``)."""
+        if self.update == "joint":
+            return self._joint(layout, w, keep, pruned | ~keep, finv, u)
+        return summed()
 
     def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
         if finv is None:
@@ -321,9 +354,12 @@ class _OBSMixin:
             sc = obs_scores(w, finv.diag().to(w.device), u).to(torch.float64)  # (D,) w^2 / (2 [F^{-1}]_qq)
             sc = torch.where(keep, sc, torch.full_like(sc, -float("inf")))
             pruned = (_select(layout, sc, sparsity, self.scope, 1) | ~keep) & valid
-            new = obs_update(finv, w, pruned.nonzero()[:, 0], u=u)
-            loss = torch.where(pruned & keep, sc, torch.zeros_like(sc))
-            return StepResult(new, keep & ~pruned, _per_layer(layout, loss))
+
+            def summed():
+                new = obs_update(finv, w, pruned.nonzero()[:, 0], u=u)
+                loss = torch.where(pruned & keep, sc, torch.zeros_like(sc))
+                return StepResult(new, keep & ~pruned, _per_layer(layout, loss))
+            return self._finish(layout, w, keep, pruned, finv, u, summed)
         units = torch.arange(layout.dim, device=w.device).view(-1, g)  # (D/g, g)
         uvalid = valid.view(-1, g).all(1)
         idx = units[uvalid]
@@ -331,15 +367,17 @@ class _OBSMixin:
         if kind == "nm":
             forced = ~keep.view(-1, g)[uvalid]
             sel, score = _nm_select(w, sub, idx, zeros, forced, u)  # (n, M), (n,)
-            pos = sel.nonzero()[:, 1].view(-1, zeros)  # (n, z) positions inside each group
-            r = torch.arange(idx.shape[0], device=w.device)[:, None, None]
-            new = obs_update(finv, w, idx.gather(1, pos), u=u, sub=sub[r, pos[:, :, None], pos[:, None, :]])
             pruned = torch.zeros(layout.dim // g, g, dtype=torch.bool, device=w.device)
             pruned[uvalid] = sel
-            loss_u = torch.zeros(layout.dim // g, dtype=torch.float64, device=w.device)
-            loss_u[uvalid] = score
-            new_keep = keep & ~pruned.view(-1)
-            return StepResult(new, new_keep, _per_layer(layout, loss_u, g))
+
+            def summed():
+                pos = sel.nonzero()[:, 1].view(-1, zeros)  # (n, z) positions inside each group
+                r = torch.arange(idx.shape[0], device=w.device)[:, None, None]
+                new = obs_update(finv, w, idx.gather(1, pos), u=u, sub=sub[r, pos[:, :, None], pos[:, None, :]])
+                loss_u = torch.zeros(layout.dim // g, dtype=torch.float64, device=w.device)
+                loss_u[uvalid] = score
+                return StepResult(new, keep & ~pruned.view(-1), _per_layer(layout, loss_u, g))
+            return self._finish(layout, w, keep, pruned.view(-1), finv, u, summed)
         # groups of g weights (oBERT "4-block")
         prev = ~keep.view(-1, g).any(1)
         sc_valid = group_scores(w, sub, idx, u)  # (n,)
@@ -347,11 +385,13 @@ class _OBSMixin:
         sc[uvalid] = sc_valid
         sc = torch.where(prev, torch.full_like(sc, -float("inf")), sc)
         pruned_u = (_select(layout, sc, sparsity, self.scope, g) | prev) & uvalid
-        sel_rows = pruned_u[uvalid]
-        new = obs_update(finv, w, idx[sel_rows], u=u, sub=sub[sel_rows])
-        loss_u = torch.where(pruned_u & ~prev, sc, torch.zeros_like(sc))
-        new_keep = keep & ~pruned_u.repeat_interleave(g)
-        return StepResult(new, new_keep, _per_layer(layout, loss_u, g))
+
+        def summed():
+            sel_rows = pruned_u[uvalid]
+            new = obs_update(finv, w, idx[sel_rows], u=u, sub=sub[sel_rows])
+            loss_u = torch.where(pruned_u & ~prev, sc, torch.zeros_like(sc))
+            return StepResult(new, keep & ~pruned_u.repeat_interleave(g), _per_layer(layout, loss_u, g))
+        return self._finish(layout, w, keep, pruned_u.repeat_interleave(g), finv, u, summed)
 
 
 class _BlockFisherSink(BlockFisherInverse):
@@ -404,6 +444,7 @@ class MFACPruner(_OBSMixin, Pruner):
     per block. Default B=2048 (the M-FAC paper's choice)."""
     name = "mfac"
     default_block_size = 2048
+    updates = ("summed",)  # its blocks are queried element by element: no joint solve over 2048 weights
     default_page_bytes = 1 << 28  # precompute in pages of 256 MiB of G (``page_bytes`` overrides)
 
     def __init__(self, *args, grads_device=None, **kwargs):
@@ -437,6 +478,7 @@ class CAPPruner(Pruner):
     name = "cap"
     patterns = ("unstructured", "nm")
     supports_woodtaylor = False
+    updates = ("joint",)  # the chosen prefix of each block's elimination is applied with the joint solve
 
     def new_fisher(self, dim: int, num_grads: int, device, groups: torch.Tensor | None = None):
         return _BlockFisherSink(dim, self.block_size, **self.damping(), damp_groups=_block_groups(groups, self.block_size, self.rel_damp_scope),
@@ -502,7 +544,7 @@ def make_pruner(method: str | Pruner, **kwargs) -> Pruner:
     if cls is None:
         raise ValueError(f"unknown pruning method {method!r}; choose one of {sorted(PRUNERS)}")
     if cls is MagnitudePruner:  # one sweep may pass the same settings to every method
-        unused = [k for k in ("block_size", "damp", "rel_damp", "woodtaylor") if kwargs.pop(k, None) not in (None, False)]
+        unused = [k for k in ("block_size", "damp", "rel_damp", "woodtaylor", "update") if kwargs.pop(k, None) not in (None, False)]
         if unused:
             logger.info("magnitude pruning uses no Fisher: ignoring %s", ", ".join(unused))
     return cls(**kwargs)
