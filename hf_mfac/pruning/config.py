@@ -8,7 +8,7 @@ examples' ``--prune_*`` flags are built from the fields by ``transformers.HfArgu
 metadata becomes the ``--help`` text; :func:`prefixed_fields` adds the ``prune_`` prefix).
 
 ``None`` means "the method's default": the defaults themselves live in the pruner classes
-(``Pruner.default_num_grads`` / ``default_block_size`` / ``default_damp``), one place each.
+(``Pruner.default_num_grads`` / ``default_block_size`` / ``default_rel_damp``), one place each.
 
 ```python
 from hf_mfac.pruning import PruningConfig, prune_oneshot

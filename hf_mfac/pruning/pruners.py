@@ -194,11 +194,14 @@ class Pruner(abc.ABC):
     uses_fisher = True
     patterns = ("unstructured", "nm", "group")
     supports_woodtaylor = True
-    default_block_size: int | None = 128
+    # Defaults chosen on all-MiniLM-L6-v2 (tweets) and a small ViT (Fashion-MNIST): benchmarks/RESULTS.md,
+    # "Pruning defaults". Blocks of 32 weights and 256 gradients already give most of the second-order gain and
+    # fit a CPU; more gradients help a little more (the m table there).
+    default_block_size: int | None = 32
     default_rel_damp = 1e-2
     updates = ("joint", "summed")  # how the remaining weights are updated (OBS pruners), the first the default
     rel_damp_scope = "global"  # the mean diagonal is taken over all targets ("layer": over each target)
-    default_num_grads = 1024
+    default_num_grads = 256
 
     def __init__(self, *, pattern=None, scope: str = "global", block_size: int | None = None,
                  damp: float | None = None, rel_damp: float | None = None, woodtaylor: bool = False, device=None,
@@ -444,6 +447,7 @@ class MFACPruner(_OBSMixin, Pruner):
     per block. Default B=2048 (the M-FAC paper's choice)."""
     name = "mfac"
     default_block_size = 2048
+    default_num_grads = 64  # it holds all m gradients (m x D fp32: 2.7 GiB at MiniLM size)
     updates = ("summed",)  # its blocks are queried element by element: no joint solve over 2048 weights
     default_page_bytes = 1 << 28  # precompute in pages of 256 MiB of G (``page_bytes`` overrides)
 
@@ -479,6 +483,7 @@ class CAPPruner(Pruner):
     patterns = ("unstructured", "nm")
     supports_woodtaylor = False
     updates = ("joint",)  # the chosen prefix of each block's elimination is applied with the joint solve
+    default_rel_damp = 1e-3  # CAP's greedy elimination gains from a smaller damping than oBERT's selection
 
     def new_fisher(self, dim: int, num_grads: int, device, groups: torch.Tensor | None = None):
         return _BlockFisherSink(dim, self.block_size, **self.damping(), damp_groups=_block_groups(groups, self.block_size, self.rel_damp_scope),
