@@ -326,9 +326,9 @@ def write_report(out: Path, runs, oneshot, dense_acc, base_name, gradual, last_r
     lines += ["", "![accuracy vs sparsity](accuracy_vs_sparsity.png)", ""]
     if estimate and estimate["estimate"] is not None:
         ratio = estimate["estimate"] / estimate["measured"] if estimate["measured"] > 0 else float("nan")
-        lines += [f"oBERT at 50 %: estimated loss increase {estimate['estimate']:.4f} (the OBS saliencies, scaled by "
+        lines += [f"oBERT at 50 %: estimated loss increase {estimate['estimate']:.4g} (the OBS saliencies, scaled by "
                   f"the {args.fisher_batch_size} tweets per Fisher gradient), measured increase of the training "
-                  f"loss on 32 calibration batches {estimate['measured']:.4f} (ratio {ratio:.2f}).", ""]
+                  f"loss on 32 calibration batches {estimate['measured']:.4g} (ratio {ratio:.2f}).", ""]
     if gradual:
         lines += ["## Gradual pruning with PruningCallback (M-FAC training)", "",
                   f"Cubic schedule to {args.gradual_sparsity:.0%} over the first {int(args.gradual_steps * 0.6)} of "

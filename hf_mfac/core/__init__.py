@@ -1,5 +1,5 @@
 """The math of hf_mfac: tensors in, tensors out. Imports torch and hf_mfac.kernels only."""
-from .fisher import BlockFisherInverse
-from .ihvp import DynamicMFAC, StaticMFAC
+from .fisher import BlockFisherInverse, relative_damp
+from .ihvp import DynamicMFAC, GradientRejected, StaticMFAC
 
-__all__ = ["DynamicMFAC", "StaticMFAC", "BlockFisherInverse"]
+__all__ = ["DynamicMFAC", "StaticMFAC", "BlockFisherInverse", "GradientRejected", "relative_damp"]
