@@ -23,7 +23,8 @@ import os
 
 from transformers import TrainerCallback
 
-from ..optim.distributed import ShardedMFAC, _unwrap, load_mfac_shards, save_mfac_shards, shard_file
+from ..optim import unwrap_optimizer
+from ..optim.distributed import ShardedMFAC, load_mfac_shards, save_mfac_shards, shard_file
 
 __all__ = ["MFACShardCheckpointCallback"]
 
@@ -47,7 +48,7 @@ class MFACShardCheckpointCallback(TrainerCallback):
 
     @staticmethod
     def _sharded(optimizer):
-        opt = _unwrap(optimizer) if optimizer is not None else None
+        opt = unwrap_optimizer(optimizer) if optimizer is not None else None
         return opt if isinstance(opt, ShardedMFAC) else None
 
     def on_save(self, args, state, control, optimizer=None, **kwargs):

@@ -421,16 +421,16 @@ def _redact_command(command: str) -> str:
 
 
 def _mfac_hparams(trainer) -> dict | None:
-    from ..optim import MFAC
+    from ..optim import is_mfac_optimizer, selects_mfac, unwrap_optimizer
 
     args = trainer.args
-    if str(getattr(args, "optim", "")).lower() == "mfac" and hasattr(args, "mfac_kwargs"):
+    if selects_mfac(args) and hasattr(args, "mfac_kwargs"):
         hp = args.mfac_kwargs()
     else:
         opt = getattr(trainer, "optimizer", None)
-        opt = getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps it
-        if not isinstance(opt, MFAC):
+        if not is_mfac_optimizer(opt):
             return None
+        opt = unwrap_optimizer(opt)  # accelerate's AcceleratedOptimizer wraps it
         hp = {"lr": opt.defaults["lr"], "num_grads": opt.num_grads, "damp": opt.damp,
               "weight_decay": opt.defaults["weight_decay"], "momentum": opt.defaults["momentum"],
               "grad_dtype": opt.grad_dtype}
