@@ -39,7 +39,7 @@ from transformers import ViTConfig, ViTForImageClassification, default_data_coll
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from hf_mfac.integrations import MFACTrainer, MFACTrainingArguments  # noqa: E402
-from hf_mfac.pruning import prune_oneshot  # noqa: E402
+from hf_mfac.pruning import PRUNERS, FisherCache, prune_oneshot  # noqa: E402
 from hf_mfac.pruning.targets import find_prunable  # noqa: E402
 
 ENCODER_LINEARS = r"^vit\.layers\.\d+\."
@@ -64,12 +64,13 @@ def parse_args(argv=None):
     p.add_argument("--mfac_lr", type=float, default=1e-2)
     p.add_argument("--mfac_num_grads", type=int, default=32)
     p.add_argument("--methods", default="magnitude,obert,mfac,cap")
-    p.add_argument("--sparsities", default="0.3,0.5,0.7,0.8")
-    p.add_argument("--prune_num_grads", type=int, default=32)
+    p.add_argument("--sparsities", default="0.5,0.7,0.8")
+    p.add_argument("--prune_num_grads", type=int, default=None, help="default: each method's")
     p.add_argument("--fisher_batch", type=int, default=16, help="images per Fisher gradient")
-    p.add_argument("--block_size", type=int, default=16, help="Fisher block size for obert and cap")
-    p.add_argument("--mfac_block_size", type=int, default=256, help="Fisher block size for mfac pruning")
-    p.add_argument("--damp", type=float, default=1e-4)
+    p.add_argument("--block_size", type=int, default=None, help="Fisher block size for obert and cap (default: theirs)")
+    p.add_argument("--mfac_block_size", type=int, default=None, help="block size for mfac pruning (default: its)")
+    p.add_argument("--damp", type=float, default=None, help="absolute damping instead of the relative default")
+    p.add_argument("--rel_damps", default="", help="comma list of rel_damp values to sweep (default: each method's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     return p.parse_args(argv)
 
@@ -152,7 +153,8 @@ def main(argv=None):
     n_target = sum(t.numel() for t in targets.values())
     n_total = sum(p.numel() for p in best.parameters())
     g = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(tr_y), generator=g)[:args.prune_num_grads * args.fisher_batch]
+    n_grads = args.prune_num_grads or max(PRUNERS[m].default_num_grads for m in ("obert", "cap", "mfac"))
+    order = torch.randperm(len(tr_y), generator=g)[:n_grads * args.fisher_batch]
     fx = torch.stack([transform(tr_x[i]) for i in order.tolist()])
     fy = torch.as_tensor(tr_y[order.numpy()])
     fisher_loader = [{"pixel_values": fx[i:i + args.fisher_batch], "labels": fy[i:i + args.fisher_batch]}
@@ -161,13 +163,18 @@ def main(argv=None):
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     sparsities = [float(s) for s in args.sparsities.split(",")]
     results, times = {}, {}
-    for method in methods:
+    rel_damps = [float(r) for r in args.rel_damps.split(",") if r.strip()] or [None]
+    rows = [(m, None) for m in methods if m == "magnitude"] + \
+        [(m, r) for m in methods if m != "magnitude" for r in rel_damps]
+    cache = FisherCache()
+    for method, rel in rows:
         for s in sparsities:
             model = copy.deepcopy(best)
             kw = dict(method=method, sparsity=s, include=ENCODER_LINEARS, progress=False)
             if method != "magnitude":
-                kw.update(num_grads=args.prune_num_grads, damp=args.damp,
-                          block_size=args.mfac_block_size if method == "mfac" else args.block_size)
+                given = dict(num_grads=args.prune_num_grads, damp=args.damp, rel_damp=rel,
+                             block_size=args.mfac_block_size if method == "mfac" else args.block_size)
+                kw.update({k: v for k, v in given.items() if v is not None}, fisher_cache=cache)
             try:
                 _, rep = prune_oneshot(model, fisher_loader if method != "magnitude" else None, **kw)
                 acc, secs = accuracy(model, test_x, test_y), rep.time_total
@@ -177,7 +184,7 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001
                 acc, secs = float("nan"), float("nan")
                 print(f"[prune] {method} s={s}: failed: {e!r}", flush=True)
-            results[method, s], times[method, s] = acc, secs
+            results[(method, rel), s], times[(method, rel), s] = acc, secs
             del model
 
     # 4. tables
@@ -191,15 +198,22 @@ def main(argv=None):
                 [(n, f"{lr:g}", f"{a:.4f}", f"{lo:.4f}", f"{s:.1f}", note or "-")
                  for n, lr, a, s, lo, note in dense]))
     print(f"\n## One-shot pruning of the {best_name} model (dense accuracy {best_acc:.4f})\n")
+    def label(m, r):
+        if m == "magnitude":
+            return m
+        p = PRUNERS[m]
+        return f"{m} (rel_damp {r if r is not None else p.default_rel_damp:g})" if args.damp is None else m
+
     print(f"Global unstructured, {len(targets)} encoder Linear weights ({n_target} of {n_total} parameters; "
-          f"patch embedding and classifier dense); Fisher: {args.prune_num_grads} gradients of "
-          f"{args.fisher_batch} train images, block {args.block_size} (obert, cap) / {args.mfac_block_size} (mfac), "
-          f"damp {args.damp:g}, no recomputation. Test accuracy:\n")
+          f"patch embedding and classifier dense); Fisher gradients of {args.fisher_batch} train images; "
+          f"num_grads {args.prune_num_grads or 'default'}, block {args.block_size or 'default'} (obert, cap) / "
+          f"{args.mfac_block_size or 'default'} (mfac), damping {args.damp if args.damp is not None else 'relative'}; "
+          "no recomputation. Test accuracy:\n")
     print(table(["method"] + [f"{s:g}" for s in sparsities],
-                [[m] + [f"{results[m, s]:.4f}" for s in sparsities] for m in methods]))
+                [[label(*r)] + [f"{results[r, s]:.4f}" for s in sparsities] for r in rows]))
     print("\nPruning seconds (gradients + solve):\n")
     print(table(["method"] + [f"{s:g}" for s in sparsities],
-                [[m] + [f"{times[m, s]:.1f}" for s in sparsities] for m in methods]))
+                [[label(*r)] + [f"{times[r, s]:.1f}" for s in sparsities] for r in rows]))
     print(f"\nMachine: {machine()}. Total {time.perf_counter() - t_all:.0f}s.")
     print(f"\nCommand: `{command}`")
 

@@ -136,6 +136,9 @@ class MFACTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        from .log_level import follow_log_level
+
+        follow_log_level(self.args)  # hf_mfac's loggers follow --log_level as transformers' do
         if selects_mfac(self.args):
             check_supported_setup(self.args, self)
             unwrapped = self.accelerator.unwrap_model(self.model)
