@@ -142,8 +142,11 @@ class ShardedFisherInverse:
         out[torch.sort(owner, stable=True).indices] = flat
         return out
 
-    def blocks(self):
-        raise RuntimeError("the Fisher blocks are spread over the ranks; use block_range() on each rank")
+    def blocks(self) -> torch.Tensor:
+        """All inverse blocks (nb, B, B): only in one process (over several ranks, use :meth:`block_range`)."""
+        if self.comm.distributed:
+            raise RuntimeError("the Fisher blocks are spread over the ranks; use block_range() on each rank")
+        return self.local.blocks()
 
     def local_blocks(self) -> torch.Tensor | None:
         """This rank's inverse blocks (nb_r, B, B), or None when it owns none."""
