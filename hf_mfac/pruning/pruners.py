@@ -483,7 +483,6 @@ class CAPPruner(Pruner):
     patterns = ("unstructured", "nm")
     supports_woodtaylor = False
     updates = ("joint",)  # the chosen prefix of each block's elimination is applied with the joint solve
-    default_rel_damp = 1e-3  # CAP's greedy elimination gains from a smaller damping than oBERT's selection
 
     def new_fisher(self, dim: int, num_grads: int, device, groups: torch.Tensor | None = None):
         return _BlockFisherSink(dim, self.block_size, **self.damping(), damp_groups=_block_groups(groups, self.block_size, self.rel_damp_scope),
