@@ -125,8 +125,7 @@ def prune_with(dense, pruner, acc, layout_names, sparsity, eval_ds, collator, re
     targets = find_prunable(model)
     assert list(targets) == layout_names
     layout = Layout(targets, pad=pruner.pad)
-    f = copy.copy(acc)
-    f._mat = acc._mat.clone()
+    f = copy.deepcopy(acc)  # the accumulated sums, not yet inverted
     f.damp, f.rel_damp = damp, (None if damp is not None else rel_damp)
     w = layout.flatten(targets, dtype=torch.float32)
     res = pruner.prune(layout, w, layout.valid(), sparsity=sparsity, finv=f)
