@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from hf_mfac.pruning import FisherCache, OBSPruner, prune_oneshot, prune_oneshot_distributed, prune_sweep
+from hf_mfac.pruning import FisherCache, OBSPruner, PruningConfig, prune_oneshot, prune_oneshot_distributed, prune_sweep
 from test_faults import Fault
 
 
@@ -216,6 +216,17 @@ CASES = [
           "Pruner instance"),
     Fault("loss-without-gradient", mlp,
           oneshot(loss_fn=lambda model, batch: torch.tensor(1.0)), ValueError, "does not depend"),
+    Fault("config-with-a-sweep", mlp, oneshot(config=PruningConfig(sparsities=[0.3, 0.5]), sparsity=None),
+          ValueError, "prune_sweep"),
+    Fault("config-not-a-PruningConfig", mlp, oneshot(config={"sparsity": 0.5}), TypeError, "PruningConfig"),
+    Fault("config-overridden-by-a-bad-keyword", mlp,
+          lambda ctx: prune_oneshot(ctx["model"], ctx["data"], config=PruningConfig(sparsity=0.5, num_grads=4),
+                                    num_grads=0, progress=False), ValueError, "num_grads"),
+    Fault("config-step2-interrupted-distributed", mlp,
+          lambda ctx: prune_oneshot_distributed(
+              ctx["model"], ctx["data"], config=PruningConfig(method="cap", sparsity=0.6, num_grads=4, block_size=16,
+                                                              recompute=2),
+              loss_fn=failing(6, INTERRUPT), progress=False), KeyboardInterrupt),
     # -- accepted: a block larger than every target is the largest target's block (same result, no padding). The
     # largest target has 128 weights: batched fp64 solves of more than about 150 unknowns hang in this torch's
     # MKL with 2 threads (DLASWP "parameter 6" errors), which the joint OBS update would run into

@@ -431,3 +431,62 @@ def test_pruner_instance(random_bert):
     assert rep.pattern == "4-block" and rep.scope == "layer" and rep.block_size == 16
     with pytest.raises(ValueError, match="set on the Pruner instance"):
         prune_oneshot(model, CALIB, method=pruner, sparsity=0.6, pattern="2:4", num_grads=8)
+
+
+# -- all or nothing, settings from a PruningConfig ----------------------------------------------------------------
+@pytest.mark.parametrize("exc", [ValueError("bad batch"), KeyboardInterrupt()], ids=["error", "interrupt"])
+def test_failed_recomputation_leaves_the_model_as_it_was(exc, random_bert):
+    """recompute=3 failing in step 2 (after step 1 pruned and updated the weights): every parameter comes back
+    bit for bit and the exception propagates."""
+    model = copy.deepcopy(random_bert)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(1)
+        if len(calls) == 10:
+            raise exc
+        return m(**batch).loss
+
+    with pytest.raises(type(exc)):
+        prune_oneshot(model, CALIB, method="obert", sparsity=0.6, num_grads=8, block_size=16, recompute=3,
+                      loss_fn=loss_fn, progress=False)
+    assert len(calls) == 10
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_block_size_beyond_every_target_is_the_largest_target(random_bert, caplog):
+    """Every target is padded to whole blocks: a block of 4096 over targets of at most 2048 weights is the block of
+    2048 (same masks and weights), with a note."""
+    runs = []
+    for B in (4096, 2048):
+        model = copy.deepcopy(random_bert)
+        with caplog.at_level("INFO", logger="hf_mfac"):
+            masks, rep = prune_oneshot(model, CALIB, method="obert", sparsity=0.5, num_grads=4, block_size=B,
+                                       include=r"intermediate|output\.dense", progress=False)
+        runs.append((masks, find_prunable(model, include=r"intermediate|output\.dense"), rep))
+    assert runs[0][2].block_size == 2048 and "block_size=4096 is larger than every pruning target" in caplog.text
+    for name in runs[1][0]:
+        assert torch.equal(runs[0][0][name], runs[1][0][name])
+        torch.testing.assert_close(runs[0][1][name], runs[1][1][name])
+
+
+def test_config_fills_what_the_keywords_leave(random_bert, caplog):
+    from hf_mfac.pruning import PruningConfig
+
+    config = PruningConfig(method="obert", sparsity=0.5, num_grads=4, block_size=16, recompute=2)
+    a, b = copy.deepcopy(random_bert), copy.deepcopy(random_bert)
+    masks_a, rep_a = prune_oneshot(a, CALIB, config=config, sparsity=0.6, progress=False)  # the keyword wins
+    masks_b, rep_b = prune_oneshot(b, CALIB, method="obert", sparsity=0.6, num_grads=4, block_size=16,
+                                   recompute=2, progress=False)
+    assert rep_a.block_size == 16 and rep_a.num_grads == 4 and len(rep_a.steps) == 2
+    assert rep_a.sparsity == pytest.approx(0.6, abs=1e-4)
+    assert all(torch.equal(masks_a[n], masks_b[n]) for n in masks_b)
+    # one config for every method: magnitude notes the Fisher settings it does not use
+    with caplog.at_level("INFO", logger="hf_mfac"):
+        _, rep = prune_oneshot(copy.deepcopy(random_bert), CALIB, config=config, method="magnitude", progress=False)
+    assert rep.method == "magnitude" and "ignoring" in caplog.text and "num_grads" in caplog.text
+    with pytest.raises(ValueError, match="prune_sweep"):
+        prune_oneshot(copy.deepcopy(random_bert), CALIB, config=PruningConfig(sparsities=[0.3, 0.5]))
+    with pytest.raises(TypeError, match="PruningConfig"):
+        prune_oneshot(copy.deepcopy(random_bert), CALIB, config={"sparsity": 0.5})

@@ -42,7 +42,7 @@ import torch
 
 from ..comm import Comm, DistributedError
 from ..core._checks import check_positive_int
-from .oneshot import _pruner_from, _resolve_targets, prune_oneshot, restore_on_error
+from .oneshot import _pruner_from, _resolve_targets, accepts_config, prune_oneshot, restore_on_error
 from .pruners import CAPPruner, MFACPruner, Pruner, StepResult, make_pruner
 
 __all__ = ["DistributedPruner", "ShardedFisherInverse", "ShardedBatches", "prune_oneshot_distributed",
@@ -340,6 +340,7 @@ class DistributedPruner(Pruner):
 _PRUNER_KWARGS = ("pattern", "scope", "block_size", "damp", "rel_damp", "woodtaylor", "device", "page_bytes")
 
 
+@accepts_config
 def prune_oneshot_distributed(model, dataloader=None, *, method="obert", num_grads: int | None = None,
                               shard_data: bool | str = "auto", group=None, **kwargs):
     """:func:`~hf_mfac.pruning.prune_oneshot` over all ranks of ``group`` (call it on every rank).
@@ -354,6 +355,7 @@ def prune_oneshot_distributed(model, dataloader=None, *, method="obert", num_gra
       ``False`` force it. The same dataloader can thus be passed on every rank.
     * ``method``: a name with the pruner keyword arguments (``pattern``, ``block_size``, ...), a
       :class:`Pruner`, or a :class:`DistributedPruner` (then ``group`` is its own).
+    * ``config``: a :class:`~hf_mfac.pruning.PruningConfig`, as in ``prune_oneshot`` (keywords override it).
 
     Works without a process group too (then it is ``prune_oneshot``). Errors on any rank (KeyboardInterrupt
     included) raise :class:`~hf_mfac.comm.DistributedError` on every rank (the interrupted rank re-raises its

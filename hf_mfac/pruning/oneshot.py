@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
+import inspect
 import logging
 import math
 import time
@@ -30,6 +32,7 @@ from torch import nn
 from ..comm import Comm
 from ..core._checks import check_positive_int, check_sparsity
 from ..core.schedules import equal_fraction_schedule
+from .config import PruningConfig
 from .grads import check_dataloader, check_fisher_batch_size, check_trainable, collect_grads
 from .pruners import Pruner, _check_memory, make_pruner
 from .targets import DEFAULT_EXCLUDE, DEFAULT_TYPES, Layout, find_prunable
@@ -181,6 +184,36 @@ def _fit_block_size(pruner: Pruner, targets: Mapping[str, torch.Tensor]) -> Prun
     return pruner
 
 
+def accepts_config(fn):
+    """Give ``fn`` a ``config: PruningConfig | None`` keyword whose settings fill the keywords the caller did not
+    pass (the keywords given override them; a None field leaves the function's own default)."""
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    config = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
+                               annotation="PruningConfig | None")
+
+    @functools.wraps(fn)
+    def call(*args, config: PruningConfig | None = None, **kwargs):
+        if config is not None:
+            kwargs = {**_config_kwargs(config), **kwargs}
+        return fn(*args, **kwargs)
+
+    call.__signature__ = sig.replace(parameters=[*params[:at], config, *params[at:]])
+    return call
+
+
+def _config_kwargs(config: PruningConfig) -> dict:
+    if not isinstance(config, PruningConfig):
+        raise TypeError(f"config must be a hf_mfac.pruning.PruningConfig; got {type(config).__name__}")
+    if config.method is None:
+        raise ValueError("config.method is None (no pruning); set a method or leave config out")
+    if config.sparsities is not None:
+        raise ValueError(f"config.sparsities={config.sparsities} is a sweep: call prune_sweep(model, dataloader, "
+                         "config.sparsities, **config.oneshot_kwargs())")
+    return config.oneshot_kwargs()
+
+
 def _several_ranks(method) -> bool:
     """True inside an initialised process group of more than one rank, unless ``method`` is already distributed
     (a :class:`~hf_mfac.pruning.distributed.DistributedPruner`, which brings its own group)."""
@@ -286,6 +319,7 @@ class FisherCache:
             self._entries.popitem(last=False)
 
 
+@accepts_config
 def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "obert", sparsity: float | None = None,
                   num_grads: int | None = None, block_size: int | None = None, damp: float | None = None,
                   rel_damp: float | None = None, recompute: int = 1, scope: str = "global", pattern=None, woodtaylor: bool = False,
@@ -319,6 +353,10 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
         fisher_cache: a :class:`FisherCache` shared by several runs from the same model state (a comparison of
             methods and sparsities): the first step reuses its Fisher inverse instead of recollecting the
             gradients when nothing it depends on changed (``report.fisher_reused``).
+        config: a :class:`~hf_mfac.pruning.PruningConfig` holding the settings (method, sparsity, num_grads, ...);
+            a keyword given to the call overrides its field, a None field leaves the default. Settings that do
+            not apply to the method (``block_size``/``damp``/``num_grads`` for magnitude) are ignored with a note
+            on logger "hf_mfac", so one config can serve a comparison of methods.
 
     Everything is validated (pattern vs shapes, block size vs pattern, sparsity, data size, frozen targets,
     memory) before any work. ``num_grads`` must be a positive integer (None: the method's default). A
