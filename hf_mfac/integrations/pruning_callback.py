@@ -26,6 +26,7 @@ every rank ends with the same masks and weights; an error on one rank stops all 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -328,28 +329,55 @@ class PruningCallback(TrainerCallback):
         return float(sum((~m).sum().item() for m in self.masks.values())) / total
 
     def save_state(self, folder: str) -> None:
-        """Write the masks (safetensors, bool) and the callback state (json) into ``folder``."""
+        """Write the masks (safetensors, bool) and the callback state (json) into ``folder``; each file is written
+        beside its final name and moved into place, so an interrupted save leaves the previous file whole."""
         from safetensors.torch import save_file
 
-        save_file({n: m.detach().cpu().contiguous() for n, m in self.masks.items()}, os.path.join(folder, MASKS_NAME))
-        with open(os.path.join(folder, STATE_NAME), "w") as f:
-            json.dump(self.state_dict(), f, indent=2)
+        def atomic(name, write):
+            path = os.path.join(folder, name)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            try:
+                write(tmp)
+                os.replace(tmp, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+
+        def write_state(tmp):
+            with open(tmp, "w") as f:
+                json.dump(self.state_dict(), f, indent=2)
+
+        atomic(MASKS_NAME, lambda tmp: save_file({n: m.detach().cpu().contiguous() for n, m in self.masks.items()},
+                                                 tmp))
+        atomic(STATE_NAME, write_state)
 
     def load_state(self, folder: str) -> None:
-        """Read what :meth:`save_state` wrote (masks are checked against the targets' shapes)."""
+        """Read what :meth:`save_state` wrote (masks are checked against the targets' shapes); a truncated or
+        foreign file raises ``ValueError`` naming it, and nothing changes."""
         from safetensors.torch import load_file
 
-        masks = load_file(os.path.join(folder, MASKS_NAME))
+        mpath = os.path.join(folder, MASKS_NAME)
+        try:
+            masks = load_file(mpath)
+        except Exception as e:  # safetensors raises its own error types for truncated or garbage files
+            raise ValueError(f"cannot read the pruning masks {mpath}: {e}") from e
         for n, m in masks.items():
             if n not in self.targets or tuple(m.shape) != tuple(self.targets[n].shape):
-                raise ValueError(f"checkpoint mask {n} {tuple(m.shape)} does not match this model's pruning targets")
-        self.masks = {n: m.bool() for n, m in masks.items()}
+                raise ValueError(f"checkpoint mask {n} {tuple(m.shape)} in {mpath} does not match this model's "
+                                 "pruning targets")
+        st = {}
         path = os.path.join(folder, STATE_NAME)
         if os.path.isfile(path):
-            with open(path) as f:
-                st = json.load(f)
-            self.last_pruned_step = int(st.get("last_pruned_step", -1))
-            self.history = list(st.get("history", []))
+            try:
+                with open(path) as f:
+                    st = json.load(f)
+                last, history = int(st.get("last_pruned_step", -1)), list(st.get("history", []))
+            except (ValueError, TypeError, AttributeError) as e:
+                raise ValueError(f"cannot read the pruning state {path}: {e}") from e
+        else:
+            last, history = self.last_pruned_step, self.history
+        self.masks = {n: m.bool() for n, m in masks.items()}
+        self.last_pruned_step, self.history = last, history
 
     def _restore(self, args, state) -> None:
         candidates = [self.resume_from, getattr(args, "resume_from_checkpoint", None),

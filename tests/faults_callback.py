@@ -1,0 +1,52 @@
+"""Fault rows for PruningCallback's checkpoint files: interrupted saves keep the previous files whole, truncated or
+foreign files are refused with their name, and the callback's masks stay as they were."""
+from __future__ import annotations
+
+from unittest import mock
+
+import torch
+from torch import nn
+
+from test_faults import Fault
+
+from hf_mfac.integrations.pruning_callback import MASKS_NAME, STATE_NAME, PruningCallback
+
+
+def _callback(tmp_path):
+    model = nn.Sequential(nn.Linear(6, 4))
+    cb = PruningCallback(method="magnitude", final_sparsity=0.5)
+    cb.targets = {"0.weight": model[0].weight}
+    cb.masks = {"0.weight": torch.rand(4, 6) > 0.5}
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    cb.save_state(str(folder))
+    cb.masks = {"0.weight": torch.rand(4, 6) > 0.5}  # the state after more training
+    return {"cb_masks": cb.masks, "folder": folder, "cb": cb}
+
+
+def _truncate(tmp_path):
+    ctx = _callback(tmp_path)
+    path = ctx["folder"] / MASKS_NAME
+    path.write_bytes(path.read_bytes()[:20])
+    return ctx
+
+
+def _garbage_state(tmp_path):
+    ctx = _callback(tmp_path)
+    (ctx["folder"] / STATE_NAME).write_text("{not json")
+    return ctx
+
+
+def _interrupted_save(ctx):
+    with mock.patch("safetensors.torch.save_file", side_effect=OSError("No space left on device")):
+        ctx["cb"].save_state(str(ctx["folder"]))
+
+
+CASES = [
+    Fault("truncated masks file", _truncate, lambda c: c["cb"].load_state(str(c["folder"])), ValueError,
+          MASKS_NAME, watch=("cb_masks", "folder")),
+    Fault("garbage state file", _garbage_state, lambda c: c["cb"].load_state(str(c["folder"])), ValueError,
+          "pruning state", watch=("cb_masks", "folder")),
+    Fault("save interrupted by a full disk", _callback, _interrupted_save, OSError, "No space",
+          watch=("cb_masks", "folder")),
+]
