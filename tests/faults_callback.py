@@ -9,7 +9,7 @@ from torch import nn
 
 from test_faults import Fault
 
-from hf_mfac.integrations.pruning_callback import MASKS_NAME, STATE_NAME, PruningCallback
+from hf_mfac.integrations.pruning_callback import CHECKPOINT_MASKS_NAME, CHECKPOINT_STATE_NAME, PruningCallback
 
 
 def _callback(tmp_path):
@@ -26,14 +26,14 @@ def _callback(tmp_path):
 
 def _truncate(tmp_path):
     ctx = _callback(tmp_path)
-    path = ctx["folder"] / MASKS_NAME
+    path = ctx["folder"] / CHECKPOINT_MASKS_NAME
     path.write_bytes(path.read_bytes()[:20])
     return ctx
 
 
 def _garbage_state(tmp_path):
     ctx = _callback(tmp_path)
-    (ctx["folder"] / STATE_NAME).write_text("{not json")
+    (ctx["folder"] / CHECKPOINT_STATE_NAME).write_text("{not json")
     return ctx
 
 
@@ -44,7 +44,7 @@ def _interrupted_save(ctx):
 
 CASES = [
     Fault("truncated masks file", _truncate, lambda c: c["cb"].load_state(str(c["folder"])), ValueError,
-          MASKS_NAME, watch=("cb_masks", "folder")),
+          CHECKPOINT_MASKS_NAME, watch=("cb_masks", "folder")),
     Fault("garbage state file", _garbage_state, lambda c: c["cb"].load_state(str(c["folder"])), ValueError,
           "pruning state", watch=("cb_masks", "folder")),
     Fault("save interrupted by a full disk", _callback, _interrupted_save, OSError, "No space",

@@ -13,7 +13,7 @@ from transformers import (BertConfig, BertForSequenceClassification, Trainer, Tr
 
 import hf_mfac  # noqa: E402
 from hf_mfac.core.schedules import cubic_sparsity  # noqa: E402
-from hf_mfac.integrations.callbacks import (MASKS_NAME, STATE_NAME, DistillationTrainer,  # noqa: E402
+from hf_mfac.integrations.callbacks import (CHECKPOINT_MASKS_NAME, CHECKPOINT_STATE_NAME, DistillationTrainer,  # noqa: E402
                                             PruningArguments, PruningCallback, cyclic_linear_lambda, distillation_loss)
 
 
@@ -185,8 +185,8 @@ def test_checkpoints_hold_masks_and_resume_keeps_them(tmp_path):
     trainer, _ = make_trainer(tmp_path, cb, args={"save_strategy": "steps", "save_steps": 6})
     trainer.train()
     ckpt = tmp_path / "out" / "checkpoint-6"
-    assert (ckpt / MASKS_NAME).exists() and (ckpt / STATE_NAME).exists()
-    state = json.load(open(ckpt / STATE_NAME))
+    assert (ckpt / CHECKPOINT_MASKS_NAME).exists() and (ckpt / CHECKPOINT_STATE_NAME).exists()
+    state = json.load(open(ckpt / CHECKPOINT_STATE_NAME))
     assert state["last_pruned_step"] == 5 and [h["step"] for h in state["history"]] == [2, 5]
 
     cb2 = obert()
@@ -204,8 +204,8 @@ def test_resume_without_mask_file_rebuilds_from_zeros(tmp_path, caplog):
     trainer, _ = make_trainer(tmp_path, cb, args={"save_strategy": "steps", "save_steps": 6})
     trainer.train()
     ckpt = tmp_path / "out" / "checkpoint-6"
-    saved = json.load(open(ckpt / STATE_NAME))["sparsity"]
-    os.remove(ckpt / MASKS_NAME)
+    saved = json.load(open(ckpt / CHECKPOINT_STATE_NAME))["sparsity"]
+    os.remove(ckpt / CHECKPOINT_MASKS_NAME)
     cb2 = obert()
     resumed, spy = make_trainer(tmp_path, cb2, max_steps=7)
     with caplog.at_level(logging.WARNING, logger="hf_mfac"):
@@ -221,7 +221,7 @@ def test_sweep_saves_one_checkpoint_per_target(tmp_path):
     trainer.train()
     found = {}
     for step in (4, 8, 12):
-        st = json.load(open(tmp_path / "out" / f"checkpoint-{step}" / STATE_NAME))
+        st = json.load(open(tmp_path / "out" / f"checkpoint-{step}" / CHECKPOINT_STATE_NAME))
         found[step] = round(st["sparsity"], 4)
     assert found == {4: 0.3, 8: 0.5, 12: 0.7}
 

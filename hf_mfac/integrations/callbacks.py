@@ -4,7 +4,7 @@
 from ..core.schedules import cyclic_linear_lambda, cyclic_linear_scheduler
 from .distillation import DistillationMixin, DistillationTrainer, distillation_loss
 from .pruning_args import PruningArguments
-from .pruning_callback import MASKS_NAME, STATE_NAME, PruningCallback
+from .pruning_callback import CHECKPOINT_MASKS_NAME, CHECKPOINT_STATE_NAME, PruningCallback
 
 __all__ = ["PruningCallback", "PruningArguments", "cyclic_linear_lambda", "cyclic_linear_scheduler",
-           "distillation_loss", "DistillationMixin", "DistillationTrainer", "MASKS_NAME", "STATE_NAME"]
+           "distillation_loss", "DistillationMixin", "DistillationTrainer", "CHECKPOINT_MASKS_NAME", "CHECKPOINT_STATE_NAME"]

@@ -46,12 +46,13 @@ from ..pruning.distributed import prune_oneshot_distributed
 from ..pruning.oneshot import masks_from_zeros
 from .log_level import follow_log_level
 
-__all__ = ["PruningCallback", "MASKS_NAME", "STATE_NAME"]
+__all__ = ["PruningCallback", "CHECKPOINT_MASKS_NAME", "CHECKPOINT_STATE_NAME"]
 
 logger = logging.getLogger("hf_mfac")
 
-MASKS_NAME = "hf_mfac_pruning.safetensors"
-STATE_NAME = "hf_mfac_pruning.json"
+CHECKPOINT_MASKS_NAME = "hf_mfac_pruning.safetensors"
+CHECKPOINT_STATE_NAME = "hf_mfac_pruning.json"
+# (the sparse checkpoints' own masks file is hf_mfac.integrations.sparse_checkpoint.MASKS_NAME)
 
 _PRUNER_KEYS = ("pattern", "scope", "block_size", "damp", "rel_damp", "woodtaylor")  # what make_pruner takes
 _UNSET = object()
@@ -347,16 +348,16 @@ class PruningCallback(TrainerCallback):
             with open(tmp, "w") as f:
                 json.dump(self.state_dict(), f, indent=2)
 
-        atomic(MASKS_NAME, lambda tmp: save_file({n: m.detach().cpu().contiguous() for n, m in self.masks.items()},
-                                                 tmp))
-        atomic(STATE_NAME, write_state)
+        masks = {n: m.detach().cpu().contiguous() for n, m in self.masks.items()}
+        atomic(CHECKPOINT_MASKS_NAME, lambda tmp: save_file(masks, tmp))
+        atomic(CHECKPOINT_STATE_NAME, write_state)
 
     def load_state(self, folder: str) -> None:
         """Read what :meth:`save_state` wrote (masks are checked against the targets' shapes); a truncated or
         foreign file raises ``ValueError`` naming it, and nothing changes."""
         from safetensors.torch import load_file
 
-        mpath = os.path.join(folder, MASKS_NAME)
+        mpath = os.path.join(folder, CHECKPOINT_MASKS_NAME)
         try:
             masks = load_file(mpath)
         except Exception as e:  # safetensors raises its own error types for truncated or garbage files
@@ -366,7 +367,7 @@ class PruningCallback(TrainerCallback):
                 raise ValueError(f"checkpoint mask {n} {tuple(m.shape)} in {mpath} does not match this model's "
                                  "pruning targets")
         st = {}
-        path = os.path.join(folder, STATE_NAME)
+        path = os.path.join(folder, CHECKPOINT_STATE_NAME)
         if os.path.isfile(path):
             try:
                 with open(path) as f:
@@ -383,7 +384,7 @@ class PruningCallback(TrainerCallback):
         candidates = [self.resume_from, getattr(args, "resume_from_checkpoint", None),
                       os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")]
         for c in candidates:
-            if isinstance(c, str) and os.path.isfile(os.path.join(c, MASKS_NAME)):
+            if isinstance(c, str) and os.path.isfile(os.path.join(c, CHECKPOINT_MASKS_NAME)):
                 self.load_state(c)
                 logger.info("PruningCallback: restored masks from %s (sparsity %.4f)", c, self.current_sparsity())
                 return
@@ -392,4 +393,4 @@ class PruningCallback(TrainerCallback):
             self.last_pruned_step = max(t for t, _ in self.schedule if t < state.global_step)
             logger.warning("PruningCallback: resuming at step %d without %s; masks rebuilt from the zero weights "
                            "(pass resume_from=<checkpoint folder> to restore them exactly)", state.global_step,
-                           MASKS_NAME)
+                           CHECKPOINT_MASKS_NAME)
