@@ -406,3 +406,22 @@ def test_load_accepts_ggt_of_unrounded_gradients(gen):
     other = torch.randn(m, d, generator=gen)
     with pytest.raises(ValueError, match=r"GGt does not match G: GGt\[0, 0\]"):
         DynamicMFAC(d, m, 0.05, grad_dtype=torch.bfloat16).load_state_dict({**state, "GGt": (other @ other.T).double()})
+
+
+@pytest.mark.parametrize("block_size", [None, 8])
+def test_static_pages_bound_the_work_without_page_bytes(block_size, gen, monkeypatch):
+    """Without page_bytes the precomputation still runs in small working pages (bounded temporaries); the
+    result is the one of a single page, and W stays in the caller's memory."""
+    m, d = 6, 53
+    G = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    one = StaticMFAC(G.clone(), 1e-2, block_size)
+    monkeypatch.setitem(StaticMFAC.work_bytes, "cpu", 8 * m * 16)  # 16 columns (2 blocks of 8) per page
+    calls = []
+    orig = StaticMFAC._load
+    monkeypatch.setattr(StaticMFAC, "_load", lambda self, s, e: calls.append(e - s) or orig(self, s, e))
+    H = G.clone()
+    paged = StaticMFAC(H, 1e-2, block_size)
+    assert paged.W.data_ptr() == H.data_ptr() and max(calls) <= 16 and len(calls) > 2
+    assert torch.allclose(paged.diag(), one.diag(), rtol=1e-12, atol=0)
+    x = torch.randn(d, generator=gen, dtype=torch.float64)
+    assert torch.allclose(paged.mul(x), one.mul(x), rtol=1e-10, atol=1e-12)
