@@ -1,4 +1,4 @@
-"""Core math benchmarks (issue 2): ratios measured in the same run.
+"""Core math benchmarks: ratios measured in the same run.
 
 1. DynamicMFAC.update_mul throughput as a fraction of the copy bandwidth of a same-size tensor.
 2. BlockFisherInverse.add_grads as a fraction of plain batched-matmul throughput on the same shapes.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One-shot pruning of the main job's fine-tuned MiniLM over several draws of the calibration data (issue 4).
+"""One-shot pruning of the main job's fine-tuned MiniLM over several draws of the calibration data.
 
 The ordering of the methods at high sparsity depends on which calibration batches give the Fisher. This runs
 ``examples/main_job.py --optimizers adamw --skip_gradual`` once per ``--prune_seeds`` entry with everything

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""M-FAC against AdamW on the main job's tweets task over several training seeds (issue 3).
+"""M-FAC against AdamW on the main job's tweets task over several training seeds.
 
 Runs ``examples/main_job.py --methods "" --skip_gradual`` (fine-tuning only, no pruning) once per seed in
 ``--seeds``, with the train/eval split fixed (``--split_seed 0``: the same 3000 train / 1000 eval tweets in every

@@ -1,4 +1,4 @@
-"""CAP against brute-force greedy, OBS and the replayed sequential eliminations (seed 004 §3.1, App. A)."""
+"""CAP against brute-force greedy, OBS and the replayed sequential eliminations ([CAP, §3.1, App. A])."""
 import itertools
 
 import pytest

@@ -1,4 +1,4 @@
-"""BlockFisherInverse and OBS scores/updates against dense closed forms (seed 001 eqs. 10-11, seed 004 eq. 5)."""
+"""BlockFisherInverse and OBS scores/updates against dense closed forms ([WoodFisher, eqs. 10-11], [oBERT, eq. 5])."""
 import pytest
 import torch
 
@@ -79,7 +79,7 @@ def _problem(gen, d=12, m=20, damp=0.1):
 
 def test_single_weight_obs_is_exact_constrained_minimum(gen):
     """Pruning one weight with the OBS update solves min 1/2 dw^T F dw s.t. w_q + dw_q = 0, and the score
-    equals the attained quadratic (seed 001 eqs. 10-11)."""
+    equals the attained quadratic [WoodFisher, eqs. 10-11]."""
     F, Finv, w = _problem(gen)
     q = 5
     new = obs_update(Dense(Finv), w, torch.tensor([[q]]))
@@ -123,7 +123,7 @@ def test_nm_select_is_exhaustive_optimum(gen):
 
 
 def test_woodtaylor_matches_closed_form(gen):
-    """seed 001 eqs. 21 and 23 with the gradient term."""
+    """[WoodFisher, eqs. 21 and 23] with the gradient term."""
     F, Finv, w = _problem(gen)
     grad = 0.3 * torch.randn(12, generator=gen, dtype=torch.float64)
     u = woodtaylor_shift(Dense(Finv), grad)

@@ -69,7 +69,7 @@ def test_equal_fraction_schedule():
 
 
 def test_cyclic_linear_lr():
-    """seed 004 eq. 8."""
+    """[CAP, eq. 8]."""
     vals = [cyclic_linear_lr(t, lr_max=1.0, lr_min=0.0, period=4) for t in range(9)]
     assert vals == [1.0, 0.75, 0.5, 0.25, 1.0, 0.75, 0.5, 0.25, 1.0]
 

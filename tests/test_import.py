@@ -1,4 +1,4 @@
-"""`import hf_mfac` has no side effects (DESIGN.md §2)."""
+"""`import hf_mfac` has no side effects (a rule of the layering: docs/architecture.md)."""
 import subprocess
 import sys
 

@@ -1,9 +1,9 @@
-"""CAP: correlation-aware greedy pruning with block-Fisher inverses (seed 004 §3.1, appendix A).
+"""CAP: correlation-aware greedy pruning with block-Fisher inverses [CAP, §3.1, App. A].
 
 Inside each block of B weights, repeatedly remove the weight with the smallest current OBS score
 ``w_j^2 / (2 [H^{-1}]_jj)``, apply its OBS update to the rest of the block and downdate the block
 inverse by the rank-1 Schur complement ``H^{-1} <- H^{-1} - H^{-1}_{:,j} H^{-1}_{j,:} / H^{-1}_jj`` (the OBC
-step). The running sum of the step scores is the joint group saliency ``rho_Q`` (seed 004 eq. 5/7) of
+step). The running sum of the step scores is the joint group saliency ``rho_Q`` [CAP, eqs. 5, 7] of
 the set removed so far. Then merge globally: prune the k smallest recorded losses (one k-th value
 selection, no sort), and give each block the prefix of its elimination order that falls under the threshold.
 

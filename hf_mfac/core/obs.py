@@ -3,13 +3,13 @@
 ``finv`` is any object with ``diag()`` (d,), ``mul(x)`` (d,) -> F^{-1} x and ``submatrix(idx)`` (n, g) ->
 ``[F^{-1}]_QQ`` (n, g, g): :class:`~hf_mfac.core.BlockFisherInverse` and :class:`~hf_mfac.core.StaticMFAC`.
 
-Single weight q (seed 001 eqs. 10-11): ``rho_q = w_q^2 / (2 [F^{-1}]_qq)``,
-``dw = -w_q F^{-1} e_q / [F^{-1}]_qq``. Group Q (oBERT, seed 004 eq. 5):
+Single weight q [WoodFisher, eqs. 10-11]: ``rho_q = w_q^2 / (2 [F^{-1}]_qq)``,
+``dw = -w_q F^{-1} e_q / [F^{-1}]_qq``. Group Q [oBERT, eq. 5]:
 ``rho_Q = 1/2 w_Q^T ([F^{-1}]_QQ)^{-1} w_Q``, ``dw = -F^{-1} E_Q^T ([F^{-1}]_QQ)^{-1} w_Q``.
-WoodTaylor (seed 001 §6.2, eqs. 21-23) adds the gradient: with ``u = F^{-1} grad`` the score is
+WoodTaylor [WoodFisher, §6.2, eqs. 21-23] adds the gradient: with ``u = F^{-1} grad`` the score is
 ``rho_q = (w_q - u_q)^2 / (2 [F^{-1}]_qq)`` and the update ``-(w_q - u_q) F^{-1} e_q / [F^{-1}]_qq - u``,
 i.e. OBS applied to ``w - u`` plus the Newton step ``-u``; pass ``u`` to get it.
-Pruning many units at once sums their updates (the WoodFisher/oBERT approximation, seed 000 D.1);
+Pruning many units at once sums their updates (the WoodFisher/oBERT approximation, [M-FAC, App. D.1]);
 pruned weights are set exactly to zero afterwards.
 """
 from __future__ import annotations

@@ -29,7 +29,7 @@ def cubic_sparsity(step: int, *, start_step: int, end_step: int, initial_sparsit
 
 def equal_fraction_schedule(target: float, steps: int, initial: float = 0.0) -> list[float]:
     """Sparsities after each of ``steps`` recomputations that prune the same fraction of the remaining
-    weights each time (seed 000 D.4.2): density_i = (1-s_0) * ((1-s)/(1-s_0))^(i/k). The last is ``target``."""
+    weights each time [M-FAC, App. D.4.2]: density_i = (1-s_0) * ((1-s)/(1-s_0))^(i/k). The last is ``target``."""
     check_sparsity(target, "target")
     check_sparsity(initial, "initial")
     steps = check_positive_int("steps", steps)
@@ -42,7 +42,7 @@ def equal_fraction_schedule(target: float, steps: int, initial: float = 0.0) -> 
 
 
 def cyclic_linear_lr(step: int, *, lr_max: float, lr_min: float, period: int) -> float:
-    """CAP's cyclic linear schedule (seed 004 eq. 8): ``lr_max - (lr_max - lr_min) * (t % T) / T``."""
+    """CAP's cyclic linear schedule [CAP, eq. 8]: ``lr_max - (lr_max - lr_min) * (t % T) / T``."""
     period = check_positive_int("period", period)
     return lr_max - (lr_max - lr_min) * (step % period) / period
 

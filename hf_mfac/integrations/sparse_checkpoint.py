@@ -1,6 +1,6 @@
 """Sparse checkpoints: portable dense-with-zeros, a compact values+bitmask form, and 2:4 GPU export.
 
-Three forms, for three uses (DESIGN.md §5: compressed-tensors' sparse-bitmask format is gone, so the
+Three forms, for three uses (compressed-tensors' sparse-bitmask format is gone, so the
 portable form is dense safetensors with exact zeros plus our metadata):
 
 * :func:`save_sparse_pretrained` — ``model.save_pretrained`` (dense safetensors, pruned weights exactly 0)

@@ -152,7 +152,7 @@ def _nm_select(w: torch.Tensor, sub: torch.Tensor, idx: torch.Tensor, zeros: int
                u: torch.Tensor | None = None, budget: int = 1 << 22):
     """Best ``zeros`` weights to prune in each N:M group that include the ``forced`` (already pruned) ones.
 
-    Exact joint OBS saliency ``1/2 w_Q^T ([F^{-1}]_QQ)^{-1} w_Q`` (oBERT, seed 004 eq. 5) over all
+    Exact joint OBS saliency ``1/2 w_Q^T ([F^{-1}]_QQ)^{-1} w_Q`` [oBERT, eq. 5] over all
     C(M, zeros) subsets, as :func:`hf_mfac.core.obs.nm_select` but with forced members. ``sub`` (n, M, M);
     ``forced`` (n, M). Returns (pruned (n, M) bool, score (n,) fp64). Cost O(n C zeros^3).
     """
@@ -350,7 +350,7 @@ class _OBSMixin:
         if self.woodtaylor:
             if grad is None:
                 raise ValueError("woodtaylor=True needs the mean gradient")
-            u = finv.mul(grad.to(w.dtype)).to(w.dtype)  # WoodTaylor's F^{-1} grad (seed 001 §6.2)
+            u = finv.mul(grad.to(w.dtype)).to(w.dtype)  # WoodTaylor's F^{-1} grad [WoodFisher, §6.2]
         g, kind = self.pattern.group, self.pattern.kind
         valid = layout.valid(w.device)
         if kind == "unstructured":
@@ -403,10 +403,10 @@ class _BlockFisherSink(BlockFisherInverse):
 
 
 class OBSPruner(_OBSMixin, Pruner):
-    """WoodFisher / oBERT: OBS with a block-diagonal empirical-Fisher inverse (seed 001 eqs. 10-11;
-    groups and N:M with the oBERT group formula, seed 004 eq. 5). Blocks of ``block_size`` weights inside
+    """WoodFisher / oBERT: OBS with a block-diagonal empirical-Fisher inverse ([WoodFisher, eqs. 10-11];
+    groups and N:M with the oBERT group formula, [oBERT, eq. 5]). Blocks of ``block_size`` weights inside
     each target; Fisher memory D*B values, gradients streamed (never all held). Cost per step: O(m D B)
-    to accumulate, O(D B^2) to invert, O(D B) to score and update. WoodTaylor (seed 001 §6.2) with
+    to accumulate, O(D B^2) to invert, O(D B) to score and update. WoodTaylor [WoodFisher, §6.2] with
     ``woodtaylor=True``."""
     name = "obert"
 
@@ -438,7 +438,7 @@ class _GradBuffer:
 
 
 class MFACPruner(_OBSMixin, Pruner):
-    """OBS with the static M-FAC inverse (seed 002 "static algorithm", seed 000 appendix C): the m
+    """OBS with the static M-FAC inverse ([M-FAC, "static algorithm", App. C]): the m
     gradients (m x D fp32, host memory; ``page_bytes`` pages them through the device) give
     ``diag(F^{-1})`` (eq. 25) and ``F^{-1} x`` (eq. 24) in O(D m) after an O(D m^2) precomputation, for
     blocks of ``block_size`` (None = one block over all targets, the "full" M-FAC); the precomputation runs in
@@ -474,7 +474,7 @@ class MFACPruner(_OBSMixin, Pruner):
 
 
 class CAPPruner(Pruner):
-    """CAP, the correlation-aware pruner (seed 004 §3.1, appendix A) on block-Fisher inverses: greedy OBC
+    """CAP, the correlation-aware pruner ([CAP, §3.1, App. A]) on block-Fisher inverses: greedy OBC
     elimination inside every block, then one global (or per-layer) merge of the recorded losses; the
     chosen prefix of each block's order is applied with the joint OBS solve (O(D) extra memory instead of
     the reference's (B+1) D). N:M: no weight is eliminated from a group that already has its zeros.
