@@ -29,7 +29,7 @@ __all__ = ["BlockFisherInverse", "relative_damp", "check_damping"]
 
 # fp64 bytes of one page of blocks in add_grads and the inversion (the temporaries are a few times this):
 # small enough to stay in cache on a CPU.
-_PAGE_BYTES = 4 << 20
+_PAGE_BYTES = 1 << 20
 
 
 def check_damping(damp, rel_damp) -> tuple[float | None, float | None]:

@@ -1,0 +1,390 @@
+"""Side by side with the research implementations: same inputs, same process, one thread, turns taken.
+
+Nothing is fetched and no peer code lives in this project: each peer is imported at run time from a local
+checkout (or unpacked wheel) given on the command line, and skipped when not given.
+
+  --sparseml PATH  a folder holding the ``sparseml`` package (e.g. the unpacked sparseml 1.8 wheel): its
+                   EmpiricalBlockFisherInverse, OBSPruningParamsScorer (oBERT) and unstructured mask creator
+  --ista PATH      a folder holding ``ista_daslab_optimizers``: DenseCoreMFAC (dynamic M-FAC)
+  --mfac PATH      the official M-FAC repository (HInvFastUpMulti, HInvFastBlock)
+  --cap PATH       the official CAP repository (CAPHandle)
+
+Printed per operation: agreement (max relative difference of the results, and of each against an fp64
+reference where the operation has one), time ratio peer / hf_mfac (median of interleaved repeats) and the
+peak extra memory of each side (RSS high-water mark of a fresh subprocess, above its inputs).
+
+Shims, all here, none in hf_mfac (each says what it replaces):
+- sparseml's package ``__init__`` files import most of sparseml (and sparsezoo, onnx, ...). Only three files are
+  loaded, with ``importlib`` from their paths: ``pytorch/utils/helpers.py`` (``memory_aware_threshold``),
+  ``pytorch/sparsification/pruning/mask_creator.py`` and ``.../modifier_pruning_obs.py``. Their other sparseml
+  imports are stubs: ``sparseml.utils`` (file helpers, ``interpolate``; unused on these paths), ``sparsezoo.Model``
+  (unused), the modifier base classes and YAML decorators (the modifier class is not used), ``GradSampler`` and
+  ``BaseLogger`` (unused), and ``PruningParamsGradScorer``, replaced by a one-process base that keeps the params
+  and broadcasts nothing (what the real base does without torch.distributed).
+- ISTA's DenseCoreMFAC calls ``torch.lu(..., pivot=False)``, CUDA-only: replaced on CPU by the unpivoted LU of
+  the same (symmetric positive definite) matrix from its Cholesky factor; and ``nn.parallel.parallel_apply`` (an
+  accelerator per shard): replaced by calling the functions in turn.
+
+Usage: python benchmarks/bench_peers.py --sparseml /tmp/peers/sparseml --ista /tmp/peers/ista [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import types
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from _util import machine, table  # noqa: E402
+from hf_mfac.core import BlockFisherInverse, DynamicMFAC  # noqa: E402
+from hf_mfac.core.masks import threshold_masks  # noqa: E402
+from hf_mfac.core.obs import obs_scores, obs_update  # noqa: E402
+
+
+# -- loading the peers -------------------------------------------------------------------------------------
+def _module(name: str, **attrs):
+    mod = types.ModuleType(name)
+    mod.__dict__.update(attrs)
+    sys.modules[name] = mod
+    return mod
+
+
+def _load_file(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load_sparseml(root: str):
+    """sparseml's OBS file and mask creator, without the rest of sparseml (stubs described in the module doc)."""
+    pkg = os.path.join(root, "sparseml")
+    for name in ("sparseml", "sparseml.pytorch", "sparseml.pytorch.sparsification",
+                 "sparseml.pytorch.sparsification.pruning"):
+        _module(name, __path__=[])
+    _module("sparseml.utils", create_dirs=None, save_numpy=None, interpolate=None)
+    _module("sparsezoo", Model=None)
+    helpers = _load_file("sparseml.pytorch.utils.helpers", os.path.join(pkg, "pytorch", "utils", "helpers.py"))
+    _module("sparseml.pytorch.utils", memory_aware_threshold=helpers.memory_aware_threshold,
+            MEMORY_BOUNDED=helpers.MEMORY_BOUNDED if hasattr(helpers, "MEMORY_BOUNDED") else "MEMORY_BOUNDED",
+            GradSampler=None)
+    _module("sparseml.pytorch.utils.logger", BaseLogger=None)
+    mc = _load_file("sparseml.pytorch.sparsification.pruning.mask_creator",
+                    os.path.join(pkg, "pytorch", "sparsification", "pruning", "mask_creator.py"))
+
+    def decorator(*a, **k):  # ModifierProp() / PyTorchModifierYAML(): identity (the modifier is not used)
+        return lambda f: property(f) if callable(f) and not isinstance(f, type) else f
+
+    _module("sparseml.pytorch.sparsification.modifier", ModifierProp=decorator, PyTorchModifierYAML=decorator)
+    _module("sparseml.pytorch.sparsification.pruning.modifier_pruning_base", BaseGradualPruningModifier=object)
+
+    class OneProcessScorer:  # stands for PruningParamsGradScorer without torch.distributed
+        def __init__(self, params, dist_backend=None):
+            self._params, self._is_main_proc, self._pickle_exclude_params = params, True, []
+
+        def _broadcast_list_from_main(self, xs):
+            return xs
+
+    _module("sparseml.pytorch.sparsification.pruning.scorer", PruningParamsGradScorer=OneProcessScorer)
+    obs = _load_file("sparseml.pytorch.sparsification.pruning.modifier_pruning_obs",
+                     os.path.join(pkg, "pytorch", "sparsification", "pruning", "modifier_pruning_obs.py"))
+    return obs, mc
+
+
+def _lu_no_pivot(A, pivot=True, get_infos=False):
+    """CPU stand-in for ``torch.lu(A, pivot=False)`` (CUDA-only) on a symmetric positive definite A: from
+    A = C C^T, L = C diag(C)^-1 (unit lower) and U = diag(C) C^T, packed as torch.lu packs them."""
+    C = torch.linalg.cholesky(A)
+    dg = C.diagonal(dim1=-2, dim2=-1)
+    L = C / dg.unsqueeze(-2)
+    U = (C * dg.unsqueeze(-2)).mT
+    packed = torch.tril(L, -1) + torch.triu(U)
+    piv = torch.arange(1, A.shape[-1] + 1, dtype=torch.int32).expand(A.shape[:-1])
+    return (packed, piv) if not get_infos else (packed, piv, torch.zeros(A.shape[:-2], dtype=torch.int32))
+
+
+def load_ista(root: str):
+    mod = _load_file("ista_dense_core_mfac",
+                     os.path.join(root, "ista_daslab_optimizers", "dense_mfac", "dense_core_mfac.py"))
+    orig_lu = torch.lu
+
+    def lu(A, pivot=True, get_infos=False):
+        return _lu_no_pivot(A) if not pivot and A.device.type == "cpu" else orig_lu(A, pivot=pivot, get_infos=get_infos)
+
+    torch.lu = lu
+    torch.nn.parallel.parallel_apply = lambda fns, args, *a, **k: [f(x) for f, x in zip(fns, args)]
+    return mod.DenseCoreMFAC
+
+
+# -- measuring ---------------------------------------------------------------------------------------------
+def turns(fns: dict, repeats: int = 3) -> dict:
+    """Median seconds of each function, run in turns (a, b, a, b, ...) after one warm-up each."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def rel(a, b) -> float:
+    a, b = a.double().reshape(-1), b.double().reshape(-1)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def peak_extra(case: str, args: dict, paths: dict) -> float:
+    """MB of RSS high-water mark above the inputs, in a fresh one-thread subprocess."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--_mem", json.dumps({"case": case, "args": args, "paths": paths})]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak() -> int:
+    """Reset the RSS high-water mark (Linux: ``5 > /proc/self/clear_refs``) and return the current RSS, so that
+    earlier transients (imports, input creation) do not hide the operation's own peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
+def _maxrss() -> int:
+    return _status("VmHWM")
+
+
+def _inputs(m, d, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    G = torch.empty(m, d).normal_(generator=g).mul_(scale / d**0.5 * 30)
+    w = torch.empty(d).normal_(generator=g)
+    return G, w
+
+
+def _fisher_ours(G, B, damp, chunk=32):
+    bf = BlockFisherInverse(G.shape[1], B, damp)
+    for c in G.split(chunk):
+        bf.add_grads(c)
+    bf.blocks()
+    return bf
+
+
+def _fisher_peer(obs, G, B, damp):
+    f = obs.EmpiricalBlockFisherInverse(G.shape[0], B, G.shape[1], damp, torch.device("cpu"))
+    for g in G:
+        f.add_grad(g)
+    return f
+
+
+def _obert_ours(bf, w, sparsity):
+    s = obs_scores(w, bf.diag())
+    pruned = threshold_masks([s], sparsity, prune_mask_only=True)[0]
+    return obs_update(bf, w, pruned.nonzero()), ~pruned
+
+
+def _obert_peer(obs, mc, finv, w, sparsity):
+    p = torch.nn.Parameter(w.clone(), requires_grad=False)
+    sc = obs.OBSPruningParamsScorer([p], 1, 1.0, finv.B, "unstructured")
+    sc._finvs, sc._masks = [finv], [torch.ones_like(w)]
+    scores = sc.score_parameters()
+    mask = mc.UnstructuredPruningMaskCreator().create_sparsity_masks(scores, sparsity, global_sparsity=True)[0]
+    sc.mask_update([mask], [mask - 1])  # -1 where newly pruned
+    return p.data, mask.bool()
+
+
+def _mem_case(spec):
+    torch.set_num_threads(1)
+    case, a, paths = spec["case"], spec["args"], spec["paths"]
+    if case.startswith("fisher"):
+        G, _ = _inputs(a["m"], a["d"])
+        small, _ = _inputs(4, 256)
+        if case == "fisher_peer":
+            obs, _ = load_sparseml(paths["sparseml"])
+            _fisher_peer(obs, small, 16, a["damp"])
+            base = _reset_peak()
+            _fisher_peer(obs, G, a["B"], a["damp"])
+        else:
+            _fisher_ours(small, 16, a["damp"])
+            base = _reset_peak()
+            _fisher_ours(G, a["B"], a["damp"])
+    elif case.startswith("obert"):
+        G, w = _inputs(a["m"], a["d"])
+        small, ws = _inputs(4, 256)
+        if case == "obert_peer":
+            obs, mc = load_sparseml(paths["sparseml"])
+            f = _fisher_peer(obs, G, a["B"], a["damp"])
+            _obert_peer(obs, mc, _fisher_peer(obs, small, 16, a["damp"]), ws, 0.5)
+            base = _reset_peak()
+            _obert_peer(obs, mc, f, w, a["sparsity"])
+        else:
+            bf = _fisher_ours(G, a["B"], a["damp"])
+            _obert_ours(_fisher_ours(small, 16, a["damp"]), ws, 0.5)
+            base = _reset_peak()
+            _obert_ours(bf, w, a["sparsity"])
+    elif case.startswith("mfac"):
+        G, _ = _inputs(a["m"], a["d"])
+        g = G[0].clone()
+        if case == "mfac_peer":
+            Core = load_ista(paths["ista"])
+            peer = Core(G, "cpu", ["cpu"], damp=a["damp"])
+            peer.integrate_gradient_and_precondition(g, g)
+            base = _reset_peak()
+            peer.integrate_gradient_and_precondition(g * 1.01, g * 1.01)
+        else:
+            ours = DynamicMFAC(a["d"], a["m"], a["damp"])
+            for r in G:
+                ours.update(r)
+            ours.update_mul(g)
+            gg = g * 1.01
+            base = _reset_peak()
+            ours.update_mul(gg)
+    print((_maxrss() - base) / 2**20)
+
+
+# -- the comparisons ---------------------------------------------------------------------------------------
+def bench_fisher(obs, shapes, damp, paths):
+    rows = []
+    for d, m, B in shapes:
+        G, _ = _inputs(m, d)
+        nb = -(-d // B)
+        Gp = torch.nn.functional.pad(G.double(), (0, nb * B - d)).view(m, nb, B).transpose(0, 1)
+        ref = torch.linalg.inv(Gp.mT @ Gp / m + damp * torch.eye(B, dtype=torch.float64)).diagonal(dim1=-2, dim2=-1)
+        ref = ref.reshape(-1)[:d]
+        t = turns({"peer": lambda: _fisher_peer(obs, G, B, damp), "ours": lambda: _fisher_ours(G, B, damp)})
+        ours, peer = _fisher_ours(G, B, damp).diag(), _fisher_peer(obs, G, B, damp).diag()
+        e_o = float(((ours.double() - ref).abs() / ref).max())
+        e_p = float(((peer.double() - ref).abs() / ref).max())
+        args = {"m": m, "d": d, "B": B, "damp": damp}
+        mo, mp = peak_extra("fisher_ours", args, paths), peak_extra("fisher_peer", args, paths)
+        inv_mb = nb * B * B * 4 / 2**20
+        rows.append((d, m, B, f"{damp:g}", f"{rel(ours, peer):.1e}", f"{e_o:.1e}", f"{e_p:.1e}",
+                     f"{t['peer'] / t['ours']:.2f}", f"{mo:.0f} ({mo / inv_mb:.2f}x)", f"{mp:.0f} ({mp / inv_mb:.2f}x)"))
+    return table(["d", "m", "B", "damp", "ours vs peer (diag)", "ours vs fp64", "peer vs fp64",
+                  "peer time / ours", "ours peak extra MB (x inverse)", "peer peak extra MB (x inverse)"], rows)
+
+
+def bench_obert(obs, mc, shapes, damp, paths, sparsity=0.5):
+    rows = []
+    for d, m, B in shapes:
+        G, w = _inputs(m, d)
+        bf, finv = _fisher_ours(G, B, damp), _fisher_peer(obs, G, B, damp)
+        t = turns({"peer": lambda: _obert_peer(obs, mc, finv, w, sparsity), "ours": lambda: _obert_ours(bf, w, sparsity)})
+        (wo, ko), (wp, kp) = _obert_ours(bf, w, sparsity), _obert_peer(obs, mc, finv, w, sparsity)
+        same = float((ko == kp).double().mean())
+        args = {"m": m, "d": d, "B": B, "damp": damp, "sparsity": sparsity}
+        mo, mp = peak_extra("obert_ours", args, paths), peak_extra("obert_peer", args, paths)
+        rows.append((d, m, B, f"{same:.6f}", f"{rel(wo, wp):.1e}", f"{t['peer'] / t['ours']:.2f}",
+                     f"{mo:.0f}", f"{mp:.0f}", f"{mo / max(mp, 1e-9):.2f}"))
+    return table(["d", "m", "B", "same mask", "weights ours vs peer", "peer time / ours", "ours peak extra MB",
+                  "peer peak extra MB", "ours / peer memory"], rows)
+
+
+def bench_dynamic(Core, shapes, damp, paths):
+    rows = []
+    for d, m in shapes:
+        G, _ = _inputs(m, d, scale=1.0)
+        g = torch.empty(d).normal_(generator=torch.Generator().manual_seed(1)).div_(d**0.5)
+        peer = Core(G.clone(), "cpu", ["cpu"], damp=damp)
+        ours = DynamicMFAC(d, m, damp)
+        for r in G:
+            ours.update(r)
+        yo, yp = ours.update_mul(g), peer.integrate_gradient_and_precondition(g, g)
+        Gn = G.clone()
+        Gn[0] = g
+        F = damp * torch.eye(d, dtype=torch.float64) if d <= 4096 else None
+        if F is not None:
+            F += Gn.double().T @ Gn.double() / m
+            ref = torch.linalg.solve(F, g.double())
+            agree = f"{rel(yo, ref):.1e} / {rel(yp, ref):.1e}"
+        else:
+            agree = "-"
+        k = [1.0]
+
+        def step_ours():
+            k[0] *= 1.0001
+            ours.update_mul(g * k[0])
+
+        def step_peer():
+            k[0] *= 1.0001
+            peer.integrate_gradient_and_precondition(g * k[0], g * k[0])
+
+        t = turns({"peer": step_peer, "ours": step_ours}, repeats=5)
+        args = {"m": m, "d": d, "damp": damp}
+        mo, mp = peak_extra("mfac_ours", args, paths), peak_extra("mfac_peer", args, paths)
+        vec = d * 4 / 2**20
+        rows.append((d, m, f"{rel(yo, yp):.1e}", agree, f"{t['peer'] / t['ours']:.2f}",
+                     f"{mo / vec:.1f}", f"{mp / vec:.1f}"))
+    return table(["d", "m", "ours vs peer", "ours / peer vs fp64 solve", "peer time / ours",
+                  "ours peak extra (d-vectors)", "peer peak extra (d-vectors)"], rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sparseml")
+    ap.add_argument("--ista")
+    ap.add_argument("--mfac")
+    ap.add_argument("--cap")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--damp", type=float, default=1e-5)
+    ap.add_argument("--_mem", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a._mem:
+        return _mem_case(json.loads(a._mem))
+    torch.set_num_threads(1)
+    paths = {"sparseml": a.sparseml, "ista": a.ista}
+    print(f"# peers side by side — {machine()} — {time.strftime('%Y-%m-%d')}\n")
+    print("$ " + " ".join(["python", "benchmarks/bench_peers.py", *sys.argv[1:]]) + "\n")
+    for name, path in (("official M-FAC (--mfac)", a.mfac), ("official CAP (--cap)", a.cap)):
+        if path is None:
+            print(f"- {name}: not given, skipped")
+        else:
+            print(f"- {name}: {path}: no comparison is wired for it in this script yet, skipped")
+    if a.sparseml:
+        obs, mc = load_sparseml(a.sparseml)
+        d0 = 1 << 16 if a.quick else 1 << 18
+        d0 = 1 << 16
+        fshapes = [(d0, 32, 32), (d0, 256, 32)] if a.quick else [
+            (d0, 256, 32), (1 << 15, 256, 32), (1 << 17, 256, 32),  # d
+            (d0, 32, 32), (d0, 512, 32),  # m
+            (d0, 256, 16), (d0, 256, 64)]  # B
+        print("\n## Block-Fisher inverse from m gradients: BlockFisherInverse vs sparseml EmpiricalBlockFisherInverse\n")
+        for damp in (a.damp,) if a.quick else (1e-4, a.damp, 1e-8):
+            print(bench_fisher(obs, fshapes if damp == a.damp else fshapes[:2], damp, paths) + "\n")
+        print("\n## oBERT selection + summed OBS update: hf_mfac vs sparseml OBSPruningParamsScorer + mask creator (50 %)\n")
+        oshapes = [(d0, 32, 32), (d0, 32, 64)] if a.quick else [(1 << 16, 32, 32), (1 << 18, 32, 32),
+                                                                   (1 << 20, 32, 32), (1 << 18, 32, 64)]
+        print(bench_obert(obs, mc, oshapes, a.damp, paths))
+    else:
+        print("- sparseml (--sparseml): not given, skipped")
+    if a.ista:
+        Core = load_ista(a.ista)
+        print("\n## Dynamic M-FAC update_mul: DynamicMFAC vs ISTA-DASLab DenseCoreMFAC (fp32)\n")
+        dshapes = [(4096, 32), (1 << 18, 32)] if a.quick else [(4096, 32), (1 << 18, 32), (1 << 20, 32),
+                                                               (1 << 20, 64), (1 << 20, 128)]
+        print(bench_dynamic(Core, dshapes, 1e-4, paths))
+    else:
+        print("- ISTA-DASLab-Optimizers (--ista): not given, skipped")
+
+
+if __name__ == "__main__":
+    main()
