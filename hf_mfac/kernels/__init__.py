@@ -44,7 +44,7 @@ from ._dispatch import (
     window_matvec,
     window_rmatvec,
 )
-from ._loader import KernelUnavailableError, status
+from ._loader import KernelUnavailableError
 
 __all__ = [
     "reference",
@@ -66,3 +66,11 @@ __all__ = [
     "KernelSelfCheckError",
     "KernelSelfCheckWarning",
 ]
+
+
+def status() -> dict:
+    """Where the CUDA kernels stand, without building anything: :func:`hf_mfac.kernels._loader.status` plus
+    ``selfcheck``, the self-check verdicts of this process (:mod:`hf_mfac.kernels._selfcheck`)."""
+    from . import _loader, _selfcheck
+
+    return {**_loader.status(), "selfcheck": _selfcheck.verdicts()}

@@ -31,6 +31,14 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import _loader, _selfcheck, reference
+from ._glue import (  # noqa: F401 - the calls into the compiled module, shared with the self-check
+    _cuda_mfac_apply_coefficients,
+    _cuda_mfac_b,
+    _cuda_mfac_coefficients,
+    _cuda_window_matvec,
+    _cuda_window_rmatvec,
+    _stream,
+)
 from ._loader import KernelFallbackWarning, KernelUnavailableError
 from ._selfcheck import KernelSelfCheckError, KernelSelfCheckWarning  # noqa: F401 - re-exported
 
@@ -55,11 +63,6 @@ def resolve_impl(impl: str = "auto") -> str:
 
 def _is_cuda(t) -> bool:
     return isinstance(t, torch.Tensor) and t.is_cuda
-
-
-def _stream(device: torch.device) -> int:
-    """The current CUDA stream of ``device`` as an integer (0 elsewhere: the self-check's fake kernels)."""
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
 def _why_not_autograd(*tensors) -> str | None:
@@ -102,17 +105,9 @@ def _why_not_window_matvec(G, x, acc_dtype=None) -> str | None:
             or _why_not_autograd(G, x))
 
 
-def _cuda_window_matvec(ext, G, x, acc_dtype=None) -> torch.Tensor:
-    return ext.window_matvec(G, x.to(torch.float32).contiguous(), _stream(G.device))
-
-
 def _why_not_window_rmatvec(G, c, acc_dtype=None) -> str | None:
     return (_why_not_window(G, acc_dtype) or _why_not_vector(c, G, G.shape[0], "c")
             or _why_not_autograd(G, c))
-
-
-def _cuda_window_rmatvec(ext, G, c, acc_dtype=None) -> torch.Tensor:
-    return ext.window_rmatvec(G, c.to(torch.float32).contiguous(), _stream(G.device))
 
 
 # --- M-FAC coefficients: D by torch's Cholesky, B by cuda/mfac_b.cu ---------------------------------
@@ -146,17 +141,8 @@ def _why_not_mfac_b(D, damp, scale) -> str | None:
     return _why_not_square(D, "D") or _why_not_damp_scale(damp, scale) or _why_not_autograd(D)
 
 
-def _cuda_mfac_b(ext, D, damp, scale) -> torch.Tensor:
-    return ext.mfac_b(D.contiguous(), float(damp), float(scale), _stream(D.device))
-
-
 def _why_not_mfac_coefficients(GGt, damp, scale) -> str | None:
     return _why_not_square(GGt, "GGt") or _why_not_damp_scale(damp, scale) or _why_not_autograd(GGt)
-
-
-def _cuda_mfac_coefficients(ext, GGt, damp, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    D = reference.mfac_d(GGt, damp, scale)  # cuSOLVER Cholesky: O(m^3) in one call
-    return D, _cuda_mfac_b(ext, D, damp, scale)
 
 
 # --- Algorithm 2: two window kernels around the O(m^2) torch middle --------------------------------
@@ -172,13 +158,6 @@ def _why_not_mfac_apply_coefficients(G, D, B, x, damp, scale) -> str | None:
         if A.dtype != torch.float32:
             return f"{name} must be float32 (the kernels accumulate in float32); got {A.dtype}"
     return _why_not_autograd(G, D, B, x)
-
-
-def _cuda_mfac_apply_coefficients(ext, G, D, B, x, damp, scale) -> torch.Tensor:
-    s = _stream(G.device)
-    x32 = x.to(torch.float32).contiguous()
-    c = reference.mfac_coefficient_vector(D, B, ext.window_matvec(G, x32, s), damp, scale)  # (m,)
-    return x32 / damp - ext.window_rmatvec(G, c.contiguous(), s)
 
 
 # --- limits in one place: every TORCH_CHECK of cuda/*.cpp and its mirror here ----------------------

@@ -298,11 +298,9 @@ def status() -> dict:
 
     Keys: ``available`` (the environment can build them), ``reason`` (why not, else None), ``loaded``
     (architectures with a loaded module), ``builds`` (architecture -> name, folder, whether this process
-    compiled it and the seconds it took), ``failed`` (architecture -> build error), ``selfcheck`` (the
-    verdicts of this process, see :mod:`hf_mfac.kernels._selfcheck`), ``build_root``, ``sources``.
+    compiled it and the seconds it took), ``failed`` (architecture -> build error), ``build_root``, ``sources``
+    (:func:`hf_mfac.kernels.status` adds the self-check verdicts of this process).
     """
-    from . import _selfcheck
-
     reason = environment_reason()
     with _lock:
         return {
@@ -311,7 +309,6 @@ def status() -> dict:
             "loaded": sorted(_modules),
             "builds": {k: dict(v) for k, v in _builds.items()},
             "failed": dict(_failures),
-            "selfcheck": _selfcheck.verdicts(),
             "build_root": str(build_root()),
             "sources": [p.name for p in sources()],
         }
