@@ -4,6 +4,10 @@
 2. BlockFisherInverse.add_grads as a fraction of plain batched-matmul throughput on the same shapes.
 3. CAP elimination+apply time over oBERT-style selection (scores + global threshold + summed OBS update)
    at the same block size.
+4. threshold_masks (global, exact count, ties by position) over 2^21 scores against a bare torch.kthvalue on
+   the same scores, interleaved.
+5. BlockFisherInverse add_grads of m gradients + invert against the bare fp32 batched GEMMs of the same
+   accumulation, interleaved.
 Usage: python benchmarks/bench_core.py [--quick]
 """
 from __future__ import annotations
@@ -98,10 +102,60 @@ def bench_cap_vs_obert(dims, Bs, sparsity=0.5, m=64):
                   "CAP / oBERT (solver)", "CAP / oBERT (step w/o grad collection)"], rows)
 
 
+def bench_selection(n=1 << 21, pieces=8, repeats=7):
+    scores = [torch.rand(n // pieces) for _ in range(pieces)]
+    flat = torch.cat(scores)
+    k = n // 2
+    t = {"kth": [], "global": [], "layer": []}
+    for _ in range(repeats + 1):  # turns taken; the first round is a warm-up
+        for name, fn in (("kth", lambda: torch.kthvalue(flat, k)), ("global", lambda: threshold_masks(scores, 0.5)),
+                         ("layer", lambda: threshold_masks(scores, 0.5, scope="layer"))):
+            t0 = time.perf_counter()
+            fn()
+            t[name].append(time.perf_counter() - t0)
+    med = {k_: sorted(v[1:])[len(v[1:]) // 2] for k_, v in t.items()}
+    return table(["scores", "torch.kthvalue ms", "threshold_masks global ms", "global / kthvalue",
+                  "per-layer ms", "per-layer / kthvalue"],
+                 [(n, f"{med['kth'] * 1e3:.0f}", f"{med['global'] * 1e3:.0f}", f"{med['global'] / med['kth']:.2f}",
+                   f"{med['layer'] * 1e3:.0f}", f"{med['layer'] / med['kth']:.2f}")])
+
+
+def bench_fisher_build(shapes, chunk=32, repeats=3):
+    rows = []
+    for d, m, B in shapes:
+        G = torch.randn(m, d)
+        nb = -(-d // B)
+        Gb = torch.randn(nb, chunk, B)
+        acc = torch.zeros(nb, B, B)
+
+        def ours():
+            bf = BlockFisherInverse(d, B, 1e-5)
+            for c in G.split(chunk):
+                bf.add_grads(c)
+            bf.blocks()
+
+        def bare():
+            for _ in range(m // chunk):
+                acc.baddbmm_(Gb.mT, Gb)
+
+        ts = {"ours": [], "bare": []}
+        ours(), bare()
+        for _ in range(repeats):
+            for name, fn in (("ours", ours), ("bare", bare)):
+                t0 = time.perf_counter()
+                fn()
+                ts[name].append(time.perf_counter() - t0)
+        med = {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
+        rows.append((d, m, B, f"{med['ours'] * 1e3:.0f}", f"{med['bare'] * 1e3:.0f}", f"{med['bare'] / med['ours']:.2f}"))
+    return table(["d", "m", "B", "add_grads + invert ms (fp64 accumulation)", "bare fp32 baddbmm ms",
+                  "fraction of bare GEMM throughput"], rows)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sections", default="mfac,fisher,cap", help="comma list of: mfac, fisher, cap")
+    ap.add_argument("--sections", default="mfac,fisher,cap,select,build",
+                    help="comma list of: mfac, fisher, cap, select, build")
     a = ap.parse_args()
     sections = set(a.sections.split(","))
     print(f"# core benchmarks — {machine()} — {time.strftime('%Y-%m-%d')}\n")
@@ -116,6 +170,13 @@ def main():
     if "cap" in sections:
         print("\n## CAP vs oBERT-style selection at the same block size (50% sparsity)\n")
         print(bench_cap_vs_obert([1 << 16] if a.quick else [1 << 16, 1 << 18], [8, 16, 32, 64]))
+    if "select" in sections:
+        print("\n## Selection without a sort: threshold_masks vs torch.kthvalue\n")
+        print(bench_selection())
+    if "build" in sections:
+        print("\n## BlockFisherInverse add_grads + invert vs bare batched GEMM\n")
+        d = 1 << 16 if a.quick else 1 << 18
+        print(bench_fisher_build([(d, 256, 32), (d, 1024, 32), (d, 256, 64)]))
 
 
 if __name__ == "__main__":
