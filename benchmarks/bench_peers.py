@@ -46,7 +46,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 from _util import machine, table  # noqa: E402
-from hf_mfac.core import BlockFisherInverse, DynamicMFAC  # noqa: E402
+from hf_mfac.core import BlockFisherInverse, DynamicMFAC, StaticMFAC  # noqa: E402
 from hf_mfac.core.masks import threshold_masks  # noqa: E402
 from hf_mfac.core.obs import obs_scores, obs_update  # noqa: E402
 
@@ -241,6 +241,13 @@ def _mem_case(spec):
             _obert_ours(_fisher_ours(small, 16, a["damp"]), ws, 0.5)
             base = _reset_peak()
             _obert_ours(bf, w, a["sparsity"])
+    elif case == "static":
+        G, _ = _inputs(a["m"], a["d"])
+        StaticMFAC(_inputs(4, 256)[0], 1e-4, 16).diag()
+        base = _reset_peak()
+        StaticMFAC(G, 1e-4, a["B"]).diag()  # G handed over: W = L^{-1} G is written in its memory
+        print((_maxrss() - base) / G.nbytes)
+        return
     elif case.startswith("mfac"):
         G, _ = _inputs(a["m"], a["d"])
         g = G[0].clone()
@@ -338,6 +345,17 @@ def bench_dynamic(Core, shapes, damp, paths):
                   "ours peak extra (d-vectors)", "peer peak extra (d-vectors)"], rows)
 
 
+def bench_static(shapes, paths):
+    """hf_mfac only (the official HInvFastBlock needs --mfac): build + diag time and peak extra memory."""
+    rows = []
+    for d, m, B in shapes:
+        G, _ = _inputs(m, d)
+        t = turns({"ours": lambda: StaticMFAC(G.clone(), 1e-4, B).diag()}, repeats=3)
+        mem = peak_extra("static", {"m": m, "d": d, "B": B}, paths)
+        rows.append((d, m, B or "d (full)", f"{t['ours'] * 1e3:.0f}", f"{mem:.2f}"))
+    return table(["d", "m", "B", "build + diag ms (incl. one clone of G)", "peak extra memory (x G)"], rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sparseml")
@@ -346,6 +364,8 @@ def main():
     ap.add_argument("--cap")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--damp", type=float, default=1e-5)
+    ap.add_argument("--sections", default="fisher,obert,dynamic,static",
+                    help="comma list of: fisher, obert (both need --sparseml), dynamic (--ista), static")
     ap.add_argument("--_mem", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._mem:
@@ -359,7 +379,8 @@ def main():
             print(f"- {name}: not given, skipped")
         else:
             print(f"- {name}: {path}: no comparison is wired for it in this script yet, skipped")
-    if a.sparseml:
+    sections = set(a.sections.split(","))
+    if a.sparseml and sections & {"fisher", "obert"}:
         obs, mc = load_sparseml(a.sparseml)
         d0 = 1 << 16 if a.quick else 1 << 18
         d0 = 1 << 16
@@ -367,23 +388,30 @@ def main():
             (d0, 256, 32), (1 << 15, 256, 32), (1 << 17, 256, 32),  # d
             (d0, 32, 32), (d0, 512, 32),  # m
             (d0, 256, 16), (d0, 256, 64)]  # B
-        print("\n## Block-Fisher inverse from m gradients: BlockFisherInverse vs sparseml EmpiricalBlockFisherInverse\n")
-        for damp in (a.damp,) if a.quick else (1e-4, a.damp, 1e-8):
-            print(bench_fisher(obs, fshapes if damp == a.damp else fshapes[:2], damp, paths) + "\n")
+        if "fisher" in sections:
+            print("\n## Block-Fisher inverse from m gradients: BlockFisherInverse vs sparseml EmpiricalBlockFisherInverse\n")
+            for damp in (a.damp,) if a.quick else (1e-4, a.damp, 1e-8):
+                print(bench_fisher(obs, fshapes if damp == a.damp else fshapes[:2], damp, paths) + "\n")
+    if a.sparseml and "obert" in sections:
         print("\n## oBERT selection + summed OBS update: hf_mfac vs sparseml OBSPruningParamsScorer + mask creator (50 %)\n")
         oshapes = [(d0, 32, 32), (d0, 32, 64)] if a.quick else [(1 << 16, 32, 32), (1 << 18, 32, 32),
                                                                    (1 << 20, 32, 32), (1 << 18, 32, 64)]
         print(bench_obert(obs, mc, oshapes, a.damp, paths))
-    else:
+    if not a.sparseml:
         print("- sparseml (--sparseml): not given, skipped")
-    if a.ista:
+    if a.ista and "dynamic" in sections:
         Core = load_ista(a.ista)
         print("\n## Dynamic M-FAC update_mul: DynamicMFAC vs ISTA-DASLab DenseCoreMFAC (fp32)\n")
         dshapes = [(4096, 32), (1 << 18, 32)] if a.quick else [(4096, 32), (1 << 18, 32), (1 << 20, 32),
                                                                (1 << 20, 64), (1 << 20, 128)]
         print(bench_dynamic(Core, dshapes, 1e-4, paths))
-    else:
+    if not a.ista:
         print("- ISTA-DASLab-Optimizers (--ista): not given, skipped")
+    if "static" in sections:
+        print("\n## Static M-FAC build + diag (hf_mfac only: the official HInvFastBlock needs --mfac)\n")
+        sshapes = [(1 << 18, 64, 2048)] if a.quick else [(1 << 19, 64, 2048), (1 << 20, 64, 2048), (1 << 21, 64, 2048),
+                                                         (1 << 20, 32, 2048), (1 << 20, 128, 2048), (1 << 20, 64, 0)]
+        print(bench_static([(d, m, B or None) for d, m, B in sshapes], paths))
 
 
 if __name__ == "__main__":

@@ -609,9 +609,10 @@ class StaticMFAC:
         if self.rel_damp is None:
             return torch.full((len(widths),), self.damp, dtype=torch.float64, device=self.W.device)
         sq = torch.empty(self.dim, dtype=torch.float64, device=self.W.device)
-        step = max(1, (32 << 20) // (8 * self.num_grads))
+        step = max(1, (4 << 20) // (8 * self.num_grads))  # 4 MiB of fp64 per chunk, squared in place
         for s in range(0, self.dim, step):
-            sq[s : s + step] = (self.W[:, s : s + step].to(torch.float64) ** 2).sum(0) / self.num_grads
+            torch.sum(self.W[:, s : s + step].to(torch.float64, copy=True).square_(), 0, out=sq[s : s + step])
+        sq /= self.num_grads
         block = torch.arange(len(widths), device=sq.device).repeat_interleave(widths)  # (d,) block of each column
         sums = torch.zeros(len(widths), dtype=torch.float64, device=sq.device).index_add_(0, block, sq)
         counts = torch.zeros(len(widths), dtype=torch.float64, device=sq.device).index_add_(0, block, (sq > 0).double())
@@ -695,9 +696,9 @@ class StaticMFAC:
     def diag(self) -> torch.Tensor:
         """``diag(F^{-1})`` (d,) (eq. 25), O(dm), accumulated in fp64 over column chunks (bounded temporaries)."""
         sq = torch.empty(self.dim, dtype=torch.float64, device=self.W.device)
-        step = max(1, (32 << 20) // (8 * self.num_grads))  # 32 MiB of fp64 per chunk
+        step = max(1, (4 << 20) // (8 * self.num_grads))  # 4 MiB of fp64 per chunk, squared in place
         for s in range(0, self.dim, step):
-            sq[s : s + step] = (self.W[:, s : s + step].to(torch.float64) ** 2).sum(0)
+            torch.sum(self.W[:, s : s + step].to(torch.float64, copy=True).square_(), 0, out=sq[s : s + step])
         return ((1.0 - sq) * self._inv_damp_as(sq)).to(self.W.dtype)
 
     def _block_of(self, i: torch.Tensor) -> torch.Tensor:
