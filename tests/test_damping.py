@@ -147,8 +147,12 @@ def test_absolute_damp_depends_on_the_loss_scale():
 
 
 def test_obert_at_tiny_relative_damping_is_no_worse_than_magnitude():
-    """The summed OBS updates of many weights can overshoot when the damping is tiny; the default schedule
-    must keep oBERT at or below magnitude's loss even then (loss x 1e3, 70 %)."""
+    """Loss x 1e3, 70 %: with the default damping oBERT beats magnitude (the scale does not matter). At a tiny
+    relative damping one step overshoots even with the joint update (the quadratic model is far off along the
+    directions the damping no longer holds back); pruning in four steps on fresh gradients keeps it below
+    magnitude."""
     _, mag_loss, _ = _prune("magnitude", 1.0, 0.7)
-    _, obert_loss, _ = _prune("obert", 1e3, 0.7, rel_damp=1e-4)
-    assert obert_loss <= mag_loss
+    _, default_loss, _ = _prune("obert", 1e3, 0.7)
+    assert default_loss < mag_loss
+    _, tiny_loss, _ = _prune("obert", 1e3, 0.7, rel_damp=1e-4, recompute=4)
+    assert tiny_loss <= mag_loss
