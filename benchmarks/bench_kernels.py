@@ -76,7 +76,6 @@ def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> float:
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     ms = timeit(lambda: dst.copy_(src), device, reps)
-    del src, dst
     return 2 * n * 4 / (ms * 1e-3) / 1e9
 
 
@@ -106,7 +105,6 @@ def bench_coefficients(ms: list[int], device: torch.device, use_cuda: bool, reps
         speedup = None if t_b_cuda is None else t_b_torch / t_b_cuda
         rows.append([m, fmt(t_d), fmt(t_b_torch), fmt(t_b_cuda), fmt(speedup), fmt(t_all_torch), fmt(t_all_cuda),
                      fmt(PAPER_B_MS.get(m)), fmt(err, ".1e")])
-        del GGt, D
     return table(["m", "D: Cholesky ms", "B: torch trsm ms", "B: CUDA tiled ms", "B speedup", "D+B torch ms",
                   "D+B CUDA ms", "paper B ms (3090)", "B rel. err (CUDA vs fp64)"], rows)
 
@@ -114,67 +112,54 @@ def bench_coefficients(ms: list[int], device: torch.device, use_cuda: bool, reps
 def bench_window(m: int, d: int, device: torch.device, use_cuda: bool, reps: int, copy_gbs: float) -> str:
     rows = []
     for storage in (torch.float32, torch.bfloat16):
-        G = torch.randn(m, d, device=device, dtype=storage)  # (m, d)
-        x = torch.randn(d, device=device)
-        c = torch.randn(m, device=device)
-        GGt = (G.float() @ G.float().T) if G.numel() < 2**28 else _gram_chunked(G)
-        D, B = reference.mfac_coefficients(GGt, 1e-4, float(m))
-        g_bytes = G.numel() * G.element_size()
-        cases = [
-            ("G x", g_bytes, lambda: reference.window_matvec(G, x),
-             lambda: K.window_matvec(G, x, impl="cuda")),
-            ("G^T c", g_bytes, lambda: reference.window_rmatvec(G, c),
-             lambda: K.window_rmatvec(G, c, impl="cuda")),
-            ("Algorithm 2 (2 passes)", 2 * g_bytes,
-             lambda: reference.mfac_apply_coefficients(G, D, B, x, 1e-4, float(m)),
-             lambda: K.mfac_apply_coefficients(G, D, B, x, 1e-4, float(m), impl="cuda")),
-        ]
-        if storage == torch.bfloat16:  # cuBLAS/native bf16 gemv: accumulates in fp32, rounds the output to bf16
-            xb = x.to(storage)
-            cases.insert(1, ("G x, torch bf16 mv (bf16 out)", g_bytes, lambda: G @ xb, None))
-        for name, nbytes, f_torch, f_cuda in cases:
-            t_t = timeit(f_torch, device, reps)
-            t_c = timeit(f_cuda, device, reps) if use_cuda and f_cuda is not None else None
-            bw_t = nbytes / (t_t * 1e-3) / 1e9
-            bw_c = None if t_c is None else nbytes / (t_c * 1e-3) / 1e9
-            rows.append([name, str(storage).replace("torch.", ""), fmt(t_t), fmt(t_c), fmt(bw_t, ".0f"),
-                         fmt(bw_c, ".0f"), fmt(bw_t / copy_gbs, ".2f"),
-                         fmt(None if bw_c is None else bw_c / copy_gbs, ".2f")])
-        del G, x, c, GGt, D, B
+        rows += _window_rows(m, d, storage, device, use_cuda, reps, copy_gbs)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return table(["op", "storage", "torch ms", "CUDA ms", "torch GB/s", "CUDA GB/s", "torch / copy bw",
                   "CUDA / copy bw"], rows)
 
 
+def _window_rows(m: int, d: int, storage: torch.dtype, device: torch.device, use_cuda: bool, reps: int,
+                 copy_gbs: float) -> list[list]:
+    """The rows of one storage dtype; a function of its own so that G (held by the lambdas) is freed on return."""
+    rows = []
+    G = torch.randn(m, d, device=device, dtype=storage)  # (m, d)
+    x = torch.randn(d, device=device)
+    c = torch.randn(m, device=device)
+    GGt = (G.float() @ G.float().T) if G.numel() < 2**28 else _gram_chunked(G)
+    D, B = reference.mfac_coefficients(GGt, 1e-4, float(m))
+    g_bytes = G.numel() * G.element_size()
+    cases = [
+        ("G x", g_bytes, lambda: reference.window_matvec(G, x),
+         lambda: K.window_matvec(G, x, impl="cuda")),
+        ("G^T c", g_bytes, lambda: reference.window_rmatvec(G, c),
+         lambda: K.window_rmatvec(G, c, impl="cuda")),
+        ("Algorithm 2 (2 passes)", 2 * g_bytes,
+         lambda: reference.mfac_apply_coefficients(G, D, B, x, 1e-4, float(m)),
+         lambda: K.mfac_apply_coefficients(G, D, B, x, 1e-4, float(m), impl="cuda")),
+    ]
+    if storage == torch.bfloat16:  # cuBLAS/native bf16 gemv: accumulates in fp32, rounds the output to bf16
+        xb = x.to(storage)
+        cases.insert(1, ("G x, torch bf16 mv (bf16 out)", g_bytes, lambda: G @ xb, None))
+    for name, nbytes, f_torch, f_cuda in cases:
+        t_t = timeit(f_torch, device, reps)
+        t_c = timeit(f_cuda, device, reps) if use_cuda and f_cuda is not None else None
+        bw_t = nbytes / (t_t * 1e-3) / 1e9
+        bw_c = None if t_c is None else nbytes / (t_c * 1e-3) / 1e9
+        rows.append([name, str(storage).replace("torch.", ""), fmt(t_t), fmt(t_c), fmt(bw_t, ".0f"),
+                     fmt(bw_c, ".0f"), fmt(bw_t / copy_gbs, ".2f"),
+                     fmt(None if bw_c is None else bw_c / copy_gbs, ".2f")])
+    return rows
+
+
 def bench_update_mul(m: int, d: int, device: torch.device, use_cuda: bool, reps: int, copy_gbs: float) -> str:
     """``DynamicMFAC.update_mul`` with a full window, torch references vs kernels (switched by HF_MFAC_KERNELS)."""
-    from hf_mfac.core.ihvp import DynamicMFAC
-
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
     saved = os.environ.get(K.ENV_VAR)
     try:
         for storage in (torch.float32, torch.bfloat16):
-            w = DynamicMFAC(d, m, 1e-4, device=device, grad_dtype=storage)
-            g = torch.randn(d, device=device, generator=gen)
-            os.environ[K.ENV_VAR] = "auto"
-            t0 = time.perf_counter()
-            for _ in range(m):  # fill the window through the public API
-                w.update(torch.randn(d, device=device, generator=gen))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            fill_s = time.perf_counter() - t0
-            times = {}
-            for impl in ("torch", "cuda") if use_cuda else ("torch",):
-                os.environ[K.ENV_VAR] = impl
-                times[impl] = timeit(lambda: w.update_mul(g), device, reps)
-            nbytes = 2 * m * d * torch.empty(0, dtype=storage).element_size()
-            frac = {k: nbytes / (v * 1e-3) / 1e9 / copy_gbs for k, v in times.items()}
-            rows.append([str(storage).replace("torch.", ""), fmt(times["torch"]), fmt(times.get("cuda")),
-                         fmt(None if "cuda" not in times else times["torch"] / times["cuda"], ".2f"),
-                         fmt(frac["torch"], ".2f"), fmt(frac.get("cuda"), ".2f"), fmt(fill_s, ".1f")])
-            del w
+            rows.append(_update_mul_row(m, d, storage, gen, device, use_cuda, reps, copy_gbs))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
@@ -184,6 +169,31 @@ def bench_update_mul(m: int, d: int, device: torch.device, use_cuda: bool, reps:
             os.environ[K.ENV_VAR] = saved
     return table(["window", "torch ms", "CUDA ms", "speed-up", "torch / copy bw", "CUDA / copy bw",
                   "fill (m updates) s"], rows)
+
+
+def _update_mul_row(m: int, d: int, storage: torch.dtype, gen: torch.Generator, device: torch.device, use_cuda: bool,
+                    reps: int, copy_gbs: float) -> list:
+    """One window dtype's row; a function of its own so that the window (held by the lambda) is freed on return."""
+    from hf_mfac.core.ihvp import DynamicMFAC
+
+    w = DynamicMFAC(d, m, 1e-4, device=device, grad_dtype=storage)
+    g = torch.randn(d, device=device, generator=gen)
+    os.environ[K.ENV_VAR] = "auto"
+    t0 = time.perf_counter()
+    for _ in range(m):  # fill the window through the public API
+        w.update(torch.randn(d, device=device, generator=gen))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    fill_s = time.perf_counter() - t0
+    times = {}
+    for impl in ("torch", "cuda") if use_cuda else ("torch",):
+        os.environ[K.ENV_VAR] = impl
+        times[impl] = timeit(lambda: w.update_mul(g), device, reps)
+    nbytes = 2 * m * d * torch.empty(0, dtype=storage).element_size()
+    frac = {k: nbytes / (v * 1e-3) / 1e9 / copy_gbs for k, v in times.items()}
+    return [str(storage).replace("torch.", ""), fmt(times["torch"]), fmt(times.get("cuda")),
+            fmt(None if "cuda" not in times else times["torch"] / times["cuda"], ".2f"),
+            fmt(frac["torch"], ".2f"), fmt(frac.get("cuda"), ".2f"), fmt(fill_s, ".1f")]
 
 
 def _gram_chunked(G: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
