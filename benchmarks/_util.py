@@ -34,7 +34,8 @@ def copy_bandwidth(numel: int, dtype=torch.float32, device="cpu", repeats: int =
 
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {gpu}, "
+            f"torch {torch.__version__}")
 
 
 def table(headers, rows) -> str:

@@ -64,7 +64,7 @@ def size_table(size: str, sparsities, dtype: torch.dtype, workdir: str) -> str:
         dense_dir, compact_dir = os.path.join(workdir, f"dense-{s}"), os.path.join(workdir, f"compact-{s}")
         meta = save_sparse_pretrained(model, dense_dir, masks, method="magnitude")
         t = time.perf_counter()
-        report = save_compact_pretrained(model, compact_dir, masks, method="magnitude")
+        save_compact_pretrained(model, compact_dir, masks, method="magnitude")
         t_save = time.perf_counter() - t
         t = time.perf_counter()
         back = load_compact_pretrained(compact_dir)
@@ -79,8 +79,8 @@ def size_table(size: str, sparsities, dtype: torch.dtype, workdir: str) -> str:
                     f"{t_save:.1f} / {t_load:.1f} |")
         del model, back
     n_params = sum(int(torch.Size(r["shape"]).numel()) for r in meta["per_layer"].values())
-    head = (f"BERT-{size} ({dtype}), {len(meta['per_layer'])} encoder Linear weights pruned ({n_params / 1e6:.1f}M "
-            f"values); sizes in MB (1e6 bytes)\n\n"
+    head = (f"BERT-{size} ({dtype}), {len(meta['per_layer'])} encoder Linear weights pruned "
+            f"({n_params / 1e6:.1f}M values); sizes in MB (1e6 bytes)\n\n"
             "| encoder sparsity | model sparsity | dense model.safetensors | masks file (bool) | compact | "
             "compact / dense | compact save / load (s) |\n|---|---:|---:|---:|---:|---:|---:|")
     return head + "\n" + "\n".join(rows)
@@ -89,7 +89,8 @@ def size_table(size: str, sparsities, dtype: torch.dtype, workdir: str) -> str:
 def bert_linear_stack(hidden=768, ffn=3072, layers=12):
     mods = []
     for _ in range(layers):
-        mods += [torch.nn.Linear(hidden, hidden) for _ in range(4)] + [torch.nn.Linear(hidden, ffn), torch.nn.Linear(ffn, hidden)]
+        mods += [torch.nn.Linear(hidden, hidden) for _ in range(4)]
+        mods += [torch.nn.Linear(hidden, ffn), torch.nn.Linear(ffn, hidden)]
     return torch.nn.ModuleList(mods)
 
 
@@ -140,8 +141,10 @@ def speed_table(tokens_list, repeats: int) -> str:
             t_sparse = time_cuda(lambda: run_stack(sparse, x), repeats)
         rows.append(f"| {tokens} | {t_dense:.3f} | {t_sparse:.3f} | {t_dense / t_sparse:.2f}x | {err:.2e} |")
     return (f"2:4 inference, BERT-base Linear stack ({len(report)} layers, fp16, {backend}) on "
-            f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}; median of {repeats}\n\n"
-            "| tokens | dense (ms) | 2:4 (ms) | speed-up | max abs diff |\n|---:|---:|---:|---:|---:|\n" + "\n".join(rows))
+            f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}; "
+            f"median of {repeats}\n\n"
+            "| tokens | dense (ms) | 2:4 (ms) | speed-up | max abs diff |\n|---:|---:|---:|---:|---:|\n"
+            + "\n".join(rows))
 
 
 def main(argv=None):

@@ -46,7 +46,8 @@ def main(argv=None):
     diffs = [r["mfac"]["accuracy"] - r["adamw"]["accuracy"] for r in results.values() if {"mfac", "adamw"} <= set(r)]
     if diffs:
         print(f"\nM-FAC minus AdamW per seed: {', '.join(f'{d:+.3f}' for d in diffs)}")
-    print("\nCommand: python benchmarks/bench_tweets_seeds.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    print("\nCommand: python benchmarks/bench_tweets_seeds.py "
+          + shlex.join(argv if argv is not None else sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -192,8 +192,8 @@ def main(argv=None):
     print(f"ViT patch {args.patch_size}, hidden {args.hidden_size}, MLP {args.intermediate_size}, "
           f"{args.num_layers} layers, {args.num_heads} heads ({n_total} parameters); Fashion-MNIST "
           f"{args.train_samples} train / {args.test_samples} test (subset seed "
-          f"{args.seed if args.data_seed is None else args.data_seed}, training seed {args.seed}); {args.epochs:g} epochs, "
-          f"batch {args.batch_size}, M-FAC num_grads {args.mfac_num_grads}.\n")
+          f"{args.seed if args.data_seed is None else args.data_seed}, training seed {args.seed}); "
+          f"{args.epochs:g} epochs, batch {args.batch_size}, M-FAC num_grads {args.mfac_num_grads}.\n")
     print(table(["optimizer", "lr", "test accuracy", "train loss", "seconds", "note"],
                 [(n, f"{lr:g}", f"{a:.4f}", f"{lo:.4f}", f"{s:.1f}", note or "-")
                  for n, lr, a, s, lo, note in dense]))
