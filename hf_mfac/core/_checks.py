@@ -49,7 +49,8 @@ def check_float_tensor(name: str, t, ndim: int | None = None, size: tuple | None
     if size is not None:
         for i, s in enumerate(size):
             if s is not None and t.shape[i] != s:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple('*' if s is None else s for s in size)}")
+                raise ValueError(f"{name} has shape {tuple(t.shape)}; "
+                                 f"expected {tuple('*' if s is None else s for s in size)}")
     return t
 
 
@@ -57,7 +58,8 @@ def all_finite(t: torch.Tensor) -> bool:
     """True if ``t`` has no NaN/inf. A sum is one cheap pass (``isfinite().all()`` materialises a bool
     tensor and is ~10x slower on CPU); only a non-finite sum (NaN/inf inside, or an overflow of huge
     values) is checked element-wise."""
-    if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=acc))):
         return True
     return bool(torch.isfinite(t).all())
 
@@ -96,8 +98,9 @@ def damped_cholesky(K: torch.Tensor, shift: torch.Tensor | float, what: str, max
         bad = bad & ~fixed
         if not bool(bad.any()):
             n = int((extra > 0).sum())
-            (logger.warning if warn else logger.debug)("%s: Cholesky failed for %d matrix(es); retried with up to %.1e more damping.",
-                           what, n, float(extra.max()))
+            (logger.warning if warn else logger.debug)(
+                "%s: Cholesky failed for %d matrix(es); retried with up to %.1e more damping.",
+                what, n, float(extra.max()))
             return L, extra
     raise FloatingPointError(
         f"{what}: Cholesky failed even after adding {10.0**max_tries:g} times the damping; the inputs are "

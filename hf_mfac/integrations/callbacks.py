@@ -7,4 +7,5 @@ from .pruning_args import PruningArguments
 from .pruning_callback import CHECKPOINT_MASKS_NAME, CHECKPOINT_STATE_NAME, PruningCallback
 
 __all__ = ["PruningCallback", "PruningArguments", "cyclic_linear_lambda", "cyclic_linear_scheduler",
-           "distillation_loss", "DistillationMixin", "DistillationTrainer", "CHECKPOINT_MASKS_NAME", "CHECKPOINT_STATE_NAME"]
+           "distillation_loss", "DistillationMixin", "DistillationTrainer", "CHECKPOINT_MASKS_NAME",
+           "CHECKPOINT_STATE_NAME"]

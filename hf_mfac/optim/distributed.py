@@ -97,7 +97,8 @@ class _ShardedWindow:
         """Load a shard saved for the same range, or a full window (plain MFAC's) of which we keep our columns.
         The checks of :meth:`DynamicMFAC.load_state_dict` run on every rank together: all load or all refuse."""
         G, problems = state.get("G"), []
-        if isinstance(G, torch.Tensor) and G.dim() == 2 and G.shape[1] == self.dim and (self.start, self.stop) != (0, self.dim):
+        if (isinstance(G, torch.Tensor) and G.dim() == 2 and G.shape[1] == self.dim
+                and (self.start, self.stop) != (0, self.dim)):
             state = {**state, "G": G[:, self.start : self.stop]}
         elif "start" in state and (int(state["start"]), int(state["stop"])) != (self.start, self.stop):
             problems.append(f"window shard covers [{state['start']}, {state['stop']}); this rank holds "

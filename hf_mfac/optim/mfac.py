@@ -159,7 +159,8 @@ class MFAC(torch.optim.Optimizer):
             layout.append((p, idx, offset, n))
             offset += n
         if offset == 0:
-            raise ValueError(f"{type(self).__name__} has no trainable coordinates (all parameters frozen or fully masked)")
+            raise ValueError(f"{type(self).__name__} has no trainable coordinates "
+                             "(all parameters frozen or fully masked)")
         window = self._make_window(offset, self.window_device or layout[0][0].device)
         return layout, {id(p) for p, *_ in layout}, window
 
@@ -187,7 +188,8 @@ class MFAC(torch.optim.Optimizer):
         for p, mask in (masks or {}).items():
             mask = torch.as_tensor(mask).to(device=p.device, dtype=torch.bool)
             if mask.shape != p.shape:
-                raise ValueError(f"mask of shape {tuple(mask.shape)} does not match parameter of shape {tuple(p.shape)}")
+                raise ValueError(f"mask of shape {tuple(mask.shape)} does not match parameter of shape "
+                                 f"{tuple(p.shape)}")
             new[p] = mask
         known = set(map(id, self._params()))
         if any(id(p) not in known for p in new):

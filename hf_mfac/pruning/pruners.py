@@ -411,7 +411,8 @@ class OBSPruner(_OBSMixin, Pruner):
     name = "obert"
 
     def new_fisher(self, dim: int, num_grads: int, device, groups: torch.Tensor | None = None):
-        return _BlockFisherSink(dim, self.block_size, **self.damping(), damp_groups=_block_groups(groups, self.block_size, self.rel_damp_scope),
+        return _BlockFisherSink(dim, self.block_size, **self.damping(),
+                                damp_groups=_block_groups(groups, self.block_size, self.rel_damp_scope),
                                 device=device, dtype=self.fisher_dtype)
 
 
@@ -433,7 +434,8 @@ class _GradBuffer:
         if page is None:  # bound the fp64 temporaries of the precomputation (about 6x the page) on any device
             page = MFACPruner.default_page_bytes
         B = min(p.block_size or self.G.shape[1], self.G.shape[1])
-        return StaticMFAC(self.G[: self.n], block_size=p.block_size, **p.damping(), damp_groups=_block_groups(self.groups, B, p.rel_damp_scope),
+        return StaticMFAC(self.G[: self.n], block_size=p.block_size, **p.damping(),
+                          damp_groups=_block_groups(self.groups, B, p.rel_damp_scope),
                           device=self.device, page_bytes=page)
 
 
@@ -485,7 +487,8 @@ class CAPPruner(Pruner):
     updates = ("joint",)  # the chosen prefix of each block's elimination is applied with the joint solve
 
     def new_fisher(self, dim: int, num_grads: int, device, groups: torch.Tensor | None = None):
-        return _BlockFisherSink(dim, self.block_size, **self.damping(), damp_groups=_block_groups(groups, self.block_size, self.rel_damp_scope),
+        return _BlockFisherSink(dim, self.block_size, **self.damping(),
+                                damp_groups=_block_groups(groups, self.block_size, self.rel_damp_scope),
                                 device=device, dtype=self.fisher_dtype)
 
     def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
@@ -548,7 +551,8 @@ def make_pruner(method: str | Pruner, **kwargs) -> Pruner:
     if cls is None:
         raise ValueError(f"unknown pruning method {method!r}; choose one of {sorted(PRUNERS)}")
     if cls is MagnitudePruner:  # one sweep may pass the same settings to every method
-        unused = [k for k in ("block_size", "damp", "rel_damp", "woodtaylor", "update") if kwargs.pop(k, None) not in (None, False)]
+        unused = [k for k in ("block_size", "damp", "rel_damp", "woodtaylor", "update")
+                  if kwargs.pop(k, None) not in (None, False)]
         if unused:
             logger.info("magnitude pruning uses no Fisher: ignoring %s", ", ".join(unused))
     return cls(**kwargs)
