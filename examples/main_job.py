@@ -198,6 +198,7 @@ def main(argv=None):
                             "measured": calibration_loss(model, check_batches) - dense_calib_loss}
             print(f"[prune] {method:9s} {s:.0%}: accuracy {acc:.4f} ({time.time() - t0:.0f} s)")
     eval_trainer.model = dense
+    fisher_cache.clear()  # the sweep's inverses (GiBs at this size) are not needed any more
     settings = {m: {k: getattr(r, k) for k in ("num_grads", "block_size", "rel_damp", "damp")}
                 for m, r in last_report.items() if m != "magnitude"}
 
