@@ -42,6 +42,7 @@ import torch
 
 from ..comm import Comm, DistributedError
 from ..core._checks import check_positive_int
+from . import oneshot
 from .oneshot import _pruner_from, _resolve_targets, accepts_config, prune_oneshot, restore_on_error
 from .pruners import CAPPruner, MFACPruner, Pruner, StepResult, make_pruner
 
@@ -238,6 +239,7 @@ class DistributedPruner(Pruner):
     uses ``num_grads * world_size`` gradients. Magnitude pruning needs no communication (every rank computes
     the same masks); OBS methods go through :class:`ShardedFisherInverse`; CAP has its own distributed step.
     """
+    runs_over_ranks = True  # prune_oneshot does not redirect it to prune_oneshot_distributed
 
     def __init__(self, pruner: Pruner | str, group=None, **kwargs):
         self.inner = make_pruner(pruner, **kwargs)
@@ -407,3 +409,6 @@ def _setup(model, dataloader, method, num_grads, shard_data, group, comm: Comm, 
     settings["pruner"] = repr(pruner.inner)
     kwargs["progress"] = kwargs.get("progress", True) and comm.rank == 0
     return pruner, num_grads, dataloader, kwargs, settings
+
+
+oneshot._DISTRIBUTED_ENTRY = prune_oneshot_distributed  # plain prune_oneshot over several ranks runs this

@@ -214,12 +214,15 @@ def _config_kwargs(config: PruningConfig) -> dict:
     return config.oneshot_kwargs()
 
 
+# prune_oneshot_distributed, which builds on this module: it registers itself here when hf_mfac.pruning.distributed
+# is imported (hf_mfac.pruning imports it), so that this module never imports it back.
+_DISTRIBUTED_ENTRY: Callable | None = None
+
+
 def _several_ranks(method) -> bool:
     """True inside an initialised process group of more than one rank, unless ``method`` is already distributed
     (a :class:`~hf_mfac.pruning.distributed.DistributedPruner`, which brings its own group)."""
-    from .distributed import DistributedPruner
-
-    return not isinstance(method, DistributedPruner) and Comm().distributed
+    return not getattr(method, "runs_over_ranks", False) and Comm().distributed
 
 
 def _initial_keep(layout: Layout, masks, device) -> torch.Tensor:
@@ -377,9 +380,10 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
     settings = {k: v for k, v in locals().items() if k not in ("model", "dataloader")}
     t_start = time.perf_counter()
     if _several_ranks(method):  # every rank must end with the same model: prune over all of them
-        from .distributed import prune_oneshot_distributed
-
-        return prune_oneshot_distributed(model, dataloader, **settings)
+        if _DISTRIBUTED_ENTRY is None:
+            raise RuntimeError("inside a process group of several ranks prune_oneshot runs "
+                               "hf_mfac.pruning.prune_oneshot_distributed: import hf_mfac.pruning first")
+        return _DISTRIBUTED_ENTRY(model, dataloader, **settings)
     recompute = check_positive_int("recompute", recompute)
     if num_grads is not None:
         num_grads = check_positive_int("num_grads", num_grads)
