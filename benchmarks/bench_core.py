@@ -44,7 +44,6 @@ def bench_update_mul(dims, ms, dtype=torch.float32, device="cpu"):
             gemv = timeit(lambda: win.G @ gs[0].to(dtype), repeats=5) if dtype == torch.float32 else float("nan")
             rows.append((d, m, str(dtype).replace("torch.", ""), f"{t * 1e3:.1f}", f"{read / t / 1e9:.1f}",
                          f"{bw / 1e9:.1f}", f"{read / t / bw:.2f}", f"{2 * gemv / t:.2f}"))
-            del win
     return table(["d", "m", "storage", "update_mul ms", "GB/s read", "copy GB/s", "fraction of copy bw",
                   "2 x gemv time / update_mul time"], rows)
 
@@ -146,7 +145,8 @@ def bench_fisher_build(shapes, chunk=32, repeats=3):
                 fn()
                 ts[name].append(time.perf_counter() - t0)
         med = {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
-        rows.append((d, m, B, f"{med['ours'] * 1e3:.0f}", f"{med['bare'] * 1e3:.0f}", f"{med['bare'] / med['ours']:.2f}"))
+        rows.append((d, m, B, f"{med['ours'] * 1e3:.0f}", f"{med['bare'] * 1e3:.0f}",
+                     f"{med['bare'] / med['ours']:.2f}"))
     return table(["d", "m", "B", "add_grads + invert ms (fp64 accumulation)", "bare fp32 baddbmm ms",
                   "fraction of bare GEMM throughput"], rows)
 

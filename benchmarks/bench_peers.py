@@ -148,7 +148,8 @@ def rel(a, b) -> float:
 
 def peak_extra(case: str, args: dict, paths: dict) -> float:
     """MB of RSS high-water mark above the inputs, in a fresh one-thread subprocess."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_mem", json.dumps({"case": case, "args": args, "paths": paths})]
+    spec = json.dumps({"case": case, "args": args, "paths": paths})
+    cmd = [sys.executable, os.path.abspath(__file__), "--_mem", spec]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     return float(out.strip().splitlines()[-1])
@@ -285,7 +286,8 @@ def bench_fisher(obs, shapes, damp, paths):
         mo, mp = peak_extra("fisher_ours", args, paths), peak_extra("fisher_peer", args, paths)
         inv_mb = nb * B * B * 4 / 2**20
         rows.append((d, m, B, f"{damp:g}", f"{rel(ours, peer):.1e}", f"{e_o:.1e}", f"{e_p:.1e}",
-                     f"{t['peer'] / t['ours']:.2f}", f"{mo:.0f} ({mo / inv_mb:.2f}x)", f"{mp:.0f} ({mp / inv_mb:.2f}x)"))
+                     f"{t['peer'] / t['ours']:.2f}", f"{mo:.0f} ({mo / inv_mb:.2f}x)",
+                     f"{mp:.0f} ({mp / inv_mb:.2f}x)"))
     return table(["d", "m", "B", "damp", "ours vs peer (diag)", "ours vs fp64", "peer vs fp64",
                   "peer time / ours", "ours peak extra MB (x inverse)", "peer peak extra MB (x inverse)"], rows)
 
@@ -295,7 +297,8 @@ def bench_obert(obs, mc, shapes, damp, paths, sparsity=0.5):
     for d, m, B in shapes:
         G, w = _inputs(m, d)
         bf, finv = _fisher_ours(G, B, damp), _fisher_peer(obs, G, B, damp)
-        t = turns({"peer": lambda: _obert_peer(obs, mc, finv, w, sparsity), "ours": lambda: _obert_ours(bf, w, sparsity)})
+        t = turns({"peer": lambda: _obert_peer(obs, mc, finv, w, sparsity),
+                   "ours": lambda: _obert_ours(bf, w, sparsity)})
         (wo, ko), (wp, kp) = _obert_ours(bf, w, sparsity), _obert_peer(obs, mc, finv, w, sparsity)
         same = float((ko == kp).double().mean())
         args = {"m": m, "d": d, "B": B, "damp": damp, "sparsity": sparsity}
@@ -389,11 +392,13 @@ def main():
             (d0, 32, 32), (d0, 512, 32),  # m
             (d0, 256, 16), (d0, 256, 64)]  # B
         if "fisher" in sections:
-            print("\n## Block-Fisher inverse from m gradients: BlockFisherInverse vs sparseml EmpiricalBlockFisherInverse\n")
+            print("\n## Block-Fisher inverse from m gradients: BlockFisherInverse vs sparseml "
+                  "EmpiricalBlockFisherInverse\n")
             for damp in (a.damp,) if a.quick else (1e-4, a.damp, 1e-8):
                 print(bench_fisher(obs, fshapes if damp == a.damp else fshapes[:2], damp, paths) + "\n")
     if a.sparseml and "obert" in sections:
-        print("\n## oBERT selection + summed OBS update: hf_mfac vs sparseml OBSPruningParamsScorer + mask creator (50 %)\n")
+        print("\n## oBERT selection + summed OBS update: hf_mfac vs sparseml OBSPruningParamsScorer + mask creator "
+              "(50 %)\n")
         oshapes = [(d0, 32, 32), (d0, 32, 64)] if a.quick else [(1 << 16, 32, 32), (1 << 18, 32, 32),
                                                                    (1 << 20, 32, 32), (1 << 18, 32, 64)]
         print(bench_obert(obs, mc, oshapes, a.damp, paths))

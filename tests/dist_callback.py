@@ -1,7 +1,8 @@
 """Worker of tests/test_distributed.py: PruningCallback inside transformers.Trainer under DDP.
 
 Run on every rank (env RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1, MASTER_PORT). Two trainings of a
-tiny BERT for 4 steps with gradual pruning (AdamW, then ShardedMFAC with the window split over the ranks); writes ``<out>/rank<R>.json`` with, per case:
+tiny BERT for 4 steps with gradual pruning (AdamW, then ShardedMFAC with the window split over the ranks);
+writes ``<out>/rank<R>.json`` with, per case:
 
 * ``oneshot_masks_equal``: the masks of the pruning step at step 0 (before any training, so every rank and the
   single-process reference hold the same model) equal ``prune_oneshot`` in this one process on all calibration

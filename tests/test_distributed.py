@@ -212,7 +212,8 @@ def test_prune_oneshot_in_process_group_is_distributed_and_fails_together(tmp_pa
         assert r["plain"]["num_grads"] == 16 and abs(r["plain"]["sparsity"] - 0.6) < 1e-3
         assert r["interrupt"]["unchanged"] and r["other_model"]["unchanged"]
         assert r["other_model"]["error"].startswith("DistributedError: the ranks hold different pruning targets"), r
-        assert "rank 1 has 3 targets" in r["other_model"]["error"] and "fc1.weight (20, 12)" in r["other_model"]["error"]
+        err = r["other_model"]["error"]
+        assert "rank 1 has 3 targets" in err and "fc1.weight (20, 12)" in err
     assert r1["interrupt"]["error"] == "KeyboardInterrupt: "
     assert r0["interrupt"]["error"].startswith("DistributedError: stopped on all 2 ranks because rank 1: "
                                                "KeyboardInterrupt"), r0["interrupt"]

@@ -62,10 +62,10 @@ def cap_eliminate(w: torch.Tensor, hinv: torch.Tensor, *, valid: torch.Tensor | 
     page = _page(B)
     for s in range(0, nb, page):
         e = min(nb, s + page)
-        o, l = _eliminate_page(
+        page_order, page_losses = _eliminate_page(
             w[s:e], hinv[s:e],
             None if valid is None else valid[s:e], None if forced is None else forced[s:e], nm)
-        order[s:e], losses[s:e] = o, l
+        order[s:e], losses[s:e] = page_order, page_losses
     return order, losses
 
 

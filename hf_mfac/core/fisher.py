@@ -202,7 +202,8 @@ class BlockFisherInverse:
         check_float_tensor("x", x)
         if x.numel() != self.dim:
             raise ValueError(f"x has {x.numel()} elements; expected dim={self.dim}")
-        xb = self._padded(x.reshape(-1).to(device=self.device, dtype=self.dtype)).view(self.num_blocks, self.block_size, 1)
+        xb = self._padded(x.reshape(-1).to(device=self.device, dtype=self.dtype))
+        xb = xb.view(self.num_blocks, self.block_size, 1)
         return (self.blocks() @ xb).reshape(-1)[: self.dim]
 
     def submatrix(self, idx: torch.Tensor) -> torch.Tensor:

@@ -494,7 +494,8 @@ class DynamicMFAC:
             off = (diag - want).abs() > tol * want
             if bool(off.any()):
                 i = int(off.nonzero()[0])
-                mismatch = (f"GGt does not match G: GGt[{i}, {i}] = {float(diag[i]):.6g} but the squared norm of G[{i}] "
+                mismatch = (f"GGt does not match G: GGt[{i}, {i}] = {float(diag[i]):.6g} but the squared norm "
+                            f"of G[{i}] "
                             f"is {float(want[i]):.6g} (relative tolerance {tol:.1e})")
         if self._agree(mismatch is not None):
             raise ValueError("cannot load the DynamicMFAC window: "
@@ -619,7 +620,8 @@ class StaticMFAC:
         if groups is not None:
             groups = torch.as_tensor(groups, device=sq.device).long()
             if groups.shape != (len(widths),):
-                raise ValueError(f"damp_groups must have one entry per block ({len(widths)},); got {tuple(groups.shape)}")
+                raise ValueError(f"damp_groups must have one entry per block ({len(widths)},); got "
+                                 f"{tuple(groups.shape)}")
         return relative_damp(sums, counts, self.rel_damp, groups)
 
     def _precompute_full(self) -> None:

@@ -105,7 +105,8 @@ def nm_groups(numel_or_shape, n: int, m: int) -> int:
         raise ValueError(f"N:M pattern needs N < M; got {n}:{m}")
     shape = tuple(numel_or_shape) if not isinstance(numel_or_shape, int) else (numel_or_shape,)
     if shape[-1] % m:
-        raise ValueError(f"N:M={n}:{m} is impossible for a tensor of shape {shape}: the last dimension must be divisible by {m}")
+        raise ValueError(f"N:M={n}:{m} is impossible for a tensor of shape {shape}: the last dimension must be "
+                         f"divisible by {m}")
     return math.prod(shape) // m
 
 
@@ -127,6 +128,9 @@ def group_mask(scores: torch.Tensor, group: int, k: int) -> torch.Tensor:
 
 def sparsity(masks) -> float:
     """Fraction of pruned entries over a mask, a list or a dict of masks."""
-    ts = list(masks.values()) if isinstance(masks, Mapping) else (masks if isinstance(masks, (list, tuple)) else [masks])
+    if isinstance(masks, Mapping):
+        ts = list(masks.values())
+    else:
+        ts = masks if isinstance(masks, (list, tuple)) else [masks]
     total = sum(t.numel() for t in ts)
     return float(sum((~t.bool()).sum().item() for t in ts)) / max(total, 1)

@@ -282,7 +282,8 @@ class DistributedPruner(Pruner):
     def _agree_on_layout(self, layout) -> None:
         """Raise :class:`DistributedError` on every rank unless all ranks hold the same targets (names, shapes,
         dtypes): one all-gather of a hash and a summary; the whole list is gathered only to name a difference."""
-        rows = [f"{name} {tuple(shape)} {layout.params[name].dtype}" for name, shape in zip(layout.names, layout.shapes)]
+        rows = [f"{name} {tuple(shape)} {layout.params[name].dtype}"
+                for name, shape in zip(layout.names, layout.shapes)]
         digest = hashlib.sha256("\n".join(rows).encode()).hexdigest()
         summary = f"{len(rows)} targets, {layout.numel} weights"
         self.comm.check()

@@ -325,7 +325,8 @@ class FisherCache:
 @accepts_config
 def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "obert", sparsity: float | None = None,
                   num_grads: int | None = None, block_size: int | None = None, damp: float | None = None,
-                  rel_damp: float | None = None, recompute: int = 1, scope: str = "global", pattern=None, woodtaylor: bool = False,
+                  rel_damp: float | None = None, recompute: int = 1, scope: str = "global", pattern=None,
+                  woodtaylor: bool = False,
                   include=None, exclude=DEFAULT_EXCLUDE, types: Sequence[type] = DEFAULT_TYPES,
                   targets: Mapping[str, torch.Tensor] | None = None, masks: Mapping[str, torch.Tensor] | None = None,
                   fisher_batch_size: int | None = None, per_sample: bool = False, loss_fn: Callable | None = None,
