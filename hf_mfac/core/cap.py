@@ -150,15 +150,15 @@ def cap_select(losses: torch.Tensor, k: int, block_groups: torch.Tensor | None =
     """
     nb, B = losses.shape
     if block_groups is None:
-        return _select(losses, k)
+        return _k_smallest(losses, k)
     counts = torch.zeros(nb, dtype=torch.long, device=losses.device)
     for gid in torch.unique(block_groups).tolist():
         sel = block_groups == gid
-        counts[sel] = _select(losses[sel], int(k_per_group[gid]))
+        counts[sel] = _k_smallest(losses[sel], int(k_per_group[gid]))
     return counts
 
 
-def _select(losses: torch.Tensor, k: int) -> torch.Tensor:
+def _k_smallest(losses: torch.Tensor, k: int) -> torch.Tensor:
     nb, B = losses.shape
     finite = int(torch.isfinite(losses).sum())
     if not 0 <= k <= finite:

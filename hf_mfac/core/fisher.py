@@ -213,6 +213,11 @@ class BlockFisherInverse:
         vals = self.blocks()[blk[:, :, None], loc[:, :, None], loc[:, None, :]]  # (n, g, g), row's block
         return torch.where(blk[:, :, None] == blk[:, None, :], vals, torch.zeros_like(vals))
 
+    def finish(self) -> "BlockFisherInverse":
+        """The inverse once all gradients are in: this object (formed on first use). Gradient sinks of the
+        pruners (``add_grads`` then ``finish``) share this protocol."""
+        return self
+
     def reset(self) -> None:
         B, nb = self.block_size, self.num_blocks
         shape = (nb, B * (B + 1) // 2) if self._packed else (nb, B, B)

@@ -160,7 +160,7 @@ def _linear_weight_names(model: nn.Module) -> list[str]:
     return [f"{name}.weight" if name else "weight" for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
 
 
-def _select(names: Iterable[str], targets: Iterable[str]) -> list[str]:
+def _matching_names(names: Iterable[str], targets: Iterable[str]) -> list[str]:
     """Names equal to a target or matching it as a regular expression (``re.search``)."""
     names, out = list(names), []
     for t in targets:
@@ -198,7 +198,7 @@ def resolve_masks(model: nn.Module, masks: Mapping[str, Any] | None = None,
             names = [n for n in _linear_weight_names(model) if n in params and bool((params[n] == 0).any())]
         else:
             matrices = [n for n, p in params.items() if p.dim() >= 2]
-            names = _select(matrices, [targets] if isinstance(targets, str) else targets)
+            names = _matching_names(matrices, [targets] if isinstance(targets, str) else targets)
         return {n: (params[n].detach() != 0).cpu() for n in names}
     out, bad = {}, []
     for name, mask in masks.items():
@@ -872,8 +872,9 @@ def export_semi_structured(model: nn.Module, targets: Iterable[str] | None = Non
     dtype, shape), or says that nothing was. With ``strict=True`` any such layer raises ``RuntimeError``
     instead and the model is left untouched.
     """
-    names = None if targets is None else set(_select((n for n, m in model.named_modules() if isinstance(m, nn.Linear)),
-                                                     [targets] if isinstance(targets, str) else targets))
+    linears = (n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    wanted = [targets] if isinstance(targets, str) else targets
+    names = None if targets is None else set(_matching_names(linears, wanted))
     report, converted, missed = {}, {}, {}
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or (names is not None and name not in names):

@@ -110,7 +110,7 @@ def _unit_slices(layout, g: int):
     return [(off // g, n // g) for off, n in zip(layout.offsets, layout.numels)]
 
 
-def _select(layout, scores_u: torch.Tensor, sparsity: float, scope: str, g: int) -> torch.Tensor:
+def _select_units(layout, scores_u: torch.Tensor, sparsity: float, scope: str, g: int) -> torch.Tensor:
     """Units (D/g,) to prune: the ``sparsity`` fraction of lowest scores, globally or per target (exact)."""
     sl = _unit_slices(layout, g)
     per = {i: scores_u[o : o + c] for i, (o, c) in enumerate(sl)}
@@ -307,12 +307,12 @@ class MagnitudePruner(Pruner):
             pruned &= layout.valid(w.device)
         else:
             sc = torch.where(prev, torch.full_like(prev, -float("inf"), dtype=torch.float64), sq.sum(1))
-            pruned = _select(layout, sc, sparsity, self.scope, g).repeat_interleave(g)
+            pruned = _select_units(layout, sc, sparsity, self.scope, g).repeat_interleave(g)
         new_keep = keep & ~pruned
         return StepResult(w * new_keep, new_keep, None)
 
 
-class _OBSMixin:
+class _OBSPruner(Pruner):
     """OBS selection ([WoodFisher, eqs. 10-11]; groups and N:M: [oBERT, eq. 5]) for any inverse with
     ``diag``/``mul``/``submatrix``, and the update of the remaining weights: ``"joint"``, the exact OBS
     solve of each Fisher block for all the weights it loses (:func:`~hf_mfac.core.obs.block_obs_update`), or
@@ -356,7 +356,7 @@ class _OBSMixin:
         if kind == "unstructured":
             sc = obs_scores(w, finv.diag().to(w.device), u).to(torch.float64)  # (D,) w^2 / (2 [F^{-1}]_qq)
             sc = torch.where(keep, sc, torch.full_like(sc, -float("inf")))
-            pruned = (_select(layout, sc, sparsity, self.scope, 1) | ~keep) & valid
+            pruned = (_select_units(layout, sc, sparsity, self.scope, 1) | ~keep) & valid
 
             def summed():
                 new = obs_update(finv, w, pruned.nonzero()[:, 0], u=u)
@@ -387,7 +387,7 @@ class _OBSMixin:
         sc = torch.full((layout.dim // g,), float("inf"), dtype=torch.float64, device=w.device)
         sc[uvalid] = sc_valid
         sc = torch.where(prev, torch.full_like(sc, -float("inf")), sc)
-        pruned_u = (_select(layout, sc, sparsity, self.scope, g) | prev) & uvalid
+        pruned_u = (_select_units(layout, sc, sparsity, self.scope, g) | prev) & uvalid
 
         def summed():
             sel_rows = pruned_u[uvalid]
@@ -397,12 +397,7 @@ class _OBSMixin:
         return self._finish(layout, w, keep, pruned_u.repeat_interleave(g), finv, u, summed)
 
 
-class _BlockFisherSink(BlockFisherInverse):
-    def finish(self):
-        return self
-
-
-class OBSPruner(_OBSMixin, Pruner):
+class OBSPruner(_OBSPruner):
     """WoodFisher / oBERT: OBS with a block-diagonal empirical-Fisher inverse ([WoodFisher, eqs. 10-11];
     groups and N:M with the oBERT group formula, [oBERT, eq. 5]). Blocks of ``block_size`` weights inside
     each target; Fisher memory D*B values, gradients streamed (never all held). Cost per step: O(m D B)
@@ -411,7 +406,7 @@ class OBSPruner(_OBSMixin, Pruner):
     name = "obert"
 
     def new_fisher(self, dim: int, num_grads: int, device, groups: torch.Tensor | None = None):
-        return _BlockFisherSink(dim, self.block_size, **self.damping(),
+        return BlockFisherInverse(dim, self.block_size, **self.damping(),
                                 damp_groups=_block_groups(groups, self.block_size, self.rel_damp_scope),
                                 device=device, dtype=self.fisher_dtype)
 
@@ -439,7 +434,7 @@ class _GradBuffer:
                           device=self.device, page_bytes=page)
 
 
-class MFACPruner(_OBSMixin, Pruner):
+class MFACPruner(_OBSPruner):
     """OBS with the static M-FAC inverse ([M-FAC, "static algorithm", App. C]): the m
     gradients (m x D fp32, host memory; ``page_bytes`` pages them through the device) give
     ``diag(F^{-1})`` (eq. 25) and ``F^{-1} x`` (eq. 24) in O(D m) after an O(D m^2) precomputation, for
@@ -487,7 +482,7 @@ class CAPPruner(Pruner):
     updates = ("joint",)  # the chosen prefix of each block's elimination is applied with the joint solve
 
     def new_fisher(self, dim: int, num_grads: int, device, groups: torch.Tensor | None = None):
-        return _BlockFisherSink(dim, self.block_size, **self.damping(),
+        return BlockFisherInverse(dim, self.block_size, **self.damping(),
                                 damp_groups=_block_groups(groups, self.block_size, self.rel_damp_scope),
                                 device=device, dtype=self.fisher_dtype)
 
