@@ -103,10 +103,10 @@ def test_metrics_reach_log_history_and_other_callbacks(tmp_path):
     trainer.train()
     logged = [h for h in trainer.state.log_history if "sparsity" in h]
     assert [h["step"] for h in logged] == [2, 5, 8]
-    assert {"pruning_target", "pruning_loss_increase", "pruning_time", "pruning_grad_share"} <= set(logged[0])
+    assert {"pruning_target", "pruning_saliency", "pruning_time", "pruning_grad_share"} <= set(logged[0])
     # what TensorBoard/W&B callbacks receive: on_log of every callback
-    seen = [l for l in spy.logs if "sparsity" in l]
-    assert [round(l["sparsity"], 3) for l in seen] == [round(h["sparsity"], 3) for h in logged]
+    seen = [entry for entry in spy.logs if "sparsity" in entry]
+    assert [round(entry["sparsity"], 3) for entry in seen] == [round(h["sparsity"], 3) for h in logged]
 
 
 def test_unattached_callback_logs_to_history_only(tmp_path, caplog):
@@ -116,7 +116,7 @@ def test_unattached_callback_logs_to_history_only(tmp_path, caplog):
         trainer.train()
     assert "attach" in caplog.text
     assert len([h for h in trainer.state.log_history if "sparsity" in h]) == 3
-    assert not [l for l in spy.logs if "sparsity" in l]
+    assert not [entry for entry in spy.logs if "sparsity" in entry]
 
 
 @pytest.mark.parametrize("log_level,shown", [("info", True), ("warning", False)])

@@ -84,7 +84,7 @@ class _PruningArgumentsMethods:
             logger.info("one-shot pruning with %s to sparsity %s", self.prune_method, self.prune_sparsity)
             masks, report = prune(trainer.model, loader, progress=progress, **self.oneshot_kwargs())
             logger.info("one-shot pruning:\n%s", report.to_markdown())
-            trainer.log({"sparsity": report.sparsity, **({"pruning_loss_increase": report.loss_increase}
+            trainer.log({"sparsity": report.sparsity, **({"pruning_saliency": report.loss_increase}
                                                          if report.loss_increase is not None else {})})
         callback = self.callback(masks=masks)
         if callback is not None:

@@ -89,7 +89,8 @@ class PruningCallback(TrainerCallback):
     Under DDP the pruning steps run distributed (see the module docstring); ``num_grads`` is then the total
     number of gradients over all ranks.
 
-    Metrics (``sparsity``, ``pruning_target``, ``pruning_loss_increase``, ``pruning_time``,
+    Metrics (``sparsity``, ``pruning_target``, ``pruning_saliency`` (the OBS saliency of the step, a relative
+    score), ``pruning_time``,
     ``pruning_grad_share``) go through ``trainer.log`` after :meth:`attach` (so TensorBoard/W&B get them), else
     straight into ``state.log_history``. The current masks are in :attr:`masks`; the settings in :attr:`config`
     (readable as attributes too: ``callback.num_grads``).
@@ -265,14 +266,14 @@ class PruningCallback(TrainerCallback):
                "loss_increase": report.loss_increase, "time": report.time_total, "grad_share": report.grad_share,
                "num_grads": report.num_grads}
         self.history.append(rec)
-        loss = "" if report.loss_increase is None else f", estimated loss increase {report.loss_increase:.4g}"
+        loss = "" if report.loss_increase is None else f", OBS saliency {report.loss_increase:.4g} (relative)"
         logger.info("PruningCallback: step %d: sparsity %.4f (target %.4f)%s in %.1f s (%.0f%% collecting "
                     "gradients)", state.global_step, report.sparsity, report.target_sparsity, loss, report.time_total,
                     100 * report.grad_share)
         logs = {"sparsity": report.sparsity, "pruning_target": report.target_sparsity,
                 "pruning_time": report.time_total, "pruning_grad_share": report.grad_share}
         if report.loss_increase is not None:
-            logs["pruning_loss_increase"] = report.loss_increase
+            logs["pruning_saliency"] = report.loss_increase
         self._log(logs, state)
 
     def _enforce(self, optimizer, reset: bool) -> None:

@@ -50,8 +50,10 @@ class PruneReport:
     saliencies ``rho = 1/2 w_Q^T ([F^{-1}]_QQ)^{-1} w_Q`` [WoodFisher, eq. 10], [oBERT, eq. 5], or CAP's
     recorded greedy losses; None for magnitude). Each gradient of the Fisher averages a mini-batch of b
     samples, which shrinks that Fisher by about b near a minimum: the saliencies are multiplied by b (the mean
-    number of samples per gradient) so that the estimate is on the scale of the per-sample loss. It is still a
-    second-order estimate with the empirical Fisher and the damping. Times in seconds; ``grad_share`` = share
+    number of samples per gradient) so that it is on the scale of the per-sample loss. Even so it is a relative
+    score, not a loss change: the empirical Fisher underestimates the curvature of a well-fit model (on the
+    fine-tuned all-MiniLM-L6-v2 at 50 %, 0.0015 against a measured increase of the training loss of 0.024), so
+    compare layers, methods and steps of one run with it, and measure the loss. Times in seconds; ``grad_share`` = share
     of the time spent collecting gradients."""
     method: str
     pattern: str
@@ -82,13 +84,14 @@ class PruneReport:
 
     def to_markdown(self) -> str:
         """Per-layer table plus a summary line."""
-        lines = ["| layer | weights | sparsity | est. loss increase |", "|---|---:|---:|---:|"]
+        lines = ["| layer | weights | sparsity | OBS saliency (relative score) |", "|---|---:|---:|---:|"]
         for name, r in self.layers.items():
             li = "-" if r["loss_increase"] is None else f"{r['loss_increase']:.4g}"
             lines.append(f"| {name} | {r['numel']} | {r['sparsity']:.4f} | {li} |")
         total = "-" if self.loss_increase is None else f"{self.loss_increase:.4g}"
         lines.append(f"\n{self.method} ({self.pattern}, {self.scope}): sparsity {self.sparsity:.4f} "
-                     f"(target {self.target_sparsity:.4f}), est. loss increase {total}, {len(self.steps)} step(s), "
+                     f"(target {self.target_sparsity:.4f}), OBS saliency {total} (a relative score), "
+                     f"{len(self.steps)} step(s), "
                      f"{self.time_total:.2f}s ({100 * self.grad_share:.0f}% collecting gradients"
                      f"{'; first Fisher reused from the cache' if self.fisher_reused else ''})")
         return "\n".join(lines)

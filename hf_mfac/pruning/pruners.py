@@ -6,7 +6,8 @@ All work on the flat padded vector of a :class:`~hf_mfac.pruning.targets.Layout`
 1. (Fisher methods) ``fisher = pruner.new_fisher(D, m, device)``; gradients are streamed into
    ``fisher.add_grads(G)``; ``finv = fisher.finish()`` gives the inverse (``diag``/``mul``/``submatrix``).
 2. ``pruner.prune(layout, w, keep, sparsity=..., zeros=..., finv=finv, grad=mean_grad)`` selects the
-   weights to remove, updates the rest, and returns the new weights, mask and estimated loss increase.
+   weights to remove, updates the rest, and returns the new weights, mask and OBS saliency (a relative score of
+   the loss increase).
 
 Gradient collection (step 1) and the per-block work (step 2) are separate so that a distributed driver
 can shard either. Selections are exact: ``round(sparsity * n / unit)`` units (globally or per layer), or
@@ -92,7 +93,7 @@ class Pattern:
 
 @dataclass
 class StepResult:
-    """One pruning step: new weights (D,), new mask (D,) and estimated loss increase per target (L,) or None."""
+    """One pruning step: new weights (D,), new mask (D,) and OBS saliency per target (L,) or None."""
     weights: torch.Tensor
     keep: torch.Tensor
     loss: torch.Tensor | None
