@@ -131,7 +131,8 @@ def faults(a, rank):
 
     good = opt.sharded_state_dict()
     before = state_of(model, opt)
-    for key, corrupt in (("load_error", lambda G: G[0].mul_(2.0)), ("load_nan_error", lambda G: G[1].fill_(float("nan")))):
+    for key, corrupt in (("load_error", lambda G: G[0].mul_(2.0)),
+                         ("load_nan_error", lambda G: G[1].fill_(float("nan")))):
         state = copy.deepcopy(good)
         if rank == 1:
             corrupt(state["window"]["G"])

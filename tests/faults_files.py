@@ -163,7 +163,8 @@ SAVE_ROWS = []
 for old in ("dense", "sharded", "compact"):
     SAVE_ROWS += [
         Fault(f"{old}-then-dense:weights-write-fails", new_save(old),
-              _write_fails(dense, modeling_utils, "safe_save_file"), raises=OSError, match="model.safetensors", check=no_leftovers),
+              _write_fails(dense, modeling_utils, "safe_save_file"), raises=OSError, match="model.safetensors",
+              check=no_leftovers),
         Fault(f"{old}-then-dense:masks-write-fails", new_save(old), _write_fails(dense, st_module, "save_file"),
               raises=OSError, match=MASKS_NAME, check=no_leftovers),
         Fault(f"{old}-then-compact:write-fails", new_save(old), _write_fails(compact, st_module, "save_file"),

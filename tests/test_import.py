@@ -12,7 +12,8 @@ assert out.getvalue() == "", out.getvalue()
 assert "transformers" not in sys.modules, "hf_mfac imported transformers"
 assert "accelerate" not in sys.modules and "huggingface_hub" not in sys.modules
 assert not torch.cuda.is_initialized()
-assert flags == (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+assert flags == (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                 torch.get_float32_matmul_precision())
 import torch.utils.cpp_extension as ce
 print("ok")
 """

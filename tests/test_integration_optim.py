@@ -218,7 +218,8 @@ def test_integration_imports_relatively(monkeypatch):
         tree = ast.parse((REPO / "hf_mfac" / "integrations" / name).read_text())
         absolute = [n for n in ast.walk(tree) if isinstance(n, ast.Import) and any(a.name.startswith("hf_mfac")
                                                                                   for a in n.names)]
-        absolute += [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("hf_mfac")]
+        absolute += [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                     and (n.module or "").startswith("hf_mfac")]
         assert not absolute, name
     tree = ast.parse((REPO / "hf_mfac" / "integrations" / "training_args.py").read_text())
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level and n.module == "trainer"]

@@ -63,7 +63,8 @@ def test_card_metadata_parses_back(tmp_path):
     assert results["accuracy"].task_type == "text-classification" and data.model_name == tmp_path.name
     text = section(loaded.text)
     for name, mask in masks.items():  # one table row per layer, with its exact pruned count
-        assert f"| `{name}` | {mask.shape[0]}×{mask.shape[1]} | 75.00% | {int((~mask).sum())} / {mask.numel()} |" in text
+        assert (f"| `{name}` | {mask.shape[0]}×{mask.shape[1]} | 75.00% | "
+                f"{int((~mask).sum())} / {mask.numel()} |") in text
     assert "AutoModelForSequenceClassification" in text and f"]({PLOT_NAME})" in text
     assert "block_size: 32" in text and "hf-mfac prune --method obert" in text
     assert "| `num_grads` | 64 |" in text and "| `damp` | 1e-06 |" in text

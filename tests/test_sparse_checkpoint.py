@@ -37,7 +37,8 @@ def tiny(cls=BertForSequenceClassification, **kw):
 
 
 def encoder_weights(model):
-    return {n: p for n, p in model.named_parameters() if n.startswith("bert.encoder") and n.endswith(".weight") and p.dim() == 2}
+    return {n: p for n, p in model.named_parameters()
+            if n.startswith("bert.encoder") and n.endswith(".weight") and p.dim() == 2}
 
 
 def prune(model, sparsity=0.8, pattern=None):
