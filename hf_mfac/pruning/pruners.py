@@ -442,11 +442,12 @@ class MFACPruner(_OBSPruner):
     blocks of ``block_size`` (None = one block over all targets, the "full" M-FAC); the precomputation runs in
     pages of ``page_bytes`` (default 256 MiB of G) to bound its temporaries. Blocks are consecutive
     coordinates of the flat vector and may span two targets, as in the M-FAC code; the relative damping is
-    per block. Default B=2048 (the M-FAC paper's choice)."""
+    per block. Default B=256: with the default 64 gradients, the paper's 2048 left a rank-64 Fisher per block
+    and pruned no better than magnitude on all-MiniLM-L6-v2 at 80 % (0.556 against 0.555; 256: 0.582)."""
     name = "mfac"
-    default_block_size = 2048
+    default_block_size = 256
     default_num_grads = 64  # it holds all m gradients (m x D fp32: 2.7 GiB at MiniLM size)
-    updates = ("summed",)  # its blocks are queried element by element: no joint solve over 2048 weights
+    updates = ("summed",)  # its blocks are queried element by element: no joint solve over B weights
     default_page_bytes = 1 << 28  # precompute in pages of 256 MiB of G (``page_bytes`` overrides)
 
     def __init__(self, *args, grads_device=None, **kwargs):
