@@ -405,75 +405,127 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
     wdev = pruner.work_device(dev)  # weights, masks, scores (static M-FAC: where its m x D matrix lives)
     keep = _initial_keep(layout, masks, wdev)
     steps = _schedule(pruner, layout, keep, sparsity, recompute)
-    if pruner.uses_fisher:
-        num_grads = num_grads or pruner.default_num_grads
-        check_dataloader(dataloader, num_grads, fisher_batch_size, repeats=len(steps))
-        _check_memory(pruner.fisher_bytes(layout.dim, num_grads), wdev, f"the {pruner.name} Fisher",
-                      "lower num_grads or block_size, prune fewer layers, or use another device")
-    else:
+    num_grads = _check_grads(pruner, layout, dataloader, num_grads, fisher_batch_size, len(steps), wdev)
+    report = _new_report(pruner, steps[-1][0], num_grads)
+    gather = dict(num_grads=num_grads, fisher_batch_size=fisher_batch_size, per_sample=per_sample,
+                  chunk_size=chunk_size, loss_fn=loss_fn, progress=progress)
+    with restore_on_error(targets):  # all or nothing: the weights come back on any exception
+        keep, loss_total = _run_steps(model, dataloader, pruner, layout, targets, keep, steps, dev, wdev,
+                                      fisher_cache, report, gather)
+        out_masks = _finish_report(report, layout, keep, targets, loss_total)
+        report.time_total = time.perf_counter() - t_start
+    return PruneResult(out_masks, report)
+
+
+def _run_steps(model: nn.Module, dataloader, pruner: Pruner, layout: Layout, targets, keep: torch.Tensor, steps,
+               dev, wdev, fisher_cache: FisherCache | None, report: PruneReport, gather: dict):
+    """Run the pruning steps in place on ``targets``; return the final keep mask and the summed saliencies."""
+    loss_total = None
+    for i_step, (step_sparsity, zeros) in enumerate(steps):
+        t0 = time.perf_counter()
+        fisher = _StepFisher()
+        if pruner.uses_fisher:
+            cache = fisher_cache if i_step == 0 else None  # later steps start from pruned weights
+            fisher = _step_fisher(model, dataloader, pruner, layout, keep, dev, wdev, cache, report, **gather)
+        w = layout.flatten(targets, dtype=torch.float32, device=wdev)
+        res = pruner.prune(layout, w, keep, sparsity=step_sparsity, zeros=zeros, finv=fisher.finv, grad=fisher.grad)
+        if not bool(torch.isfinite(res.weights).all()):
+            raise FloatingPointError(f"{pruner.name}: the pruned weights are not finite; increase damp")
+        keep = res.keep
+        _write_back(targets, layout, res.weights)
+        loss = None
+        if res.loss is not None:
+            # The Fisher of gradients averaged over b samples is about 1/b of the per-sample Fisher that the
+            # quadratic model needs (near a minimum the mean gradient is small): scale the saliencies by b.
+            loss = res.loss * fisher.samples_per_grad
+            loss_total = loss if loss_total is None else loss_total + loss
+        _record_step(report, layout, keep, loss, fisher.seconds, time.perf_counter() - t0)
+        del fisher
+    return keep, loss_total
+
+
+def _check_grads(pruner: Pruner, layout: Layout, dataloader, num_grads, fisher_batch_size, num_steps: int,
+                 wdev) -> int | None:
+    """The run's number of gradients per step (None for a method without a Fisher), checked against the data
+    and the memory before any work."""
+    if not pruner.uses_fisher:
         unused = [k for k, v in dict(num_grads=num_grads, fisher_batch_size=fisher_batch_size).items() if v is not None]
         if unused:  # one sweep may pass the same settings to every method
             logger.info("%s pruning uses no gradients: ignoring %s", pruner.name, ", ".join(unused))
-        num_grads = None
+        return None
+    num_grads = num_grads or pruner.default_num_grads
+    check_dataloader(dataloader, num_grads, fisher_batch_size, repeats=num_steps)
+    _check_memory(pruner.fisher_bytes(layout.dim, num_grads), wdev, f"the {pruner.name} Fisher",
+                  "lower num_grads or block_size, prune fewer layers, or use another device")
+    return num_grads
+
+
+def _new_report(pruner: Pruner, target_sparsity: float, num_grads: int | None) -> PruneReport:
     cfg = pruner.config()
-    report = PruneReport(method=cfg["method"], pattern=cfg["pattern"], scope=cfg["scope"],
-                         target_sparsity=steps[-1][0], num_grads=num_grads, block_size=cfg["block_size"],
-                         damp=cfg["damp"], rel_damp=cfg["rel_damp"], woodtaylor=cfg["woodtaylor"])
-    loss_total = None
-    with restore_on_error(targets):  # all or nothing: the weights come back on any exception
-        for i_step, (step_sparsity, zeros) in enumerate(steps):
-            t0 = time.perf_counter()
-            finv, grad, t_grads, samples_per_grad = None, None, 0.0, 1.0
-            if pruner.uses_fisher:
-                cache_key = cached = None
-                if fisher_cache is not None and i_step == 0 and pruner.fisher_key() is not None:
-                    cache_key = fisher_cache.key(model, pruner, layout, keep, dataloader, (
-                        id(loss_fn), num_grads, fisher_batch_size, per_sample, str(dev), str(wdev)))
-                    cached = fisher_cache.get(cache_key)
-                if cached is not None:
-                    finv, grad, samples_per_grad = cached
-                    report.fisher_reused = True
-                else:
-                    fisher = pruner.new_fisher(layout.dim, num_grads, dev, groups=layout.layer_index())
-                    stats = collect_grads(model, dataloader, num_grads, params=layout, keep=keep.to(dev),
-                                          sink=fisher.add_grads, fisher_batch_size=fisher_batch_size,
-                                          per_sample=per_sample, chunk_size=chunk_size, loss_fn=loss_fn, device=dev,
-                                          progress=progress)
-                    t_grads = stats.seconds
-                    grad = stats.mean.to(wdev)
-                    samples_per_grad = stats.num_samples / max(1, stats.num_grads)
-                    finv = fisher.finish()
-                    if cache_key is not None:
-                        fisher_cache.put(cache_key, (finv, grad, samples_per_grad))
-            w = layout.flatten(targets, dtype=torch.float32, device=wdev)
-            res = pruner.prune(layout, w, keep, sparsity=step_sparsity, zeros=zeros, finv=finv, grad=grad)
-            if not bool(torch.isfinite(res.weights).all()):
-                raise FloatingPointError(f"{pruner.name}: the pruned weights are not finite; increase damp")
-            keep = res.keep
-            with torch.no_grad():
-                for name, v in layout.unflatten(res.weights).items():
-                    targets[name].copy_(v)
-            if res.loss is not None:
-                # The Fisher of gradients averaged over b samples is about 1/b of the per-sample Fisher that the
-                # quadratic model needs (near a minimum the mean gradient is small): scale the saliencies by b.
-                res.loss = res.loss * samples_per_grad
-                loss_total = res.loss if loss_total is None else loss_total + res.loss
-            dt = time.perf_counter() - t0
-            report.time_grads += t_grads
-            report.time_prune += dt - t_grads
-            report.steps.append({"sparsity": 1.0 - float(keep.sum()) / layout.numel,
-                                 "loss_increase": None if res.loss is None else float(res.loss.sum()),
-                                 "time_grads": t_grads, "time_prune": dt - t_grads})
-            del finv
-        out_masks = {name: m.to(targets[name].device).clone() for name, m in layout.unflatten(keep).items()}
-        report.sparsity = 1.0 - float(keep.sum()) / layout.numel
-        report.loss_increase = None if loss_total is None else float(loss_total.sum())
-        for i, name in enumerate(layout.names):
-            n = layout.numels[i]
-            report.layers[name] = {"numel": n, "sparsity": 1.0 - float(out_masks[name].sum()) / n,
-                                   "loss_increase": None if loss_total is None else float(loss_total[i])}
-        report.time_total = time.perf_counter() - t_start
-    return PruneResult(out_masks, report)
+    return PruneReport(method=cfg["method"], pattern=cfg["pattern"], scope=cfg["scope"],
+                       target_sparsity=target_sparsity, num_grads=num_grads, block_size=cfg["block_size"],
+                       damp=cfg["damp"], rel_damp=cfg["rel_damp"], woodtaylor=cfg["woodtaylor"])
+
+
+@dataclass
+class _StepFisher:
+    """What one pruning step needs from its gradients: the Fisher inverse, the mean gradient (WoodTaylor), the
+    seconds spent collecting them, and the mean number of samples behind each gradient."""
+    finv: object = None
+    grad: torch.Tensor | None = None
+    seconds: float = 0.0
+    samples_per_grad: float = 1.0
+
+
+def _step_fisher(model: nn.Module, dataloader, pruner: Pruner, layout: Layout, keep: torch.Tensor, dev, wdev,
+                 fisher_cache: FisherCache | None, report: PruneReport, *, num_grads: int, fisher_batch_size,
+                 per_sample: bool, chunk_size, loss_fn, progress: bool) -> _StepFisher:
+    """The Fisher inverse at the current weights: from ``fisher_cache`` when it holds this state's, else from
+    ``num_grads`` fresh gradients (then stored in the cache)."""
+    key = None
+    if fisher_cache is not None and pruner.fisher_key() is not None:
+        key = fisher_cache.key(model, pruner, layout, keep, dataloader, (
+            id(loss_fn), num_grads, fisher_batch_size, per_sample, str(dev), str(wdev)))
+        cached = fisher_cache.get(key)
+        if cached is not None:
+            report.fisher_reused = True
+            finv, grad, samples_per_grad = cached
+            return _StepFisher(finv, grad, 0.0, samples_per_grad)
+    fisher = pruner.new_fisher(layout.dim, num_grads, dev, groups=layout.layer_index())
+    stats = collect_grads(model, dataloader, num_grads, params=layout, keep=keep.to(dev), sink=fisher.add_grads,
+                          fisher_batch_size=fisher_batch_size, per_sample=per_sample, chunk_size=chunk_size,
+                          loss_fn=loss_fn, device=dev, progress=progress)
+    out = _StepFisher(fisher.finish(), stats.mean.to(wdev), stats.seconds,
+                      stats.num_samples / max(1, stats.num_grads))
+    if key is not None:
+        fisher_cache.put(key, (out.finv, out.grad, out.samples_per_grad))
+    return out
+
+
+def _write_back(targets: Mapping[str, torch.Tensor], layout: Layout, weights: torch.Tensor) -> None:
+    with torch.no_grad():
+        for name, v in layout.unflatten(weights).items():
+            targets[name].copy_(v)
+
+
+def _record_step(report: PruneReport, layout: Layout, keep: torch.Tensor, loss, t_grads: float, dt: float) -> None:
+    report.time_grads += t_grads
+    report.time_prune += dt - t_grads
+    report.steps.append({"sparsity": 1.0 - float(keep.sum()) / layout.numel,
+                         "loss_increase": None if loss is None else float(loss.sum()),
+                         "time_grads": t_grads, "time_prune": dt - t_grads})
+
+
+def _finish_report(report: PruneReport, layout: Layout, keep: torch.Tensor, targets, loss_total) -> dict:
+    """Fill the report's totals and per-layer rows; return the masks ``{name: bool}`` on the targets' devices."""
+    out_masks = {name: m.to(targets[name].device).clone() for name, m in layout.unflatten(keep).items()}
+    report.sparsity = 1.0 - float(keep.sum()) / layout.numel
+    report.loss_increase = None if loss_total is None else float(loss_total.sum())
+    for i, name in enumerate(layout.names):
+        n = layout.numels[i]
+        report.layers[name] = {"numel": n, "sparsity": 1.0 - float(out_masks[name].sum()) / n,
+                               "loss_increase": None if loss_total is None else float(loss_total[i])}
+    return out_masks
 
 
 def prune_sweep(model: nn.Module, dataloader=None, sparsities: Sequence[float] = (), *,
