@@ -42,7 +42,32 @@ def _interrupted_save(ctx):
         ctx["cb"].save_state(str(ctx["folder"]))
 
 
+def _training_callback(tmp_path):
+    """A magnitude PruningCallback about to prune a small model trained with hf_mfac.MFAC."""
+    from hf_mfac.optim import MFAC
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4))
+    opt = MFAC(model.parameters(), lr=1e-2, num_grads=4)
+    cb = PruningCallback(method="magnitude", final_sparsity=0.5, progress=False)
+    cb.targets = {"0.weight": model[0].weight}
+    cb.masks = {}
+    return {"model": model, "opt": opt, "cb": cb, "cb_masks": cb.masks}
+
+
+def _optimizer_refuses_masks(ctx):
+    state = mock.Mock(global_step=3)
+    with mock.patch("hf_mfac.optim.MFAC.set_masks", side_effect=RuntimeError("the optimizer refused the masks")):
+        ctx["cb"]._prune(ctx["model"], ctx["opt"], [], 0.5, state)
+
+
+def _check_masks_kept(ctx, _):
+    assert ctx["cb"].masks is ctx["cb_masks"]  # the callback's masks are the ones before the step
+
+
 CASES = [
+    Fault("optimizer refuses the new masks after pruning", _training_callback, _optimizer_refuses_masks, RuntimeError,
+          "refused", watch=("model", "opt"), check=_check_masks_kept),
     Fault("truncated masks file", _truncate, lambda c: c["cb"].load_state(str(c["folder"])), ValueError,
           CHECKPOINT_MASKS_NAME, watch=("cb_masks", "folder")),
     Fault("garbage state file", _garbage_state, lambda c: c["cb"].load_state(str(c["folder"])), ValueError,

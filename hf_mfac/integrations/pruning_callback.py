@@ -43,7 +43,7 @@ from ..optim import MFAC, unwrap_optimizer
 from ..pruning import DEFAULT_EXCLUDE, DEFAULT_TYPES, GradualPruningConfig, Layout, find_prunable, make_pruner, \
     prune_oneshot
 from ..pruning.distributed import prune_oneshot_distributed
-from ..pruning.oneshot import masks_from_zeros
+from ..pruning.oneshot import masks_from_zeros, restore_on_error
 from .log_level import follow_log_level
 
 __all__ = ["PruningCallback", "CHECKPOINT_MASKS_NAME", "CHECKPOINT_STATE_NAME"]
@@ -253,15 +253,21 @@ class PruningCallback(TrainerCallback):
         logger.info("PruningCallback: step %d: pruning with %s from sparsity %.4f to %s%s%s", state.global_step,
                     self.pruner.name, self.current_sparsity(), "the pattern" if target is None else f"{target:.4f}",
                     grads, f", {c.recompute} recomputations" if c.recompute > 1 else "")
-        if Comm().distributed:
-            # Under DDP every rank computes its share of the gradients (the Trainer's sharded train batches, or
-            # batches r, r + N, ... of a given dataloader), owns its share of the Fisher blocks and ends with the
-            # same masks and weights (hf_mfac.pruning.distributed); num_grads is the total over the ranks.
-            masks, report = prune_oneshot_distributed(model, data, **kwargs)
-        else:
-            masks, report = prune_oneshot(model, data, **kwargs)
-        self.masks = masks
-        self._enforce(optimizer, reset=True)
+        previous = self.masks
+        with restore_on_error(self.targets):  # a failure up to the optimizer's masks leaves the model as it was
+            if Comm().distributed:
+                # Under DDP every rank computes its share of the gradients (the Trainer's sharded train batches, or
+                # batches r, r + N, ... of a given dataloader), owns its share of the Fisher blocks and ends with
+                # the same masks and weights (hf_mfac.pruning.distributed); num_grads is the total over the ranks.
+                masks, report = prune_oneshot_distributed(model, data, **kwargs)
+            else:
+                masks, report = prune_oneshot(model, data, **kwargs)
+            try:
+                self.masks = masks
+                self._enforce(optimizer, reset=True)
+            except BaseException:
+                self.masks = previous
+                raise
         rec = {"step": state.global_step, "target": report.target_sparsity, "sparsity": report.sparsity,
                "loss_increase": report.loss_increase, "time": report.time_total, "grad_share": report.grad_share,
                "num_grads": report.num_grads}
