@@ -136,6 +136,12 @@ def st_module():
     return sc
 
 
+def compact_module():
+    import hf_mfac.integrations.compact as cm
+
+    return cm
+
+
 def modeling_utils():
     import transformers.modeling_utils as mu
 
@@ -167,7 +173,7 @@ for old in ("dense", "sharded", "compact"):
               check=no_leftovers),
         Fault(f"{old}-then-dense:masks-write-fails", new_save(old), _write_fails(dense, st_module, "save_file"),
               raises=OSError, match=MASKS_NAME, check=no_leftovers),
-        Fault(f"{old}-then-compact:write-fails", new_save(old), _write_fails(compact, st_module, "save_file"),
+        Fault(f"{old}-then-compact:write-fails", new_save(old), _write_fails(compact, compact_module, "save_file"),
               raises=OSError, match=COMPACT, check=no_leftovers),
     ]
     # os.replace interrupted: the first withdrawal, the middle rename, the last install (before and after it

@@ -40,18 +40,11 @@ from urllib.parse import quote
 import torch
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from .sparse_checkpoint import (
-    REDACTED,
-    _is_checkpoint_file,
-    _version,
-    read_sparsity_metadata,
-    redact,
-    resolve_masks,
-    save_sparse_pretrained,
-    secret_name,
-    sparsity_metadata,
-    staged_save,
-)
+from .checkpoint_files import _is_checkpoint_file, _version
+from .redaction import REDACTED, redact, secret_name
+from .sparse_checkpoint import save_sparse_pretrained
+from .sparsity_record import read_sparsity_metadata, resolve_masks, sparsity_metadata
+from .staged_save import staged_save
 
 logger = logging.getLogger("hf_mfac")
 
