@@ -1,4 +1,5 @@
-"""Argument checks and the damped-factorisation fallback shared by the core solvers."""
+"""Argument checks (numbers, integers, damping, sparsity, tensors, finiteness), the damped-Cholesky fallback
+and the free-memory probe, shared by the core solvers, the optimizer and the integrations."""
 from __future__ import annotations
 
 import contextlib
@@ -26,10 +27,43 @@ def check_damp(damp: float, name: str = "damp") -> float:
     return damp
 
 
+def check_real(name: str, value, *, low: float | None = None, low_open: bool = False,
+               high: float | None = None, high_open: bool = False) -> float:
+    """``value`` as a finite float within the given bounds; ``TypeError``/``ValueError`` naming ``name``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {value!r} ({type(value).__name__})")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number; got {v}")
+    if low is not None and (v < low or (low_open and v == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low:g}; got {v:g}")
+    if high is not None and (v > high or (high_open and v == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high:g}; got {v:g}")
+    return v
+
+
+def check_int(name: str, value, *, low: int = 1) -> int:
+    """``value`` as an int >= ``low`` (integral floats such as 1024.0 are accepted); names ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be an integer; got {value!r} ({type(value).__name__})")
+    if not (isinstance(value, numbers.Integral) or (math.isfinite(float(value)) and float(value).is_integer())):
+        raise ValueError(f"{name} must be an integer; got {value!r}")
+    v = int(value)
+    if v < low:
+        raise ValueError(f"{name} must be an integer >= {low}; got {v}")
+    return v
+
+
 def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    return int(value)
+    """:func:`check_int` with ``low=1`` (a one-element tensor counts as its value), raising ``ValueError``
+    "``name`` must be a positive integer" whatever is wrong."""
+    item = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+    try:
+        return check_int(name, item, low=1)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive integer; got {value!r}") from None
 
 
 def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
