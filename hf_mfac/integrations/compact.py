@@ -58,6 +58,21 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _pack(tensors: dict[str, torch.Tensor], masks: Mapping[str, torch.Tensor]):
+    """(the compact file's tensors, {masked name: shape}): ``name:values`` and ``name:bitmask`` for each tensor with
+    a mask, every other tensor as it is."""
+    out, shapes = {}, {}
+    for name, t in tensors.items():
+        mask = masks.get(name)
+        if mask is None:
+            out[name] = t
+            continue
+        out[f"{name}:values"] = t.reshape(-1)[mask.reshape(-1)].clone()
+        out[f"{name}:bitmask"] = torch.from_numpy(np.packbits(mask.reshape(-1).numpy(), bitorder="little"))
+        shapes[name] = list(t.shape)
+    return out, shapes
+
+
 def save_compact_pretrained(model: nn.Module, save_directory: str | os.PathLike, masks: Mapping[str, Any] | None = None,
                             *, method: str | None = None, targets: Iterable[str] | None = None,
                             pattern: str | None = None, recipe=None,
@@ -86,16 +101,7 @@ def save_compact_pretrained(model: nn.Module, save_directory: str | os.PathLike,
     if None in masked.values():
         missing = [n for n, src in masked.items() if src is None]
         raise ValueError(f"masked parameters missing from the state dict: {missing}")
-    by_source = {src: masks[n] for n, src in masked.items()}
-    out, shapes = {}, {}
-    for name, t in tensors.items():
-        mask = by_source.get(name)
-        if mask is None:
-            out[name] = t
-            continue
-        out[f"{name}:values"] = t.reshape(-1)[mask.reshape(-1)].clone()
-        out[f"{name}:bitmask"] = torch.from_numpy(np.packbits(mask.reshape(-1).numpy(), bitorder="little"))
-        shapes[name] = list(t.shape)
+    out, shapes = _pack(tensors, {src: masks[n] for n, src in masked.items()})
     layout = {"format_version": FORMAT_VERSION, "shapes": shapes, "aliases": aliases,
               "dtypes": {n: _dtype_name(t.dtype) for n, t in tensors.items()}}
     dense = sum(_nbytes(t) for t in tensors.values())
@@ -138,58 +144,58 @@ def _model_class(archs, config, path: str):
     return cls
 
 
-def _compact_state(raw: dict[str, torch.Tensor], layout, rec: dict, path: str, config_path: str):
-    """Rebuild the dense state dict and the masks from the compact file's tensors, checking every length, count,
-    shape and dtype against its header and against the sparsity record of ``config.json``."""
+def _check_layout(layout, path: str) -> None:
+    """The 'hf_mfac_compact' header must hold ``shapes`` and ``aliases`` mappings and a format version this reads."""
     if not isinstance(layout, dict) or not isinstance(layout.get("shapes"), dict) or not isinstance(
             layout.get("aliases", {}), dict):
         raise ValueError(f"{path}: the 'hf_mfac_compact' header needs 'shapes' and 'aliases' mappings")
     if layout.get("format_version") not in range(1, FORMAT_VERSION + 1):
         raise ValueError(f"{path}: compact format_version {layout.get('format_version')!r} is not one this hf_mfac "
                          f"reads (1..{FORMAT_VERSION}); upgrade hf_mfac")
-    shapes, aliases, dtypes = layout["shapes"], layout.get("aliases", {}), layout.get("dtypes")
-    state, masks = {}, {}
-    for name, t in raw.items():
-        base, _, part = name.rpartition(":")
-        if part in ("values", "bitmask") and base:
-            if base not in shapes:
-                raise ValueError(f"{path}: tensor {name!r} belongs to no masked tensor of the header")
-            continue
-        state[name] = t
-    for name, shape in shapes.items():
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise ValueError(f"{path}: header shape of {name!r} is {shape!r}, not a list of sizes")
-        for part in ("values", "bitmask"):
-            if f"{name}:{part}" not in raw:
-                raise ValueError(f"{path}: tensor {name + ':' + part!r} is missing")
-        values, packed = raw[f"{name}:values"], raw[f"{name}:bitmask"]
-        numel = math.prod(shape)
-        if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 7) // 8:
-            raise ValueError(f"{path}: tensor {name + ':bitmask'!r} is {packed.dtype} of shape {tuple(packed.shape)}; "
-                             f"a {shape} tensor needs uint8 of shape ({(numel + 7) // 8},)")
-        bits = np.unpackbits(packed.numpy(), bitorder="little")
-        if bits[numel:].any():
-            raise ValueError(f"{path}: tensor {name + ':bitmask'!r} has bits set past the {numel} weights of {name!r}")
-        mask = torch.from_numpy(bits[:numel].astype(bool))
-        kept = int(mask.sum())
-        if values.dim() != 1 or values.numel() != kept:
-            raise ValueError(f"{path}: tensor {name + ':values'!r} has shape {tuple(values.shape)}; its bitmask keeps "
-                             f"{kept} weights, so it needs shape ({kept},)")
-        dense = torch.zeros(numel, dtype=values.dtype)
-        dense[mask] = values
-        state[name], masks[name] = dense.reshape(shape), mask.reshape(shape)
-    if dtypes is not None:
-        if not isinstance(dtypes, dict) or set(dtypes) != set(state):
-            raise ValueError(f"{path}: the header's dtypes do not list exactly the tensors of the file")
-        for name, t in state.items():
-            if _dtype_name(t.dtype) != dtypes[name]:
-                what = f"{name}:values" if name in shapes else name
-                raise ValueError(f"{path}: tensor {what!r} has dtype {_dtype_name(t.dtype)}, the header says "
-                                 f"{dtypes[name]}")
-    for alias, source in aliases.items():
-        if not isinstance(source, str) or source not in state or alias in state:
-            raise ValueError(f"{path}: alias {alias!r} -> {source!r} names no stored tensor (or shadows one)")
-        state[alias] = state[source]
+
+
+def _unpack(name: str, shape, raw: dict[str, torch.Tensor], path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense tensor, bool mask) of the masked tensor ``name`` from its ``:values`` and ``:bitmask`` tensors,
+    checking the header's shape, the bitmask's dtype, length and padding bits, and the number of values."""
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise ValueError(f"{path}: header shape of {name!r} is {shape!r}, not a list of sizes")
+    for part in ("values", "bitmask"):
+        if f"{name}:{part}" not in raw:
+            raise ValueError(f"{path}: tensor {name + ':' + part!r} is missing")
+    values, packed = raw[f"{name}:values"], raw[f"{name}:bitmask"]
+    numel = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 7) // 8:
+        raise ValueError(f"{path}: tensor {name + ':bitmask'!r} is {packed.dtype} of shape {tuple(packed.shape)}; "
+                         f"a {shape} tensor needs uint8 of shape ({(numel + 7) // 8},)")
+    bits = np.unpackbits(packed.numpy(), bitorder="little")
+    if bits[numel:].any():
+        raise ValueError(f"{path}: tensor {name + ':bitmask'!r} has bits set past the {numel} weights of {name!r}")
+    mask = torch.from_numpy(bits[:numel].astype(bool))
+    kept = int(mask.sum())
+    if values.dim() != 1 or values.numel() != kept:
+        raise ValueError(f"{path}: tensor {name + ':values'!r} has shape {tuple(values.shape)}; its bitmask keeps "
+                         f"{kept} weights, so it needs shape ({kept},)")
+    dense = torch.zeros(numel, dtype=values.dtype)
+    dense[mask] = values
+    return dense.reshape(shape), mask.reshape(shape)
+
+
+def _check_dtypes(state: dict[str, torch.Tensor], dtypes, shapes, path: str) -> None:
+    """Every rebuilt tensor has the dtype the header records for it (when the header records dtypes)."""
+    if dtypes is None:
+        return
+    if not isinstance(dtypes, dict) or set(dtypes) != set(state):
+        raise ValueError(f"{path}: the header's dtypes do not list exactly the tensors of the file")
+    for name, t in state.items():
+        if _dtype_name(t.dtype) != dtypes[name]:
+            what = f"{name}:values" if name in shapes else name
+            raise ValueError(f"{path}: tensor {what!r} has dtype {_dtype_name(t.dtype)}, the header says "
+                             f"{dtypes[name]}")
+
+
+def _check_against_record(masks: dict[str, torch.Tensor], aliases, rec: dict, path: str, config_path: str) -> None:
+    """The bitmasks are those ``config.json``'s sparsity record lists: the same tensors (through aliases), the
+    same shapes and pruned counts."""
     per_layer = rec.get("per_layer", {})
     for name, r in per_layer.items():
         src = name if name in masks else aliases.get(name)
@@ -203,7 +209,74 @@ def _compact_state(raw: dict[str, torch.Tensor], layout, rec: dict, path: str, c
     if per_layer and set(masks) - recorded:
         raise ValueError(f"{path} holds bitmasks for {sorted(set(masks) - recorded)[:5]} that {config_path} does not "
                          "record: the files come from different saves")
+
+
+def _compact_state(raw: dict[str, torch.Tensor], layout, rec: dict, path: str, config_path: str):
+    """Rebuild the dense state dict and the masks from the compact file's tensors, checking every length, count,
+    shape and dtype against its header and against the sparsity record of ``config.json``."""
+    _check_layout(layout, path)
+    shapes, aliases, dtypes = layout["shapes"], layout.get("aliases", {}), layout.get("dtypes")
+    state, masks = {}, {}
+    for name, t in raw.items():
+        base, _, part = name.rpartition(":")
+        if part in ("values", "bitmask") and base:
+            if base not in shapes:
+                raise ValueError(f"{path}: tensor {name!r} belongs to no masked tensor of the header")
+            continue
+        state[name] = t
+    for name, shape in shapes.items():
+        state[name], masks[name] = _unpack(name, shape, raw, path)
+    _check_dtypes(state, dtypes, shapes, path)
+    for alias, source in aliases.items():
+        if not isinstance(source, str) or source not in state or alias in state:
+            raise ValueError(f"{path}: alias {alias!r} -> {source!r} names no stored tensor (or shadows one)")
+        state[alias] = state[source]
+    _check_against_record(masks, aliases, rec, path, config_path)
     return state, masks
+
+
+def _read_compact_config(save_directory: str):
+    """(config.json path, its compact sparsity record, the ``transformers`` config) of a compact folder."""
+    import transformers
+
+    if not os.path.isdir(save_directory):
+        raise FileNotFoundError(f"{save_directory} is not a folder (load_compact_pretrained reads local folders only)")
+    config_path = os.path.join(save_directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} does not exist")
+    rec = read_sparsity_metadata(config_path)
+    if rec is None or rec.get("format") != "compact":
+        raise ValueError(f"{config_path} holds no compact {SPARSITY_KEY!r} record (format "
+                         f"{(rec or {}).get('format')!r}): not a save_compact_pretrained folder")
+    try:
+        config = transformers.AutoConfig.from_pretrained(save_directory, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{config_path}: transformers cannot build a config from it: {e}") from e
+    return config_path, rec, config
+
+
+def _read_compact_file(path: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """(tensors, parsed 'hf_mfac_compact' header) of the compact weights file."""
+    raw, header = _open_safetensors(path, "compact weights file")
+    if header.get("hf_mfac_compact") is None:
+        raise ValueError(f"{path} is not an hf_mfac compact checkpoint (no 'hf_mfac_compact' metadata)")
+    try:
+        return raw, json.loads(header["hf_mfac_compact"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the 'hf_mfac_compact' header is not valid JSON: {e}") from None
+
+
+def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """``state`` holds exactly the tensors of ``model.state_dict()``, each of its shape."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match {type(model).__name__}: missing tensors {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}")
+    for name, t in state.items():
+        if t.shape != expected[name].shape:
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, {type(model).__name__} needs "
+                             f"{tuple(expected[name].shape)}")
 
 
 def load_compact_pretrained(save_directory: str | os.PathLike, model_cls=None, *, return_masks: bool = False,
@@ -224,46 +297,18 @@ def load_compact_pretrained(save_directory: str | os.PathLike, model_cls=None, *
     ``FileNotFoundError``, anything truncated, corrupted or inconsistent ``ValueError``, naming the file and
     the tensor.
     """
-    import transformers
-
     save_directory = os.fspath(save_directory)
-    if not os.path.isdir(save_directory):
-        raise FileNotFoundError(f"{save_directory} is not a folder (load_compact_pretrained reads local folders only)")
-    config_path = os.path.join(save_directory, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path} does not exist")
-    rec = read_sparsity_metadata(config_path)
-    if rec is None or rec.get("format") != "compact":
-        raise ValueError(f"{config_path} holds no compact {SPARSITY_KEY!r} record (format "
-                         f"{(rec or {}).get('format')!r}): not a save_compact_pretrained folder")
-    try:
-        config = transformers.AutoConfig.from_pretrained(save_directory, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{config_path}: transformers cannot build a config from it: {e}") from e
+    config_path, rec, config = _read_compact_config(save_directory)
     if model_cls is None:
         model_cls = _model_class(getattr(config, "architectures", None), config, config_path)
     path = os.path.join(save_directory, COMPACT_WEIGHTS_NAME)
-    raw, header = _open_safetensors(path, "compact weights file")
-    if header.get("hf_mfac_compact") is None:
-        raise ValueError(f"{path} is not an hf_mfac compact checkpoint (no 'hf_mfac_compact' metadata)")
-    try:
-        layout = json.loads(header["hf_mfac_compact"])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: the 'hf_mfac_compact' header is not valid JSON: {e}") from None
+    raw, layout = _read_compact_file(path)
     state, masks = _compact_state(raw, layout, rec, path, config_path)
     model = model_cls(config)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         model = model.to(dtypes.pop())
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match {type(model).__name__}: missing tensors {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}")
-    for name, t in state.items():
-        if t.shape != expected[name].shape:
-            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, {type(model).__name__} needs "
-                             f"{tuple(expected[name].shape)}")
+    _check_fits(model, state, path)
     model.load_state_dict(state, strict=True)
     if device is not None:
         model = model.to(device)
