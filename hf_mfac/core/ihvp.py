@@ -401,14 +401,37 @@ class DynamicMFAC:
 
     def _load_state(self, state: dict, problems: list[str]) -> None:
         """:meth:`load_state_dict` with ``problems`` found by the caller (e.g. a shard range) added."""
-        m, d = self.num_grads, self.dim
         problems = list(problems)
         kinds = [0.0] * 4  # caller's / shape or type / count-ptr / non-finite
-        if problems:
-            kinds[0] = 1.0
-        G = state.get("G") if isinstance(state, dict) else None
-        GGt = state.get("GGt") if isinstance(state, dict) else None
-        shapes_ok = True
+        kinds[0] = 1.0 if problems else 0.0
+        get = state.get if isinstance(state, dict) else (lambda key: None)
+        G, GGt = get("G"), get("GGt")
+        shapes_ok = self._check_window_tensors(G, GGt, problems)
+        kinds[1] = 0.0 if shapes_ok else 1.0
+        count, ptr = get("count"), get("ptr")
+        kinds[2] = 0.0 if self._check_ring(count, ptr, problems) else 1.0
+        norms = torch.zeros(self.num_grads, dtype=torch.float64, device=self.device)
+        if shapes_ok:
+            G = G.to(self.device)
+            GGt = GGt.to(device=self.device, dtype=torch.float64)
+            if not self._check_finite_window(G, GGt, norms, problems):
+                kinds[3] = 1.0
+        if self.allreduce is not None:  # one all-reduce: the row norms over all shards, and everyone's verdict
+            norms, kinds = self._reduce(norms, kinds)
+        if any(kinds):
+            self._refuse(kinds, problems)
+        n = int(count)
+        mismatch = self._gram_mismatch(G, GGt[:n, :n], norms[:n])
+        if self._agree(mismatch is not None):
+            raise ValueError("cannot load the DynamicMFAC window: "
+                             + (mismatch or "GGt does not match G on another shard") + " (nothing was changed)")
+        self._install(G, GGt, int(ptr), n)
+
+    def _check_window_tensors(self, G, GGt, problems: list[str]) -> bool:
+        """Whether G (m, d) and GGt (m, m) are floating-point tensors of this window's shapes; else the
+        problems are appended to ``problems``."""
+        m, d = self.num_grads, self.dim
+        ok = True
         for name, t, shape in (("G", G, (m, d)), ("GGt", GGt, (m, m))):
             if not isinstance(t, torch.Tensor):
                 problems.append(f"{name} is missing or not a tensor ({type(t).__name__})")
@@ -419,10 +442,13 @@ class DynamicMFAC:
                                 "the set of trained parameters must match the checkpoint)")
             else:
                 continue
-            shapes_ok = False
-            kinds[1] = 1.0
-        count, ptr = (state.get(k) if isinstance(state, dict) else None for k in ("count", "ptr"))
-        count_ok = False
+            ok = False
+        return ok
+
+    def _check_ring(self, count, ptr, problems: list[str]) -> bool:
+        """Whether ``count``/``ptr`` are integers in range and consistent (a window that is not full has
+        ``ptr == count``); else the problem is appended to ``problems``."""
+        m = self.num_grads
         if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in (count, ptr)):
             problems.append(f"count and ptr must be integers; got count={count!r}, ptr={ptr!r}")
         elif not 0 <= count <= m:
@@ -432,48 +458,57 @@ class DynamicMFAC:
         elif count < m and ptr != count:
             problems.append(f"ptr={ptr} does not follow count={count}: a window that is not full has ptr == count")
         else:
-            count_ok = True
-        if not count_ok:
-            kinds[2] = 1.0
-        norms = torch.zeros(m, dtype=torch.float64, device=self.device)
-        if shapes_ok:
-            G = G.to(self.device)
-            GGt = GGt.to(device=self.device, dtype=torch.float64)
-            if not all_finite(G):
-                bad = int((~torch.isfinite(G)).any(1).nonzero()[0])
-                problems.append(f"G holds NaN or inf values (first in row {bad})")
-                kinds[3] = 1.0
-            else:
-                for s in range(0, d, 1 << 20):  # fp64 squared row norms, in bounded column chunks
-                    norms += G[:, s : s + (1 << 20)].to(torch.float64).square().sum(1)
-            if not all_finite(GGt):
-                problems.append("GGt holds NaN or inf values")
-                kinds[3] = 1.0
-        if self.allreduce is not None:  # one all-reduce: the row norms over all shards, and everyone's verdict
-            norms, kinds = self._reduce(norms, kinds)
-        if any(kinds):
-            if not problems:
-                what = [w for k, w in zip(kinds, ("a shard range", "a shape or type", "count/ptr", "non-finite values"))
-                        if k]
-                problems.append(f"another shard's window is invalid ({', '.join(what)}); see that rank's error")
-            raise ValueError("cannot load the DynamicMFAC window: " + "; ".join(problems) + " (nothing was changed)")
-        n = int(count)
-        K = GGt[:n, :n]
-        mismatch = None
+            return True
+        return False
+
+    def _check_finite_window(self, G: torch.Tensor, GGt: torch.Tensor, norms: torch.Tensor,
+                             problems: list[str]) -> bool:
+        """Whether G and GGt (on this device) are finite; adds the squared row norms of a finite G to ``norms``
+        (m,) fp64, in bounded column chunks, and appends the problems to ``problems``."""
+        ok = True
+        if not all_finite(G):
+            bad = int((~torch.isfinite(G)).any(1).nonzero()[0])
+            problems.append(f"G holds NaN or inf values (first in row {bad})")
+            ok = False
+        else:
+            for s in range(0, self.dim, 1 << 20):
+                norms += G[:, s : s + (1 << 20)].to(torch.float64).square().sum(1)
+        if not all_finite(GGt):
+            problems.append("GGt holds NaN or inf values")
+            ok = False
+        return ok
+
+    @staticmethod
+    def _refuse(kinds: list[float], problems: list[str]) -> None:
+        """Raise the ``ValueError`` of a refused window; with no problem of its own, name the kinds another
+        shard reported (``kinds``: caller's / shape or type / count-ptr / non-finite)."""
+        if not problems:
+            what = [w for k, w in zip(kinds, ("a shard range", "a shape or type", "count/ptr", "non-finite values"))
+                    if k]
+            problems.append(f"another shard's window is invalid ({', '.join(what)}); see that rank's error")
+        raise ValueError("cannot load the DynamicMFAC window: " + "; ".join(problems) + " (nothing was changed)")
+
+    def _gram_mismatch(self, G: torch.Tensor, K: torch.Tensor, want: torch.Tensor) -> str | None:
+        """Why ``K = GGt[:n, :n]`` does not belong to G (not symmetric, or its diagonal differs from the squared
+        row norms ``want`` (n,) beyond the rounding of the storage dtype and of the products); None if it does."""
         if not torch.equal(K, K.T):
-            mismatch = "GGt[:count, :count] is not symmetric"
-        elif n:
-            tol = 4 * torch.finfo(G.dtype).eps + accumulation_error(d, self.dtype)
-            diag, want = K.diagonal(), norms[:n]
-            off = (diag - want).abs() > tol * want
-            if bool(off.any()):
-                i = int(off.nonzero()[0])
-                mismatch = (f"GGt does not match G: GGt[{i}, {i}] = {float(diag[i]):.6g} but the squared norm "
-                            f"of G[{i}] "
-                            f"is {float(want[i]):.6g} (relative tolerance {tol:.1e})")
-        if self._agree(mismatch is not None):
-            raise ValueError("cannot load the DynamicMFAC window: "
-                             + (mismatch or "GGt does not match G on another shard") + " (nothing was changed)")
+            return "GGt[:count, :count] is not symmetric"
+        if not K.shape[0]:
+            return None
+        tol = 4 * torch.finfo(G.dtype).eps + accumulation_error(self.dim, self.dtype)
+        diag = K.diagonal()
+        off = (diag - want).abs() > tol * want
+        if not bool(off.any()):
+            return None
+        i = int(off.nonzero()[0])
+        return (f"GGt does not match G: GGt[{i}, {i}] = {float(diag[i]):.6g} but the squared norm "
+                f"of G[{i}] "
+                f"is {float(want[i]):.6g} (relative tolerance {tol:.1e})")
+
+    def _install(self, G: torch.Tensor, GGt: torch.Tensor, ptr: int, count: int) -> None:
+        """Copy a checked window in: G (m, d) into the padded rows (new rows when its dtype differs), GGt, the
+        ring position; the cached factor is dropped."""
+        m, d = self.num_grads, self.dim
         if G.dtype == self._G.dtype:
             self._G[:, :d].copy_(G)
         else:
@@ -481,5 +516,5 @@ class DynamicMFAC:
             rows[:, :d] = G
             self._G = rows
         self.GGt = GGt.clone()
-        self.ptr, self.count = int(ptr), n
+        self.ptr, self.count = ptr, count
         self._chol = None
