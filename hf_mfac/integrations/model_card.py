@@ -19,40 +19,47 @@ strings cannot break the card: metadata fields with a line break or control char
 stands (table cell, code span, code block), so it cannot close a cell or a block or forge hf_mfac's markers.
 The finished card is parsed back before it is written. ``README.md`` and the plot are written through a
 staging folder (:func:`~hf_mfac.integrations.sparse_checkpoint.staged_save`): a failure leaves them as they
-were.
+were. The section's rendering and escaping live in :mod:`.card_section`, what is read from a ``Trainer`` in
+:mod:`.trainer_info`, the redaction rules in :mod:`.redaction`.
 """
 from __future__ import annotations
 
-import html
 import json
 import logging
 import os
-import re
-import shlex
 import shutil
 import sys
 import tempfile
-from importlib.resources import files
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 from urllib.parse import quote
 
-import torch
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from .checkpoint_files import _is_checkpoint_file, _version
-from .redaction import REDACTED, redact, secret_name
+from .card_section import (
+    _check_line,
+    _fmt,
+    _one_line,
+    _pct,
+    _plot,
+    _render_section,
+    _template,
+    _text,
+    _unmark,
+    _update_card,
+    _verify,
+)
+from .checkpoint_files import _is_checkpoint_file
+from .redaction import _redacted_command, redact, redact_argv
 from .sparse_checkpoint import save_sparse_pretrained
 from .sparsity_record import read_sparsity_metadata, resolve_masks, sparsity_metadata
 from .staged_save import staged_save
+from .trainer_info import _callback_sparsity, _last_eval, _mfac_hparams, _training_hparams
 
 logger = logging.getLogger("hf_mfac")
 
 __all__ = ["create_sparse_model_card", "write_trainer_model_card", "push_sparse_to_hub", "redact_argv", "PLOT_NAME"]
 
 PLOT_NAME = "sparsity_per_layer.png"
-START, END = "<!-- hf_mfac:start", "<!-- hf_mfac:end -->"
-_SECTION = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
 # architecture suffix -> (Auto class, pipeline tag)
 _HEADS = {
     "ForSequenceClassification": ("AutoModelForSequenceClassification", "text-classification"),
@@ -63,65 +70,6 @@ _HEADS = {
     "ForImageClassification": ("AutoModelForImageClassification", "image-classification"),
     "ForMultipleChoice": ("AutoModelForMultipleChoice", "multiple-choice"),
 }
-_PERF_KEYS = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time")
-
-
-def _template(name: str) -> str:
-    """A template from the installed ``hf_mfac._model_cards``, else from the repository's ``model_cards/`` next to
-    ``hf_mfac/`` (a source checkout on ``sys.path`` without installing), as the CUDA sources are found."""
-    try:
-        return files("hf_mfac._model_cards").joinpath(name).read_text(encoding="utf-8")
-    except (ImportError, TypeError, OSError):
-        return (Path(__file__).resolve().parents[2] / "model_cards" / name).read_text(encoding="utf-8")
-
-
-# -- escaping: user strings must not break the YAML header, the markdown or hf_mfac's markers --------------
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")  # line breaks (YAML's too) and other controls
-_MARKER = re.compile(r"<!--(?=\s*hf_mfac)", re.I)
-
-
-def _unmark(s: str) -> str:
-    """``s`` without anything that reads as one of hf_mfac's markers (a zero-width space splits the ``<!--``)."""
-    return _MARKER.sub("<!-\u200b-", s)
-
-
-def _one_line(s) -> str:
-    return _CONTROL.sub(" ", str(s))
-
-
-def _text(v) -> str:
-    """Inline markdown text or a table cell: one line, HTML-escaped (no tags, comments or markers), ``|`` escaped."""
-    return html.escape(_one_line(v), quote=False).replace("|", "\\|")
-
-
-def _code(v, table: bool = True) -> str:
-    """An inline code span holding ``v`` literally (one line; its backticks cannot close it)."""
-    s = _unmark(_one_line(v))
-    if table:
-        s = s.replace("|", "\\|")
-    run = max((len(m) for m in re.findall(r"`+", s)), default=0)
-    return f"`{s}`" if not run else f"{'`' * (run + 1)} {s} {'`' * (run + 1)}"
-
-
-def _fenced(content: str, lang: str) -> str:
-    """A fenced code block holding ``content`` literally: the fence is longer than any backtick run in it."""
-    content = _unmark(str(content))
-    run = max((len(m) for m in re.findall(r"`{3,}", content)), default=2)
-    fence = "`" * (run + 1)
-    return f"{fence}{lang}\n{content}\n{fence}"
-
-
-def _check_line(field: str, value) -> None:
-    """Refuse a metadata value with a line break or control character (it would break the YAML header)."""
-    for v in value if isinstance(value, (list, tuple)) else [value]:
-        if isinstance(v, str) and _CONTROL.search(v):
-            raise ValueError(f"{field}={v!r} contains a line break or control character, which would break the "
-                             "model card's YAML metadata")
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
 
 
 def _head(architectures) -> tuple[str, str | None]:
@@ -155,33 +103,6 @@ def _sparsity_from(sparsity, model, masks, save_directory) -> tuple[dict | None,
             if any(not bool(k.all()) for k in m.values()):
                 return sparsity_metadata(model, m), False
     return found, found is not None
-
-
-def _natural(name: str):
-    """Sort key putting ``layer.2`` before ``layer.10`` (config.json stores the record with sorted keys)."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def _plot(per_layer: Mapping[str, Mapping], path: str) -> None:
-    """Horizontal bar chart of per-layer sparsity, drawn with matplotlib's object API (no pyplot, no global
-    backend change)."""
-    from matplotlib.figure import Figure
-
-    names = sorted(per_layer, key=_natural)
-    values = [100 * per_layer[n]["sparsity"] for n in names]
-    fig = Figure(figsize=(8, 1.2 + 0.22 * len(names)), layout="constrained")
-    ax = fig.add_subplot()
-    ax.barh(range(len(names)), values, color="tab:blue")
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 100)
-    ax.set_xlabel("sparsity (%)")
-    ax.set_title("Per-layer sparsity")
-    fig.savefig(path, dpi=100)
-
-
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _eval_results(eval_results, task, dataset_name, dataset_type, dataset_config, dataset_split):
@@ -312,171 +233,7 @@ def create_sparse_model_card(
     return card
 
 
-def _verify(card: ModelCard, data: ModelCardData, section: str) -> None:
-    """Refuse a card whose metadata does not parse back to ``data`` or whose text does not hold hf_mfac's
-    section exactly once, between exactly one pair of markers (what a later update relies on)."""
-    parsed = ModelCard(card.content)
-    if parsed.data.to_dict() != data.to_dict():
-        raise ValueError("the model card's YAML metadata does not parse back to what was written; a field holds "
-                         f"text the YAML header cannot carry: {data.to_dict()!r}")
-    text = parsed.text
-    if text.count(START) != 1 or text.count(END) != 1 or section not in text:
-        raise ValueError("the model card's text holds hf_mfac's section markers more than once (in text outside "
-                         "the section?); refusing to write a card that the next update would clobber")
-
-
-def _render_section(meta, *, recipe, mfac, training, method, repo_id, command, eval_rows, **kwargs) -> str:
-    """hf_mfac's marked section, from ``hf_mfac_section.md.jinja``; every user string escaped for where it stands
-    and every secret redacted."""
-    import jinja2
-
-    rows = [dict(name=_code(n), shape="×".join(map(str, r["shape"])), sparsity=r["sparsity"],
-                 num_pruned=r["num_pruned"], numel=int(torch.Size(r["shape"]).numel()))
-            for n, r in sorted((meta or {}).get("per_layer", {}).items(), key=lambda kv: _natural(kv[0]))]
-    recipe = redact(recipe)
-    if isinstance(recipe, (dict, list)):
-        import yaml
-        recipe = _fenced(yaml.safe_dump(recipe, sort_keys=False).rstrip(), "yaml")
-    else:
-        recipe = _fenced(str(recipe), "text") if recipe else None
-    command = _fenced(_redact_command(str(command)), "bash") if command else None
-    table = lambda d: {_code(k): _text(v) for k, v in redact(dict(d or {})).items()}  # noqa: E731
-    repo_literal = _unmark(json.dumps(str(repo_id))).replace("`", "\\u0060")
-    masks_file = (meta or {}).get("masks_file")
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    return env.from_string(_template("hf_mfac_section.md.jinja")).render(
-        version=_version(), sparsity=meta, rows=rows, pct=_pct, recipe=recipe, command=command,
-        mfac=table(mfac), training=table(training), method=_text(method) if method else None,
-        pattern=_text((meta or {}).get("pattern")), masks_file=_code(masks_file, table=False) if masks_file else None,
-        repo_literal=repo_literal, eval_rows=[{k: _text(v) for k, v in r.items()} for r in eval_rows],
-        **kwargs).strip()
-
-
-def _update_card(old: ModelCard, data: ModelCardData, section: str) -> ModelCard:
-    """``old`` with metadata ``data`` (already merged) and hf_mfac's section replaced (or appended); the rest of
-    its text kept."""
-    body = old.text
-    body = _SECTION.sub(lambda _: section, body, count=1) if _SECTION.search(body) else (
-        body.rstrip() + "\n\n" + section)
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body.rstrip()}\n")
-
-
 # -- Trainer ---------------------------------------------------------------------------------------------
-
-_OPTION = re.compile(r"^-{1,2}[A-Za-z]")
-_FLAG = re.compile(r"^(-{1,2})([A-Za-z][\w.-]*)$")
-_ASSIGN = re.compile(r"^(-{0,2})([A-Za-z_][\w.-]*)=(.*)$", re.S)
-
-
-def redact_argv(argv: Iterable[str]) -> list[str]:
-    """``argv`` with every secret replaced by ``***``, by rule: the value of ``--NAME VALUE``, ``--NAME=VALUE``
-    and ``NAME=VALUE`` (e.g. ``HF_TOKEN=hf_...``) when ``NAME`` contains token, secret, key, pass, auth or
-    credential (any case, ``-``/``_`` ignored: ``--hub-token``, ``--api_key``, ``--passwd``, ``--auth``,
-    ``--credentials``); the userinfo of any URL; any ``hf_`` token wherever it stands; and, inside any other
-    value (``k=v,k=v`` lists, JSON such as ``--optim_args '{"api_key": ...}'``), the values of secret keys.
-    Names are matched by rule, so some harmless ones are hidden too (``--tokenizer_name``, ``--num_passes``).
-    A secret flag followed by another option (``--use_auth_token --do_train``) hides nothing."""
-    out, hide = [], False
-    for word in map(str, argv):
-        if hide and not _OPTION.match(word):
-            out.append(REDACTED)
-            hide = False
-            continue
-        hide = False
-        flag, assign = _FLAG.match(word), _ASSIGN.match(word)
-        if flag and secret_name(flag.group(2)):
-            out.append(word)
-            hide = True
-        elif assign and secret_name(assign.group(2)):
-            out.append(f"{assign.group(1)}{assign.group(2)}={REDACTED}")
-        elif assign:
-            out.append(f"{assign.group(1)}{assign.group(2)}={redact(assign.group(3))}")
-        else:
-            out.append(redact(word))
-    return out
-
-
-def _redacted_command(argv: list[str]) -> str:
-    """``python argv...`` (shell-quoted) with secrets redacted (:func:`redact_argv`)."""
-    return "python " + " ".join(shlex.quote(a) for a in redact_argv(argv))
-
-
-def _redact_command(command: str) -> str:
-    """A command line given as one string, redacted like :func:`redact_argv` (kept verbatim when nothing is secret)."""
-    try:
-        words = shlex.split(command)
-    except ValueError:  # unbalanced quotes: fall back to whitespace
-        words = command.split()
-    redacted = redact_argv(words)
-    if redacted == words and redact(command) == command:
-        return command
-    return " ".join(shlex.quote(w) for w in redacted)
-
-
-def _mfac_hparams(trainer) -> dict | None:
-    from ..optim import is_mfac_optimizer, selects_mfac, unwrap_optimizer
-
-    args = trainer.args
-    if selects_mfac(args) and hasattr(args, "mfac_kwargs"):
-        hp = args.mfac_kwargs()
-    else:
-        opt = getattr(trainer, "optimizer", None)
-        if not is_mfac_optimizer(opt):
-            return None
-        opt = unwrap_optimizer(opt)  # accelerate's AcceleratedOptimizer wraps it
-        hp = {"lr": opt.defaults["lr"], "num_grads": opt.num_grads, "damp": opt.damp,
-              "weight_decay": opt.defaults["weight_decay"], "momentum": opt.defaults["momentum"],
-              "grad_dtype": opt.grad_dtype}
-    return {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in hp.items()
-            if v is not None}
-
-
-def _training_hparams(trainer) -> dict:
-    a = trainer.args
-    hp = {"learning_rate": a.learning_rate, "per_device_train_batch_size": a.per_device_train_batch_size,
-          "gradient_accumulation_steps": a.gradient_accumulation_steps,
-          "num_train_epochs": a.num_train_epochs if a.max_steps <= 0 else None,
-          "max_steps": a.max_steps if a.max_steps > 0 else None,
-          "lr_scheduler_type": getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type),
-          "weight_decay": a.weight_decay, "max_grad_norm": a.max_grad_norm, "seed": a.seed,
-          "optim": getattr(a.optim, "value", a.optim), "global_step": trainer.state.global_step}
-    return {k: v for k, v in hp.items() if v is not None}
-
-
-def _last_eval(trainer) -> dict:
-    for entry in reversed(trainer.state.log_history):
-        metrics = {k[len("eval_"):]: v for k, v in entry.items() if k.startswith("eval_")
-                   and not k.endswith(_PERF_KEYS) and isinstance(v, (int, float))}
-        if metrics:
-            return metrics
-    return {}
-
-
-_RECIPE_FIELDS = ("final_sparsity", "initial_sparsity", "sparsities", "start", "end", "frequency", "unit",
-                  "num_grads", "recompute", "fisher_batch_size", "cyclic_lr")
-
-
-def _callback_sparsity(trainer, model) -> tuple[dict | None, dict]:
-    """Masks, method, pattern and recipe from the first callback with a non-empty ``masks`` mapping (keyed by
-    parameter name or by parameter), e.g. :class:`~hf_mfac.integrations.PruningCallback`: ``method`` and
-    ``recipe`` attributes when it has them, else its ``pruner.config()`` and schedule attributes."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    for cb in trainer.callback_handler.callbacks:
-        masks = getattr(cb, "masks", None)
-        if not (isinstance(masks, Mapping) and masks):
-            continue
-        pruner = getattr(cb, "pruner", None)
-        config = pruner.config() if callable(getattr(pruner, "config", None)) else {}
-        recipe = getattr(cb, "recipe", None)
-        if recipe is None and config:
-            recipe = {"callback": type(cb).__name__, **{k: v for k, v in config.items() if v is not None},
-                      **{k: getattr(cb, k) for k in _RECIPE_FIELDS if getattr(cb, k, None) is not None}}
-        info = {"method": getattr(cb, "method", None) or config.get("method"), "recipe": recipe,
-                "pattern": config.get("pattern")}
-        masks = {names.get(id(k), k) if torch.is_tensor(k) else k: v for k, v in masks.items()}
-        return masks, {k: v for k, v in info.items() if v is not None}
-    return None, {}
-
 
 def write_trainer_model_card(trainer, output_dir: str | os.PathLike | None = None, **info) -> ModelCard:
     """Write hf_mfac's card (and, for a sparse model, its sparsity record) for ``trainer`` into ``output_dir``.

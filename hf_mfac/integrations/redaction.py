@@ -4,15 +4,17 @@ and the command line, recipe and hyperparameters of a model card.
 Secrets are found by rule, not by a list of flags: a name is secret when it contains token, secret, key, pass, auth
 or credential (:func:`secret_name`); :func:`redact_text` hides URL userinfo, Hugging Face tokens and the values of
 secret ``NAME=VALUE`` / ``"NAME": VALUE`` pairs inside a string; :func:`redact` applies both to JSON-like values
-(mappings, lists, strings, and strings holding JSON). What is hidden becomes :data:`REDACTED` (``***``).
+(mappings, lists, strings, and strings holding JSON); :func:`redact_argv` applies them to a command line, word
+by word, and hides the value that follows a secret flag. What is hidden becomes :data:`REDACTED` (``***``).
 """
 from __future__ import annotations
 
 import json
 import re
-from typing import Mapping
+import shlex
+from typing import Iterable, Mapping
 
-__all__ = ["REDACTED", "secret_name", "redact_text", "redact"]
+__all__ = ["REDACTED", "secret_name", "redact_text", "redact", "redact_argv"]
 
 
 REDACTED = "***"
@@ -72,3 +74,53 @@ def redact(value):
                 return value if cleaned == parsed else json.dumps(cleaned)
         return redact_text(value)
     return value
+
+
+_OPTION = re.compile(r"^-{1,2}[A-Za-z]")
+_FLAG = re.compile(r"^(-{1,2})([A-Za-z][\w.-]*)$")
+_ASSIGN = re.compile(r"^(-{0,2})([A-Za-z_][\w.-]*)=(.*)$", re.S)
+
+
+def redact_argv(argv: Iterable[str]) -> list[str]:
+    """``argv`` with every secret replaced by ``***``, by rule: the value of ``--NAME VALUE``, ``--NAME=VALUE``
+    and ``NAME=VALUE`` (e.g. ``HF_TOKEN=hf_...``) when ``NAME`` contains token, secret, key, pass, auth or
+    credential (any case, ``-``/``_`` ignored: ``--hub-token``, ``--api_key``, ``--passwd``, ``--auth``,
+    ``--credentials``); the userinfo of any URL; any ``hf_`` token wherever it stands; and, inside any other
+    value (``k=v,k=v`` lists, JSON such as ``--optim_args '{"api_key": ...}'``), the values of secret keys.
+    Names are matched by rule, so some harmless ones are hidden too (``--tokenizer_name``, ``--num_passes``).
+    A secret flag followed by another option (``--use_auth_token --do_train``) hides nothing."""
+    out, hide = [], False
+    for word in map(str, argv):
+        if hide and not _OPTION.match(word):
+            out.append(REDACTED)
+            hide = False
+            continue
+        hide = False
+        flag, assign = _FLAG.match(word), _ASSIGN.match(word)
+        if flag and secret_name(flag.group(2)):
+            out.append(word)
+            hide = True
+        elif assign and secret_name(assign.group(2)):
+            out.append(f"{assign.group(1)}{assign.group(2)}={REDACTED}")
+        elif assign:
+            out.append(f"{assign.group(1)}{assign.group(2)}={redact(assign.group(3))}")
+        else:
+            out.append(redact(word))
+    return out
+
+
+def _redacted_command(argv: list[str]) -> str:
+    """``python argv...`` (shell-quoted) with secrets redacted (:func:`redact_argv`)."""
+    return "python " + " ".join(shlex.quote(a) for a in redact_argv(argv))
+
+
+def _redact_command(command: str) -> str:
+    """A command line given as one string, redacted like :func:`redact_argv` (kept verbatim when nothing is secret)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:  # unbalanced quotes: fall back to whitespace
+        words = command.split()
+    redacted = redact_argv(words)
+    if redacted == words and redact(command) == command:
+        return command
+    return " ".join(shlex.quote(w) for w in redacted)
