@@ -28,8 +28,8 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 from urllib.parse import quote
 
@@ -49,11 +49,11 @@ from .card_section import (
     _verify,
 )
 from .checkpoint_files import _is_checkpoint_file
-from .redaction import _redacted_command, redact, redact_argv
+from .redaction import _redacted_command, redact, redact_argv  # noqa: F401 (importable from here)
 from .sparse_checkpoint import save_sparse_pretrained
 from .sparsity_record import read_sparsity_metadata, resolve_masks, sparsity_metadata
 from .staged_save import staged_save
-from .trainer_info import _callback_sparsity, _last_eval, _mfac_hparams, _training_hparams
+from .trainer_info import _mfac_hparams, _trainer_card_kwargs, _trainer_sparsity  # noqa: F401 (_mfac_hparams)
 
 logger = logging.getLogger("hf_mfac")
 
@@ -140,6 +140,103 @@ def _merge_data(existing: ModelCardData | None, ours: ModelCardData) -> ModelCar
     return ModelCardData(**merged)
 
 
+def _check_fields(fields: Mapping[str, Any], eval_results) -> None:
+    """Refuse a metadata argument, a metric name or an ``EvalResult`` field holding a line break or control
+    character (:func:`_check_line`), before anything is read or written."""
+    for field, value in fields.items():
+        _check_line(field, list(value) if field == "tags" and value is not None and not isinstance(value, str)
+                    else value)
+    if isinstance(eval_results, Mapping):
+        _check_line("eval_results (metric names)", [str(k) for k in eval_results])
+    elif eval_results:
+        for r in eval_results:
+            for k, v in vars(r).items():
+                _check_line(f"EvalResult.{k}", v)
+
+
+@dataclass
+class _Resolved:
+    """What :func:`create_sparse_model_card` renders, its defaults filled in (see :func:`_resolve`)."""
+
+    meta: dict | None  # the sparsity record, None for a dense model
+    saved: bool  # whether ``meta`` is the record saved with the checkpoint
+    method: str | None
+    recipe: Any
+    auto_class: str
+    model_name: str
+    results: list[EvalResult] | None  # for model-index; None when a dataset or the task is unknown
+    eval_rows: list[dict]
+    is_mfac: bool  # M-FAC hyperparameters given, or the method is "mfac"
+    plot_file: str | None
+    data: ModelCardData  # the YAML metadata (before merging with an existing card)
+
+
+def _resolve(sparsity, model, masks, save_directory, *, recipe, eval_results, mfac, plot, method, pipeline_tag,
+             datasets, model_name, repo_id, task, dataset_name, dataset_type, dataset_config, dataset_split, tags,
+             base_model, license, language) -> _Resolved:
+    """The card's inputs with their defaults: the sparsity record (:func:`_sparsity_from`), the method and recipe
+    from it, the pipeline tag from the architecture, the model name from the repository or the folder, the task and
+    dataset of a metrics mapping from the pipeline tag and ``datasets``; and the YAML metadata built from them."""
+    meta, saved = _sparsity_from(sparsity, model, masks, save_directory)
+    method = method or (meta or {}).get("method")
+    _check_line("method", method)
+    recipe = recipe if recipe is not None else (meta or {}).get("recipe")
+    auto_class, inferred_tag = _head(_architectures(model, save_directory))
+    pipeline_tag = pipeline_tag or inferred_tag
+    datasets = [datasets] if isinstance(datasets, str) else (list(datasets) if datasets else None)
+    model_name = model_name or (repo_id or "").split("/")[-1] or (
+        _one_line(os.path.basename(os.path.normpath(save_directory))) if save_directory else "model")
+    results, eval_rows = _eval_results(eval_results, task or pipeline_tag,
+                                       dataset_name or (datasets[0] if datasets else None),
+                                       dataset_type or (datasets[0] if datasets else None),
+                                       dataset_config, dataset_split)
+    is_mfac = bool(mfac) or method == "mfac"
+    all_tags = _card_tags(meta, method, is_mfac, tags)
+    data = ModelCardData(library_name="transformers", tags=all_tags, base_model=base_model, datasets=datasets,
+                         license=license, language=language, pipeline_tag=pipeline_tag, eval_results=results,
+                         metrics=sorted({r.metric_type for r in results}) if results else None,
+                         model_name=model_name if results else None)
+    plot_file = PLOT_NAME if (plot and meta and save_directory) else None
+    return _Resolved(meta, saved, method, recipe, auto_class, model_name, results, eval_rows, is_mfac, plot_file, data)
+
+
+def _card_tags(meta, method, is_mfac: bool, tags) -> list[str]:
+    """``hf_mfac`` + ``sparse``, ``pruned`` and the method when sparse + ``m-fac`` + the user's ``tags``."""
+    all_tags = ["hf_mfac"] + (["sparse", "pruned"] + ([method] if method else []) if meta else [])
+    all_tags += ["m-fac"] if is_mfac else []
+    all_tags += [t for t in ([tags] if isinstance(tags, str) else (tags or [])) if t not in all_tags]
+    return all_tags
+
+
+def _new_or_updated_card(save_directory, r: _Resolved, section: str, *, base_model,
+                         description) -> tuple[ModelCard, ModelCardData]:
+    """(card, its metadata): the existing ``README.md`` of ``save_directory`` with its metadata merged and
+    hf_mfac's section replaced, else a new card from the ``model_card.md`` template (``description`` defaulting to
+    one sentence on the sparsity, the base model and M-FAC)."""
+    readme = os.path.join(save_directory, "README.md") if save_directory else None
+    if readme and os.path.isfile(readme):
+        old = ModelCard.load(readme)  # a broken YAML header raises here
+        data = _merge_data(old.data, r.data)
+        return _update_card(old, data, section), data
+    if description is None:
+        what = f"A {_pct(r.meta['sparsity'])} sparse" if r.meta else "A"
+        base = (f" version of [{_text(base_model)}](https://huggingface.co/{quote(base_model, safe='/')})"
+                if isinstance(base_model, str) else " model")
+        how = " trained with the M-FAC optimizer" if r.is_mfac else ""
+        description = f"{what}{base}{how}, produced with hf_mfac."
+    card = ModelCard.from_template(r.data, template_str=_template("model_card.md"), model_name=_text(r.model_name),
+                                   description=_unmark(redact(str(description))), hf_mfac_section=section)
+    return card, r.data
+
+
+def _write_card(save_directory, card: ModelCard, r: _Resolved) -> None:
+    """``README.md`` and, when wanted, the per-layer plot, through one staged save (a failure changes nothing)."""
+    with staged_save(save_directory) as stage:
+        if r.plot_file:
+            _plot(r.meta["per_layer"], os.path.join(stage, r.plot_file))
+        card.save(os.path.join(stage, "README.md"))
+
+
 def create_sparse_model_card(
     save_directory: str | os.PathLike | None = None, *, model=None, sparsity: Mapping | None = None,
     masks: Mapping | None = None, model_name: str | None = None, repo_id: str | None = None,
@@ -171,65 +268,20 @@ def create_sparse_model_card(
     metadata merged — ours wins, tags/datasets/metrics unioned — and only hf_mfac's marked section replaced
     or appended) and, with ``plot``, ``sparsity_per_layer.png`` (matplotlib). Returns the ``ModelCard``.
     """
-    for field, value in (("model_name", model_name), ("repo_id", repo_id), ("base_model", base_model),
-                         ("datasets", datasets), ("task", task), ("dataset_name", dataset_name),
-                         ("dataset_type", dataset_type), ("dataset_config", dataset_config),
-                         ("dataset_split", dataset_split), ("license", license), ("language", language),
-                         ("tags", list(tags) if tags is not None and not isinstance(tags, str) else tags),
-                         ("pipeline_tag", pipeline_tag), ("method", method)):
-        _check_line(field, value)
-    if isinstance(eval_results, Mapping):
-        _check_line("eval_results (metric names)", [str(k) for k in eval_results])
-    elif eval_results:
-        for r in eval_results:
-            for k, v in vars(r).items():
-                _check_line(f"EvalResult.{k}", v)
-    meta, saved = _sparsity_from(sparsity, model, masks, save_directory)
-    method = method or (meta or {}).get("method")
-    _check_line("method", method)
-    recipe = recipe if recipe is not None else (meta or {}).get("recipe")
-    auto_class, inferred_tag = _head(_architectures(model, save_directory))
-    pipeline_tag = pipeline_tag or inferred_tag
-    datasets = [datasets] if isinstance(datasets, str) else (list(datasets) if datasets else None)
-    model_name = model_name or (repo_id or "").split("/")[-1] or (
-        _one_line(os.path.basename(os.path.normpath(save_directory))) if save_directory else "model")
-    results, eval_rows = _eval_results(eval_results, task or pipeline_tag,
-                                       dataset_name or (datasets[0] if datasets else None),
-                                       dataset_type or (datasets[0] if datasets else None),
-                                       dataset_config, dataset_split)
-    is_mfac = bool(mfac) or method == "mfac"
-    all_tags = ["hf_mfac"] + (["sparse", "pruned"] + ([method] if method else []) if meta else [])
-    all_tags += ["m-fac"] if is_mfac else []
-    all_tags += [t for t in ([tags] if isinstance(tags, str) else (tags or [])) if t not in all_tags]
-    data = ModelCardData(library_name="transformers", tags=all_tags, base_model=base_model, datasets=datasets,
-                         license=license, language=language, pipeline_tag=pipeline_tag, eval_results=results,
-                         metrics=sorted({r.metric_type for r in results}) if results else None,
-                         model_name=model_name if results else None)
-
-    plot_file = PLOT_NAME if (plot and meta and save_directory) else None
-    section = _render_section(meta, saved=saved, method=method, auto_class=auto_class, repo_id=repo_id or model_name,
-                              plot_file=plot_file, recipe=recipe, command=command, mfac=mfac, training=training,
-                              eval_rows=eval_rows, in_model_index=results is not None)
-    readme = os.path.join(save_directory, "README.md") if save_directory else None
-    if readme and os.path.isfile(readme):
-        old = ModelCard.load(readme)  # a broken YAML header raises here
-        data = _merge_data(old.data, data)
-        card = _update_card(old, data, section)
-    else:
-        if description is None:
-            what = f"A {_pct(meta['sparsity'])} sparse" if meta else "A"
-            base = (f" version of [{_text(base_model)}](https://huggingface.co/{quote(base_model, safe='/')})"
-                    if isinstance(base_model, str) else " model")
-            how = " trained with the M-FAC optimizer" if is_mfac else ""
-            description = f"{what}{base}{how}, produced with hf_mfac."
-        card = ModelCard.from_template(data, template_str=_template("model_card.md"), model_name=_text(model_name),
-                                       description=_unmark(redact(str(description))), hf_mfac_section=section)
+    fields = dict(model_name=model_name, repo_id=repo_id, base_model=base_model, datasets=datasets, task=task,
+                  dataset_name=dataset_name, dataset_type=dataset_type, dataset_config=dataset_config,
+                  dataset_split=dataset_split, license=license, language=language, tags=tags,
+                  pipeline_tag=pipeline_tag, method=method)
+    _check_fields(fields, eval_results)
+    r = _resolve(sparsity, model, masks, save_directory, recipe=recipe, eval_results=eval_results, mfac=mfac,
+                 plot=plot, **fields)
+    section = _render_section(r.meta, saved=r.saved, method=r.method, auto_class=r.auto_class,
+                              repo_id=repo_id or r.model_name, plot_file=r.plot_file, recipe=r.recipe, command=command,
+                              mfac=mfac, training=training, eval_rows=r.eval_rows, in_model_index=r.results is not None)
+    card, data = _new_or_updated_card(save_directory, r, section, base_model=base_model, description=description)
     _verify(card, data, section)
     if save_directory:
-        with staged_save(save_directory) as stage:
-            if plot_file:
-                _plot(meta["per_layer"], os.path.join(stage, plot_file))
-            card.save(os.path.join(stage, "README.md"))
+        _write_card(save_directory, card, r)
     return card
 
 
@@ -260,32 +312,10 @@ def write_trainer_model_card(trainer, output_dir: str | os.PathLike | None = Non
     """
     output_dir = output_dir or trainer.args.output_dir
     model = trainer.accelerator.unwrap_model(trainer.model)
-    cb_masks, cb_info = _callback_sparsity(trainer, model)
-    masks = info.pop("masks", None) or cb_masks
-    method = info.pop("method", None) or cb_info.get("method")
-    recipe = info.pop("recipe", None) or cb_info.get("recipe")
-    save_args = {k: info.pop(k) for k in ("targets", "pattern", "save_masks", "extra_metadata") if k in info}
-    if "pattern" in cb_info and "pattern" not in save_args and masks is cb_masks:
-        save_args["pattern"] = cb_info["pattern"]
-    tasks, dataset = info.pop("tasks", None), info.pop("dataset", None)
-    dataset_tags, dataset_args = info.pop("dataset_tags", None), info.pop("dataset_args", None)
-    first = lambda v: v[0] if isinstance(v, (list, tuple)) and v else v  # noqa: E731
-
+    masks, method, recipe, save_args = _trainer_sparsity(trainer, model, info)
     resolved = resolve_masks(model, masks, save_args.get("targets"))
     sparse = any(not bool(k.all()) for k in resolved.values())
-    name_or_path = getattr(model.config, "_name_or_path", "") or ""
-    hub_name = name_or_path if name_or_path and not os.path.isdir(name_or_path) else None
-    base = info.pop("finetuned_from", None) or hub_name
-    tags = info.pop("tags", None)
-    repo_id = getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id
-    kwargs = dict(model=model, method=method, recipe=recipe, base_model=base,
-                  tags=[tags] if isinstance(tags, str) else tags, task=first(tasks),
-                  datasets=dataset_tags, dataset_name=first(dataset), dataset_config=first(dataset_args),
-                  eval_results=_last_eval(trainer) or None, mfac=_mfac_hparams(trainer),
-                  training=_training_hparams(trainer), command=_redacted_command(sys.argv), repo_id=repo_id,
-                  model_name=(repo_id or "").split("/")[-1]
-                  or _one_line(os.path.basename(os.path.normpath(output_dir))))
-    kwargs.update(info)
+    kwargs = _trainer_card_kwargs(trainer, model, output_dir, info, method=method, recipe=recipe)
     # One staged save for the checkpoint and the card: either both replace what output_dir held, or neither.
     with staged_save(output_dir, stale=_is_checkpoint_file if sparse else None) as stage:
         sparsity = None

@@ -1,13 +1,20 @@
 """What a ``Trainer`` tells a model card: the masks, method, pattern and recipe of its pruning callback
 (:func:`_callback_sparsity`), the M-FAC hyperparameters of its arguments or optimizer (:func:`_mfac_hparams`), its
-training hyperparameters (:func:`_training_hparams`) and its last evaluation metrics (:func:`_last_eval`).
-:func:`~hf_mfac.integrations.model_card.write_trainer_model_card` gathers them from here.
+training hyperparameters (:func:`_training_hparams`) and its last evaluation metrics (:func:`_last_eval`), gathered
+with the base model, the repository and the redacted command line into the arguments of
+:func:`~hf_mfac.integrations.create_sparse_model_card` (:func:`_trainer_sparsity`, :func:`_trainer_card_kwargs`) for
+:func:`~hf_mfac.integrations.model_card.write_trainer_model_card`.
 """
 from __future__ import annotations
 
+import os
+import sys
 from typing import Mapping
 
 import torch
+
+from .card_section import _one_line
+from .redaction import _redacted_command
 
 _PERF_KEYS = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time")
 
@@ -75,3 +82,42 @@ def _callback_sparsity(trainer, model) -> tuple[dict | None, dict]:
         masks = {names.get(id(k), k) if torch.is_tensor(k) else k: v for k, v in masks.items()}
         return masks, {k: v for k, v in info.items() if v is not None}
     return None, {}
+
+
+def _trainer_sparsity(trainer, model, info: dict) -> tuple[Mapping | None, str | None, object, dict]:
+    """(masks, method, recipe, save_sparse_pretrained arguments) for the card, taking them out of ``info``: the
+    caller's ``masks`` / ``method`` / ``recipe`` / ``targets`` / ``pattern`` / ``save_masks`` / ``extra_metadata``,
+    else those of the pruning callback (:func:`_callback_sparsity`; its pattern only with its own masks)."""
+    cb_masks, cb_info = _callback_sparsity(trainer, model)
+    masks = info.pop("masks", None) or cb_masks
+    method = info.pop("method", None) or cb_info.get("method")
+    recipe = info.pop("recipe", None) or cb_info.get("recipe")
+    save_args = {k: info.pop(k) for k in ("targets", "pattern", "save_masks", "extra_metadata") if k in info}
+    if "pattern" in cb_info and "pattern" not in save_args and masks is cb_masks:
+        save_args["pattern"] = cb_info["pattern"]
+    return masks, method, recipe, save_args
+
+
+def _trainer_card_kwargs(trainer, model, output_dir, info: dict, *, method, recipe) -> dict:
+    """The :func:`~hf_mfac.integrations.create_sparse_model_card` arguments for ``trainer``:
+    ``Trainer.create_model_card``'s arguments in ``info`` mapped onto the card's (``finetuned_from`` -> base model,
+    ``tasks`` -> task, ``dataset_tags`` -> datasets, ``dataset`` -> dataset name, ``dataset_args`` -> dataset
+    config), the base model else from ``config._name_or_path`` when it is not a local folder, the metrics,
+    hyperparameters and redacted command line gathered here; the rest of ``info`` passed on as it is."""
+    tasks, dataset = info.pop("tasks", None), info.pop("dataset", None)
+    dataset_tags, dataset_args = info.pop("dataset_tags", None), info.pop("dataset_args", None)
+    first = lambda v: v[0] if isinstance(v, (list, tuple)) and v else v  # noqa: E731
+    name_or_path = getattr(model.config, "_name_or_path", "") or ""
+    hub_name = name_or_path if name_or_path and not os.path.isdir(name_or_path) else None
+    base = info.pop("finetuned_from", None) or hub_name
+    tags = info.pop("tags", None)
+    repo_id = getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id
+    kwargs = dict(model=model, method=method, recipe=recipe, base_model=base,
+                  tags=[tags] if isinstance(tags, str) else tags, task=first(tasks),
+                  datasets=dataset_tags, dataset_name=first(dataset), dataset_config=first(dataset_args),
+                  eval_results=_last_eval(trainer) or None, mfac=_mfac_hparams(trainer),
+                  training=_training_hparams(trainer), command=_redacted_command(sys.argv), repo_id=repo_id,
+                  model_name=(repo_id or "").split("/")[-1]
+                  or _one_line(os.path.basename(os.path.normpath(output_dir))))
+    kwargs.update(info)
+    return kwargs
