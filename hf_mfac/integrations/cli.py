@@ -1,4 +1,4 @@
-"""``hf-mfac`` command line.
+"""``hf-mfac`` command line: its parser, the checks of its inputs before any model is loaded, and its commands.
 
 ``hf-mfac prune``: one-shot pruning of a saved sequence-classification model with a local CSV/TSV/JSON(L)
 dataset. Its options are :class:`PruneCommandArguments` (data, output, evaluation) and every field of
@@ -220,14 +220,11 @@ def _evaluate(model, batches, device) -> dict:
     return {"loss": loss / max(n, 1), "accuracy": correct / max(n, 1)}
 
 
-def prune_command(model_path: str, args: PruneCommandArguments, config, argv: list[str]) -> int:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def _check_prune_inputs(model_path: str, args: PruneCommandArguments, config):
+    """(calibration data, (text, pair) columns, evaluation data or None): everything that can be checked before
+    loading the model (the settings, the model folder, the data files and their columns)."""
+    from ..pruning import Pattern
 
-    from ..pruning import Pattern, prune_oneshot, prune_sweep
-    from .model_card import create_sparse_model_card
-    from .sparse_checkpoint import save_sparse_pretrained
-
-    # everything that can be checked before loading the model
     nm = Pattern.parse(config.pattern).kind == "nm"
     if config.sparsity is None and not config.sparsities and not nm:
         raise ValueError("give --sparsity (one target) or --sparsities (a sweep), or an N:M --pattern")
@@ -240,21 +237,16 @@ def prune_command(model_path: str, args: PruneCommandArguments, config, argv: li
     if args.eval_data:
         eval_data = load_data(args.eval_data, args.encoding)
         text_columns(eval_data, *cols, args.label_column, args.eval_data)
+    return data, cols, eval_data
 
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path).to(device)
-    labels = list(data[args.label_column]) + (list(eval_data[args.label_column]) if eval_data is not None else [])
-    label_of = label_mapping(model.config, labels, args.label_column)
-    calib = _loader(data, tokenizer, cols, label_of, args.label_column, args.batch_size, args.max_length, True,
-                    args.seed)
-    evalb = None
-    if eval_data is not None:
-        evalb = _loader(eval_data, tokenizer, cols, label_of, args.label_column, args.eval_batch_size,
-                        args.max_length, False, 0)
-        before = _evaluate(model, evalb, device)
-        print(f"dense: eval loss {before['loss']:.4f}, accuracy {before['accuracy']:.4f}")
+
+def _result_saver(args: PruneCommandArguments, config, argv: list[str], tokenizer, evalb, device):
+    """The run's ``save_fn(s, model, masks, report)``: each result goes to ``output_dir`` (a sweep:
+    ``sparsity-<s>``) with the tokenizer, ``pruning_report.json`` (evaluated on ``evalb`` when given) and a model
+    card, and one line is printed."""
+    from .model_card import create_sparse_model_card
+    from .sparse_checkpoint import save_sparse_pretrained
+
     sweep = bool(config.sparsities)
     recipe = {**{k: v for k, v in config.to_dict().items() if v is not None},
               "batch_size": args.batch_size, "max_length": args.max_length, "seed": args.seed}
@@ -276,8 +268,32 @@ def prune_command(model_path: str, args: PruneCommandArguments, config, argv: li
         extra = f", eval loss {rec['eval_loss']:.4f}, accuracy {rec['eval_accuracy']:.4f}" if evalb else ""
         print(f"{config.method} -> {out}: sparsity {report.sparsity:.4f}{extra}")
 
+    return save
+
+
+def prune_command(model_path: str, args: PruneCommandArguments, config, argv: list[str]) -> int:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ..pruning import prune_oneshot, prune_sweep
+
+    data, cols, eval_data = _check_prune_inputs(model_path, args, config)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path).to(device)
+    labels = list(data[args.label_column]) + (list(eval_data[args.label_column]) if eval_data is not None else [])
+    label_of = label_mapping(model.config, labels, args.label_column)
+    calib = _loader(data, tokenizer, cols, label_of, args.label_column, args.batch_size, args.max_length, True,
+                    args.seed)
+    evalb = None
+    if eval_data is not None:
+        evalb = _loader(eval_data, tokenizer, cols, label_of, args.label_column, args.eval_batch_size,
+                        args.max_length, False, 0)
+        before = _evaluate(model, evalb, device)
+        print(f"dense: eval loss {before['loss']:.4f}, accuracy {before['accuracy']:.4f}")
+    save = _result_saver(args, config, argv, tokenizer, evalb, device)
     kwargs = {**config.oneshot_kwargs(), "progress": not args.no_progress}
-    if sweep:
+    if config.sparsities:  # a sweep
         prune_sweep(model, calib, config.sparsities, save_fn=save, **kwargs)
     else:
         res = prune_oneshot(model, calib, **kwargs)
