@@ -223,6 +223,61 @@ def _load(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
+def _raise_together(opt, sharded: bool, error) -> None:
+    """Raise ``error`` on every rank of a :class:`ShardedMFAC` if any rank has one (one collective), else
+    raise it where it is."""
+    if sharded:
+        opt.comm.check(error)
+    elif error is not None:
+        raise error
+
+
+def _read_first_shard(folder: str, rank: int, expect_meta: dict | None) -> tuple[dict, dict]:
+    """This rank's shard file (rank 0's where the saving run had fewer ranks), checked for its format and
+    ``expect_meta``; returns it with its ``meta``."""
+    own = shard_file(folder, rank)
+    if not os.path.isfile(own):  # more ranks than the saving run: start from rank 0's file
+        own = shard_file(folder, 0)
+        if not os.path.isfile(own):
+            raise FileNotFoundError(f"no M-FAC window shards (mfac_shard_*.pt) in {folder}")
+    first = _load(own)
+    if int(first.get("format", 0)) != _FORMAT:
+        raise ValueError(f"{own} is not an M-FAC window shard of format {_FORMAT}")
+    meta = dict(first.get("meta", {}))
+    for k, v in (expect_meta or {}).items():
+        if k in meta and meta[k] != v:
+            raise ValueError(f"the M-FAC shards in {folder} were saved at {k}={meta[k]}, expected {v}")
+    return first, meta
+
+
+def _check_saved_layout(opt, first: dict, layout, window) -> int:
+    """The saved window's number of coordinates, after checking that it and its parameters are this
+    optimizer's."""
+    full_dim = int(first["window"]["full_dim"])
+    if full_dim != window.dim:
+        raise ValueError(f"the saved window covers {full_dim} coordinates; this optimizer has {window.dim}")
+    index = opt._param_index()
+    if [index[id(p)] for p, *_ in layout] != list(first["layout"]):
+        raise ValueError("the saved M-FAC window was built over other parameters than this optimizer's")
+    return full_dim
+
+
+def _gather_columns(folder: str, first: dict, full_dim: int, start: int, stop: int) -> torch.Tensor:
+    """Columns ``[start, stop)`` of the saved window (m, stop - start), copied from the shard files that hold
+    them (``first`` is already loaded; the others are memory-mapped, and each is checked for its range)."""
+    win, saved = first["window"], shard_bounds(full_dim, int(first["world_size"]))
+    G = torch.empty(win["G"].shape[0], stop - start, dtype=win["G"].dtype)  # (m, columns held here)
+    for r, (a, b) in enumerate(zip(saved, saved[1:])):
+        lo, hi = max(a, start), min(b, stop)
+        if lo >= hi:
+            continue
+        shard = first if int(first["rank"]) == r else _load(shard_file(folder, r))
+        if (int(shard["window"]["start"]), int(shard["window"]["stop"])) != (a, b):
+            raise ValueError(f"{shard_file(folder, r)} does not hold the columns [{a}, {b}) it should")
+        G[:, lo - start : hi - start] = shard["window"]["G"][:, lo - a : hi - a]
+    return G
+
+
 def load_mfac_shards(optimizer, folder: str, *, expect_meta: dict | None = None) -> dict:
     """Restore the window from ``mfac_shard_*.pt`` in ``folder`` into a :class:`ShardedMFAC` (any number of
     ranks: each reads the columns it now holds from the files that have them; with the saving run's number
@@ -236,30 +291,12 @@ def load_mfac_shards(optimizer, folder: str, *, expect_meta: dict | None = None)
     every rank failed the same way, else :class:`DistributedError`) and leaves the optimizer as it was."""
     opt = unwrap_optimizer(optimizer)
     sharded = isinstance(opt, ShardedMFAC)
-
-    def agree(error):
-        if sharded:
-            opt.comm.check(error)
-        elif error is not None:
-            raise error
-
     first = meta = error = None
     try:
-        own = shard_file(folder, opt.comm.rank if sharded else 0)
-        if not os.path.isfile(own):  # more ranks than the saving run: start from rank 0's file
-            own = shard_file(folder, 0)
-            if not os.path.isfile(own):
-                raise FileNotFoundError(f"no M-FAC window shards (mfac_shard_*.pt) in {folder}")
-        first = _load(own)
-        if int(first.get("format", 0)) != _FORMAT:
-            raise ValueError(f"{own} is not an M-FAC window shard of format {_FORMAT}")
-        meta = dict(first.get("meta", {}))
-        for k, v in (expect_meta or {}).items():
-            if k in meta and meta[k] != v:
-                raise ValueError(f"the M-FAC shards in {folder} were saved at {k}={meta[k]}, expected {v}")
+        first, meta = _read_first_shard(folder, opt.comm.rank if sharded else 0, expect_meta)
     except Exception as e:  # noqa: BLE001 - reported on every rank
         error = e
-    agree(error)
+    _raise_together(opt, sharded, error)
     if first["window"] is None:
         if sharded:
             opt.load_sharded_state_dict(first)
@@ -270,29 +307,15 @@ def load_mfac_shards(optimizer, folder: str, *, expect_meta: dict | None = None)
     state = None
     try:
         start, stop = (window.start, window.stop) if sharded else (0, window.dim)
-        full_dim = int(first["window"]["full_dim"])
-        if full_dim != window.dim:
-            raise ValueError(f"the saved window covers {full_dim} coordinates; this optimizer has {window.dim}")
-        index = opt._param_index()
-        if [index[id(p)] for p, *_ in layout] != list(first["layout"]):
-            raise ValueError("the saved M-FAC window was built over other parameters than this optimizer's")
-        win, saved = first["window"], shard_bounds(full_dim, int(first["world_size"]))
-        G = torch.empty(win["G"].shape[0], stop - start, dtype=win["G"].dtype)  # (m, columns held here)
-        for r, (a, b) in enumerate(zip(saved, saved[1:])):
-            lo, hi = max(a, start), min(b, stop)
-            if lo >= hi:
-                continue
-            shard = first if int(first["rank"]) == r else _load(shard_file(folder, r))
-            if (int(shard["window"]["start"]), int(shard["window"]["stop"])) != (a, b):
-                raise ValueError(f"{shard_file(folder, r)} does not hold the columns [{a}, {b}) it should")
-            G[:, lo - start : hi - start] = shard["window"]["G"][:, lo - a : hi - a]
-        state = {k: v for k, v in win.items() if k not in ("G", "start", "stop")}
+        full_dim = _check_saved_layout(opt, first, layout, window)
+        G = _gather_columns(folder, first, full_dim, start, stop)
+        state = {k: v for k, v in first["window"].items() if k not in ("G", "start", "stop")}
         state["G"] = G
         if sharded:
             state.update(start=start, stop=stop)
     except Exception as e:  # noqa: BLE001 - reported on every rank
         error = e
-    agree(error)
+    _raise_together(opt, sharded, error)
     window.load_state_dict(state)  # checks the window (on all ranks together when sharded)
     opt._layout, opt._layout_ids, opt.window = layout, ids, window
     return meta
