@@ -13,11 +13,17 @@ Precision and memory. ``G_b^T G_b`` is accumulated in fp64 (products of fp32 val
 error is that of fp64 whatever the gradients' scale and count; an fp32 sum loses about ``m * eps32 * |g|^2``,
 which swamps a small damping (measured: 5e-3 relative error of ``diag(F^{-1})`` at m = 32, unit-scale gradients,
 damp 1e-5, against 6e-8 here, the fp32 rounding of the result; fp32 rank-1 Woodbury updates, as in oBERT's code,
-reach 9e-3). With an fp32 inverse the accumulator holds only the upper triangle of each symmetric block in fp64
-(``B (B + 1) / 2`` values of 8 bytes, about the bytes of the fp32 block), and the inverse is written in place over
-it, page by page: the memory of the fp32 inverse plus ``4 d`` bytes, never a second copy. With an fp64 inverse
-the full fp64 blocks are accumulated and inverted in place (d*B values). The gradient chunk is reordered to
-(block, gradient, coordinate) and converted to fp64 in cache-sized pages of blocks.
+reach 9e-3). fp32 GEMMs over chunks of gradients, summed in fp64, would run faster but are not accurate enough:
+on gradients whose covariance spectrum decays (as real ones do) they reach 2-5e-5 at damp 1e-4..1e-8, worse than
+fp32 Woodbury at damp 1e-4 (measured in the benchmarks). With an fp32 inverse the accumulator holds each symmetric
+block packed in fp64, ``B (B + 1) / 2`` values (about the bytes of the fp32 block), in the layout of LAPACK's
+rectangular full packed storage, so that packing and unpacking are strided copies rather than gathers: for
+``B = 2h`` the upper triangle of the top-left (h, h) quarter and the lower triangle of the bottom-right one share
+an (h + 1, h) rectangle and the bottom-left quarter follows (an odd block is padded by one zero row and column).
+The inverse is written in place over the accumulator, page by page: the memory of the fp32 inverse plus
+``4 d`` bytes, never a second copy. With an fp64 inverse the full fp64 blocks are accumulated and inverted in
+place (d*B values). The gradient chunk is reordered to (block, gradient, coordinate) and converted to fp64 in
+cache-sized pages of blocks.
 """
 from __future__ import annotations
 
@@ -80,7 +86,7 @@ class BlockFisherInverse:
 
     ``add_grads(G)`` takes a chunk (k, d) or a single gradient (d,); ``diag()`` (d,), ``mul(x)`` (d,) and
     ``blocks()`` (n_blocks, B, B) give the inverse (formed on first use, O(d B^2)). Cost of
-    ``add_grads``: O(k d B) as batched fp64 GEMMs. ``m`` in the formula is the number of gradients added.
+    ``add_grads``: O(k d B) as batched GEMMs. ``m`` in the formula is the number of gradients added.
     Damping: give ``damp`` (absolute λ) or ``rel_damp`` (a fraction of the mean Fisher diagonal of each group of
     blocks, ``damp_groups`` (n_blocks,) int, e.g. the target tensor of each block; default: each block alone;
     :func:`relative_damp`); ``block_damp`` (n_blocks,) holds the λ_b used once the inverse is formed.
@@ -102,11 +108,15 @@ class BlockFisherInverse:
         self.padded_dim = self.num_blocks * self.block_size
         B = self.block_size
         self._packed = dtype == torch.float32
-        if self._packed:  # flat positions r * B + c (r <= c) of the stored upper triangle, and of its mirror
-            r, c = torch.triu_indices(B, B, device=self.device)
-            self._upper, self._lower = r * B + c, c * B + r
-            self._diag_pos = (r == c).nonzero().view(-1)  # (B,) where the diagonal sits in a packed row
-        self._acc: torch.Tensor | None = None  # fp64 sum of G_b^T G_b: (nb, B(B+1)/2) packed or (nb, B, B)
+        # packed blocks are stored for an even size (an odd block gets one zero row and column)
+        self._bp = B + B % 2 if self._packed else B
+        h = self._bp // 2
+        self._rect = (h + 1) * h  # packed row: [rect (h+1, h) | S21 (h, h)], see _pack_add
+        self._rect_upper = torch.ones(h + 1, h, dtype=torch.bool, device=self.device).triu()
+        r = torch.arange(self._bp, device=self.device)
+        # where the diagonal sits in a packed row: S11[r, r] at rect[r, r], S22[r, r] at rect[r + 1, r]
+        self._diag_pos = torch.where(r < h, r * h + r, (r - h + 1) * h + (r - h))[:B]
+        self._acc: torch.Tensor | None = None  # fp64 sum of G_b^T G_b: (nb, Bp(Bp+1)/2) packed or (nb, B, B)
         self._mat: torch.Tensor | None = None  # the inverse blocks (nb, B, B) in dtype, once formed
         self.reset()
 
@@ -128,31 +138,64 @@ class BlockFisherInverse:
             raise ValueError(f"G must have shape (k, {self.dim}); got {tuple(G.shape)}")
         G = G.to(device=self.device)
         check_finite("G", G)
-        k, B, nb = G.shape[0], self.block_size, self.num_blocks
-        Gp = self._padded(G)
-        n = self._page(8 * B * (k + B))  # blocks per page: the fp64 chunk and products stay in cache
-        buf = torch.empty(min(n, nb) * k * B, dtype=torch.float64, device=self.device)
-        prod = torch.empty(min(n, nb) * B * B, dtype=torch.float64, device=self.device) if self._packed else None
+        self._accumulate(G)
+        self.num_grads += G.shape[0]
+
+    def _accumulate(self, G: torch.Tensor) -> None:
+        """``acc_b += G_b^T G_b`` for a chunk G (k, d), fp64 products, page by page of blocks."""
+        k, B, Bp, nb = G.shape[0], self.block_size, self._bp, self.num_blocks
+        n = min(nb, self._page(8 * Bp * (k + Bp)))  # blocks per page: the chunk and products stay in cache
+        buf = torch.empty(n, k, Bp, dtype=torch.float64, device=self.device)
+        if Bp > B:
+            buf[:, :, B:] = 0  # the padding column of an odd block carries no gradient
+        prod = torch.empty(n, Bp, Bp, dtype=torch.float64, device=self.device) if self._packed else None
+        full = self.dim // B  # blocks that hold B coordinates (the last one may hold fewer)
         for s in range(0, nb, n):
             e = min(nb, s + n)
-            Gb = buf[: (e - s) * k * B].view(e - s, k, B)
-            Gb.copy_(Gp[:, s * B : e * B].view(k, e - s, B).transpose(0, 1))  # reorder and convert in one pass
+            Gb, f = buf[: e - s], min(e, full)
+            if f > s:  # reorder to (block, gradient, coordinate) and convert in one pass
+                Gb[: f - s, :, :B].copy_(G[:, s * B : f * B].view(k, f - s, B).transpose(0, 1))
+            if e > f:  # the last, partial block: its missing coordinates carry no gradient
+                Gb[-1].zero_()
+                Gb[-1, :, : self.dim - f * B].copy_(G[:, f * B :])
             if self._packed:
-                P = torch.bmm(Gb.mT, Gb, out=prod[: (e - s) * B * B].view(e - s, B, B))
-                self._acc[s:e] += P.view(e - s, B * B)[:, self._upper]
+                self._pack_add(self._acc[s:e], torch.bmm(Gb.mT, Gb, out=prod[: e - s]))
             else:
                 self._acc[s:e].baddbmm_(Gb.mT, Gb)  # (n, B, B) += G_b^T G_b
-        self.num_grads += k
+
+    def _pack_add(self, acc: torch.Tensor, P: torch.Tensor) -> None:
+        """``acc += pack(P)`` for symmetric P (n, Bp, Bp), Bp = 2h, in the layout of rectangular full packed
+        storage: the upper triangle of the top-left (h, h) quarter and the lower triangle of the bottom-right
+        one share an (h + 1, h) rectangle, the bottom-left quarter follows; strided views, no gather."""
+        h, n = self._bp // 2, P.shape[0]
+        rect = torch.where(self._rect_upper, P[:, : h + 1, :h], P[:, h - 1 :, h:])
+        acc[:, : self._rect].view(n, h + 1, h).add_(rect)
+        acc[:, self._rect :].view(n, h, h).add_(P[:, h:, :h])
 
     def _full(self, s: int, e: int) -> torch.Tensor:
         """The accumulated sums of blocks [s, e) as full symmetric fp64 matrices (a new tensor)."""
         if not self._packed:
             return self._acc[s:e].clone()
-        B, acc = self.block_size, self._acc[s:e]
-        out = torch.empty(e - s, B * B, dtype=torch.float64, device=self.device)
-        out[:, self._lower] = acc
-        out[:, self._upper] = acc
-        return out.view(e - s, B, B)
+        h, n, B = self._bp // 2, e - s, self.block_size
+        rect = self._acc[s:e, : self._rect].view(n, h + 1, h)
+        low = self._acc[s:e, self._rect :].view(n, h, h)
+        out = torch.empty(n, self._bp, self._bp, dtype=torch.float64, device=self.device)
+        top, bottom = rect[:, :h], rect[:, 1:]  # S11's upper triangle, S22's lower triangle
+        upper = self._rect_upper[:h]
+        torch.where(upper, top, top.mT, out=out[:, :h, :h])
+        torch.where(upper, bottom.mT, bottom, out=out[:, h:, h:])
+        out[:, h:, :h] = low
+        out[:, :h, h:] = low.mT
+        return out if self._bp == B else out[:, :B, :B]
+
+    def _pack(self, full: torch.Tensor) -> torch.Tensor:
+        """The packed rows (n, Bp(Bp+1)/2) fp64 of symmetric blocks (n, B, B)."""
+        n, B, Bp = full.shape[0], self.block_size, self._bp
+        P = torch.zeros(n, Bp, Bp, dtype=torch.float64, device=self.device)
+        P[:, :B, :B] = full
+        acc = torch.zeros(n, self._acc.shape[1], dtype=torch.float64, device=self.device)
+        self._pack_add(acc, P)
+        return acc
 
     def _invert(self) -> None:
         if self._inverted:
@@ -220,7 +263,7 @@ class BlockFisherInverse:
 
     def reset(self) -> None:
         B, nb = self.block_size, self.num_blocks
-        shape = (nb, B * (B + 1) // 2) if self._packed else (nb, B, B)
+        shape = (nb, self._bp * (self._bp + 1) // 2) if self._packed else (nb, B, B)
         self._acc, self._mat = None, None  # free the old blocks before the new accumulator is allocated
         self._acc = torch.zeros(shape, dtype=torch.float64, device=self.device)
         self.num_grads = 0
@@ -243,7 +286,7 @@ class BlockFisherInverse:
             self._acc, self._mat = None, mat.to(self.dtype).clone()
         else:
             mat = mat.to(torch.float64)
-            self._acc.copy_(mat.reshape(nb, B * B)[:, self._upper] if self._packed else mat)
+            self._acc.copy_(self._pack(mat) if self._packed else mat)
         self.num_grads, self._inverted = int(state["num_grads"]), inverted
         bd = state.get("block_damp")
         self.block_damp = None if bd is None else bd.to(device=self.device, dtype=torch.float64).clone()
