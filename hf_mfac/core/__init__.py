@@ -1,5 +1,6 @@
 """The math of hf_mfac: tensors in, tensors out. Imports torch and hf_mfac.kernels only."""
 from .fisher import BlockFisherInverse, relative_damp
-from .ihvp import DynamicMFAC, GradientRejected, StaticMFAC
+from .ihvp import DynamicMFAC, GradientRejected
+from .static_mfac import StaticMFAC
 
 __all__ = ["DynamicMFAC", "StaticMFAC", "BlockFisherInverse", "GradientRejected", "relative_damp"]
