@@ -1,4 +1,4 @@
-"""The M-FAC optimizer ([M-FAC, §4]): :class:`MFAC` (one process) and :class:`ShardedMFAC` (the gradient window
+"""The M-FAC optimizer [M-FAC]: :class:`MFAC` (one process) and :class:`ShardedMFAC` (the gradient window
 split across processes), with the helpers that Trainer integration uses to recognise and size it."""
 from .distributed import ShardedMFAC
 from .mfac import MFAC, MFAC_OPTIM, is_mfac_optimizer, selects_mfac, unwrap_optimizer, window_bytes
