@@ -36,6 +36,8 @@ __all__ = ["BlockFisherInverse", "relative_damp", "check_damping"]
 # fp64 bytes of one page of blocks in add_grads and the inversion (the temporaries are a few times this):
 # small enough to stay in cache on a CPU.
 _PAGE_BYTES = 1 << 20
+# ... and at most this fraction of the fp32 inverse's bytes, so that small Fishers do not double in the build
+_PAGE_FRACTION = 1 / 32
 
 
 def check_damping(damp, rel_damp) -> tuple[float | None, float | None]:
@@ -126,7 +128,8 @@ class BlockFisherInverse:
         return torch.nn.functional.pad(x, (0, self.padded_dim - self.dim))
 
     def _page(self, per_block_bytes: int) -> int:
-        return max(1, _PAGE_BYTES // max(1, per_block_bytes))
+        page = min(_PAGE_BYTES, max(1 << 14, int(4 * self.padded_dim * self.block_size * _PAGE_FRACTION)))
+        return max(1, page // max(1, per_block_bytes))
 
     def add_grads(self, G: torch.Tensor) -> None:
         """Accumulate gradients G (k, d) (or (d,)); raises on NaN/inf without changing the accumulator."""
