@@ -32,7 +32,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 sys.path.insert(0, HERE)
 
-from run_image_classification import ImageDataset, load_fashion_mnist, make_transform  # noqa: E402
+from run_image_classification import load_fashion_mnist  # noqa: E402
 from _util import machine, table  # noqa: E402
 
 from transformers import ViTConfig, ViTForImageClassification, default_data_collator, set_seed  # noqa: E402
@@ -73,6 +73,24 @@ def parse_args(argv=None):
     p.add_argument("--rel_damps", default="", help="comma list of rel_damp values to sweep (default: each method's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     return p.parse_args(argv)
+
+
+def transform(image) -> torch.Tensor:
+    """A (28, 28) image in [0, 1] -> the normalised (1, 28, 28) input, (x - 0.5) / 0.5."""
+    return (torch.as_tensor(image, dtype=torch.float32)[None] - 0.5) / 0.5
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(images, labels) -> {"pixel_values": (1, 28, 28), "labels": int}."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"pixel_values": transform(self.images[i]), "labels": int(self.labels[i])}
 
 
 def subset(images, labels, n, rng):
@@ -126,8 +144,7 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed if args.data_seed is None else args.data_seed)
     tr_x, tr_y = subset(*splits["train"], args.train_samples, rng)
     te_x, te_y = subset(*splits["validation"], args.test_samples, rng)
-    transform = make_transform(None, 28, 1)
-    train_ds = ImageDataset(tr_x, tr_y, transform)
+    train_ds = ImageDataset(tr_x, tr_y)
     test_x = torch.stack([transform(im) for im in te_x])
     test_y = torch.as_tensor(te_y)
 

@@ -1,93 +1,294 @@
 #!/usr/bin/env python
-# Copyright 2021 The HuggingFace Inc. team. Copyright 2026 the hf_mfac authors.
-# Licensed under the Apache License, Version 2.0.
-"""Train a ViT image classifier on local images with M-FAC.
+# coding=utf-8
+# Copyright 2021 The HuggingFace Inc. team. All rights reserved.
+# Copyright 2026 the hf_mfac authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Fine-tuning a Transformers model for image classification, with M-FAC and second-order pruning.
 
-Port of transformers' ``examples/pytorch/image-classification/run_image_classification.py`` (5.x) that reads
-local data only:
+Ported from transformers' ``examples/pytorch/image-classification/run_image_classification.py``. The changes, each
+marked ``# hf_mfac:`` in the code:
 
-* ``--train_dir`` (and optionally ``--validation_dir``): an image folder, one sub-folder per class
-  (``train/cat/001.png``, ``train/dog/002.jpg``...), the layout of the datasets "imagefolder" builder;
-* ``--dataset fashion_mnist``: the Fashion-MNIST idx files (``*-images-idx3-ubyte.gz``/``*-labels-idx1-ubyte.gz``)
-  in ``--fashion_mnist_dir`` (default ``/usr/share/datasets/fashion-mnist``, Debian ``dataset-fashion-mnist``);
-* ``--dataset digits``: scikit-learn's bundled 8x8 digits (1797 images).
+* M-FAC: ``MFACTrainingArguments`` / ``MFACTrainer`` in place of ``TrainingArguments`` / ``Trainer``, so
+  ``--optim mfac`` (``--mfac_num_grads``, ``--mfac_damp``, ``--optim_args``...) works next to every stock ``--optim``;
+* pruning: the ``--prune_*`` flags of :class:`hf_mfac.integrations.PruningArguments` (gradual pruning during
+  training, ``--prune_mode oneshot``, ``--distill_teacher self``); the pruned model is saved sparse;
+* local data: ``--dataset fashion_mnist`` (the idx ``.gz`` files in ``--fashion_mnist_dir``, Debian package
+  ``dataset-fashion-mnist``) and ``--dataset digits`` (scikit-learn's 8x8 digits) become a ``DatasetDict`` with an
+  ``image`` and a ``label`` column, as ``--train_dir``/``--validation_dir`` (the "imagefolder" builder) and
+  ``--dataset_name`` give;
+* without ``--model_name_or_path``, a small ``ViTConfig`` trained from scratch (``--image_size``, ``--patch_size``,
+  ``--hidden_size``...): no checkpoint is downloaded;
+* the accuracy is computed locally (``evaluate.load`` needs the network);
+* torchvision is optional: without it, stand-ins for its few transforms (same arguments, PIL and torch).
 
-The model is a local checkpoint (``--model_name_or_path``, with its image processor) or, without one, a small
-``ViTConfig`` trained from scratch (``--image_size``, ``--patch_size``, ``--hidden_size``...). Arguments are
-:class:`hf_mfac.integrations.MFACTrainingArguments`, so ``--optim mfac`` works; the metric (accuracy) is computed
-locally. There is no data augmentation (the official script uses torchvision's, which is not a dependency here).
-:class:`hf_mfac.integrations.PruningArguments` are parsed as in run_qa.py (``--prune_method magnitude
---prune_sparsity 0.5 ...``: gradual pruning during training, or ``--prune_mode oneshot``; ``--distill_teacher``);
-the pruned model is saved with :func:`hf_mfac.integrations.save_sparse_pretrained`.
+The datasets keep their ``image`` column until the transforms run, so pass ``--remove_unused_columns False`` as
+upstream. Example (see examples/README.md)::
+
+    python examples/run_image_classification.py --dataset digits --output_dir out/digits-mfac \
+        --remove_unused_columns False --do_train --do_eval --optim mfac --mfac_num_grads 64 --learning_rate 2e-3
 """
-import glob
-import gzip
+
+import glob  # hf_mfac: the Fashion-MNIST idx files
+import gzip  # hf_mfac
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Optional
 
+import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
+from datasets import load_dataset
+from datasets import ClassLabel, DatasetDict, Features  # hf_mfac
+from PIL import Image
+
+try:
+    from torchvision.transforms import (
+        CenterCrop,
+        Compose,
+        Lambda,
+        Normalize,
+        RandomHorizontalFlip,
+        RandomResizedCrop,
+        Resize,
+        ToTensor,
+    )
+except ImportError:  # hf_mfac: torchvision is optional (no wheel for a CPU-only torch 2.13): the same transforms
+    import math
+
+    def Compose(transforms):
+        def compose(x):
+            for t in transforms:
+                x = t(x)
+            return x
+
+        return compose
+
+    def Lambda(fn):
+        return fn
+
+    def ToTensor():  # PIL image -> float tensor (C, H, W) in [0, 1]
+        return lambda img: torch.from_numpy(np.atleast_3d(np.asarray(img, dtype=np.float32) / 255.0)).permute(2, 0, 1)
+
+    def Normalize(mean, std):
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (mean, std))
+        return lambda x: (x - mean) / std
+
+    def _hw(size):
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def Resize(size):  # an int resizes the shorter edge, keeping the aspect ratio
+        def resize(img):
+            if not isinstance(size, int):
+                return img.resize(_hw(size)[::-1], Image.Resampling.BILINEAR)
+            scale = size / min(img.size)
+            w, h = max(size, int(img.width * scale)), max(size, int(img.height * scale))
+            return img.resize((w, h), Image.Resampling.BILINEAR)
+
+        return resize
+
+    def CenterCrop(size):
+        def crop(img):
+            h, w = _hw(size)
+            left, top = round((img.width - w) / 2), round((img.height - h) / 2)
+            return img.crop((left, top, left + w, top + h))
+
+        return crop
+
+    def RandomHorizontalFlip(p=0.5):
+        return lambda img: img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if torch.rand(1).item() < p else img
+
+    def RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        def crop(img):
+            width, height = img.size
+            for _ in range(10):
+                area = width * height * torch.empty(1).uniform_(*scale).item()
+                aspect = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1])).item())
+                w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+                if 0 < w <= width and 0 < h <= height:
+                    top = torch.randint(0, height - h + 1, (1,)).item()
+                    left = torch.randint(0, width - w + 1, (1,)).item()
+                    break
+            else:  # the whole image
+                top, left, h, w = 0, 0, height, width
+            return img.resize(_hw(size)[::-1], Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+
+        return crop
 
 import transformers
 from transformers import (
+    MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING,
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
     HfArgumentParser,
+    TimmWrapperImageProcessor,
     ViTConfig,
     ViTForImageClassification,
-    default_data_collator,
+    ViTImageProcessor,
     set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import check_min_version
+from transformers.utils.versions import require_version
 
-from hf_mfac.integrations import MFACTrainer, MFACTrainingArguments
-from hf_mfac.integrations.callbacks import DistillationMixin, PruningArguments
+from hf_mfac.integrations import DistillationMixin, MFACTrainer, MFACTrainingArguments, PruningArguments  # hf_mfac
+
+
+""" Fine-tuning a 🤗 Transformers model for image classification"""
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot"]
+# Will error if the minimal version of Transformers is not installed. Remove at your own risks.
+check_min_version("5.0.0")
+
+require_version("datasets>=2.14.0", "To fix: pip install -r examples/pytorch/image-classification/requirements.txt")
+
+MODEL_CONFIG_CLASSES = list(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING.keys())
+MODEL_TYPES = tuple(conf.model_type for conf in MODEL_CONFIG_CLASSES)
+
+
+def pil_loader(path: str):
+    with open(path, "rb") as f:
+        im = Image.open(f)
+        return im.convert("RGB")
 
 
 @dataclass
 class DataTrainingArguments:
-    """What images to train and evaluate on. Local data only."""
+    """
+    Arguments pertaining to what data we are going to input our model for training and eval.
+    Using `HfArgumentParser` we can turn this class into argparse arguments to be able to specify
+    them on the command line.
+    """
 
-    dataset: str | None = field(
-        default=None, metadata={"help": "A built-in local loader: fashion_mnist or digits.",
-                                "choices": ["fashion_mnist", "digits"]})
-    train_dir: str | None = field(default=None, metadata={"help": "Image folder with one sub-folder per class."})
-    validation_dir: str | None = field(default=None, metadata={"help": "Image folder for validation."})
+    dataset_name: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Name of a dataset from the hub (could be your own, possibly private dataset hosted on the hub)."
+        },
+    )
+    dataset_config_name: Optional[str] = field(
+        default=None, metadata={"help": "The configuration name of the dataset to use (via the datasets library)."}
+    )
+    # hf_mfac: local data sets
+    dataset: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "A local data set: fashion_mnist (idx .gz files in --fashion_mnist_dir) or digits (scikit-learn).",
+            "choices": ["fashion_mnist", "digits"],
+        },
+    )
     fashion_mnist_dir: str = field(
-        default="/usr/share/datasets/fashion-mnist", metadata={"help": "Where the Fashion-MNIST .gz files are."})
-    train_val_split: float = field(
-        default=0.15, metadata={"help": "Fraction of the training data held out for validation when there is "
-                                        "no validation set (fixed split, seeded by --seed)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set."})
+        default="/usr/share/datasets/fashion-mnist",
+        metadata={"help": "Where the Fashion-MNIST .gz files are (Debian package dataset-fashion-mnist)."},
+    )
+    train_dir: Optional[str] = field(default=None, metadata={"help": "A folder containing the training data."})
+    validation_dir: Optional[str] = field(default=None, metadata={"help": "A folder containing the validation data."})
+    train_val_split: Optional[float] = field(
+        default=0.15, metadata={"help": "Percent to split off of train for validation."}
+    )
+    max_train_samples: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "For debugging purposes or quicker training, truncate the number of training examples to this "
+                "value if set."
+            )
+        },
+    )
+    max_eval_samples: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "For debugging purposes or quicker training, truncate the number of evaluation examples to this "
+                "value if set."
+            )
+        },
+    )
+    image_column_name: str = field(
+        default="image",
+        metadata={"help": "The name of the dataset column containing the image data. Defaults to 'image'."},
+    )
+    label_column_name: str = field(
+        default="label",
+        metadata={"help": "The name of the dataset column containing the labels. Defaults to 'label'."},
+    )
 
     def __post_init__(self):
-        if (self.dataset is None) == (self.train_dir is None):
-            raise ValueError("Give exactly one of --dataset (fashion_mnist, digits) and --train_dir.")
+        if self.dataset is not None:  # hf_mfac: a local data set
+            return
+        if self.dataset_name is None and (self.train_dir is None and self.validation_dir is None):
+            raise ValueError(
+                "You must specify either a dataset name from the hub or a train and/or validation directory."
+            )
 
 
 @dataclass
 class ModelArguments:
-    """A local checkpoint, or the shape of a ViT trained from scratch."""
+    """
+    Arguments pertaining to which model/config/tokenizer we are going to fine-tune from.
+    """
 
-    model_name_or_path: str | None = field(
+    model_name_or_path: Optional[str] = field(
+        default=None,  # hf_mfac: no default checkpoint (nothing is downloaded): without one, a ViT from scratch
+        metadata={"help": "Path to pretrained model or model identifier from huggingface.co/models"},
+    )
+    model_type: Optional[str] = field(
         default=None,
-        metadata={"help": "Path to a pretrained image classifier; omit to train a small ViT from scratch."})
-    image_processor_name: str | None = field(
-        default=None, metadata={"help": "Image processor path, if not the model's."})
+        metadata={"help": "If training from scratch, pass a model type from the list: " + ", ".join(MODEL_TYPES)},
+    )
+    config_name: Optional[str] = field(
+        default=None, metadata={"help": "Pretrained config name or path if not the same as model_name"}
+    )
+    cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where do you want to store the pretrained models downloaded from s3"}
+    )
+    model_revision: str = field(
+        default="main",
+        metadata={"help": "The specific model version to use (can be a branch name, tag name or commit id)."},
+    )
+    image_processor_name: str = field(default=None, metadata={"help": "Name or path of preprocessor config."})
+    token: str = field(
+        default=None,
+        metadata={
+            "help": (
+                "The token to use as HTTP bearer authorization for remote files. If not specified, will use the token "
+                "generated when running `huggingface-cli login` (stored in `~/.huggingface`)."
+            )
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Whether to trust the execution of code from datasets/models defined on the Hub."
+                " This option should only be set to `True` for repositories you trust and in which you have read the"
+                " code, as it will execute code present on the Hub on your local machine."
+            )
+        },
+    )
     ignore_mismatched_sizes: bool = field(
-        default=False, metadata={"help": "Allow a classification head with a different number of labels."})
-    image_size: int | None = field(default=None, metadata={"help": "From scratch: input size (default: the data's)."})
+        default=False,
+        metadata={"help": "Will enable to load a pretrained model whose head dimensions are different."},
+    )
+    # hf_mfac: the ViT trained from scratch without --model_name_or_path
+    image_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "From scratch: input size (default 8 for digits, 28 for fashion_mnist, else 32)."},
+    )
     patch_size: int = field(default=4, metadata={"help": "From scratch: ViT patch size."})
     hidden_size: int = field(default=64, metadata={"help": "From scratch: ViT hidden size."})
     num_hidden_layers: int = field(default=4, metadata={"help": "From scratch: number of ViT layers."})
@@ -95,7 +296,11 @@ class ModelArguments:
     intermediate_size: int = field(default=128, metadata={"help": "From scratch: MLP width."})
 
 
-# ---- data ---------------------------------------------------------------------------------------------------
+# hf_mfac: the local data sets as a DatasetDict (image, label), distillation -------------------------------------
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+
+
 def _read_idx(path: str) -> np.ndarray:
     """An idx file (MNIST format): big-endian header of ndim int32 sizes after a 4-byte magic number."""
     with gzip.open(path, "rb") as f:
@@ -119,76 +324,22 @@ def load_fashion_mnist(root: str) -> dict:
                     _read_idx(find("labels", split)).astype(np.int64)) for split in ("train", "validation")}
 
 
-def load_digits_split(seed: int, val_fraction: float) -> dict:
-    """scikit-learn's 8x8 digits, values scaled to [0, 1], split at random with ``seed``."""
-    from sklearn.datasets import load_digits
+def load_local_dataset(name: str, fashion_mnist_dir: str) -> DatasetDict:
+    """``--dataset fashion_mnist`` (train, validation = the test set) or ``digits`` (train only) as a DatasetDict
+    with an ``image`` column (grayscale PIL images) and a ``ClassLabel`` ``label`` column."""
+    if name == "fashion_mnist":
+        splits, names = load_fashion_mnist(fashion_mnist_dir), FASHION_MNIST_CLASSES
+    else:
+        from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    images, labels = digits.images.astype(np.float32) / 16.0, digits.target.astype(np.int64)
-    return _split({"train": (images, labels)}, seed, val_fraction)
-
-
-def scan_image_folder(root: str, class_names: list[str] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
-    """(paths, labels, class names) of ``root/<class>/<image>``; classes sorted by name, as in imagefolder."""
-    class_names = class_names or sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    paths, labels = [], []
-    for label, name in enumerate(class_names):
-        for file in sorted(os.listdir(os.path.join(root, name))):
-            if file.lower().endswith(IMAGE_EXTENSIONS):
-                paths.append(os.path.join(root, name, file))
-                labels.append(label)
-    if not paths:
-        raise ValueError(f"no images found under {root}/<class>/")
-    return paths, np.asarray(labels, dtype=np.int64), class_names
-
-
-def _split(splits: dict, seed: int, val_fraction: float) -> dict:
-    if "validation" in splits or val_fraction <= 0:
-        return splits
-    items, labels = splits["train"]
-    order = np.random.default_rng(seed).permutation(len(labels))
-    n_val = int(round(len(labels) * val_fraction))
-    take = lambda idx: ([items[i] for i in idx] if isinstance(items, list) else items[idx], labels[idx])  # noqa: E731
-    return {"train": take(order[n_val:]), "validation": take(order[:n_val])}
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """(items, labels) -> {"pixel_values": (C, H, W), "labels": int}; items are arrays (H, W) or image paths."""
-
-    def __init__(self, items, labels, transform):
-        self.items, self.labels, self.transform = items, labels, transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.transform(self.items[i]), "labels": int(self.labels[i])}
-
-
-def make_transform(image_processor, image_size: int, num_channels: int):
-    """Item -> normalised (C, H, W) tensor: the checkpoint's image processor, or resize + (x - 0.5) / 0.5."""
-    from PIL import Image
-
-    def to_pil(item):
-        if isinstance(item, str):
-            return Image.open(item)
-        return Image.fromarray(np.uint8(np.clip(item, 0, 1) * 255))
-
-    if image_processor is not None:
-        return lambda item: image_processor(to_pil(item).convert("RGB"), return_tensors="pt")["pixel_values"][0]
-
-    def transform(item):
-        if isinstance(item, str):
-            img = Image.open(item).convert("L" if num_channels == 1 else "RGB")
-            x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
-            x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
-        else:
-            x = torch.as_tensor(item, dtype=torch.float32)[None].expand(num_channels, -1, -1)  # (C, H, W)
-        if tuple(x.shape[-2:]) != (image_size, image_size):
-            x = F.interpolate(x[None], size=(image_size, image_size), mode="bilinear", align_corners=False)[0]
-        return (x - 0.5) / 0.5
-
-    return transform
+        digits = load_digits()
+        splits, names = {"train": (digits.images / 16.0, digits.target)}, [str(d) for d in range(10)]
+    features = Features({"image": datasets.Image(), "label": ClassLabel(names=names)})
+    return DatasetDict({
+        split: datasets.Dataset.from_dict(
+            {"image": list(np.uint8(np.round(images * 255))), "label": labels.tolist()}, features=features)
+        for split, (images, labels) in splits.items()
+    })
 
 
 class ImageClassificationTrainer(DistillationMixin, MFACTrainer):
@@ -196,134 +347,281 @@ class ImageClassificationTrainer(DistillationMixin, MFACTrainer):
 
 
 def main(argv=None):
+    # See all possible arguments in src/transformers/training_args.py
+    # or by passing the --help flag to this script.
+    # We now keep distinct sets of args, for a cleaner separation of concerns.
+
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, MFACTrainingArguments, PruningArguments))
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)  # hf_mfac: main(argv) for tests
     if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args, prune_args = parser.parse_json_file(
-            json_file=os.path.abspath(argv[0]))
+        # If we pass only one argument to the script and it's the path to a json file,
+        # let's parse it to get our arguments.
+        model_args, data_args, training_args, prune_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
     else:
         model_args, data_args, training_args, prune_args = parser.parse_args_into_dataclasses(args=argv)
 
+    # Setup logging
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%m/%d/%Y %H:%M:%S",
         handlers=[logging.StreamHandler(sys.stdout)],
     )
+
     if training_args.should_log:
+        # The default of training_args.log_level is passive, so we set log level at info here to have that default.
         transformers.utils.logging.set_verbosity_info()
+
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
-    logger.warning(
-        f"Process rank: {training_args.local_process_index}, device: {training_args.device}, "
-        f"n_gpu: {training_args.n_gpu}, optimizer: {training_args.optim}"
-    )
 
+    # Log on each process the small summary:
+    logger.warning(
+        f"Process rank: {training_args.local_rank}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
+        + f"distributed training: {training_args.parallel_mode.value == 'distributed'}, "
+        + f"16-bits training: {training_args.fp16}"
+    )
+    logger.info(f"Training/evaluation parameters {training_args}")
+
+    # Detecting last checkpoint.
     last_checkpoint = None
     if os.path.isdir(training_args.output_dir) and training_args.do_train:
         last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+            logger.info(
+                f"Checkpoint detected, resuming training at {last_checkpoint}. To avoid this behavior, change "
+                "the `--output_dir` to train from scratch."
+            )
 
+    # Set seed before initializing model.
     set_seed(training_args.seed)
 
-    # Data: (items, labels) per split; items are float arrays (N, H, W) or image paths.
-    if data_args.dataset == "fashion_mnist":
-        splits, class_names = load_fashion_mnist(data_args.fashion_mnist_dir), FASHION_MNIST_CLASSES
-    elif data_args.dataset == "digits":
-        splits = load_digits_split(training_args.seed, data_args.train_val_split)
-        class_names = [str(d) for d in range(10)]
+    # Initialize our dataset and prepare it for the 'image-classification' task.
+    if data_args.dataset_name is not None:
+        dataset = load_dataset(
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            cache_dir=model_args.cache_dir,
+            token=model_args.token,
+        )
+    elif data_args.dataset is not None:  # hf_mfac: a local data set (image, label)
+        dataset = load_local_dataset(data_args.dataset, data_args.fashion_mnist_dir)
     else:
-        paths, labels, class_names = scan_image_folder(data_args.train_dir)
-        splits = {"train": (paths, labels)}
+        data_files = {}
+        if data_args.train_dir is not None:
+            data_files["train"] = os.path.join(data_args.train_dir, "**")
         if data_args.validation_dir is not None:
-            splits["validation"] = scan_image_folder(data_args.validation_dir, class_names)[:2]
-        splits = _split(splits, training_args.seed, data_args.train_val_split)
-    label2id = {name: i for i, name in enumerate(class_names)}
-    id2label = {i: name for i, name in enumerate(class_names)}
+            data_files["validation"] = os.path.join(data_args.validation_dir, "**")
+        dataset = load_dataset(
+            "imagefolder",
+            data_files=data_files,
+            cache_dir=model_args.cache_dir,
+        )
 
-    # Model: a local checkpoint with its image processor, or a small ViT from scratch.
-    if model_args.model_name_or_path is not None:
-        config = AutoConfig.from_pretrained(
-            model_args.model_name_or_path, num_labels=len(class_names), label2id=label2id, id2label=id2label,
-            finetuning_task="image-classification")
-        model = AutoModelForImageClassification.from_pretrained(
-            model_args.model_name_or_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
-        image_processor = AutoImageProcessor.from_pretrained(
-            model_args.image_processor_name or model_args.model_name_or_path)
-        transform = make_transform(image_processor, None, None)
-    else:
-        first = splits["train"][0][0]
-        native = first.shape[-1] if isinstance(first, np.ndarray) else 32
-        num_channels = 1 if data_args.dataset is not None else 3
-        image_size = model_args.image_size or native
-        config = ViTConfig(
-            image_size=image_size, patch_size=model_args.patch_size, num_channels=num_channels,
-            hidden_size=model_args.hidden_size, num_hidden_layers=model_args.num_hidden_layers,
-            num_attention_heads=model_args.num_attention_heads, intermediate_size=model_args.intermediate_size,
-            num_labels=len(class_names), label2id=label2id, id2label=id2label)
-        model, image_processor = ViTForImageClassification(config), None
-        transform = make_transform(None, image_size, num_channels)
+    dataset_column_names = dataset["train"].column_names if "train" in dataset else dataset["validation"].column_names
+    if data_args.image_column_name not in dataset_column_names:
+        raise ValueError(
+            f"--image_column_name {data_args.image_column_name} not found in dataset '{data_args.dataset_name}'. "
+            "Make sure to set `--image_column_name` to the correct audio column - one of "
+            f"{', '.join(dataset_column_names)}."
+        )
+    if data_args.label_column_name not in dataset_column_names:
+        raise ValueError(
+            f"--label_column_name {data_args.label_column_name} not found in dataset '{data_args.dataset_name}'. "
+            "Make sure to set `--label_column_name` to the correct text column - one of "
+            f"{', '.join(dataset_column_names)}."
+        )
 
-    train_dataset = eval_dataset = None
-    if training_args.do_train:
-        items, labels = splits["train"]
-        n = min(len(labels), data_args.max_train_samples or len(labels))
-        train_dataset = ImageDataset(items[:n], labels[:n], transform)
-    if training_args.do_eval:
-        if "validation" not in splits:
-            raise ValueError("--do_eval needs --validation_dir or --train_val_split > 0")
-        items, labels = splits["validation"]
-        n = min(len(labels), data_args.max_eval_samples or len(labels))
-        eval_dataset = ImageDataset(items[:n], labels[:n], transform)
+    def collate_fn(examples):
+        pixel_values = torch.stack([example["pixel_values"] for example in examples])
+        labels = torch.tensor([example[data_args.label_column_name] for example in examples])
+        return {"pixel_values": pixel_values, "labels": labels}
 
+    # If we don't have a validation split, split off a percentage of train as validation.
+    data_args.train_val_split = None if "validation" in dataset.keys() else data_args.train_val_split
+    if isinstance(data_args.train_val_split, float) and data_args.train_val_split > 0.0:
+        split = dataset["train"].train_test_split(data_args.train_val_split)
+        dataset["train"] = split["train"]
+        dataset["validation"] = split["test"]
+
+    # Prepare label mappings.
+    # We'll include these in the model's config to get human readable labels in the Inference API.
+    labels = dataset["train"].features[data_args.label_column_name].names
+    label2id, id2label = {}, {}
+    for i, label in enumerate(labels):
+        label2id[label] = str(i)
+        id2label[str(i)] = label
+
+    # hf_mfac: the accuracy computed locally (evaluate.load needs the network)
+    # Define our compute_metrics function. It takes an `EvalPrediction` object (a namedtuple with a
+    # predictions and label_ids field) and has to return a dictionary string to float.
     def compute_metrics(p):
-        preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
-        return {"accuracy": float((np.argmax(preds, axis=1) == p.label_ids).mean())}
+        """Computes accuracy on a batch of predictions"""
+        return {"accuracy": float((np.argmax(p.predictions, axis=1) == p.label_ids).mean())}
 
-    teacher = prune_args.teacher(model, AutoModelForImageClassification)
+    if model_args.model_name_or_path is None:  # hf_mfac: no checkpoint to download: a small ViT from scratch
+        image_size = model_args.image_size or {"digits": 8, "fashion_mnist": 28}.get(data_args.dataset, 32)
+        config = ViTConfig(
+            image_size=image_size,
+            patch_size=model_args.patch_size,
+            hidden_size=model_args.hidden_size,
+            num_hidden_layers=model_args.num_hidden_layers,
+            num_attention_heads=model_args.num_attention_heads,
+            intermediate_size=model_args.intermediate_size,
+            num_labels=len(labels),
+            label2id=label2id,
+            id2label=id2label,
+            finetuning_task="image-classification",
+        )
+        model = ViTForImageClassification(config)
+        image_processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
+    else:
+        config = AutoConfig.from_pretrained(
+            model_args.config_name or model_args.model_name_or_path,
+            num_labels=len(labels),
+            label2id=label2id,
+            id2label=id2label,
+            finetuning_task="image-classification",
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+            token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
+        )
+        model = AutoModelForImageClassification.from_pretrained(
+            model_args.model_name_or_path,
+            config=config,
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+            token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        )
+        image_processor = AutoImageProcessor.from_pretrained(
+            model_args.image_processor_name or model_args.model_name_or_path,
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+            token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
+        )
 
-    trainer = ImageClassificationTrainer(
+    # Define torchvision transforms to be applied to each image.
+    if isinstance(image_processor, TimmWrapperImageProcessor):
+        _train_transforms = image_processor.train_transforms
+        _val_transforms = image_processor.val_transforms
+    else:
+        if "shortest_edge" in image_processor.size:
+            size = image_processor.size["shortest_edge"]
+        else:
+            size = (image_processor.size["height"], image_processor.size["width"])
+
+        # Create normalization transform
+        if hasattr(image_processor, "image_mean") and hasattr(image_processor, "image_std"):
+            normalize = Normalize(mean=image_processor.image_mean, std=image_processor.image_std)
+        else:
+            normalize = Lambda(lambda x: x)
+        _train_transforms = Compose(
+            [
+                RandomResizedCrop(size),
+                RandomHorizontalFlip(),
+                ToTensor(),
+                normalize,
+            ]
+        )
+        _val_transforms = Compose(
+            [
+                Resize(size),
+                CenterCrop(size),
+                ToTensor(),
+                normalize,
+            ]
+        )
+
+    def train_transforms(example_batch):
+        """Apply _train_transforms across a batch."""
+        example_batch["pixel_values"] = [
+            _train_transforms(pil_img.convert("RGB")) for pil_img in example_batch[data_args.image_column_name]
+        ]
+        return example_batch
+
+    def val_transforms(example_batch):
+        """Apply _val_transforms across a batch."""
+        example_batch["pixel_values"] = [
+            _val_transforms(pil_img.convert("RGB")) for pil_img in example_batch[data_args.image_column_name]
+        ]
+        return example_batch
+
+    if training_args.do_train:
+        if "train" not in dataset:
+            raise ValueError("--do_train requires a train dataset")
+        if data_args.max_train_samples is not None:
+            dataset["train"] = (
+                dataset["train"].shuffle(seed=training_args.seed).select(range(data_args.max_train_samples))
+            )
+        # Set the training transforms
+        dataset["train"].set_transform(train_transforms)
+
+    if training_args.do_eval:
+        if "validation" not in dataset:
+            raise ValueError("--do_eval requires a validation dataset")
+        if data_args.max_eval_samples is not None:
+            dataset["validation"] = (
+                dataset["validation"].shuffle(seed=training_args.seed).select(range(data_args.max_eval_samples))
+            )
+        # Set the validation transforms
+        dataset["validation"].set_transform(val_transforms)
+
+    # Initialize our trainer
+    trainer = ImageClassificationTrainer(  # hf_mfac: MFACTrainer, with distillation from a dense teacher
         model=model,
         args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        train_dataset=dataset["train"] if training_args.do_train else None,
+        eval_dataset=dataset["validation"] if training_args.do_eval else None,
         compute_metrics=compute_metrics,
         processing_class=image_processor,
-        data_collator=default_data_collator,
-        teacher_model=teacher,
+        data_collator=collate_fn,
+        teacher_model=prune_args.teacher(model, AutoModelForImageClassification),
         distill_hardness=prune_args.distill_hardness,
         distill_temperature=prune_args.distill_temperature,
     )
+    # hf_mfac: one-shot pruning now, or gradual pruning with a PruningCallback during training
+    callback, masks = prune_args.setup(trainer, has_train_data=training_args.do_train)
 
-    # Pruning: one-shot before training, or gradual with a PruningCallback during it (PruningArguments.setup).
-    callback, masks = prune_args.setup(trainer, has_train_data=train_dataset is not None)
-
+    # Training
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        checkpoint = None
+        if training_args.resume_from_checkpoint is not None:
+            checkpoint = training_args.resume_from_checkpoint
+        elif last_checkpoint is not None:
+            checkpoint = last_checkpoint
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
         trainer.save_state()
-    masks = prune_args.save_sparse(trainer, callback, masks)  # final masks, saved as a sparse checkpoint
+    masks = prune_args.save_sparse(trainer, callback, masks)  # hf_mfac: the final masks, saved as a sparse model
 
+    # Evaluation
     if training_args.do_eval:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
-    kwargs = {"tasks": "image-classification", "tags": ["image-classification", "vision"]}
-    if model_args.model_name_or_path is not None:
-        kwargs["finetuned_from"] = model_args.model_name_or_path
-    if data_args.dataset is not None:
-        kwargs["dataset"] = data_args.dataset
-    if masks:  # the card re-saves a sparse model: keep the method and pattern in its sparsity record
+    # Write model card and (optionally) push to hub
+    kwargs = {
+        "finetuned_from": model_args.model_name_or_path,
+        "tasks": "image-classification",
+        "dataset": data_args.dataset_name or data_args.dataset,
+        "tags": ["image-classification", "vision"],
+    }
+    if masks:  # hf_mfac: the card re-saves a sparse model: keep the method and pattern in its sparsity record
         kwargs.update(masks=masks, method=prune_args.prune_method, pattern=prune_args.prune_pattern)
     if training_args.push_to_hub:
         trainer.push_to_hub(**kwargs)
     else:
         trainer.create_model_card(**kwargs)
-    return trainer
+    return trainer  # hf_mfac: for tests
 
 
 if __name__ == "__main__":

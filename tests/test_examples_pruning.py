@@ -85,7 +85,8 @@ def test_run_image_classification_gradual_magnitude_pruning(tmp_path):
     pytest.importorskip("sklearn")
     out = tmp_path / "out"
     trainer = _load_example("run_image_classification").main([
-        "--dataset", "digits", "--output_dir", str(out), "--per_device_train_batch_size", "16",
+        "--dataset", "digits", "--output_dir", str(out), "--remove_unused_columns", "False",
+        "--per_device_train_batch_size", "16",
         "--patch_size", "4", "--hidden_size", "16", "--num_hidden_layers", "1", "--num_attention_heads", "2",
         "--intermediate_size", "32", *COMMON])
     assert any("sparsity" in h for h in trainer.state.log_history)

@@ -512,14 +512,16 @@ def _load_example(name):
 
 EXAMPLE_ARGS = ["--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no",
                 "--optim", "mfac", "--mfac_num_grads", "8", "--learning_rate", "5e-3", "--seed", "0"]
+# run_image_classification.py as upstream: the transforms read the image column, so the Trainer must keep it
+IMAGE_ARGS = ["--remove_unused_columns", "False", "--patch_size", "4", "--hidden_size", "16",
+              "--num_hidden_layers", "1", "--num_attention_heads", "2", "--intermediate_size", "32", *EXAMPLE_ARGS]
 
 
 def test_image_example_tiny_vit_digits(tmp_path):
     run = _load_example("run_image_classification")
     trainer = run.main(["--dataset", "digits", "--output_dir", str(tmp_path), "--do_train", "--do_eval",
                         "--max_steps", "4", "--per_device_train_batch_size", "16", "--max_eval_samples", "64",
-                        "--patch_size", "4", "--hidden_size", "16", "--num_hidden_layers", "1",
-                        "--num_attention_heads", "2", "--intermediate_size", "32", *EXAMPLE_ARGS])
+                        *IMAGE_ARGS])
     assert isinstance(inner(trainer.optimizer), hf_mfac.MFAC)
     assert trainer.model.config.image_size == 8 and trainer.model.config.num_labels == 10
     assert 0.0 <= trainer.evaluate()["eval_accuracy"] <= 1.0
@@ -548,6 +550,10 @@ def test_image_example_fashion_mnist_reader_and_image_folder(tmp_path):
     splits = run.load_fashion_mnist(str(tmp_path))
     np.testing.assert_allclose(splits["train"][0], images / 255.0, rtol=1e-6)
     assert splits["validation"][1].tolist() == labels.tolist()
+    dataset = run.load_local_dataset("fashion_mnist", str(tmp_path))  # what --dataset fashion_mnist trains on
+    assert set(dataset) == {"train", "validation"} and dataset["train"].features["label"].names[0] == "T-shirt/top"
+    assert np.array_equal(np.asarray(dataset["validation"][2]["image"]), images[2])
+    assert dataset["train"]["label"] == labels.tolist()
 
     root = tmp_path / "folder"
     for c, name in enumerate(["cat", "dog"]):
@@ -555,11 +561,50 @@ def test_image_example_fashion_mnist_reader_and_image_folder(tmp_path):
         for i in range(6):
             Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
     trainer = run.main(["--train_dir", str(root), "--output_dir", str(tmp_path / "out"), "--do_train", "--do_eval",
-                        "--train_val_split", "0.25", "--image_size", "8", "--patch_size", "4", "--hidden_size", "16",
-                        "--num_hidden_layers", "1", "--num_attention_heads", "2", "--intermediate_size", "32",
-                        "--max_steps", "2", "--per_device_train_batch_size", "4", *EXAMPLE_ARGS])
+                        "--train_val_split", "0.25", "--image_size", "8", "--max_steps", "2",
+                        "--per_device_train_batch_size", "4", *IMAGE_ARGS])
     assert trainer.model.config.id2label == {0: "cat", 1: "dog"}
     assert len(trainer.eval_dataset) == 3 and trainer.train_dataset[0]["pixel_values"].shape == (3, 8, 8)
+
+
+def test_image_example_image_folder_train_and_validation_dirs(tmp_path):
+    """--train_dir/--validation_dir through the datasets "imagefolder" builder, as upstream: a tiny ViT from
+    scratch is trained, saved with its image processor, and evaluated (eval_accuracy in eval_results.json)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 3)):
+        for c, name in enumerate(["ant", "bee"]):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(n):  # ants dark, bees bright, in odd sizes and grayscale too
+                pixels = rng.integers(0, 100, (9 + i, 11, 3)) + 150 * c
+                image = Image.fromarray(pixels.astype(np.uint8))
+                (image.convert("L") if i % 2 else image).save(tmp_path / split / name / f"{i}.png")
+    out = tmp_path / "out"
+    trainer = _load_example("run_image_classification").main([
+        "--train_dir", str(tmp_path / "train"), "--validation_dir", str(tmp_path / "val"), "--output_dir", str(out),
+        "--do_train", "--do_eval", "--image_size", "8", "--max_steps", "3", "--per_device_train_batch_size", "4",
+        *IMAGE_ARGS])
+    assert len(trainer.train_dataset) == 12 and len(trainer.eval_dataset) == 6  # no split taken off train
+    results = json.loads((out / "eval_results.json").read_text())
+    assert 0.0 <= results["eval_accuracy"] <= 1.0 and "eval_loss" in results
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "ant", 1: "bee"} and model.config.image_size == 8
+    processor = AutoImageProcessor.from_pretrained(out)
+    assert processor.size["height"] == 8
+    assert (out / "README.md").is_file()
+
+    # the saved folder as a local checkpoint (--model_name_or_path, upstream's from_pretrained path), evaluated only
+    # (the labels come from the train split, as upstream: --train_dir stays)
+    trainer = _load_example("run_image_classification").main([
+        "--model_name_or_path", str(out), "--train_dir", str(tmp_path / "train"),
+        "--validation_dir", str(tmp_path / "val"), "--output_dir", str(tmp_path / "eval"), "--do_eval", *IMAGE_ARGS])
+    results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert results["eval_accuracy"] == pytest.approx(trainer.evaluate()["eval_accuracy"])
 
 
 @pytest.fixture
