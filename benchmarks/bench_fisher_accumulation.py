@@ -75,7 +75,8 @@ def main(argv=None):
                 ref = _inv_diag(exact, damp)
 
                 def err(x):
-                    return f"{float(((x.double().reshape(-1) - ref.reshape(-1)).abs() / ref.reshape(-1).abs()).max()):.1e}"
+                    x, r = x.double().reshape(-1), ref.reshape(-1)
+                    return f"{float(((x - r).abs() / r.abs()).max()):.1e}"
 
                 bf = BlockFisherInverse(d, B, damp)
                 for c in G.split(32):
