@@ -453,6 +453,24 @@ def test_trainer_push_with_pruning_callback(hub, tmp_path):
     assert set(saved) == set(callback.masks) and all(torch.equal(saved[n], callback.masks[n].cpu()) for n in saved)
 
 
+def test_trainer_card_logs_the_output_folder_not_the_staging_one(tmp_path, caplog):
+    """The checkpoint and the card are written to a staging folder and moved into place; the "saved" line names
+    the output folder, once, after the move."""
+    import logging
+
+    from hf_mfac.integrations import write_trainer_model_card
+
+    model, masks = pruned_model()
+    out = tmp_path / "run"
+    args = transformers.TrainingArguments(output_dir=str(out), report_to=[], use_cpu=True)
+    trainer = transformers.Trainer(model=model, args=args)
+    with caplog.at_level(logging.INFO, logger="hf_mfac"):
+        write_trainer_model_card(trainer, masks=masks, method="magnitude")
+    saved = [r.getMessage() for r in caplog.records if r.getMessage().startswith("saved ")]
+    assert saved == [f"saved {out}: 75.00% sparsity over {len(masks)} tensors (unstructured)"]
+    assert (out / "README.md").is_file() and (out / MASKS_NAME).is_file()
+
+
 def test_card_of_a_compact_save_says_how_to_load_it(tmp_path):
     from hf_mfac.integrations import save_compact_pretrained
 

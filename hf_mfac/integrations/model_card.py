@@ -50,7 +50,7 @@ from .card_section import (
 )
 from .checkpoint_files import _is_checkpoint_file
 from .redaction import _redacted_command, redact, redact_argv  # noqa: F401 (importable from here)
-from .sparse_checkpoint import save_sparse_pretrained
+from .sparse_checkpoint import log_saved, save_sparse_pretrained
 from .sparsity_record import read_sparsity_metadata, resolve_masks, sparsity_metadata
 from .staged_save import staged_save
 from .trainer_info import _mfac_hparams, _trainer_card_kwargs, _trainer_sparsity  # noqa: F401 (_mfac_hparams)
@@ -320,11 +320,14 @@ def write_trainer_model_card(trainer, output_dir: str | os.PathLike | None = Non
     with staged_save(output_dir, stale=_is_checkpoint_file if sparse else None) as stage:
         sparsity = None
         if sparse:
-            sparsity = save_sparse_pretrained(model, stage, resolved, method=method, recipe=recipe, **save_args)
+            sparsity = save_sparse_pretrained(model, stage, resolved, method=method, recipe=recipe, _log=False,
+                                              **save_args)
         readme = os.path.join(output_dir, "README.md")
         if os.path.isfile(readme):
             shutil.copy2(readme, os.path.join(stage, "README.md"))
         card = create_sparse_model_card(stage, sparsity=sparsity, **kwargs)
+    if sparsity is not None:  # the folder the files are in now, not the staging folder they were written to
+        log_saved(output_dir, sparsity)
     return card
 
 
@@ -347,7 +350,7 @@ def push_sparse_to_hub(model, repo_id: str, masks: Mapping | None = None, *, pro
     api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory() as tmp:
         meta = save_sparse_pretrained(model, tmp, masks, method=method, targets=targets, pattern=pattern,
-                                      recipe=recipe, save_masks=save_masks)
+                                      recipe=recipe, save_masks=save_masks, _log=False)
         if processing_class is not None:
             processing_class.save_pretrained(tmp)
         repo = api.create_repo(repo_id, private=private, exist_ok=True)

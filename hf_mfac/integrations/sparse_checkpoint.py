@@ -87,7 +87,8 @@ __all__ = [
 def save_sparse_pretrained(model: nn.Module, save_directory: str | os.PathLike, masks: Mapping[str, Any] | None = None,
                            *, method: str | None = None, targets: Iterable[str] | None = None,
                            pattern: str | None = None, recipe=None, save_masks: bool = True,
-                           extra_metadata: Mapping[str, Any] | None = None, **save_kwargs) -> dict:
+                           extra_metadata: Mapping[str, Any] | None = None, _log: bool = True,
+                           **save_kwargs) -> dict:
     """Save a pruned ``transformers`` model so that stock ``AutoModel*.from_pretrained`` loads it.
 
     Writes ``model.save_pretrained(save_directory, **save_kwargs)`` (dense safetensors; pruned weights are
@@ -130,9 +131,16 @@ def save_sparse_pretrained(model: nn.Module, save_directory: str | os.PathLike, 
             save_file({k: v.contiguous() for k, v in masks.items()}, os.path.join(stage, MASKS_NAME),
                       metadata={"format": "pt", "library": "hf_mfac", "library_version": _version(),
                                 "convention": "True = kept"})
-    logger.info("saved %s: %.2f%% sparsity over %d tensors (%s)", save_directory, 100 * meta["sparsity"],
-                len(masks), meta["pattern"])
+    if _log:  # callers that save into a staging or temporary folder log the final folder themselves
+        log_saved(save_directory, meta)
     return meta
+
+
+def log_saved(save_directory, meta: Mapping[str, Any]) -> None:
+    """The ``saved <folder>: <sparsity> over <n> tensors (<pattern>)`` line at INFO, for the metadata ``meta``
+    that :func:`save_sparse_pretrained` wrote there."""
+    logger.info("saved %s: %.2f%% sparsity over %d tensors (%s)", save_directory, 100 * meta["sparsity"],
+                len(meta["per_layer"]), meta["pattern"])
 
 
 def load_sparse_masks(save_directory: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
