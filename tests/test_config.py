@@ -82,3 +82,61 @@ def test_prefixed_fields_round_trip():
     helps = {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
     original = {f.name: f.metadata["help"] for f in dataclasses.fields(PruningConfig)}
     assert helps["prune_num_grads"] == original["num_grads"]
+
+
+def _flags(config, cls, prefix=""):
+    """``config``'s method and its settings that differ from ``cls``'s defaults, as command-line flags (the
+    examples' ``--prune_method`` defaults to no pruning)."""
+    argv = []
+    for f in dataclasses.fields(cls):
+        value = getattr(config, f.name)
+        if value == f.default and f.name != "method":
+            continue
+        argv += [f"--{prefix}{f.name}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    return argv
+
+
+def test_one_config_gives_the_same_settings_to_every_front_end():
+    """One GradualPruningConfig reaches prune_oneshot (config= or its keywords), PruningCallback, the examples'
+    --prune_* flags and ``hf-mfac prune``'s options as the same settings; keywords override a config."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser
+
+    from hf_mfac.integrations import PruningArguments, PruningCallback
+    from hf_mfac.integrations.cli import _dataclasses_from, build_parser
+
+    cfg = GradualPruningConfig(method="obert", sparsity=0.6, scope="layer", num_grads=2, block_size=8, rel_damp=0.05,
+                               recompute=2, woodtaylor=True, fisher_batch_size=2, include=["query", "value"],
+                               exclude=["pooler"], initial_sparsity=0.1, end=6, frequency=2, reset_momentum=False)
+    oneshot = PruningConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(PruningConfig)})
+
+    # the examples' flags
+    (pa,) = HfArgumentParser(PruningArguments).parse_args_into_dataclasses(_flags(cfg, GradualPruningConfig, "prune_"))
+    assert pa.config() == cfg and pa.oneshot_kwargs() == cfg.oneshot_kwargs() == oneshot.oneshot_kwargs()
+    # PruningCallback: from the config, from the flags, and with a keyword overriding the config
+    assert PruningCallback(config=cfg).config == cfg == pa.callback().config
+    overridden = PruningCallback(config=cfg, num_grads=4)
+    assert overridden.num_grads == 4 and overridden.config == cfg.replace(num_grads=4)
+    # hf-mfac prune's options
+    ns = build_parser().parse_args(["prune", "model", "--data", "d.csv", "--output_dir", "out",
+                                    *_flags(oneshot, PruningConfig)])
+    (cli_config,) = _dataclasses_from(ns, PruningConfig)
+    assert cli_config == oneshot
+    # prune_oneshot: config= and the keywords give the same masks
+    masks = []
+    for kwargs in (dict(config=oneshot), cli_config.oneshot_kwargs()):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
+                                                         num_attention_heads=2, intermediate_size=32))
+        g = torch.Generator().manual_seed(0)
+        batches = [{"input_ids": torch.randint(0, 30, (4, 6), generator=g), "labels": torch.tensor([0, 1, 0, 1])}
+                   for _ in range(2)]
+        masks.append(prune_oneshot(model, batches, progress=False, **kwargs).masks)
+    assert masks[0].keys() == masks[1].keys() and all(k.startswith("bert.encoder") for k in masks[0])
+    assert all(("query" in k or "value" in k) and torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+
+
+def test_per_sample_and_fisher_batch_size_are_refused_together():
+    with pytest.raises(ValueError, match="per_sample=True means one sample per gradient"):
+        PruningConfig(per_sample=True, fisher_batch_size=4)
+    assert PruningConfig(per_sample=True, fisher_batch_size=1).per_sample

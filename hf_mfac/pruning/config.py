@@ -98,6 +98,9 @@ class PruningConfig:
         for name in ("num_grads", "block_size", "recompute", "fisher_batch_size"):
             if getattr(self, name) is not None:
                 setattr(self, name, check_positive_int(name, getattr(self, name)))
+        if self.per_sample and self.fisher_batch_size not in (None, 1):
+            raise ValueError(f"per_sample=True means one sample per gradient (fisher_batch_size=1); got "
+                             f"fisher_batch_size={self.fisher_batch_size}: give one of the two")
         if self.damp is not None:
             self.damp = check_damp(self.damp)
         if self.rel_damp is not None and not (math.isfinite(self.rel_damp) and self.rel_damp > 0):
