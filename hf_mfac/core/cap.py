@@ -59,80 +59,104 @@ def cap_eliminate(w: torch.Tensor, hinv: torch.Tensor, *, valid: torch.Tensor | 
     nm = _nm_groups(B, nm)
     order = torch.zeros(nb, B, dtype=torch.long, device=w.device)
     losses = torch.full((nb, B), float("inf"), dtype=torch.float64, device=w.device)
-    page = _page(B)
+    page = min(nb, _page(B))
+    work = _Work(page, B, w.device)
     for s in range(0, nb, page):
         e = min(nb, s + page)
         page_order, page_losses = _eliminate_page(
-            w[s:e], hinv[s:e],
+            work, w[s:e], hinv[s:e],
             None if valid is None else valid[s:e], None if forced is None else forced[s:e], nm)
-        order[s:e], losses[s:e] = page_order, page_losses
+        order[s:e], losses[s:e] = page_order.t(), page_losses.t()
     return order, losses
 
 
-def _eliminate_page(w, hinv, valid, forced, nm):
+class _Work:
+    """Working buffers of one page, allocated once per call and reused by every page (a fresh 8 MiB
+    allocation per page costs its page faults again: the fp32 -> fp64 copy of the inverses ran 2x slower)."""
+
+    def __init__(self, page: int, B: int, device):
+        f64 = torch.float64
+        self.H = torch.empty(page, B, B, dtype=f64, device=device)
+        self.U = torch.empty(min(_LAZY, B), page, B, dtype=f64, device=device)
+        self.W = torch.empty(page, B, dtype=f64, device=device)
+        self.score = torch.empty(page, B, dtype=f64, device=device)
+        self.bias = torch.empty(page, B, dtype=f64, device=device)
+        self.order = torch.empty(B, page, dtype=torch.long, device=device)  # step-major: one row per step
+        self.losses = torch.empty(B, page, dtype=f64, device=device)
+        self.base = torch.arange(0, page * B, B, device=device)  # offset of each block's first row
+
+
+def _eliminate_page(work, w, hinv, valid, forced, nm):
     """The greedy elimination of one page of blocks, with the rank-1 downdates of the inverses delayed.
 
     After t steps the inverse is ``H_t = H_0 - U U^T`` with ``U = [u_1 ... u_t]``, ``u_s = col_s / sqrt(d_s)``.
     The greedy step needs only ``diag(H_t)`` (kept as a vector, ``-= u^2`` per step) and column ``j`` of ``H_t``
-    (``H[:, j] - U U[j]^T``, O(B k) for the k delayed vectors); every ``_LAZY`` steps the delayed vectors are
-    folded into H with one batched GEMM (``baddbmm``). Same arithmetic as the step-by-step downdate
-    ``H -= col col^T / d``, with about ``2 B / _LAZY`` times less memory traffic per step.
+    (row ``j`` of ``H`` minus ``sum_s u_s u_s[j]`` over the k delayed vectors, ``H`` being symmetric); every
+    ``_LAZY`` steps the delayed vectors are folded into H with one batched GEMM (``baddbmm``). Same arithmetic
+    as the step-by-step downdate ``H -= col col^T / d``, with about ``2 B / _LAZY`` times less memory traffic
+    per step. Rows and entries are read through flat indices (``index_select``/``index_fill_`` on contiguous
+    rows), not ``H[rows, :, j]`` gathers, and the delayed vectors are stored one contiguous (nb, B) slab each.
+    Returns (order, losses) step-major, (B, nb).
     """
     nb, B = w.shape
     dev = w.device
-    W = w.to(torch.float64).clone()
-    H = hinv.to(torch.float64).clone()
+    W = work.W[:nb]
+    W.copy_(w)
+    H = work.H[:nb]
+    H.copy_(hinv)
+    Hf = H.view(nb * B, B)  # row b * B + i: row i (= column i) of block b
     diag = H.diagonal(dim1=-2, dim2=-1).clone()  # (nb, B) diag(H_t)
-    K = min(_LAZY, B)
-    U = torch.empty(nb, B, K, dtype=torch.float64, device=dev)  # delayed downdate vectors
+    Wf = W.view(-1)
+    U = work.U[:, :nb]  # (K, nb, B) delayed downdate vectors
+    K = U.shape[0]
     k = 0
     cand = torch.ones(nb, B, dtype=torch.bool, device=dev) if valid is None else valid.clone()
     force = torch.zeros_like(cand) if forced is None else (forced & cand)
     forced_left = bool(force.any())
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=dev)
-    zero = torch.tensor(0.0, dtype=torch.float64, device=dev)
-    minus_one = torch.tensor(-1.0, dtype=torch.float64, device=dev)
-    bias = torch.where(cand, zero, inf)  # (nb, B) added to the scores: +inf where no longer a candidate
+    inf = float("inf")
+    bias = work.bias[:nb]  # added to the scores: +inf where no longer a candidate
+    bias.zero_().masked_fill_(~cand, inf)
     zeros_in_group = None
     if nm is not None:
         n, m = nm
         zeros_in_group = torch.zeros(nb, B // m, dtype=torch.long, device=dev)
-    rows = torch.arange(nb, device=dev)
-    order = torch.zeros(nb, B, dtype=torch.long, device=dev)
-    losses = torch.full((nb, B), float("inf"), dtype=torch.float64, device=dev)
+    base = work.base[:nb]
+    order, losses = work.order[:, :nb], work.losses[:, :nb]
+    score = work.score[:nb]
     cum = torch.zeros(nb, dtype=torch.float64, device=dev)
     for t in range(B):
-        score = torch.addcdiv(bias, W.square(), diag.clamp_min(1e-300), value=0.5)  # w^2 / (2 d) or inf
+        torch.addcdiv(bias, W.square(), diag.clamp_min(1e-300), value=0.5, out=score)  # w^2 / (2 d) or inf
         if forced_left:  # already pruned weights go first, at zero loss, in index order
-            score = torch.where(force, minus_one, score)
+            score.masked_fill_(force, -1.0)
         step, j = score.min(1)  # (nb,): the first minimum, as argmin (and faster than argmin on CPU)
+        flat = base + j
         ok = step < inf  # False where the block has no candidate left
         cum = torch.where(ok, cum + step.clamp_min(0), cum)
-        order[:, t] = j
-        losses[:, t] = torch.where(ok, cum, inf)
-        col = H[rows, :, j]  # (nb, B) column j of H_0 minus the downdates folded so far
+        order[t] = j
+        losses[t] = torch.where(ok, cum, inf)
+        col = Hf.index_select(0, flat)  # (nb, B) column j of H_0 minus the downdates folded so far
         if k:
-            col = col - torch.bmm(U[:, :, :k], U[rows, j, :k].unsqueeze(-1)).squeeze(-1)
-        dj = col[rows, j].clamp_min(1e-300)
-        coef = torch.where(ok, W[rows, j] / dj, zero)
-        W.addcmul_(coef[:, None], col, value=-1.0)  # OBS update of the remaining weights
-        W[rows, j] = 0.0  # (where not ok, j is no candidate: its value is never read again)
-        u = col * torch.where(ok, dj.rsqrt(), zero)[:, None]
+            a = U[:k].reshape(k, nb * B).index_select(1, flat)  # (k, nb): u_s[j]
+            for i in range(k):
+                col.addcmul_(U[i], a[i, :, None], value=-1.0)
+        dj = col.gather(1, j[:, None]).clamp_min_(1e-300)  # (nb, 1)
+        coef = torch.where(ok[:, None], Wf.index_select(0, flat)[:, None] / dj, 0.0)
+        W.addcmul_(coef, col, value=-1.0)  # OBS update of the remaining weights
+        Wf.index_fill_(0, flat, 0.0)  # (where not ok, j is no candidate: its value is never read again)
+        u = torch.mul(col, torch.where(ok[:, None], dj.rsqrt(), 0.0), out=U[k])
         diag.addcmul_(u, u, value=-1.0)
-        U[:, :, k] = u
         k += 1
         if k == K and t + 1 < B:
-            H.baddbmm_(U, U.transpose(1, 2), alpha=-1.0)  # fold the delayed rank-1 downdates
+            H.baddbmm_(U.permute(1, 2, 0), U.permute(1, 0, 2), alpha=-1.0)  # fold the delayed downdates
             k = 0
-        bias[rows, j] = inf
+        bias.view(-1).index_fill_(0, flat, inf)
         if forced_left:
-            force[rows, j] = False
+            force.view(-1).index_fill_(0, flat, False)
             forced_left = bool(force.any())
         if nm is not None:
-            g = torch.div(j, m, rounding_mode="floor")
-            zeros_in_group[rows, g] += ok.long()
+            zeros_in_group.view(-1).index_add_(0, torch.div(flat, m, rounding_mode="floor"), ok.long())
             full = (zeros_in_group >= m - n).repeat_interleave(m, dim=1)
-            bias.masked_fill_(full, float("inf"))
+            bias.masked_fill_(full, inf)
             if forced_left:  # a forced weight in a group that has its zeros is no candidate either
                 force &= ~full
                 forced_left = bool(force.any())
