@@ -84,6 +84,9 @@ LOADED = AssertionError("the model was loaded before the inputs were checked")
     ("wrong text column", ["--sparsity", "0.5", "--text_column", "tweet"], "column 'tweet' not found"),
     ("Latin-1 read as UTF-8", ["--sparsity", "0.5", "--encoding", "utf-8"], "--encoding"),
     ("unknown pattern", ["--pattern", "3x"], "unknown sparsity pattern"),
+    ("labels the model has no class for", ["--sparsity", "0.5", "--data", "@three-labels.csv"], "cannot be mapped"),
+    ("per_sample with a fisher_batch_size", ["--sparsity", "0.5", "--per_sample", "--fisher_batch_size", "4"],
+     "per_sample=True means"),
 ])
 def test_bad_inputs_fail_before_loading(tiny, tmp_path, capsys, monkeypatch, case, extra, message):
     model_dir, data = tiny
@@ -91,6 +94,7 @@ def test_bad_inputs_fail_before_loading(tiny, tmp_path, capsys, monkeypatch, cas
         monkeypatch.setattr(cls, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(LOADED))
     (tmp_path / "empty-model").mkdir()
     (tmp_path / "empty-model" / "config.json").write_text("{}")
+    (tmp_path / "three-labels.csv").write_text("text,label\n" + "".join(f"the movie,{c}\n" for c in "abc" * 4))
     model = next((str(tmp_path / e[1:]) for e in extra if e.endswith("model")), str(model_dir))
     extra = [str(tmp_path / e[1:]) if e.startswith("@") else e for e in extra if not e.endswith("model")]
     args = ["prune", model, "--output_dir", str(tmp_path / "out"), "--encoding", "latin-1", "--data", str(data),

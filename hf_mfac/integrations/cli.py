@@ -17,7 +17,7 @@ and each result goes to ``<output_dir>/sparsity-<s>``. Every result is saved wit
 :func:`hf_mfac.integrations.save_sparse_pretrained` (dense safetensors with exact zeros that stock
 ``from_pretrained`` loads, plus the masks and the sparsity record), with the tokenizer, ``pruning_report.json`` and
 a model card (``README.md``, :func:`hf_mfac.integrations.create_sparse_model_card`). ``--eval_data`` prints loss
-and accuracy before and after. The inputs (settings, model folder, data files and columns) are checked before
+and accuracy before and after. The inputs (settings, model folder, data files, columns and labels) are checked before
 the model is loaded.
 
 ``hf-mfac build-kernels``: build and self-check the CUDA kernels for every visible GPU
@@ -221,8 +221,10 @@ def _evaluate(model, batches, device) -> dict:
 
 
 def _check_prune_inputs(model_path: str, args: PruneCommandArguments, config):
-    """(calibration data, (text, pair) columns, evaluation data or None): everything that can be checked before
-    loading the model (the settings, the model folder, the data files and their columns)."""
+    """(calibration data, (text, pair) columns, evaluation data or None, label -> class id): everything that can be
+    checked before loading the model (the settings, the model folder, the data files, their columns and labels)."""
+    from transformers import AutoConfig
+
     from ..pruning import Pattern
 
     nm = Pattern.parse(config.pattern).kind == "nm"
@@ -237,7 +239,9 @@ def _check_prune_inputs(model_path: str, args: PruneCommandArguments, config):
     if args.eval_data:
         eval_data = load_data(args.eval_data, args.encoding)
         text_columns(eval_data, *cols, args.label_column, args.eval_data)
-    return data, cols, eval_data
+    labels = list(data[args.label_column]) + (list(eval_data[args.label_column]) if eval_data is not None else [])
+    label_of = label_mapping(AutoConfig.from_pretrained(model_path), labels, args.label_column)
+    return data, cols, eval_data, label_of
 
 
 def _result_saver(args: PruneCommandArguments, config, argv: list[str], tokenizer, evalb, device):
@@ -276,13 +280,11 @@ def prune_command(model_path: str, args: PruneCommandArguments, config, argv: li
 
     from ..pruning import prune_oneshot, prune_sweep
 
-    data, cols, eval_data = _check_prune_inputs(model_path, args, config)
+    data, cols, eval_data, label_of = _check_prune_inputs(model_path, args, config)
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForSequenceClassification.from_pretrained(model_path).to(device)
-    labels = list(data[args.label_column]) + (list(eval_data[args.label_column]) if eval_data is not None else [])
-    label_of = label_mapping(model.config, labels, args.label_column)
     calib = _loader(data, tokenizer, cols, label_of, args.label_column, args.batch_size, args.max_length, True,
                     args.seed)
     evalb = None
