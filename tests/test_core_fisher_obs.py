@@ -249,3 +249,53 @@ def test_block_sums_packed_exactly(d, B, gen):
     again.load_state_dict(bf.state_dict())
     assert torch.equal(again.state_dict()["mat"], bf.state_dict()["mat"])
     assert torch.equal(again.diag(), bf.diag())
+
+
+def _block_obs_dense(w, H, pruned, u=None):
+    """Per block: ``ws - H[:, P] (H_PP)^{-1} ws_P`` with ``ws = w - u``, zero on P; loss
+    ``1/2 ws_P^T (H_PP)^{-1} ws_P``."""
+    ws = (w if u is None else w - u).double()
+    new, loss = ws.clone(), torch.zeros(w.shape[0], dtype=torch.float64)
+    for b in range(w.shape[0]):
+        P = pruned[b].nonzero()[:, 0]
+        if P.numel():
+            Hb = H[b].double()
+            z = torch.linalg.solve(Hb[P][:, P], ws[b, P])
+            new[b] -= Hb[:, P] @ z
+            new[b, P] = 0
+            loss[b] = 0.5 * ws[b, P] @ z
+    return new, loss
+
+
+@pytest.mark.parametrize("with_u", [False, True])
+def test_block_obs_update_matches_dense_across_pages(with_u, gen, monkeypatch):
+    from hf_mfac.core import obs
+
+    nb, B, m = 13, 6, 4  # m < B: low-rank Fisher blocks, damped
+    G = torch.randn(nb, m, B, generator=gen, dtype=torch.float64)
+    H = torch.linalg.inv(G.mT @ G / m + 1e-3 * torch.eye(B, dtype=torch.float64)).float()
+    w = torch.randn(nb, B, generator=gen)
+    u = 0.1 * torch.randn(nb, B, generator=gen) if with_u else None
+    pruned = torch.rand(nb, B, generator=gen) < 0.5
+    pruned[0], pruned[1] = False, True  # a block with nothing to remove and one that loses every weight
+    ref_w, ref_loss = _block_obs_dense(w, H, pruned, u)
+    whole = obs.block_obs_update(w, H, pruned, u)  # one page
+    monkeypatch.setattr(obs, "_PAGE_BYTES", 8 * B * B * 5)  # pages of 5 blocks: 3 pages, the last one partial
+    paged = obs.block_obs_update(w, H, pruned, u)
+    assert torch.equal(paged[0], whole[0]) and torch.equal(paged[1], whole[1])  # the page size changes nothing
+    new, loss = paged
+    assert new.dtype == w.dtype and loss.dtype == torch.float64
+    assert (new[pruned] == 0).all() and (new[0] == w[0] - (0 if u is None else u[0])).all()
+    assert rel_err(new.double(), ref_w) < 1e-5
+    assert rel_err(loss, ref_loss) < 1e-5
+
+
+def test_block_obs_update_falls_back_to_lu_when_not_positive_definite():
+    from hf_mfac.core.obs import block_obs_update
+
+    H = torch.tensor([[[1.0, 2.0, 0.5], [2.0, 1.0, 0.0], [0.5, 0.0, 3.0]]])  # H_PP = [[1, 2], [2, 1]]: indefinite
+    w = torch.tensor([[1.0, -1.0, 2.0]])
+    pruned = torch.tensor([[True, True, False]])
+    new, loss = block_obs_update(w, H, pruned)
+    ref_w, ref_loss = _block_obs_dense(w, H, pruned)
+    assert torch.allclose(new.double(), ref_w, atol=1e-6) and torch.allclose(loss, ref_loss, atol=1e-12)
