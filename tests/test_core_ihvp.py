@@ -425,3 +425,69 @@ def test_static_pages_bound_the_work_without_page_bytes(block_size, gen, monkeyp
     assert torch.allclose(paged.diag(), one.diag(), rtol=1e-12, atol=0)
     x = torch.randn(d, generator=gen, dtype=torch.float64)
     assert torch.allclose(paged.mul(x), one.mul(x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
+def test_update_mul_in_span_part_cancels_exactly(storage, gen):
+    """update_mul forms ``F^{-1} g = G^T (e_slot - c) / damp`` with ``e_slot - c`` in fp64 (g is the window's row
+    ``slot``), so the in-span part of g cancels before the fp32 rounding: ~eps32 relative to the fp64 Woodbury
+    solve on the stored window at every step (filling up and full), where ``(g - G^T c) / damp`` in fp32 is off
+    by ~eps32 |c| |G| / |y| (7e-4 here)."""
+    m, d, damp = 8, 1000, 1e-5
+    dyn = DynamicMFAC(d, m, damp, grad_dtype=storage)
+    for _ in range(2 * m + 3):
+        g = torch.randn(d, generator=gen) / d**0.5
+        y = dyn.update_mul(g)
+        Gw, x = dyn.G.double(), g.to(storage).double()
+        K = Gw @ Gw.T + m * damp * torch.eye(m, dtype=torch.float64)
+        ref = (x - Gw.T @ torch.linalg.solve(K, Gw @ x)) / damp
+        assert rel_err(y, ref) < 2e-6  # ~2e-7 observed
+
+
+def test_update_mul_result_is_a_fresh_tensor_and_g_is_untouched(gen):
+    """The gradient is written straight into its row and the product reuses that row: the caller's g and the
+    returned vector share no memory with the window, and the padding columns stay zero."""
+    m, d = 3, 29
+    dyn = _filled(gen, m, d, n=4)
+    g = torch.randn(d, generator=gen)
+    keep = g.clone()
+    y = dyn.update_mul(g)
+    assert torch.equal(g, keep) and torch.equal(dyn.G[(dyn.ptr - 1) % m], keep)
+    assert y.untyped_storage().data_ptr() != dyn._G.untyped_storage().data_ptr()
+    assert bool((dyn._G[:, d:] == 0).all())
+    y.zero_()
+    assert torch.equal(dyn.G[(dyn.ptr - 1) % m], keep)
+
+
+def test_mul_finish_is_the_plain_formula_bit_for_bit(gen):
+    """mul (x not in the window) keeps ``(x - G^T c) / damp`` bit for bit, finished in place."""
+    dyn = _filled(gen, 4, 29, n=6)
+    x = torch.randn(29, generator=gen)
+    c = dyn._solve(dyn._matvec(dyn.count, x)).to(torch.float32)
+    assert torch.equal(dyn.mul(x), (x - c @ dyn.G) / dyn.damp)
+
+
+@pytest.mark.parametrize("block_size, rel", [(None, False), (8, False), (8, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_static_diag_row_accumulation_equals_chunk_reduction(block_size, rel, dtype, gen, monkeypatch):
+    """diag on the CPU adds the rows one by one into a small fp64 accumulator; with several chunks (and a short
+    last one), one λ or one per block, it agrees with the fp64 reduction of whole chunks (the accelerator path)
+    to fp64 rounding and with the dense inverse."""
+    m, d, damp = 6, 53, 1e-2
+    G = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    kw = {"rel_damp": 0.1} if rel else {"damp": damp}
+    s = StaticMFAC(G.to(dtype), block_size=block_size, copy=True, **kw)
+    monkeypatch.setitem(StaticMFAC.diag_columns, "cpu", 16)  # 4 chunks, the last of 5 columns
+    rows = s.diag()
+    monkeypatch.delitem(StaticMFAC.diag_columns, "cpu")
+    chunks = s.diag()
+    assert rows.dtype == chunks.dtype == dtype
+    assert torch.allclose(rows, chunks, rtol=1e-14, atol=0)
+    lam = s.block_damp.repeat_interleave(s._block_widths())
+    Finv = torch.zeros(d, d, dtype=torch.float64)
+    B = block_size or d
+    for b in range(0, d, B):
+        Gb = G[:, b : b + B]
+        Finv[b : b + B, b : b + B] = torch.linalg.inv(lam[b] * torch.eye(Gb.shape[1], dtype=torch.float64)
+                                                      + Gb.T @ Gb / m)
+    assert rel_err(rows, Finv.diagonal()) < (1e-10 if dtype == torch.float64 else 1e-5)
