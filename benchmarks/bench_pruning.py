@@ -116,15 +116,29 @@ def main(argv=None):
                      f"{100 * r['share']:.0f}%", f"{r['host_mb']:.0f}", dev))
     print(table(["model", "prunable d", "method", "step s", "gradients s", "grad share", "host peak +MB",
                  "device peak +MB"], rows))
-    by = {(r["size"], r["method"]): r for r in results if "error" not in r}
+    # the k-th run of each method against the k-th oBERT run (a method repeated in --methods is paired in turn)
     ratio_rows = []
     for s in a.sizes.split(","):
-        base = by.get((s, "obert"))
-        if base is None:
+        runs = [r for r in results if r["size"] == s and "error" not in r]
+        bases = [r for r in runs if r["method"] == "obert"]
+        if not bases:
             continue
-        ratio_rows.append((s, *(f"{by[(s, m)]['time'] / base['time']:.2f}" if (s, m) in by else "-"
-                                for m in a.methods.split(","))))
-    print("\nStep time relative to obert (same run):\n")
+        seen: dict = {}
+        cells = []
+        for m in a.methods.split(","):
+            mine = [r for r in runs if r["method"] == m]
+            k = seen.get(m, 0)
+            seen[m] = k + 1
+            if k >= len(mine):
+                cells.append("-")
+                continue
+            r, b = mine[k], bases[min(k, len(bases) - 1)]
+            after, base_after = r["time"] - r["grads"], b["time"] - b["grads"]
+            cells.append(f"{r['time'] / b['time']:.2f} ({after / base_after:.2f})" if base_after > 0
+                         else f"{r['time'] / b['time']:.2f}")
+        ratio_rows.append((s, *cells))
+    print("\nStep time relative to obert, the k-th run of each method against the k-th obert run "
+          "(in brackets: the time after the gradients, relative to obert's):\n")
     print(table(["model", *a.methods.split(",")], ratio_rows))
 
 
