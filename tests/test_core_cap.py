@@ -120,6 +120,12 @@ def test_errors(gen):
     _, losses = cap_eliminate(w, H)
     with pytest.raises(ValueError, match="cannot prune"):
         cap_select(losses, 7)
+    with pytest.raises(ValueError, match="one \\(6, 6\\) inverse per block"):
+        cap_eliminate(w, H[:, :4, :4])
+    with pytest.raises(ValueError, match="valid must have"):
+        cap_eliminate(w, H, valid=torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="block size"):
+        cap_eliminate(w[:, :0], H[:, :0, :0])
 
 
 def _eliminate_stepwise(w, H, valid=None, forced=None, nm=None):

@@ -55,7 +55,16 @@ def cap_eliminate(w: torch.Tensor, hinv: torch.Tensor, *, valid: torch.Tensor | 
     weight removed at step t and ``losses[:, t]`` the cumulative saliency after it (inf, and an
     arbitrary order entry, where no weight could be removed). Cost O(nb B^3) = O(d B^2).
     """
+    if w.dim() != 2:
+        raise ValueError(f"w must be (blocks, block size); got shape {tuple(w.shape)}")
     nb, B = w.shape
+    check_positive_int("block size", B)
+    if tuple(hinv.shape) != (nb, B, B):
+        raise ValueError(f"hinv must hold one ({B}, {B}) inverse per block of w, shape ({nb}, {B}, {B}); "
+                         f"got {tuple(hinv.shape)}")
+    for name, mask in (("valid", valid), ("forced", forced)):
+        if mask is not None and tuple(mask.shape) != (nb, B):
+            raise ValueError(f"{name} must have w's shape {(nb, B)}; got {tuple(mask.shape)}")
     nm = _nm_groups(B, nm)
     order = torch.zeros(nb, B, dtype=torch.long, device=w.device)
     losses = torch.full((nb, B), float("inf"), dtype=torch.float64, device=w.device)
