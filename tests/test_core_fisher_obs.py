@@ -280,7 +280,7 @@ def test_block_obs_update_matches_dense_across_pages(with_u, gen, monkeypatch):
     pruned[0], pruned[1] = False, True  # a block with nothing to remove and one that loses every weight
     ref_w, ref_loss = _block_obs_dense(w, H, pruned, u)
     whole = obs.block_obs_update(w, H, pruned, u)  # one page
-    monkeypatch.setattr(obs, "_PAGE_BYTES", 8 * B * B * 5)  # pages of 5 blocks: 3 pages, the last one partial
+    monkeypatch.setitem(obs._PAGE_BYTES, "cpu", 8 * B * B * 5)  # pages of 5 blocks: 3 pages, the last one partial
     paged = obs.block_obs_update(w, H, pruned, u)
     assert torch.equal(paged[0], whole[0]) and torch.equal(paged[1], whole[1])  # the page size changes nothing
     new, loss = paged
@@ -299,3 +299,38 @@ def test_block_obs_update_falls_back_to_lu_when_not_positive_definite():
     new, loss = block_obs_update(w, H, pruned)
     ref_w, ref_loss = _block_obs_dense(w, H, pruned)
     assert torch.allclose(new.double(), ref_w, atol=1e-6) and torch.allclose(loss, ref_loss, atol=1e-12)
+
+
+def test_accelerator_pages_give_the_same_results(gen, monkeypatch):
+    """Off the CPU the paged routines use larger pages (fewer kernel launches); the page size must not change
+    what they compute. Here the CPU is given the accelerator sizes."""
+    from hf_mfac.core import cap, fisher, obs
+
+    d, B, m = 4100, 16, 40  # 257 blocks, the last one partial
+    G = torch.randn(m, d, generator=gen)
+    w = torch.randn(d, generator=gen)
+
+    def run():
+        bf = BlockFisherInverse(d, B, rel_damp=1e-3)
+        for chunk in G.split(7):
+            bf.add_grads(chunk)
+        pages = (-(-bf.num_blocks // bf._page(8 * B * B)))
+        H = bf.blocks()
+        W = torch.nn.functional.pad(w, (0, bf.padded_dim - d)).view(-1, B)
+        new_w = cap.cap_prune(W, H, d // 2)[0]
+        pruned = torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+        return pages, H, new_w, obs.block_obs_update(W, H, pruned)
+
+    monkeypatch.setitem(cap._PAGE_BYTES, "cpu", 8 * B * B * 20)  # CAP and OBS in pages of 20 and 30 blocks
+    monkeypatch.setitem(obs._PAGE_BYTES, "cpu", 8 * B * B * 30)
+    cpu_pages, H, new_w, (upd, loss) = run()
+    for mod in (fisher, cap, obs):
+        monkeypatch.delitem(mod._PAGE_BYTES, "cpu")
+    monkeypatch.delitem(fisher._PAGE_FRACTION, "cpu")
+    acc_pages, H2, new_w2, (upd2, loss2) = run()
+    assert acc_pages < cpu_pages  # the accelerator rule was taken: fewer, larger pages
+    assert cap._page(B, "cuda") >= 257  # CAP and OBS now take all 257 blocks in one page
+    torch.testing.assert_close(H2, H, rtol=1e-6, atol=0)
+    torch.testing.assert_close(new_w2, new_w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(upd2, upd, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss2, loss, rtol=1e-9, atol=0)

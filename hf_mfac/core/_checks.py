@@ -142,6 +142,13 @@ def damped_cholesky(K: torch.Tensor, shift: torch.Tensor | float, what: str, max
     )
 
 
+def page_bytes(device, sizes: dict, default: int) -> int:
+    """Bytes of one page of a paged routine on ``device``: ``sizes[device.type]`` when given (on a CPU, pages
+    small enough to stay in cache), else ``default`` (on an accelerator every page costs a few kernel launches
+    per step, so pages are large there and bounded only by the memory they take)."""
+    return int(sizes.get(torch.device(device).type, default))
+
+
 def free_bytes(device) -> int | None:
     """Free memory on ``device`` in bytes (CUDA: ``mem_get_info``; CPU: available physical pages), or None
     when it cannot be told. Used to fail early, with the number, before a large allocation."""

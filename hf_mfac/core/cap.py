@@ -17,20 +17,23 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_positive_int
+from ._checks import check_positive_int, page_bytes
 from .masks import lowest_k_mask
 from .obs import block_obs_update
 
 __all__ = ["cap_eliminate", "cap_select", "cap_apply", "cap_prune"]
 
-_PAGE_BYTES = 8 << 20  # fp64 working set of one page of blocks: small enough to stay in cache (CPU)
+# fp64 inverses of one page of blocks, per device type: small enough to stay in cache on a CPU; other devices
+# (accelerators, where each of the B steps of a page costs kernel launches) use _ACCEL_PAGE_BYTES
+_PAGE_BYTES = {"cpu": 8 << 20}
+_ACCEL_PAGE_BYTES = 128 << 20
 _LAZY = 8  # rank-1 downdates delayed and folded into the inverses with one GEMM (see _eliminate_page)
 
 
-def _page(B: int) -> int:
-    """Blocks per page: 8 MiB of fp64 inverses (256 blocks at B = 64, 4096 at B = 16). On CPU this ran 3x
-    faster than 2048 blocks of 64 (a memory-bound rank-1 downdate per step)."""
-    return max(1, _PAGE_BYTES // (8 * B * B))
+def _page(B: int, device) -> int:
+    """Blocks per page: on a CPU 8 MiB of fp64 inverses (256 blocks at B = 64, 4096 at B = 16), which ran 3x
+    faster there than 2048 blocks of 64 (a memory-bound rank-1 downdate per step); 128 MiB on an accelerator."""
+    return max(1, page_bytes(device, _PAGE_BYTES, _ACCEL_PAGE_BYTES) // (8 * B * B))
 
 
 def _nm_groups(B: int, nm: tuple[int, int] | None):
@@ -68,7 +71,7 @@ def cap_eliminate(w: torch.Tensor, hinv: torch.Tensor, *, valid: torch.Tensor | 
     nm = _nm_groups(B, nm)
     order = torch.zeros(nb, B, dtype=torch.long, device=w.device)
     losses = torch.full((nb, B), float("inf"), dtype=torch.float64, device=w.device)
-    page = min(nb, _page(B))
+    page = min(nb, _page(B, w.device))
     work = _Work(page, B, w.device)
     for s in range(0, nb, page):
         e = min(nb, s + page)

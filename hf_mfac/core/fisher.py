@@ -24,21 +24,24 @@ an (h + 1, h) rectangle and the bottom-left quarter follows (an odd block is pad
 The inverse is written in place over the accumulator, page by page: the memory of the fp32 inverse plus
 ``4 d`` bytes, never a second copy. With an fp64 inverse the full fp64 blocks are accumulated and inverted in
 place (d*B values). The gradient chunk is reordered to (block, gradient, coordinate) and converted to fp64 in
-cache-sized pages of blocks.
+pages of blocks: cache-sized on a CPU, larger on an accelerator, where each page costs kernel launches.
 """
 from __future__ import annotations
 
 import torch
 
-from ._checks import check_damp, check_finite, check_float_tensor, check_positive_int, damped_cholesky
+from ._checks import check_damp, check_finite, check_float_tensor, check_positive_int, damped_cholesky, page_bytes
 
 __all__ = ["BlockFisherInverse", "relative_damp", "check_damping"]
 
-# fp64 bytes of one page of blocks in add_grads and the inversion (the temporaries are a few times this):
-# small enough to stay in cache on a CPU.
-_PAGE_BYTES = 1 << 20
+# fp64 bytes of one page of blocks in add_grads and the inversion (the temporaries are a few times this), per
+# device type: small enough to stay in cache on a CPU; other devices (accelerators, where each page costs a few
+# kernel launches) use _ACCEL_PAGE_BYTES ...
+_PAGE_BYTES = {"cpu": 1 << 20}
+_ACCEL_PAGE_BYTES = 256 << 20
 # ... and at most this fraction of the fp32 inverse's bytes, so that small Fishers do not double in the build
-_PAGE_FRACTION = 1 / 32
+_PAGE_FRACTION = {"cpu": 1 / 32}
+_ACCEL_PAGE_FRACTION = 1 / 8
 
 
 def check_damping(damp, rel_damp) -> tuple[float | None, float | None]:
@@ -129,7 +132,9 @@ class BlockFisherInverse:
         return torch.nn.functional.pad(x, (0, self.padded_dim - self.dim))
 
     def _page(self, per_block_bytes: int) -> int:
-        page = min(_PAGE_BYTES, max(1 << 14, int(4 * self.padded_dim * self.block_size * _PAGE_FRACTION)))
+        cap = page_bytes(self.device, _PAGE_BYTES, _ACCEL_PAGE_BYTES)
+        frac = _PAGE_FRACTION.get(self.device.type, _ACCEL_PAGE_FRACTION)
+        page = min(cap, max(1 << 14, int(4 * self.padded_dim * self.block_size * frac)))
         return max(1, page // max(1, per_block_bytes))
 
     def add_grads(self, G: torch.Tensor) -> None:

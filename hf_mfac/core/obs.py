@@ -18,6 +18,8 @@ import itertools
 
 import torch
 
+from ._checks import page_bytes
+
 __all__ = ["obs_scores", "group_scores", "nm_select", "obs_update", "block_obs_update", "woodtaylor_shift"]
 
 _TINY = 1e-30
@@ -94,7 +96,10 @@ def obs_update(finv, w: torch.Tensor, idx: torch.Tensor, u: torch.Tensor | None 
     return out
 
 
-_PAGE_BYTES = 1 << 20  # fp64 bytes of one page of blocks in block_obs_update (three such buffers are kept)
+# fp64 bytes of one page of blocks in block_obs_update (three such buffers are kept), per device type; other
+# devices (accelerators, where each page costs kernel launches) use _ACCEL_PAGE_BYTES
+_PAGE_BYTES = {"cpu": 1 << 20}
+_ACCEL_PAGE_BYTES = 64 << 20
 
 
 def block_obs_update(w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor, u: torch.Tensor | None = None):
@@ -106,14 +111,15 @@ def block_obs_update(w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor, 
     where summing the single-weight updates (:func:`obs_update`) ignores the correlations between the removed
     weights and can overshoot when the damping is small. Returns (new weights (nb, B) in w's dtype, the
     block's saliency ``1/2 (w - u)_P^T ([F^{-1}]_PP)^{-1} (w - u)_P`` (nb,) fp64, the quadratic model's loss
-    increase). Cost O(nb B^3), in pages of 1 MiB of fp64 inverses: three page buffers (the fp64 inverses, the
-    masked matrices and their Cholesky factors) are allocated once and reused, so the working set is ~3 MiB.
+    increase). Cost O(nb B^3), in pages of 1 MiB of fp64 inverses on a CPU (64 MiB on an accelerator): three page
+    buffers (the fp64 inverses, the masked matrices and their Cholesky factors) are allocated once and reused,
+    so the working set is ~3 pages.
     """
     nb, B = w.shape
     dev = w.device
     out = torch.empty_like(w)
     loss = torch.zeros(nb, dtype=torch.float64, device=dev)
-    page = max(1, min(nb, _PAGE_BYTES // (8 * B * B)))
+    page = max(1, min(nb, page_bytes(dev, _PAGE_BYTES, _ACCEL_PAGE_BYTES) // (8 * B * B)))
     Hbuf = torch.empty(page, B, B, dtype=torch.float64, device=dev)
     Abuf = torch.empty_like(Hbuf)
     Lbuf = torch.empty_like(Hbuf)
