@@ -8,7 +8,7 @@
    the same scores, interleaved.
 5. BlockFisherInverse add_grads of m gradients + invert against the bare fp32 batched GEMMs of the same
    accumulation, interleaved.
-Usage: python benchmarks/bench_core.py [--quick]
+Usage: python benchmarks/bench_core.py [--quick] [--sections build --device cuda --build-dims 4194304]
 """
 from __future__ import annotations
 
@@ -119,16 +119,21 @@ def bench_selection(n=1 << 21, pieces=8, repeats=7):
                    f"{med['layer'] * 1e3:.0f}", f"{med['layer'] / med['kth']:.2f}")])
 
 
-def bench_fisher_build(shapes, chunk=32, repeats=3):
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_fisher_build(shapes, chunk=32, repeats=3, device="cpu"):
     rows = []
     for d, m, B in shapes:
-        G = torch.randn(m, d)
+        G = torch.randn(m, d, device=device)
         nb = -(-d // B)
-        Gb = torch.randn(nb, chunk, B)
-        acc = torch.zeros(nb, B, B)
+        Gb = torch.randn(nb, chunk, B, device=device)
+        acc = torch.zeros(nb, B, B, device=device)
 
         def ours():
-            bf = BlockFisherInverse(d, B, 1e-5)
+            bf = BlockFisherInverse(d, B, 1e-5, device=device)
             for c in G.split(chunk):
                 bf.add_grads(c)
             bf.blocks()
@@ -141,8 +146,10 @@ def bench_fisher_build(shapes, chunk=32, repeats=3):
         ours(), bare()
         for _ in range(repeats):
             for name, fn in (("ours", ours), ("bare", bare)):
+                _sync(device)
                 t0 = time.perf_counter()
                 fn()
+                _sync(device)
                 ts[name].append(time.perf_counter() - t0)
         med = {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
         rows.append((d, m, B, f"{med['ours'] * 1e3:.0f}", f"{med['bare'] * 1e3:.0f}",
@@ -156,9 +163,14 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sections", default="mfac,fisher,cap,select,build",
                     help="comma list of: mfac, fisher, cap, select, build")
+    ap.add_argument("--device", default="cpu", help="device of the build section (e.g. cuda); the others run on CPU")
+    ap.add_argument("--build-dims", default=None,
+                    help="comma list of d for the build section (default 2^18, --quick 2^16; a GPU wants 2^22+)")
     a = ap.parse_args()
     sections = set(a.sections.split(","))
-    print(f"# core benchmarks — {machine()} — {time.strftime('%Y-%m-%d')}\n")
+    if torch.device(a.device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # the bare GEMM is plain fp32, as on the CPU
+    print(f"# core benchmarks — {machine()} — {time.strftime('%Y-%m-%d')} — build on {a.device}\n")
     dims = [1 << 18, 1 << 20] if a.quick else [1 << 18, 1 << 20, 1 << 22]
     if "mfac" in sections:
         print("## DynamicMFAC.update_mul vs copy bandwidth\n")
@@ -175,8 +187,9 @@ def main():
         print(bench_selection())
     if "build" in sections:
         print("\n## BlockFisherInverse add_grads + invert vs bare batched GEMM\n")
-        d = 1 << 16 if a.quick else 1 << 18
-        print(bench_fisher_build([(d, 256, 32), (d, 1024, 32), (d, 256, 64)]))
+        dims = [int(x) for x in a.build_dims.split(",")] if a.build_dims else [1 << 16 if a.quick else 1 << 18]
+        print(bench_fisher_build([(d, m, B) for d in dims for m, B in ((256, 32), (1024, 32), (256, 64))],
+                                 device=a.device))
 
 
 if __name__ == "__main__":

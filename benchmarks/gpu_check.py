@@ -18,7 +18,10 @@ order of priority (a part that would not get its minimum time before the deadlin
    2 ms at m = 1024), ``G x`` / ``G^T c`` / Algorithm 2 and ``DynamicMFAC.update_mul`` at BERT-mini d and
    m = 1024 in fp32 and bf16, against the copy bandwidth measured in the same run.
 5. ``bench_optim``: the M-FAC optimizer step against the AdamW step on BERT-mini.
-6. ``sparse24``: 2:4 export of a BERT-base Linear stack and its speed against dense.
+6. ``bench_core``: ``BlockFisherInverse`` add_grads of m = 256 / 1024 gradients + inversion (fp64 products) at
+   d = 2^22 against the bare fp32 batched GEMMs of the same accumulation (TF32 off), as a fraction of the GEMM's
+   throughput.
+7. ``sparse24``: 2:4 export of a BERT-base Linear stack and its speed against dense.
 """
 from __future__ import annotations
 
@@ -97,6 +100,9 @@ def parts(py: str) -> list[Part]:
              ["benchmarks/bench_kernels.py"]),
         Part("bench_optim", "optimizer step", [py, "benchmarks/bench_optim.py", "--sizes", "mini", "--ms", "256,1024",
                                                "--bf16"], 75, 25, ["benchmarks/bench_optim.py"]),
+        Part("bench_core", "block-Fisher build vs bare GEMM", [py, "benchmarks/bench_core.py", "--sections", "build",
+                                                              "--device", "cuda", "--build-dims", "4194304"], 60, 20,
+             ["benchmarks/bench_core.py"]),
         Part("sparse24", "2:4 export and speed", [py, "benchmarks/bench_checkpoint_size.py", "--skip-size",
                                                   "--tokens", "4096", "16384", "--repeats", "20"], 50, 20,
              ["benchmarks/bench_checkpoint_size.py"]),
@@ -202,6 +208,8 @@ def markdown(results: dict) -> str:
     for name, title, keep in (("bench_kernels", "Kernels: coefficient setup, window products, update_mul", None),
                               ("bench_optim", "Optimizer step: M-FAC vs AdamW (BERT-mini)",
                                lambda ln: ln.startswith("|") or ln.startswith("kernels:")),
+                              ("bench_core", "Block-Fisher add_grads + invert vs the bare fp32 batched GEMM",
+                               lambda ln: ln.startswith("|")),
                               ("sparse24", "2:4 export and speed vs dense", None)):
         p = byname.get(name)
         if p is None:

@@ -17,7 +17,8 @@
 # and the self-check of every kernel and dtype), tests (CUDA tests), bench_kernels (coefficient setup
 # m = 256..4096 vs torch and the paper's 2 ms at m = 1024; window products and DynamicMFAC.update_mul at
 # BERT-mini d, m = 1024, fp32 and bf16, against the copy bandwidth of the same run), bench_optim (M-FAC
-# step vs AdamW step), sparse24 (2:4 export and its speed vs dense).
+# step vs AdamW step), bench_core (block-Fisher add_grads + invert vs the bare fp32 batched GEMM at d = 2^22),
+# sparse24 (2:4 export and its speed vs dense).
 #
 # Output: gpu_check.md (one Markdown block for benchmarks/RESULTS.md), gpu_check.json and gpu_check.log in
 # $OUT when set, else outputs/gpu_check/. Exit status 0 when every part ran and passed.

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("env", "build", "tests", "bench_kernels", "bench_optim", "sparse24")
+PARTS = ("env", "build", "tests", "bench_kernels", "bench_optim", "bench_core", "sparse24")
 
 
 def _driver():
@@ -62,6 +62,7 @@ def test_markdown_of_a_gpu_run():
         "parts": [_part("env"), _part("build"), _part("tests", "== 120 passed, 3 skipped in 40.0s =="),
                   _part("bench_kernels", "# hf_mfac kernel benchmarks\n## Coefficient setup\n| m |\n|---|\n| 1024 |"),
                   _part("bench_optim", "('mini', 1)\n| params |\n|---|\n| mini |"),
+                  _part("bench_core", "# core benchmarks\n\n| d | m | B |\n|---|\n| 4194304 | 256 | 32 |"),
                   _part("sparse24", "2:4 inference ...\n| tokens |", status="timeout")],
     }
     md = drv.markdown(results)
@@ -72,6 +73,8 @@ def test_markdown_of_a_gpu_run():
     assert "#### hf_mfac kernel benchmarks" in md and "##### Coefficient setup" in md  # nested under ###
     assert "('mini', 1)" not in md and "| mini |" in md  # progress lines left out
     assert "(sparse24: timeout after 1 s of a 60 s budget" in md
+    assert "#### Block-Fisher add_grads + invert vs the bare fp32 batched GEMM" in md and "| 4194304 | 256 | 32 |" in md
+    assert "# core benchmarks" not in md
     assert "| bench_optim | ok |" in md and "| sparse24 | timeout |" in md
 
 
