@@ -580,7 +580,6 @@ def main():
     sections = set(a.sections.split(","))
     if a.sparseml and sections & {"fisher", "obert"}:
         obs, mc = load_sparseml(a.sparseml)
-        d0 = 1 << 16 if a.quick else 1 << 18
         d0 = 1 << 16
         fshapes = [(d0, 32, 32), (d0, 256, 32)] if a.quick else [
             (d0, 256, 32), (1 << 15, 256, 32), (1 << 17, 256, 32),  # d
@@ -594,8 +593,9 @@ def main():
     if a.sparseml and "obert" in sections:
         print("\n## oBERT selection + summed OBS update: hf_mfac vs sparseml OBSPruningParamsScorer + mask creator "
               "(50 %)\n")
-        oshapes = [(d0, 32, 32), (d0, 32, 64)] if a.quick else [(1 << 16, 32, 32), (1 << 18, 32, 32),
-                                                                   (1 << 20, 32, 32), (1 << 18, 32, 64)]
+        oshapes = [(d0, 32, 32), (d0, 32, 64)] if a.quick else [
+            (1 << 16, 32, 32), (1 << 18, 32, 32), (1 << 20, 32, 32),  # d
+            (1 << 18, 32, 16), (1 << 18, 32, 64)]  # B
         print(bench_obert(obs, mc, oshapes, a.damp, paths))
     if not a.sparseml:
         print("- sparseml (--sparseml): not given, skipped")
@@ -629,7 +629,7 @@ def main():
         print("\n## CAP elimination of one layer: cap_eliminate / cap_prune vs the official CAPHandle (fp32), "
               "50 %\n")
         cshapes = [(1 << 14, 64, 16), (1 << 14, 64, 32), (1 << 14, 128, 64)] if a.quick else [
-            (1 << 18, 128, 16), (1 << 18, 128, 32), (1 << 18, 128, 64), (1 << 20, 128, 32)]
+            (1 << 18, 128, 16), (1 << 18, 128, 32), (1 << 18, 128, 64), (1 << 19, 128, 32), (1 << 20, 128, 32)]
         print(bench_cap(Handle, cshapes, a.damp, paths))
     if "static" in sections:
         print("\n## Static M-FAC build + diag (hf_mfac only; vs the official HInvFastBlock: section mfac_static)\n")
