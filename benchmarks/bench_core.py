@@ -168,7 +168,12 @@ def main():
                     help="comma list of d for the build section (default 2^18, --quick 2^16; a GPU wants 2^22+)")
     a = ap.parse_args()
     sections = set(a.sections.split(","))
-    if torch.device(a.device).type == "cuda":
+    try:
+        dev = torch.device(a.device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:  # unknown type; a CUDA device without a CUDA build or GPU
+        ap.error(f"--device {a.device}: torch cannot use it here ({str(e).splitlines()[0]})")
+    if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the bare GEMM is plain fp32, as on the CPU
     print(f"# core benchmarks — {machine()} — {time.strftime('%Y-%m-%d')} — build on {a.device}\n")
     dims = [1 << 18, 1 << 20] if a.quick else [1 << 18, 1 << 20, 1 << 22]
