@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_finite, check_float_tensor, check_positive_int, damped_cholesky
+from ._checks import check_finite, check_float_tensor, check_positive_int, damped_cholesky, page_bytes
 from .fisher import check_damping, relative_damp
 
 __all__ = ["StaticMFAC"]
@@ -93,7 +93,7 @@ class StaticMFAC:
         """Column ranges (start, stop) of at most ``page_bytes`` and of at most ``work_bytes`` of fp64
         temporaries, each a multiple of ``width`` columns (one block at least)."""
         cols = _default_page_columns(self.num_grads, self.W.element_size(), self.page_bytes)
-        work = max(1, self.work_bytes.get(self.device.type, self.default_work_bytes) // (8 * self.num_grads))
+        work = max(1, page_bytes(self.device, self.work_bytes, self.default_work_bytes) // (8 * self.num_grads))
         cols = work if cols is None else min(cols, work)
         step = max(width, cols // width * width)
         return [(s, min(s + step, self.dim)) for s in range(0, self.dim, step)]
