@@ -623,8 +623,10 @@ def main():
         if "mfac_static" in sections:
             print("\n## Static M-FAC build + diag: StaticMFAC vs the official HInvFastBlock (prun.py, fp32)\n")
             sshapes = [(1 << 16, 64, 2048), (1 << 16, 64, 0)] if a.quick else [
-                (1 << 19, 64, 2048), (1 << 20, 64, 2048), (1 << 21, 64, 2048),
-                (1 << 19, 64, 0), (1 << 20, 64, 0), (1 << 21, 64, 0)]
+                (1 << 19, 64, 2048), (1 << 20, 64, 2048), (1 << 21, 64, 2048),  # d
+                (1 << 19, 64, 0), (1 << 20, 64, 0), (1 << 21, 64, 0),  # d at B = d
+                (1 << 20, 32, 2048), (1 << 20, 128, 2048),  # m
+                (1 << 20, 64, 512), (1 << 20, 64, 8192)]  # B
             print(bench_static_peer(prun, sshapes, 1e-4, paths))
     if a.cap and "cap" in sections:
         Handle = load_cap(a.cap)
