@@ -181,6 +181,7 @@ CASES = [
           lambda ctx: prune_oneshot_distributed(ctx["model"], ctx["data"], **{**OBERT, "num_grads": 0}, sparsity=0.6),
           ValueError, "num_grads"),
     Fault("recompute-zero", mlp, oneshot(recompute=0), ValueError, "recompute"),
+    Fault("chunk_size-zero", mlp, oneshot(chunk_size=0), ValueError, "chunk_size must be a positive integer; got 0"),
     Fault("sparsity-one", mlp, oneshot(sparsity=1.0), ValueError, "sparsity"),
     Fault("sparsity-nan", mlp, oneshot(sparsity=float("nan")), ValueError, "sparsity"),
     Fault("sparsity-inf", mlp, oneshot(sparsity=float("inf")), ValueError, "sparsity"),

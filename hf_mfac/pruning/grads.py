@@ -167,7 +167,8 @@ def iter_grads(model: nn.Module, dataloader, layout: Layout, num_grads: int, *, 
     params = [layout.params[n] for n in layout.names]
     model_device = next(model.parameters()).device
     device = torch.device(device) if device is not None else model_device
-    chunk_size = default_chunk_size(layout.dim, num_grads) if chunk_size is None else max(1, min(chunk_size, num_grads))
+    chunk_size = (default_chunk_size(layout.dim, num_grads) if chunk_size is None
+                  else min(check_positive_int("chunk_size", chunk_size), num_grads))
     buf = torch.zeros(chunk_size, layout.dim, dtype=torch.float32, device=device)
     keep_f = None if keep is None else keep.to(device=device, dtype=torch.float32)
     was_training = model.training
