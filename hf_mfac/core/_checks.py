@@ -149,13 +149,49 @@ def page_bytes(device, sizes: dict, default: int) -> int:
     return int(sizes.get(torch.device(device).type, default))
 
 
+MEMINFO = "/proc/meminfo"
+
+
+def read_meminfo(path: str = MEMINFO) -> dict[str, int]:
+    """The fields of ``/proc/meminfo`` in bytes (``{"MemAvailable": ..., ...}``); empty where there is none."""
+    out = {}
+    with contextlib.suppress(OSError, ValueError):
+        with open(path) as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts:
+                    out[key.strip()] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
+    return out
+
+
+def host_available_bytes() -> int | None:
+    """Host memory a new allocation can get: ``psutil.virtual_memory().available`` where psutil is installed,
+    else ``MemAvailable`` of ``/proc/meminfo`` (free pages plus the page cache and reclaimable memory the kernel
+    gives back), else the free physical pages (``SC_AVPHYS_PAGES``, which leaves out the page cache and so
+    understates what is available, often by many GiB), else None."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        with contextlib.suppress(Exception):
+            return int(psutil.virtual_memory().available)
+    avail = read_meminfo().get("MemAvailable")
+    if avail is not None:
+        return avail
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
 def free_bytes(device) -> int | None:
-    """Free memory on ``device`` in bytes (CUDA: ``mem_get_info``; CPU: available physical pages), or None
+    """Free memory on ``device`` in bytes (CUDA: ``mem_get_info``; CPU: :func:`host_available_bytes`), or None
     when it cannot be told. Used to fail early, with the number, before a large allocation."""
     device = torch.device(device)
     with contextlib.suppress(ValueError, OSError, RuntimeError, AttributeError):  # unknown: don't block
         if device.type == "cuda":
             return torch.cuda.mem_get_info(device)[0]
         if device.type == "cpu":
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            return host_available_bytes()
     return None
