@@ -54,7 +54,7 @@ def size_table(size: str, sparsities, dtype: torch.dtype, workdir: str) -> str:
     from transformers import BertConfig, BertForSequenceClassification
 
     from hf_mfac.integrations import load_compact_pretrained, save_compact_pretrained, save_sparse_pretrained
-    from hf_mfac.integrations.sparse_checkpoint import COMPACT_WEIGHTS_NAME, MASKS_NAME
+    from hf_mfac.integrations.checkpoint import COMPACT_WEIGHTS_NAME, MASKS_NAME
 
     rows = []
     for s in sparsities:

@@ -1,4 +1,4 @@
-"""Model-card templates (installed as ``hf_mfac._model_cards``), rendered by ``hf_mfac.integrations.model_card``.
+"""Model-card templates (installed as ``hf_mfac._model_cards``), rendered by ``hf_mfac.integrations.card.model_card``.
 
 * ``model_card.md`` — a whole new card: YAML front matter (``{{ card_data }}``, filled by
   ``huggingface_hub.ModelCard.from_template``), title, description and the hf_mfac section.

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from transformers import BertConfig, BertForSequenceClassification
 
 from hf_mfac.integrations import MFACTrainer, MFACTrainingArguments, mfac_optimizer_cls_and_kwargs
-from hf_mfac.integrations.distributed import MFACShardCheckpointCallback
+from hf_mfac.integrations.trainer import MFACShardCheckpointCallback
 from hf_mfac.optim.distributed import ShardedMFAC
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from test_faults import Fault
 
-from hf_mfac.integrations.pruning_callback import CHECKPOINT_MASKS_NAME, CHECKPOINT_STATE_NAME, PruningCallback
+from hf_mfac.integrations.gradual.callback import CHECKPOINT_MASKS_NAME, CHECKPOINT_STATE_NAME, PruningCallback
 
 
 def _callback(tmp_path):

@@ -27,7 +27,7 @@ from hf_mfac.integrations import (
     save_compact_pretrained,
     save_sparse_pretrained,
 )
-from hf_mfac.integrations.sparse_checkpoint import (
+from hf_mfac.integrations.checkpoint import (
     COMPACT_WEIGHTS_NAME,
     MASKS_NAME,
     load_sparse_masks,
@@ -131,13 +131,13 @@ def during(save, owner, name, n, exc, after=False):
 
 
 def st_module():
-    import hf_mfac.integrations.sparse_checkpoint as sc
+    import hf_mfac.integrations.checkpoint.sparse as sc
 
     return sc
 
 
 def compact_module():
-    import hf_mfac.integrations.compact as cm
+    import hf_mfac.integrations.checkpoint.compact as cm
 
     return cm
 

@@ -13,8 +13,10 @@ from transformers import (BertConfig, BertForSequenceClassification, Trainer, Tr
 
 import hf_mfac  # noqa: E402
 from hf_mfac.core.schedules import cubic_sparsity  # noqa: E402
-from hf_mfac.integrations.callbacks import (CHECKPOINT_MASKS_NAME, CHECKPOINT_STATE_NAME, DistillationTrainer,  # noqa: E402
-                                            PruningArguments, PruningCallback, cyclic_linear_lambda, distillation_loss)
+from hf_mfac.core.schedules import cyclic_linear_lambda  # noqa: E402
+from hf_mfac.integrations.gradual import (CHECKPOINT_MASKS_NAME, CHECKPOINT_STATE_NAME,  # noqa: E402
+                                          DistillationTrainer, PruningArguments, PruningCallback,
+                                          distillation_loss)
 
 
 def tiny_model(seed=0):

@@ -46,7 +46,7 @@ def test_prune_sweep_with_eval_and_model_cards(tiny, tmp_path, capsys):
     from huggingface_hub import ModelCard
     from transformers import AutoModelForSequenceClassification
 
-    from hf_mfac.integrations.sparse_checkpoint import load_sparse_masks
+    from hf_mfac.integrations.checkpoint import load_sparse_masks
 
     model_dir, data = tiny
     out = tmp_path / "pruned"

@@ -44,7 +44,7 @@ def _encoder_linear_sparsity(model) -> float:
 
 
 def _check_saved(out, model_cls):
-    from hf_mfac.integrations.sparse_checkpoint import load_sparse_masks, read_sparsity_metadata
+    from hf_mfac.integrations.checkpoint import load_sparse_masks, read_sparsity_metadata
 
     assert read_sparsity_metadata(str(out))["method"] == "magnitude"
     masks = load_sparse_masks(out)
@@ -58,7 +58,7 @@ def _check_saved(out, model_cls):
 
 def test_lazy_exports():
     from hf_mfac.integrations import DistillationMixin, PruningArguments
-    from hf_mfac.integrations.callbacks import DistillationMixin as DM, PruningArguments as PA
+    from hf_mfac.integrations.gradual import DistillationMixin as DM, PruningArguments as PA
 
     assert PruningArguments is PA and DistillationMixin is DM
 

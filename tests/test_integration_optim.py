@@ -209,20 +209,22 @@ def test_unknown_optim_lists_the_choices(tmp_path):
 
 
 def test_integration_imports_relatively(monkeypatch):
-    """trainer.py and training_args.py reach MFAC through the package (relative imports), not through a global
+    """The trainer's modules reach MFAC through the package (relative imports), not through a global
     ``import hf_mfac`` that a folder named hf_mfac next to a script (a namespace package) would shadow; and
-    training_args.py does not import trainer.py (no import circle)."""
+    the arguments module does not import the trainer module (no import circle)."""
     import ast
 
-    for name in ("trainer.py", "training_args.py"):
-        tree = ast.parse((REPO / "hf_mfac" / "integrations" / name).read_text())
+    folder = REPO / "hf_mfac" / "integrations" / "trainer"
+    for name in ("mfac_trainer.py", "arguments.py"):
+        tree = ast.parse((folder / name).read_text())
         absolute = [n for n in ast.walk(tree) if isinstance(n, ast.Import) and any(a.name.startswith("hf_mfac")
                                                                                   for a in n.names)]
         absolute += [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
                      and (n.module or "").startswith("hf_mfac")]
         assert not absolute, name
-    tree = ast.parse((REPO / "hf_mfac" / "integrations" / "training_args.py").read_text())
-    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level and n.module == "trainer"]
+    tree = ast.parse((folder / "arguments.py").read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level
+                and n.module == "mfac_trainer"]
     monkeypatch.setitem(sys.modules, "hf_mfac", types.ModuleType("hf_mfac"))  # what a stray namespace folder gives
     cls, kwargs = mfac_optimizer_cls_and_kwargs({"lr": 1e-3, "ngrads": 8})
     assert cls is hf_mfac.optim.MFAC and kwargs == {"lr": 1e-3, "num_grads": 8}
@@ -468,17 +470,17 @@ def _assert_same_state(a, b):
 
 
 def test_model_card_hook(tmp_path, monkeypatch):
-    """create_model_card uses hf_mfac.integrations.model_card.write_trainer_model_card when it exists and
+    """create_model_card uses hf_mfac.integrations.card.model_card.write_trainer_model_card when it exists and
     falls back to the stock card otherwise."""
     trainer = MFACTrainer(model=tiny_bert(), args=make_args(tmp_path), train_dataset=ToyData())
     calls = []
-    fake = types.ModuleType("hf_mfac.integrations.model_card")
+    fake = types.ModuleType("hf_mfac.integrations.card.model_card")
     fake.write_trainer_model_card = lambda tr, out, **info: calls.append((tr, out, info))
-    monkeypatch.setitem(sys.modules, "hf_mfac.integrations.model_card", fake)
+    monkeypatch.setitem(sys.modules, "hf_mfac.integrations.card.model_card", fake)
     trainer.create_model_card(model_name="tiny", tasks="text-classification")
     assert calls == [(trainer, str(tmp_path), {"model_name": "tiny", "tasks": "text-classification"})]
 
-    monkeypatch.setitem(sys.modules, "hf_mfac.integrations.model_card", None)  # import fails
+    monkeypatch.setitem(sys.modules, "hf_mfac.integrations.card.model_card", None)  # import fails
     trainer.create_model_card(model_name="tiny")
     assert "generated_from_trainer" in (tmp_path / "README.md").read_text()
 

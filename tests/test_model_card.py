@@ -20,8 +20,9 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 
 from hf_mfac.core.masks import threshold_masks  # noqa: E402
 from hf_mfac.integrations import create_sparse_model_card, save_sparse_pretrained  # noqa: E402
-from hf_mfac.integrations.model_card import PLOT_NAME, _redacted_command, push_sparse_to_hub, redact_argv  # noqa: E402
-from hf_mfac.integrations.sparse_checkpoint import MASKS_NAME, load_sparse_masks  # noqa: E402
+from hf_mfac.integrations.card import PLOT_NAME, push_sparse_to_hub  # noqa: E402
+from hf_mfac.integrations.checkpoint.redaction import _redacted_command, redact_argv  # noqa: E402
+from hf_mfac.integrations.checkpoint import MASKS_NAME, load_sparse_masks  # noqa: E402
 
 CFG = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
            max_position_embeddings=32, num_labels=2)
@@ -261,7 +262,8 @@ if sys.argv[1] == "checkout":  # a source checkout on sys.path, nothing installe
     import importlib.util
     assert importlib.util.find_spec("hf_mfac._model_cards") is None
 import torch
-from hf_mfac.integrations.model_card import _mfac_hparams, create_sparse_model_card
+from hf_mfac.integrations.card import create_sparse_model_card
+from hf_mfac.integrations.card.trainer_info import _mfac_hparams
 from hf_mfac.optim import MFAC
 
 trainer = types.SimpleNamespace(args=types.SimpleNamespace(optim="sgd"),

@@ -184,7 +184,7 @@ def test_run_qa_gradual_pruning_with_distillation(model_dir, tmp_path):
     trainer, out = _run(model_dir, tmp_path, "--prune_method", "obert", "--prune_sparsity", "0.5", "--prune_start",
                         "1", "--prune_end", "4", "--prune_frequency", "1", "--prune_num_grads", "2",
                         "--prune_block_size", "16", "--distill_teacher", "self", "--distill_hardness", "0.5")
-    from hf_mfac.integrations.sparse_checkpoint import load_sparse_masks, read_sparsity_metadata
+    from hf_mfac.integrations.checkpoint import load_sparse_masks, read_sparsity_metadata
 
     masks = load_sparse_masks(out)
     pruned = sum(int((~m).sum()) for m in masks.values())
@@ -198,7 +198,7 @@ def test_run_qa_gradual_pruning_with_distillation(model_dir, tmp_path):
 def test_run_qa_oneshot_pruning(model_dir, tmp_path):
     trainer, out = _run(model_dir, tmp_path, "--prune_method", "cap", "--prune_mode", "oneshot", "--prune_pattern",
                         "2:4", "--prune_num_grads", "3", "--prune_block_size", "16")
-    from hf_mfac.integrations.sparse_checkpoint import load_sparse_masks
+    from hf_mfac.integrations.checkpoint import load_sparse_masks
 
     masks = load_sparse_masks(out)
     assert all(bool(((~m).reshape(-1, 4).sum(1) == 2).all()) for m in masks.values())

@@ -18,7 +18,7 @@ from hf_mfac.integrations import (  # noqa: E402
     save_compact_pretrained,
     save_sparse_pretrained,
 )
-from hf_mfac.integrations.sparse_checkpoint import (  # noqa: E402
+from hf_mfac.integrations.checkpoint import (  # noqa: E402
     COMPACT_WEIGHTS_NAME,
     MASKS_NAME,
     SPARSITY_KEY,

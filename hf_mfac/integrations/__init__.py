@@ -1,5 +1,9 @@
 """Hugging Face integration: the only layer that imports transformers, accelerate, huggingface_hub.
 
+One sub-package per concern: :mod:`.trainer` (M-FAC in the Trainer), :mod:`.gradual` (pruning inside
+training), :mod:`.checkpoint` (sparse checkpoints), :mod:`.card` (model cards); :mod:`.cli` (``hf-mfac``) and
+:mod:`.log_level` sit at the top.
+
 Names are resolved lazily, so ``import hf_mfac.integrations`` stays cheap until one is used.
 """
 from __future__ import annotations
@@ -7,26 +11,27 @@ from __future__ import annotations
 import importlib
 
 _NAMES = {
-    "MFACTrainingArguments": "training_args",
-    "parse_optim_args": "training_args",
+    "MFACTrainingArguments": "trainer",
+    "parse_optim_args": "trainer",
     "MFACTrainer": "trainer",
     "mfac_optimizer_cls_and_kwargs": "trainer",
     "check_supported_setup": "trainer",
-    "PruningCallback": "pruning_callback",
-    "PruningArguments": "pruning_args",
-    "DistillationMixin": "distillation",
-    "DistillationTrainer": "distillation",
-    "distillation_loss": "distillation",
+    "HubUnreachableError": "trainer",
+    "MFACShardCheckpointCallback": "trainer",
+    "PruningCallback": "gradual",
+    "PruningArguments": "gradual",
+    "DistillationMixin": "gradual",
+    "DistillationTrainer": "gradual",
+    "distillation_loss": "gradual",
     "follow_log_level": "log_level",
-    "MFACShardCheckpointCallback": "distributed",
-    "save_sparse_pretrained": "sparse_checkpoint",
-    "save_compact_pretrained": "sparse_checkpoint",
-    "load_compact_pretrained": "sparse_checkpoint",
-    "export_semi_structured": "sparse_checkpoint",
-    "load_sparse_masks": "sparse_checkpoint",
-    "create_sparse_model_card": "model_card",
-    "write_trainer_model_card": "model_card",
-    "push_sparse_to_hub": "model_card",
+    "save_sparse_pretrained": "checkpoint",
+    "save_compact_pretrained": "checkpoint",
+    "load_compact_pretrained": "checkpoint",
+    "export_semi_structured": "checkpoint",
+    "load_sparse_masks": "checkpoint",
+    "create_sparse_model_card": "card",
+    "write_trainer_model_card": "card",
+    "push_sparse_to_hub": "card",
 }
 
 __all__ = sorted(_NAMES)

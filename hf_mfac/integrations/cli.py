@@ -248,8 +248,8 @@ def _result_saver(args: PruneCommandArguments, config, argv: list[str], tokenize
     """The run's ``save_fn(s, model, masks, report)``: each result goes to ``output_dir`` (a sweep:
     ``sparsity-<s>``) with the tokenizer, ``pruning_report.json`` (evaluated on ``evalb`` when given) and a model
     card, and one line is printed."""
-    from .model_card import create_sparse_model_card
-    from .sparse_checkpoint import save_sparse_pretrained
+    from .card.model_card import create_sparse_model_card
+    from .checkpoint.sparse import save_sparse_pretrained
 
     sweep = bool(config.sparsities)
     recipe = {**{k: v for k, v in config.to_dict().items() if v is not None},

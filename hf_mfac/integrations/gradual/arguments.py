@@ -11,12 +11,12 @@ from dataclasses import field
 
 from torch import nn
 
-from ..comm import Comm
-from ..pruning import GradualPruningConfig, prune_oneshot
-from ..pruning.config import from_prefixed, prefixed_fields
-from ..pruning.distributed import prune_oneshot_distributed
-from .log_level import follow_log_level
-from .pruning_callback import PruningCallback
+from ...comm import Comm
+from ...pruning import GradualPruningConfig, prune_oneshot
+from ...pruning.config import from_prefixed, prefixed_fields
+from ...pruning.distributed import prune_oneshot_distributed
+from ..log_level import follow_log_level
+from .callback import PruningCallback
 
 __all__ = ["PruningArguments"]
 
@@ -98,7 +98,7 @@ class _PruningArgumentsMethods:
         if callback is not None and callback.masks:
             masks = callback.masks
         if masks and trainer.is_world_process_zero() and trainer.args.output_dir:
-            from .sparse_checkpoint import save_sparse_pretrained
+            from ..checkpoint.sparse import save_sparse_pretrained
 
             save_sparse_pretrained(trainer.model, trainer.args.output_dir, masks, method=self.prune_method,
                                    pattern=self.prune_pattern)

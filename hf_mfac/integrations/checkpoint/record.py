@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from .checkpoint_files import FORMAT_VERSION, SPARSITY_KEY, _read_json, _version
+from .files import FORMAT_VERSION, SPARSITY_KEY, _read_json, _version
 from .redaction import redact
 
 __all__ = ["resolve_masks", "is_nm_sparse", "sparsity_metadata", "read_sparsity_metadata"]

@@ -3,7 +3,7 @@ moved into place, so that an exception (``KeyboardInterrupt`` included) leaves t
 
 Owns :func:`staged_save` (the context manager the savers write through), the move into an existing folder and its
 rollback (:func:`_commit`, :class:`_RollbackFailed`), and the ``fsync`` calls that make the moved files durable.
-Which files a save owns, and in which order they move, comes from :mod:`.checkpoint_files`.
+Which files a save owns, and in which order they move, comes from :mod:`.files`.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 
-from .checkpoint_files import _rank
+from .files import _rank
 
 __all__ = ["staged_save"]
 

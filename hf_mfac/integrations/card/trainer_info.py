@@ -3,7 +3,7 @@
 training hyperparameters (:func:`_training_hparams`) and its last evaluation metrics (:func:`_last_eval`), gathered
 with the base model, the repository and the redacted command line into the arguments of
 :func:`~hf_mfac.integrations.create_sparse_model_card` (:func:`_trainer_sparsity`, :func:`_trainer_card_kwargs`) for
-:func:`~hf_mfac.integrations.model_card.write_trainer_model_card`.
+:func:`~hf_mfac.integrations.card.model_card.write_trainer_model_card`.
 """
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from typing import Mapping
 
 import torch
 
-from .card_section import _one_line
-from .redaction import _redacted_command
+from .section import _one_line
+from ..checkpoint.redaction import _redacted_command
 
 _PERF_KEYS = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time")
 
 
 def _mfac_hparams(trainer) -> dict | None:
-    from ..optim import is_mfac_optimizer, selects_mfac, unwrap_optimizer
+    from ...optim import is_mfac_optimizer, selects_mfac, unwrap_optimizer
 
     args = trainer.args
     if selects_mfac(args) and hasattr(args, "mfac_kwargs"):

@@ -20,8 +20,8 @@ from typing import Mapping
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 
-from .checkpoint_files import _version
-from .redaction import _redact_command, redact
+from ..checkpoint.files import _version
+from ..checkpoint.redaction import _redact_command, redact
 
 START, END = "<!-- hf_mfac:start", "<!-- hf_mfac:end -->"
 _SECTION = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
@@ -33,7 +33,7 @@ def _template(name: str) -> str:
     try:
         return files("hf_mfac._model_cards").joinpath(name).read_text(encoding="utf-8")
     except (ImportError, TypeError, OSError):
-        return (Path(__file__).resolve().parents[2] / "model_cards" / name).read_text(encoding="utf-8")
+        return (Path(__file__).resolve().parents[3] / "model_cards" / name).read_text(encoding="utf-8")
 
 
 # -- escaping: user strings must not break the YAML header, the markdown or hf_mfac's markers --------------

@@ -8,7 +8,7 @@ window, which each rank holds a part of; :class:`MFACShardCheckpointCallback` wr
 ```python
 from hf_mfac.optim.distributed import ShardedMFAC
 from hf_mfac.integrations import mfac_optimizer_cls_and_kwargs
-from hf_mfac.integrations.distributed import MFACShardCheckpointCallback
+from hf_mfac.integrations.trainer.shards import MFACShardCheckpointCallback
 
 _, kwargs = mfac_optimizer_cls_and_kwargs(args)
 trainer = Trainer(model=model, args=args, train_dataset=ds, optimizer_cls_and_kwargs=(ShardedMFAC, kwargs),
@@ -23,8 +23,8 @@ import os
 
 from transformers import TrainerCallback
 
-from ..optim import unwrap_optimizer
-from ..optim.distributed import ShardedMFAC, load_mfac_shards, save_mfac_shards, shard_file
+from ...optim import unwrap_optimizer
+from ...optim.distributed import ShardedMFAC, load_mfac_shards, save_mfac_shards, shard_file
 
 __all__ = ["MFACShardCheckpointCallback"]
 

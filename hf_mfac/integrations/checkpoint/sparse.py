@@ -1,34 +1,10 @@
-"""Sparse checkpoints: portable dense-with-zeros, a compact values+bitmask form, and 2:4 GPU export.
+"""The portable sparse checkpoint: dense safetensors with exact zeros plus hf_mfac's metadata.
 
-This module owns the portable dense form (:func:`save_sparse_pretrained`, :func:`load_sparse_masks`) and is the
-one place to import every sparse-checkpoint name from; the other parts live beside it and are re-exported here:
-masks and the sparsity record in :mod:`.sparsity_record`, the compact form in :mod:`.compact`, the 2:4 export in
-:mod:`.semi_structured`, staged saves in :mod:`.staged_save`, file names and readers in :mod:`.checkpoint_files`,
-and redaction in :mod:`.redaction`.
-
-Three forms, for three uses (compressed-tensors' sparse-bitmask format is gone, so the
-portable form is dense safetensors with exact zeros plus our metadata):
-
-* :func:`save_sparse_pretrained` — ``model.save_pretrained`` (dense safetensors, pruned weights exactly 0)
-  plus the sparsity metadata under ``config.json["hf_mfac_sparsity"]`` and the masks in
-  ``sparsity_masks.safetensors``. Any ``AutoModel*.from_pretrained`` loads it with no extra code; the
-  extra config key is kept as a plain attribute of the loaded config.
-* :func:`save_compact_pretrained` / :func:`load_compact_pretrained` — hf_mfac's own form: for each masked
-  tensor the kept values and a packed bitmask (1 bit per weight), everything else dense, in
-  ``hf_mfac_compact.safetensors``. Exact round trip; at sparsity s a float32 tensor takes
-  ``(1 - s) + 1/32`` of its dense size. Stock ``from_pretrained`` refuses the folder (no
-  ``model.safetensors``) instead of loading random weights.
-* :func:`export_semi_structured` — swaps 2:4-sparse ``nn.Linear`` weights for
-  ``torch.sparse.to_sparse_semi_structured`` tensors (cuSPARSELt / CUTLASS kernels, CUDA only) and leaves
-  every other layer dense, saying why.
-
-Masks follow :mod:`hf_mfac.core.masks`: ``{parameter name as in model.named_parameters(): bool tensor}``,
-``True`` = kept. Every function checks its inputs before writing anything, and the savers write into a
-staging folder on the same filesystem and move the files into place (:func:`staged_save`): an exception
-leaves the folder as it was; a successful save removes the weights of the other form (and of a sharded or
-older save) and stale masks, and keeps every other file. The loaders check every length, count, shape and
-dtype against the metadata and name the file and the tensor. Secret-looking values in the recorded
-``recipe`` / ``extra_metadata`` are redacted (:func:`redact`).
+:func:`save_sparse_pretrained` writes ``model.save_pretrained`` output (pruned weights exactly 0), the sparsity
+record under ``config.json["hf_mfac_sparsity"]`` and the masks in ``sparsity_masks.safetensors``;
+:func:`load_sparse_masks` reads the masks back. Stock ``AutoModel*.from_pretrained`` loads the folder with no
+extra code. The other forms and the shared file handling live beside this module in
+:mod:`hf_mfac.integrations.checkpoint`.
 """
 from __future__ import annotations
 
@@ -40,46 +16,25 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint_files import (
-    COMPACT_WEIGHTS_NAME,
-    FORMAT_VERSION,  # noqa: F401 (importable from here, as before the split)
+from .files import (
     MASKS_NAME,
     SPARSITY_KEY,
     _is_checkpoint_file,
     _open_safetensors,
     _version,
 )
-from .compact import load_compact_pretrained, save_compact_pretrained
-from .redaction import REDACTED, redact, redact_text, secret_name  # noqa: F401 (REDACTED, secret_name: as before)
-from .semi_structured import export_semi_structured
-from .sparsity_record import (
+from .record import (
     _save_config_with,
     is_nm_sparse,
     read_sparsity_metadata,
     resolve_masks,
     sparsity_metadata,
 )
-from .staged_save import staged_save
+from .staging import staged_save
 
 logger = logging.getLogger("hf_mfac")
 
-__all__ = [
-    "SPARSITY_KEY",
-    "MASKS_NAME",
-    "COMPACT_WEIGHTS_NAME",
-    "resolve_masks",
-    "sparsity_metadata",
-    "save_sparse_pretrained",
-    "load_sparse_masks",
-    "read_sparsity_metadata",
-    "save_compact_pretrained",
-    "load_compact_pretrained",
-    "is_nm_sparse",
-    "export_semi_structured",
-    "staged_save",
-    "redact",
-    "redact_text",
-]
+__all__ = ["save_sparse_pretrained", "load_sparse_masks", "log_saved"]
 
 
 # -- dense with exact zeros ----------------------------------------------------------------------------

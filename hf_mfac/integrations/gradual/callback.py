@@ -37,14 +37,14 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..comm import Comm
-from ..core.schedules import cubic_sparsity, cyclic_linear_scheduler
-from ..optim import MFAC, unwrap_optimizer
-from ..pruning import DEFAULT_EXCLUDE, DEFAULT_TYPES, GradualPruningConfig, Layout, find_prunable, make_pruner, \
+from ...comm import Comm
+from ...core.schedules import cubic_sparsity, cyclic_linear_scheduler
+from ...optim import MFAC, unwrap_optimizer
+from ...pruning import DEFAULT_EXCLUDE, DEFAULT_TYPES, GradualPruningConfig, Layout, find_prunable, make_pruner, \
     prune_oneshot
-from ..pruning.distributed import prune_oneshot_distributed
-from ..pruning.oneshot import masks_from_zeros, restore_on_error
-from .log_level import follow_log_level
+from ...pruning.distributed import prune_oneshot_distributed
+from ...pruning.oneshot import masks_from_zeros, restore_on_error
+from ..log_level import follow_log_level
 
 __all__ = ["PruningCallback", "CHECKPOINT_MASKS_NAME", "CHECKPOINT_STATE_NAME"]
 
@@ -52,7 +52,7 @@ logger = logging.getLogger("hf_mfac")
 
 CHECKPOINT_MASKS_NAME = "hf_mfac_pruning.safetensors"
 CHECKPOINT_STATE_NAME = "hf_mfac_pruning.json"
-# (the sparse checkpoints' own masks file is hf_mfac.integrations.sparse_checkpoint.MASKS_NAME)
+# (the sparse checkpoints' own masks file is hf_mfac.integrations.checkpoint.MASKS_NAME)
 
 _PRUNER_KEYS = ("pattern", "scope", "block_size", "damp", "rel_damp", "woodtaylor")  # what make_pruner takes
 _UNSET = object()

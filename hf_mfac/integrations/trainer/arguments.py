@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from ..core._checks import check_int, check_real
-from ..optim.mfac import MFAC_OPTIM, selects_mfac
+from ...core._checks import check_int, check_real
+from ...optim.mfac import MFAC_OPTIM, selects_mfac
 
 __all__ = ["MFACTrainingArguments", "parse_optim_args", "check_supported_setup", "MFAC_OPTIM", "OPTIM_ARG_ALIASES"]
 

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint_files import (
+from .files import (
     COMPACT_WEIGHTS_NAME,
     FORMAT_VERSION,
     SPARSITY_KEY,
@@ -29,8 +29,8 @@ from .checkpoint_files import (
     _open_safetensors,
     _version,
 )
-from .sparsity_record import _save_config_with, read_sparsity_metadata, resolve_masks, sparsity_metadata
-from .staged_save import staged_save
+from .record import _save_config_with, read_sparsity_metadata, resolve_masks, sparsity_metadata
+from .staging import staged_save
 
 __all__ = ["save_compact_pretrained", "load_compact_pretrained"]
 

@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .sparsity_record import _matching_names, is_nm_sparse
+from .record import _matching_names, is_nm_sparse
 
 __all__ = ["export_semi_structured"]
 

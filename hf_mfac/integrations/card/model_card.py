@@ -13,14 +13,14 @@
   card, and upload with ``huggingface_hub.HfApi`` (``create_repo`` + ``upload_folder``).
 
 Nothing secret reaches a card: the command line, the recipe and the hyperparameters are redacted by rule
-(:func:`redact_argv`, :func:`~hf_mfac.integrations.sparse_checkpoint.redact`), not by a list of flags. User
+(:func:`~hf_mfac.integrations.checkpoint.redaction.redact_argv`, :func:`~hf_mfac.integrations.checkpoint.redaction.redact`), not by a list of flags. User
 strings cannot break the card: metadata fields with a line break or control character are refused
 (``ValueError``) and the rest is quoted by the YAML writer; text in the section is escaped for where it
 stands (table cell, code span, code block), so it cannot close a cell or a block or forge hf_mfac's markers.
 The finished card is parsed back before it is written. ``README.md`` and the plot are written through a
-staging folder (:func:`~hf_mfac.integrations.sparse_checkpoint.staged_save`): a failure leaves them as they
-were. The section's rendering and escaping live in :mod:`.card_section`, what is read from a ``Trainer`` in
-:mod:`.trainer_info`, the redaction rules in :mod:`.redaction`.
+staging folder (:func:`~hf_mfac.integrations.checkpoint.staging.staged_save`): a failure leaves them as they
+were. The section's rendering and escaping live in :mod:`.section`, what is read from a ``Trainer`` in
+:mod:`.trainer_info`, the redaction rules in :mod:`..checkpoint.redaction`.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from urllib.parse import quote
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from .card_section import (
+from .section import (
     _check_line,
     _fmt,
     _one_line,
@@ -48,16 +48,16 @@ from .card_section import (
     _update_card,
     _verify,
 )
-from .checkpoint_files import _is_checkpoint_file
-from .redaction import _redacted_command, redact, redact_argv  # noqa: F401 (importable from here)
-from .sparse_checkpoint import log_saved, save_sparse_pretrained
-from .sparsity_record import read_sparsity_metadata, resolve_masks, sparsity_metadata
-from .staged_save import staged_save
-from .trainer_info import _mfac_hparams, _trainer_card_kwargs, _trainer_sparsity  # noqa: F401 (_mfac_hparams)
+from ..checkpoint.files import _is_checkpoint_file
+from ..checkpoint.redaction import redact
+from ..checkpoint.sparse import log_saved, save_sparse_pretrained
+from ..checkpoint.record import read_sparsity_metadata, resolve_masks, sparsity_metadata
+from ..checkpoint.staging import staged_save
+from .trainer_info import _trainer_card_kwargs, _trainer_sparsity
 
 logger = logging.getLogger("hf_mfac")
 
-__all__ = ["create_sparse_model_card", "write_trainer_model_card", "push_sparse_to_hub", "redact_argv", "PLOT_NAME"]
+__all__ = ["create_sparse_model_card", "write_trainer_model_card", "push_sparse_to_hub", "PLOT_NAME"]
 
 PLOT_NAME = "sparsity_per_layer.png"
 # architecture suffix -> (Auto class, pipeline tag)
@@ -252,7 +252,7 @@ def create_sparse_model_card(
 
     Sparsity comes from ``sparsity`` (a ``hf_mfac_sparsity`` record), else ``save_directory/config.json``
     (as written by :func:`~hf_mfac.integrations.save_sparse_pretrained`), else ``model.config``, else
-    ``model``'s ``masks`` or exact zeros (:func:`~hf_mfac.integrations.sparse_checkpoint.resolve_masks`);
+    ``model``'s ``masks`` or exact zeros (:func:`~hf_mfac.integrations.checkpoint.record.resolve_masks`);
     a model with none gets a card saying it is dense. ``method`` and ``recipe`` default to the record's.
 
     Metadata: ``library_name: transformers``; tags ``hf_mfac`` + ``sparse``, ``pruned`` and the method when
@@ -304,7 +304,7 @@ def write_trainer_model_card(trainer, output_dir: str | os.PathLike | None = Non
     (``args.mfac_kwargs()`` when ``args.optim == "mfac"``, else the ``hf_mfac.MFAC`` optimizer's settings);
     training hyperparameters;
     the last ``eval_*`` metrics of ``state.log_history``; the base model from ``config._name_or_path`` when
-    it is not a local folder; the command line, with secrets redacted (:func:`redact_argv`).
+    it is not a local folder; the command line, with secrets redacted (:func:`~hf_mfac.integrations.checkpoint.redaction.redact_argv`).
     When the model is sparse, ``output_dir`` is rewritten with
     :func:`~hf_mfac.integrations.save_sparse_pretrained` (same weights, plus the sparsity record in
     ``config.json`` and the masks file). The checkpoint and the card are written in one staged save: an

@@ -29,8 +29,8 @@ from pathlib import Path
 
 from transformers import Trainer, TrainingArguments
 
-from ..optim import MFAC, selects_mfac
-from .training_args import OPTIM_ARG_ALIASES, check_supported_setup, parse_optim_args
+from ...optim import MFAC, selects_mfac
+from .arguments import OPTIM_ARG_ALIASES, check_supported_setup, parse_optim_args
 
 __all__ = ["MFACTrainer", "mfac_optimizer_cls_and_kwargs", "check_supported_setup", "HubUnreachableError"]
 
@@ -120,7 +120,7 @@ class MFACTrainer(Trainer):
     biases and LayerNorm) and its learning-rate schedule; its state, the gradient window included, is saved
     with every checkpoint and restored by ``train(resume_from_checkpoint=...)``. FSDP and DeepSpeed are
     refused (:func:`check_supported_setup`). ``create_model_card`` writes hf_mfac's card when
-    ``hf_mfac.integrations.model_card`` is available, the stock card otherwise. ``push_to_hub`` without a
+    ``hf_mfac.integrations.card.model_card`` is available, the stock card otherwise. ``push_to_hub`` without a
     reachable Hub (no network, ``HF_HUB_OFFLINE=1``) saves the model locally and raises
     :class:`HubUnreachableError` saying so.
 
@@ -136,7 +136,7 @@ class MFACTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from .log_level import follow_log_level
+        from ..log_level import follow_log_level
 
         follow_log_level(self.args)  # hf_mfac's loggers follow --log_level as transformers' do
         if selects_mfac(self.args):
@@ -154,7 +154,7 @@ class MFACTrainer(Trainer):
     def create_model_card(self, **info) -> None:
         """Write ``README.md`` in ``args.output_dir``: hf_mfac's card (M-FAC/sparsity metadata) if available."""
         try:
-            from .model_card import write_trainer_model_card
+            from ..card.model_card import write_trainer_model_card
         except ImportError:
             return super().create_model_card(**info)
         if self.is_world_process_zero():

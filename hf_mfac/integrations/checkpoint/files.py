@@ -32,7 +32,7 @@ def _version() -> str:
     """hf_mfac's version, also when ``hf_mfac`` itself resolved as a namespace package (a folder named
     ``hf_mfac`` in the working directory shadowing the real one) and its ``__init__`` never ran."""
     try:
-        from .. import __version__
+        from ... import __version__
 
         return __version__
     except ImportError:
