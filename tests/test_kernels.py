@@ -433,11 +433,11 @@ def test_converted_mirrors_hold_at_the_kernel_boundary(monkeypatch):
     ext = Ext()
     G, x = _problem(6, 40, dtype=torch.float32)
     xs = torch.randn(80)[::2].half()  # strided and fp16
-    _dispatch._cuda_window_matvec(ext, G, xs)
-    _dispatch._cuda_window_rmatvec(ext, G, torch.randn(12)[::2].bfloat16())
+    _dispatch.launch_window_matvec(ext, G, xs)
+    _dispatch.launch_window_rmatvec(ext, G, torch.randn(12)[::2].bfloat16())
     D, B = reference.mfac_coefficients((G @ G.T).double(), 1e-2, 6.0)
-    _dispatch._cuda_mfac_apply_coefficients(ext, G, D.float(), B.float(), xs, 1e-2, 6.0)
-    _dispatch._cuda_mfac_b(ext, D.T.contiguous().T, 1e-2, 6.0)
+    _dispatch.launch_mfac_apply_coefficients(ext, G, D.float(), B.float(), xs, 1e-2, 6.0)
+    _dispatch.launch_mfac_b(ext, D.T.contiguous().T, 1e-2, 6.0)
     assert len(seen) == 5
     for v in seen[:4]:
         assert v.dtype == torch.float32 and v.is_contiguous()

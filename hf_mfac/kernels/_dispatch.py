@@ -32,12 +32,11 @@ import torch
 
 from . import _loader, _selfcheck, reference
 from ._glue import (  # noqa: F401 - the calls into the compiled module, shared with the self-check
-    _cuda_mfac_apply_coefficients,
-    _cuda_mfac_b,
-    _cuda_mfac_coefficients,
-    _cuda_window_matvec,
-    _cuda_window_rmatvec,
-    _stream,
+    launch_mfac_apply_coefficients,
+    launch_mfac_b,
+    launch_mfac_coefficients,
+    launch_window_matvec,
+    launch_window_rmatvec,
 )
 from ._loader import KernelFallbackWarning, KernelUnavailableError
 from ._selfcheck import KernelSelfCheckError, KernelSelfCheckWarning  # noqa: F401 - re-exported
@@ -185,7 +184,7 @@ TORCH_CHECK_MIRRORS: dict[str, tuple[str, str]] = {
     # mfac_b (mfac_b; mfac_coefficients on D = mfac_d(GGt), same device, dtype and shape as GGt)
     "D.is_cuda()": ("why_not", "must be a CUDA tensor"),
     "D.dim() == 2 && D.size(0) == D.size(1) && D.size(0) > 0": ("why_not", "must be a non-empty square (m, m) matrix"),
-    "D.is_contiguous()": ("converted", "_cuda_mfac_b passes D.contiguous()"),
+    "D.is_contiguous()": ("converted", "launch_mfac_b passes D.contiguous()"),
     "D.scalar_type() == torch::kFloat32 || D.scalar_type() == torch::kFloat64":
         ("why_not", "must be float32 or float64"),
     "damp > 0 && scale >= 0": ("why_not", "needs damp > 0 and scale >= 0"),
@@ -207,14 +206,14 @@ def _window_checks(G, *_):
 
 
 _OPS = {
-    "window_matvec": _Op(_why_not_window_matvec, _cuda_window_matvec, reference.window_matvec,
+    "window_matvec": _Op(_why_not_window_matvec, launch_window_matvec, reference.window_matvec,
                          lambda G, *_: [("window_matvec", G.dtype)]),
-    "window_rmatvec": _Op(_why_not_window_rmatvec, _cuda_window_rmatvec, reference.window_rmatvec,
+    "window_rmatvec": _Op(_why_not_window_rmatvec, launch_window_rmatvec, reference.window_rmatvec,
                           lambda G, *_: [("window_rmatvec", G.dtype)]),
-    "mfac_b": _Op(_why_not_mfac_b, _cuda_mfac_b, reference.mfac_b, lambda D, *_: [("mfac_b", D.dtype)]),
-    "mfac_coefficients": _Op(_why_not_mfac_coefficients, _cuda_mfac_coefficients, reference.mfac_coefficients,
+    "mfac_b": _Op(_why_not_mfac_b, launch_mfac_b, reference.mfac_b, lambda D, *_: [("mfac_b", D.dtype)]),
+    "mfac_coefficients": _Op(_why_not_mfac_coefficients, launch_mfac_coefficients, reference.mfac_coefficients,
                              lambda GGt, *_: [("mfac_b", GGt.dtype)]),
-    "mfac_apply_coefficients": _Op(_why_not_mfac_apply_coefficients, _cuda_mfac_apply_coefficients,
+    "mfac_apply_coefficients": _Op(_why_not_mfac_apply_coefficients, launch_mfac_apply_coefficients,
                                    reference.mfac_apply_coefficients, _window_checks),
 }
 

@@ -8,30 +8,30 @@ import torch
 from . import reference
 
 
-def _stream(device: torch.device) -> int:
+def current_stream(device: torch.device) -> int:
     """The current CUDA stream of ``device`` as an integer (0 elsewhere: the self-check's fake kernels)."""
     return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
-def _cuda_window_matvec(ext, G, x, acc_dtype=None) -> torch.Tensor:
-    return ext.window_matvec(G, x.to(torch.float32).contiguous(), _stream(G.device))
+def launch_window_matvec(ext, G, x, acc_dtype=None) -> torch.Tensor:
+    return ext.window_matvec(G, x.to(torch.float32).contiguous(), current_stream(G.device))
 
 
-def _cuda_window_rmatvec(ext, G, c, acc_dtype=None) -> torch.Tensor:
-    return ext.window_rmatvec(G, c.to(torch.float32).contiguous(), _stream(G.device))
+def launch_window_rmatvec(ext, G, c, acc_dtype=None) -> torch.Tensor:
+    return ext.window_rmatvec(G, c.to(torch.float32).contiguous(), current_stream(G.device))
 
 
-def _cuda_mfac_b(ext, D, damp, scale) -> torch.Tensor:
-    return ext.mfac_b(D.contiguous(), float(damp), float(scale), _stream(D.device))
+def launch_mfac_b(ext, D, damp, scale) -> torch.Tensor:
+    return ext.mfac_b(D.contiguous(), float(damp), float(scale), current_stream(D.device))
 
 
-def _cuda_mfac_coefficients(ext, GGt, damp, scale) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_mfac_coefficients(ext, GGt, damp, scale) -> tuple[torch.Tensor, torch.Tensor]:
     D = reference.mfac_d(GGt, damp, scale)  # cuSOLVER Cholesky: O(m^3) in one call
-    return D, _cuda_mfac_b(ext, D, damp, scale)
+    return D, launch_mfac_b(ext, D, damp, scale)
 
 
-def _cuda_mfac_apply_coefficients(ext, G, D, B, x, damp, scale) -> torch.Tensor:
-    s = _stream(G.device)
+def launch_mfac_apply_coefficients(ext, G, D, B, x, damp, scale) -> torch.Tensor:
+    s = current_stream(G.device)
     x32 = x.to(torch.float32).contiguous()
     c = reference.mfac_coefficient_vector(D, B, ext.window_matvec(G, x32, s), damp, scale)  # (m,)
     return x32 / damp - ext.window_rmatvec(G, c.contiguous(), s)

@@ -164,12 +164,12 @@ def _compare_window(kernel: str, ext, dtype, device) -> tuple[bool, float, float
     for label, G, x, c in window_problems(dtype, device):
         Gr = G.double()
         if kernel == "window_matvec":
-            got = _glue._cuda_window_matvec(ext, G, x)
+            got = _glue.launch_window_matvec(ext, G, x)
             ref = reference.window_matvec(G, x)
             exact, mag = Gr @ x.double(), Gr.abs() @ x.double().abs()
             n = G.shape[0]
         else:
-            got = _glue._cuda_window_rmatvec(ext, G, c)
+            got = _glue.launch_window_rmatvec(ext, G, c)
             ref = reference.window_rmatvec(G, c)
             exact, mag = Gr.T @ c.double(), Gr.abs().T @ c.double().abs()
             n = G.shape[1]
@@ -186,7 +186,7 @@ def _compare_window(kernel: str, ext, dtype, device) -> tuple[bool, float, float
 def _compare_mfac_b(ext, dtype, device) -> tuple[bool, float, float, str]:
     worst = (True, 0.0, 0.0, "")
     for label, D, damp, scale in mfac_b_problems(dtype, device):
-        got = _glue._cuda_mfac_b(ext, D, damp, scale)
+        got = _glue.launch_mfac_b(ext, D, damp, scale)
         if not isinstance(got, torch.Tensor) or got.shape != D.shape or got.dtype != dtype:
             return False, float("nan"), 0.0, f"{label}: returned {getattr(got, 'dtype', type(got))} " \
                                                f"{tuple(getattr(got, 'shape', ()))}, expected {dtype} {tuple(D.shape)}"
