@@ -171,14 +171,17 @@ class DynamicMFAC:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.normalize_by_seen = bool(normalize_by_seen)
         self.allreduce = allreduce  # sums a vector across coordinate shards in place (None: unsharded)
-        storage = _storage_dtype(grad_dtype, dtype)
-        self._stride = _padded(self.dim)  # row length in memory; columns [dim, _stride) stay zero
-        self._G = torch.zeros(self.num_grads, self._stride, dtype=storage, device=self.device)  # (m, d_pad)
+        self._allocate_window(_storage_dtype(grad_dtype, dtype))
         self.GGt = torch.zeros(self.num_grads, self.num_grads, dtype=torch.float64, device=self.device)  # (m, m)
         self.ptr = 0  # next slot to overwrite
         self.count = 0  # slots in use; they are always G[:count]
         self._chol = None  # Cholesky factor of K for the current window (fp64), None when stale
         self.fallbacks = 0  # factorisations that needed extra damping (warned about once)
+
+    def _allocate_window(self, storage: torch.dtype) -> None:
+        """Allocate the rows of the window (subclasses store them differently)."""
+        self._stride = _padded(self.dim)  # row length in memory; columns [dim, _stride) stay zero
+        self._G = torch.zeros(self.num_grads, self._stride, dtype=storage, device=self.device)  # (m, d_pad)
 
     # -- helpers ---------------------------------------------------------------------------------------
     @property
@@ -428,6 +431,9 @@ class DynamicMFAC:
         kinds[0] = 1.0 if problems else 0.0
         get = state.get if isinstance(state, dict) else (lambda key: None)
         G, GGt = get("G"), get("GGt")
+        if G is None and get("I") is not None:
+            problems.append(f"this is the state of a compressed window (density={get('density')!r}); "
+                            "this window is dense: load it with the same density")
         shapes_ok = self._check_window_tensors(G, GGt, problems)
         kinds[1] = 0.0 if shapes_ok else 1.0
         count, ptr = get("count"), get("ptr")
