@@ -263,7 +263,7 @@ def test_bad_density_is_refused_naming_it(density):
 def test_memory_check_before_allocating(monkeypatch):
     need = compressed_window_bytes(10**6, 1024, 0.01)
     k = 30 * 328 + math.ceil(0.01 * (10**6 - 30 * 32768))
-    assert need == 1024 * k * 6 + 8 * 1024**2 + 4 * 10**6 + 8 * k
+    assert need == 1024 * k * 6 + 8 * 1024**2 + 4 * 10**6 + 4 * k
     monkeypatch.setattr(sparse_window, "free_bytes", lambda device: need - 1)
     with pytest.raises(MemoryError, match=f"needs {need / 2**30:.2f} GiB"):
         CompressedMFAC(10**6, 1024, 1e-2, 0.01)

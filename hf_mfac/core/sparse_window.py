@@ -79,7 +79,8 @@ def compressed_window_bytes(
     item = torch.empty((), dtype=grad_dtype).element_size()
     index = torch.empty((), dtype=index_dtype(dim, block_size)).element_size()
     compute = torch.empty((), dtype=dtype).element_size()
-    return num_grads * k * (item + index) + 8 * num_grads * num_grads + dim * compute + 8 * k
+    base = 4 if dim < 2**31 else 8  # the block offset of each column
+    return num_grads * k * (item + index) + 8 * num_grads * num_grads + dim * compute + base * k
 
 
 class CompressedMFAC(DynamicMFAC):
@@ -168,7 +169,8 @@ class CompressedMFAC(DynamicMFAC):
             torch.arange(blocks, device=dev).repeat_interleave(k_block) * block
         )  # (blocks * k_block,)
         tail = torch.full((k_rest,), blocks * block, dtype=torch.int64, device=dev)
-        self._col_base = torch.cat([base, tail])  # (k,) first coordinate of each column's block
+        wide = torch.int32 if self.dim < 2**31 else torch.int64
+        self._col_base = torch.cat([base, tail]).to(wide)  # (k,) first coordinate of its block
 
     # -- the window's products ---------------------------------------------------------------------
     @property
@@ -194,12 +196,14 @@ class CompressedMFAC(DynamicMFAC):
         return False  # the products are gathers in PyTorch; G G^T carries only their fp32 rounding
 
     def _chunks(self, n: int):
-        """Row ranges of the stored window with about 2^22 entries each, with their global
-        indices."""
+        """Row ranges of the stored window with about 2^22 entries each, with their global indices
+        (int32 below 2^31 coordinates: ``index_select``/``index_add_`` take them, at half the traffic
+        of int64)."""
         step = max(1, _CHUNK_ENTRIES // max(1, self.k))
         for r in range(0, n, step):
             s = min(n, r + step)
-            yield r, s, self._I[r:s].long().add_(self._col_base)  # (s - r, k) int64
+            idx = self._I[r:s].to(self._col_base.dtype, copy=True)  # never a view of the window
+            yield r, s, idx.add_(self._col_base)  # (s - r, k)
 
     def _matvec(self, n: int, x: torch.Tensor) -> torch.Tensor:
         """``G[:n] x`` (n,) for dense x (d,): ``p_i = sum_j V[i, j] x[I[i, j]]``. O(nk)."""
@@ -207,7 +211,7 @@ class CompressedMFAC(DynamicMFAC):
         p = torch.empty(n, dtype=self.dtype, device=self.device)
         for r, s, idx in self._chunks(n):
             vals = self._V[r:s].to(self.dtype)  # (s - r, k)
-            p[r:s] = x.take(idx).mul_(vals).sum(1)
+            p[r:s] = x.index_select(0, idx.reshape(-1)).view_as(vals).mul_(vals).sum(1)
         return p
 
     def _rmatvec(self, n: int, c: torch.Tensor) -> torch.Tensor:
