@@ -545,4 +545,148 @@ for n, after in ((1, False), (2, True), (3, False), (4, True)):  # withdraw plot
                            card_commit_fails(n, after), raises=KeyboardInterrupt, match="interrupted",
                            check=no_leftovers))
 
-CASES = SAVE_ROWS + LOAD_ROWS + CARD_ROWS
+
+# -- hf-mfac prune's result folders ----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def fails_on_write(n, exc, after=False):
+    """Python's ``open`` (``builtins.open`` and ``io.open``, which ``pathlib`` uses) raising ``exc(args)`` on its
+    ``n``-th call that opens a file for writing (after opening it when ``after``: an empty file is left)."""
+    import builtins
+    import io
+
+    real, calls = builtins.open, [0]
+
+    def wrapper(file, mode="r", *args, **kwargs):
+        writes = isinstance(mode, str) and any(c in mode for c in "wax+")
+        calls[0] += writes
+        if writes and calls[0] == n and not after:
+            raise exc((file,))
+        f = real(file, mode, *args, **kwargs)
+        if writes and calls[0] == n:
+            f.close()
+            raise exc((file,))
+        return f
+
+    with mock.patch.object(builtins, "open", wrapper), mock.patch.object(io, "open", wrapper):
+        yield calls
+
+
+def tokenizer(folder):
+    from transformers import BertTokenizer
+
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie"]))
+    return BertTokenizer(str(folder / "vocab.txt"))
+
+
+def prune_result(ctx, seed=0):
+    from hf_mfac.integrations.cli import save_prune_result
+
+    model, masks = (ctx["model"], ctx["masks"]) if seed == 0 else model_and_masks(seed=seed, sparsity=0.3)
+    save_prune_result(str(ctx["dir"]), model, masks, {"target": 0.5, "seed": seed}, tokenizer=ctx["tok"],
+                      method="magnitude", pattern=None, recipe={"sparsity": 0.5}, command="hf-mfac prune m",
+                      eval_results={"accuracy": 0.5})
+
+
+def result_folder(previous: bool, probe=None):
+    """A pruned model, a tokenizer and ``tmp/out``: absent, or (``previous``) holding an earlier result of
+    :func:`save_prune_result` with a README edited by hand; with ``probe`` (a context manager factory taking the
+    call number), the calls a save over a copy makes are counted (``ctx["calls"]``)."""
+    def build(tmp):
+        model, masks = model_and_masks()
+        ctx = {"model": model, "masks": masks, "tok": tokenizer(tmp), "dir": tmp / "out"}
+        if previous:
+            prune_result(ctx, seed=1)
+            readme = ctx["dir"] / "README.md"
+            readme.write_text(readme.read_text() + "\nMy own notes.\n")
+        if probe is not None:
+            copy = tmp / "probe" / "out"
+            if previous:
+                shutil.copytree(ctx["dir"], copy)
+            with probe(0) as calls:
+                prune_result({**ctx, "dir": copy})
+            ctx["calls"] = calls[0]
+        return ctx
+    return build
+
+
+def result_interrupted(ctx_manager, n, after=False):
+    def act(ctx):
+        with ctx_manager(nth({"renames": ctx.get("calls", 0)}, n), interrupt, after):
+            prune_result(ctx)
+    return act
+
+
+def nothing_or_previous(ctx, _result):
+    """No staging folder left, and a folder that did not exist still does not."""
+    no_leftovers(ctx, _result)
+    assert ctx["dir"].exists() == ctx["previous"], sorted(p.name for p in ctx["dir"].parent.iterdir())
+
+
+def with_previous(build, previous):
+    return lambda tmp: {**build(tmp), "previous": previous}
+
+
+def os_call(name):
+    return lambda n, exc, after=False: fails_on(os, name, n, exc, after)
+
+
+def tokenizer_save(n, exc, after=False):
+    from transformers import PreTrainedTokenizerBase
+
+    return fails_on(PreTrainedTokenizerBase, "save_pretrained", n, exc, after)
+
+
+CLI_ROWS = []
+for previous in (False, True):
+    where = "over-a-result" if previous else "new-folder"
+    # every write: the config, tokenizer_config.json, the report, (the README copied in,) the plot, the README
+    probes = [("write", fails_on_write, n, after) for n in (1, 2, 3, 4, "last") for after in (False, True)]
+    probes += [("weights", lambda n, e, a=False: fails_on(modeling_utils(), "safe_save_file", n, e, a), 1, False),
+               ("masks", lambda n, e, a=False: fails_on(st_module(), "save_file", n, e, a), 1, True),
+               ("tokenizer", tokenizer_save, 1, False), ("tokenizer", tokenizer_save, 1, True)]
+    renames = [("replace", os_call("replace"), n, a) for n in (1, "mid", "last") for a in (False, True)]
+    probes += renames if previous else [("rename", os_call("rename"), 1, a) for a in (False, True)]
+    for what, manager, n, after in probes:
+        counted = n in ("mid", "last")
+        build = result_folder(previous, probe=(lambda k, m=manager: m(k, interrupt)) if counted else None)
+        CLI_ROWS.append(Fault(f"cli-result:{where}:interrupted-at-{what}-{n}{'-after' if after else ''}",
+                              with_previous(build, previous), result_interrupted(manager, n, after),
+                              raises=KeyboardInterrupt, match="interrupted", check=nothing_or_previous,
+                              watch=("model", "masks", "dir")))
+
+
+def cli_run(tmp):
+    """A saved tiny model, a CSV of its words and ``tmp/out`` (absent) for ``hf-mfac prune``."""
+    from conftest import save_tiny_text_model
+
+    model_dir, words = save_tiny_text_model(tmp)
+    rows = "".join(f"the {w} movie,{i % 2}\n" for i, w in enumerate(words * 2))
+    (tmp / "data.csv").write_text("text,label\n" + rows)
+    return {"model_dir": model_dir, "data": tmp / "data.csv", "dir": tmp / "out", "previous": False}
+
+
+def cli_interrupted(manager, n=1, after=False):
+    def act(ctx):
+        from hf_mfac.integrations import cli
+
+        with manager(n, interrupt, after):
+            cli.main(["prune", str(ctx["model_dir"]), "--data", str(ctx["data"]), "--method", "magnitude",
+                      "--sparsity", "0.5", "--output_dir", str(ctx["dir"]), "--no_progress"])
+    return act
+
+
+def card_save(n, exc, after=False):
+    from huggingface_hub import ModelCard
+
+    return fails_on(ModelCard, "save", n, exc, after)
+
+
+CLI_ROWS += [
+    Fault("cli:interrupted-at-tokenizer-save", cli_run, cli_interrupted(tokenizer_save), raises=KeyboardInterrupt,
+          match="interrupted", check=nothing_or_previous),
+    Fault("cli:interrupted-at-card-save", cli_run, cli_interrupted(card_save), raises=KeyboardInterrupt,
+          match="interrupted", check=nothing_or_previous),
+]
+
+CASES = SAVE_ROWS + LOAD_ROWS + CARD_ROWS + CLI_ROWS

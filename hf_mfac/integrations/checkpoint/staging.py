@@ -64,8 +64,9 @@ def staged_save(save_directory: str | os.PathLike, stale=None):
     save without weights that every loader refuses; never new weights with old metadata or masks. (POSIX has
     no atomic rename of several files: a reader that opens ``config.json`` before the move and the weights
     after it can still pair them.) Entries that neither the new save writes nor ``stale`` names are never
-    touched. Any exception during the moves, ``KeyboardInterrupt`` included, moves everything back; a
-    process killed while moving leaves the old files in ``.hf_mfac-staging-*/.hf_mfac-previous``.
+    touched. Any exception during the moves, ``KeyboardInterrupt`` included (also one that lands just after
+    the last move), moves everything back; a process killed while moving leaves the old files in
+    ``.hf_mfac-staging-*/.hf_mfac-previous``.
     """
     target = os.path.realpath(os.fspath(save_directory))
     if os.path.exists(target) and not os.path.isdir(target):
@@ -87,7 +88,6 @@ def staged_save(save_directory: str | os.PathLike, stale=None):
         _fsync_tree(stage)
         if fresh:
             os.rename(stage, target)
-            stage = None
             _fsync(os.path.dirname(target), directory=True)
         else:
             _commit(stage, target, stale)
@@ -95,6 +95,9 @@ def staged_save(save_directory: str | os.PathLike, stale=None):
         keep_stage = True
         raise
     except BaseException as e:
+        # An interrupt that lands just after the folder was renamed into place: take it back.
+        if fresh and stage is not None and not os.path.lexists(stage) and os.path.isdir(target):
+            os.rename(target, stage)
         _note(e, f"hf_mfac: nothing was changed in {target}")
         raise
     finally:
