@@ -19,6 +19,7 @@ import torch
 
 from ._checks import check_positive_int, page_bytes
 from .masks import lowest_k_mask
+from .fisher import block_shape, read_blocks
 from .obs import block_obs_update
 
 __all__ = ["cap_eliminate", "cap_select", "cap_apply", "cap_prune"]
@@ -51,7 +52,8 @@ def cap_eliminate(w: torch.Tensor, hinv: torch.Tensor, *, valid: torch.Tensor | 
                   forced: torch.Tensor | None = None, nm: tuple[int, int] | None = None):
     """Greedy per-block elimination, vectorised over blocks.
 
-    w (nb, B) weights; hinv (nb, B, B) block inverses (not modified); valid (nb, B) bool, False for
+    w (nb, B) weights; hinv (nb, B, B) block inverses (not modified; a tensor or a
+    :class:`~hf_mfac.core.BlockFisherInverse`, unpacked a page at a time); valid (nb, B) bool, False for
     padding (never eliminated); forced (nb, B) bool, weights already pruned (eliminated first, at zero
     loss, so the inverses are downdated for them); nm=(N, M): never eliminate a weight whose group of M
     already has M - N zeros. Returns (order (nb, B) long, losses (nb, B) fp64): ``order[:, t]`` is the
@@ -62,9 +64,9 @@ def cap_eliminate(w: torch.Tensor, hinv: torch.Tensor, *, valid: torch.Tensor | 
         raise ValueError(f"w must be (blocks, block size); got shape {tuple(w.shape)}")
     nb, B = w.shape
     check_positive_int("block size", B)
-    if tuple(hinv.shape) != (nb, B, B):
+    if block_shape(hinv) != (nb, B, B):
         raise ValueError(f"hinv must hold one ({B}, {B}) inverse per block of w, shape ({nb}, {B}, {B}); "
-                         f"got {tuple(hinv.shape)}")
+                         f"got {block_shape(hinv)}")
     for name, mask in (("valid", valid), ("forced", forced)):
         if mask is not None and tuple(mask.shape) != (nb, B):
             raise ValueError(f"{name} must have w's shape {(nb, B)}; got {tuple(mask.shape)}")
@@ -76,7 +78,7 @@ def cap_eliminate(w: torch.Tensor, hinv: torch.Tensor, *, valid: torch.Tensor | 
     for s in range(0, nb, page):
         e = min(nb, s + page)
         page_order, page_losses = _eliminate_page(
-            work, w[s:e], hinv[s:e],
+            work, w[s:e], read_blocks(hinv, s, e, work.H[: e - s]),
             None if valid is None else valid[s:e], None if forced is None else forced[s:e], nm)
         order[s:e], losses[s:e] = page_order.t(), page_losses.t()
     return order, losses
@@ -114,8 +116,7 @@ def _eliminate_page(work, w, hinv, valid, forced, nm):
     dev = w.device
     W = work.W[:nb]
     W.copy_(w)
-    H = work.H[:nb]
-    H.copy_(hinv)
+    H = hinv  # the page's inverses, unpacked into the working buffer work.H by the caller (overwritten here)
     Hf = H.view(nb * B, B)  # row b * B + i: row i (= column i) of block b
     diag = H.diagonal(dim1=-2, dim2=-1).clone()  # (nb, B) diag(H_t)
     Wf = W.view(-1)

@@ -21,10 +21,13 @@ block packed in fp64, ``B (B + 1) / 2`` values (about the bytes of the fp32 bloc
 rectangular full packed storage, so that packing and unpacking are strided copies rather than gathers: for
 ``B = 2h`` the upper triangle of the top-left (h, h) quarter and the lower triangle of the bottom-right one share
 an (h + 1, h) rectangle and the bottom-left quarter follows (an odd block is padded by one zero row and column).
-The inverse is written in place over the accumulator, page by page: the memory of the fp32 inverse plus
-``4 d`` bytes, never a second copy. With an fp64 inverse the full fp64 blocks are accumulated and inverted in
-place (d*B values). The gradient chunk is reordered to (block, gradient, coordinate) and converted to fp64 in
-pages of blocks: cache-sized on a CPU, larger on an accelerator, where each page costs kernel launches.
+The inverse is kept packed as well, in fp32 (``B (B + 1) / 2`` values a block, half of a whole fp32 block), and
+written page by page over the first half of the accumulator's bytes (see :class:`BlockFisherInverse`): the build
+peaks at the fp64 accumulator, never accumulator plus inverse, and the other half is freed once the inverse is
+formed. Whatever needs whole blocks (``mul``, the OBS update, CAP) unpacks a page at a time (:func:`read_blocks`).
+With an fp64 inverse the full fp64 blocks are accumulated and inverted in place (d*B values).
+The gradient chunk is reordered to (block, gradient, coordinate) and converted to fp64 in pages of blocks:
+cache-sized on a CPU, larger on an accelerator, where each page costs kernel launches.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import torch
 
 from ._checks import check_damp, check_finite, check_float_tensor, check_positive_int, damped_cholesky, page_bytes
 
-__all__ = ["BlockFisherInverse", "relative_damp", "check_damping"]
+__all__ = ["BlockFisherInverse", "relative_damp", "check_damping", "read_blocks", "block_shape"]
 
 # fp64 bytes of one page of blocks in add_grads and the inversion (the temporaries are a few times this), per
 # device type: small enough to stay in cache on a CPU; other devices (accelerators, where each page costs a few
@@ -87,15 +90,38 @@ def relative_damp(diag_sums: torch.Tensor, counts: torch.Tensor, rel_damp: float
     return lam if groups is None else lam[groups]
 
 
+def block_shape(hinv) -> tuple[int, int, int]:
+    """``(n_blocks, B, B)`` of block inverses given as a tensor (n, B, B) or a :class:`BlockFisherInverse`."""
+    if isinstance(hinv, torch.Tensor):
+        return tuple(hinv.shape)
+    return hinv.num_blocks, hinv.block_size, hinv.block_size
+
+
+def read_blocks(hinv, s: int, e: int, out: torch.Tensor) -> torch.Tensor:
+    """Blocks [s, e) of ``hinv`` (a tensor (n, B, B), or a :class:`BlockFisherInverse` whose packed blocks are
+    unpacked) copied into ``out`` (e - s, B, B), converted to its dtype; returns ``out``."""
+    if isinstance(hinv, torch.Tensor):
+        return out.copy_(hinv[s:e])
+    return hinv.unpack(s, e, out=out)
+
+
 class BlockFisherInverse:
     """Block-diagonal ``F^{-1}`` built from streamed gradients.
 
-    ``add_grads(G)`` takes a chunk (k, d) or a single gradient (d,); ``diag()`` (d,), ``mul(x)`` (d,) and
-    ``blocks()`` (n_blocks, B, B) give the inverse (formed on first use, O(d B^2)). Cost of
-    ``add_grads``: O(k d B) as batched GEMMs. ``m`` in the formula is the number of gradients added.
+    ``add_grads(G)`` takes a chunk (k, d) or a single gradient (d,); ``diag()`` (d,), ``mul(x)`` (d,),
+    ``submatrix(idx)`` and ``unpack(s, e)`` (e - s, B, B) give the inverse (formed on first use, O(d B^2)).
+    Cost of ``add_grads``: O(k d B) as batched GEMMs. ``m`` in the formula is the number of gradients added.
     Damping: give ``damp`` (absolute λ) or ``rel_damp`` (a fraction of the mean Fisher diagonal of each group of
     blocks, ``damp_groups`` (n_blocks,) int, e.g. the target tensor of each block; default: each block alone;
     :func:`relative_damp`); ``block_damp`` (n_blocks,) holds the λ_b used once the inverse is formed.
+
+    Storage (fp32, the default): each inverse block is kept as its packed triangle, ``Bp (Bp + 1) / 2`` values
+    (``Bp`` = B rounded up to even), about half of the (B, B) block; everything that needs whole blocks unpacks a
+    page of them at a time (:meth:`unpack`). The accumulator is two fp64 slabs of blocks (the first half of the
+    blocks and the rest); the packed fp32 inverse of every block is written, page by page, over the first slab
+    (whose bytes are exactly the packed fp32 inverse of all blocks), and the second slab is freed once read:
+    the build peaks at the fp64 accumulator, what follows holds the packed fp32 inverse alone. ``dtype=float64``
+    keeps whole fp64 blocks (d B values) instead.
     """
 
     def __init__(self, dim: int, block_size: int, damp: float | None = None, *, rel_damp: float | None = None,
@@ -118,13 +144,32 @@ class BlockFisherInverse:
         self._bp = B + B % 2 if self._packed else B
         h = self._bp // 2
         self._rect = (h + 1) * h  # packed row: [rect (h+1, h) | S21 (h, h)], see _pack_add
+        self.packed_size = self._bp * (self._bp + 1) // 2
         self._rect_upper = torch.ones(h + 1, h, dtype=torch.bool, device=self.device).triu()
         r = torch.arange(self._bp, device=self.device)
         # where the diagonal sits in a packed row: S11[r, r] at rect[r, r], S22[r, r] at rect[r + 1, r]
         self._diag_pos = torch.where(r < h, r * h + r, (r - h + 1) * h + (r - h))[:B]
-        self._acc: torch.Tensor | None = None  # fp64 sum of G_b^T G_b: (nb, Bp(Bp+1)/2) packed or (nb, B, B)
-        self._mat: torch.Tensor | None = None  # the inverse blocks (nb, B, B) in dtype, once formed
+        self._pos: torch.Tensor | None = None  # (B, B) packed position of each entry, built on first use
+        # the fp64 sums of G_b^T G_b: packed, two slabs of blocks [0, split) and [split, nb); or (nb, B, B)
+        self._split = -(-self.num_blocks // 2) if self._packed else self.num_blocks
+        self._slabs: list[torch.Tensor] | None = None
+        self._mat: torch.Tensor | None = None  # the inverse: packed (nb, P) fp32, or (nb, B, B) fp64
         self.reset()
+
+    # -- storage ------------------------------------------------------------------------------------------
+    def _acc(self, s: int, e: int) -> torch.Tensor:
+        """The accumulated rows of blocks [s, e), inside one slab (a view)."""
+        if s >= self._split:
+            return self._slabs[1][s - self._split : e - self._split]
+        if e > self._split:
+            raise IndexError("a page of blocks crosses the accumulator's slabs")
+        return self._slabs[0][s:e]
+
+    def _pages(self, n: int):
+        """(s, e) pages of at most ``n`` blocks that never cross the accumulator's slabs."""
+        for lo, hi in ((0, self._split), (self._split, self.num_blocks)):
+            for s in range(lo, hi, n):
+                yield s, min(hi, s + n)
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
         if self.padded_dim == self.dim:
@@ -159,8 +204,7 @@ class BlockFisherInverse:
             buf[:, :, B:] = 0  # the padding column of an odd block carries no gradient
         prod = torch.empty(n, Bp, Bp, dtype=torch.float64, device=self.device) if self._packed else None
         full = self.dim // B  # blocks that hold B coordinates (the last one may hold fewer)
-        for s in range(0, nb, n):
-            e = min(nb, s + n)
+        for s, e in self._pages(n):
             Gb, f = buf[: e - s], min(e, full)
             if f > s:  # reorder to (block, gradient, coordinate) and convert in one pass
                 Gb[: f - s, :, :B].copy_(G[:, s * B : f * B].view(k, f - s, B).transpose(0, 1))
@@ -168,9 +212,9 @@ class BlockFisherInverse:
                 Gb[-1].zero_()
                 Gb[-1, :, : self.dim - f * B].copy_(G[:, f * B :])
             if self._packed:
-                self._pack_add(self._acc[s:e], torch.bmm(Gb.mT, Gb, out=prod[: e - s]))
+                self._pack_add(self._acc(s, e), torch.bmm(Gb.mT, Gb, out=prod[: e - s]))
             else:
-                self._acc[s:e].baddbmm_(Gb.mT, Gb)  # (n, B, B) += G_b^T G_b
+                self._acc(s, e).baddbmm_(Gb.mT, Gb)  # (n, B, B) += G_b^T G_b
 
     def _pack_add(self, acc: torch.Tensor, P: torch.Tensor) -> None:
         """``acc += pack(P)`` for symmetric P (n, Bp, Bp), Bp = 2h, in the layout of rectangular full packed
@@ -181,28 +225,47 @@ class BlockFisherInverse:
         acc[:, : self._rect].view(n, h + 1, h).add_(rect)
         acc[:, self._rect :].view(n, h, h).add_(P[:, h:, :h])
 
+    def _pack_into(self, dst: torch.Tensor, P: torch.Tensor) -> None:
+        """``dst = pack(P)`` (n, packed_size), any dtype, for symmetric P (n, Bp, Bp)."""
+        h, n = self._bp // 2, P.shape[0]
+        dst[:, : self._rect].view(n, h + 1, h).copy_(
+            torch.where(self._rect_upper, P[:, : h + 1, :h], P[:, h - 1 :, h:]))
+        dst[:, self._rect :].view(n, h, h).copy_(P[:, h:, :h])
+
+    def _unpack_rows(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Whole symmetric blocks (n, B, B) from packed rows (n, packed_size), in ``out``'s dtype (default:
+        the rows' dtype). Strided copies, no gather."""
+        h, n, B = self._bp // 2, rows.shape[0], self.block_size
+        dtype = rows.dtype if out is None else out.dtype
+        rows = rows.to(dtype)
+        direct = out is not None and self._bp == B
+        full = out if direct else torch.empty(n, self._bp, self._bp, dtype=dtype, device=rows.device)
+        rect = rows[:, : self._rect].view(n, h + 1, h)
+        low = rows[:, self._rect :].view(n, h, h)
+        top, bottom = rect[:, :h], rect[:, 1:]  # S11's upper triangle, S22's lower triangle
+        upper = self._rect_upper[:h]
+        torch.where(upper, top, top.mT, out=full[:, :h, :h])
+        torch.where(upper, bottom.mT, bottom, out=full[:, h:, h:])
+        full[:, h:, :h] = low
+        full[:, :h, h:] = low.mT
+        if direct or self._bp == B:
+            return full
+        if out is None:
+            return full[:, :B, :B]
+        return out.copy_(full[:, :B, :B])
+
     def _full(self, s: int, e: int) -> torch.Tensor:
         """The accumulated sums of blocks [s, e) as full symmetric fp64 matrices (a new tensor)."""
         if not self._packed:
-            return self._acc[s:e].clone()
-        h, n, B = self._bp // 2, e - s, self.block_size
-        rect = self._acc[s:e, : self._rect].view(n, h + 1, h)
-        low = self._acc[s:e, self._rect :].view(n, h, h)
-        out = torch.empty(n, self._bp, self._bp, dtype=torch.float64, device=self.device)
-        top, bottom = rect[:, :h], rect[:, 1:]  # S11's upper triangle, S22's lower triangle
-        upper = self._rect_upper[:h]
-        torch.where(upper, top, top.mT, out=out[:, :h, :h])
-        torch.where(upper, bottom.mT, bottom, out=out[:, h:, h:])
-        out[:, h:, :h] = low
-        out[:, :h, h:] = low.mT
-        return out if self._bp == B else out[:, :B, :B]
+            return self._acc(s, e).clone()
+        return self._unpack_rows(self._acc(s, e))
 
     def _pack(self, full: torch.Tensor) -> torch.Tensor:
         """The packed rows (n, Bp(Bp+1)/2) fp64 of symmetric blocks (n, B, B)."""
         n, B, Bp = full.shape[0], self.block_size, self._bp
         P = torch.zeros(n, Bp, Bp, dtype=torch.float64, device=self.device)
         P[:, :B, :B] = full
-        acc = torch.zeros(n, self._acc.shape[1], dtype=torch.float64, device=self.device)
+        acc = torch.zeros(n, self.packed_size, dtype=torch.float64, device=self.device)
         self._pack_add(acc, P)
         return acc
 
@@ -213,14 +276,13 @@ class BlockFisherInverse:
             raise RuntimeError("no gradients were added; call add_grads() first")
         B, nb = self.block_size, self.num_blocks
         lam = self._block_damp()  # (nb,)
-        if self._packed:  # the fp32 inverse of block b lands on bytes of packed blocks <= b, read before
-            out = self._acc.view(-1).view(torch.float32)[: nb * B * B].view(nb, B, B)
+        if self._packed:  # the packed fp32 inverse of block b lands on bytes of the first slab's blocks <= b/2
+            out = self._slabs[0].view(-1).view(torch.float32)[: nb * self.packed_size].view(nb, -1)
         else:
-            out = self._acc
+            out = self._slabs[0]
         batch = self._page(8 * B * B)
         eye = torch.eye(B, dtype=torch.float64, device=self.device)
-        for s in range(0, nb, batch):
-            e = min(nb, s + batch)
+        for s, e in self._pages(batch):
             shift = lam[s:e]
             F = self._full(s, e).div_(self.num_grads)
             F.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
@@ -229,8 +291,14 @@ class BlockFisherInverse:
             # ran 1.5x faster than cholesky_inverse (LAPACK potri per matrix) at B = 32, as accurate (the same
             # two steps), and exactly symmetric as well
             Li = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
-            out[s:e] = torch.bmm(Li.mT, Li, out=F)
-        self._mat, self._acc = out, None
+            inv = torch.bmm(Li.mT, Li, out=F)
+            if self._packed:
+                if self._bp > B:
+                    inv = torch.nn.functional.pad(inv, (0, 1, 0, 1))  # the padding row and column: zero
+                self._pack_into(out[s:e], inv)
+            else:
+                out[s:e] = inv
+        self._mat, self._slabs = out, None  # the second slab is freed here
         self.block_damp = lam
         self._inverted = True
 
@@ -239,35 +307,75 @@ class BlockFisherInverse:
         if self.rel_damp is None:
             return torch.full((self.num_blocks,), self.damp, dtype=torch.float64, device=self.device)
         if self._packed:
-            diag = self._acc[:, self._diag_pos] / self.num_grads  # (nb, B)
+            diag = torch.cat([t[:, self._diag_pos] for t in self._slabs]) / self.num_grads  # (nb, B)
         else:
-            diag = self._acc.diagonal(dim1=-2, dim2=-1) / self.num_grads
+            diag = self._slabs[0].diagonal(dim1=-2, dim2=-1) / self.num_grads
         groups = None if self.damp_groups is None else self.damp_groups.to(self.device)
         return relative_damp(diag.sum(1), (diag > 0).sum(1), self.rel_damp, groups, self.damp_reduce)
 
-    def blocks(self) -> torch.Tensor:
-        """The inverse blocks (n_blocks, B, B); rows/columns past ``dim`` in the last block are padding."""
+    # -- the inverse ----------------------------------------------------------------------------------------
+    def invert(self) -> "BlockFisherInverse":
+        """Form the inverse now (it is formed on first use otherwise); returns this object."""
         self._invert()
-        return self._mat
+        return self
+
+    def unpack(self, s: int = 0, e: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Whole inverse blocks [s, e) as (e - s, B, B), in ``out`` (any float dtype) or a new tensor in
+        ``dtype``. Rows/columns past ``dim`` in the last block are padding. O((e - s) B^2)."""
+        self._invert()
+        e = self.num_blocks if e is None else e
+        if not self._packed:
+            return self._mat[s:e].clone() if out is None else out.copy_(self._mat[s:e])
+        return self._unpack_rows(self._mat[s:e], out)
+
+    def blocks(self) -> torch.Tensor:
+        """All inverse blocks (n_blocks, B, B), a new tensor in ``dtype`` (about twice the packed storage: prefer
+        :meth:`unpack` by pages at scale; the fp64 storage itself with ``dtype=float64``)."""
+        self._invert()
+        return self._mat if not self._packed else self.unpack()
 
     def diag(self) -> torch.Tensor:
         """``diag(F^{-1})`` (d,)."""
-        return self.blocks().diagonal(dim1=-2, dim2=-1).reshape(-1)[: self.dim]
+        self._invert()
+        if self._packed:
+            return self._mat[:, self._diag_pos].reshape(-1)[: self.dim]
+        return self._mat.diagonal(dim1=-2, dim2=-1).reshape(-1)[: self.dim]
 
     def mul(self, x: torch.Tensor) -> torch.Tensor:
-        """``F^{-1} x`` for x (d,): one batched matrix-vector product, O(d B)."""
+        """``F^{-1} x`` for x (d,): batched matrix-vector products over pages of unpacked blocks, O(d B)."""
         check_float_tensor("x", x)
         if x.numel() != self.dim:
             raise ValueError(f"x has {x.numel()} elements; expected dim={self.dim}")
+        self._invert()
+        B = self.block_size
         xb = self._padded(x.reshape(-1).to(device=self.device, dtype=self.dtype))
-        xb = xb.view(self.num_blocks, self.block_size, 1)
-        return (self.blocks() @ xb).reshape(-1)[: self.dim]
+        xb = xb.view(self.num_blocks, B, 1)
+        if not self._packed:
+            return (self._mat @ xb).reshape(-1)[: self.dim]
+        y = torch.empty_like(xb)
+        n = min(self.num_blocks, self._page(4 * B * B))
+        buf = torch.empty(n, B, B, dtype=self.dtype, device=self.device)
+        for s in range(0, self.num_blocks, n):
+            e = min(self.num_blocks, s + n)
+            torch.bmm(self._unpack_rows(self._mat[s:e], buf[: e - s]), xb[s:e], out=y[s:e])
+        return y.reshape(-1)[: self.dim]
+
+    def _positions(self) -> torch.Tensor:
+        """(B, B) long: where entry (r, c) of a block sits in its packed row."""
+        if self._pos is None:
+            codes = torch.arange(self.packed_size, dtype=torch.float64, device=self.device)[None]
+            self._pos = self._unpack_rows(codes)[0].round().long()
+        return self._pos
 
     def submatrix(self, idx: torch.Tensor) -> torch.Tensor:
         """``[F^{-1}]_QQ`` for index sets ``idx`` (n, g) -> (n, g, g); zero between different blocks."""
+        self._invert()
         idx = torch.as_tensor(idx, device=self.device)
         blk, loc = torch.div(idx, self.block_size, rounding_mode="floor"), idx % self.block_size
-        vals = self.blocks()[blk[:, :, None], loc[:, :, None], loc[:, None, :]]  # (n, g, g), row's block
+        if self._packed:  # (n, g, g), the row's block
+            vals = self._mat[blk[:, :, None], self._positions()[loc[:, :, None], loc[:, None, :]]]
+        else:
+            vals = self._mat[blk[:, :, None], loc[:, :, None], loc[:, None, :]]
         return torch.where(blk[:, :, None] == blk[:, None, :], vals, torch.zeros_like(vals))
 
     def finish(self) -> "BlockFisherInverse":
@@ -275,32 +383,52 @@ class BlockFisherInverse:
         pruners (``add_grads`` then ``finish``) share this protocol."""
         return self
 
+    def storage_bytes(self) -> int:
+        """Bytes this object holds now: the fp64 accumulator while building, the inverse once formed."""
+        held = [self._mat] if self._inverted else (self._slabs or [])
+        return sum(t.untyped_storage().nbytes() for t in held if t is not None)
+
     def reset(self) -> None:
         B, nb = self.block_size, self.num_blocks
-        shape = (nb, self._bp * (self._bp + 1) // 2) if self._packed else (nb, B, B)
-        self._acc, self._mat = None, None  # free the old blocks before the new accumulator is allocated
-        self._acc = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        self._slabs, self._mat = None, None  # free the old blocks before the new accumulator is allocated
+        if self._packed:
+            sizes = (self._split, nb - self._split)
+            self._slabs = [torch.zeros(n, self.packed_size, dtype=torch.float64, device=self.device)
+                           for n in sizes]
+        else:
+            self._slabs = [torch.zeros(nb, B, B, dtype=torch.float64, device=self.device)]
         self.num_grads = 0
         self._inverted = False
         self.block_damp = None
 
     def state_dict(self) -> dict:
-        """``mat``: the inverse blocks (dtype) once formed, else the accumulated ``sum G_b^T G_b`` (fp64, full)."""
-        mat = self._mat if self._inverted else self._full(0, self.num_blocks)
+        """``mat``: the inverse blocks (dtype, whole) once formed, else the accumulated ``sum G_b^T G_b``
+        (fp64, whole blocks)."""
+        if self._inverted:
+            mat = self.unpack()
+        else:
+            mat = torch.cat([self._full(s, e) for s, e in self._pages(self.num_blocks)])
         return {"mat": mat, "num_grads": self.num_grads, "inverted": self._inverted, "block_damp": self.block_damp}
 
     def load_state_dict(self, state: dict) -> None:
         B, nb = self.block_size, self.num_blocks
         if tuple(state["mat"].shape) != (nb, B, B):
             raise ValueError(f"saved blocks have shape {tuple(state['mat'].shape)}; expected {(nb, B, B)}")
-        mat = state["mat"].to(device=self.device)
+        mat = state["mat"].to(device=self.device, dtype=torch.float64)
         inverted = bool(state["inverted"])
         self.reset()
-        if inverted:
-            self._acc, self._mat = None, mat.to(self.dtype).clone()
+        if not self._packed:
+            self._slabs[0].copy_(mat)
+            if inverted:
+                self._mat, self._slabs = self._slabs[0], None
+        elif inverted:
+            out = self._slabs[0].view(-1).view(torch.float32)[: nb * self.packed_size].view(nb, -1)
+            for s, e in self._pages(self._page(8 * B * B)):
+                out[s:e].copy_(self._pack(mat[s:e]))
+            self._mat, self._slabs = out, None
         else:
-            mat = mat.to(torch.float64)
-            self._acc.copy_(self._pack(mat) if self._packed else mat)
+            for s, e in self._pages(self._page(8 * B * B)):
+                self._acc(s, e).copy_(self._pack(mat[s:e]))
         self.num_grads, self._inverted = int(state["num_grads"]), inverted
         bd = state.get("block_damp")
         self.block_damp = None if bd is None else bd.to(device=self.device, dtype=torch.float64).clone()

@@ -19,6 +19,7 @@ import itertools
 import torch
 
 from ._checks import page_bytes
+from .fisher import block_shape, read_blocks
 
 __all__ = ["obs_scores", "group_scores", "nm_select", "obs_update", "block_obs_update", "woodtaylor_shift"]
 
@@ -105,7 +106,8 @@ _ACCEL_PAGE_BYTES = 64 << 20
 def block_obs_update(w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor, u: torch.Tensor | None = None):
     """Exact joint OBS update of each block for the set P of its weights to remove (any number per block).
 
-    ``w`` (nb, B), ``hinv`` (nb, B, B) the block inverses ``F_b^{-1}``, ``pruned`` (nb, B) bool. Per block,
+    ``w`` (nb, B), ``hinv`` (nb, B, B) the block inverses ``F_b^{-1}`` (a tensor, or a
+    :class:`~hf_mfac.core.BlockFisherInverse`, unpacked a page at a time), ``pruned`` (nb, B) bool. Per block,
     ``dw = -F^{-1}_{:,P} ([F^{-1}]_PP)^{-1} (w - u)_P - u`` and ``w_P`` is set exactly to 0: the minimiser of
     the quadratic model under the constraint ``w_P = 0`` ([WoodFisher, eq. 10] for a set, [oBERT, eq. 5]),
     where summing the single-weight updates (:func:`obs_update`) ignores the correlations between the removed
@@ -116,6 +118,8 @@ def block_obs_update(w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor, 
     so the working set is ~3 pages.
     """
     nb, B = w.shape
+    if block_shape(hinv) != (nb, B, B):
+        raise ValueError(f"hinv must hold one ({B}, {B}) inverse per block of w; got {block_shape(hinv)}")
     dev = w.device
     out = torch.empty_like(w)
     loss = torch.zeros(nb, dtype=torch.float64, device=dev)
@@ -129,7 +133,7 @@ def block_obs_update(w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor, 
         n = e - s
         p = pruned[s:e]
         H, A, L, info = Hbuf[:n], Abuf[:n], Lbuf[:n], info_buf[:n]
-        H.copy_(hinv[s:e])
+        read_blocks(hinv, s, e, H)
         W = w[s:e].to(torch.float64)
         Ws = W if u is None else W - u[s:e].to(torch.float64)
         # A = H_PP on P, the identity elsewhere, built in place (the same values as P H P + (1 - P) I)

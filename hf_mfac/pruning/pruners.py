@@ -31,6 +31,7 @@ import logging
 import torch
 
 from ..core import BlockFisherInverse, StaticMFAC
+from ..core.fisher import block_shape
 from ..core._checks import check_damp, check_positive_int, free_bytes
 from ..core.cap import cap_apply, cap_eliminate, cap_select
 from ..core.masks import num_to_prune, threshold_masks
@@ -105,6 +106,12 @@ def _check_memory(nbytes: int, device, what: str, advice: str) -> None:
     if free is not None and nbytes > free:
         raise MemoryError(f"{what} needs {nbytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free on "
                           f"{device}; {advice}")
+
+
+def _block_source(finv):
+    """What the per-block steps read the inverse blocks from: a :class:`BlockFisherInverse` itself (its packed
+    blocks are unpacked a page at a time, never all at once), else the object's ``blocks()`` tensor."""
+    return finv if isinstance(finv, BlockFisherInverse) else finv.blocks()
 
 
 def _unit_slices(layout, g: int):
@@ -250,7 +257,14 @@ class Pruner(abc.ABC):
             self.pattern.check_shape(name, shape)
 
     def fisher_bytes(self, dim: int, num_grads: int) -> int:
-        return dim * self.block_size * 4
+        """Peak bytes of the block Fisher: its fp64 accumulator (packed triangles for an fp32 inverse, whole
+        blocks for an fp64 one), over which the inverse is then written."""
+        B = min(self.block_size, dim)
+        nb = -(-dim // B)
+        if self.fisher_dtype == torch.float64:
+            return nb * B * B * 8
+        Bp = B + B % 2
+        return nb * Bp * (Bp + 1) // 2 * 8
 
     def work_device(self, device: torch.device) -> torch.device:
         """Where the weights, masks and scores live during :meth:`prune` (with the inverse)."""
@@ -329,8 +343,8 @@ class _OBSPruner(Pruner):
         if hasattr(finv, "block_range"):  # a sharded inverse: this rank's blocks, then one gather
             hinv, lo, gather = finv.block_range(B)
         else:
-            hinv, lo, gather = finv.blocks(), 0, (lambda t: t)
-        hi = lo + hinv.shape[0]
+            hinv, lo, gather = _block_source(finv), 0, (lambda t: t)
+        hi = lo + block_shape(hinv)[0]
         ub = None if u is None else u.to(w.dtype).view(nb, B)[lo:hi]
         new, block_loss = block_obs_update(w.view(nb, B)[lo:hi], hinv, pruned.view(nb, B)[lo:hi], ub)  # (n, B), (n,)
         new, block_loss = gather(new), gather(block_loss)  # (nb, B), (nb,); WoodTaylor: w - u where nothing is pruned
@@ -492,18 +506,18 @@ class CAPPruner(Pruner):
     def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
         if finv is None:
             raise ValueError("method 'cap' needs the Fisher inverse (finv)")
-        return self.prune_blocks(layout, w, keep, finv.blocks(), 0, sparsity=sparsity, zeros=zeros)
+        return self.prune_blocks(layout, w, keep, _block_source(finv), 0, sparsity=sparsity, zeros=zeros)
 
     def prune_blocks(self, layout, w, keep, hinv, first: int = 0, *, sparsity=None, zeros=None,
                      gather=None) -> StepResult:
         """One CAP step as one rank of a distributed run sees it (in one process: all blocks, ``gather`` None).
-        ``hinv`` (n, B, B) are the inverses of the layout's blocks ``first .. first + n - 1``: eliminate inside
-        them, merge the losses of all blocks (global or per target), apply the chosen prefixes. ``gather(t)``
+        ``hinv`` (n, B, B) (or a :class:`~hf_mfac.core.BlockFisherInverse`, read a page at a time) are the
+        inverses of the layout's blocks ``first .. first + n - 1``: eliminate inside them, merge the losses of all blocks (global or per target), apply the chosen prefixes. ``gather(t)``
         concatenates a per-block tensor (n, ...) over the ranks into (nb, ...), in block order."""
         gather = gather or (lambda t: t)
         B = self.block_size
         nb = layout.dim // B
-        lo, hi = first, first + hinv.shape[0]  # this rank's blocks
+        lo, hi = first, first + block_shape(hinv)[0]  # this rank's blocks
         W = w.view(nb, B)[lo:hi]
         valid = layout.valid(w.device).view(nb, B)[lo:hi]
         forced = ~keep.view(nb, B)[lo:hi] & valid
