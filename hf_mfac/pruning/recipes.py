@@ -39,7 +39,8 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-__all__ = ["Recipe", "RECIPES", "expand", "distillation", "get_recipe", "recipe_names"]
+__all__ = ["Recipe", "RECIPES", "expand", "settings", "schedule", "distillation", "get_recipe",
+           "recipe_names"]
 
 
 @dataclass(frozen=True)
@@ -112,18 +113,27 @@ def _linear_levels(first: float, target: float, n: int) -> list[float]:
     return [first + (target - first) * i / (n - 1) for i in range(n)]
 
 
-def expand(name: str, *, max_steps: int, sparsity: float, given: Mapping | None = None) -> dict:
-    """The :class:`~hf_mfac.pruning.GradualPruningConfig` settings of recipe ``name`` for a run of
-    ``max_steps`` optimizer steps to the final ``sparsity``.
+def settings(name: str, *, sparsity: float | None = None, given: Mapping | None = None) -> dict:
+    """The settings of recipe ``name`` that do not depend on the run's length: ``method``,
+    ``initial_sparsity`` (capped at the final ``sparsity`` when given), the Fisher settings
+    (``num_grads``, ``block_size``, ``fisher_batch_size``, ``recompute``; None: the method's
+    default), ``cyclic_lr=True`` and ``lr_min_ratio``. ``given`` (the settings the user chose
+    explicitly) wins."""
+    r, given = get_recipe(name), dict(given or {})
+    out = dict(method=r.method, initial_sparsity=r.initial_sparsity, cyclic_lr=True,
+               lr_min_ratio=r.lr_min_ratio, **{k: getattr(r, k) for k in _FISHER_KEYS})
+    out.update({k: v for k, v in given.items() if k in out})
+    if sparsity is not None:
+        out["initial_sparsity"] = min(float(out["initial_sparsity"]), sparsity)
+    return out
 
-    Returns ``method``, ``start``, ``end``, ``frequency`` (in steps, ``unit="steps"``),
-    ``initial_sparsity`` and, for a cubic recipe, ``sparsity`` (or, for a linear one,
-    ``sparsities``: one level per step), the Fisher settings (``num_grads``, ``block_size``,
-    ``fisher_batch_size``, ``recompute``; None: the method's default), ``cyclic_lr=True`` and
-    ``lr_min_ratio``. ``given`` maps the settings the user chose explicitly to their values: they
-    win (e.g. ``{"num_grads": 128}``, or ``{"start": 0}`` to move the first step); the schedule
-    is then built from the given ``start``/``frequency``/``end`` as well.
-    """
+
+def schedule(name: str, *, max_steps: int, sparsity: float, given: Mapping | None = None) -> dict:
+    """Where recipe ``name`` prunes in a run of ``max_steps`` optimizer steps to the final
+    ``sparsity``: ``start``, ``end``, ``frequency`` (steps, ``unit="steps"``) and, for a cubic
+    recipe, ``sparsity`` (for a linear one, ``sparsities``: one level per pruning step, from the
+    first step's sparsity up to ``sparsity``). ``given`` start/frequency/end/initial_sparsity/
+    sparsities (in steps) win."""
     r, given = get_recipe(name), dict(given or {})
     if not 0.0 < sparsity < 1.0:
         raise ValueError(f"a recipe needs a final sparsity in (0, 1); got {sparsity!r}")
@@ -131,21 +141,24 @@ def expand(name: str, *, max_steps: int, sparsity: float, given: Mapping | None 
     start = int(given.get("start", start))
     freq = int(given.get("frequency", freq))
     end = int(given.get("end", start + (r.steps - 1) * freq))
+    out = dict(start=start, end=end, frequency=freq, unit="steps")
+    if "sparsities" in given:
+        return {**out, "sparsities": list(given["sparsities"]), "sparsity": None}
+    if r.schedule == "cubic":
+        return {**out, "sparsity": sparsity, "sparsities": None}
     first = min(float(given.get("initial_sparsity", r.initial_sparsity)), sparsity)
-    out = dict(method=r.method, start=start, end=end, frequency=freq, unit="steps",
-               initial_sparsity=first, cyclic_lr=True, lr_min_ratio=r.lr_min_ratio,
-               **{k: getattr(r, k) for k in _FISHER_KEYS})
-    if r.schedule == "linear":
-        n = len(range(start, end + 1, max(1, freq)))
-        out.update(sparsities=_linear_levels(first, sparsity, n), sparsity=None)
-    else:
-        out.update(sparsity=sparsity, sparsities=None)
-    for key, value in given.items():  # the user's explicit settings win
-        if key == "sparsities":
-            out.update(sparsities=list(value), sparsity=None)
-        elif key in out and key not in ("sparsity", "start", "end", "frequency"):
-            out[key] = value
-    return out
+    n = len(range(start, end + 1, max(1, freq)))
+    return {**out, "sparsities": _linear_levels(first, sparsity, n), "sparsity": None}
+
+
+def expand(name: str, *, max_steps: int, sparsity: float, given: Mapping | None = None) -> dict:
+    """All the :class:`~hf_mfac.pruning.GradualPruningConfig` settings of recipe ``name`` for a run
+    of ``max_steps`` optimizer steps to the final ``sparsity``: :func:`settings` and
+    :func:`schedule` together. ``given`` maps the settings the user chose explicitly to their
+    values: they win (e.g. ``{"num_grads": 128}``, or ``{"start": 0}`` to move the first step; the
+    schedule is then built from the given ``start``/``frequency``/``end``)."""
+    return {**settings(name, sparsity=sparsity, given=given),
+            **schedule(name, max_steps=max_steps, sparsity=sparsity, given=given)}
 
 
 def distillation(name: str) -> dict | None:
