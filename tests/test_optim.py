@@ -8,6 +8,7 @@ import torch
 
 import hf_mfac
 from conftest import dense_fisher, rel_err
+from hf_mfac.optim import ShardedMFAC
 
 
 def _model(seed=0):
@@ -292,9 +293,147 @@ def test_refused_checkpoint_changes_nothing():
     _assert_same(_snapshot(model, opt), before)
 
 
+def test_zero_gradient_moves_a_parameter_none_does_not():
+    """F^{-1} couples the coordinates: a parameter whose .grad is a zero tensor still moves, by
+    -lr (F^{-1} g)_p (dense float64 reference), while one whose .grad is None stays where it is. The
+    window and the other parameters take the same step either way (g has zeros there in both cases)."""
+    m, damp, lr = 3, 1e-2, 0.1
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(11, generator=gen) for _ in range(3)]  # a: 7 coordinates, b: 4
+    grads[2][7:] = 0.0
+    runs = {}
+    for last in ("zeros", "none"):
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(torch.randn(4))
+        opt = hf_mfac.MFAC([a, b], lr=lr, num_grads=m, damp=damp)
+        for i, g in enumerate(grads):
+            a.grad, b.grad = g[:7].clone(), g[7:].clone()
+            if i == 2 and last == "none":
+                b.grad = None
+            before = torch.cat([a.detach(), b.detach()]).double()
+            opt.step()
+        after = torch.cat([a.detach(), b.detach()]).double()
+        runs[last] = (before, after, opt.window.state_dict())
+    expect = -lr * torch.linalg.solve(dense_fisher(torch.stack(grads), damp, scale=m), grads[2].double())
+    assert expect[7:].abs().min() > 1e-4  # the zero gradient's coordinates of F^{-1} g are not zero
+    before, after, window = runs["zeros"]
+    assert rel_err(after - before, expect) < 1e-4  # b moved
+    before, after_none, window_none = runs["none"]
+    assert torch.equal(after_none[7:], before[7:])  # b stayed
+    assert torch.equal(after_none[:7], after[:7]) and torch.equal(window_none["G"], window["G"])
+
+
+def _trained(shapes, dtype=torch.float32, steps=3, cls=hf_mfac.MFAC, **kw):
+    """An MFAC over parameters of ``shapes`` after ``steps`` steps."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+    opt = cls(params, **{"lr": 0.01, "num_grads": 2, "damp": 0.1, **kw})
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+@pytest.mark.parametrize("shapes, dtype, match", [
+    ([(8, 4), (2,)], torch.float32, r"parameter 0, param_groups\[0\]\['params'\]\[0\]: it was saved for "
+                                    r"shape \(4, 8\), float32; this one has shape \(8, 4\), float32"),
+    ([(4, 8), (2,)], torch.float64, r"parameter 0, .* float32; this one has shape \(4, 8\), float64"),
+    ([(4, 8)], torch.float32, r"param groups of \[2\] parameters; this optimizer has \[1\]"),
+])
+def test_load_over_other_parameters_is_refused(shapes, dtype, match, momentum):
+    """A checkpoint of an MFAC over (4, 8) + (2,) parameters loads only into one over the same shapes and
+    dtypes: (8, 4) + (2,) has as many coordinates and the same layout, but is refused before anything
+    changes (the next step would otherwise fail after the window took the gradient)."""
+    _, src = _trained([(4, 8), (2,)], momentum=momentum)
+    params, opt = _trained(shapes, dtype, steps=2, momentum=momentum)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(copy.deepcopy(src.state_dict()))
+    _assert_same(opt.state_dict(), before)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()  # still steps over its own parameters
+
+
+def test_load_checks_momentum_of_checkpoints_without_the_record():
+    """Checkpoints saved before the parameters' shapes were recorded: the momentum buffers' shapes are
+    still checked against the parameters."""
+    _, src = _trained([(4, 8), (2,)], momentum=0.5)
+    saved = copy.deepcopy(src.state_dict())
+    del saved["mfac"]["params"]
+    _, opt = _trained([(8, 4), (2,)], steps=2, momentum=0.5)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"momentum buffer of parameter 0, .* has shape \(4, 8\); the "
+                                         r"parameter has \(8, 4\)"):
+        opt.load_state_dict(saved)
+    _assert_same(opt.state_dict(), before)
+    params, same = _trained([(4, 8), (2,)], steps=1, momentum=0.5)
+    same.load_state_dict(saved)  # the same shapes load as before
+    assert same.window.count == 2 and torch.equal(same.window.G, src.window.G)
+
+
+def test_shards_over_other_parameters_are_refused(tmp_path):
+    """The window shard files record the parameters' shapes too: loading them into an MFAC or a
+    ShardedMFAC over (8, 4) + (2,) instead of (4, 8) + (2,) is refused with nothing changed."""
+    from hf_mfac.optim.distributed import load_mfac_shards, save_mfac_shards
+
+    _, src = _trained([(4, 8), (2,)], cls=ShardedMFAC)
+    save_mfac_shards(src, str(tmp_path))
+    for cls in (hf_mfac.MFAC, ShardedMFAC):
+        _, opt = _trained([(8, 4), (2,)], steps=2, cls=cls)
+        before = [copy.deepcopy(opt.state_dict()), copy.deepcopy(opt.window.state_dict())]
+        with pytest.raises(ValueError, match=r"parameter 0, .* saved for shape \(4, 8\)"):
+            load_mfac_shards(opt, str(tmp_path))
+        _assert_same([copy.deepcopy(opt.state_dict()), opt.window.state_dict()], before)
+        if cls is ShardedMFAC:
+            with pytest.raises(ValueError, match=r"saved for shape \(4, 8\)"):
+                opt.load_sharded_state_dict(src.sharded_state_dict())
+            _assert_same([copy.deepcopy(opt.state_dict()), opt.window.state_dict()], before)
+
+
+def test_complex_parameters_are_refused():
+    """A complex parameter would lose its imaginary part (the window is real): refused when the optimizer
+    is built or the group added, naming the parameter and view_as_real."""
+    z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    r = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\] is complex \(torch.complex64, "
+                                        r"shape \(3,\)\).*view_as_real"):
+        hf_mfac.MFAC([r, z])
+    with pytest.raises(TypeError, match=r"\['params'\]\[0\] \(w\) is complex"):
+        hf_mfac.MFAC([("w", z)])  # named parameters are named
+    opt = hf_mfac.MFAC([r])
+    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\] is complex"):
+        opt.add_param_group({"params": [z]})
+    assert len(opt.param_groups) == 1
+    real = torch.nn.Parameter(torch.view_as_real(z.detach()).clone())  # what the message says to do
+    hf_mfac.MFAC([real])
+
+
+def test_options_are_defined_once():
+    """MFAC's keyword defaults are MFACOptions' defaults; ShardedMFAC takes the same; aliases resolve."""
+    import dataclasses
+    import inspect
+
+    from hf_mfac.optim.options import OPTION_ALIASES, MFACOptions, parse_optim_args
+
+    sig = inspect.signature(hf_mfac.MFAC)
+    defaults = {f.name: f.default for f in dataclasses.fields(MFACOptions)}
+    assert {k: sig.parameters[k].default for k in defaults} == defaults
+    assert set(sig.parameters) == {"params", *defaults}
+    assert OPTION_ALIASES["ngrads"] == OPTION_ALIASES["m"] == "num_grads"
+    assert parse_optim_args("m=16,grad_dtype=torch.bfloat16") == {"num_grads": 16, "grad_dtype": "bfloat16"}
+    assert MFACOptions(num_grads=8.0).num_grads == 8
+    opt = ShardedMFAC([torch.nn.Parameter(torch.zeros(2))], 0.5, 3, grad_dtype="bfloat16")
+    assert (opt.defaults["lr"], opt.num_grads, opt.grad_dtype, opt.damp) == (0.5, 3, torch.bfloat16, 1e-6)
+    with pytest.raises(ValueError, match="window_device must be a device"):
+        hf_mfac.MFAC([torch.nn.Parameter(torch.zeros(2))], window_device="gpu0")
+
+
 def test_one_module_says_what_is_mfac():
     """hf_mfac.optim owns "is this M-FAC?": wrapped optimizers (accelerate, the Trainer) and optim names."""
-    from hf_mfac.optim import ShardedMFAC, is_mfac_optimizer, selects_mfac, unwrap_optimizer
+    from hf_mfac.optim import is_mfac_optimizer, selects_mfac, unwrap_optimizer
 
     p = [torch.nn.Parameter(torch.zeros(2))]
     opt = ShardedMFAC(p)

@@ -123,10 +123,8 @@ class ShardedMFAC(MFAC):
     ``state_dict()`` with its window also loads here (each rank keeps its columns).
     """
 
-    def __init__(self, params, lr: float = 1e-4, num_grads: int = 1024, damp: float = 1e-6,
-                 weight_decay: float = 0.0, momentum: float = 0.0, *, process_group=None, **kwargs):
-        super().__init__(params, lr=lr, num_grads=num_grads, damp=damp, weight_decay=weight_decay,
-                         momentum=momentum, **kwargs)
+    def __init__(self, params, *args, process_group=None, **kwargs):
+        super().__init__(params, *args, **kwargs)  # MFAC's options and defaults
         self.process_group = process_group
         self._comm = None
 
@@ -169,7 +167,8 @@ class ShardedMFAC(MFAC):
         if self.window is None:
             return {**out, "window": None}
         index = self._param_index()
-        return {**out, "window": self.window.state_dict(), "layout": [index[id(p)] for p, *_ in self._layout]}
+        return {**out, "window": self.window.state_dict(), "params": self._param_record(),
+                "layout": [index[id(p)] for p, *_ in self._layout]}
 
     def load_sharded_state_dict(self, state: dict) -> None:
         """Restore this rank's window from :meth:`sharded_state_dict` (same range; :func:`load_mfac_shards`
@@ -180,12 +179,7 @@ class ShardedMFAC(MFAC):
         layout, ids, window = self._new_layout(self._masks)
         error = None
         try:
-            index = self._param_index()
-            if [index[id(p)] for p, *_ in layout] != list(state["layout"]):
-                raise ValueError("the saved M-FAC window was built over other parameters than this optimizer's")
-            if int(state["window"]["full_dim"]) != window.dim:
-                raise ValueError(f"the saved window covers {state['window']['full_dim']} coordinates; "
-                                 f"this optimizer has {window.dim}")
+            _check_saved_layout(self, state, layout, window)
         except Exception as e:  # noqa: BLE001 - every rank raises, none waits in the window's checks
             error = e
         self.comm.check(error)
@@ -251,8 +245,9 @@ def _read_first_shard(folder: str, rank: int, expect_meta: dict | None) -> tuple
 
 
 def _check_saved_layout(opt, first: dict, layout, window) -> int:
-    """The saved window's number of coordinates, after checking that it and its parameters are this
-    optimizer's."""
+    """The saved window's number of coordinates, after checking that it, its parameters (their
+    shapes and dtypes, where the file records them) and its layout are this optimizer's."""
+    opt._check_param_record(first.get("params"))
     full_dim = int(first["window"]["full_dim"])
     if full_dim != window.dim:
         raise ValueError(f"the saved window covers {full_dim} coordinates; this optimizer has {window.dim}")
