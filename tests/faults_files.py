@@ -458,6 +458,87 @@ def masks_uint8(tmp):
     return ctx
 
 
+def swap_bitmask_bits(t, layout, names):
+    """Swap two adjacent differing bits of a bitmask: the same number kept, a different pattern."""
+    import numpy as np
+
+    name = f"{first(names)}:bitmask"
+    bits = np.unpackbits(t[name].numpy(), bitorder="little")
+    i = int(np.nonzero(bits[:-1] != bits[1:])[0][0])
+    bits[i], bits[i + 1] = bits[i + 1], bits[i]
+    t[name] = torch.from_numpy(np.packbits(bits, bitorder="little"))
+
+
+def without_checksums(build, name):
+    """``build``, then the file ``name`` re-saved without hf_mfac's checksums (a file from before them)."""
+    def strip(tmp):
+        ctx = build(tmp)
+        path = str(ctx["dir"] / name)
+        with safe_open(path, framework="pt") as f:
+            meta = {k: v for k, v in f.metadata().items() if not k.endswith("_sha256")}
+        save_file(load_file(path), path, metadata=meta)
+        return ctx
+    return strip
+
+
+def rewrite_safetensors(name, edit, base=None):
+    """``base`` (default: the dense save), then ``edit(tensors, first masked name)`` applied to the file ``name``,
+    re-saved with its header."""
+    def build(tmp):
+        ctx = (base or dense_dir)(tmp)
+        path = str(ctx["dir"] / name)
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata()
+        tensors = load_file(path)
+        edit(tensors, first(ctx["names"]))
+        save_file(tensors, path, metadata=meta)
+        return ctx
+    return build
+
+
+def swap_mask_bytes(t, name):
+    """Swap one True and one False of a mask: the same pruned count, a different pattern."""
+    flat = t[name].flatten().clone()
+    kept, pruned = int(flat.nonzero()[0]), int((~flat).nonzero()[0])
+    flat[kept], flat[pruned] = False, True
+    t[name] = flat.reshape(t[name].shape)
+
+
+def nudge_kept_weight(t, name):
+    w = t[name].flatten().clone()
+    i = int(w.nonzero()[0])
+    w[i] = w[i] * 1.5
+    t[name] = w.reshape(t[name].shape)
+
+
+def loads_same_masks(ctx, result):
+    model, masks_ = model_and_masks()
+    assert set(result) == set(masks_) and all(torch.equal(result[k], masks_[k]) for k in masks_)
+
+
+def loads_same_model(ctx, result):
+    model, _ = model_and_masks()
+    expected = model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in result.state_dict().items())
+
+
+LOAD_ROWS += [
+    Fault("compact:two-bitmask-bits-swapped", rewrite_compact(swap_bitmask_bits), load, raises=ValueError,
+          match=f"{COMPACT}: tensor {TENSOR}:bitmask' does not match its checksum"),
+    Fault("compact:no-checksums-still-loads", without_checksums(compact_dir, COMPACT_WEIGHTS_NAME), load,
+          check=loads_same_model),
+    Fault("masks:true-and-false-swapped", rewrite_safetensors(MASKS_NAME, swap_mask_bytes), masks,
+          raises=ValueError, match=f"{MASKS_NAME}: mask {TENSOR}' does not match its checksum"),
+    Fault("masks:swapped-in-a-file-without-checksums", without_checksums(
+        rewrite_safetensors(MASKS_NAME, swap_mask_bytes), MASKS_NAME), masks, raises=ValueError,
+          match=f"{MASKS_NAME}: mask {TENSOR}' prunes 1 weights that are nonzero in .*model\\.safetensors"),
+    Fault("masks:masked-weight-changed", rewrite_safetensors("model.safetensors", nudge_kept_weight), masks,
+          raises=ValueError, match=f"model\\.safetensors: weight {TENSOR}' does not match its checksum recorded "
+                                   f"in .*{MASKS_NAME}"),
+    Fault("masks:no-checksums-still-load", without_checksums(dense_dir, MASKS_NAME), masks,
+          check=loads_same_masks),
+]
+
 LOAD_ROWS += [
     Fault("masks:truncated", rewrite_bytes(MASKS_NAME, lambda b: b[:-10]), masks, raises=ValueError,
           match=f"masks file .*{MASKS_NAME} is not a readable"),

@@ -28,6 +28,8 @@ from .files import (
     _is_checkpoint_file,
     _open_safetensors,
     _version,
+    checksum_metadata,
+    verify_checksums,
 )
 from .record import _save_config_with, read_sparsity_metadata, resolve_masks, sparsity_metadata
 from .staging import staged_save
@@ -108,7 +110,7 @@ def save_compact_pretrained(model: nn.Module, save_directory: str | os.PathLike,
     with staged_save(save_directory, stale=_is_checkpoint_file) as stage:
         weights = os.path.join(stage, COMPACT_WEIGHTS_NAME)
         save_file(out, weights, metadata={"format": "pt", "library": "hf_mfac", "library_version": _version(),
-                                          "hf_mfac_compact": json.dumps(layout)})
+                                          "hf_mfac_compact": json.dumps(layout), **checksum_metadata(out)})
         compact = os.path.getsize(weights)
         report = {"dense_bytes": dense, "compact_bytes": compact, "ratio": compact / dense,
                   "saving": 1 - compact / dense}
@@ -255,13 +257,13 @@ def _read_compact_config(save_directory: str):
     return config_path, rec, config
 
 
-def _read_compact_file(path: str) -> tuple[dict[str, torch.Tensor], Any]:
-    """(tensors, parsed 'hf_mfac_compact' header) of the compact weights file."""
+def _read_compact_file(path: str) -> tuple[dict[str, torch.Tensor], Any, dict]:
+    """(tensors, parsed 'hf_mfac_compact' header, the whole header) of the compact weights file."""
     raw, header = _open_safetensors(path, "compact weights file")
     if header.get("hf_mfac_compact") is None:
         raise ValueError(f"{path} is not an hf_mfac compact checkpoint (no 'hf_mfac_compact' metadata)")
     try:
-        return raw, json.loads(header["hf_mfac_compact"])
+        return raw, json.loads(header["hf_mfac_compact"]), header
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: the 'hf_mfac_compact' header is not valid JSON: {e}") from None
 
@@ -293,7 +295,10 @@ def load_compact_pretrained(save_directory: str | os.PathLike, model_cls=None, *
     Everything is checked before the model is built: ``config.json`` must hold a ``"compact"`` sparsity
     record; each bitmask must be uint8 of exactly ``ceil(numel / 8)`` bytes with no bit set past the weights;
     each values tensor must hold exactly as many entries as its bitmask keeps; shapes and dtypes must match
-    the file's header, the pruned counts the record, and the shapes the model. A missing folder or file raises
+    the file's header, the pruned counts the record, and the shapes the model; and every tensor's bytes must
+    match the checksum the header records for it, so a change that keeps every count (two differing bits of a
+    bitmask swapped) is refused too. Files written before hf_mfac recorded checksums carry none and still load,
+    with every other check. A missing folder or file raises
     ``FileNotFoundError``, anything truncated, corrupted or inconsistent ``ValueError``, naming the file and
     the tensor.
     """
@@ -302,13 +307,14 @@ def load_compact_pretrained(save_directory: str | os.PathLike, model_cls=None, *
     if model_cls is None:
         model_cls = _model_class(getattr(config, "architectures", None), config, config_path)
     path = os.path.join(save_directory, COMPACT_WEIGHTS_NAME)
-    raw, layout = _read_compact_file(path)
+    raw, layout, header = _read_compact_file(path)
     state, masks = _compact_state(raw, layout, rec, path, config_path)
     model = model_cls(config)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         model = model.to(dtypes.pop())
     _check_fits(model, state, path)
+    verify_checksums(raw, header, path)  # after the checks that name what is wrong more precisely
     model.load_state_dict(state, strict=True)
     if device is not None:
         model = model.to(device)
