@@ -199,13 +199,15 @@ def test_load_refuses_bad_states_and_changes_nothing():
         k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in src.state_dict().items()
     }
     bad_index = dict(good, I=good["I"].clone())
-    bad_index["I"][0, -1] = 1 + 1  # fine
-    bad_index["I"][0, -1] = d - 4 * 64 + 5  # beyond the last block (of 1 coordinate)
+    bad_index["I"][-1, 0, 0] = 5  # the last block has one coordinate: index 0 only
+    bad_spare = dict(good, V=good["V"].clone())
+    bad_spare["V"][-1, 1, -1] = 1.0  # an unused slot of the last block with a value
     bad_gram = dict(good, GGt=good["GGt"] * 1.5)
     cases = [
         (dense.state_dict(), "dense window"),
         (dict(good, density=0.2), "density"),
         (bad_index, "outside their blocks"),
+        (bad_spare, "outside their blocks"),
         (bad_gram, "GGt does not match"),
         (dict(good, error=torch.full((d,), float("nan"))), "error holds NaN"),
         (dict(good, count=m + 1), "count"),
@@ -224,6 +226,8 @@ def test_nonfinite_gradient_leaves_everything_unchanged(bad):
     w = CompressedMFAC(d, m, 1e-2, 0.1, block_size=64)
     for _ in range(4):  # full window: the next update would evict a row
         w.update(torch.randn(d))
+    twin = CompressedMFAC(d, m, 1e-2, 0.1, block_size=64)
+    twin.load_state_dict(w.state_dict())
     before = _state(w)
     g = torch.randn(d)
     g[17] = bad
@@ -231,6 +235,9 @@ def test_nonfinite_gradient_leaves_everything_unchanged(bad):
         with pytest.raises(GradientRejected, match="NaN or inf"):
             call(g)
         assert _same_state(before, _state(w))
+    for _ in range(3):  # and the window goes on as if the bad gradient had never come
+        g = torch.randn(d)
+        assert torch.equal(w.update_mul(g), twin.update_mul(g))
 
 
 def test_fp16_overflow_and_interrupt_leave_everything_unchanged(monkeypatch):
@@ -262,15 +269,17 @@ def test_bad_density_is_refused_naming_it(density):
 
 def test_memory_check_before_allocating(monkeypatch):
     need = compressed_window_bytes(10**6, 1024, 0.01)
-    k = 30 * 328 + math.ceil(0.01 * (10**6 - 30 * 32768))
-    assert need == 1024 * k * 6 + 8 * 1024**2 + 4 * 10**6 + 4 * k
+    slots = 31 * 328  # 30 blocks of 2^15 keep 328, the last (16960) keeps 170 in 328 slots
+    chunk = 12 * 1024 * 328  # 12 blocks of all rows: about 2^22 entries
+    assert need == 1024 * slots * 6 + 8 * 1024**2 + 3 * 4 * 31 * 32768 + chunk * (8 + 4 + 4)
     monkeypatch.setattr(sparse_window, "free_bytes", lambda device: need - 1)
     with pytest.raises(MemoryError, match=f"needs {need / 2**30:.2f} GiB"):
         CompressedMFAC(10**6, 1024, 1e-2, 0.01)
     monkeypatch.setattr(sparse_window, "free_bytes", lambda device: need)
     w = CompressedMFAC(10**6, 1024, 1e-2, 0.01)
-    held = sum(t.numel() * t.element_size() for t in (w._I, w._V, w.error, w.GGt, w._col_base))
-    assert held == need
+    w.update_mul(torch.randn(10**6))  # allocates the products' workspace
+    tensors = [w._I, w._V, w._err, w._spare, w._c, w.GGt, *w._work.values()]
+    assert sum(t.numel() * t.element_size() for t in tensors) == need
 
 
 def test_dense_window_accessor_is_refused():
