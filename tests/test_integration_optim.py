@@ -152,6 +152,46 @@ def test_cli_rejects_bad_mfac_settings(argv):
         parse(argv)
 
 
+def test_mfac_fields_come_from_the_options_table():
+    """Every MFACOptions field is a flag (mfac_<name>, or the Trainer's learning_rate / weight_decay) with
+    the table's default and help, listed by --help; a new option in the table is a new flag."""
+    import dataclasses
+    import io
+    from contextlib import redirect_stdout
+
+    from hf_mfac.optim.options import MFACOptions
+
+    fields = {f.name: f for f in dataclasses.fields(MFACTrainingArguments)}
+    for option in dataclasses.fields(MFACOptions):
+        if option.name in ("lr", "weight_decay"):
+            continue
+        f = fields[f"mfac_{option.name}"]
+        assert f.default == option.default and option.metadata["help"] in f.metadata["help"], option.name
+    text = io.StringIO()
+    with redirect_stdout(text), pytest.raises(SystemExit):
+        HfArgumentParser(MFACTrainingArguments).parse_args(["--help"])
+    assert "--mfac_normalize_by_seen" in text.getvalue() and "--mfac_nonfinite" in text.getvalue()
+    args = parse(["--optim", "mfac", "--mfac_normalize_by_seen", "--mfac_nonfinite", "skip",
+                  "--optim_args", "m=16"])
+    _, kwargs = mfac_optimizer_cls_and_kwargs(args)
+    assert (kwargs["normalize_by_seen"], kwargs["nonfinite"], kwargs["num_grads"]) == (True, "skip", 16)
+    with pytest.raises(ValueError, match="--mfac_nonfinite='skip' and --optim_args nonfinite='raise'"):
+        parse(["--optim", "mfac", "--mfac_nonfinite", "skip", "--optim_args", "nonfinite=raise"])
+
+
+def test_optim_args_read_once(monkeypatch):
+    """--optim_args is parsed (and its values checked) once, when the arguments are built; building the
+    optimizer's kwargs reads the fields."""
+    from hf_mfac.integrations.trainer import arguments
+
+    calls = []
+    real = arguments.parse_optim_args
+    monkeypatch.setattr(arguments, "parse_optim_args", lambda *a, **k: calls.append(a) or real(*a, **k))
+    args = parse(["--optim", "mfac", "--optim_args", "ngrads=32,nonfinite=skip"])
+    _, kwargs = mfac_optimizer_cls_and_kwargs(args)
+    assert len(calls) == 1 and (kwargs["num_grads"], kwargs["nonfinite"]) == (32, "skip")
+
+
 def test_set_optimizer_accepts_mfac(tmp_path):
     args = MFACTrainingArguments(str(tmp_path), use_cpu=True, report_to="none")
     args = args.set_optimizer("mfac", learning_rate=2e-3, args="ngrads=64")
