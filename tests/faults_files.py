@@ -18,7 +18,7 @@ from unittest import mock
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_faults import Fault
+from test_faults import Fault, snapshot
 from transformers import BertConfig, BertForSequenceClassification
 
 from hf_mfac.integrations import (
@@ -620,6 +620,43 @@ CARD_ROWS = [
           match=r"config\.json is not valid JSON"),
     Fault("card:readme-write-fails", card_with_plot, card_write_fails, raises=OSError, match="README.md",
           check=no_leftovers),
+]
+HF_TOKEN = "hf_" + "Zq7" * 12
+SECRETS = ("S3cr3tPw", "S3cr3t", HF_TOKEN)
+
+
+def no_secret_written(ctx, _result):
+    """No file of the folder holds a secret, in any spelling (plain or percent-encoded)."""
+    from urllib.parse import quote
+
+    for name, data in snapshot(ctx["dir"]).items():
+        for secret in SECRETS:
+            for spelling in {secret, quote(secret, safe="")}:
+                assert spelling.encode() not in data, f"{secret!r} reached {name}"
+
+
+def card_with_secret_readme(tmp):
+    ctx = dense_dir(tmp)
+    (ctx["dir"] / "README.md").write_text(
+        f"---\nlicense: mit\nsource: https://bob:S3cr3tPw@git.example/x\n---\n# Mine\n\nPull with {HF_TOKEN}.\n")
+    return ctx
+
+
+CARD_ROWS += [
+    Fault("card:secret-in-base-model-url", dense_dir, card(base_model="https://alice:S3cr3tPw@host/x"),
+          check=no_secret_written),
+    Fault("card:percent-encoded-userinfo", dense_dir, card(base_model="https%3A//alice%3AS3cr3tPw%40host/x",
+                                                           dataset_name="alice%3AS3cr3t%40host", datasets="glue",
+                                                           eval_results={"accuracy": 0.5}), check=no_secret_written),
+    Fault("card:hf-token-in-every-field", dense_dir, card(
+        model_name=f"m-{HF_TOKEN}", repo_id=f"me/{HF_TOKEN}", tags=[HF_TOKEN], datasets=[f"d-{HF_TOKEN}"],
+        description=f"Made with {HF_TOKEN}", license=HF_TOKEN, language=HF_TOKEN, method=HF_TOKEN,
+        eval_results={f"acc-{HF_TOKEN}": 0.5}), check=no_secret_written),
+    Fault("card:hf-token-in-an-eval-result", dense_dir, lambda ctx: create_sparse_model_card(ctx["dir"], eval_results=[
+        __import__("huggingface_hub").EvalResult(task_type="text-classification", dataset_type="glue",
+                                                 dataset_name=f"glue {HF_TOKEN}", metric_type="acc",
+                                                 metric_value=1.0)]), check=no_secret_written),
+    Fault("card:secrets-in-an-existing-card", card_with_secret_readme, card(), check=no_secret_written),
 ]
 for n, after in ((1, False), (2, True), (3, False), (4, True)):  # withdraw plot, README; install plot, README
     CARD_ROWS.append(Fault(f"card:interrupted-at-rename-{n}{'-after' if after else ''}", card_with_plot,

@@ -12,8 +12,13 @@
 * :func:`push_sparse_to_hub` — save (:func:`~hf_mfac.integrations.save_sparse_pretrained`), write the
   card, and upload with ``huggingface_hub.HfApi`` (``create_repo`` + ``upload_folder``).
 
-Nothing secret reaches a card: the command line, the recipe and the hyperparameters are redacted by rule
-(:func:`~hf_mfac.integrations.checkpoint.redaction.redact_argv`, :func:`~hf_mfac.integrations.checkpoint.redaction.redact`), not by a list of flags. User
+Nothing secret reaches a card: every string that goes into it (each metadata field, the description, metric
+names, ``EvalResult`` fields, the command line, the recipe and the hyperparameters) is redacted by rule
+(:func:`~hf_mfac.integrations.checkpoint.redaction.redact`,
+:func:`~hf_mfac.integrations.checkpoint.redaction.redact_argv`), not by a list of flags, and the finished card,
+an updated card's own text included, is passed through
+:func:`~hf_mfac.integrations.checkpoint.redaction.redact_credentials` (URL userinfo, plain or percent-encoded,
+and ``hf_`` tokens) in the YAML and the text alike. User
 strings cannot break the card: metadata fields with a line break or control character are refused
 (``ValueError``) and the rest is quoted by the YAML writer; text in the section is escaped for where it
 stands (table cell, code span, code block), so it cannot close a cell or a block or forge hf_mfac's markers.
@@ -29,7 +34,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
 from urllib.parse import quote
 
@@ -49,7 +54,7 @@ from .section import (
     _verify,
 )
 from ..checkpoint.files import _is_checkpoint_file
-from ..checkpoint.redaction import redact
+from ..checkpoint.redaction import redact, redact_credentials
 from ..checkpoint.sparse import log_saved, save_sparse_pretrained
 from ..checkpoint.record import read_sparsity_metadata, resolve_masks, sparsity_metadata
 from ..checkpoint.staging import staged_save
@@ -152,6 +157,26 @@ def _check_fields(fields: Mapping[str, Any], eval_results) -> None:
         for r in eval_results:
             for k, v in vars(r).items():
                 _check_line(f"EvalResult.{k}", v)
+
+
+def _redact_eval_results(eval_results):
+    """``eval_results`` with secrets out of every string: metric names, ``EvalResult`` fields."""
+    if isinstance(eval_results, Mapping):
+        return {redact(str(k)): v for k, v in eval_results.items()}
+    if eval_results:
+        return [replace(r, **{k: redact(v) for k, v in vars(r).items() if isinstance(v, str)})
+                for r in eval_results]
+    return eval_results
+
+
+def _clean(card: ModelCard, data: ModelCardData, section: str) -> tuple[ModelCard, ModelCardData, str]:
+    """The last net: credentials found by shape (:func:`redact_credentials`) anywhere in the finished card, the
+    hand-written text and metadata of an updated card included, are hidden too."""
+    content = redact_credentials(card.content)
+    if content == card.content:
+        return card, data, section
+    card = ModelCard(content)
+    return card, card.data, redact_credentials(section)
 
 
 @dataclass
@@ -273,12 +298,17 @@ def create_sparse_model_card(
                   dataset_split=dataset_split, license=license, language=language, tags=tags,
                   pipeline_tag=pipeline_tag, method=method)
     _check_fields(fields, eval_results)
+    fields, eval_results = {k: redact(v) for k, v in fields.items()}, _redact_eval_results(eval_results)
+    description = None if description is None else redact(str(description))
     r = _resolve(sparsity, model, masks, save_directory, recipe=recipe, eval_results=eval_results, mfac=mfac,
                  plot=plot, **fields)
     section = _render_section(r.meta, saved=r.saved, method=r.method, auto_class=r.auto_class,
-                              repo_id=repo_id or r.model_name, plot_file=r.plot_file, recipe=r.recipe, command=command,
+                              repo_id=fields["repo_id"] or r.model_name, plot_file=r.plot_file, recipe=r.recipe,
+                              command=command,
                               mfac=mfac, training=training, eval_rows=r.eval_rows, in_model_index=r.results is not None)
-    card, data = _new_or_updated_card(save_directory, r, section, base_model=base_model, description=description)
+    card, data = _new_or_updated_card(save_directory, r, section, base_model=fields["base_model"],
+                                      description=description)
+    card, data, section = _clean(card, data, section)
     _verify(card, data, section)
     if save_directory:
         _write_card(save_directory, card, r)
