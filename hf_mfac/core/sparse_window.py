@@ -30,9 +30,10 @@ _INT16_SPAN = 1 << 15  # blocks up to this length index their coordinates with i
 _CHUNK_ENTRIES = 1 << 22  # window entries per chunk of the products (bounds their temporaries)
 
 
-def check_density(density) -> float:
-    """``density`` as a float in (0, 1]: the fraction of each block the window keeps."""
-    return check_real("density", density, low=0.0, low_open=True, high=1.0)
+def check_density(density, label: str = "density") -> float:
+    """``density`` as a float in (0, 1]: the fraction of each block the window keeps; errors name
+    ``label``."""
+    return check_real(label, density, low=0.0, low_open=True, high=1.0)
 
 
 def kept_per_block(n: int, density: float) -> int:
@@ -69,7 +70,7 @@ def compressed_window_bytes(dim: int, num_grads: int, density: float,
     item = torch.empty((), dtype=grad_dtype).element_size()
     index = torch.empty((), dtype=index_dtype(dim, block_size)).element_size()
     compute = torch.empty((), dtype=dtype).element_size()
-    chunk = _chunk_blocks(num_grads * k_block) * num_grads * k_block
+    chunk = min(blocks, _chunk_blocks(num_grads * k_block)) * num_grads * k_block
     return (num_grads * blocks * k_block * (item + index) + 8 * num_grads * num_grads
             + 3 * blocks * block * compute + chunk * (8 + 2 * compute))
 
@@ -202,7 +203,8 @@ class CompressedMFAC(DynamicMFAC):
 
     def _chunk_entries(self) -> int:
         """Entries of the largest chunk (all m rows): the size of the kept product buffers."""
-        return _chunk_blocks(self.num_grads * self._k_block) * self.num_grads * self._k_block
+        per = self.num_grads * self._k_block
+        return min(self._nblk, _chunk_blocks(per)) * per
 
     def _chunks(self, n: int):
         """Block ranges of about 2^22 stored entries of rows [0, n), with their indices (blocks,

@@ -31,7 +31,7 @@ import os
 import torch
 
 from ..comm import Comm, DistributedError
-from ..core import DynamicMFAC
+from ..core import CompressedMFAC, DynamicMFAC
 from ..core._checks import all_finite, free_bytes
 from ..core.ihvp import GradientRejected
 from .mfac import MFAC, unwrap_optimizer, window_bytes
@@ -62,7 +62,7 @@ class _ShardedWindow:
     """
 
     def __init__(self, dim: int, num_grads: int, damp: float, device, grad_dtype, normalize_by_seen: bool,
-                 comm: Comm):
+                 comm: Comm, density: float = 1.0):
         if dim < comm.world_size:
             raise ValueError(f"ShardedMFAC needs at least one coordinate per rank: D={dim} < {comm.world_size} ranks")
         self.dim, self.device, self.comm = dim, torch.device(device), comm
@@ -70,8 +70,12 @@ class _ShardedWindow:
         self.sizes = [b - a for a, b in zip(self.bounds, self.bounds[1:])]
         self.start, self.stop = self.bounds[comm.rank], self.bounds[comm.rank + 1]
         hook = comm.all_reduce if comm.distributed else None
-        self.local = DynamicMFAC(self.stop - self.start, num_grads, damp, device=device, grad_dtype=grad_dtype,
-                                 normalize_by_seen=normalize_by_seen, allreduce=hook)
+        kw = dict(device=device, grad_dtype=grad_dtype, normalize_by_seen=normalize_by_seen,
+                  allreduce=hook)
+        size = self.stop - self.start
+        # compressed: each rank cuts its own coordinates into top-k blocks, from its first one
+        self.local = (CompressedMFAC(size, num_grads, damp, density, **kw) if density < 1.0
+                      else DynamicMFAC(size, num_grads, damp, **kw))
 
     @property
     def count(self) -> int:
@@ -97,8 +101,12 @@ class _ShardedWindow:
         """Load a shard saved for the same range, or a full window (plain MFAC's) of which we keep our columns.
         The checks of :meth:`DynamicMFAC.load_state_dict` run on every rank together: all load or all refuse."""
         G, problems = state.get("G"), []
-        if (isinstance(G, torch.Tensor) and G.dim() == 2 and G.shape[1] == self.dim
-                and (self.start, self.stop) != (0, self.dim)):
+        whole = (self.start, self.stop) == (0, self.dim)
+        if "I" in state and "start" not in state and not whole:
+            problems.append("a compressed window saved by one process cannot be split over ranks "
+                            "(its top-k blocks span the whole gradient): resume it in one process")
+        elif (isinstance(G, torch.Tensor) and G.dim() == 2 and G.shape[1] == self.dim
+                and not whole):
             state = {**state, "G": G[:, self.start : self.stop]}
         elif "start" in state and (int(state["start"]), int(state["stop"])) != (self.start, self.stop):
             problems.append(f"window shard covers [{state['start']}, {state['stop']}); this rank holds "
@@ -137,7 +145,8 @@ class ShardedMFAC(MFAC):
 
     def _make_window(self, dim: int, device):  # MFAC's layout, with the window sharded
         share = -(-dim // self.comm.world_size)
-        need, free = window_bytes(share, self.num_grads, self.grad_dtype), free_bytes(device)
+        need = window_bytes(share, self.num_grads, self.grad_dtype, self.density)
+        free = free_bytes(device)
         error = window = None
         try:
             if free is not None and need > free:
@@ -146,7 +155,7 @@ class ShardedMFAC(MFAC):
                     f"x {share} of d={dim} values) but only {free / 2**30:.2f} GiB is free on {device}. Lower "
                     "num_grads, store it in bfloat16 (grad_dtype), or use more processes.")
             window = _ShardedWindow(dim, self.num_grads, self.damp, device, self.grad_dtype,
-                                    self.normalize_by_seen, self.comm)
+                                    self.normalize_by_seen, self.comm, self.density)
         except Exception as e:  # noqa: BLE001 - one rank short of memory must not leave the others waiting
             error = e
         self.comm.check(error)
@@ -273,6 +282,20 @@ def _gather_columns(folder: str, first: dict, full_dim: int, start: int, stop: i
     return G
 
 
+def _compressed_shard(first: dict, world_size: int, start: int, stop: int) -> dict:
+    """The saved compressed window of this rank: its top-k blocks start at the first coordinate of
+    each rank's range, so it is only read back into the same ranges (the saving run's number of
+    ranks)."""
+    saved = int(first["world_size"])
+    win = first["window"]
+    if saved != world_size or (int(win["start"]), int(win["stop"])) != (start, stop):
+        raise ValueError(f"the compressed M-FAC window was saved by {saved} ranks; it can only be "
+                         f"resumed by {saved} ranks (this run has {world_size}): its top-k blocks "
+                         "start at each rank's first coordinate")
+    return dict(win) if world_size > 1 else {k: v for k, v in win.items()
+                                              if k not in ("start", "stop")}
+
+
 def load_mfac_shards(optimizer, folder: str, *, expect_meta: dict | None = None) -> dict:
     """Restore the window from ``mfac_shard_*.pt`` in ``folder`` into a :class:`ShardedMFAC` (any number of
     ranks: each reads the columns it now holds from the files that have them; with the saving run's number
@@ -303,11 +326,14 @@ def load_mfac_shards(optimizer, folder: str, *, expect_meta: dict | None = None)
     try:
         start, stop = (window.start, window.stop) if sharded else (0, window.dim)
         full_dim = _check_saved_layout(opt, first, layout, window)
-        G = _gather_columns(folder, first, full_dim, start, stop)
-        state = {k: v for k, v in first["window"].items() if k not in ("G", "start", "stop")}
-        state["G"] = G
-        if sharded:
-            state.update(start=start, stop=stop)
+        if "I" in first["window"]:  # compressed: this rank's own shard, as saved
+            state = _compressed_shard(first, opt.comm.world_size if sharded else 1, start, stop)
+        else:
+            G = _gather_columns(folder, first, full_dim, start, stop)
+            state = {k: v for k, v in first["window"].items() if k not in ("G", "start", "stop")}
+            state["G"] = G
+            if sharded:
+                state.update(start=start, stop=stop)
     except Exception as e:  # noqa: BLE001 - reported on every rank
         error = e
     _raise_together(opt, sharded, error)

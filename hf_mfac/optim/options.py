@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core._checks import check_int, check_real
+from ..core.sparse_window import check_density
 
 __all__ = ["MFACOptions", "OPTION_ALIASES", "GRAD_DTYPES", "option_fields", "check_option",
            "parse_optim_args"]
@@ -71,6 +72,10 @@ def _storage_name(label: str, value) -> str | None:
     if name is not None and name not in _STORAGE:
         raise ValueError(f"{label} must be float16, bfloat16, float32 or float64; got {value!r}")
     return name
+
+
+def _density(label: str, value) -> float:
+    return check_density(value, label)
 
 
 def _device(label: str, value):
@@ -120,6 +125,10 @@ class MFACOptions:
     nonfinite: str = option(
         "raise", "A gradient the window refuses (NaN/inf, beyond the storage dtype): 'raise' or "
         "'skip' the step.", _raise_or_skip)
+    density: float = option(
+        1.0, "Fraction of each gradient the window keeps, in (0, 1]; below 1 the window is "
+        "compressed (top-k per block with error feedback), e.g. 0.01 for num_grads=1024 at "
+        "BERT-base size.", _density)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
