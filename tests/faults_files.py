@@ -658,6 +658,41 @@ CARD_ROWS += [
                                                  metric_value=1.0)]), check=no_secret_written),
     Fault("card:secrets-in-an-existing-card", card_with_secret_readme, card(), check=no_secret_written),
 ]
+def says_left_out(*pairs):
+    """The card was written: each ``(metric, value)`` is named in the text and absent from model-index."""
+    def check(ctx, _result):
+        from huggingface_hub import ModelCard
+
+        card = ModelCard.load(ctx["dir"] / "README.md")
+        in_index = {r.metric_type for r in card.data.eval_results or []}
+        for metric, value in pairs:
+            assert f"{metric} = {value}" in card.text and metric not in in_index, (metric, card.text)
+    return check
+
+
+def trainer_card_with_nan_loss(ctx):
+    """``MFACTrainer.create_model_card`` after an evaluation whose loss diverged."""
+    from transformers import TrainingArguments
+
+    from hf_mfac.integrations import MFACTrainer
+
+    model, masks_ = model_and_masks()
+    trainer = MFACTrainer(model=model, args=TrainingArguments(output_dir=str(ctx["dir"]), report_to=[],
+                                                               use_cpu=True))
+    trainer.state.log_history.append({"eval_loss": float("nan"), "eval_accuracy": 0.5, "step": 1})
+    trainer.create_model_card(dataset="glue", tasks="text-classification")
+
+
+CARD_ROWS += [
+    Fault("card:nan-and-inf-metrics", dense_dir, card(eval_results={"loss": float("nan"), "accuracy": 0.5,
+                                                                    "perplexity": float("inf")}, datasets="glue"),
+          check=says_left_out(("loss", "nan"), ("perplexity", "inf"))),
+    Fault("card:nan-evalresult", dense_dir, lambda ctx: create_sparse_model_card(ctx["dir"], eval_results=[
+        __import__("huggingface_hub").EvalResult(task_type="text-classification", dataset_type="glue",
+                                                 dataset_name="glue", metric_type="f1",
+                                                 metric_value=float("-inf"))]), check=says_left_out(("f1", "-inf"))),
+    Fault("card:trainer-eval-loss-nan", dense_dir, trainer_card_with_nan_loss, check=says_left_out(("loss", "nan"))),
+]
 for n, after in ((1, False), (2, True), (3, False), (4, True)):  # withdraw plot, README; install plot, README
     CARD_ROWS.append(Fault(f"card:interrupted-at-rename-{n}{'-after' if after else ''}", card_with_plot,
                            card_commit_fails(n, after), raises=KeyboardInterrupt, match="interrupted",

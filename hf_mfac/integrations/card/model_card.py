@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -110,24 +111,33 @@ def _sparsity_from(sparsity, model, masks, save_directory) -> tuple[dict | None,
     return found, found is not None
 
 
+def _finite(value) -> bool:
+    """False for a NaN or infinite number (YAML would carry ``.nan``, which no reader compares equal)."""
+    return not isinstance(value, (int, float)) or isinstance(value, bool) or math.isfinite(value)
+
+
 def _eval_results(eval_results, task, dataset_name, dataset_type, dataset_config, dataset_split):
-    """(EvalResults for model-index or None, table rows). A metrics mapping needs a dataset and a task to
-    enter model-index; without them its rows go to the card's text only."""
+    """(EvalResults for model-index or None, table rows, the rows left out of model-index because their value is
+    NaN or infinite). A metrics mapping needs a dataset and a task to enter model-index; without them its rows
+    go to the card's text only."""
     if not eval_results:
-        return None, []
+        return None, [], []
     if isinstance(eval_results, Mapping):
         named = dataset_name or dataset_type
         rows = [dict(task=task or "", dataset=named or "(not named)", split=dataset_split or "", metric=k,
                      value=_fmt(v)) for k, v in eval_results.items()]
+        left_out = [r for r, v in zip(rows, eval_results.values()) if not _finite(v)]
         if not (named and task):
-            return None, rows
+            return None, rows, left_out
         eval_results = [EvalResult(task_type=task, dataset_type=dataset_type or named, dataset_name=named,
                                    dataset_config=dataset_config, dataset_split=dataset_split,
                                    metric_type=k, metric_value=v) for k, v in eval_results.items()]
     rows = [dict(task=r.task_type, dataset=r.dataset_name + (f" ({r.dataset_config})" if r.dataset_config else ""),
                  split=r.dataset_split or "", metric=r.metric_type,
                  value=_fmt(r.metric_value)) for r in eval_results]
-    return list(eval_results), rows
+    left_out = [row for row, r in zip(rows, eval_results) if not _finite(r.metric_value)]
+    results = [r for r in eval_results if _finite(r.metric_value)]
+    return results or None, rows, left_out
 
 
 def _merge_data(existing: ModelCardData | None, ours: ModelCardData) -> ModelCardData:
@@ -191,6 +201,7 @@ class _Resolved:
     model_name: str
     results: list[EvalResult] | None  # for model-index; None when a dataset or the task is unknown
     eval_rows: list[dict]
+    left_out: list[dict]  # rows whose value is NaN or infinite: in the text, not in model-index
     is_mfac: bool  # M-FAC hyperparameters given, or the method is "mfac"
     plot_file: str | None
     data: ModelCardData  # the YAML metadata (before merging with an existing card)
@@ -211,7 +222,7 @@ def _resolve(sparsity, model, masks, save_directory, *, recipe, eval_results, mf
     datasets = [datasets] if isinstance(datasets, str) else (list(datasets) if datasets else None)
     model_name = model_name or (repo_id or "").split("/")[-1] or (
         _one_line(os.path.basename(os.path.normpath(save_directory))) if save_directory else "model")
-    results, eval_rows = _eval_results(eval_results, task or pipeline_tag,
+    results, eval_rows, left_out = _eval_results(eval_results, task or pipeline_tag,
                                        dataset_name or (datasets[0] if datasets else None),
                                        dataset_type or (datasets[0] if datasets else None),
                                        dataset_config, dataset_split)
@@ -222,7 +233,8 @@ def _resolve(sparsity, model, masks, save_directory, *, recipe, eval_results, mf
                          metrics=sorted({r.metric_type for r in results}) if results else None,
                          model_name=model_name if results else None)
     plot_file = PLOT_NAME if (plot and meta and save_directory) else None
-    return _Resolved(meta, saved, method, recipe, auto_class, model_name, results, eval_rows, is_mfac, plot_file, data)
+    return _Resolved(meta, saved, method, recipe, auto_class, model_name, results, eval_rows, left_out, is_mfac,
+                     plot_file, data)
 
 
 def _card_tags(meta, method, is_mfac: bool, tags) -> list[str]:
@@ -305,7 +317,8 @@ def create_sparse_model_card(
     section = _render_section(r.meta, saved=r.saved, method=r.method, auto_class=r.auto_class,
                               repo_id=fields["repo_id"] or r.model_name, plot_file=r.plot_file, recipe=r.recipe,
                               command=command,
-                              mfac=mfac, training=training, eval_rows=r.eval_rows, in_model_index=r.results is not None)
+                              mfac=mfac, training=training, eval_rows=r.eval_rows, in_model_index=r.results is not None,
+                              left_out=r.left_out)
     card, data = _new_or_updated_card(save_directory, r, section, base_model=fields["base_model"],
                                       description=description)
     card, data, section = _clean(card, data, section)

@@ -112,7 +112,8 @@ def _plot(per_layer: Mapping[str, Mapping], path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-def _render_section(meta, *, recipe, mfac, training, method, repo_id, command, eval_rows, **kwargs) -> str:
+def _render_section(meta, *, recipe, mfac, training, method, repo_id, command, eval_rows, left_out=(),
+                    **kwargs) -> str:
     """hf_mfac's marked section, from ``hf_mfac_section.md.jinja``; every user string escaped for where it stands
     and every secret redacted."""
     import jinja2
@@ -136,6 +137,7 @@ def _render_section(meta, *, recipe, mfac, training, method, repo_id, command, e
         mfac=table(mfac), training=table(training), method=_text(method) if method else None,
         pattern=_text((meta or {}).get("pattern")), masks_file=_code(masks_file, table=False) if masks_file else None,
         repo_literal=repo_literal, eval_rows=[{k: _text(v) for k, v in r.items()} for r in eval_rows],
+        left_out=[{k: _text(v) for k, v in r.items()} for r in left_out],
         **kwargs).strip()
 
 
