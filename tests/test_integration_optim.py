@@ -140,7 +140,7 @@ def test_cli_typed_fields_and_extra_optim_args():
     _, kwargs = mfac_optimizer_cls_and_kwargs(args)
     assert kwargs == {"lr": 5e-5, "weight_decay": 0.0, "num_grads": 1024, "damp": 1e-6, "momentum": 0.9,
                       "grad_dtype": "bfloat16", "window_device": "cpu", "normalize_by_seen": True,
-                      "nonfinite": "skip"}
+                      "nonfinite": "skip", "density": 1.0}
 
 
 @pytest.mark.parametrize("argv", [

@@ -195,3 +195,23 @@ def test_sharded_compressed_window_on_two_ranks(tmp_path):
         assert r["reshard_unchanged"], r
         assert "NaN or inf values (on at least one shard)" in r["nan_error"], r
         assert r["nan_unchanged"], r
+
+
+@pytest.mark.parametrize("argv", [["--mfac_density", "0.01"], ["--optim_args", "density=0.01"]])
+def test_command_line_and_training_arguments_set_the_density(argv):
+    transformers = pytest.importorskip("transformers")
+    from hf_mfac.integrations import MFACTrainingArguments, mfac_optimizer_cls_and_kwargs
+
+    (args,) = transformers.HfArgumentParser(MFACTrainingArguments).parse_args_into_dataclasses(
+        args=["--output_dir", "unused", "--use_cpu", "--report_to", "none", "--optim", "mfac",
+              *argv])
+    cls, kwargs = mfac_optimizer_cls_and_kwargs(args)
+    assert kwargs["density"] == 0.01
+    opt = cls(_model().parameters(), **kwargs)
+    assert opt.density == 0.01
+    direct = MFACTrainingArguments(output_dir="unused", optim="mfac", mfac_density=0.05,
+                                   report_to="none", use_cpu=True)
+    assert mfac_optimizer_cls_and_kwargs(direct)[1]["density"] == 0.05
+    with pytest.raises(ValueError, match="mfac_density must be > 0"):
+        MFACTrainingArguments(output_dir="unused", optim="mfac", mfac_density=0.0,
+                              report_to="none", use_cpu=True)

@@ -32,7 +32,7 @@ def _mfac_hparams(trainer) -> dict | None:
         opt = unwrap_optimizer(opt)  # accelerate's AcceleratedOptimizer wraps it
         hp = {"lr": opt.defaults["lr"], "num_grads": opt.num_grads, "damp": opt.damp,
               "weight_decay": opt.defaults["weight_decay"], "momentum": opt.defaults["momentum"],
-              "grad_dtype": opt.grad_dtype}
+              "grad_dtype": opt.grad_dtype, "density": getattr(opt, "density", 1.0)}
     return {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in hp.items()
             if v is not None}
 
