@@ -2,10 +2,12 @@
 (adds the schedule of :class:`~hf_mfac.integrations.PruningCallback`).
 
 Every front end derives from these dataclasses, so names, defaults and help agree everywhere:
-:func:`~hf_mfac.pruning.prune_oneshot` takes their field names as keywords (:meth:`PruningConfig.oneshot_kwargs`),
-``PruningCallback(config=..., **overrides)`` takes a :class:`GradualPruningConfig`, ``hf-mfac prune`` and the
-examples' ``--prune_*`` flags are built from the fields by ``transformers.HfArgumentParser`` (the ``help``
-metadata becomes the ``--help`` text; :func:`prefixed_fields` adds the ``prune_`` prefix).
+``prune_oneshot(model, dataloader, config, **overrides)`` takes a :class:`PruningConfig` (its fields are also
+keywords, which override it), ``PruningCallback(config=..., **overrides)`` takes a
+:class:`GradualPruningConfig`, ``hf-mfac prune`` and the examples' ``--prune_*`` flags are built from the
+fields by ``transformers.HfArgumentParser`` (the ``help`` metadata becomes the ``--help`` text;
+:func:`prefixed_fields` adds the ``prune_`` prefix). Every field is checked on construction (numbers must be
+numbers: ``"0.8"`` or ``False`` for a sparsity is refused, naming the field).
 
 ``None`` means "the method's default": the defaults themselves live in the pruner classes
 (``Pruner.default_num_grads`` / ``default_block_size`` / ``default_rel_damp``), one place each.
@@ -13,22 +15,59 @@ metadata becomes the ``--help`` text; :func:`prefixed_fields` adds the ``prune_`
 ```python
 from hf_mfac.pruning import PruningConfig, prune_oneshot
 config = PruningConfig(method="obert", sparsity=0.8, num_grads=256, recompute=4)
-masks, report = prune_oneshot(model, dataloader, **config.oneshot_kwargs())
+masks, report = prune_oneshot(model, dataloader, config)
+masks, report = prune_oneshot(model, dataloader, config, sparsity=0.9)  # a keyword overrides the field
 ```
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ..core._checks import check_damp, check_positive_int, check_sparsity
-from .pruners import PRUNERS, Pattern, Pruner
+from torch import nn
 
-__all__ = ["PruningConfig", "GradualPruningConfig", "prefixed_fields", "from_prefixed"]
+from ..core._checks import check_damp, check_positive_int, check_real, check_sparsity
+from .pruners import PRUNERS, Pattern, Pruner, make_pruner
+from .targets import DEFAULT_EXCLUDE, DEFAULT_TYPES, find_prunable
+
+__all__ = ["PruningConfig", "GradualPruningConfig", "prefixed_fields", "from_prefixed", "oneshot_config",
+           "FROM_CONFIG", "PRUNER_FIELDS", "SETTINGS"]
 
 _METHODS = sorted(PRUNERS)
+PRUNER_FIELDS = ("pattern", "scope", "block_size", "damp", "rel_damp", "woodtaylor")  # what a Pruner holds
+
+
+class _FromConfig:
+    """The default of :func:`~hf_mfac.pruning.prune_oneshot`'s setting keywords: the config's value."""
+
+    def __repr__(self) -> str:
+        return "<from config>"
+
+
+FROM_CONFIG = _FromConfig()
+
+
+def _number(name: str, value, **bounds):
+    """``value`` checked to be a real number (not a bool, not a string) within ``bounds`` (see
+    :func:`~hf_mfac.core.check_real`), naming ``name``; a one-element tensor becomes a float."""
+    v = check_real(name, value, **bounds)
+    return value if isinstance(value, numbers.Real) else v
+
+
+def _flag(name: str, value) -> bool:
+    """``value`` checked to be True or False (0 and 1 too), naming ``name``; ``"False"`` is refused."""
+    if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False; got {value!r} ({type(value).__name__})")
+
+
+def _fraction(name: str, value) -> float:
+    """A sparsity: a real number in [0, 1), naming ``name``."""
+    return check_sparsity(_number(name, value), name)
 
 
 @dataclass
@@ -76,38 +115,49 @@ class PruningConfig:
                 "(hf_mfac.pruning.DEFAULT_EXCLUDE)."})
 
     def __post_init__(self):
-        if self.method is not None and not isinstance(self.method, Pruner):
+        if isinstance(self.method, Pruner):
+            given = sorted(k for k in PRUNER_FIELDS if getattr(self, k) != _DEFAULTS[k])
+            if given:
+                raise ValueError(f"{given} are set on the Pruner instance; do not pass them beside it")
+        elif self.method is not None:
             if str(self.method).lower() not in PRUNERS:
                 raise ValueError(f"unknown pruning method {self.method!r}; choose one of {_METHODS}")
             self.method = str(self.method).lower()
-        if self.sparsity is not None:
-            self.sparsity = check_sparsity(self.sparsity)
-        if self.sparsities is not None:
-            self.sparsities = [check_sparsity(s, "sparsities") for s in self.sparsities]
-            if not self.sparsities or any(b <= a for a, b in zip(self.sparsities, self.sparsities[1:])):
-                raise ValueError(f"sparsities must be non-empty and increase strictly (masks never regrow); "
-                                 f"got {self.sparsities}")
-            if self.sparsity is not None:
-                raise ValueError("give sparsity (one target) or sparsities (a sweep), not both")
+        self._check_numbers()
         pat = Pattern.parse(self.pattern)
         if pat.kind == "nm" and self.sparsity is not None and not math.isclose(self.sparsity, pat.sparsity):
             raise ValueError(f"sparsity={self.sparsity} contradicts the {pat} pattern (which gives "
                              f"{pat.sparsity:g}); leave sparsity out for N:M")
         if self.scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' or 'layer'; got {self.scope!r}")
-        for name in ("num_grads", "block_size", "recompute", "fisher_batch_size"):
-            if getattr(self, name) is not None:
-                setattr(self, name, check_positive_int(name, getattr(self, name)))
         if self.per_sample and self.fisher_batch_size not in (None, 1):
             raise ValueError(f"per_sample=True means one sample per gradient (fisher_batch_size=1); got "
                              f"fisher_batch_size={self.fisher_batch_size}: give one of the two")
-        if self.damp is not None:
-            self.damp = check_damp(self.damp)
-        if self.rel_damp is not None and not (math.isfinite(self.rel_damp) and self.rel_damp > 0):
-            raise ValueError(f"rel_damp must be a finite number > 0; got {self.rel_damp}")
         for name in ("include", "exclude"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
+
+    def _check_numbers(self) -> None:
+        """Each numeric field a number of its range (never a string or a bool), each flag a bool."""
+        if self.sparsity is not None:
+            self.sparsity = _fraction("sparsity", self.sparsity)
+        if self.sparsities is not None:
+            if isinstance(self.sparsities, (str, bytes)) or not isinstance(self.sparsities, Iterable):
+                raise TypeError(f"sparsities must be a list of numbers; got {self.sparsities!r}")
+            self.sparsities = [_fraction("sparsities", s) for s in self.sparsities]
+            if not self.sparsities or any(b <= a for a, b in zip(self.sparsities, self.sparsities[1:])):
+                raise ValueError(f"sparsities must be non-empty and increase strictly (masks never regrow); "
+                                 f"got {self.sparsities}")
+            if self.sparsity is not None:
+                raise ValueError("give sparsity (one target) or sparsities (a sweep), not both")
+        for name in ("num_grads", "block_size", "recompute", "fisher_batch_size"):
+            if getattr(self, name) is not None or name == "recompute":
+                setattr(self, name, check_positive_int(name, getattr(self, name)))
+        for name in ("damp", "rel_damp"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_damp(getattr(self, name), name))
+        self.woodtaylor = _flag("woodtaylor", self.woodtaylor)
+        self.per_sample = _flag("per_sample", self.per_sample)
 
     def replace(self, **overrides) -> "PruningConfig":
         """A validated copy with ``overrides`` (field names; unknown names raise ``TypeError``)."""
@@ -129,6 +179,28 @@ class PruningConfig:
         except ``sparsities``, leaving out those that are None (the function's own default applies)."""
         names = [f.name for f in dataclasses.fields(PruningConfig) if f.name != "sparsities"]
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def pruner(self, **runtime) -> Pruner:
+        """The :class:`~hf_mfac.pruning.Pruner` of these settings (``runtime``: ``device``, ``page_bytes``),
+        or ``method`` itself when it is a Pruner instance, which holds its own settings: then the pruner
+        fields (:data:`PRUNER_FIELDS`, checked on construction) stay at their defaults and ``runtime`` at None."""
+        if not isinstance(self.method, Pruner):
+            return make_pruner(self.method, **{k: getattr(self, k) for k in PRUNER_FIELDS}, **runtime)
+        given = sorted(k for k, v in runtime.items() if v is not None)  # (the settings: on construction)
+        if given:
+            raise ValueError(f"{given} are set on the Pruner instance; do not pass them to prune_oneshot")
+        return self.method
+
+    def with_pruner(self, pruner: Pruner) -> "PruningConfig":
+        """A copy whose ``method`` is ``pruner`` (built from these settings), the pruner fields at their
+        defaults (the pruner holds them)."""
+        return self.replace(method=pruner, **{k: _DEFAULTS[k] for k in PRUNER_FIELDS})
+
+    def find_targets(self, model: nn.Module, types=DEFAULT_TYPES) -> dict:
+        """The pruning targets these settings select in ``model`` (:func:`~hf_mfac.pruning.find_prunable` with
+        ``include``, ``exclude`` (None: :data:`~hf_mfac.pruning.DEFAULT_EXCLUDE`) and ``types``)."""
+        exclude = DEFAULT_EXCLUDE if self.exclude is None else self.exclude
+        return find_prunable(model, include=self.include, exclude=exclude, types=types)
 
 
 @dataclass
@@ -157,15 +229,18 @@ class GradualPruningConfig(PruningConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.initial_sparsity = check_sparsity(self.initial_sparsity, "initial_sparsity")
+        self.initial_sparsity = _fraction("initial_sparsity", self.initial_sparsity)
         if self.unit not in ("steps", "epochs"):
             raise ValueError(f"unit must be 'steps' or 'epochs'; got {self.unit!r}")
-        if not self.frequency > 0:
-            raise ValueError(f"frequency must be > 0; got {self.frequency}")
-        if self.start < 0 or (self.end is not None and self.end < self.start):
+        self.frequency = _number("frequency", self.frequency, low=0, low_open=True)
+        self.start = _number("start", self.start, low=0)
+        if self.end is not None:
+            self.end = _number("end", self.end, low=0)
+        if self.end is not None and self.end < self.start:
             raise ValueError(f"need 0 <= start <= end; got start={self.start}, end={self.end}")
-        if not 0.0 <= self.lr_min_ratio <= 1.0:
-            raise ValueError(f"lr_min_ratio must lie in [0, 1]; got {self.lr_min_ratio}")
+        self.lr_min_ratio = _number("lr_min_ratio", self.lr_min_ratio, low=0, high=1)
+        for name in ("reset_momentum", "cyclic_lr", "save_at_targets"):
+            setattr(self, name, _flag(name, getattr(self, name)))
 
 
 def prefixed_fields(cls, prefix: str, defaults: dict | None = None) -> list[tuple]:
@@ -185,3 +260,27 @@ def from_prefixed(obj, prefix: str, cls=GradualPruningConfig, **overrides):
     """The ``cls`` config read from ``obj``'s ``prefix + name`` attributes (the inverse of :func:`prefixed_fields`)."""
     values = {f.name: getattr(obj, prefix + f.name) for f in dataclasses.fields(cls) if hasattr(obj, prefix + f.name)}
     return cls(**{**values, **overrides})
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PruningConfig)}
+SETTINGS = tuple(_DEFAULTS)  # the names of PruningConfig's fields, in order
+
+
+def oneshot_config(config: PruningConfig | None = None, **overrides) -> PruningConfig:
+    """The settings of one :func:`~hf_mfac.pruning.prune_oneshot` run: ``config`` (default:
+    ``PruningConfig()``) with ``overrides`` (field names) applied, validated. A keyword ``exclude=None``
+    excludes nothing, as in :func:`~hf_mfac.pruning.find_prunable` (a config's None is the default exclusion).
+    Refused: a config that is not a :class:`PruningConfig`, no method, a sweep (``sparsities``)."""
+    if config is None:
+        config = PruningConfig()
+    elif not isinstance(config, PruningConfig):
+        raise TypeError(f"config must be a hf_mfac.pruning.PruningConfig; got {type(config).__name__}")
+    if "exclude" in overrides and overrides["exclude"] is None:
+        overrides["exclude"] = []
+    config = config.replace(**overrides)
+    if config.method is None:
+        raise ValueError("method is None (no pruning): give a pruning method, e.g. method='obert'")
+    if config.sparsities is not None:
+        raise ValueError(f"sparsities={config.sparsities} is a sweep: call prune_sweep(model, dataloader, "
+                         "config=config) instead")
+    return config

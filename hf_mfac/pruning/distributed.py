@@ -41,10 +41,10 @@ from typing import Mapping
 import torch
 
 from ..comm import Comm, DistributedError
-from ..core._checks import check_positive_int
-from . import oneshot
-from .oneshot import _pruner_from, _resolve_targets, accepts_config, prune_oneshot, restore_on_error
+from .config import SETTINGS, PruningConfig, oneshot_config
+from .oneshot import prune_oneshot, restore_on_error
 from .pruners import CAPPruner, MFACPruner, Pruner, StepResult, make_pruner
+from .targets import DEFAULT_TYPES
 
 __all__ = ["DistributedPruner", "ShardedFisherInverse", "ShardedBatches", "prune_oneshot_distributed",
            "block_bounds", "DistributedError"]
@@ -340,25 +340,20 @@ class DistributedPruner(Pruner):
         return self.inner.prune(layout, w, keep, sparsity=sparsity, zeros=zeros, finv=finv, grad=grad)
 
 
-_PRUNER_KWARGS = ("pattern", "scope", "block_size", "damp", "rel_damp", "woodtaylor", "device", "page_bytes")
-
-
-@accepts_config
-def prune_oneshot_distributed(model, dataloader=None, *, method="obert", num_grads: int | None = None,
+def prune_oneshot_distributed(model, dataloader=None, config: PruningConfig | None = None, *,
                               shard_data: bool | str = "auto", group=None, **kwargs):
     """:func:`~hf_mfac.pruning.prune_oneshot` over all ranks of ``group`` (call it on every rank).
 
-    Same arguments and result as ``prune_oneshot`` (every rank gets the same masks and report, and ends with
-    the same model), except:
+    Same arguments and result as ``prune_oneshot`` (``config`` and its keyword overrides, the runtime
+    keywords; every rank gets the same masks and report, and ends with the same model), except:
 
     * ``num_grads``: the total number of gradients; each rank computes ``ceil(num_grads / N)`` of them (the
       report gives the total used).
     * ``shard_data``: ``"auto"`` (default) gives rank r the batches r, r + N, ... of ``dataloader``, unless
       the dataloader is already sharded (a ``DistributedSampler``, or prepared by accelerate); ``True`` /
       ``False`` force it. The same dataloader can thus be passed on every rank.
-    * ``method``: a name with the pruner keyword arguments (``pattern``, ``block_size``, ...), a
+    * ``method``: a name with the pruner settings (``pattern``, ``block_size``, ...), a
       :class:`Pruner`, or a :class:`DistributedPruner` (then ``group`` is its own).
-    * ``config``: a :class:`~hf_mfac.pruning.PruningConfig`, as in ``prune_oneshot`` (keywords override it).
 
     Works without a process group too (then it is ``prune_oneshot``). Errors on any rank (KeyboardInterrupt
     included) raise :class:`~hf_mfac.comm.DistributedError` on every rank (the interrupted rank re-raises its
@@ -367,49 +362,52 @@ def prune_oneshot_distributed(model, dataloader=None, *, method="obert", num_gra
     from the others' stops every rank before the gradients. See the module docstring for the process-group
     ``timeout`` to use with long gradient collections.
     """
+    settings = {k: kwargs.pop(k) for k in SETTINGS if k in kwargs}
+    method = settings.get("method", getattr(config, "method", None))
     comm = method.comm if isinstance(method, DistributedPruner) else Comm(group)
-    error = settings = None
+    error = agreed = None
     try:
-        pruner, num_grads, dataloader, kwargs, settings = _setup(model, dataloader, method, num_grads, shard_data,
-                                                                 group, comm, kwargs)
+        config, dataloader, agreed = _setup(model, dataloader, config, settings, shard_data, group, comm, kwargs)
     except BaseException as e:  # noqa: BLE001 - reported on every rank
         error = e
     comm.check(error)
-    comm.agree("the pruning settings", settings)
+    comm.agree("the pruning settings", agreed)
     with restore_on_error(kwargs["targets"]):  # a rank done before another failed puts its weights back too
         try:
-            result = prune_oneshot(model, dataloader, method=pruner, num_grads=num_grads, **kwargs)
+            result = prune_oneshot(model, dataloader, config, **kwargs)
         except DistributedError:  # raised on every rank already
             raise
         except BaseException as e:  # noqa: BLE001
             error = e
         comm.check(error)
-    if pruner.uses_fisher:
-        result.report.num_grads = num_grads * comm.world_size
+    if config.method.uses_fisher:
+        result.report.num_grads = config.num_grads * comm.world_size
     return result
 
 
-def _setup(model, dataloader, method, num_grads, shard_data, group, comm: Comm, kwargs: dict):
-    """This rank's pruner, gradients per rank, data shard, ``prune_oneshot`` keywords (targets resolved) and the
-    settings every rank must agree on."""
-    pruner = _pruner_from(method, **{k: kwargs.pop(k) for k in _PRUNER_KWARGS if k in kwargs})
+def _setup(model, dataloader, config, settings: dict, shard_data, group, comm: Comm, runtime: dict):
+    """This rank's settings (the pruner distributed, ``num_grads`` per rank), data shard and the settings every
+    rank must agree on; ``runtime`` (the ``prune_oneshot`` keywords that are not settings) gets the targets,
+    resolved once."""
+    config = oneshot_config(config, **settings)
+    pruner = config.pruner(device=runtime.pop("device", None), page_bytes=runtime.pop("page_bytes", None))
     if not isinstance(pruner, DistributedPruner):
         pruner = DistributedPruner(pruner, group)
         pruner.comm = comm
-    if num_grads is not None:
-        num_grads = check_positive_int("num_grads", num_grads)
+    config = config.with_pruner(pruner)
     if pruner.uses_fisher:  # the total over the ranks; each rank computes its share
-        num_grads = math.ceil((num_grads or pruner.default_num_grads) / comm.world_size)
+        config = config.replace(num_grads=math.ceil((config.num_grads or pruner.default_num_grads)
+                                                    / comm.world_size))
     if dataloader is not None and comm.distributed and (
             shard_data is True or (shard_data == "auto" and not _is_sharded(dataloader))):
         dataloader = ShardedBatches(dataloader, comm.rank, comm.world_size)
-    kwargs = _resolve_targets(model, kwargs)
-    settings = {k: (tuple(v) if isinstance(v, list) else v if isinstance(v, (int, float, str, bool, type(None),
-                tuple)) else type(v).__name__) for k, v in {**kwargs, "num_grads": num_grads}.items()
-                if not isinstance(v, Mapping) and k != "progress"}
-    settings["pruner"] = repr(pruner.inner)
-    kwargs["progress"] = kwargs.get("progress", True) and comm.rank == 0
-    return pruner, num_grads, dataloader, kwargs, settings
-
-
-oneshot._DISTRIBUTED_ENTRY = prune_oneshot_distributed  # plain prune_oneshot over several ranks runs this
+    types = runtime.pop("types", DEFAULT_TYPES)
+    if runtime.get("targets") is None:
+        runtime["targets"] = config.find_targets(model, types)
+    values = {**{k: getattr(config, k) for k in SETTINGS if k != "method"}, **runtime}
+    agreed = {k: (tuple(v) if isinstance(v, list) else v if isinstance(v, (int, float, str, bool, type(None),
+              tuple)) else type(v).__name__) for k, v in values.items()
+              if not isinstance(v, Mapping) and k != "progress"}
+    agreed["pruner"] = repr(pruner.inner)
+    runtime["progress"] = runtime.get("progress", True) and comm.rank == 0
+    return config, dataloader, agreed

@@ -9,15 +9,17 @@ model behind OBS only holds near the point where the Fisher was taken ([WoodFish
 All or nothing: a run that raises (KeyboardInterrupt included) copies the target weights back from a host copy
 taken before the first update (:func:`restore_on_error`), so the model is as it was before the call.
 Inside an initialised process group of several ranks, ``prune_oneshot`` runs
-:func:`~hf_mfac.pruning.distributed.prune_oneshot_distributed`, so the ranks never diverge.
+:func:`~hf_mfac.pruning.distributed.prune_oneshot_distributed` (imported when it is needed: that module builds
+on this one), so the ranks never diverge.
+
+The settings are a :class:`~hf_mfac.pruning.PruningConfig` value; the keywords of ``prune_oneshot`` named
+after its fields override them (:func:`~hf_mfac.pruning.config.oneshot_config`).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import hashlib
-import inspect
 import logging
 import math
 import time
@@ -32,10 +34,10 @@ from torch import nn
 from ..comm import Comm
 from ..core._checks import check_positive_int, check_sparsity
 from ..core.schedules import equal_fraction_schedule
-from .config import PruningConfig
+from .config import FROM_CONFIG, SETTINGS, PruningConfig, oneshot_config
 from .grads import check_dataloader, check_fisher_batch_size, check_trainable, collect_grads
-from .pruners import Pruner, _check_memory, make_pruner
-from .targets import DEFAULT_EXCLUDE, DEFAULT_TYPES, Layout, find_prunable
+from .pruners import Pruner, _check_memory
+from .targets import DEFAULT_TYPES, Layout, keep_modes
 
 __all__ = ["prune_oneshot", "prune_sweep", "PruneReport", "PruneResult", "FisherCache", "apply_masks",
            "masks_from_zeros", "restore_on_error"]
@@ -143,27 +145,6 @@ def restore_on_error(tensors: Mapping[str, torch.Tensor]):
         _GUARDED.reset(token)
 
 
-def _resolve_targets(model: nn.Module, kwargs: dict) -> dict:
-    """``kwargs`` of :func:`prune_oneshot` with the targets resolved once (``targets=``, in place of
-    ``include``/``exclude``/``types``), for the callers that guard them across several runs."""
-    kwargs = dict(kwargs)
-    select = {k: kwargs.pop(k) for k in ("include", "exclude", "types") if k in kwargs}
-    if kwargs.get("targets") is None:
-        kwargs["targets"] = find_prunable(model, **select)
-    return kwargs
-
-
-def _pruner_from(method, *, device=None, **settings) -> Pruner:
-    """The pruner of a run: :func:`make_pruner` with the ``settings`` (pattern, scope, block_size, damp, ...), or
-    ``method`` itself when it is a :class:`Pruner`, which holds its own settings (then they must be left out)."""
-    if not isinstance(method, Pruner):
-        return make_pruner(method, device=device, **settings)
-    given = sorted(k for k, v in settings.items() if v not in (None, False) and not (k == "scope" and v == "global"))
-    if given:
-        raise ValueError(f"{given} are set on the Pruner instance; do not pass them to prune_oneshot")
-    return method
-
-
 def _fit_block_size(pruner: Pruner, targets: Mapping[str, torch.Tensor]) -> Pruner:
     """``pruner``, or a copy with its block size lowered to the largest target's size (rounded up to the pattern's
     unit) when the block size exceeds every target. Each target is padded to a whole number of blocks, so a larger
@@ -185,41 +166,6 @@ def _fit_block_size(pruner: Pruner, targets: Mapping[str, torch.Tensor]) -> Prun
         pruner.inner = inner = copy.copy(inner)
     (inner or pruner).block_size = fit
     return pruner
-
-
-def accepts_config(fn):
-    """Give ``fn`` a ``config: PruningConfig | None`` keyword whose settings fill the keywords the caller did not
-    pass (the keywords given override them; a None field leaves the function's own default)."""
-    sig = inspect.signature(fn)
-    params = list(sig.parameters.values())
-    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
-    config = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
-                               annotation="PruningConfig | None")
-
-    @functools.wraps(fn)
-    def call(*args, config: PruningConfig | None = None, **kwargs):
-        if config is not None:
-            kwargs = {**_config_kwargs(config), **kwargs}
-        return fn(*args, **kwargs)
-
-    call.__signature__ = sig.replace(parameters=[*params[:at], config, *params[at:]])
-    return call
-
-
-def _config_kwargs(config: PruningConfig) -> dict:
-    if not isinstance(config, PruningConfig):
-        raise TypeError(f"config must be a hf_mfac.pruning.PruningConfig; got {type(config).__name__}")
-    if config.method is None:
-        raise ValueError("config.method is None (no pruning); set a method or leave config out")
-    if config.sparsities is not None:
-        raise ValueError(f"config.sparsities={config.sparsities} is a sweep: call prune_sweep(model, dataloader, "
-                         "config.sparsities, **config.oneshot_kwargs())")
-    return config.oneshot_kwargs()
-
-
-# prune_oneshot_distributed, which builds on this module: it registers itself here when hf_mfac.pruning.distributed
-# is imported (hf_mfac.pruning imports it), so that this module never imports it back.
-_DISTRIBUTED_ENTRY: Callable | None = None
 
 
 def _several_ranks(method) -> bool:
@@ -325,17 +271,23 @@ class FisherCache:
             self._entries.popitem(last=False)
 
 
-@accepts_config
-def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "obert", sparsity: float | None = None,
-                  num_grads: int | None = None, block_size: int | None = None, damp: float | None = None,
-                  rel_damp: float | None = None, recompute: int = 1, scope: str = "global", pattern=None,
-                  woodtaylor: bool = False,
-                  include=None, exclude=DEFAULT_EXCLUDE, types: Sequence[type] = DEFAULT_TYPES,
-                  targets: Mapping[str, torch.Tensor] | None = None, masks: Mapping[str, torch.Tensor] | None = None,
-                  fisher_batch_size: int | None = None, per_sample: bool = False, loss_fn: Callable | None = None,
+def prune_oneshot(model: nn.Module, dataloader=None, config: PruningConfig | None = None, *,
+                  method: str | Pruner = FROM_CONFIG, sparsity: float | None = FROM_CONFIG,
+                  num_grads: int | None = FROM_CONFIG, block_size: int | None = FROM_CONFIG,
+                  damp: float | None = FROM_CONFIG, rel_damp: float | None = FROM_CONFIG,
+                  recompute: int = FROM_CONFIG, scope: str = FROM_CONFIG, pattern: str | None = FROM_CONFIG,
+                  woodtaylor: bool = FROM_CONFIG, include=FROM_CONFIG, exclude=FROM_CONFIG,
+                  fisher_batch_size: int | None = FROM_CONFIG, per_sample: bool = FROM_CONFIG,
+                  types: Sequence[type] = DEFAULT_TYPES, targets: Mapping[str, torch.Tensor] | None = None,
+                  masks: Mapping[str, torch.Tensor] | None = None, loss_fn: Callable | None = None,
                   device=None, page_bytes: int | None = None, chunk_size: int | None = None,
                   fisher_cache: FisherCache | None = None, progress: bool = True) -> PruneResult:
-    """Prune ``model`` in place to ``sparsity`` with ``method`` and return ``(masks, report)``.
+    """Prune ``model`` in place to ``config.sparsity`` with ``config.method``; return ``(masks, report)``.
+
+    ``prune_oneshot(model, dataloader, config)`` with a :class:`~hf_mfac.pruning.PruningConfig`; each setting
+    keyword (``method`` to ``per_sample``) given overrides its field (``prune_oneshot(model, dl, config,
+    sparsity=0.9)``); left out, it is the config's (``PruningConfig()``'s defaults without a config:
+    ``method="obert"``, ``recompute=1``, ``scope="global"``, the method's ``num_grads``/``block_size``/``rel_damp``).
 
     Args:
         model: any ``nn.Module``; the dataloader's batches must give ``model(**batch).loss`` (or pass
@@ -343,6 +295,9 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
         dataloader: batches for the gradients (Fisher methods); each batch (or each ``fisher_batch_size``
             slice of it, ``per_sample=True`` for single samples) gives one gradient. Re-iterated for each
             recomputation.
+        config: the settings (method, sparsity, num_grads, ...). Settings that do not apply to the method
+            (``block_size``/``damp``/``num_grads`` for magnitude) are ignored with a note on logger "hf_mfac",
+            so one config can serve a comparison of methods.
         method: "magnitude", "obert" (WoodFisher/oBERT), "mfac" (static M-FAC) or "cap", or a
             :class:`~hf_mfac.pruning.Pruner`; ``block_size``/``rel_damp``/``num_grads`` default to the method's.
         rel_damp, damp: the Fisher's damping, by default ``rel_damp`` (a fraction of the mean diagonal of each
@@ -353,7 +308,8 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
         scope: "global" (one threshold) or "layer" (uniform per target).
         pattern: None/"unstructured", "N:M" (e.g. "2:4"), or "G-block" (e.g. "4-block").
         woodtaylor: add the first-order term ([WoodFisher, §6.2]) for "obert"/"mfac".
-        include, exclude, types: target selection (:func:`find_prunable`), or ``targets={name: param}``.
+        include, exclude, types: target selection (:func:`find_prunable`; ``exclude=None`` keeps no module
+            out), or ``targets={name: param}``.
         masks: existing masks ``{name: bool}`` (True = kept); those weights stay pruned.
         device: where the Fisher and the solves live (default: the model's device); ``page_bytes`` pages the
             static M-FAC gradients through it.
@@ -363,20 +319,18 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
         fisher_cache: a :class:`FisherCache` shared by several runs from the same model state (a comparison of
             methods and sparsities): the first step reuses its Fisher inverse instead of recollecting the
             gradients when nothing it depends on changed (``report.fisher_reused``).
-        config: a :class:`~hf_mfac.pruning.PruningConfig` holding the settings (method, sparsity, num_grads, ...);
-            a keyword given to the call overrides its field, a None field leaves the default. Settings that do
-            not apply to the method (``block_size``/``damp``/``num_grads`` for magnitude) are ignored with a note
-            on logger "hf_mfac", so one config can serve a comparison of methods.
 
-    Everything is validated (pattern vs shapes, block size vs pattern, sparsity, data size, frozen targets,
-    memory) before any work. ``num_grads`` must be a positive integer (None: the method's default). A
-    ``block_size`` larger than every target is lowered to the largest target's size (rounded up to the pattern's
-    unit; logged on logger "hf_mfac"): each target is padded to whole blocks, so the larger block would give the
-    same inverse at many times the memory and time.
+    Everything is validated (every setting on its own, then pattern vs shapes, block size vs pattern, data
+    size, frozen targets, memory) before any work. A ``block_size`` larger than every target is lowered to the
+    largest target's size (rounded up to the pattern's unit; logged on logger "hf_mfac"): each target is padded
+    to whole blocks, so the larger block would give the same inverse at many times the memory and time. The
+    Fisher methods need autograd: a call inside ``torch.inference_mode()`` is refused (``torch.no_grad()`` is
+    fine: the gradients are taken under ``torch.enable_grad()``).
 
     All or nothing: if anything raises, KeyboardInterrupt included (a failed or interrupted recomputation step,
     a non-finite result), the target weights are copied back exactly and the exception propagates. This costs
-    one host (CPU) copy of the target weights for the duration of the call.
+    one host (CPU) copy of the target weights for the duration of the call. Every module's train/eval mode is
+    as it was on entry, whatever happens.
 
     Inside an initialised ``torch.distributed`` process group of more than one rank this is
     :func:`~hf_mfac.pruning.distributed.prune_oneshot_distributed` (call it on every rank; ``num_grads`` counts the
@@ -384,23 +338,23 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
     model. To prune each rank's model on its own, give a group of one rank:
     ``prune_oneshot_distributed(..., group=torch.distributed.new_subgroups(group_size=1)[0])``.
     """
-    settings = {k: v for k, v in locals().items() if k not in ("model", "dataloader")}
     t_start = time.perf_counter()
-    if _several_ranks(method):  # every rank must end with the same model: prune over all of them
-        if _DISTRIBUTED_ENTRY is None:
-            raise RuntimeError("inside a process group of several ranks prune_oneshot runs "
-                               "hf_mfac.pruning.prune_oneshot_distributed: import hf_mfac.pruning first")
-        return _DISTRIBUTED_ENTRY(model, dataloader, **settings)
-    recompute = check_positive_int("recompute", recompute)
-    if num_grads is not None:
-        num_grads = check_positive_int("num_grads", num_grads)
+    given = dict(method=method, sparsity=sparsity, num_grads=num_grads, block_size=block_size, damp=damp,
+                 rel_damp=rel_damp, recompute=recompute, scope=scope, pattern=pattern, woodtaylor=woodtaylor,
+                 include=include, exclude=exclude, fisher_batch_size=fisher_batch_size, per_sample=per_sample)
+    config = oneshot_config(config, **{k: v for k, v in given.items() if v is not FROM_CONFIG})
+    if _several_ranks(config.method):  # every rank must end with the same model: prune over all of them
+        from .distributed import prune_oneshot_distributed  # (it builds on this module)
+
+        return prune_oneshot_distributed(
+            model, dataloader, config, types=types, targets=targets, masks=masks, loss_fn=loss_fn, device=device,
+            page_bytes=page_bytes, chunk_size=chunk_size, fisher_cache=fisher_cache, progress=progress)
     if chunk_size is not None:
         chunk_size = check_positive_int("chunk_size", chunk_size)
-    fisher_batch_size = check_fisher_batch_size(fisher_batch_size, per_sample)
-    pruner = _pruner_from(method, pattern=pattern, scope=scope, block_size=block_size, damp=damp, rel_damp=rel_damp,
-                          woodtaylor=woodtaylor, device=device, page_bytes=page_bytes)
-    if targets is None:
-        targets = find_prunable(model, include=include, exclude=exclude, types=types)
+    pruner = config.pruner(device=device, page_bytes=page_bytes)
+    if pruner.uses_fisher:
+        _check_autograd(pruner.name)
+    targets = config.find_targets(model, types) if targets is None else targets
     pruner = _fit_block_size(pruner, targets)
     if pruner.uses_fisher:
         check_trainable(targets)
@@ -409,42 +363,69 @@ def prune_oneshot(model: nn.Module, dataloader=None, *, method: str | Pruner = "
     dev = pruner.device or next(iter(targets.values())).device  # gradients and the Fisher's factorisations
     wdev = pruner.work_device(dev)  # weights, masks, scores (static M-FAC: where its m x D matrix lives)
     keep = _initial_keep(layout, masks, wdev)
-    steps = _schedule(pruner, layout, keep, sparsity, recompute)
-    num_grads = _check_grads(pruner, layout, dataloader, num_grads, fisher_batch_size, len(steps), wdev)
-    report = _new_report(pruner, steps[-1][0], num_grads)
-    gather = dict(num_grads=num_grads, fisher_batch_size=fisher_batch_size, per_sample=per_sample,
-                  chunk_size=chunk_size, loss_fn=loss_fn, progress=progress)
-    with restore_on_error(targets):  # all or nothing: the weights come back on any exception
-        keep, loss_total = _run_steps(model, dataloader, pruner, layout, targets, keep, steps, dev, wdev,
-                                      fisher_cache, report, gather)
-        out_masks = _finish_report(report, layout, keep, targets, loss_total)
-        report.time_total = time.perf_counter() - t_start
-    return PruneResult(out_masks, report)
+    steps = _schedule(pruner, layout, keep, config.sparsity, config.recompute)
+    batch = check_fisher_batch_size(config.fisher_batch_size, config.per_sample)
+    config = config.replace(num_grads=_check_grads(pruner, layout, dataloader, config.num_grads, batch,
+                                                   len(steps), wdev), fisher_batch_size=batch)
+    run = _Run(model, dataloader, config, pruner, layout, targets, dev, wdev,
+               _new_report(pruner, steps[-1][0], config.num_grads), loss_fn, chunk_size, progress)
+    with restore_on_error(targets), keep_modes(model):  # all or nothing: weights and modes come back
+        keep, loss_total = _run_steps(run, keep, steps, fisher_cache)
+        out_masks = _finish_report(run.report, layout, keep, targets, loss_total)
+        run.report.time_total = time.perf_counter() - t_start
+    return PruneResult(out_masks, run.report)
 
 
-def _run_steps(model: nn.Module, dataloader, pruner: Pruner, layout: Layout, targets, keep: torch.Tensor, steps,
-               dev, wdev, fisher_cache: FisherCache | None, report: PruneReport, gather: dict):
-    """Run the pruning steps in place on ``targets``; return the final keep mask and the summed saliencies."""
+def _check_autograd(what: str) -> None:
+    """Refuse to collect gradients inside ``torch.inference_mode()``, which turns autograd off for the whole block
+    (``torch.enable_grad()`` cannot turn it back on), saying so; ``what`` names the method."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{what} pruning needs the loss gradients, but it was called inside "
+                           "torch.inference_mode(), where autograd is off: call it outside the inference_mode "
+                           "block (torch.no_grad() around it is fine), or use method='magnitude'")
+
+
+@dataclass
+class _Run:
+    """What the steps of one :func:`prune_oneshot` call share: the model and data, the resolved settings
+    (``config.num_grads`` and ``fisher_batch_size`` filled in), the pruner, its targets and devices."""
+    model: nn.Module
+    dataloader: object
+    config: PruningConfig
+    pruner: Pruner
+    layout: Layout
+    targets: Mapping[str, torch.Tensor]
+    dev: torch.device
+    wdev: torch.device
+    report: PruneReport
+    loss_fn: Callable | None
+    chunk_size: int | None
+    progress: bool
+
+
+def _run_steps(run: _Run, keep: torch.Tensor, steps, fisher_cache: FisherCache | None):
+    """Run the pruning steps in place on the targets; return the final keep mask and the summed saliencies."""
     loss_total = None
+    pruner, layout = run.pruner, run.layout
     for i_step, (step_sparsity, zeros) in enumerate(steps):
         t0 = time.perf_counter()
         fisher = _StepFisher()
-        if pruner.uses_fisher:
-            cache = fisher_cache if i_step == 0 else None  # later steps start from pruned weights
-            fisher = _step_fisher(model, dataloader, pruner, layout, keep, dev, wdev, cache, report, **gather)
-        w = layout.flatten(targets, dtype=torch.float32, device=wdev)
-        res = pruner.prune(layout, w, keep, sparsity=step_sparsity, zeros=zeros, finv=fisher.finv, grad=fisher.grad)
+        if pruner.uses_fisher:  # later steps start from pruned weights: no cache
+            fisher = _step_fisher(run, keep, fisher_cache if i_step == 0 else None)
+        w = layout.flatten(run.targets, dtype=torch.float32, device=run.wdev)
+        res = pruner.prune(layout, w, keep, sparsity=step_sparsity, zeros=zeros, finv=fisher.finv,
+                           grad=fisher.grad)
         if not bool(torch.isfinite(res.weights).all()):
             raise FloatingPointError(f"{pruner.name}: the pruned weights are not finite; increase damp")
         keep = res.keep
-        _write_back(targets, layout, res.weights)
+        _write_back(run.targets, layout, res.weights)
         loss = None
         if res.loss is not None:
             # The Fisher of gradients averaged over b samples is about 1/b of the per-sample Fisher that the
             # quadratic model needs (near a minimum the mean gradient is small): scale the saliencies by b.
             loss = res.loss * fisher.samples_per_grad
             loss_total = loss if loss_total is None else loss_total + loss
-        _record_step(report, layout, keep, loss, fisher.seconds, time.perf_counter() - t0)
+        _record_step(run.report, layout, keep, loss, fisher.seconds, time.perf_counter() - t0)
         del fisher
     return keep, loss_total
 
@@ -454,7 +435,8 @@ def _check_grads(pruner: Pruner, layout: Layout, dataloader, num_grads, fisher_b
     """The run's number of gradients per step (None for a method without a Fisher), checked against the data
     and the memory before any work."""
     if not pruner.uses_fisher:
-        unused = [k for k, v in dict(num_grads=num_grads, fisher_batch_size=fisher_batch_size).items() if v is not None]
+        unused = [k for k, v in dict(num_grads=num_grads, fisher_batch_size=fisher_batch_size).items()
+                  if v is not None]
         if unused:  # one sweep may pass the same settings to every method
             logger.info("%s pruning uses no gradients: ignoring %s", pruner.name, ", ".join(unused))
         return None
@@ -482,25 +464,24 @@ class _StepFisher:
     samples_per_grad: float = 1.0
 
 
-def _step_fisher(model: nn.Module, dataloader, pruner: Pruner, layout: Layout, keep: torch.Tensor, dev, wdev,
-                 fisher_cache: FisherCache | None, report: PruneReport, *, num_grads: int, fisher_batch_size,
-                 per_sample: bool, chunk_size, loss_fn, progress: bool) -> _StepFisher:
+def _step_fisher(run: _Run, keep: torch.Tensor, fisher_cache: FisherCache | None) -> _StepFisher:
     """The Fisher inverse at the current weights: from ``fisher_cache`` when it holds this state's, else from
-    ``num_grads`` fresh gradients (then stored in the cache)."""
+    ``config.num_grads`` fresh gradients (then stored in the cache)."""
+    c, pruner, layout = run.config, run.pruner, run.layout
     key = None
     if fisher_cache is not None and pruner.fisher_key() is not None:
-        key = fisher_cache.key(model, pruner, layout, keep, dataloader, (
-            id(loss_fn), num_grads, fisher_batch_size, per_sample, str(dev), str(wdev)))
+        key = fisher_cache.key(run.model, pruner, layout, keep, run.dataloader, (
+            id(run.loss_fn), c.num_grads, c.fisher_batch_size, c.per_sample, str(run.dev), str(run.wdev)))
         cached = fisher_cache.get(key)
         if cached is not None:
-            report.fisher_reused = True
+            run.report.fisher_reused = True
             finv, grad, samples_per_grad = cached
             return _StepFisher(finv, grad, 0.0, samples_per_grad)
-    fisher = pruner.new_fisher(layout.dim, num_grads, dev, groups=layout.layer_index())
-    stats = collect_grads(model, dataloader, num_grads, params=layout, keep=keep.to(dev), sink=fisher.add_grads,
-                          fisher_batch_size=fisher_batch_size, per_sample=per_sample, chunk_size=chunk_size,
-                          loss_fn=loss_fn, device=dev, progress=progress)
-    out = _StepFisher(fisher.finish(), stats.mean.to(wdev), stats.seconds,
+    fisher = pruner.new_fisher(layout.dim, c.num_grads, run.dev, groups=layout.layer_index())
+    stats = collect_grads(run.model, run.dataloader, c.num_grads, params=layout, keep=keep.to(run.dev),
+                          sink=fisher.add_grads, fisher_batch_size=c.fisher_batch_size, per_sample=c.per_sample,
+                          chunk_size=run.chunk_size, loss_fn=run.loss_fn, device=run.dev, progress=run.progress)
+    out = _StepFisher(fisher.finish(), stats.mean.to(run.wdev), stats.seconds,
                       stats.num_samples / max(1, stats.num_grads))
     if key is not None:
         fisher_cache.put(key, (out.finv, out.grad, out.samples_per_grad))
@@ -533,30 +514,32 @@ def _finish_report(report: PruneReport, layout: Layout, keep: torch.Tensor, targ
     return out_masks
 
 
-def prune_sweep(model: nn.Module, dataloader=None, sparsities: Sequence[float] = (), *,
+def prune_sweep(model: nn.Module, dataloader=None, sparsities: Sequence[float] = (),
+                config: PruningConfig | None = None, *,
                 save_fn: Callable[[float, nn.Module, dict, PruneReport], None] | None = None,
                 **kwargs) -> list[PruneResult]:
     """Several targets in one run ([CAP, §3.2]): prune to each sparsity in increasing order, starting from
     the previous masks, and call ``save_fn(sparsity, model, masks, report)`` after each (e.g. to write a
-    checkpoint per target). ``kwargs`` go to :func:`prune_oneshot` (``recompute`` applies per target).
+    checkpoint per target). ``sparsities``: the targets (default: ``config.sparsities``); ``config`` and
+    ``kwargs`` as in :func:`prune_oneshot` (``recompute`` applies per target):
+    ``prune_sweep(model, dataloader, config=PruningConfig(sparsities=[0.5, 0.7], num_grads=256))``.
 
     All or nothing, as :func:`prune_oneshot`: if a target fails (or the run is interrupted), the target weights
     are copied back to what they were before the call, unless ``save_fn`` already returned for some targets:
     then to what they were when the last ``save_fn`` returned, so the model agrees with the last checkpoint
     written (the exception carries a note naming the targets that were saved). Memory: one host copy of the
     target weights for the whole sweep."""
-    if not sparsities:
-        raise ValueError("give at least one target sparsity")
-    targets = [check_sparsity(s) for s in sparsities]
-    if any(b <= a for a, b in zip(targets, targets[1:])):
-        raise ValueError(f"sparsities must increase strictly (masks never regrow); got {list(sparsities)}")
-    kwargs = _resolve_targets(model, kwargs)
+    config = _sweep_config(config, sparsities, {k: kwargs.pop(k) for k in SETTINGS if k in kwargs})
+    types = kwargs.pop("types", DEFAULT_TYPES)
+    if kwargs.get("targets") is None:  # resolved once, for the guard and every target
+        kwargs["targets"] = config.find_targets(model, types)
     masks = kwargs.pop("masks", None)
+    one = config.replace(sparsities=None)
     results, saved = [], []
     try:
         with restore_on_error(kwargs["targets"]) as commit:
-            for s in targets:
-                res = prune_oneshot(model, dataloader, sparsity=s, masks=masks, **kwargs)
+            for s in config.sparsities:
+                res = prune_oneshot(model, dataloader, one.replace(sparsity=s), masks=masks, **kwargs)
                 masks = res.masks
                 results.append(res)
                 if save_fn is not None:
@@ -565,7 +548,21 @@ def prune_sweep(model: nn.Module, dataloader=None, sparsities: Sequence[float] =
                     saved.append(s)
     except BaseException as e:
         if saved:
-            e.add_note(f"prune_sweep: sparsities {saved} were saved by save_fn; the model is left as at the last "
-                       f"({saved[-1]})")
+            e.add_note(f"prune_sweep: sparsities {saved} were saved by save_fn; the model is left as at the "
+                       f"last ({saved[-1]})")
         raise
     return results
+
+
+def _sweep_config(config: PruningConfig | None, sparsities, settings: dict) -> PruningConfig:
+    """The settings of a sweep: ``config`` with ``settings`` and the ``sparsities`` (when given) applied."""
+    if config is not None and not isinstance(config, PruningConfig):
+        raise TypeError(f"config must be a hf_mfac.pruning.PruningConfig; got {type(config).__name__}")
+    config = config or PruningConfig()
+    if sparsities is not None and len(sparsities):
+        settings["sparsities"] = list(sparsities)
+    if not settings.get("sparsities", config.sparsities):
+        raise ValueError("give at least one target sparsity")
+    if "exclude" in settings and settings["exclude"] is None:
+        settings["exclude"] = []  # as in prune_oneshot: nothing excluded
+    return config.replace(sparsity=None, **settings)

@@ -11,13 +11,14 @@ weight groups never straddle two layers; the padding coordinates carry no gradie
 """
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_EXCLUDE", "DEFAULT_TYPES", "find_prunable", "Layout"]
+__all__ = ["DEFAULT_EXCLUDE", "DEFAULT_TYPES", "find_prunable", "Layout", "module_modes", "keep_modes"]
 
 DEFAULT_EXCLUDE = (
     r"(^|\.)(embeddings?|embedder|patch_embed\w*|pooler|classifier|qa_outputs|lm_head|heads?|score|cls)(\.|$)",
@@ -129,3 +130,25 @@ class Layout:
         for i, (off, end) in enumerate(zip(self.offsets, ends)):
             ids[off:end] = i
         return ids
+
+
+def module_modes(model: nn.Module) -> Callable[[], None]:
+    """Record the train/eval mode of every module of ``model``; the returned function puts each one back.
+    (``model.train(flag)`` alone sets every submodule to ``flag``, losing e.g. a part kept in eval mode.)"""
+    modes = [(m, m.training) for m in model.modules()]
+
+    def restore() -> None:
+        for m, training in modes:
+            m.training = training
+
+    return restore
+
+
+@contextlib.contextmanager
+def keep_modes(model: nn.Module):
+    """Every module of ``model`` leaves the block in the train/eval mode it had on entry, whatever happens."""
+    restore = module_modes(model)
+    try:
+        yield
+    finally:
+        restore()

@@ -11,10 +11,8 @@ from dataclasses import field
 
 from torch import nn
 
-from ...comm import Comm
 from ...pruning import GradualPruningConfig, prune_oneshot
 from ...pruning.config import from_prefixed, prefixed_fields
-from ...pruning.distributed import prune_oneshot_distributed
 from ..log_level import follow_log_level
 from .callback import PruningCallback
 
@@ -78,11 +76,11 @@ class _PruningArgumentsMethods:
                 raise ValueError("one-shot second-order pruning needs training data (--train_file / --do_train) "
                                  "for its gradients")
             loader = trainer.get_train_dataloader() if has_train_data else None
-            # under DDP the loader is this process's shard of the train batches: prune over all processes
-            prune = prune_oneshot_distributed if Comm().distributed else prune_oneshot
+            # under DDP the loader is this process's shard of the train batches: prune_oneshot then prunes over
+            # all processes (prune_oneshot_distributed)
             progress = trainer.is_world_process_zero() and not trainer.args.disable_tqdm
             logger.info("one-shot pruning with %s to sparsity %s", self.prune_method, self.prune_sparsity)
-            masks, report = prune(trainer.model, loader, progress=progress, **self.oneshot_kwargs())
+            masks, report = prune_oneshot(trainer.model, loader, self.config(), progress=progress)
             logger.info("one-shot pruning:\n%s", report.to_markdown())
             trainer.log({"sparsity": report.sparsity, **({"pruning_saliency": report.loss_increase}
                                                          if report.loss_increase is not None else {})})

@@ -37,12 +37,9 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ...comm import Comm
 from ...core.schedules import cubic_sparsity, cyclic_linear_scheduler
 from ...optim import MFAC, unwrap_optimizer
-from ...pruning import DEFAULT_EXCLUDE, DEFAULT_TYPES, GradualPruningConfig, Layout, find_prunable, make_pruner, \
-    prune_oneshot
-from ...pruning.distributed import prune_oneshot_distributed
+from ...pruning import DEFAULT_TYPES, GradualPruningConfig, Layout, prune_oneshot
 from ...pruning.oneshot import masks_from_zeros, restore_on_error
 from ..log_level import follow_log_level
 
@@ -54,7 +51,6 @@ CHECKPOINT_MASKS_NAME = "hf_mfac_pruning.safetensors"
 CHECKPOINT_STATE_NAME = "hf_mfac_pruning.json"
 # (the sparse checkpoints' own masks file is hf_mfac.integrations.checkpoint.MASKS_NAME)
 
-_PRUNER_KEYS = ("pattern", "scope", "block_size", "damp", "rel_damp", "woodtaylor")  # what make_pruner takes
 _UNSET = object()
 
 
@@ -107,8 +103,7 @@ class PruningCallback(TrainerCallback):
             overrides["sparsity"] = final_sparsity
         self.config = (config or GradualPruningConfig()).replace(**overrides)
         c = self.config
-        self.pruner = None if c.method is None else make_pruner(
-            c.method, **{k: getattr(c, k) for k in _PRUNER_KEYS if getattr(c, k) is not None})
+        self.pruner = None if c.method is None else c.pruner()
         if self.pruner is not None and self.pruner.pattern.kind != "nm" and c.sparsity is None and not c.sparsities:
             raise ValueError("give final_sparsity (cubic schedule) or sparsities (sweep)")
         self.dataloader, self.types, self.resume_from, self.progress = dataloader, types, resume_from, progress
@@ -177,8 +172,7 @@ class PruningCallback(TrainerCallback):
             state.is_world_process_zero and not args.disable_tqdm)
         self._train_dataloader = train_dataloader
         if not self.targets:
-            exclude = DEFAULT_EXCLUDE if self.config.exclude is None else self.config.exclude
-            self.targets = find_prunable(model, include=self.config.include, exclude=exclude, types=self.types)
+            self.targets = self.config.find_targets(model, self.types)
             if self.pruner is not None:
                 self.pruner.check(Layout(self.targets, pad=self.pruner.pad))
         unknown = set(self.masks) - set(self.targets)
@@ -246,22 +240,18 @@ class PruningCallback(TrainerCallback):
             if train_dataloader is None:
                 raise ValueError("PruningCallback needs gradients: pass dataloader=... or train with a train dataset")
             data = getattr(train_dataloader, "base_dataloader", train_dataloader)  # leave accelerate's state alone
-        kwargs = dict(method=self.pruner, sparsity=target, num_grads=c.num_grads, recompute=c.recompute,
-                      targets=self.targets, masks=self.masks or None, fisher_batch_size=c.fisher_batch_size,
-                      per_sample=c.per_sample, progress=self._show_progress)
+        step = c.with_pruner(self.pruner).replace(sparsity=target, sparsities=None)  # this step's settings
         grads = f", {c.num_grads or self.pruner.default_num_grads} gradients" if self.pruner.uses_fisher else ""
         logger.info("PruningCallback: step %d: pruning with %s from sparsity %.4f to %s%s%s", state.global_step,
                     self.pruner.name, self.current_sparsity(), "the pattern" if target is None else f"{target:.4f}",
                     grads, f", {c.recompute} recomputations" if c.recompute > 1 else "")
         previous = self.masks
         with restore_on_error(self.targets):  # a failure up to the optimizer's masks leaves the model as it was
-            if Comm().distributed:
-                # Under DDP every rank computes its share of the gradients (the Trainer's sharded train batches, or
-                # batches r, r + N, ... of a given dataloader), owns its share of the Fisher blocks and ends with
-                # the same masks and weights (hf_mfac.pruning.distributed); num_grads is the total over the ranks.
-                masks, report = prune_oneshot_distributed(model, data, **kwargs)
-            else:
-                masks, report = prune_oneshot(model, data, **kwargs)
+            # Under DDP this is prune_oneshot_distributed: every rank computes its share of the gradients (the
+            # Trainer's sharded train batches, or batches r, r + N, ... of a given dataloader), owns its share of
+            # the Fisher blocks and ends with the same masks and weights; num_grads is the total over the ranks.
+            masks, report = prune_oneshot(model, data, step, targets=self.targets, masks=self.masks or None,
+                                          progress=self._show_progress)
             try:
                 self.masks = masks
                 self._enforce(optimizer, reset=True)
