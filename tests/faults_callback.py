@@ -61,6 +61,34 @@ def _optimizer_refuses_masks(ctx):
         ctx["cb"]._prune(ctx["model"], ctx["opt"], [], 0.5, state)
 
 
+def _obert_callback(tmp_path):
+    """An oBERT PruningCallback about to prune the fault table's trained MLP, which trains with its fc2 in eval
+    mode (a frozen part, say)."""
+    from faults_pruning import modes, part_in_eval
+
+    ctx = part_in_eval()
+    cb = PruningCallback(method="obert", final_sparsity=0.5, num_grads=4, block_size=16, dataloader=ctx["data"],
+                         progress=False)
+    cb.targets = {n: p for n, p in ctx["model"].named_parameters() if n.endswith("weight")}
+    return {**ctx, "cb": cb, "modes": modes(ctx["model"])}
+
+
+def _prune_step(loss_fn=None):
+    def act(ctx):
+        state = mock.Mock(global_step=3, log_history=[])
+        if loss_fn is None:
+            return ctx["cb"]._prune(ctx["model"], None, None, 0.5, state)
+        with mock.patch("hf_mfac.pruning.grads.default_loss", side_effect=loss_fn):
+            return ctx["cb"]._prune(ctx["model"], None, None, 0.5, state)
+    return act
+
+
+def _check_modes(ctx, _):
+    from faults_pruning import modes
+
+    assert modes(ctx["model"]) == ctx["modes"], modes(ctx["model"])
+
+
 def _check_masks_kept(ctx, _):
     assert ctx["cb"].masks is ctx["cb_masks"]  # the callback's masks are the ones before the step
 
@@ -68,6 +96,15 @@ def _check_masks_kept(ctx, _):
 CASES = [
     Fault("optimizer refuses the new masks after pruning", _training_callback, _optimizer_refuses_masks, RuntimeError,
           "refused", watch=("model", "opt"), check=_check_masks_kept),
+    Fault("pruning step keeps each module's train/eval mode", _obert_callback, _prune_step(),
+          check=_check_modes),
+    Fault("pruning step that fails keeps each module's train/eval mode", _obert_callback,
+          _prune_step(loss_fn=ValueError("loss failed on purpose")), ValueError, "on purpose",
+          watch=("model",), check=_check_modes),
+    Fault("final_sparsity given as a string", lambda p: {}, lambda c: PruningCallback("obert", "0.8"), TypeError,
+          "sparsity must be a real number"),
+    Fault("a schedule number given as a string", lambda p: {},
+          lambda c: PruningCallback("obert", 0.8, frequency="100"), TypeError, "frequency must be a real number"),
     Fault("truncated masks file", _truncate, lambda c: c["cb"].load_state(str(c["folder"])), ValueError,
           CHECKPOINT_MASKS_NAME, watch=("cb_masks", "folder")),
     Fault("garbage state file", _garbage_state, lambda c: c["cb"].load_state(str(c["folder"])), ValueError,

@@ -140,3 +140,58 @@ def test_per_sample_and_fisher_batch_size_are_refused_together():
     with pytest.raises(ValueError, match="per_sample=True means one sample per gradient"):
         PruningConfig(per_sample=True, fisher_batch_size=4)
     assert PruningConfig(per_sample=True, fisher_batch_size=1).per_sample
+
+
+NUMERIC = {  # every numeric field and a good value of it
+    PruningConfig: dict(sparsity=0.5, num_grads=8, block_size=16, damp=1e-4, rel_damp=0.01, recompute=2,
+                        fisher_batch_size=2),
+    GradualPruningConfig: dict(initial_sparsity=0.1, start=1, end=10, frequency=2, lr_min_ratio=0.1),
+}
+NOT_NUMBERS = ["0.8", "80%", False, True, None, [0.5], object()]
+
+
+@pytest.mark.parametrize("cls,name", [(cls, name) for cls, fields in NUMERIC.items() for name in fields],
+                         ids=lambda x: getattr(x, "__name__", x))
+def test_numeric_fields_take_numbers_only(cls, name):
+    """A string ("0.8", "80%"), a bool or any other non-number is refused for each numeric field, naming the
+    field; the good value is accepted (None too where the field is optional)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    assert set(NUMERIC[PruningConfig]) | set(NUMERIC[GradualPruningConfig]) >= {
+        f.name for f in dataclasses.fields(GradualPruningConfig) if f.type in ("float", "int", "float | None",
+                                                                                "int | None")}
+    good = {"sparsity": 0.5} if name != "sparsity" else {}
+    assert getattr(cls(**good, **{name: NUMERIC[cls][name]}), name) == NUMERIC[cls][name]
+    for bad in NOT_NUMBERS:
+        if bad is None and fields[name].default is None:
+            assert getattr(cls(**good, **{name: None}), name) is None
+            continue
+        with pytest.raises((TypeError, ValueError), match=rf"\b{name}\b"):
+            cls(**good, **{name: bad})
+
+
+@pytest.mark.parametrize("name", ["woodtaylor", "per_sample", "reset_momentum", "cyclic_lr", "save_at_targets"])
+def test_flags_take_bools_only(name):
+    """``"False"`` is a true string: a flag given a string (or 2, or None) is refused, naming it."""
+    assert getattr(GradualPruningConfig(sparsity=0.5, **{name: True}), name) is True
+    for bad in ["False", "yes", 2, None]:
+        with pytest.raises(TypeError, match=rf"{name} must be True or False"):
+            GradualPruningConfig(sparsity=0.5, **{name: bad})
+
+
+def test_sparsities_take_a_list_of_numbers():
+    assert PruningConfig(sparsities=(0.3, 0.5)).sparsities == [0.3, 0.5]
+    for bad in ["0.3", ["0.3", "0.5"], [0.3, False], 0.5]:
+        with pytest.raises((TypeError, ValueError), match="sparsities"):
+            PruningConfig(sparsities=bad)
+
+
+def test_a_pruner_instance_holds_its_settings():
+    from hf_mfac.pruning import OBSPruner
+
+    pruner = OBSPruner(block_size=16)
+    assert PruningConfig(method=pruner).pruner() is pruner
+    with pytest.raises(ValueError, match=r"\['block_size', 'scope'\] are set on the Pruner instance"):
+        PruningConfig(method=pruner, block_size=8, scope="layer")
+    with pytest.raises(ValueError, match=r"\['device'\] are set on the Pruner instance"):
+        PruningConfig(method=pruner).pruner(device="cpu")
+    assert PruningConfig(method="obert", block_size=8).with_pruner(pruner) == PruningConfig(method=pruner)

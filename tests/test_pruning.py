@@ -493,3 +493,66 @@ def test_config_fills_what_the_keywords_leave(random_bert, caplog):
         prune_oneshot(copy.deepcopy(random_bert), CALIB, config=PruningConfig(sparsities=[0.3, 0.5]))
     with pytest.raises(TypeError, match="PruningConfig"):
         prune_oneshot(copy.deepcopy(random_bert), CALIB, config={"sparsity": 0.5})
+
+
+def _modes(model) -> dict:
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def test_every_module_keeps_its_train_eval_mode(random_bert):
+    """A model in train mode with a part in eval mode (and the reverse) comes back with each module's own mode,
+    after a run and after a run that fails in its second step."""
+    from hf_mfac.pruning import PruningConfig
+
+    config = PruningConfig(method="obert", sparsity=0.4, num_grads=4, block_size=16)
+    model = copy.deepcopy(random_bert).train()
+    model.bert.encoder.layer[0].eval()
+    before = _modes(model)
+    prune_oneshot(model, CALIB, config, progress=False)
+    assert _modes(model) == before and not model.bert.encoder.layer[0].attention.self.training
+
+    calls = [0]
+
+    def failing(model, batch):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise ValueError("loss failed on purpose")
+        return model(**batch).loss
+
+    model.eval()
+    model.classifier.train()
+    before = _modes(model)
+    with pytest.raises(ValueError, match="on purpose"):
+        prune_oneshot(model, CALIB, config, recompute=2, loss_fn=failing, progress=False)
+    assert _modes(model) == before and model.classifier.training and not model.bert.training
+
+
+def test_inference_mode_is_named(random_bert):
+    """Under torch.inference_mode() autograd is off: the error says so and what to do (it used to blame
+    requires_grad); magnitude pruning needs no gradients and runs."""
+    model = copy.deepcopy(random_bert)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"inside torch\.inference_mode\(\).*outside"):
+        prune_oneshot(model, CALIB, method="obert", sparsity=0.5, num_grads=4, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), random_bert.parameters()))
+    with torch.inference_mode():
+        _, rep = prune_oneshot(model, method="magnitude", sparsity=0.5)
+    assert rep.sparsity == pytest.approx(0.5, abs=1e-3)
+
+
+def test_config_as_a_value(random_bert):
+    """``prune_oneshot(model, dataloader, config)`` (keywords override it) and ``prune_sweep(..., config=)``
+    give what the keywords give."""
+    from hf_mfac.pruning import PruningConfig
+
+    config = PruningConfig(method="magnitude", sparsity=0.3, scope="layer", include="intermediate")
+    a, b, c = (copy.deepcopy(random_bert) for _ in range(3))
+    masks_a, rep_a = prune_oneshot(a, None, config, sparsity=0.5)
+    masks_b, _ = prune_oneshot(b, method="magnitude", sparsity=0.5, scope="layer", include="intermediate")
+    assert rep_a.sparsity == pytest.approx(0.5, abs=1e-3) and rep_a.scope == "layer"
+    assert masks_a.keys() == masks_b.keys() and all("intermediate" in n for n in masks_a)
+    assert all(torch.equal(masks_a[n], masks_b[n]) for n in masks_b)
+    sweep = prune_sweep(c, None, config=config.replace(sparsity=None, sparsities=[0.2, 0.5]))
+    assert [r.report.target_sparsity for r in sweep] == [0.2, 0.5]
+    assert all(torch.equal(sweep[-1].masks[n], masks_b[n]) for n in masks_b)
+    with pytest.raises(ValueError, match="give at least one target sparsity"):
+        prune_sweep(copy.deepcopy(random_bert), None, config=config)
