@@ -237,7 +237,7 @@ def test_block_sums_packed_exactly(d, B, gen):
     G = torch.randn(3 * B + 150, d, generator=gen)
     nb = -(-d // B)
     Gp = torch.nn.functional.pad(G.double(), (0, nb * B - d)).view(-1, nb, B).transpose(0, 1)
-    bf = BlockFisherInverse(d, B, 1e-3)
+    bf = BlockFisherInverse(d, B, 1e-3, products=torch.float64)
     bf.add_grads(G[:2])
     bf.add_grads(G[2 : 2 * B])
     exact = Gp[:, : 2 * B].mT @ Gp[:, : 2 * B]
@@ -365,8 +365,8 @@ def test_packed_inverse_matches_whole_blocks(d, B, gen):
     inverse to fp32 rounding through every accessor, and holds about half the bytes of whole fp32 blocks."""
     m = 9
     G = torch.randn(m, d, generator=gen)
-    packed, ref = BlockFisherInverse(d, B, rel_damp=1e-2), BlockFisherInverse(d, B, rel_damp=1e-2,
-                                                                              dtype=torch.float64)
+    packed = BlockFisherInverse(d, B, rel_damp=1e-2, products=torch.float64)
+    ref = BlockFisherInverse(d, B, rel_damp=1e-2, dtype=torch.float64)
     for chunk in G.split(4):
         packed.add_grads(chunk)
         ref.add_grads(chunk.double())
@@ -390,7 +390,7 @@ def test_packed_inverse_matches_whole_blocks(d, B, gen):
     per = Bp * (Bp + 1) // 2
     assert packed.storage_bytes() <= 4 * per * (packed.num_blocks + 1)
     sd = packed.state_dict()
-    again = BlockFisherInverse(d, B, rel_damp=1e-2)
+    again = BlockFisherInverse(d, B, rel_damp=1e-2, products=torch.float64)
     again.load_state_dict(sd)
     assert torch.equal(again.unpack(), packed.unpack()) and torch.equal(again.diag(), packed.diag())
 
@@ -420,3 +420,65 @@ def test_pruners_read_packed_blocks_as_whole_ones(pattern, method, gen):
     assert torch.equal(a.keep, b.keep)
     assert torch.equal(a.weights, b.weights)
     assert int((~a.keep & layout.valid()).sum()) > 0
+
+
+# -- the precision of the products, from the error bound ---------------------------------------------------------
+def test_product_dtype_rule():
+    from hf_mfac.core.fisher import PRODUCT_TOL, product_dtype
+
+    eps = torch.finfo(torch.float32).eps
+    assert product_dtype(32, 0.0, rel_damp=1e-2) == torch.float32  # the default relative damping
+    assert product_dtype(32, 0.0, rel_damp=1e-6) == torch.float64
+    k_max = int(PRODUCT_TOL * 1e-2 / eps)  # the largest chunk the default takes in fp32
+    assert product_dtype(k_max, 0.0, rel_damp=1e-2) == torch.float32
+    assert product_dtype(k_max + 1, 0.0, rel_damp=1e-2) == torch.float64
+    assert product_dtype(32, 1.0, damp=1e-8) == torch.float64  # the papers' tiny absolute damps
+    assert product_dtype(32, 1e-6, damp=1e-2) == torch.float32  # an absolute damp large against |g|^2
+    assert product_dtype(32, 0.0, damp=1e-8) == torch.float32  # zeros: exact either way
+
+
+def _decaying(m, d, gen, scale=1.0):
+    """Gradients whose covariance spectrum decays (as real ones do), times ``scale``."""
+    basis = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
+    coef = torch.randn(m, d, generator=gen, dtype=torch.float64) * torch.logspace(0, -3, d, dtype=torch.float64)
+    return ((coef @ basis.T) * scale).float()
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-4])
+def test_fp32_products_at_the_default_relative_damp(scale, gen):
+    """Large damping against the bound (relative 1e-2): fp32 products, and diag(F^{-1}) and F^{-1} x within the
+    bound ``k eps32 / rel_damp`` of the fp64 dense reference, whatever the gradients' scale."""
+    m, d, B, k = 40, 45, 8, 10
+    G = _decaying(m, d, gen, scale)
+    bf = BlockFisherInverse(d, B, rel_damp=1e-2)
+    for chunk in G.split(k):
+        bf.add_grads(chunk)
+    assert bf.product_counts[torch.float32] == m and bf.product_counts[torch.float64] == 0
+    ref = BlockFisherInverse(d, B, rel_damp=1e-2, dtype=torch.float64)
+    ref.add_grads(G.double())
+    ref.invert()
+    Finv = torch.linalg.inv(block_fisher(G.double(), 0.0, B) + torch.diag(ref.block_damp.repeat_interleave(B)[:d]))
+    bound = k * torch.finfo(torch.float32).eps / 1e-2  # 1.2e-4; measured 2-10e-7
+    assert rel_err(bf.diag(), Finv.diagonal()) < bound
+    x = torch.randn(d, generator=gen, dtype=torch.float64)
+    assert rel_err(bf.mul(x.float()), Finv @ x) < bound
+
+
+@pytest.mark.parametrize("damp", [1e-6, 1e-8])
+def test_fp64_products_at_tiny_absolute_damp(damp, gen):
+    """Small damping against the bound: fp64 products, and the fp32 result as accurate as its rounding; forced
+    fp32 products are not (the reason for the rule)."""
+    m, d, B = 12, 45, 16  # fewer gradients than the block size: the damping sets the smallest eigenvalues
+    G = _decaying(m, d, gen)
+    Finv = torch.linalg.inv(block_fisher(G.double(), damp, B))
+    eps = torch.finfo(torch.float32).eps
+    bf = BlockFisherInverse(d, B, damp)
+    forced = BlockFisherInverse(d, B, damp, products=torch.float32)
+    for chunk in G.split(5):
+        bf.add_grads(chunk)
+        forced.add_grads(chunk)
+    assert bf.product_counts[torch.float64] == m
+    err = ((bf.diag().double() - Finv.diagonal()).abs() / Finv.diagonal()).max()
+    assert err < 4 * eps
+    err32 = ((forced.diag().double() - Finv.diagonal()).abs() / Finv.diagonal()).max()
+    assert err32 > 100 * eps

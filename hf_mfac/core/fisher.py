@@ -10,13 +10,17 @@ gradient), gradients arrive in chunks (k, d) and ``G_b^T G_b`` is accumulated wi
 chunk; the inverse is then formed once with batched fp64 Cholesky (then ``L^{-T} L^{-1}``). The m gradients are
 never all held.
 
-Precision and memory. ``G_b^T G_b`` is accumulated in fp64 (products of fp32 values are exact in fp64), so its
-error is that of fp64 whatever the gradients' scale and count; an fp32 sum loses about ``m * eps32 * |g|^2``,
-which swamps a small damping (measured: 5e-3 relative error of ``diag(F^{-1})`` at m = 32, unit-scale gradients,
-damp 1e-5, against 6e-8 here, the fp32 rounding of the result; fp32 rank-1 Woodbury updates, as in oBERT's code,
-reach 9e-3). fp32 GEMMs over chunks of gradients, summed in fp64, would run faster but are not accurate enough:
-on gradients whose covariance spectrum decays (as real ones do) they reach 2-5e-5 at damp 1e-4..1e-8, worse than
-fp32 Woodbury at damp 1e-4 (measured in the benchmarks). With an fp32 inverse the accumulator holds each symmetric
+Precision and memory. The running sum of ``G_b^T G_b`` is always fp64; the products of a chunk of k gradients
+are fp64 (exact for fp32 values) or fp32 GEMMs, chosen per chunk by the error bound (:func:`product_dtype`).
+An fp32 sum of k products errs by about ``k * eps32 * |g|^2`` (``|g|^2`` the mean square of the gradients'
+coordinates), which matters only against a damping that small: the chunk's products are fp32 when
+``k * eps32 * |g|^2 <= PRODUCT_TOL * λ``, fp64 otherwise. With the relative damping ``λ = rel_damp * |g|^2`` the
+rule reads ``k * eps32 <= PRODUCT_TOL * rel_damp`` whatever the gradients' scale: fp32 at the default
+``rel_damp = 1e-2`` and chunks of up to ~1600 gradients, fp64 below ``rel_damp ~ 2e-3 k eps32 / 1e-4``, i.e. for the
+papers' tiny absolute damps against unit-scale gradients. Measured before this rule: an fp32 running sum at
+m = 32, damp 1e-5 erred by 5e-3 in ``diag(F^{-1})``, fp32 rank-1 Woodbury updates (oBERT's code) by 9e-3, fp32
+chunk GEMMs summed in fp64 by 2-5e-5 at damp 1e-4..1e-8 on gradients with a decaying spectrum: all cases the
+rule sends to fp64 products. With an fp32 inverse the accumulator holds each symmetric
 block packed in fp64, ``B (B + 1) / 2`` values (about the bytes of the fp32 block), in the layout of LAPACK's
 rectangular full packed storage, so that packing and unpacking are strided copies rather than gathers: for
 ``B = 2h`` the upper triangle of the top-left (h, h) quarter and the lower triangle of the bottom-right one share
@@ -31,11 +35,14 @@ cache-sized on a CPU, larger on an accelerator, where each page costs kernel lau
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ._checks import check_damp, check_finite, check_float_tensor, check_positive_int, damped_cholesky, page_bytes
 
-__all__ = ["BlockFisherInverse", "relative_damp", "check_damping", "read_blocks", "block_shape"]
+__all__ = ["BlockFisherInverse", "relative_damp", "check_damping", "read_blocks", "block_shape", "product_dtype",
+           "PRODUCT_TOL"]
 
 # fp64 bytes of one page of blocks in add_grads and the inversion (the temporaries are a few times this), per
 # device type: small enough to stay in cache on a CPU; other devices (accelerators, where each page costs a few
@@ -90,6 +97,28 @@ def relative_damp(diag_sums: torch.Tensor, counts: torch.Tensor, rel_damp: float
     return lam if groups is None else lam[groups]
 
 
+# fp32 products are used when their error bound k * eps32 * |g|^2 is at most this fraction of the damping
+PRODUCT_TOL = 1e-3
+_EPS32 = torch.finfo(torch.float32).eps
+
+
+def product_dtype(k: int, mean_square: float, damp: float | None = None, rel_damp: float | None = None,
+                  tol: float = PRODUCT_TOL) -> torch.dtype:
+    """The dtype of the products ``G_b^T G_b`` of a chunk of ``k`` gradients, from the error bound.
+
+    fp32 GEMMs over k gradients err by about ``k * eps32 * |g|^2`` in each entry of ``(1/m) sum G_b^T G_b``
+    (``mean_square`` = ``|g|^2``, the mean square of the gradients' coordinates); against the damping λ this
+    is a relative error of ``F^{-1}`` of at most that over λ. fp32 when ``k * eps32 * |g|^2 <= tol * λ``, with
+    ``λ = damp`` (absolute) or ``rel_damp * |g|^2`` (relative: the rule is then ``k * eps32 <= tol * rel_damp``,
+    independent of the scale), else fp64 (exact products). A chunk of zeros (``|g|^2 = 0``) is fp32 (exact).
+    """
+    if rel_damp is not None:
+        ok = k * _EPS32 <= tol * rel_damp
+    else:
+        ok = k * _EPS32 * mean_square <= tol * damp
+    return torch.float32 if ok else torch.float64
+
+
 def block_shape(hinv) -> tuple[int, int, int]:
     """``(n_blocks, B, B)`` of block inverses given as a tensor (n, B, B) or a :class:`BlockFisherInverse`."""
     if isinstance(hinv, torch.Tensor):
@@ -114,6 +143,8 @@ class BlockFisherInverse:
     Damping: give ``damp`` (absolute λ) or ``rel_damp`` (a fraction of the mean Fisher diagonal of each group of
     blocks, ``damp_groups`` (n_blocks,) int, e.g. the target tensor of each block; default: each block alone;
     :func:`relative_damp`); ``block_damp`` (n_blocks,) holds the λ_b used once the inverse is formed.
+    ``products``: the dtype of each chunk's products ``G_b^T G_b`` (the running sum is fp64): ``"auto"`` chooses
+    by the error bound (:func:`product_dtype`), ``product_counts`` counts the gradients taken with each.
 
     Storage (fp32, the default): each inverse block is kept as its packed triangle, ``Bp (Bp + 1) / 2`` values
     (``Bp`` = B rounded up to even), about half of the (B, B) block; everything that needs whole blocks unpacks a
@@ -126,8 +157,12 @@ class BlockFisherInverse:
 
     def __init__(self, dim: int, block_size: int, damp: float | None = None, *, rel_damp: float | None = None,
                  damp_groups: torch.Tensor | None = None, damp_reduce=None, device=None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, products: str | torch.dtype = "auto"):
         self.dim = check_positive_int("dim", dim)
+        if products not in ("auto", torch.float32, torch.float64):
+            raise ValueError(f"products must be 'auto', torch.float32 or torch.float64; got {products!r}")
+        self.products = products
+        self.product_counts = {torch.float32: 0, torch.float64: 0}  # gradients accumulated with each
         self.block_size = min(check_positive_int("block_size", block_size), self.dim)
         self.damp, self.rel_damp = check_damping(damp, rel_damp)
         self.block_damp: torch.Tensor | None = None
@@ -190,19 +225,25 @@ class BlockFisherInverse:
         G = G.reshape(1, -1) if G.dim() == 1 else G
         if G.dim() != 2 or G.shape[1] != self.dim:
             raise ValueError(f"G must have shape (k, {self.dim}); got {tuple(G.shape)}")
+        t0 = time.perf_counter()
         G = G.to(device=self.device)
         check_finite("G", G)
         self._accumulate(G)
         self.num_grads += G.shape[0]
+        self.seconds["accumulate"] += time.perf_counter() - t0
 
     def _accumulate(self, G: torch.Tensor) -> None:
-        """``acc_b += G_b^T G_b`` for a chunk G (k, d), fp64 products, page by page of blocks."""
+        """``acc_b += G_b^T G_b`` for a chunk G (k, d), page by page of blocks: products in the dtype of
+        :meth:`_product_dtype`, the running sum in fp64."""
         k, B, Bp, nb = G.shape[0], self.block_size, self._bp, self.num_blocks
-        n = min(nb, self._page(8 * Bp * (k + Bp)))  # blocks per page: the chunk and products stay in cache
-        buf = torch.empty(n, k, Bp, dtype=torch.float64, device=self.device)
+        dt = self._product_dtype(G)
+        self.product_counts[dt] += k
+        size = 8 if dt == torch.float64 else 4
+        n = min(nb, self._page(size * Bp * (k + Bp)))  # blocks per page: the chunk and products stay in cache
+        buf = torch.empty(n, k, Bp, dtype=dt, device=self.device)
         if Bp > B:
             buf[:, :, B:] = 0  # the padding column of an odd block carries no gradient
-        prod = torch.empty(n, Bp, Bp, dtype=torch.float64, device=self.device) if self._packed else None
+        prod = torch.empty(n, Bp, Bp, dtype=dt, device=self.device)
         full = self.dim // B  # blocks that hold B coordinates (the last one may hold fewer)
         for s, e in self._pages(n):
             Gb, f = buf[: e - s], min(e, full)
@@ -213,8 +254,23 @@ class BlockFisherInverse:
                 Gb[-1, :, : self.dim - f * B].copy_(G[:, f * B :])
             if self._packed:
                 self._pack_add(self._acc(s, e), torch.bmm(Gb.mT, Gb, out=prod[: e - s]))
-            else:
+            elif dt == torch.float64:
                 self._acc(s, e).baddbmm_(Gb.mT, Gb)  # (n, B, B) += G_b^T G_b
+            else:
+                self._acc(s, e).add_(torch.bmm(Gb.mT, Gb, out=prod[: e - s]))
+
+    def _product_dtype(self, G: torch.Tensor) -> torch.dtype:
+        """fp32 or fp64 products for the chunk G (k, d): ``products`` when set; fp64 for an fp64 inverse or fp64
+        gradients; else by the error bound (:func:`product_dtype`; an absolute damping compares with the chunk's
+        mean square)."""
+        if self.products != "auto":
+            return self.products
+        if self.dtype == torch.float64 or G.dtype == torch.float64:  # asked for fp64 accuracy
+            return torch.float64
+        if self.rel_damp is not None:
+            return product_dtype(G.shape[0], 0.0, rel_damp=self.rel_damp)
+        ms = float(G.square().sum(dtype=torch.float64)) / G.numel()
+        return product_dtype(G.shape[0], ms, damp=self.damp)
 
     def _pack_add(self, acc: torch.Tensor, P: torch.Tensor) -> None:
         """``acc += pack(P)`` for symmetric P (n, Bp, Bp), Bp = 2h, in the layout of rectangular full packed
@@ -274,6 +330,7 @@ class BlockFisherInverse:
             return
         if self.num_grads == 0:
             raise RuntimeError("no gradients were added; call add_grads() first")
+        t0 = time.perf_counter()
         B, nb = self.block_size, self.num_blocks
         lam = self._block_damp()  # (nb,)
         if self._packed:  # the packed fp32 inverse of block b lands on bytes of the first slab's blocks <= b/2
@@ -301,6 +358,7 @@ class BlockFisherInverse:
         self._mat, self._slabs = out, None  # the second slab is freed here
         self.block_damp = lam
         self._inverted = True
+        self.seconds["invert"] += time.perf_counter() - t0
 
     def _block_damp(self) -> torch.Tensor:
         """λ_b (n_blocks,) fp64 for the accumulated (not yet inverted) blocks."""
@@ -398,6 +456,8 @@ class BlockFisherInverse:
         else:
             self._slabs = [torch.zeros(nb, B, B, dtype=torch.float64, device=self.device)]
         self.num_grads = 0
+        self.product_counts = {torch.float32: 0, torch.float64: 0}
+        self.seconds = {"accumulate": 0.0, "invert": 0.0}  # wall time of add_grads and of forming the inverse
         self._inverted = False
         self.block_damp = None
 
