@@ -1,16 +1,18 @@
 """Second-order pruning: magnitude, WoodFisher/oBERT, static M-FAC and CAP over ``torch.nn`` models.
 
 ```python
-from hf_mfac.pruning import prune_oneshot, PRUNERS
-masks, report = prune_oneshot(model, dataloader, method="obert", sparsity=0.8, num_grads=256, recompute=4)
-print(report.to_markdown())
+from hf_mfac.pruning import PruningConfig, prune_oneshot
+config = PruningConfig(method="obert", sparsity=0.8, num_grads=256, recompute=4)
+masks, report = prune_oneshot(model, dataloader, config)  # or prune_oneshot(model, dataloader,
+print(report.to_markdown())                               #      method="obert", sparsity=0.8, ...)
 ```
 
-Layout: :mod:`.targets` (which weights; flat padded view), :mod:`.grads` (gradients streamed from a
-dataloader), :mod:`.pruners` (selection + update per method), :mod:`.oneshot` (driver, recomputations,
-sweeps), :mod:`.distributed` (the same over the ranks of a process group: ``prune_oneshot_distributed``).
+Layout: :mod:`.config` (the settings as values), :mod:`.targets` (which weights; flat padded view),
+:mod:`.grads` (gradients streamed from a dataloader), :mod:`.pruners` (selection + update per
+method), :mod:`.oneshot` (driver, recomputations, sweeps), :mod:`.distributed` (the same over the
+ranks of a process group: ``prune_oneshot_distributed``, which ``prune_oneshot`` calls there).
 Imports torch, :mod:`hf_mfac.core` and :mod:`hf_mfac.comm` only; the Trainer glue is in
-:mod:`hf_mfac.integrations.callbacks`.
+:mod:`hf_mfac.integrations.gradual`.
 """
 from .config import GradualPruningConfig, PruningConfig
 from .distributed import DistributedPruner, prune_oneshot_distributed

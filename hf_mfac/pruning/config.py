@@ -1,13 +1,13 @@
-"""The pruning settings, written once: :class:`PruningConfig` (one-shot) and :class:`GradualPruningConfig`
-(adds the schedule of :class:`~hf_mfac.integrations.PruningCallback`).
+"""The pruning settings, written once: :class:`PruningConfig` (one-shot) and
+:class:`GradualPruningConfig` (adds the schedule of :class:`~hf_mfac.integrations.PruningCallback`).
 
 Every front end derives from these dataclasses, so names, defaults and help agree everywhere:
-``prune_oneshot(model, dataloader, config, **overrides)`` takes a :class:`PruningConfig` (its fields are also
-keywords, which override it), ``PruningCallback(config=..., **overrides)`` takes a
-:class:`GradualPruningConfig`, ``hf-mfac prune`` and the examples' ``--prune_*`` flags are built from the
-fields by ``transformers.HfArgumentParser`` (the ``help`` metadata becomes the ``--help`` text;
-:func:`prefixed_fields` adds the ``prune_`` prefix). Every field is checked on construction (numbers must be
-numbers: ``"0.8"`` or ``False`` for a sparsity is refused, naming the field).
+``prune_oneshot(model, dataloader, config, **overrides)`` takes a :class:`PruningConfig` (its fields
+are also keywords, which override it), ``PruningCallback(config=..., **overrides)`` takes a
+:class:`GradualPruningConfig`, ``hf-mfac prune`` and the examples' ``--prune_*`` flags are built
+from the fields by ``transformers.HfArgumentParser`` (the ``help`` metadata becomes the ``--help``
+text; :func:`prefixed_fields` adds the ``prune_`` prefix). Every field is checked on construction
+(numbers must be numbers: ``"0.8"`` or ``False`` for a sparsity is refused, naming the field).
 
 ``None`` means "the method's default": the defaults themselves live in the pruner classes
 (``Pruner.default_num_grads`` / ``default_block_size`` / ``default_rel_damp``), one place each.
@@ -16,7 +16,8 @@ numbers: ``"0.8"`` or ``False`` for a sparsity is refused, naming the field).
 from hf_mfac.pruning import PruningConfig, prune_oneshot
 config = PruningConfig(method="obert", sparsity=0.8, num_grads=256, recompute=4)
 masks, report = prune_oneshot(model, dataloader, config)
-masks, report = prune_oneshot(model, dataloader, config, sparsity=0.9)  # a keyword overrides the field
+masks, report = prune_oneshot(model, dataloader, config, sparsity=0.9)  # a keyword overrides the
+field
 ```
 """
 from __future__ import annotations
@@ -34,15 +35,17 @@ from ..core._checks import check_damp, check_positive_int, check_real, check_spa
 from .pruners import PRUNERS, Pattern, Pruner, make_pruner
 from .targets import DEFAULT_EXCLUDE, DEFAULT_TYPES, find_prunable
 
-__all__ = ["PruningConfig", "GradualPruningConfig", "prefixed_fields", "from_prefixed", "oneshot_config",
-           "FROM_CONFIG", "PRUNER_FIELDS", "SETTINGS"]
+__all__ = ["PruningConfig", "GradualPruningConfig", "prefixed_fields", "from_prefixed",
+           "oneshot_config", "FROM_CONFIG", "PRUNER_FIELDS", "SETTINGS"]
 
 _METHODS = sorted(PRUNERS)
-PRUNER_FIELDS = ("pattern", "scope", "block_size", "damp", "rel_damp", "woodtaylor")  # what a Pruner holds
+# the fields a Pruner holds
+PRUNER_FIELDS = ("pattern", "scope", "block_size", "damp", "rel_damp", "woodtaylor")
 
 
 class _FromConfig:
-    """The default of :func:`~hf_mfac.pruning.prune_oneshot`'s setting keywords: the config's value."""
+    """The default of :func:`~hf_mfac.pruning.prune_oneshot`'s setting keywords: the config's
+    value."""
 
     def __repr__(self) -> str:
         return "<from config>"
@@ -59,7 +62,8 @@ def _number(name: str, value, **bounds):
 
 
 def _flag(name: str, value) -> bool:
-    """``value`` checked to be True or False (0 and 1 too), naming ``name``; ``"False"`` is refused."""
+    """``value`` checked to be True or False (0 and 1 too), naming ``name``; ``"False"`` is
+    refused."""
     if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
         return bool(value)
     raise TypeError(f"{name} must be True or False; got {value!r} ({type(value).__name__})")
@@ -72,9 +76,9 @@ def _fraction(name: str, value) -> float:
 
 @dataclass
 class PruningConfig:
-    """How to prune once: the keyword arguments of :func:`~hf_mfac.pruning.prune_oneshot` that are settings
-    (not runtime objects such as the model, dataloader, device or a cache), plus ``sparsities`` for a sweep
-    (:func:`~hf_mfac.pruning.prune_sweep`). Validated on construction."""
+    """How to prune once: the keyword arguments of :func:`~hf_mfac.pruning.prune_oneshot` that are
+    settings (not runtime objects such as the model, dataloader, device or a cache), plus
+    ``sparsities`` for a sweep (:func:`~hf_mfac.pruning.prune_sweep`). Validated on construction."""
 
     method: str | None = field(default="obert", metadata={
         "help": "Pruning method: magnitude, obert (WoodFisher/oBERT block Fisher), mfac (static M-FAC) or cap "
@@ -118,7 +122,8 @@ class PruningConfig:
         if isinstance(self.method, Pruner):
             given = sorted(k for k in PRUNER_FIELDS if getattr(self, k) != _DEFAULTS[k])
             if given:
-                raise ValueError(f"{given} are set on the Pruner instance; do not pass them beside it")
+                raise ValueError(f"{given} are set on the Pruner instance; do not pass them "
+                                 "beside it")
         elif self.method is not None:
             if str(self.method).lower() not in PRUNERS:
                 raise ValueError(f"unknown pruning method {self.method!r}; choose one of {_METHODS}")
@@ -142,12 +147,13 @@ class PruningConfig:
         if self.sparsity is not None:
             self.sparsity = _fraction("sparsity", self.sparsity)
         if self.sparsities is not None:
-            if isinstance(self.sparsities, (str, bytes)) or not isinstance(self.sparsities, Iterable):
-                raise TypeError(f"sparsities must be a list of numbers; got {self.sparsities!r}")
-            self.sparsities = [_fraction("sparsities", s) for s in self.sparsities]
-            if not self.sparsities or any(b <= a for a, b in zip(self.sparsities, self.sparsities[1:])):
-                raise ValueError(f"sparsities must be non-empty and increase strictly (masks never regrow); "
-                                 f"got {self.sparsities}")
+            s = self.sparsities
+            if isinstance(s, (str, bytes)) or not isinstance(s, Iterable):
+                raise TypeError(f"sparsities must be a list of numbers; got {s!r}")
+            self.sparsities = s = [_fraction("sparsities", v) for v in s]
+            if not s or any(b <= a for a, b in zip(s, s[1:])):
+                raise ValueError(f"sparsities must be non-empty and increase strictly (masks never "
+                                 f"regrow); got {s}")
             if self.sparsity is not None:
                 raise ValueError("give sparsity (one target) or sparsities (a sweep), not both")
         for name in ("num_grads", "block_size", "recompute", "fisher_batch_size"):
@@ -168,37 +174,43 @@ class PruningConfig:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:
-        """The settings as a plain dict (a Pruner instance as its ``config()``), e.g. for a recipe."""
+        """The settings as a plain dict (a Pruner instance as its ``config()``), e.g. for a
+        recipe."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if isinstance(self.method, Pruner):
             d["method"] = self.method.config()
         return d
 
     def oneshot_kwargs(self) -> dict:
-        """Keyword arguments for :func:`~hf_mfac.pruning.prune_oneshot`: the fields of :class:`PruningConfig`
-        except ``sparsities``, leaving out those that are None (the function's own default applies)."""
+        """Keyword arguments for :func:`~hf_mfac.pruning.prune_oneshot`: the fields of
+        :class:`PruningConfig` except ``sparsities``, leaving out those that are None (the
+        function's own default applies)."""
         names = [f.name for f in dataclasses.fields(PruningConfig) if f.name != "sparsities"]
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def pruner(self, **runtime) -> Pruner:
-        """The :class:`~hf_mfac.pruning.Pruner` of these settings (``runtime``: ``device``, ``page_bytes``),
-        or ``method`` itself when it is a Pruner instance, which holds its own settings: then the pruner
-        fields (:data:`PRUNER_FIELDS`, checked on construction) stay at their defaults and ``runtime`` at None."""
+        """The :class:`~hf_mfac.pruning.Pruner` of these settings (``runtime``: ``device``,
+        ``page_bytes``), or ``method`` itself when it is a Pruner instance, which holds its own
+        settings: then the pruner fields (:data:`PRUNER_FIELDS`, checked on construction) stay at
+            their defaults and ``runtime`` at None."""
         if not isinstance(self.method, Pruner):
-            return make_pruner(self.method, **{k: getattr(self, k) for k in PRUNER_FIELDS}, **runtime)
-        given = sorted(k for k, v in runtime.items() if v is not None)  # (the settings: on construction)
+            settings = {k: getattr(self, k) for k in PRUNER_FIELDS}
+            return make_pruner(self.method, **settings, **runtime)
+        given = sorted(k for k, v in runtime.items() if v is not None)
         if given:
-            raise ValueError(f"{given} are set on the Pruner instance; do not pass them to prune_oneshot")
+            raise ValueError(f"{given} are set on the Pruner instance; do not pass them to "
+                             "prune_oneshot")
         return self.method
 
     def with_pruner(self, pruner: Pruner) -> "PruningConfig":
-        """A copy whose ``method`` is ``pruner`` (built from these settings), the pruner fields at their
-        defaults (the pruner holds them)."""
+        """A copy whose ``method`` is ``pruner`` (built from these settings), the pruner fields at
+        their defaults (the pruner holds them)."""
         return self.replace(method=pruner, **{k: _DEFAULTS[k] for k in PRUNER_FIELDS})
 
     def find_targets(self, model: nn.Module, types=DEFAULT_TYPES) -> dict:
-        """The pruning targets these settings select in ``model`` (:func:`~hf_mfac.pruning.find_prunable` with
-        ``include``, ``exclude`` (None: :data:`~hf_mfac.pruning.DEFAULT_EXCLUDE`) and ``types``)."""
+        """The pruning targets these settings select in ``model``
+        (:func:`~hf_mfac.pruning.find_prunable` with ``include``, ``exclude`` (None:
+        :data:`~hf_mfac.pruning.DEFAULT_EXCLUDE`) and ``types``)."""
         exclude = DEFAULT_EXCLUDE if self.exclude is None else self.exclude
         return find_prunable(model, include=self.include, exclude=exclude, types=types)
 
@@ -207,9 +219,9 @@ class PruningConfig:
 class GradualPruningConfig(PruningConfig):
     """:class:`PruningConfig` plus the schedule of gradual pruning during training
     (:class:`~hf_mfac.integrations.PruningCallback`): the cubic schedule
-    ``s_t = s_f + (s_i - s_f)(1 - (t - start)/(end - start))^3`` from ``initial_sparsity`` to ``sparsity``,
-    pruning at ``start``, ``start + frequency``, ..., ``end``; or, with ``sparsities``, one target per pruning
-    step (a sweep, as in CAP)."""
+    ``s_t = s_f + (s_i - s_f)(1 - (t - start)/(end - start))^3`` from ``initial_sparsity`` to
+    ``sparsity``, pruning at ``start``, ``start + frequency``, ..., ``end``; or, with
+    ``sparsities``, one target per pruning step (a sweep, as in CAP)."""
 
     initial_sparsity: float = field(default=0.0, metadata={"help": "Sparsity of the cubic schedule at start."})
     start: float = field(default=0, metadata={"help": "First pruning step (or epoch, see unit)."})
@@ -244,9 +256,10 @@ class GradualPruningConfig(PruningConfig):
 
 
 def prefixed_fields(cls, prefix: str, defaults: dict | None = None) -> list[tuple]:
-    """``cls``'s fields renamed ``prefix + name`` as ``(name, type, field)`` for ``dataclasses.make_dataclass``
-    (same help and choices; ``defaults`` overrides some defaults by unprefixed name). Types are resolved, so
-    ``HfArgumentParser`` reads them whatever module the new class lives in."""
+    """``cls``'s fields renamed ``prefix + name`` as ``(name, type, field)`` for
+    ``dataclasses.make_dataclass`` (same help and choices; ``defaults`` overrides some defaults by
+    unprefixed name). Types are resolved, so ``HfArgumentParser`` reads them whatever module the new
+    class lives in."""
     hints = typing.get_type_hints(cls)
     defaults = defaults or {}
     out = []
@@ -257,7 +270,8 @@ def prefixed_fields(cls, prefix: str, defaults: dict | None = None) -> list[tupl
 
 
 def from_prefixed(obj, prefix: str, cls=GradualPruningConfig, **overrides):
-    """The ``cls`` config read from ``obj``'s ``prefix + name`` attributes (the inverse of :func:`prefixed_fields`)."""
+    """The ``cls`` config read from ``obj``'s ``prefix + name`` attributes (the inverse of
+    :func:`prefixed_fields`)."""
     values = {f.name: getattr(obj, prefix + f.name) for f in dataclasses.fields(cls) if hasattr(obj, prefix + f.name)}
     return cls(**{**values, **overrides})
 
@@ -268,19 +282,21 @@ SETTINGS = tuple(_DEFAULTS)  # the names of PruningConfig's fields, in order
 
 def oneshot_config(config: PruningConfig | None = None, **overrides) -> PruningConfig:
     """The settings of one :func:`~hf_mfac.pruning.prune_oneshot` run: ``config`` (default:
-    ``PruningConfig()``) with ``overrides`` (field names) applied, validated. A keyword ``exclude=None``
-    excludes nothing, as in :func:`~hf_mfac.pruning.find_prunable` (a config's None is the default exclusion).
-    Refused: a config that is not a :class:`PruningConfig`, no method, a sweep (``sparsities``)."""
+    ``PruningConfig()``) with ``overrides`` (field names) applied, validated. A keyword
+    ``exclude=None`` excludes nothing, as in :func:`~hf_mfac.pruning.find_prunable` (a config's None
+    is the default exclusion). Refused: a config that is not a :class:`PruningConfig`, no method, a
+    sweep (``sparsities``)."""
     if config is None:
         config = PruningConfig()
     elif not isinstance(config, PruningConfig):
-        raise TypeError(f"config must be a hf_mfac.pruning.PruningConfig; got {type(config).__name__}")
+        raise TypeError(f"config must be a hf_mfac.pruning.PruningConfig; got "
+                        f"{type(config).__name__}")
     if "exclude" in overrides and overrides["exclude"] is None:
         overrides["exclude"] = []
     config = config.replace(**overrides)
     if config.method is None:
         raise ValueError("method is None (no pruning): give a pruning method, e.g. method='obert'")
     if config.sparsities is not None:
-        raise ValueError(f"sparsities={config.sparsities} is a sweep: call prune_sweep(model, dataloader, "
-                         "config=config) instead")
+        raise ValueError(f"sparsities={config.sparsities} is a sweep: call "
+                         "prune_sweep(model, dataloader, config=config) instead")
     return config

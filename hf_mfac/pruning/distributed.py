@@ -1,34 +1,39 @@
 """Distributed one-shot pruning: gradients data-parallel, Fisher blocks owned by ranks.
 
-With N processes (``torchrun``, ``accelerate launch``, the Trainer's DDP) every rank holds the same model.
+With N processes (``torchrun``, ``accelerate launch``, the Trainer's DDP) every rank holds the same
+model.
 
-1. **Gradients**: rank r computes its share of the m gradients on its shard of the calibration data (batches
-   r, r + N, r + 2N, ... of the dataloader, unless it is sharded already). Each chunk of k gradients (k, D) is
-   sent through one all-to-all so that every rank receives the columns of the Fisher blocks it owns from
-   all ranks' chunks; every gradient is counted once. Per chunk and rank: about k·D·(N-1)/N values in and out.
-2. **Fisher blocks**: contiguous ranges of whole blocks, balanced in size, one per rank (blocks never cross
-   ranks), accumulated and factorised where they live: memory D·B/N values per rank for oBERT/CAP
-   (m·D/N gradient columns for static M-FAC, held in host memory).
-3. **Scores and updates**: for OBS (oBERT/WoodFisher, M-FAC) :class:`ShardedFisherInverse` answers the
-   pruner's ``diag``/``mul``/``submatrix`` by computing the rank's coordinates and all-gathering them, so the
-   pruner's own selection (one global threshold or per-layer) runs unchanged and identically on every rank;
-   CAP eliminates inside the owned blocks, all-gathers the recorded losses (D values) for the global merge,
-   applies the chosen prefixes locally and all-gathers the new weights and masks. Every rank ends with the
-   same weights and masks, as tensors; no rank-0-only step, no object broadcast of the model.
+1. **Gradients**: rank r computes its share of the m gradients on its shard of the calibration data
+   (batches r, r + N, r + 2N, ... of the dataloader, unless it is sharded already). Each chunk of k
+   gradients (k, D) is sent through one all-to-all so that every rank receives the columns of the
+   Fisher blocks it owns from all ranks' chunks; every gradient is counted once. Per chunk and rank:
+   about k·D·(N-1)/N values in and out.
+2. **Fisher blocks**: contiguous ranges of whole blocks, balanced in size, one per rank (blocks
+   never cross ranks), accumulated and factorised where they live: memory D·B/N values per rank for
+   oBERT/CAP (m·D/N gradient columns for static M-FAC, held in host memory).
+3. **Scores and updates**: for OBS (oBERT/WoodFisher, M-FAC) :class:`ShardedFisherInverse` answers
+   the pruner's ``diag``/``mul``/``submatrix`` by computing the rank's coordinates and all-gathering
+   them, so the pruner's own selection (one global threshold or per-layer) runs unchanged and
+   identically on every rank; CAP eliminates inside the owned blocks, all-gathers the recorded
+   losses (D values) for the global merge, applies the chosen prefixes locally and all-gathers the
+   new weights and masks. Every rank ends with the same weights and masks, as tensors; no
+   rank-0-only step, no object broadcast of the model.
 
-Failures: before the gradients, the ranks compare their pruning targets (names, shapes, dtypes: one all-gather
-of a hash), so a rank holding another model stops every rank with a message naming the first difference. Each
-collective is preceded by a one-integer all-reduce of an error flag, and an exception on any rank (any
-``BaseException``: a KeyboardInterrupt too) is caught and reported at the next such point, so all ranks raise
-:class:`~hf_mfac.comm.DistributedError` with the failing rank's message instead of waiting for the timeout (the
-interrupted rank re-raises its KeyboardInterrupt). Every rank then copies its target weights back, as
-:func:`~hf_mfac.pruning.prune_oneshot` does. An interrupt that lands inside a collective (rather than between two,
-as an exception in the loss does) leaves the other ranks to the process group's timeout.
+Failures: before the gradients, the ranks compare their pruning targets (names, shapes, dtypes: one
+all-gather of a hash), so a rank holding another model stops every rank with a message naming the
+first difference. Each collective is preceded by a one-integer all-reduce of an error flag, and an
+exception on any rank (any ``BaseException``: a KeyboardInterrupt too) is caught and reported at the
+next such point, so all ranks raise :class:`~hf_mfac.comm.DistributedError` with the failing rank's
+message instead of waiting for the timeout (the interrupted rank re-raises its KeyboardInterrupt).
+Every rank then copies its target weights back, as :func:`~hf_mfac.pruning.prune_oneshot` does. An
+interrupt that lands inside a collective (rather than between two, as an exception in the loss does)
+leaves the other ranks to the process group's timeout.
 
-Timeouts: ranks meet once per chunk of ``chunk_size`` gradients during collection, then a handful of times
-per pruning step; a collective times out only when one rank is more than the process group's ``timeout``
-behind the others. The default is 30 min for gloo and 10 min for NCCL; for very slow gradients or huge CAP
-blocks raise it: ``torch.distributed.init_process_group(..., timeout=datetime.timedelta(hours=2))``,
+Timeouts: ranks meet once per chunk of ``chunk_size`` gradients during collection, then a handful of
+times per pruning step; a collective times out only when one rank is more than the process group's
+``timeout`` behind the others. The default is 30 min for gloo and 10 min for NCCL; for very slow
+gradients or huge CAP blocks raise it: ``torch.distributed.init_process_group(...,
+timeout=datetime.timedelta(hours=2))``,
 ``Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])``, or
 ``TrainingArguments(ddp_timeout=7200)`` with the Trainer.
 """
@@ -51,16 +56,17 @@ __all__ = ["DistributedPruner", "ShardedFisherInverse", "ShardedBatches", "prune
 
 
 def block_bounds(dim: int, block_size: int | None, world_size: int) -> list[int]:
-    """Coordinate boundaries (world_size + 1,) of contiguous ranges of whole Fisher blocks of ``block_size``
-    (``None``: one block), balanced in number of blocks (so in size: all blocks but the last are equal)."""
+    """Coordinate boundaries (world_size + 1,) of contiguous ranges of whole Fisher blocks of
+    ``block_size`` (``None``: one block), balanced in number of blocks (so in size: all blocks but
+    the last are equal)."""
     B = dim if not block_size else min(block_size, dim)
     nb = -(-dim // B)
     return [min(dim, (i * nb // world_size) * B) for i in range(world_size + 1)]
 
 
 class ShardedBatches:
-    """Batches ``rank, rank + N, rank + 2N, ...`` of ``dataloader``: this rank's shard of the calibration data.
-    Re-iterable when the dataloader is."""
+    """Batches ``rank, rank + N, rank + 2N, ...`` of ``dataloader``: this rank's shard of the
+    calibration data. Re-iterable when the dataloader is."""
 
     def __init__(self, dataloader, rank: int, world_size: int):
         self.dataloader, self.rank, self.world_size = dataloader, rank, world_size
@@ -80,7 +86,8 @@ class ShardedBatches:
 
 
 def _is_sharded(dataloader) -> bool:
-    """True for loaders that already give each rank its own data (DistributedSampler, accelerate's prepared)."""
+    """True for loaders that already give each rank its own data (DistributedSampler, accelerate's
+    prepared)."""
     from torch.utils.data.distributed import DistributedSampler
 
     for obj in (getattr(dataloader, "sampler", None), getattr(dataloader, "batch_sampler", None), dataloader):
@@ -92,11 +99,12 @@ def _is_sharded(dataloader) -> bool:
 class ShardedFisherInverse:
     """A block-diagonal ``F^{-1}`` whose blocks live on different ranks, seen whole from every rank.
 
-    Rank r holds ``local`` (a :class:`~hf_mfac.core.BlockFisherInverse` or :class:`~hf_mfac.core.StaticMFAC`)
-    for coordinates ``[bounds[r], bounds[r+1])``, or nothing. ``diag()``, ``mul(x)`` and ``submatrix(idx)`` give
-    the same tensors as the unsharded inverse, on every rank: each rank computes its part, then one all-gather
-    (D values for ``diag``/``mul``, n·g² for ``submatrix``). All ranks must make the same calls in the same
-    order, as a pruner's replicated ``prune`` does. ``mean_grad``: the mean gradient over all ranks (WoodTaylor).
+    Rank r holds ``local`` (a :class:`~hf_mfac.core.BlockFisherInverse` or
+    :class:`~hf_mfac.core.StaticMFAC`) for coordinates ``[bounds[r], bounds[r+1])``, or nothing.
+    ``diag()``, ``mul(x)`` and ``submatrix(idx)`` give the same tensors as the unsharded inverse, on
+    every rank: each rank computes its part, then one all-gather (D values for ``diag``/``mul``,
+    n·g² for ``submatrix``). All ranks must make the same calls in the same order, as a pruner's
+    replicated ``prune`` does. ``mean_grad``: the mean gradient over all ranks (WoodTaylor).
     """
 
     def __init__(self, comm: Comm, local, bounds: list[int], dim: int, dtype: torch.dtype, device,
@@ -116,7 +124,8 @@ class ShardedFisherInverse:
         return self.comm.all_gatherv(local.reshape(-1), sizes)
 
     def diag(self) -> torch.Tensor:
-        """``diag(F^{-1})`` (D,), gathered once and cached (the pruners ask for it more than once)."""
+        """``diag(F^{-1})`` (D,), gathered once and cached (the pruners ask for it more than
+        once)."""
         if self._diag is None:
             self._diag = self._gather(None if self.local is None else self.local.diag(), self.sizes)
         return self._diag
@@ -127,7 +136,8 @@ class ShardedFisherInverse:
         return self._gather(y, self.sizes)
 
     def submatrix(self, idx: torch.Tensor) -> torch.Tensor:
-        """``[F^{-1}]_QQ`` (n, g, g) for groups ``idx`` (n, g) that each lie inside one rank's blocks."""
+        """``[F^{-1}]_QQ`` (n, g, g) for groups ``idx`` (n, g) that each lie inside one rank's
+        blocks."""
         idx = torch.as_tensor(idx, device=self.device)
         n, g = idx.shape
         ends = torch.tensor(self.bounds[1:], device=self.device)
@@ -144,7 +154,8 @@ class ShardedFisherInverse:
         return out
 
     def blocks(self) -> torch.Tensor:
-        """All inverse blocks (nb, B, B): only in one process (over several ranks, use :meth:`block_range`)."""
+        """All inverse blocks (nb, B, B): only in one process (over several ranks, use
+        :meth:`block_range`)."""
         if self.comm.distributed:
             raise RuntimeError("the Fisher blocks are spread over the ranks; use block_range() on each rank")
         return self.local.blocks()
@@ -154,9 +165,10 @@ class ShardedFisherInverse:
         return None if self.local is None else self.local.blocks()
 
     def block_range(self, block_size: int):
-        """What a step that works block by block needs on this rank: ``(hinv, first, gather)``, this rank's inverse
-        blocks (nb_r, B, B) (possibly none), the index of the first, and ``gather(t)``, which concatenates a
-        per-block tensor (nb_r, ...) over the ranks into (nb, ...) in block order (one all-gather)."""
+        """What a step that works block by block needs on this rank: ``(hinv, first, gather)``, this
+        rank's inverse blocks (nb_r, B, B) (possibly none), the index of the first, and
+        ``gather(t)``, which concatenates a per-block tensor (nb_r, ...) over the ranks into (nb,
+        ...) in block order (one all-gather)."""
         B = block_size
         hinv = self.local_blocks()
         if hinv is None:
@@ -172,9 +184,10 @@ class ShardedFisherInverse:
 
 
 class _ShardSink:
-    """Gradient sink of one rank (what ``pruner.new_fisher`` returns): exchanges every chunk so that each
-    rank feeds its local Fisher with the columns it owns of all ranks' gradients. Relative damping (``rel_damp``)
-    averages the Fisher diagonal over all ranks' blocks (one all-reduce of 2 values per damping group)."""
+    """Gradient sink of one rank (what ``pruner.new_fisher`` returns): exchanges every chunk so that
+    each rank feeds its local Fisher with the columns it owns of all ranks' gradients. Relative
+    damping (``rel_damp``) averages the Fisher diagonal over all ranks' blocks (one all-reduce of 2
+    values per damping group)."""
 
     def __init__(self, owner: "DistributedPruner", dim: int, num_grads: int, device, groups=None):
         comm = self.comm = owner.comm
@@ -194,7 +207,8 @@ class _ShardSink:
         self.num_grads = 0
 
     def _reduce_damp(self, acc: torch.Tensor) -> None:
-        """Sum the (2, n) per-group diagonal sums and counts over the ranks, in place (n <= num_groups here)."""
+        """Sum the (2, n) per-group diagonal sums and counts over the ranks, in place (n <=
+        num_groups here)."""
         full = torch.zeros(2, self.num_groups, dtype=torch.float64, device=acc.device)
         full[:, : acc.shape[1]] = acc
         self.comm.check()
@@ -232,12 +246,14 @@ class _ShardSink:
 
 
 class DistributedPruner(Pruner):
-    """Runs a :class:`~hf_mfac.pruning.Pruner` over the ranks of a process group (see the module docstring).
+    """Runs a :class:`~hf_mfac.pruning.Pruner` over the ranks of a process group (see the module
+    docstring).
 
     Give it to :func:`~hf_mfac.pruning.prune_oneshot` as ``method=`` on every rank (or use
-    :func:`prune_oneshot_distributed`). ``num_grads`` given to ``prune_oneshot`` is then per rank: the Fisher
-    uses ``num_grads * world_size`` gradients. Magnitude pruning needs no communication (every rank computes
-    the same masks); OBS methods go through :class:`ShardedFisherInverse`; CAP has its own distributed step.
+    :func:`prune_oneshot_distributed`). ``num_grads`` given to ``prune_oneshot`` is then per rank:
+    the Fisher uses ``num_grads * world_size`` gradients. Magnitude pruning needs no communication
+    (every rank computes the same masks); OBS methods go through :class:`ShardedFisherInverse`; CAP
+    has its own distributed step.
     """
     runs_over_ranks = True  # prune_oneshot does not redirect it to prune_oneshot_distributed
 
@@ -267,7 +283,8 @@ class DistributedPruner(Pruner):
         return getattr(self.inner, name)
 
     def check(self, layout) -> None:
-        """The wrapped pruner's checks, then every rank must hold the same targets (before any gradient)."""
+        """The wrapped pruner's checks, then every rank must hold the same targets (before any
+        gradient)."""
         error = None
         try:
             self.inner.check(layout)
@@ -280,8 +297,9 @@ class DistributedPruner(Pruner):
         self._agree_on_layout(layout)
 
     def _agree_on_layout(self, layout) -> None:
-        """Raise :class:`DistributedError` on every rank unless all ranks hold the same targets (names, shapes,
-        dtypes): one all-gather of a hash and a summary; the whole list is gathered only to name a difference."""
+        """Raise :class:`DistributedError` on every rank unless all ranks hold the same targets
+        (names, shapes, dtypes): one all-gather of a hash and a summary; the whole list is gathered
+        only to name a difference."""
         rows = [f"{name} {tuple(shape)} {layout.params[name].dtype}"
                 for name, shape in zip(layout.names, layout.shapes)]
         digest = hashlib.sha256("\n".join(rows).encode()).hexdigest()
@@ -313,12 +331,14 @@ class DistributedPruner(Pruner):
         return _ShardSink(self, dim, num_grads, device, groups)
 
     def fisher_key(self) -> None:
-        """None: ``prune_oneshot(fisher_cache=...)`` does not reuse sharded inverses (a hit on some ranks and a
-        miss on others would leave ranks in different collectives); every run collects its gradients."""
+        """None: ``prune_oneshot(fisher_cache=...)`` does not reuse sharded inverses (a hit on some
+        ranks and a miss on others would leave ranks in different collectives); every run collects
+        its gradients."""
         return None
 
     def _agree_on_inputs(self, w: torch.Tensor, keep: torch.Tensor) -> None:
-        """Every rank must start from the same weights and masks (else the results would silently differ)."""
+        """Every rank must start from the same weights and masks (else the results would silently
+        differ)."""
         pos = torch.arange(1, w.numel() + 1, dtype=torch.float64, device=w.device)
         wd = w.to(torch.float64)
         fp = torch.stack([wd.sum(), (wd * pos).sum(), (wd * wd).sum(), keep.sum().to(torch.float64)])
@@ -344,30 +364,34 @@ def prune_oneshot_distributed(model, dataloader=None, config: PruningConfig | No
                               shard_data: bool | str = "auto", group=None, **kwargs):
     """:func:`~hf_mfac.pruning.prune_oneshot` over all ranks of ``group`` (call it on every rank).
 
-    Same arguments and result as ``prune_oneshot`` (``config`` and its keyword overrides, the runtime
-    keywords; every rank gets the same masks and report, and ends with the same model), except:
+    Same arguments and result as ``prune_oneshot`` (``config`` and its keyword overrides, the
+    runtime keywords; every rank gets the same masks and report, and ends with the same model),
+    except:
 
-    * ``num_grads``: the total number of gradients; each rank computes ``ceil(num_grads / N)`` of them (the
-      report gives the total used).
-    * ``shard_data``: ``"auto"`` (default) gives rank r the batches r, r + N, ... of ``dataloader``, unless
-      the dataloader is already sharded (a ``DistributedSampler``, or prepared by accelerate); ``True`` /
-      ``False`` force it. The same dataloader can thus be passed on every rank.
+    * ``num_grads``: the total number of gradients; each rank computes ``ceil(num_grads / N)`` of
+      them (the report gives the total used).
+    * ``shard_data``: ``"auto"`` (default) gives rank r the batches r, r + N, ... of ``dataloader``,
+      unless the dataloader is already sharded (a ``DistributedSampler``, or prepared by
+      accelerate); ``True`` / ``False`` force it. The same dataloader can thus be passed on every
+      rank.
     * ``method``: a name with the pruner settings (``pattern``, ``block_size``, ...), a
       :class:`Pruner`, or a :class:`DistributedPruner` (then ``group`` is its own).
 
-    Works without a process group too (then it is ``prune_oneshot``). Errors on any rank (KeyboardInterrupt
-    included) raise :class:`~hf_mfac.comm.DistributedError` on every rank (the interrupted rank re-raises its
-    KeyboardInterrupt), and every rank copies its target weights back, as ``prune_oneshot`` does (one host copy
-    of the target weights). A rank whose targets (names, shapes, dtypes), weights, masks or settings differ
-    from the others' stops every rank before the gradients. See the module docstring for the process-group
-    ``timeout`` to use with long gradient collections.
+    Works without a process group too (then it is ``prune_oneshot``). Errors on any rank
+    (KeyboardInterrupt included) raise :class:`~hf_mfac.comm.DistributedError` on every rank (the
+    interrupted rank re-raises its KeyboardInterrupt), and every rank copies its target weights
+    back, as ``prune_oneshot`` does (one host copy of the target weights). A rank whose targets
+    (names, shapes, dtypes), weights, masks or settings differ from the others' stops every rank
+    before the gradients. See the module docstring for the process-group ``timeout`` to use with
+    long gradient collections.
     """
     settings = {k: kwargs.pop(k) for k in SETTINGS if k in kwargs}
     method = settings.get("method", getattr(config, "method", None))
     comm = method.comm if isinstance(method, DistributedPruner) else Comm(group)
     error = agreed = None
     try:
-        config, dataloader, agreed = _setup(model, dataloader, config, settings, shard_data, group, comm, kwargs)
+        config, dataloader, agreed = _setup(model, dataloader, config, settings, shard_data, group,
+                                            comm, kwargs)
     except BaseException as e:  # noqa: BLE001 - reported on every rank
         error = e
     comm.check(error)
@@ -386,11 +410,12 @@ def prune_oneshot_distributed(model, dataloader=None, config: PruningConfig | No
 
 
 def _setup(model, dataloader, config, settings: dict, shard_data, group, comm: Comm, runtime: dict):
-    """This rank's settings (the pruner distributed, ``num_grads`` per rank), data shard and the settings every
-    rank must agree on; ``runtime`` (the ``prune_oneshot`` keywords that are not settings) gets the targets,
-    resolved once."""
+    """This rank's settings (the pruner distributed, ``num_grads`` per rank), data shard and the
+    settings every rank must agree on; ``runtime`` (the ``prune_oneshot`` keywords that are not
+    settings) gets the targets, resolved once."""
     config = oneshot_config(config, **settings)
-    pruner = config.pruner(device=runtime.pop("device", None), page_bytes=runtime.pop("page_bytes", None))
+    pruner = config.pruner(device=runtime.pop("device", None),
+                           page_bytes=runtime.pop("page_bytes", None))
     if not isinstance(pruner, DistributedPruner):
         pruner = DistributedPruner(pruner, group)
         pruner.comm = comm
@@ -405,9 +430,9 @@ def _setup(model, dataloader, config, settings: dict, shard_data, group, comm: C
     if runtime.get("targets") is None:
         runtime["targets"] = config.find_targets(model, types)
     values = {**{k: getattr(config, k) for k in SETTINGS if k != "method"}, **runtime}
-    agreed = {k: (tuple(v) if isinstance(v, list) else v if isinstance(v, (int, float, str, bool, type(None),
-              tuple)) else type(v).__name__) for k, v in values.items()
-              if not isinstance(v, Mapping) and k != "progress"}
+    plain = (int, float, str, bool, type(None), tuple)
+    agreed = {k: tuple(v) if isinstance(v, list) else v if isinstance(v, plain) else str(type(v))
+              for k, v in values.items() if not isinstance(v, Mapping) and k != "progress"}
     agreed["pruner"] = repr(pruner.inner)
     runtime["progress"] = runtime.get("progress", True) and comm.rank == 0
     return config, dataloader, agreed

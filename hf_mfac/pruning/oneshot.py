@@ -1,19 +1,19 @@
 """One-shot pruning with recomputations, and sparsity sweeps.
 
 ``prune_oneshot`` reaches the target in ``recompute`` steps that each prune the same fraction of the
-remaining weights ([M-FAC, App. D.4.2], :func:`~hf_mfac.core.schedules.equal_fraction_schedule`), collecting
-fresh gradients at the current (already pruned and updated) weights before each step: the quadratic
-model behind OBS only holds near the point where the Fisher was taken ([WoodFisher, §5.1] "recompute",
-[M-FAC, App. D.2.6]). For N:M the steps add zeros per group (e.g. 4:4 -> 3:4 -> 2:4).
+remaining weights ([M-FAC, App. D.4.2], :func:`~hf_mfac.core.schedules.equal_fraction_schedule`),
+collecting fresh gradients at the current (already pruned and updated) weights before each step: the
+quadratic model behind OBS only holds near the point where the Fisher was taken ([WoodFisher, §5.1]
+"recompute", [M-FAC, App. D.2.6]). For N:M the steps add zeros per group (e.g. 4:4 -> 3:4 -> 2:4).
 
-All or nothing: a run that raises (KeyboardInterrupt included) copies the target weights back from a host copy
-taken before the first update (:func:`restore_on_error`), so the model is as it was before the call.
-Inside an initialised process group of several ranks, ``prune_oneshot`` runs
-:func:`~hf_mfac.pruning.distributed.prune_oneshot_distributed` (imported when it is needed: that module builds
-on this one), so the ranks never diverge.
+All or nothing: a run that raises (KeyboardInterrupt included) copies the target weights back from a
+host copy taken before the first update (:func:`restore_on_error`), so the model is as it was before
+the call. Inside an initialised process group of several ranks, ``prune_oneshot`` runs
+:func:`~hf_mfac.pruning.distributed.prune_oneshot_distributed` (imported when it is needed: that
+module builds on this one), so the ranks never diverge.
 
-The settings are a :class:`~hf_mfac.pruning.PruningConfig` value; the keywords of ``prune_oneshot`` named
-after its fields override them (:func:`~hf_mfac.pruning.config.oneshot_config`).
+The settings are a :class:`~hf_mfac.pruning.PruningConfig` value; the keywords of ``prune_oneshot``
+named after its fields override them (:func:`~hf_mfac.pruning.config.oneshot_config`).
 """
 from __future__ import annotations
 
@@ -48,15 +48,16 @@ logger = logging.getLogger("hf_mfac")
 @dataclass
 class PruneReport:
     """What a one-shot run did. ``layers``: ``{name: {"numel", "sparsity", "loss_increase"}}``;
-    ``loss_increase`` is the OBS estimate of the increase of the loss, summed over steps (the pruned units'
-    saliencies ``rho = 1/2 w_Q^T ([F^{-1}]_QQ)^{-1} w_Q`` [WoodFisher, eq. 10], [oBERT, eq. 5], or CAP's
-    recorded greedy losses; None for magnitude). Each gradient of the Fisher averages a mini-batch of b
-    samples, which shrinks that Fisher by about b near a minimum: the saliencies are multiplied by b (the mean
-    number of samples per gradient) so that it is on the scale of the per-sample loss. Even so it is a relative
-    score, not a loss change: the empirical Fisher underestimates the curvature of a well-fit model (on the
-    fine-tuned all-MiniLM-L6-v2 at 50 %, 0.0015 against a measured increase of the training loss of 0.024), so
-    compare layers, methods and steps of one run with it, and measure the loss. Times in seconds; ``grad_share`` = share
-    of the time spent collecting gradients."""
+    ``loss_increase`` is the OBS estimate of the increase of the loss, summed over steps (the pruned
+    units' saliencies ``rho = 1/2 w_Q^T ([F^{-1}]_QQ)^{-1} w_Q`` [WoodFisher, eq. 10], [oBERT, eq.
+    5], or CAP's recorded greedy losses; None for magnitude). Each gradient of the Fisher averages a
+    mini-batch of b samples, which shrinks that Fisher by about b near a minimum: the saliencies are
+    multiplied by b (the mean number of samples per gradient) so that it is on the scale of the
+    per-sample loss. Even so it is a relative score, not a loss change: the empirical Fisher
+    underestimates the curvature of a well-fit model (on the fine-tuned all-MiniLM-L6-v2 at 50 %,
+    0.0015 against a measured increase of the training loss of 0.024), so compare layers, methods
+    and steps of one run with it, and measure the loss. Times in seconds; ``grad_share`` = share of
+    the time spent collecting gradients."""
     method: str
     pattern: str
     scope: str
@@ -121,10 +122,11 @@ _GUARDED: ContextVar[frozenset] = ContextVar("hf_mfac_guarded_tensors", default=
 
 @contextlib.contextmanager
 def restore_on_error(tensors: Mapping[str, torch.Tensor]):
-    """Copy ``tensors`` back to their values on entry if the block raises anything (KeyboardInterrupt included),
-    then re-raise. Memory: one host (CPU) copy of the tensors for the duration of the block; tensors an
-    enclosing ``restore_on_error`` already guards are not copied again (the outer block restores them).
-    Yields ``commit()``, which makes the current values the ones to restore."""
+    """Copy ``tensors`` back to their values on entry if the block raises anything
+    (KeyboardInterrupt included), then re-raise. Memory: one host (CPU) copy of the tensors for the
+    duration of the block; tensors an enclosing ``restore_on_error`` already guards are not copied
+    again (the outer block restores them). Yields ``commit()``, which makes the current values the
+    ones to restore."""
     outer = _GUARDED.get()
     own = {name: t for name, t in tensors.items() if id(t) not in outer}
     saved = {name: t.detach().to("cpu", copy=True) for name, t in own.items()}
@@ -146,10 +148,11 @@ def restore_on_error(tensors: Mapping[str, torch.Tensor]):
 
 
 def _fit_block_size(pruner: Pruner, targets: Mapping[str, torch.Tensor]) -> Pruner:
-    """``pruner``, or a copy with its block size lowered to the largest target's size (rounded up to the pattern's
-    unit) when the block size exceeds every target. Each target is padded to a whole number of blocks, so a larger
-    block only adds padding: the same inverse on the weights (padding carries no gradient) at a Fisher of up to
-    (B / largest target) times the memory and (B / largest target)^2 the time. Logged on logger "hf_mfac"."""
+    """``pruner``, or a copy with its block size lowered to the largest target's size (rounded up to
+    the pattern's unit) when the block size exceeds every target. Each target is padded to a whole
+    number of blocks, so a larger block only adds padding: the same inverse on the weights (padding
+    carries no gradient) at a Fisher of up to (B / largest target) times the memory and (B / largest
+    target)^2 the time. Logged on logger "hf_mfac"."""
     B = pruner.block_size
     if not (pruner.uses_fisher and B and pruner.pad == B):  # static M-FAC: blocks span targets, no padding
         return pruner
@@ -169,8 +172,9 @@ def _fit_block_size(pruner: Pruner, targets: Mapping[str, torch.Tensor]) -> Prun
 
 
 def _several_ranks(method) -> bool:
-    """True inside an initialised process group of more than one rank, unless ``method`` is already distributed
-    (a :class:`~hf_mfac.pruning.distributed.DistributedPruner`, which brings its own group)."""
+    """True inside an initialised process group of more than one rank, unless ``method`` is already
+    distributed (a :class:`~hf_mfac.pruning.distributed.DistributedPruner`, which brings its own
+    group)."""
     return not getattr(method, "runs_over_ranks", False) and Comm().distributed
 
 
@@ -215,23 +219,26 @@ def _schedule(pruner: Pruner, layout: Layout, keep: torch.Tensor, sparsity, reco
 
 
 class FisherCache:
-    """Keeps the Fisher inverse of a one-shot run's first step for the next runs from the same model state.
+    """Keeps the Fisher inverse of a one-shot run's first step for the next runs from the same model
+    state.
 
-    A comparison of methods and targets from one dense model (``prune_oneshot(copy.deepcopy(dense), ...)`` for
-    each) would otherwise collect the same gradients and build the same inverse every time. Pass one cache as
-    ``prune_oneshot(..., fisher_cache=cache)`` to every run: the first step of a run reuses an entry when
-    everything its Fisher depends on is equal:
+    A comparison of methods and targets from one dense model (``prune_oneshot(copy.deepcopy(dense),
+    ...)`` for each) would otherwise collect the same gradients and build the same inverse every
+    time. Pass one cache as ``prune_oneshot(..., fisher_cache=cache)`` to every run: the first step
+    of a run reuses an entry when everything its Fisher depends on is equal:
 
-    * the pruner's :meth:`~hf_mfac.pruning.Pruner.fisher_key` (oBERT and CAP share the block Fisher at equal
-      block size, damp and dtype; static M-FAC has its own),
+    * the pruner's :meth:`~hf_mfac.pruning.Pruner.fisher_key` (oBERT and CAP share the block Fisher
+      at equal block size, damp and dtype; static M-FAC has its own),
     * the targets (names, shapes) and current masks,
-    * the model's parameters and buffers, bit for bit (a SHA-256 over all of them, computed per run),
-    * the dataloader and ``loss_fn`` objects, ``num_grads``, ``fisher_batch_size``, ``per_sample``, device.
+    * the model's parameters and buffers, bit for bit (a SHA-256 over all of them, computed per
+      run),
+    * the dataloader and ``loss_fn`` objects, ``num_grads``, ``fisher_batch_size``, ``per_sample``,
+      device.
 
-    Later steps of a run with ``recompute > 1`` start from pruned weights and always collect fresh gradients.
-    The pruners only read the inverse, so one entry serves any number of runs. Each entry holds a whole Fisher
-    inverse (``Pruner.fisher_bytes``) until it is evicted (``max_entries``, least recently used first) or
-    :meth:`clear` is called. ``hits`` / ``misses`` count the lookups.
+    Later steps of a run with ``recompute > 1`` start from pruned weights and always collect fresh
+    gradients. The pruners only read the inverse, so one entry serves any number of runs. Each entry
+    holds a whole Fisher inverse (``Pruner.fisher_bytes``) until it is evicted (``max_entries``,
+    least recently used first) or :meth:`clear` is called. ``hits`` / ``misses`` count the lookups.
     """
 
     def __init__(self, max_entries: int = 1):
@@ -275,80 +282,93 @@ def prune_oneshot(model: nn.Module, dataloader=None, config: PruningConfig | Non
                   method: str | Pruner = FROM_CONFIG, sparsity: float | None = FROM_CONFIG,
                   num_grads: int | None = FROM_CONFIG, block_size: int | None = FROM_CONFIG,
                   damp: float | None = FROM_CONFIG, rel_damp: float | None = FROM_CONFIG,
-                  recompute: int = FROM_CONFIG, scope: str = FROM_CONFIG, pattern: str | None = FROM_CONFIG,
-                  woodtaylor: bool = FROM_CONFIG, include=FROM_CONFIG, exclude=FROM_CONFIG,
+                  recompute: int = FROM_CONFIG, scope: str = FROM_CONFIG,
+                  pattern: str | None = FROM_CONFIG, woodtaylor: bool = FROM_CONFIG,
+                  include=FROM_CONFIG, exclude=FROM_CONFIG,
                   fisher_batch_size: int | None = FROM_CONFIG, per_sample: bool = FROM_CONFIG,
-                  types: Sequence[type] = DEFAULT_TYPES, targets: Mapping[str, torch.Tensor] | None = None,
+                  types: Sequence[type] = DEFAULT_TYPES,
+                  targets: Mapping[str, torch.Tensor] | None = None,
                   masks: Mapping[str, torch.Tensor] | None = None, loss_fn: Callable | None = None,
                   device=None, page_bytes: int | None = None, chunk_size: int | None = None,
                   fisher_cache: FisherCache | None = None, progress: bool = True) -> PruneResult:
-    """Prune ``model`` in place to ``config.sparsity`` with ``config.method``; return ``(masks, report)``.
+    """Prune ``model`` in place to ``config.sparsity`` with ``config.method``; return
+    ``(masks, report)``.
 
-    ``prune_oneshot(model, dataloader, config)`` with a :class:`~hf_mfac.pruning.PruningConfig`; each setting
-    keyword (``method`` to ``per_sample``) given overrides its field (``prune_oneshot(model, dl, config,
-    sparsity=0.9)``); left out, it is the config's (``PruningConfig()``'s defaults without a config:
-    ``method="obert"``, ``recompute=1``, ``scope="global"``, the method's ``num_grads``/``block_size``/``rel_damp``).
+    ``prune_oneshot(model, dataloader, config)`` with a :class:`~hf_mfac.pruning.PruningConfig`;
+    each setting keyword (``method`` to ``per_sample``) given overrides its field
+    (``prune_oneshot(model, dl, config, sparsity=0.9)``); left out, it is the config's
+    (``PruningConfig()``'s defaults without a config: ``method="obert"``, ``recompute=1``,
+    ``scope="global"``, the method's ``num_grads``/``block_size``/``rel_damp``).
 
     Args:
-        model: any ``nn.Module``; the dataloader's batches must give ``model(**batch).loss`` (or pass
-            ``loss_fn(model, batch) -> loss``).
-        dataloader: batches for the gradients (Fisher methods); each batch (or each ``fisher_batch_size``
-            slice of it, ``per_sample=True`` for single samples) gives one gradient. Re-iterated for each
-            recomputation.
-        config: the settings (method, sparsity, num_grads, ...). Settings that do not apply to the method
-            (``block_size``/``damp``/``num_grads`` for magnitude) are ignored with a note on logger "hf_mfac",
-            so one config can serve a comparison of methods.
+        model: any ``nn.Module``; the dataloader's batches must give ``model(**batch).loss`` (or
+            pass ``loss_fn(model, batch) -> loss``).
+        dataloader: batches for the gradients (Fisher methods); each batch (or each
+            ``fisher_batch_size`` slice of it, ``per_sample=True`` for single samples) gives one
+            gradient. Re-iterated for each recomputation.
+        config: the settings (method, sparsity, num_grads, ...). Settings that do not apply to the
+            method (``block_size``/``damp``/``num_grads`` for magnitude) are ignored with a note on
+            logger "hf_mfac", so one config can serve a comparison of methods.
         method: "magnitude", "obert" (WoodFisher/oBERT), "mfac" (static M-FAC) or "cap", or a
-            :class:`~hf_mfac.pruning.Pruner`; ``block_size``/``rel_damp``/``num_grads`` default to the method's.
-        rel_damp, damp: the Fisher's damping, by default ``rel_damp`` (a fraction of the mean diagonal of each
-            Fisher block: the masks do not depend on the scale of the loss); ``damp`` is an absolute λ instead
-            (the papers' setting, ``F = damp*I + G^T G / m``). Give at most one.
-        sparsity: fraction of the target weights to prune, exactly (rounded to whole units); implied by N:M.
-        recompute: number of steps, each on fresh gradients, pruning the same fraction of what remains.
+            :class:`~hf_mfac.pruning.Pruner`; ``block_size``/``rel_damp``/``num_grads`` default to
+            the method's.
+        rel_damp, damp: the Fisher's damping, by default ``rel_damp`` (a fraction of the mean
+            diagonal of each Fisher block: the masks do not depend on the scale of the loss);
+            ``damp`` is an absolute λ instead (the papers' setting, ``F = damp*I + G^T G / m``).
+            Give at most one.
+        sparsity: fraction of the target weights to prune, exactly (rounded to whole units); implied
+            by N:M.
+        recompute: number of steps, each on fresh gradients, pruning the same fraction of what
+            remains.
         scope: "global" (one threshold) or "layer" (uniform per target).
         pattern: None/"unstructured", "N:M" (e.g. "2:4"), or "G-block" (e.g. "4-block").
         woodtaylor: add the first-order term ([WoodFisher, §6.2]) for "obert"/"mfac".
-        include, exclude, types: target selection (:func:`find_prunable`; ``exclude=None`` keeps no module
-            out), or ``targets={name: param}``.
+        include, exclude, types: target selection (:func:`find_prunable`; ``exclude=None`` keeps no
+            module out), or ``targets={name: param}``.
         masks: existing masks ``{name: bool}`` (True = kept); those weights stay pruned.
-        device: where the Fisher and the solves live (default: the model's device); ``page_bytes`` pages the
-            static M-FAC gradients through it.
-        chunk_size: gradients handed to the Fisher at a time (default: up to 32 within 256 MiB of fp32
-            gradients). Each chunk costs one pass over the block-Fisher accumulator, so a larger chunk makes the
-            build faster for ``chunk_size * D * 4`` bytes on ``device``.
-        fisher_cache: a :class:`FisherCache` shared by several runs from the same model state (a comparison of
-            methods and sparsities): the first step reuses its Fisher inverse instead of recollecting the
-            gradients when nothing it depends on changed (``report.fisher_reused``).
+        device: where the Fisher and the solves live (default: the model's device); ``page_bytes``
+            pages the static M-FAC gradients through it.
+        chunk_size: gradients handed to the Fisher at a time (default: up to 32 within 256 MiB of
+            fp32 gradients). Each chunk costs one pass over the block-Fisher accumulator, so a
+            larger chunk makes the build faster for ``chunk_size * D * 4`` bytes on ``device``.
+        fisher_cache: a :class:`FisherCache` shared by several runs from the same model state (a
+            comparison of methods and sparsities): the first step reuses its Fisher inverse instead
+            of recollecting the gradients when nothing it depends on changed
+            (``report.fisher_reused``).
 
-    Everything is validated (every setting on its own, then pattern vs shapes, block size vs pattern, data
-    size, frozen targets, memory) before any work. A ``block_size`` larger than every target is lowered to the
-    largest target's size (rounded up to the pattern's unit; logged on logger "hf_mfac"): each target is padded
-    to whole blocks, so the larger block would give the same inverse at many times the memory and time. The
-    Fisher methods need autograd: a call inside ``torch.inference_mode()`` is refused (``torch.no_grad()`` is
-    fine: the gradients are taken under ``torch.enable_grad()``).
+    Everything is validated (every setting on its own, then pattern vs shapes, block size vs
+    pattern, data size, frozen targets, memory) before any work. A ``block_size`` larger than every
+    target is lowered to the largest target's size (rounded up to the pattern's unit; logged on
+    logger "hf_mfac"): each target is padded to whole blocks, so the larger block would give the
+    same inverse at many times the memory and time. The Fisher methods need autograd: a call inside
+    ``torch.inference_mode()`` is refused (``torch.no_grad()`` is fine: the gradients are taken
+    under ``torch.enable_grad()``).
 
-    All or nothing: if anything raises, KeyboardInterrupt included (a failed or interrupted recomputation step,
-    a non-finite result), the target weights are copied back exactly and the exception propagates. This costs
-    one host (CPU) copy of the target weights for the duration of the call. Every module's train/eval mode is
-    as it was on entry, whatever happens.
+    All or nothing: if anything raises, KeyboardInterrupt included (a failed or interrupted
+    recomputation step, a non-finite result), the target weights are copied back exactly and the
+    exception propagates. This costs one host (CPU) copy of the target weights for the duration of
+    the call. Every module's train/eval mode is as it was on entry, whatever happens.
 
     Inside an initialised ``torch.distributed`` process group of more than one rank this is
-    :func:`~hf_mfac.pruning.distributed.prune_oneshot_distributed` (call it on every rank; ``num_grads`` counts the
-    gradients of all ranks, each rank takes its shard of the dataloader), so that every rank ends with the same
-    model. To prune each rank's model on its own, give a group of one rank:
-    ``prune_oneshot_distributed(..., group=torch.distributed.new_subgroups(group_size=1)[0])``.
+    :func:`~hf_mfac.pruning.distributed.prune_oneshot_distributed` (call it on every rank;
+    ``num_grads`` counts the gradients of all ranks, each rank takes its shard of the dataloader),
+    so that every rank ends with the same model. To prune each rank's model on its own, give a group
+    of one rank: ``prune_oneshot_distributed(..., group=new_subgroups(group_size=1)[0])`` (from
+    ``torch.distributed``).
     """
     t_start = time.perf_counter()
-    given = dict(method=method, sparsity=sparsity, num_grads=num_grads, block_size=block_size, damp=damp,
-                 rel_damp=rel_damp, recompute=recompute, scope=scope, pattern=pattern, woodtaylor=woodtaylor,
-                 include=include, exclude=exclude, fisher_batch_size=fisher_batch_size, per_sample=per_sample)
+    given = dict(method=method, sparsity=sparsity, num_grads=num_grads, block_size=block_size,
+                 damp=damp, rel_damp=rel_damp, recompute=recompute, scope=scope, pattern=pattern,
+                 woodtaylor=woodtaylor, include=include, exclude=exclude,
+                 fisher_batch_size=fisher_batch_size, per_sample=per_sample)
     config = oneshot_config(config, **{k: v for k, v in given.items() if v is not FROM_CONFIG})
-    if _several_ranks(config.method):  # every rank must end with the same model: prune over all of them
+    if _several_ranks(config.method):  # every rank must end with the same model: prune over all
         from .distributed import prune_oneshot_distributed  # (it builds on this module)
 
         return prune_oneshot_distributed(
-            model, dataloader, config, types=types, targets=targets, masks=masks, loss_fn=loss_fn, device=device,
-            page_bytes=page_bytes, chunk_size=chunk_size, fisher_cache=fisher_cache, progress=progress)
+            model, dataloader, config, types=types, targets=targets, masks=masks, loss_fn=loss_fn,
+            device=device, page_bytes=page_bytes, chunk_size=chunk_size, fisher_cache=fisher_cache,
+            progress=progress)
     if chunk_size is not None:
         chunk_size = check_positive_int("chunk_size", chunk_size)
     pruner = config.pruner(device=device, page_bytes=page_bytes)
@@ -365,11 +385,11 @@ def prune_oneshot(model: nn.Module, dataloader=None, config: PruningConfig | Non
     keep = _initial_keep(layout, masks, wdev)
     steps = _schedule(pruner, layout, keep, config.sparsity, config.recompute)
     batch = check_fisher_batch_size(config.fisher_batch_size, config.per_sample)
-    config = config.replace(num_grads=_check_grads(pruner, layout, dataloader, config.num_grads, batch,
-                                                   len(steps), wdev), fisher_batch_size=batch)
+    num_grads = _check_grads(pruner, layout, dataloader, config.num_grads, batch, len(steps), wdev)
+    config = config.replace(num_grads=num_grads, fisher_batch_size=batch)
     run = _Run(model, dataloader, config, pruner, layout, targets, dev, wdev,
                _new_report(pruner, steps[-1][0], config.num_grads), loss_fn, chunk_size, progress)
-    with restore_on_error(targets), keep_modes(model):  # all or nothing: weights and modes come back
+    with restore_on_error(targets), keep_modes(model):  # all or nothing, the modes too
         keep, loss_total = _run_steps(run, keep, steps, fisher_cache)
         out_masks = _finish_report(run.report, layout, keep, targets, loss_total)
         run.report.time_total = time.perf_counter() - t_start
@@ -377,18 +397,21 @@ def prune_oneshot(model: nn.Module, dataloader=None, config: PruningConfig | Non
 
 
 def _check_autograd(what: str) -> None:
-    """Refuse to collect gradients inside ``torch.inference_mode()``, which turns autograd off for the whole block
-    (``torch.enable_grad()`` cannot turn it back on), saying so; ``what`` names the method."""
+    """Refuse to collect gradients inside ``torch.inference_mode()``, which turns autograd off for
+    the whole block (``torch.enable_grad()`` cannot turn it back on), saying so; ``what`` names the
+    method."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError(f"{what} pruning needs the loss gradients, but it was called inside "
-                           "torch.inference_mode(), where autograd is off: call it outside the inference_mode "
-                           "block (torch.no_grad() around it is fine), or use method='magnitude'")
+                           "torch.inference_mode(), where autograd is off: call it outside the "
+                           "inference_mode block (torch.no_grad() around it is fine), or use "
+                           "method='magnitude'")
 
 
 @dataclass
 class _Run:
-    """What the steps of one :func:`prune_oneshot` call share: the model and data, the resolved settings
-    (``config.num_grads`` and ``fisher_batch_size`` filled in), the pruner, its targets and devices."""
+    """What the steps of one :func:`prune_oneshot` call share: the model and data, the resolved
+    settings (``config.num_grads`` and ``fisher_batch_size`` filled in), the pruner, its targets and
+    devices."""
     model: nn.Module
     dataloader: object
     config: PruningConfig
@@ -404,7 +427,8 @@ class _Run:
 
 
 def _run_steps(run: _Run, keep: torch.Tensor, steps, fisher_cache: FisherCache | None):
-    """Run the pruning steps in place on the targets; return the final keep mask and the summed saliencies."""
+    """Run the pruning steps in place on the targets; return the final keep mask and the summed
+    saliencies."""
     loss_total = None
     pruner, layout = run.pruner, run.layout
     for i_step, (step_sparsity, zeros) in enumerate(steps):
@@ -432,11 +456,11 @@ def _run_steps(run: _Run, keep: torch.Tensor, steps, fisher_cache: FisherCache |
 
 def _check_grads(pruner: Pruner, layout: Layout, dataloader, num_grads, fisher_batch_size, num_steps: int,
                  wdev) -> int | None:
-    """The run's number of gradients per step (None for a method without a Fisher), checked against the data
-    and the memory before any work."""
+    """The run's number of gradients per step (None for a method without a Fisher), checked against
+    the data and the memory before any work."""
     if not pruner.uses_fisher:
-        unused = [k for k, v in dict(num_grads=num_grads, fisher_batch_size=fisher_batch_size).items()
-                  if v is not None]
+        given = dict(num_grads=num_grads, fisher_batch_size=fisher_batch_size)
+        unused = [k for k, v in given.items() if v is not None]
         if unused:  # one sweep may pass the same settings to every method
             logger.info("%s pruning uses no gradients: ignoring %s", pruner.name, ", ".join(unused))
         return None
@@ -456,8 +480,9 @@ def _new_report(pruner: Pruner, target_sparsity: float, num_grads: int | None) -
 
 @dataclass
 class _StepFisher:
-    """What one pruning step needs from its gradients: the Fisher inverse, the mean gradient (WoodTaylor), the
-    seconds spent collecting them, and the mean number of samples behind each gradient."""
+    """What one pruning step needs from its gradients: the Fisher inverse, the mean gradient
+    (WoodTaylor), the seconds spent collecting them, and the mean number of samples behind each
+    gradient."""
     finv: object = None
     grad: torch.Tensor | None = None
     seconds: float = 0.0
@@ -465,22 +490,25 @@ class _StepFisher:
 
 
 def _step_fisher(run: _Run, keep: torch.Tensor, fisher_cache: FisherCache | None) -> _StepFisher:
-    """The Fisher inverse at the current weights: from ``fisher_cache`` when it holds this state's, else from
-    ``config.num_grads`` fresh gradients (then stored in the cache)."""
+    """The Fisher inverse at the current weights: from ``fisher_cache`` when it holds this state's,
+    else from ``config.num_grads`` fresh gradients (then stored in the cache)."""
     c, pruner, layout = run.config, run.pruner, run.layout
     key = None
     if fisher_cache is not None and pruner.fisher_key() is not None:
         key = fisher_cache.key(run.model, pruner, layout, keep, run.dataloader, (
-            id(run.loss_fn), c.num_grads, c.fisher_batch_size, c.per_sample, str(run.dev), str(run.wdev)))
+            id(run.loss_fn), c.num_grads, c.fisher_batch_size, c.per_sample, str(run.dev),
+            str(run.wdev)))
         cached = fisher_cache.get(key)
         if cached is not None:
             run.report.fisher_reused = True
             finv, grad, samples_per_grad = cached
             return _StepFisher(finv, grad, 0.0, samples_per_grad)
     fisher = pruner.new_fisher(layout.dim, c.num_grads, run.dev, groups=layout.layer_index())
-    stats = collect_grads(run.model, run.dataloader, c.num_grads, params=layout, keep=keep.to(run.dev),
-                          sink=fisher.add_grads, fisher_batch_size=c.fisher_batch_size, per_sample=c.per_sample,
-                          chunk_size=run.chunk_size, loss_fn=run.loss_fn, device=run.dev, progress=run.progress)
+    stats = collect_grads(run.model, run.dataloader, c.num_grads, params=layout,
+                          keep=keep.to(run.dev), sink=fisher.add_grads,
+                          fisher_batch_size=c.fisher_batch_size, per_sample=c.per_sample,
+                          chunk_size=run.chunk_size, loss_fn=run.loss_fn, device=run.dev,
+                          progress=run.progress)
     out = _StepFisher(fisher.finish(), stats.mean.to(run.wdev), stats.seconds,
                       stats.num_samples / max(1, stats.num_grads))
     if key is not None:
@@ -503,7 +531,8 @@ def _record_step(report: PruneReport, layout: Layout, keep: torch.Tensor, loss, 
 
 
 def _finish_report(report: PruneReport, layout: Layout, keep: torch.Tensor, targets, loss_total) -> dict:
-    """Fill the report's totals and per-layer rows; return the masks ``{name: bool}`` on the targets' devices."""
+    """Fill the report's totals and per-layer rows; return the masks ``{name: bool}`` on the
+    targets' devices."""
     out_masks = {name: m.to(targets[name].device).clone() for name, m in layout.unflatten(keep).items()}
     report.sparsity = 1.0 - float(keep.sum()) / layout.numel
     report.loss_increase = None if loss_total is None else float(loss_total.sum())
@@ -518,17 +547,18 @@ def prune_sweep(model: nn.Module, dataloader=None, sparsities: Sequence[float] =
                 config: PruningConfig | None = None, *,
                 save_fn: Callable[[float, nn.Module, dict, PruneReport], None] | None = None,
                 **kwargs) -> list[PruneResult]:
-    """Several targets in one run ([CAP, §3.2]): prune to each sparsity in increasing order, starting from
-    the previous masks, and call ``save_fn(sparsity, model, masks, report)`` after each (e.g. to write a
-    checkpoint per target). ``sparsities``: the targets (default: ``config.sparsities``); ``config`` and
-    ``kwargs`` as in :func:`prune_oneshot` (``recompute`` applies per target):
-    ``prune_sweep(model, dataloader, config=PruningConfig(sparsities=[0.5, 0.7], num_grads=256))``.
+    """Several targets in one run ([CAP, §3.2]): prune to each sparsity in increasing order,
+    starting from the previous masks, and call ``save_fn(sparsity, model, masks, report)`` after
+    each (e.g. to write a checkpoint per target). ``sparsities``: the targets (default:
+    ``config.sparsities``); ``config`` and ``kwargs`` as in :func:`prune_oneshot` (``recompute``
+    applies per target): ``prune_sweep(model, dataloader, config=PruningConfig(sparsities=[0.5,
+    0.7], num_grads=256))``.
 
-    All or nothing, as :func:`prune_oneshot`: if a target fails (or the run is interrupted), the target weights
-    are copied back to what they were before the call, unless ``save_fn`` already returned for some targets:
-    then to what they were when the last ``save_fn`` returned, so the model agrees with the last checkpoint
-    written (the exception carries a note naming the targets that were saved). Memory: one host copy of the
-    target weights for the whole sweep."""
+    All or nothing, as :func:`prune_oneshot`: if a target fails (or the run is interrupted), the
+    target weights are copied back to what they were before the call, unless ``save_fn`` already
+    returned for some targets: then to what they were when the last ``save_fn`` returned, so the
+    model agrees with the last checkpoint written (the exception carries a note naming the targets
+    that were saved). Memory: one host copy of the target weights for the whole sweep."""
     config = _sweep_config(config, sparsities, {k: kwargs.pop(k) for k in SETTINGS if k in kwargs})
     types = kwargs.pop("types", DEFAULT_TYPES)
     if kwargs.get("targets") is None:  # resolved once, for the guard and every target
@@ -539,7 +569,8 @@ def prune_sweep(model: nn.Module, dataloader=None, sparsities: Sequence[float] =
     try:
         with restore_on_error(kwargs["targets"]) as commit:
             for s in config.sparsities:
-                res = prune_oneshot(model, dataloader, one.replace(sparsity=s), masks=masks, **kwargs)
+                res = prune_oneshot(model, dataloader, one.replace(sparsity=s), masks=masks,
+                                    **kwargs)
                 masks = res.masks
                 results.append(res)
                 if save_fn is not None:
@@ -548,16 +579,18 @@ def prune_sweep(model: nn.Module, dataloader=None, sparsities: Sequence[float] =
                     saved.append(s)
     except BaseException as e:
         if saved:
-            e.add_note(f"prune_sweep: sparsities {saved} were saved by save_fn; the model is left as at the "
-                       f"last ({saved[-1]})")
+            e.add_note(f"prune_sweep: sparsities {saved} were saved by save_fn; the model is left "
+                       f"as at the last ({saved[-1]})")
         raise
     return results
 
 
 def _sweep_config(config: PruningConfig | None, sparsities, settings: dict) -> PruningConfig:
-    """The settings of a sweep: ``config`` with ``settings`` and the ``sparsities`` (when given) applied."""
+    """The settings of a sweep: ``config`` with ``settings`` and the ``sparsities`` (when given)
+    applied."""
     if config is not None and not isinstance(config, PruningConfig):
-        raise TypeError(f"config must be a hf_mfac.pruning.PruningConfig; got {type(config).__name__}")
+        raise TypeError(f"config must be a hf_mfac.pruning.PruningConfig; got "
+                        f"{type(config).__name__}")
     config = config or PruningConfig()
     if sparsities is not None and len(sparsities):
         settings["sparsities"] = list(sparsities)

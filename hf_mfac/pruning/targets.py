@@ -1,13 +1,14 @@
 """Which weights to prune, and one flat, padded view of them.
 
 :func:`find_prunable` picks the ``weight`` of every module of the given types whose name matches
-``include`` and not ``exclude``. The default exclusion keeps embeddings, poolers and task heads dense,
-as oBERT (encoder Linear weights only) and CAP (no first convolution, no classifier) do; biases and
-norms are never targets because only ``weight`` tensors of Linear/Conv modules are.
+``include`` and not ``exclude``. The default exclusion keeps embeddings, poolers and task heads
+dense, as oBERT (encoder Linear weights only) and CAP (no first convolution, no classifier) do;
+biases and norms are never targets because only ``weight`` tensors of Linear/Conv modules are.
 
 :class:`Layout` concatenates the targets into one vector of dimension ``D``. Each target starts at a
 multiple of ``pad`` (the Fisher block size for block methods), so Fisher blocks, N:M groups and
-weight groups never straddle two layers; the padding coordinates carry no gradient and are never pruned.
+weight groups never straddle two layers; the padding coordinates carry no gradient and are never
+pruned.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_EXCLUDE", "DEFAULT_TYPES", "find_prunable", "Layout", "module_modes", "keep_modes"]
+__all__ = ["DEFAULT_EXCLUDE", "DEFAULT_TYPES", "find_prunable", "Layout", "module_modes",
+           "keep_modes"]
 
 DEFAULT_EXCLUDE = (
     r"(^|\.)(embeddings?|embedder|patch_embed\w*|pooler|classifier|qa_outputs|lm_head|heads?|score|cls)(\.|$)",
@@ -37,9 +39,9 @@ def find_prunable(model: nn.Module, include=None, exclude=DEFAULT_EXCLUDE,
     """Target weights ``{"<module>.weight": parameter}`` in module order.
 
     ``include``/``exclude``: a regular expression or a list of them, searched (``re.search``) in the
-    module's qualified name; ``include=None`` means every module of ``types``. Each ``include`` pattern
-    must match at least one module of ``types``, and something must remain, else ``ValueError`` (nothing is
-    changed). The output embeddings (a tied LM head) are always left out.
+    module's qualified name; ``include=None`` means every module of ``types``. Each ``include``
+    pattern must match at least one module of ``types``, and something must remain, else
+    ``ValueError`` (nothing is changed). The output embeddings (a tied LM head) are always left out.
     """
     inc, exc = _patterns(include), _patterns(exclude)
     for p in inc + exc:
@@ -78,9 +80,9 @@ def find_prunable(model: nn.Module, include=None, exclude=DEFAULT_EXCLUDE,
 class Layout:
     """Flat padded view of the target weights.
 
-    Target ``i`` occupies ``[offsets[i], offsets[i] + numels[i])`` of a vector of ``dim`` = D coordinates,
-    ``offsets[i]`` a multiple of ``pad``. ``flatten`` gathers tensors into (D,), ``unflatten`` cuts a (D,)
-    vector back into views shaped like the targets.
+    Target ``i`` occupies ``[offsets[i], offsets[i] + numels[i])`` of a vector of ``dim`` = D
+    coordinates, ``offsets[i]`` a multiple of ``pad``. ``flatten`` gathers tensors into (D,),
+    ``unflatten`` cuts a (D,) vector back into views shaped like the targets.
     """
 
     def __init__(self, params: Mapping[str, torch.Tensor], pad: int = 1):
@@ -103,7 +105,8 @@ class Layout:
 
     def flatten(self, tensors: Mapping[str, torch.Tensor] | Iterable[torch.Tensor], *, dtype=None, device=None,
                 fill=0) -> torch.Tensor:
-        """(D,) vector holding ``tensors`` (a mapping by name or a sequence in target order); padding = ``fill``."""
+        """(D,) vector holding ``tensors`` (a mapping by name or a sequence in target order);
+        padding = ``fill``."""
         ts = [tensors[n] for n in self.names] if isinstance(tensors, Mapping) else list(tensors)
         dtype = dtype or ts[0].dtype
         device = device or ts[0].device
@@ -124,7 +127,8 @@ class Layout:
         return v
 
     def layer_index(self, device=None) -> torch.Tensor:
-        """(D,) long: the target each coordinate belongs to (padding belongs to the preceding target)."""
+        """(D,) long: the target each coordinate belongs to (padding belongs to the preceding
+        target)."""
         ids = torch.empty(self.dim, dtype=torch.long, device=device)
         ends = self.offsets[1:] + [self.dim]
         for i, (off, end) in enumerate(zip(self.offsets, ends)):
@@ -133,8 +137,9 @@ class Layout:
 
 
 def module_modes(model: nn.Module) -> Callable[[], None]:
-    """Record the train/eval mode of every module of ``model``; the returned function puts each one back.
-    (``model.train(flag)`` alone sets every submodule to ``flag``, losing e.g. a part kept in eval mode.)"""
+    """Record the train/eval mode of every module of ``model``; the returned function puts each one
+    back. (``model.train(flag)`` alone sets every submodule to ``flag``, losing e.g. a part kept in
+    eval mode.)"""
     modes = [(m, m.training) for m in model.modules()]
 
     def restore() -> None:
@@ -146,7 +151,8 @@ def module_modes(model: nn.Module) -> Callable[[], None]:
 
 @contextlib.contextmanager
 def keep_modes(model: nn.Module):
-    """Every module of ``model`` leaves the block in the train/eval mode it had on entry, whatever happens."""
+    """Every module of ``model`` leaves the block in the train/eval mode it had on entry, whatever
+    happens."""
     restore = module_modes(model)
     try:
         yield

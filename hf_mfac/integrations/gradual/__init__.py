@@ -1,5 +1,5 @@
-"""Gradual pruning inside training: the callback, the examples' ``--prune_*`` flags and distillation from the
-dense teacher."""
+"""Gradual pruning inside training: the callback, the examples' ``--prune_*`` flags and distillation
+from the dense teacher."""
 
 from .arguments import PruningArguments
 from .callback import CHECKPOINT_MASKS_NAME, CHECKPOINT_STATE_NAME, PruningCallback

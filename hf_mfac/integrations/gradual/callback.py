@@ -1,28 +1,30 @@
 """Gradual pruning inside ``transformers.Trainer``: :class:`PruningCallback`.
 
 ```python
-callback = PruningCallback("obert", final_sparsity=0.8, start=0, end=600, frequency=100, num_grads=256)
-# or: PruningCallback(config=GradualPruningConfig(...), num_grads=256)  (keywords override the config)
-trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[callback])
-callback.attach(trainer)          # metrics through trainer.log (TensorBoard/W&B), optional cyclic LR
-trainer.train()                   # resume_from_checkpoint=... keeps the masks
+callback = PruningCallback("obert", final_sparsity=0.8, start=0, end=600, frequency=100,
+num_grads=256) # or: PruningCallback(config=GradualPruningConfig(...), num_grads=256)  (keywords
+override the config) trainer = Trainer(model=model, args=args, train_dataset=train,
+callbacks=[callback]) callback.attach(trainer)          # metrics through trainer.log
+(TensorBoard/W&B), optional cyclic LR trainer.train()                   # resume_from_checkpoint=...
+keeps the masks
 ```
 
 What happens each optimizer step (transformers' callback order):
-``on_step_begin`` prunes when the step is on the schedule (fresh gradients from ``dataloader`` or the
-Trainer's train dataloader; :func:`hf_mfac.pruning.prune_oneshot` with the current masks) and resets the
-optimizer's momentum; ``on_pre_optimizer_step`` zeroes the pruned gradients; ``on_optimizer_step``
-re-zeroes the pruned weights. ``on_save`` writes ``hf_mfac_pruning.safetensors`` (masks) and
-``hf_mfac_pruning.json`` (schedule position, history) into every ``checkpoint-N`` folder;
-``on_train_begin`` reads them back on resume.
+``on_step_begin`` prunes when the step is on the schedule (fresh gradients from ``dataloader`` or
+the Trainer's train dataloader; :func:`hf_mfac.pruning.prune_oneshot` with the current masks) and
+resets the optimizer's momentum; ``on_pre_optimizer_step`` zeroes the pruned gradients;
+``on_optimizer_step`` re-zeroes the pruned weights. ``on_save`` writes
+``hf_mfac_pruning.safetensors`` (masks) and ``hf_mfac_pruning.json`` (schedule position, history)
+into every ``checkpoint-N`` folder; ``on_train_begin`` reads them back on resume.
 
-A pruning step logs (``"hf_mfac"`` logger, at the Trainer's ``--log_level``) when it starts and what it did, and
-shows a progress bar over the gradients on the main process unless ``--disable_tqdm``.
+A pruning step logs (``"hf_mfac"`` logger, at the Trainer's ``--log_level``) when it starts and what
+it did, and shows a progress bar over the gradients on the main process unless ``--disable_tqdm``.
 
 Under DDP (``torchrun`` / ``accelerate launch``) a pruning step is one
-:func:`hf_mfac.pruning.distributed.prune_oneshot_distributed` over all ranks: each rank computes the gradients of
-its own batches (``num_grads`` counts them over all ranks), factorises and scores the Fisher blocks it owns, and
-every rank ends with the same masks and weights; an error on one rank stops all ranks with its message.
+:func:`hf_mfac.pruning.distributed.prune_oneshot_distributed` over all ranks: each rank computes the
+gradients of its own batches (``num_grads`` counts them over all ranks), factorises and scores the
+Fisher blocks it owns, and every rank ends with the same masks and weights; an error on one rank
+stops all ranks with its message.
 """
 from __future__ import annotations
 
@@ -57,39 +59,41 @@ _UNSET = object()
 class PruningCallback(TrainerCallback):
     """Gradual pruning (cubic schedule, oBERT/WoodFisher recipe) or a sparsity sweep ([CAP, §3.2]).
 
-    The settings are a :class:`~hf_mfac.pruning.GradualPruningConfig` (``config=``), whose fields are also
-    accepted as keywords, overriding it: ``PruningCallback(config=cfg, num_grads=64)``. The two positional
-    arguments are the most used ones:
+    The settings are a :class:`~hf_mfac.pruning.GradualPruningConfig` (``config=``), whose fields
+    are also accepted as keywords, overriding it: ``PruningCallback(config=cfg, num_grads=64)``. The
+    two positional arguments are the most used ones:
 
     Args:
-        method: "magnitude", "obert", "mfac", "cap" or a :class:`hf_mfac.pruning.Pruner`; None only enforces
-            the given ``masks`` (sparse fine-tuning). Default: the config's ("obert").
+        method: "magnitude", "obert", "mfac", "cap" or a :class:`hf_mfac.pruning.Pruner`; None only
+            enforces the given ``masks`` (sparse fine-tuning). Default: the config's ("obert").
         final_sparsity: the config's ``sparsity``, reached by the cubic schedule
             ``s_t = s_f + (s_i - s_f)(1 - (t - start)/(end - start))^3`` from ``initial_sparsity``
-            (:func:`hf_mfac.core.schedules.cubic_sparsity`), pruning at ``start``, ``start + frequency``, ...,
-            ``end``. In ``unit="epochs"`` these are epochs (converted with the Trainer's steps per epoch);
-            ``end`` defaults to 75% of training. With ``sparsities`` instead: a sweep, pruning to
-            ``sparsities[i]`` at ``start + i*frequency``; with ``save_at_targets=True`` a checkpoint is saved
-            just before each next pruning step and at the end (its ``hf_mfac_pruning.json`` records the sparsity).
-            An N:M ``pattern`` is pruned once at ``start``.
-        config: the other settings (see :class:`~hf_mfac.pruning.GradualPruningConfig` for each); ``**settings``
-            override them by field name.
-        dataloader: calibration batches for the gradients (with labels); default: the Trainer's train dataloader.
+            (:func:`hf_mfac.core.schedules.cubic_sparsity`), pruning at ``start``, ``start +
+            frequency``, ..., ``end``. In ``unit="epochs"`` these are epochs (converted with the
+            Trainer's steps per epoch); ``end`` defaults to 75% of training. With ``sparsities``
+            instead: a sweep, pruning to ``sparsities[i]`` at ``start + i*frequency``; with
+            ``save_at_targets=True`` a checkpoint is saved just before each next pruning step and at
+            the end (its ``hf_mfac_pruning.json`` records the sparsity). An N:M ``pattern`` is
+            pruned once at ``start``.
+        config: the other settings (see :class:`~hf_mfac.pruning.GradualPruningConfig` for each);
+            ``**settings`` override them by field name.
+        dataloader: calibration batches for the gradients (with labels); default: the Trainer's
+            train dataloader.
         types: module types to prune (with the config's ``include``/``exclude``).
         masks: initial masks ``{name: bool}`` (True = kept).
-        resume_from: checkpoint folder holding the masks, if not ``checkpoint-<global_step>`` in ``output_dir``
-            or ``args.resume_from_checkpoint``.
-        progress: progress bar over the gradients of a pruning step; None: on the main process unless
-            ``args.disable_tqdm``.
+        resume_from: checkpoint folder holding the masks, if not ``checkpoint-<global_step>`` in
+            ``output_dir`` or ``args.resume_from_checkpoint``.
+        progress: progress bar over the gradients of a pruning step; None: on the main process
+            unless ``args.disable_tqdm``.
 
-    Under DDP the pruning steps run distributed (see the module docstring); ``num_grads`` is then the total
-    number of gradients over all ranks.
+    Under DDP the pruning steps run distributed (see the module docstring); ``num_grads`` is then
+    the total number of gradients over all ranks.
 
-    Metrics (``sparsity``, ``pruning_target``, ``pruning_saliency`` (the OBS saliency of the step, a relative
-    score), ``pruning_time``,
-    ``pruning_grad_share``) go through ``trainer.log`` after :meth:`attach` (so TensorBoard/W&B get them), else
-    straight into ``state.log_history``. The current masks are in :attr:`masks`; the settings in :attr:`config`
-    (readable as attributes too: ``callback.num_grads``).
+    Metrics (``sparsity``, ``pruning_target``, ``pruning_saliency`` (the OBS saliency of the step, a
+    relative score), ``pruning_time``,
+    ``pruning_grad_share``) go through ``trainer.log`` after :meth:`attach` (so TensorBoard/W&B get
+    them), else straight into ``state.log_history``. The current masks are in :attr:`masks`; the
+    settings in :attr:`config` (readable as attributes too: ``callback.num_grads``).
     """
 
     def __init__(self, method=_UNSET, final_sparsity: float | None = None, *,
@@ -130,8 +134,8 @@ class PruningCallback(TrainerCallback):
 
     # -- wiring ------------------------------------------------------------------------------------------
     def attach(self, trainer) -> "PruningCallback":
-        """Keep a reference to ``trainer`` (for ``trainer.log`` and the cyclic LR) and add the callback to it
-        if it is not there yet. Returns self."""
+        """Keep a reference to ``trainer`` (for ``trainer.log`` and the cyclic LR) and add the
+        callback to it if it is not there yet. Returns self."""
         self.trainer = trainer
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
@@ -240,18 +244,19 @@ class PruningCallback(TrainerCallback):
             if train_dataloader is None:
                 raise ValueError("PruningCallback needs gradients: pass dataloader=... or train with a train dataset")
             data = getattr(train_dataloader, "base_dataloader", train_dataloader)  # leave accelerate's state alone
-        step = c.with_pruner(self.pruner).replace(sparsity=target, sparsities=None)  # this step's settings
+        step = c.with_pruner(self.pruner).replace(sparsity=target, sparsities=None)  # this step
         grads = f", {c.num_grads or self.pruner.default_num_grads} gradients" if self.pruner.uses_fisher else ""
         logger.info("PruningCallback: step %d: pruning with %s from sparsity %.4f to %s%s%s", state.global_step,
                     self.pruner.name, self.current_sparsity(), "the pattern" if target is None else f"{target:.4f}",
                     grads, f", {c.recompute} recomputations" if c.recompute > 1 else "")
         previous = self.masks
         with restore_on_error(self.targets):  # a failure up to the optimizer's masks leaves the model as it was
-            # Under DDP this is prune_oneshot_distributed: every rank computes its share of the gradients (the
-            # Trainer's sharded train batches, or batches r, r + N, ... of a given dataloader), owns its share of
-            # the Fisher blocks and ends with the same masks and weights; num_grads is the total over the ranks.
-            masks, report = prune_oneshot(model, data, step, targets=self.targets, masks=self.masks or None,
-                                          progress=self._show_progress)
+            # Under DDP this is prune_oneshot_distributed: every rank computes its share of the
+            # gradients (the Trainer's sharded train batches, or batches r, r + N, ... of a given
+            # dataloader), owns its share of the Fisher blocks and ends with the same masks and
+            # weights; num_grads is the total over the ranks.
+            masks, report = prune_oneshot(model, data, step, targets=self.targets,
+                                          masks=self.masks or None, progress=self._show_progress)
             try:
                 self.masks = masks
                 self._enforce(optimizer, reset=True)
@@ -273,7 +278,8 @@ class PruningCallback(TrainerCallback):
         self._log(logs, state)
 
     def _enforce(self, optimizer, reset: bool) -> None:
-        """Zero pruned weights; tell the optimizer (masks for hf_mfac.MFAC, state of pruned coordinates)."""
+        """Zero pruned weights; tell the optimizer (masks for hf_mfac.MFAC, state of pruned
+        coordinates)."""
         with torch.no_grad():
             for name, mask in self.masks.items():
                 p = self.targets[name]
@@ -327,8 +333,9 @@ class PruningCallback(TrainerCallback):
         return float(sum((~m).sum().item() for m in self.masks.values())) / total
 
     def save_state(self, folder: str) -> None:
-        """Write the masks (safetensors, bool) and the callback state (json) into ``folder``; each file is written
-        beside its final name and moved into place, so an interrupted save leaves the previous file whole."""
+        """Write the masks (safetensors, bool) and the callback state (json) into ``folder``; each
+        file is written beside its final name and moved into place, so an interrupted save leaves
+        the previous file whole."""
         from safetensors.torch import save_file
 
         def atomic(name, write):
@@ -350,8 +357,8 @@ class PruningCallback(TrainerCallback):
         atomic(CHECKPOINT_STATE_NAME, write_state)
 
     def load_state(self, folder: str) -> None:
-        """Read what :meth:`save_state` wrote (masks are checked against the targets' shapes); a truncated or
-        foreign file raises ``ValueError`` naming it, and nothing changes."""
+        """Read what :meth:`save_state` wrote (masks are checked against the targets' shapes); a
+        truncated or foreign file raises ``ValueError`` naming it, and nothing changes."""
         from safetensors.torch import load_file
 
         mpath = os.path.join(folder, CHECKPOINT_MASKS_NAME)

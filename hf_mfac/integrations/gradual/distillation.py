@@ -1,5 +1,6 @@
-"""Knowledge distillation from a frozen dense teacher, as in oBERT's gradual-pruning recipe: a Trainer mixin
-(:class:`DistillationMixin`), the ready ``Trainer`` (:class:`DistillationTrainer`) and the loss."""
+"""Knowledge distillation from a frozen dense teacher, as in oBERT's gradual-pruning recipe: a
+Trainer mixin (:class:`DistillationMixin`), the ready ``Trainer`` (:class:`DistillationTrainer`) and
+the loss."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,8 @@ __all__ = ["distillation_loss", "DistillationMixin", "DistillationTrainer"]
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       temperature: float = 2.0) -> torch.Tensor:
-    """``T^2 KL(softmax(t/T) || softmax(s/T))`` averaged over all rows (the last dimension is the class axis)."""
+    """``T^2 KL(softmax(t/T) || softmax(s/T))`` averaged over all rows (the last dimension is the
+    class axis)."""
     s = student_logits.reshape(-1, student_logits.shape[-1]).float() / temperature
     t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).float() / temperature
     return nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), reduction="batchmean", log_target=True) \
@@ -22,10 +24,10 @@ _LOGIT_KEYS = ("logits", "start_logits", "end_logits")
 
 
 class DistillationMixin:
-    """Trainer mixin: ``loss = (1 - hardness) * task_loss + hardness * KD`` from a frozen dense ``teacher_model``,
-    KD averaged over the logits the outputs share (``logits``; ``start_logits``/``end_logits`` for QA), as in the
-    oBERT recipe (distillation from the dense model during gradual pruning). ``hardness=0`` or no teacher:
-    the plain Trainer loss."""
+    """Trainer mixin: ``loss = (1 - hardness) * task_loss + hardness * KD`` from a frozen dense
+    ``teacher_model``, KD averaged over the logits the outputs share (``logits``;
+    ``start_logits``/``end_logits`` for QA), as in the oBERT recipe (distillation from the dense
+    model during gradual pruning). ``hardness=0`` or no teacher: the plain Trainer loss."""
 
     def __init__(self, *args, teacher_model: nn.Module | None = None, distill_hardness: float = 1.0,
                  distill_temperature: float = 2.0, **kwargs):
