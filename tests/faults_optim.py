@@ -130,6 +130,12 @@ def warned(match):
     return check
 
 
+def dense_into_compressed(tmp):
+    """A dense MFAC's checkpoint, and a trained compressed MFAC (density 0.3) to load it into."""
+    saved = copy.deepcopy(trained(tmp)["opt"].state_dict())
+    return {**trained(tmp, density=0.3), "saved": saved}
+
+
 def corrupt_checkpoint(fn):
     def build(tmp):
         ctx = trained(tmp)
@@ -321,7 +327,16 @@ CASES = [
     Fault("sharded_mfac_step_fp16_overflow_skipped", lambda tmp: trained(tmp, ShardedMFAC, grad_dtype=torch.float16,
                                                                          nonfinite="skip"),
           poisoned_step(-1e5), check=warned("torch.float16"), unchanged=True),
+    Fault("mfac_compressed_step_nan_skipped",
+          lambda tmp: trained(tmp, density=0.3, nonfinite="skip"), poisoned_step(float("nan")),
+          check=warned("NaN or inf"), unchanged=True),
+    Fault("mfac_compressed_step_fp16_overflow_raises",
+          lambda tmp: trained(tmp, density=0.3, grad_dtype=torch.float16), poisoned_step(7e4),
+          GradientRejected, r"kept values of g exceed the range .*torch\.float16"),
     # -- MFAC checkpoints --------------------------------------------------------------------------------------
+    Fault("mfac_load_dense_window_into_compressed", dense_into_compressed,
+          lambda c: c["opt"].load_state_dict(c["saved"]), ValueError,
+          r"window is dense \(density=1\.0\) but this optimizer's is compressed \(density=0\.3\)"),
     Fault("mfac_load_nonfinite_window", corrupt_checkpoint(set_(("mfac", "window", "G"), nan_row)),
           lambda c: c["opt"].load_state_dict(c["saved"]), ValueError, r"G holds NaN or inf values \(first in row 2\)"),
     Fault("mfac_load_window_count_out_of_range", corrupt_checkpoint(set_(("mfac", "window", "count"), 7)),
@@ -361,6 +376,9 @@ CASES = [
     bad_arg("mfac_damp_nan", ValueError, r"^damp must be a finite", damp=float("nan")),
     bad_arg("mfac_num_grads_none", TypeError, r"^num_grads must be an integer; got None", num_grads=None),
     bad_arg("mfac_num_grads_fraction", ValueError, r"^num_grads must be an integer; got 2\.5", num_grads=2.5),
+    bad_arg("mfac_density_zero", ValueError, r"^density must be > 0; got 0", density=0),
+    bad_arg("mfac_density_nan", ValueError, r"^density must be a finite number", density=float("nan")),
+    bad_arg("mfac_density_bool", TypeError, r"^density must be a real number; got True", density=True),
     bad_arg("mfac_grad_dtype_int8", ValueError, r"grad_dtype must be float16, bfloat16", grad_dtype="int8"),
     Fault("mfac_param_group_lr_nan", lambda tmp: trained(tmp),
           lambda c: c["opt"].add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": float("nan")}),
@@ -374,6 +392,7 @@ CASES = [
     args_row("args_damp_negative", r"--mfac_damp must be > 0", mfac_damp=-1.0),
     args_row("args_grad_dtype_int8", r"--mfac_grad_dtype must be one of float32, bfloat16, float16; got 'int8'",
              mfac_grad_dtype="int8"),
+    args_row("args_density_above_one", r"--mfac_density must be <= 1; got 1\.5", mfac_density=1.5),
     args_row("args_learning_rate_nan", r"--learning_rate must be a finite number", learning_rate=float("nan")),
     args_row("args_optim_args_not_an_integer", r"--optim_args ngrads must be an integer; got 'abc'",
              optim_args="ngrads=abc"),
