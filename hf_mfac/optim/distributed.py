@@ -129,6 +129,11 @@ class ShardedMFAC(MFAC):
     in :meth:`sharded_state_dict` per rank (:func:`save_mfac_shards` / :func:`load_mfac_shards`, or
     :class:`~hf_mfac.integrations.distributed.MFACShardCheckpointCallback` with the Trainer). A plain ``MFAC``
     ``state_dict()`` with its window also loads here (each rank keeps its columns).
+
+    With ``density < 1`` each rank keeps a compressed window of its own range
+    (:class:`~hf_mfac.core.CompressedMFAC`, error buffer included): its top-k blocks start at the
+    rank's first coordinate, so the kept entries equal one process's only where the ranges fall on
+    block boundaries, and its shard files resume with the same number of ranks only.
     """
 
     def __init__(self, params, *args, process_group=None, **kwargs):
