@@ -480,3 +480,25 @@ def test_card_of_a_compact_save_says_how_to_load_it(tmp_path):
     save_compact_pretrained(model, tmp_path, masks, method="magnitude")
     text = create_sparse_model_card(tmp_path, repo_id="me/compact").text
     assert 'load_compact_pretrained(snapshot_download("me/compact"))' in text and "from_pretrained(" not in text
+
+
+def test_card_fields_are_the_main_form_and_keywords_override_them(tmp_path):
+    """``CardFields`` says what the card holds; keywords set single fields on top; an unknown one is
+    refused."""
+    from hf_mfac.integrations.card import CardFields
+
+    model, masks = pruned_model()
+    save_sparse_pretrained(model, tmp_path, masks, method="obert")
+    fields = CardFields(base_model="org/base", datasets="glue", eval_results={"accuracy": 0.9},
+                        license="mit")
+    by_value = create_sparse_model_card(None, fields, model=model, masks=masks)
+    by_keywords = create_sparse_model_card(None, model=model, masks=masks, base_model="org/base",
+                                           datasets="glue", eval_results={"accuracy": 0.9},
+                                           license="mit")
+    assert by_value.content == by_keywords.content
+    overridden = create_sparse_model_card(None, fields, model=model, masks=masks,
+                                          license="apache-2.0")
+    assert overridden.data.license == "apache-2.0" and overridden.data.base_model == "org/base"
+    assert fields.license == "mit"  # the caller's value is not changed
+    with pytest.raises(TypeError, match="base_modle"):
+        create_sparse_model_card(tmp_path, fields, base_modle="org/other")

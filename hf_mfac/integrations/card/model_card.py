@@ -1,32 +1,32 @@
 """Model cards for sparse and M-FAC-trained models, and publishing them to the Hub.
 
-* :func:`create_sparse_model_card` — ``README.md`` from the templates in ``model_cards/`` (installed as
-  ``hf_mfac._model_cards``; read from the checkout's ``model_cards/`` when not installed): YAML front matter
-  built with ``huggingface_hub.ModelCardData`` (library, tags, base model, datasets, metrics, ``model-index``
-  from ``EvalResult``), then hf_mfac's marked section:
-  sparsity summary, per-layer table and plot, recipe and command, M-FAC hyperparameters, evaluation.
-  An existing card is updated: its metadata is merged and only the text between the
-  ``<!-- hf_mfac:start ... -->`` / ``<!-- hf_mfac:end -->`` markers is replaced (appended when absent).
-* :func:`write_trainer_model_card` — the same from a ``Trainer`` (what ``MFACTrainer.create_model_card``
-  calls), so ``trainer.push_to_hub()`` uploads this card and the sparse checkpoint.
-* :func:`push_sparse_to_hub` — save (:func:`~hf_mfac.integrations.save_sparse_pretrained`), write the
-  card, and upload with ``huggingface_hub.HfApi`` (``create_repo`` + ``upload_folder``).
+* :func:`create_sparse_model_card` — ``README.md`` from the templates in ``model_cards/`` (installed
+  as ``hf_mfac._model_cards``; read from the checkout's ``model_cards/`` when not installed): YAML
+  front matter built with ``huggingface_hub.ModelCardData`` (library, tags, base model, datasets,
+  metrics, ``model-index`` from ``EvalResult``), then hf_mfac's marked section: sparsity summary,
+  per-layer table and plot, recipe and command, M-FAC hyperparameters, evaluation. An existing card
+  is updated: its metadata is merged and only the text between the ``<!-- hf_mfac:start ... -->`` /
+  ``<!-- hf_mfac:end -->`` markers is replaced (appended when absent). *
+  :func:`write_trainer_model_card` — the same from a ``Trainer`` (what
+  ``MFACTrainer.create_model_card`` calls), so ``trainer.push_to_hub()`` uploads this card and the
+  sparse checkpoint. * :func:`push_sparse_to_hub` — save
+  (:func:`~hf_mfac.integrations.save_sparse_pretrained`), write the card, and upload with
+  ``huggingface_hub.HfApi`` (``create_repo`` + ``upload_folder``).
 
-Nothing secret reaches a card: every string that goes into it (each metadata field, the description, metric
-names, ``EvalResult`` fields, the command line, the recipe and the hyperparameters) is redacted by rule
-(:func:`~hf_mfac.integrations.checkpoint.redaction.redact`,
-:func:`~hf_mfac.integrations.checkpoint.redaction.redact_argv`), not by a list of flags, and the finished card,
-an updated card's own text included, is passed through
-:func:`~hf_mfac.integrations.checkpoint.redaction.redact_credentials` (URL userinfo, plain or percent-encoded,
-and ``hf_`` tokens) in the YAML and the text alike. User
-strings cannot break the card: metadata fields with a line break or control character are refused
-(``ValueError``) and the rest is quoted by the YAML writer; text in the section is escaped for where it
-stands (table cell, code span, code block), so it cannot close a cell or a block or forge hf_mfac's markers.
-The finished card is parsed back before it is written. ``README.md`` and the plot are written through a
-staging folder (:func:`~hf_mfac.integrations.checkpoint.staging.staged_save`): a failure leaves them as they
-were. The section's rendering and escaping live in :mod:`.section`, what is read from a ``Trainer`` in
-:mod:`.trainer_info`, the redaction rules in :mod:`..checkpoint.redaction`.
-"""
+Nothing secret reaches a card: every string that goes into it (each metadata field, the description,
+metric names, ``EvalResult`` fields, the command line, the recipe and the hyperparameters) is
+redacted by rule (:func:`~hf_mfac.integrations.checkpoint.redaction.redact`,
+:func:`~hf_mfac.integrations.checkpoint.redaction.redact_argv`), not by a list of flags, and the
+finished card, an updated card's own text included, is passed through
+:func:`~hf_mfac.integrations.checkpoint.redaction.redact_credentials` (URL userinfo, plain or
+percent-encoded, and ``hf_`` tokens) in the YAML and the text alike. User strings cannot break the
+card: metadata fields with a line break or control character are refused (``ValueError``) and the
+rest is quoted by the YAML writer; text in the section is escaped for where it stands (table cell,
+code span, code block), so it cannot close a cell or a block or forge hf_mfac's markers. The
+finished card is parsed back before it is written. ``README.md`` and the plot are written through a
+staging folder (:func:`~hf_mfac.integrations.checkpoint.staging.staged_save`): a failure leaves them
+as they were. The section's rendering and escaping live in :mod:`.section`, what is read from a
+``Trainer`` in :mod:`.trainer_info`, the redaction rules in :mod:`..checkpoint.redaction`."""
 from __future__ import annotations
 
 import json
@@ -36,6 +36,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
+from dataclasses import fields as dataclass_fields
 from typing import Any, Iterable, Mapping
 from urllib.parse import quote
 
@@ -63,7 +64,8 @@ from .trainer_info import _trainer_card_kwargs, _trainer_sparsity
 
 logger = logging.getLogger("hf_mfac")
 
-__all__ = ["create_sparse_model_card", "write_trainer_model_card", "push_sparse_to_hub", "PLOT_NAME"]
+__all__ = ["CardFields", "create_sparse_model_card", "write_trainer_model_card",
+           "push_sparse_to_hub", "PLOT_NAME"]
 
 PLOT_NAME = "sparsity_per_layer.png"
 # architecture suffix -> (Auto class, pipeline tag)
@@ -112,14 +114,15 @@ def _sparsity_from(sparsity, model, masks, save_directory) -> tuple[dict | None,
 
 
 def _finite(value) -> bool:
-    """False for a NaN or infinite number (YAML would carry ``.nan``, which no reader compares equal)."""
+    """False for a NaN or infinite number (YAML would carry ``.nan``, which no reader compares
+    equal)."""
     return not isinstance(value, (int, float)) or isinstance(value, bool) or math.isfinite(value)
 
 
 def _eval_results(eval_results, task, dataset_name, dataset_type, dataset_config, dataset_split):
-    """(EvalResults for model-index or None, table rows, the rows left out of model-index because their value is
-    NaN or infinite). A metrics mapping needs a dataset and a task to enter model-index; without them its rows
-    go to the card's text only."""
+    """(EvalResults for model-index or None, table rows, the rows left out of model-index because
+    their value is NaN or infinite). A metrics mapping needs a dataset and a task to enter
+    model-index; without them its rows go to the card's text only."""
     if not eval_results:
         return None, [], []
     if isinstance(eval_results, Mapping):
@@ -155,12 +158,78 @@ def _merge_data(existing: ModelCardData | None, ours: ModelCardData) -> ModelCar
     return ModelCardData(**merged)
 
 
-def _check_fields(fields: Mapping[str, Any], eval_results) -> None:
-    """Refuse a metadata argument, a metric name or an ``EvalResult`` field holding a line break or control
-    character (:func:`_check_line`), before anything is read or written."""
-    for field, value in fields.items():
+@dataclass
+class CardFields:
+    """What a model card says beyond the checkpoint's own record; every field is optional.
+
+    Metadata (YAML): ``model_name`` (default: the repository's or the folder's name), ``repo_id``
+    (also used in the loading snippet), ``base_model``, ``datasets``, ``license``, ``language``,
+    ``tags`` (added to ``hf_mfac`` + ``sparse``/``pruned``/the method when sparse + ``m-fac`` when
+    M-FAC), ``pipeline_tag`` (default: from the architecture). Evaluation: ``eval_results``, a list
+    of ``huggingface_hub.EvalResult`` or ``{metric: value}`` with ``task`` (default: the pipeline
+    tag) and ``dataset_name`` / ``dataset_type`` (default: the first of ``datasets``),
+    ``dataset_config``, ``dataset_split``. Text: ``method`` and ``recipe`` (default: the sparsity
+    record's), the ``command`` line, ``mfac`` and ``training`` hyperparameters, a ``description``
+    (default: one sentence on the sparsity, base model and M-FAC), and ``plot`` (draw the per-layer
+    sparsity plot)."""
+
+    model_name: str | None = None
+    repo_id: str | None = None
+    base_model: str | None = None
+    datasets: str | list[str] | None = None
+    license: str | None = None
+    language: str | list[str] | None = None
+    tags: Iterable[str] | None = None
+    pipeline_tag: str | None = None
+    eval_results: list[EvalResult] | Mapping[str, float] | None = None
+    task: str | None = None
+    dataset_name: str | None = None
+    dataset_type: str | None = None
+    dataset_config: str | None = None
+    dataset_split: str | None = None
+    method: str | None = None
+    recipe: Any = None
+    command: str | None = None
+    mfac: Mapping[str, Any] | None = None
+    training: Mapping[str, Any] | None = None
+    description: str | None = None
+    plot: bool = True
+
+    def metadata(self) -> dict[str, Any]:
+        """The fields that become single YAML values or lists (checked for line breaks, redacted).
+        """
+        return {k: getattr(self, k) for k in _METADATA}
+
+    def with_overrides(self, **overrides) -> "CardFields":
+        """A copy with ``overrides`` set; ``TypeError`` naming a keyword that is no field."""
+        names = [f.name for f in dataclass_fields(self)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise TypeError(f"create_sparse_model_card() got unexpected keyword arguments "
+                            f"{unknown}; the card's fields are {names}")
+        return replace(self, **overrides)
+
+    def redacted(self) -> "CardFields":
+        """A copy with every secret out of every string (:func:`redact`); the recipe, command and
+        hyperparameters are redacted where they are rendered."""
+        return replace(self, **{k: redact(v) for k, v in self.metadata().items()},
+                       eval_results=_redact_eval_results(self.eval_results),
+                       description=None if self.description is None
+                       else redact(str(self.description)))
+
+
+_METADATA = ("model_name", "repo_id", "base_model", "datasets", "task", "dataset_name",
+             "dataset_type", "dataset_config", "dataset_split", "license", "language", "tags",
+             "pipeline_tag", "method")
+
+
+def _check_fields(card: CardFields) -> None:
+    """Refuse a metadata field, a metric name or an ``EvalResult`` field holding a line break or
+    control character (:func:`_check_line`), before anything is read or written."""
+    for field, value in card.metadata().items():
         _check_line(field, list(value) if field == "tags" and value is not None and not isinstance(value, str)
                     else value)
+    eval_results = card.eval_results
     if isinstance(eval_results, Mapping):
         _check_line("eval_results (metric names)", [str(k) for k in eval_results])
     elif eval_results:
@@ -179,9 +248,11 @@ def _redact_eval_results(eval_results):
     return eval_results
 
 
-def _clean(card: ModelCard, data: ModelCardData, section: str) -> tuple[ModelCard, ModelCardData, str]:
-    """The last net: credentials found by shape (:func:`redact_credentials`) anywhere in the finished card, the
-    hand-written text and metadata of an updated card included, are hidden too."""
+def _clean(card: ModelCard, data: ModelCardData,
+           section: str) -> tuple[ModelCard, ModelCardData, str]:
+    """The last net: credentials found by shape (:func:`redact_credentials`) anywhere in the
+    finished card, the hand-written text and metadata of an updated card included, are hidden too.
+    """
     content = redact_credentials(card.content)
     if content == card.content:
         return card, data, section
@@ -207,34 +278,34 @@ class _Resolved:
     data: ModelCardData  # the YAML metadata (before merging with an existing card)
 
 
-def _resolve(sparsity, model, masks, save_directory, *, recipe, eval_results, mfac, plot, method, pipeline_tag,
-             datasets, model_name, repo_id, task, dataset_name, dataset_type, dataset_config, dataset_split, tags,
-             base_model, license, language) -> _Resolved:
+def _resolve(sparsity, model, masks, save_directory, f: CardFields) -> _Resolved:
     """The card's inputs with their defaults: the sparsity record (:func:`_sparsity_from`), the method and recipe
     from it, the pipeline tag from the architecture, the model name from the repository or the folder, the task and
     dataset of a metrics mapping from the pipeline tag and ``datasets``; and the YAML metadata built from them."""
     meta, saved = _sparsity_from(sparsity, model, masks, save_directory)
-    method = method or (meta or {}).get("method")
+    method = f.method or (meta or {}).get("method")
     _check_line("method", method)
-    recipe = recipe if recipe is not None else (meta or {}).get("recipe")
+    recipe = f.recipe if f.recipe is not None else (meta or {}).get("recipe")
     auto_class, inferred_tag = _head(_architectures(model, save_directory))
-    pipeline_tag = pipeline_tag or inferred_tag
+    pipeline_tag = f.pipeline_tag or inferred_tag
+    datasets = f.datasets
     datasets = [datasets] if isinstance(datasets, str) else (list(datasets) if datasets else None)
-    model_name = model_name or (repo_id or "").split("/")[-1] or (
+    model_name = f.model_name or (f.repo_id or "").split("/")[-1] or (
         _one_line(os.path.basename(os.path.normpath(save_directory))) if save_directory else "model")
-    results, eval_rows, left_out = _eval_results(eval_results, task or pipeline_tag,
-                                       dataset_name or (datasets[0] if datasets else None),
-                                       dataset_type or (datasets[0] if datasets else None),
-                                       dataset_config, dataset_split)
-    is_mfac = bool(mfac) or method == "mfac"
-    all_tags = _card_tags(meta, method, is_mfac, tags)
-    data = ModelCardData(library_name="transformers", tags=all_tags, base_model=base_model, datasets=datasets,
-                         license=license, language=language, pipeline_tag=pipeline_tag, eval_results=results,
+    first_dataset = datasets[0] if datasets else None
+    results, eval_rows, left_out = _eval_results(
+        f.eval_results, f.task or pipeline_tag, f.dataset_name or first_dataset,
+        f.dataset_type or first_dataset, f.dataset_config, f.dataset_split)
+    is_mfac = bool(f.mfac) or method == "mfac"
+    all_tags = _card_tags(meta, method, is_mfac, f.tags)
+    data = ModelCardData(library_name="transformers", tags=all_tags, base_model=f.base_model,
+                         datasets=datasets, license=f.license, language=f.language,
+                         pipeline_tag=pipeline_tag, eval_results=results,
                          metrics=sorted({r.metric_type for r in results}) if results else None,
                          model_name=model_name if results else None)
-    plot_file = PLOT_NAME if (plot and meta and save_directory) else None
-    return _Resolved(meta, saved, method, recipe, auto_class, model_name, results, eval_rows, left_out, is_mfac,
-                     plot_file, data)
+    plot_file = PLOT_NAME if (f.plot and meta and save_directory) else None
+    return _Resolved(meta, saved, method, recipe, auto_class, model_name, results, eval_rows,
+                     left_out, is_mfac, plot_file, data)
 
 
 def _card_tags(meta, method, is_mfac: bool, tags) -> list[str]:
@@ -274,58 +345,50 @@ def _write_card(save_directory, card: ModelCard, r: _Resolved) -> None:
         card.save(os.path.join(stage, "README.md"))
 
 
-def create_sparse_model_card(
-    save_directory: str | os.PathLike | None = None, *, model=None, sparsity: Mapping | None = None,
-    masks: Mapping | None = None, model_name: str | None = None, repo_id: str | None = None,
-    base_model: str | None = None, datasets: str | list[str] | None = None,
-    eval_results: list[EvalResult] | Mapping[str, float] | None = None, task: str | None = None,
-    dataset_name: str | None = None, dataset_type: str | None = None, dataset_config: str | None = None,
-    dataset_split: str | None = None, license: str | None = None, language: str | list[str] | None = None,
-    tags: Iterable[str] | None = None, pipeline_tag: str | None = None, method: str | None = None,
-    recipe=None, command: str | None = None, mfac: Mapping[str, Any] | None = None,
-    training: Mapping[str, Any] | None = None, description: str | None = None, plot: bool = True,
-) -> ModelCard:
-    """Build (and, with ``save_directory``, write) the model card of a sparse and/or M-FAC-trained model.
+def create_sparse_model_card(save_directory: str | os.PathLike | None = None,
+                             card: CardFields | None = None, *, model=None,
+                             sparsity: Mapping | None = None, masks: Mapping | None = None,
+                             **fields) -> ModelCard:
+    """Build (and, with ``save_directory``, write) the model card of a sparse and/or M-FAC-trained
+    model.
 
-    Sparsity comes from ``sparsity`` (a ``hf_mfac_sparsity`` record), else ``save_directory/config.json``
-    (as written by :func:`~hf_mfac.integrations.save_sparse_pretrained`), else ``model.config``, else
-    ``model``'s ``masks`` or exact zeros (:func:`~hf_mfac.integrations.checkpoint.record.resolve_masks`);
-    a model with none gets a card saying it is dense. ``method`` and ``recipe`` default to the record's.
+    What the card says is ``card`` (a :class:`CardFields`), with any of its fields given as keywords
+    on top (``create_sparse_model_card(folder, base_model=..., eval_results=...)`` is the same as
+    passing ``CardFields(base_model=..., eval_results=...)``); an unknown keyword raises
+    ``TypeError``.
 
-    Metadata: ``library_name: transformers``; tags ``hf_mfac`` + ``sparse``, ``pruned`` and the method when
-    sparse + ``m-fac`` when ``mfac`` hyperparameters are given or the method is ``"mfac"`` + ``tags``;
-    ``base_model``, ``datasets``, ``license``, ``language``, ``pipeline_tag`` (default: from the
-    architecture, e.g. ``...ForSequenceClassification`` -> ``text-classification``); ``model-index`` from
-    ``eval_results`` — a list of ``huggingface_hub.EvalResult``, or ``{metric: value}`` with ``task``
-    (default: the pipeline tag) and ``dataset_name``/``dataset_type`` (default: the first of ``datasets``).
-    A metrics mapping without a dataset is shown in the text only, and a card without results says so in
-    a marked paragraph; the YAML never carries a partial ``model-index``.
+    Sparsity comes from ``sparsity`` (a ``hf_mfac_sparsity`` record), else
+    ``save_directory/config.json`` (as written by
+    :func:`~hf_mfac.integrations.save_sparse_pretrained`), else ``model.config``, else ``model``'s
+    ``masks`` or exact zeros (:func:`~hf_mfac.integrations.checkpoint.record.resolve_masks`); a
+    model with none gets a card saying it is dense. ``method`` and ``recipe`` default to the
+    record's.
 
-    Writing to ``save_directory``: ``README.md`` (an existing one is loaded with ``ModelCard.load``, its
-    metadata merged — ours wins, tags/datasets/metrics unioned — and only hf_mfac's marked section replaced
-    or appended) and, with ``plot``, ``sparsity_per_layer.png`` (matplotlib). Returns the ``ModelCard``.
-    """
-    fields = dict(model_name=model_name, repo_id=repo_id, base_model=base_model, datasets=datasets, task=task,
-                  dataset_name=dataset_name, dataset_type=dataset_type, dataset_config=dataset_config,
-                  dataset_split=dataset_split, license=license, language=language, tags=tags,
-                  pipeline_tag=pipeline_tag, method=method)
-    _check_fields(fields, eval_results)
-    fields, eval_results = {k: redact(v) for k, v in fields.items()}, _redact_eval_results(eval_results)
-    description = None if description is None else redact(str(description))
-    r = _resolve(sparsity, model, masks, save_directory, recipe=recipe, eval_results=eval_results, mfac=mfac,
-                 plot=plot, **fields)
-    section = _render_section(r.meta, saved=r.saved, method=r.method, auto_class=r.auto_class,
-                              repo_id=fields["repo_id"] or r.model_name, plot_file=r.plot_file, recipe=r.recipe,
-                              command=command,
-                              mfac=mfac, training=training, eval_rows=r.eval_rows, in_model_index=r.results is not None,
-                              left_out=r.left_out)
-    card, data = _new_or_updated_card(save_directory, r, section, base_model=fields["base_model"],
-                                      description=description)
-    card, data, section = _clean(card, data, section)
-    _verify(card, data, section)
+    Metadata: ``library_name: transformers``, the tags, and the fields of :class:`CardFields`;
+    ``model-index`` from ``eval_results``. A metrics mapping without a dataset is shown in the text
+    only, a NaN or infinite metric is named in the text and left out of ``model-index``, and a card
+    without results says so in a marked paragraph; the YAML never carries a partial ``model-index``.
+
+    Writing to ``save_directory``: ``README.md`` (an existing one is loaded with ``ModelCard.load``,
+    its metadata merged — ours wins, tags/datasets/metrics unioned — and only hf_mfac's marked
+    section replaced or appended) and, with ``plot``, ``sparsity_per_layer.png`` (matplotlib).
+    Returns the ``ModelCard``."""
+    f = (card or CardFields()).with_overrides(**fields)
+    _check_fields(f)
+    f = f.redacted()
+    r = _resolve(sparsity, model, masks, save_directory, f)
+    section = _render_section(
+        r.meta, saved=r.saved, method=r.method, auto_class=r.auto_class,
+        repo_id=f.repo_id or r.model_name, plot_file=r.plot_file, recipe=r.recipe,
+        command=f.command, mfac=f.mfac, training=f.training, eval_rows=r.eval_rows,
+        in_model_index=r.results is not None, left_out=r.left_out)
+    readme, data = _new_or_updated_card(save_directory, r, section, base_model=f.base_model,
+                                        description=f.description)
+    readme, data, section = _clean(readme, data, section)
+    _verify(readme, data, section)
     if save_directory:
-        _write_card(save_directory, card, r)
-    return card
+        _write_card(save_directory, readme, r)
+    return readme
 
 
 # -- Trainer ---------------------------------------------------------------------------------------------
@@ -347,7 +410,8 @@ def write_trainer_model_card(trainer, output_dir: str | os.PathLike | None = Non
     (``args.mfac_kwargs()`` when ``args.optim == "mfac"``, else the ``hf_mfac.MFAC`` optimizer's settings);
     training hyperparameters;
     the last ``eval_*`` metrics of ``state.log_history``; the base model from ``config._name_or_path`` when
-    it is not a local folder; the command line, with secrets redacted (:func:`~hf_mfac.integrations.checkpoint.redaction.redact_argv`).
+    it is not a local folder; the command line, with secrets redacted
+    (:func:`~hf_mfac.integrations.checkpoint.redaction.redact_argv`).
     When the model is sparse, ``output_dir`` is rewritten with
     :func:`~hf_mfac.integrations.save_sparse_pretrained` (same weights, plus the sparsity record in
     ``config.json`` and the masks file). The checkpoint and the card are written in one staged save: an

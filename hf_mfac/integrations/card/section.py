@@ -112,8 +112,8 @@ def _plot(per_layer: Mapping[str, Mapping], path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-def _render_section(meta, *, recipe, mfac, training, method, repo_id, command, eval_rows, left_out=(),
-                    **kwargs) -> str:
+def _render_section(meta, *, recipe, mfac, training, method, repo_id, command, eval_rows,
+                    left_out=(), **kwargs) -> str:
     """hf_mfac's marked section, from ``hf_mfac_section.md.jinja``; every user string escaped for where it stands
     and every secret redacted."""
     import jinja2
