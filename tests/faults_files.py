@@ -470,7 +470,8 @@ def swap_bitmask_bits(t, layout, names):
 
 
 def without_checksums(build, name):
-    """``build``, then the file ``name`` re-saved without hf_mfac's checksums (a file from before them)."""
+    """``build``, then the file ``name`` re-saved without hf_mfac's checksums (a file from before
+    them)."""
     def strip(tmp):
         ctx = build(tmp)
         path = str(ctx["dir"] / name)
@@ -482,8 +483,8 @@ def without_checksums(build, name):
 
 
 def rewrite_safetensors(name, edit, base=None):
-    """``base`` (default: the dense save), then ``edit(tensors, first masked name)`` applied to the file ``name``,
-    re-saved with its header."""
+    """``base`` (default: the dense save), then ``edit(tensors, first masked name)`` applied to the
+    file ``name``, re-saved with its header."""
     def build(tmp):
         ctx = (base or dense_dir)(tmp)
         path = str(ctx["dir"] / name)
@@ -522,19 +523,23 @@ def loads_same_model(ctx, result):
     assert all(torch.equal(v, expected[k]) for k, v in result.state_dict().items())
 
 
+MASKS_SWAPPED = rewrite_safetensors(MASKS_NAME, swap_mask_bytes)
+WEIGHT_NUDGED = rewrite_safetensors("model.safetensors", nudge_kept_weight)
 LOAD_ROWS += [
-    Fault("compact:two-bitmask-bits-swapped", rewrite_compact(swap_bitmask_bits), load, raises=ValueError,
+    Fault("compact:two-bitmask-bits-swapped", rewrite_compact(swap_bitmask_bits), load,
+          raises=ValueError,
           match=f"{COMPACT}: tensor {TENSOR}:bitmask' does not match its checksum"),
-    Fault("compact:no-checksums-still-loads", without_checksums(compact_dir, COMPACT_WEIGHTS_NAME), load,
-          check=loads_same_model),
-    Fault("masks:true-and-false-swapped", rewrite_safetensors(MASKS_NAME, swap_mask_bytes), masks,
-          raises=ValueError, match=f"{MASKS_NAME}: mask {TENSOR}' does not match its checksum"),
-    Fault("masks:swapped-in-a-file-without-checksums", without_checksums(
-        rewrite_safetensors(MASKS_NAME, swap_mask_bytes), MASKS_NAME), masks, raises=ValueError,
-          match=f"{MASKS_NAME}: mask {TENSOR}' prunes 1 weights that are nonzero in .*model\\.safetensors"),
-    Fault("masks:masked-weight-changed", rewrite_safetensors("model.safetensors", nudge_kept_weight), masks,
-          raises=ValueError, match=f"model\\.safetensors: weight {TENSOR}' does not match its checksum recorded "
-                                   f"in .*{MASKS_NAME}"),
+    Fault("compact:no-checksums-still-loads", without_checksums(compact_dir, COMPACT_WEIGHTS_NAME),
+          load, check=loads_same_model),
+    Fault("masks:true-and-false-swapped", MASKS_SWAPPED, masks, raises=ValueError,
+          match=f"{MASKS_NAME}: mask {TENSOR}' does not match its checksum"),
+    Fault("masks:swapped-in-a-file-without-checksums", without_checksums(MASKS_SWAPPED, MASKS_NAME),
+          masks, raises=ValueError,
+          match=f"{MASKS_NAME}: mask {TENSOR}' prunes 1 weights that are nonzero in "
+                r".*model\.safetensors"),
+    Fault("masks:masked-weight-changed", WEIGHT_NUDGED, masks, raises=ValueError,
+          match=f"model\\.safetensors: weight {TENSOR}' does not match its checksum recorded in "
+                f".*{MASKS_NAME}"),
     Fault("masks:no-checksums-still-load", without_checksums(dense_dir, MASKS_NAME), masks,
           check=loads_same_masks),
 ]
@@ -621,6 +626,10 @@ CARD_ROWS = [
     Fault("card:readme-write-fails", card_with_plot, card_write_fails, raises=OSError, match="README.md",
           check=no_leftovers),
 ]
+
+
+# -- nothing secret reaches a card, in any field or spelling -------------------------------
+
 HF_TOKEN = "hf_" + "Zq7" * 12
 SECRETS = ("S3cr3tPw", "S3cr3t", HF_TOKEN)
 
@@ -638,35 +647,52 @@ def no_secret_written(ctx, _result):
 def card_with_secret_readme(tmp):
     ctx = dense_dir(tmp)
     (ctx["dir"] / "README.md").write_text(
-        f"---\nlicense: mit\nsource: https://bob:S3cr3tPw@git.example/x\n---\n# Mine\n\nPull with {HF_TOKEN}.\n")
+        "---\nlicense: mit\nsource: https://bob:S3cr3tPw@git.example/x\n---\n# Mine\n\n"
+        f"Pull with {HF_TOKEN}.\n")
     return ctx
 
 
+def eval_result(**kw):
+    from huggingface_hub import EvalResult
+
+    return EvalResult(**{"task_type": "text-classification", "dataset_type": "glue",
+                         "dataset_name": "glue", "metric_type": "acc", "metric_value": 1.0, **kw})
+
+
+EVERY_FIELD = dict(model_name=f"m-{HF_TOKEN}", repo_id=f"me/{HF_TOKEN}", tags=[HF_TOKEN],
+                   datasets=[f"d-{HF_TOKEN}"], description=f"Made with {HF_TOKEN}",
+                   license=HF_TOKEN, language=HF_TOKEN, method=HF_TOKEN,
+                   eval_results={f"acc-{HF_TOKEN}": 0.5})
 CARD_ROWS += [
-    Fault("card:secret-in-base-model-url", dense_dir, card(base_model="https://alice:S3cr3tPw@host/x"),
+    Fault("card:secret-in-base-model-url", dense_dir,
+          card(base_model="https://alice:S3cr3tPw@host/x"), check=no_secret_written),
+    Fault("card:percent-encoded-userinfo", dense_dir,
+          card(base_model="https%3A//alice%3AS3cr3tPw%40host/x",
+               dataset_name="alice%3AS3cr3t%40host", datasets="glue",
+               eval_results={"accuracy": 0.5}), check=no_secret_written),
+    Fault("card:hf-token-in-every-field", dense_dir, card(**EVERY_FIELD), check=no_secret_written),
+    Fault("card:hf-token-in-an-eval-result", dense_dir,
+          lambda ctx: create_sparse_model_card(
+              ctx["dir"], eval_results=[eval_result(dataset_name=f"glue {HF_TOKEN}")]),
           check=no_secret_written),
-    Fault("card:percent-encoded-userinfo", dense_dir, card(base_model="https%3A//alice%3AS3cr3tPw%40host/x",
-                                                           dataset_name="alice%3AS3cr3t%40host", datasets="glue",
-                                                           eval_results={"accuracy": 0.5}), check=no_secret_written),
-    Fault("card:hf-token-in-every-field", dense_dir, card(
-        model_name=f"m-{HF_TOKEN}", repo_id=f"me/{HF_TOKEN}", tags=[HF_TOKEN], datasets=[f"d-{HF_TOKEN}"],
-        description=f"Made with {HF_TOKEN}", license=HF_TOKEN, language=HF_TOKEN, method=HF_TOKEN,
-        eval_results={f"acc-{HF_TOKEN}": 0.5}), check=no_secret_written),
-    Fault("card:hf-token-in-an-eval-result", dense_dir, lambda ctx: create_sparse_model_card(ctx["dir"], eval_results=[
-        __import__("huggingface_hub").EvalResult(task_type="text-classification", dataset_type="glue",
-                                                 dataset_name=f"glue {HF_TOKEN}", metric_type="acc",
-                                                 metric_value=1.0)]), check=no_secret_written),
-    Fault("card:secrets-in-an-existing-card", card_with_secret_readme, card(), check=no_secret_written),
+    Fault("card:secrets-in-an-existing-card", card_with_secret_readme, card(),
+          check=no_secret_written),
 ]
+
+
+# -- a diverged run still gets its card ------------------------------------------------------
+
 def says_left_out(*pairs):
-    """The card was written: each ``(metric, value)`` is named in the text and absent from model-index."""
+    """The card was written: each ``(metric, value)`` is named in the text and absent from
+    model-index."""
     def check(ctx, _result):
         from huggingface_hub import ModelCard
 
         card = ModelCard.load(ctx["dir"] / "README.md")
         in_index = {r.metric_type for r in card.data.eval_results or []}
         for metric, value in pairs:
-            assert f"{metric} = {value}" in card.text and metric not in in_index, (metric, card.text)
+            assert f"{metric} = {value}" in card.text, (metric, card.text)
+            assert metric not in in_index, (metric, in_index)
     return check
 
 
@@ -676,22 +702,23 @@ def trainer_card_with_nan_loss(ctx):
 
     from hf_mfac.integrations import MFACTrainer
 
-    model, masks_ = model_and_masks()
-    trainer = MFACTrainer(model=model, args=TrainingArguments(output_dir=str(ctx["dir"]), report_to=[],
-                                                               use_cpu=True))
+    model, _ = model_and_masks()
+    args = TrainingArguments(output_dir=str(ctx["dir"]), report_to=[], use_cpu=True)
+    trainer = MFACTrainer(model=model, args=args)
     trainer.state.log_history.append({"eval_loss": float("nan"), "eval_accuracy": 0.5, "step": 1})
     trainer.create_model_card(dataset="glue", tasks="text-classification")
 
 
+NAN_METRICS = {"loss": float("nan"), "accuracy": 0.5, "perplexity": float("inf")}
 CARD_ROWS += [
-    Fault("card:nan-and-inf-metrics", dense_dir, card(eval_results={"loss": float("nan"), "accuracy": 0.5,
-                                                                    "perplexity": float("inf")}, datasets="glue"),
+    Fault("card:nan-and-inf-metrics", dense_dir, card(eval_results=NAN_METRICS, datasets="glue"),
           check=says_left_out(("loss", "nan"), ("perplexity", "inf"))),
-    Fault("card:nan-evalresult", dense_dir, lambda ctx: create_sparse_model_card(ctx["dir"], eval_results=[
-        __import__("huggingface_hub").EvalResult(task_type="text-classification", dataset_type="glue",
-                                                 dataset_name="glue", metric_type="f1",
-                                                 metric_value=float("-inf"))]), check=says_left_out(("f1", "-inf"))),
-    Fault("card:trainer-eval-loss-nan", dense_dir, trainer_card_with_nan_loss, check=says_left_out(("loss", "nan"))),
+    Fault("card:nan-evalresult", dense_dir,
+          lambda ctx: create_sparse_model_card(
+              ctx["dir"], eval_results=[eval_result(metric_type="f1", metric_value=float("-inf"))]),
+          check=says_left_out(("f1", "-inf"))),
+    Fault("card:trainer-eval-loss-nan", dense_dir, trainer_card_with_nan_loss,
+          check=says_left_out(("loss", "nan"))),
 ]
 for n, after in ((1, False), (2, True), (3, False), (4, True)):  # withdraw plot, README; install plot, README
     CARD_ROWS.append(Fault(f"card:interrupted-at-rename-{n}{'-after' if after else ''}", card_with_plot,
@@ -699,12 +726,13 @@ for n, after in ((1, False), (2, True), (3, False), (4, True)):  # withdraw plot
                            check=no_leftovers))
 
 
-# -- hf-mfac prune's result folders ----------------------------------------------------------------------------
+# -- hf-mfac prune's result folders -----------------------------------------------------------
 
 @contextlib.contextmanager
 def fails_on_write(n, exc, after=False):
-    """Python's ``open`` (``builtins.open`` and ``io.open``, which ``pathlib`` uses) raising ``exc(args)`` on its
-    ``n``-th call that opens a file for writing (after opening it when ``after``: an empty file is left)."""
+    """Python's ``open`` (``builtins.open`` and ``io.open``, which ``pathlib`` uses) raising
+    ``exc(args)`` on its ``n``-th call that opens a file for writing (after opening it when
+    ``after``: an empty file is left)."""
     import builtins
     import io
 
@@ -728,23 +756,29 @@ def fails_on_write(n, exc, after=False):
 def tokenizer(folder):
     from transformers import BertTokenizer
 
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie"]))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie"]
+    (folder / "vocab.txt").write_text("\n".join(words))
     return BertTokenizer(str(folder / "vocab.txt"))
 
 
 def prune_result(ctx, seed=0):
     from hf_mfac.integrations.cli import save_prune_result
 
-    model, masks = (ctx["model"], ctx["masks"]) if seed == 0 else model_and_masks(seed=seed, sparsity=0.3)
-    save_prune_result(str(ctx["dir"]), model, masks, {"target": 0.5, "seed": seed}, tokenizer=ctx["tok"],
-                      method="magnitude", pattern=None, recipe={"sparsity": 0.5}, command="hf-mfac prune m",
+    if seed == 0:
+        model, masks = ctx["model"], ctx["masks"]
+    else:
+        model, masks = model_and_masks(seed=seed, sparsity=0.3)
+    save_prune_result(str(ctx["dir"]), model, masks, {"target": 0.5, "seed": seed},
+                      tokenizer=ctx["tok"], method="magnitude", pattern=None,
+                      recipe={"sparsity": 0.5}, command="hf-mfac prune m",
                       eval_results={"accuracy": 0.5})
 
 
 def result_folder(previous: bool, probe=None):
-    """A pruned model, a tokenizer and ``tmp/out``: absent, or (``previous``) holding an earlier result of
-    :func:`save_prune_result` with a README edited by hand; with ``probe`` (a context manager factory taking the
-    call number), the calls a save over a copy makes are counted (``ctx["calls"]``)."""
+    """A pruned model, a tokenizer and ``tmp/out``: absent, or (``previous``) holding an earlier
+    result of :func:`save_prune_result` with a README edited by hand; with ``probe`` (a context
+    manager factory taking the call number), the calls a save over a copy makes are counted
+    (``ctx["calls"]``)."""
     def build(tmp):
         model, masks = model_and_masks()
         ctx = {"model": model, "masks": masks, "tok": tokenizer(tmp), "dir": tmp / "out"}
@@ -773,7 +807,8 @@ def result_interrupted(ctx_manager, n, after=False):
 def nothing_or_previous(ctx, _result):
     """No staging folder left, and a folder that did not exist still does not."""
     no_leftovers(ctx, _result)
-    assert ctx["dir"].exists() == ctx["previous"], sorted(p.name for p in ctx["dir"].parent.iterdir())
+    left = sorted(p.name for p in ctx["dir"].parent.iterdir())
+    assert ctx["dir"].exists() == ctx["previous"], left
 
 
 def with_previous(build, previous):
@@ -790,22 +825,37 @@ def tokenizer_save(n, exc, after=False):
     return fails_on(PreTrainedTokenizerBase, "save_pretrained", n, exc, after)
 
 
+def weights_save(n, exc, after=False):
+    return fails_on(modeling_utils(), "safe_save_file", n, exc, after)
+
+
+def masks_save(n, exc, after=False):
+    return fails_on(st_module(), "save_file", n, exc, after)
+
+
+def counting(manager):
+    return lambda k: manager(k, interrupt)
+
+
 CLI_ROWS = []
 for previous in (False, True):
     where = "over-a-result" if previous else "new-folder"
-    # every write: the config, tokenizer_config.json, the report, (the README copied in,) the plot, the README
-    probes = [("write", fails_on_write, n, after) for n in (1, 2, 3, 4, "last") for after in (False, True)]
-    probes += [("weights", lambda n, e, a=False: fails_on(modeling_utils(), "safe_save_file", n, e, a), 1, False),
-               ("masks", lambda n, e, a=False: fails_on(st_module(), "save_file", n, e, a), 1, True),
+    # every write: config, tokenizer_config.json, report, (the README copied in,) plot, README
+    probes = [("write", fails_on_write, n, after) for n in (1, 2, 3, 4, "last")
+              for after in (False, True)]
+    probes += [("weights", weights_save, 1, False), ("masks", masks_save, 1, True),
                ("tokenizer", tokenizer_save, 1, False), ("tokenizer", tokenizer_save, 1, True)]
-    renames = [("replace", os_call("replace"), n, a) for n in (1, "mid", "last") for a in (False, True)]
-    probes += renames if previous else [("rename", os_call("rename"), 1, a) for a in (False, True)]
+    if previous:
+        probes += [("replace", os_call("replace"), n, a) for n in (1, "mid", "last")
+                   for a in (False, True)]
+    else:
+        probes += [("rename", os_call("rename"), 1, a) for a in (False, True)]
     for what, manager, n, after in probes:
-        counted = n in ("mid", "last")
-        build = result_folder(previous, probe=(lambda k, m=manager: m(k, interrupt)) if counted else None)
-        CLI_ROWS.append(Fault(f"cli-result:{where}:interrupted-at-{what}-{n}{'-after' if after else ''}",
-                              with_previous(build, previous), result_interrupted(manager, n, after),
-                              raises=KeyboardInterrupt, match="interrupted", check=nothing_or_previous,
+        probe = counting(manager) if n in ("mid", "last") else None
+        name = f"cli-result:{where}:interrupted-at-{what}-{n}{'-after' if after else ''}"
+        CLI_ROWS.append(Fault(name, with_previous(result_folder(previous, probe), previous),
+                              result_interrupted(manager, n, after), raises=KeyboardInterrupt,
+                              match="interrupted", check=nothing_or_previous,
                               watch=("model", "masks", "dir")))
 
 
@@ -824,8 +874,9 @@ def cli_interrupted(manager, n=1, after=False):
         from hf_mfac.integrations import cli
 
         with manager(n, interrupt, after):
-            cli.main(["prune", str(ctx["model_dir"]), "--data", str(ctx["data"]), "--method", "magnitude",
-                      "--sparsity", "0.5", "--output_dir", str(ctx["dir"]), "--no_progress"])
+            cli.main(["prune", str(ctx["model_dir"]), "--data", str(ctx["data"]), "--method",
+                      "magnitude", "--sparsity", "0.5", "--output_dir", str(ctx["dir"]),
+                      "--no_progress"])
     return act
 
 
@@ -836,10 +887,10 @@ def card_save(n, exc, after=False):
 
 
 CLI_ROWS += [
-    Fault("cli:interrupted-at-tokenizer-save", cli_run, cli_interrupted(tokenizer_save), raises=KeyboardInterrupt,
-          match="interrupted", check=nothing_or_previous),
-    Fault("cli:interrupted-at-card-save", cli_run, cli_interrupted(card_save), raises=KeyboardInterrupt,
-          match="interrupted", check=nothing_or_previous),
+    Fault("cli:interrupted-at-tokenizer-save", cli_run, cli_interrupted(tokenizer_save),
+          raises=KeyboardInterrupt, match="interrupted", check=nothing_or_previous),
+    Fault("cli:interrupted-at-card-save", cli_run, cli_interrupted(card_save),
+          raises=KeyboardInterrupt, match="interrupted", check=nothing_or_previous),
 ]
 
 CASES = SAVE_ROWS + LOAD_ROWS + CARD_ROWS + CLI_ROWS

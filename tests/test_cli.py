@@ -118,7 +118,8 @@ def test_build_kernels_prints_the_report(monkeypatch, capsys):
 
 
 def tree(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("case,output,extra,message", [
@@ -127,28 +128,34 @@ def tree(folder):
     ("through dot-dot", "@tiny-bert/../tiny-bert", [], "is the model folder"),
     ("relative to the working folder", "./tiny-bert/", [], "is the model folder"),
     ("through a symlink", "@link", [], "is the model folder"),
-    ("a sweep folder is the model folder", "@", ["--sparsities", "0.3", "0.5"], "is the model folder"),
+    ("a sweep folder is the model folder", "@", ["--sparsities", "0.3", "0.5"],
+     "is the model folder"),
     ("output is an existing file", "@data.csv", [], "exists and is not a folder"),
     ("output under a file", "@data.csv/out", [], "is a file, not a folder"),
     ("data is a folder", "@out", ["--data", "@tiny-bert"], "is not a file"),
     ("eval data missing", "@out", ["--eval_data", "@nowhere.csv"], "--eval_data"),
 ])
-def test_paths_checked_first_and_model_never_overwritten(tiny, tmp_path, capsys, monkeypatch, case, output,
-                                                         extra, message):
-    """The model folder under any spelling, or a sweep folder that is it, is refused before any work, as are an
-    output path that is (or lies under) a file and data paths that are not readable files; nothing changes."""
+def test_paths_checked_first_and_model_never_overwritten(tiny, tmp_path, capsys, monkeypatch, case,
+                                                         output, extra, message):
+    """The model folder under any spelling, or a sweep folder that is it, is refused before any
+    work, as are an output path that is (or lies under) a file and data paths that are not readable
+    files; nothing changes."""
     model_dir, data = tiny
     (tmp_path / "link").symlink_to(model_dir)
     monkeypatch.chdir(tmp_path)
-    if "--sparsities" in extra:  # the model itself lives where the sweep would write its 0.30 result
+    if "--sparsities" in extra:  # the model lives where the sweep would write its 0.30 result
         model_dir = model_dir.rename(tmp_path / "sparsity-0.30")
     for cls in (transformers.AutoModelForSequenceClassification, transformers.AutoTokenizer):
         monkeypatch.setattr(cls, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(LOADED))
     before = tree(tmp_path)
-    at = lambda p: str(tmp_path / p[1:]) + ("/" if p.endswith("/") else "") if p.startswith("@") else p  # noqa
-    args = ["prune", str(model_dir), "--data", str(data), "--encoding", "latin-1", "--method", "magnitude",
-            "--output_dir", at(output), *([] if "--sparsities" in extra else ["--sparsity", "0.5"]),
-            *map(at, extra)]
+    def at(p):  # "@name" is tmp_path / name (a trailing slash kept)
+        if not p.startswith("@"):
+            return p
+        return str(tmp_path / p[1:]) + ("/" if p.endswith("/") else "")
+
+    target = [] if "--sparsities" in extra else ["--sparsity", "0.5"]
+    args = ["prune", str(model_dir), "--data", str(data), "--encoding", "latin-1", "--method",
+            "magnitude", "--output_dir", at(output), *target, *map(at, extra)]
     assert cli.main(args) == 2, case
     err = capsys.readouterr().err
     assert err.startswith("hf-mfac prune: error: ") and message in err, err

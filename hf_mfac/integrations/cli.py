@@ -11,18 +11,20 @@ hf-mfac prune path/to/finetuned-model --data train.csv --method obert --sparsiti
     --num_grads 256 --batch_size 16 --recompute 4 --eval_data dev.csv --output_dir out/pruned
 ```
 
-The gradients (one per ``--batch_size`` batch) come from ``--data`` (read with ``datasets``, ``--encoding`` for
-files that are not UTF-8); with ``--sparsities`` the run is a sweep (each target continues from the previous masks)
-and each result goes to ``<output_dir>/sparsity-<s>``. Every result folder is written whole
-(:func:`save_prune_result`): :func:`hf_mfac.integrations.save_sparse_pretrained` (dense safetensors with exact
-zeros that stock ``from_pretrained`` loads, plus the masks and the sparsity record), the tokenizer,
+The gradients (one per ``--batch_size`` batch) come from ``--data`` (read with ``datasets``,
+``--encoding`` for files that are not UTF-8); with ``--sparsities`` the run is a sweep (each target
+continues from the previous masks) and each result goes to ``<output_dir>/sparsity-<s>``. Every
+result folder is written whole (:func:`save_prune_result`):
+:func:`hf_mfac.integrations.save_sparse_pretrained` (dense safetensors with exact zeros that stock
+``from_pretrained`` loads, plus the masks and the sparsity record), the tokenizer,
 ``pruning_report.json`` and a model card (``README.md`` and its plot,
-:func:`hf_mfac.integrations.create_sparse_model_card`) go into one staging folder that is moved into place, so
-Ctrl-C leaves each folder either as it was or complete. ``--eval_data`` prints loss and accuracy before and
-after. The inputs are checked before the model is loaded: the settings; the model folder; every output folder
-(not the model folder itself, whatever the spelling: symlinks, relative paths and trailing slashes are resolved;
-not an existing file; under a writable folder); the data files (present, files, readable), their columns and
-labels. A refused input exits with status 2 and ``hf-mfac prune: error: ...``.
+:func:`hf_mfac.integrations.create_sparse_model_card`) go into one staging folder that is moved into
+place, so Ctrl-C leaves each folder either as it was or complete. ``--eval_data`` prints loss and
+accuracy before and after. The inputs are checked before the model is loaded: the settings; the
+model folder; every output folder (not the model folder itself, whatever the spelling: symlinks,
+relative paths and trailing slashes are resolved; not an existing file; under a writable folder);
+the data files (present, files, readable), their columns and labels. A refused input exits with
+status 2 and ``hf-mfac prune: error: ...``.
 
 ``hf-mfac build-kernels``: build and self-check the CUDA kernels for every visible GPU
 (:func:`hf_mfac.kernels.build_kernels`), printing the report as JSON.
@@ -123,36 +125,41 @@ def check_model_folder(path: str) -> None:
 
 
 def _result_folders(args: PruneCommandArguments, config) -> list[str]:
-    """The folders a run writes: ``output_dir``, or ``output_dir/sparsity-<s>`` per target of a sweep."""
+    """The folders a run writes: ``output_dir``, or ``output_dir/sparsity-<s>`` per target of a
+    sweep."""
     if not config.sparsities:
         return [args.output_dir]
     return [os.path.join(args.output_dir, f"sparsity-{s:.2f}") for s in config.sparsities]
 
 
 def check_output_folders(model_path: str, folders: list[str]) -> None:
-    """Refuse, before any work, output folders that would write over the model's own files or that cannot be
-    written: a result folder that is the model folder (a subfolder of it is fine: a save only replaces the
-    entries it writes), a path that exists and is not a folder, or one whose nearest existing parent is not a
-    writable folder. Symlinks, relative paths and trailing slashes are resolved first."""
+    """Refuse, before any work, output folders that would write over the model's own files or that
+    cannot be written: a result folder that is the model folder (a subfolder of it is fine: a save
+    only replaces the entries it writes), a path that exists and is not a folder, or one whose
+    nearest existing parent is not a writable folder. Symlinks, relative paths and trailing slashes
+    are resolved first."""
     model = os.path.realpath(model_path)
     for folder in folders:
         real = os.path.realpath(folder)
         if real == model:
-            raise ValueError(f"output folder {folder} is the model folder {model_path}: saving there would "
-                             "overwrite the model being pruned; choose another folder (a subfolder is fine)")
+            raise ValueError(f"output folder {folder} is the model folder {model_path}: saving "
+                             "there would overwrite the model being pruned; choose another folder "
+                             "(a subfolder is fine)")
         if os.path.exists(real) and not os.path.isdir(real):
             raise ValueError(f"output folder {folder} exists and is not a folder (--output_dir)")
         parent = real
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent):
-            raise ValueError(f"output folder {folder}: {parent} is a file, not a folder (--output_dir)")
+            raise ValueError(f"output folder {folder}: {parent} is a file, not a folder "
+                             "(--output_dir)")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise ValueError(f"output folder {folder}: {parent} is not writable (--output_dir)")
 
 
 def check_data_file(path: str, flag: str) -> None:
-    """A data file that exists, is a file and can be read (``ValueError`` naming ``flag`` otherwise)."""
+    """A data file that exists, is a file and can be read (``ValueError`` naming ``flag``
+    otherwise)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{flag} {path} not found")
     if not os.path.isfile(path):
@@ -296,19 +303,19 @@ def _check_prune_inputs(model_path: str, args: PruneCommandArguments, config):
 
 def save_prune_result(out: str, model, masks, report: dict, *, tokenizer, method, pattern, recipe,
                       command: str, eval_results: dict | None = None) -> None:
-    """Write one result folder whole: the sparse checkpoint (:func:`save_sparse_pretrained`), the tokenizer,
-    ``pruning_report.json`` (``report``), and the model card with its plot (an existing ``README.md`` is
-    updated, not replaced), all into one staging folder moved into place by
-    :func:`~hf_mfac.integrations.checkpoint.staged_save`: an exception, ``KeyboardInterrupt`` included,
-    leaves ``out`` as it was (absent, or the previous result), never half written."""
+    """Write one result folder whole: the sparse checkpoint (:func:`save_sparse_pretrained`), the
+    tokenizer, ``pruning_report.json`` (``report``), and the model card with its plot (an existing
+    ``README.md`` is updated, not replaced), all into one staging folder moved into place by
+    :func:`~hf_mfac.integrations.checkpoint.staged_save`: an exception, ``KeyboardInterrupt``
+    included, leaves ``out`` as it was (absent, or the previous result), never half written."""
     from .card.model_card import create_sparse_model_card
     from .checkpoint.files import _is_checkpoint_file
     from .checkpoint.sparse import log_saved, save_sparse_pretrained
     from .checkpoint.staging import staged_save
 
     with staged_save(out, stale=_is_checkpoint_file) as stage:
-        meta = save_sparse_pretrained(model, stage, masks, method=method, pattern=pattern, recipe=recipe,
-                                      _log=False)
+        meta = save_sparse_pretrained(model, stage, masks, method=method, pattern=pattern,
+                                      recipe=recipe, _log=False)
         tokenizer.save_pretrained(stage)
         with open(os.path.join(stage, "pruning_report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
@@ -323,8 +330,8 @@ def save_prune_result(out: str, model, masks, report: dict, *, tokenizer, method
 
 def _result_saver(args: PruneCommandArguments, config, argv: list[str], tokenizer, evalb, device):
     """The run's ``save_fn(s, model, masks, report)``: each result goes to ``output_dir`` (a sweep:
-    ``sparsity-<s>``) through :func:`save_prune_result` (evaluated on ``evalb`` when given), and one line is
-    printed."""
+    ``sparsity-<s>``) through :func:`save_prune_result` (evaluated on ``evalb`` when given), and one
+    line is printed."""
     sweep = bool(config.sparsities)
     recipe = {**{k: v for k, v in config.to_dict().items() if v is not None},
               "batch_size": args.batch_size, "max_length": args.max_length, "seed": args.seed}
@@ -338,8 +345,8 @@ def _result_saver(args: PruneCommandArguments, config, argv: list[str], tokenize
             rec.update({f"eval_{k}": v for k, v in _evaluate(model, evalb, device).items()})
         results = {k[5:]: v for k, v in rec.items() if k.startswith("eval_")} or None
         save_prune_result(out, model, masks, {**report.to_dict(), **rec}, tokenizer=tokenizer,
-                          method=config.method, pattern=config.pattern, recipe=recipe, command=command,
-                          eval_results=results)
+                          method=config.method, pattern=config.pattern, recipe=recipe,
+                          command=command, eval_results=results)
         extra = f", eval loss {rec['eval_loss']:.4f}, accuracy {rec['eval_accuracy']:.4f}" if evalb else ""
         print(f"{config.method} -> {out}: sparsity {report.sparsity:.4f}{extra}")
 

@@ -109,8 +109,9 @@ def save_compact_pretrained(model: nn.Module, save_directory: str | os.PathLike,
     dense = sum(_nbytes(t) for t in tensors.values())
     with staged_save(save_directory, stale=_is_checkpoint_file) as stage:
         weights = os.path.join(stage, COMPACT_WEIGHTS_NAME)
-        save_file(out, weights, metadata={"format": "pt", "library": "hf_mfac", "library_version": _version(),
-                                          "hf_mfac_compact": json.dumps(layout), **checksum_metadata(out)})
+        header = {"format": "pt", "library": "hf_mfac", "library_version": _version(),
+                  "hf_mfac_compact": json.dumps(layout), **checksum_metadata(out)}
+        save_file(out, weights, metadata=header)
         compact = os.path.getsize(weights)
         report = {"dense_bytes": dense, "compact_bytes": compact, "ratio": compact / dense,
                   "saving": 1 - compact / dense}
@@ -286,22 +287,22 @@ def load_compact_pretrained(save_directory: str | os.PathLike, model_cls=None, *
     """Load a folder written by :func:`save_compact_pretrained`.
 
     Builds ``model_cls(config)`` — by default the ``transformers`` model class named in
-    ``config.architectures[0]`` (only a ``PreTrainedModel`` subclass exported by ``transformers`` that takes
-    this config class; nothing else is looked up or imported) — casts it to the dtype the floating tensors
-    were saved in (when they share one), and loads the rebuilt dense state dict with ``strict=True``; values
-    and zeros are bit-exact. Returns the model in eval mode (and ``{name: bool mask}`` with
-    ``return_masks``). Costs one random initialisation of the model. Reads local files only.
+    ``config.architectures[0]`` (only a ``PreTrainedModel`` subclass exported by ``transformers``
+    that takes this config class; nothing else is looked up or imported) — casts it to the dtype the
+    floating tensors were saved in (when they share one), and loads the rebuilt dense state dict
+    with ``strict=True``; values and zeros are bit-exact. Returns the model in eval mode (and
+    ``{name: bool mask}`` with ``return_masks``). Costs one random initialisation of the model.
+    Reads local files only.
 
-    Everything is checked before the model is built: ``config.json`` must hold a ``"compact"`` sparsity
-    record; each bitmask must be uint8 of exactly ``ceil(numel / 8)`` bytes with no bit set past the weights;
-    each values tensor must hold exactly as many entries as its bitmask keeps; shapes and dtypes must match
-    the file's header, the pruned counts the record, and the shapes the model; and every tensor's bytes must
-    match the checksum the header records for it, so a change that keeps every count (two differing bits of a
-    bitmask swapped) is refused too. Files written before hf_mfac recorded checksums carry none and still load,
-    with every other check. A missing folder or file raises
-    ``FileNotFoundError``, anything truncated, corrupted or inconsistent ``ValueError``, naming the file and
-    the tensor.
-    """
+    Everything is checked before the model is built: ``config.json`` must hold a ``"compact"``
+    sparsity record; each bitmask must be uint8 of exactly ``ceil(numel / 8)`` bytes with no bit set
+    past the weights; each values tensor must hold exactly as many entries as its bitmask keeps;
+    shapes and dtypes must match the file's header, the pruned counts the record, and the shapes the
+    model; and every tensor's bytes must match the checksum the header records for it, so a change
+    that keeps every count (two differing bits of a bitmask swapped) is refused too. Files written
+    before hf_mfac recorded checksums carry none and still load, with every other check. A missing
+    folder or file raises ``FileNotFoundError``, anything truncated, corrupted or inconsistent
+    ``ValueError``, naming the file and the tensor."""
     save_directory = os.fspath(save_directory)
     config_path, rec, config = _read_compact_config(save_directory)
     if model_cls is None:

@@ -1,14 +1,14 @@
 """The files a sparse checkpoint is made of, and reading them back with errors that name the file.
 
 Holds the names every form shares (:data:`SPARSITY_KEY` in ``config.json``, :data:`MASKS_NAME`,
-:data:`COMPACT_WEIGHTS_NAME`, :data:`FORMAT_VERSION`); the patterns of the weights files ``transformers`` writes
-(single, sharded, index), which a save owns and replaces (:func:`_is_checkpoint_file`) and the order a staged save
-moves them in (:func:`_rank`); hf_mfac's version as recorded in the files (:func:`_version`); and the JSON and
-safetensors readers (:func:`_read_json`, :func:`_open_safetensors`) that turn a truncated or corrupted file into a
-``ValueError`` naming it; the checksums of tensor bytes written into our safetensors headers and their check
-(:func:`checksum_metadata`, :func:`verify_checksums`); and the dense weights' tensors read by name
-(:func:`read_dense_weights`).
-"""
+:data:`COMPACT_WEIGHTS_NAME`, :data:`FORMAT_VERSION`); the patterns of the weights files
+``transformers`` writes (single, sharded, index), which a save owns and replaces
+(:func:`_is_checkpoint_file`) and the order a staged save moves them in (:func:`_rank`); hf_mfac's
+version as recorded in the files (:func:`_version`); and the JSON and safetensors readers
+(:func:`_read_json`, :func:`_open_safetensors`) that turn a truncated or corrupted file into a
+``ValueError`` naming it; the checksums of tensor bytes written into our safetensors headers and
+their check (:func:`checksum_metadata`, :func:`verify_checksums`); and the dense weights' tensors
+read by name (:func:`read_dense_weights`)."""
 from __future__ import annotations
 
 import contextlib
@@ -32,7 +32,8 @@ MASKS_NAME = "sparsity_masks.safetensors"
 COMPACT_WEIGHTS_NAME = "hf_mfac_compact.safetensors"
 FORMAT_VERSION = 1
 CHECKSUMS_KEY = "hf_mfac_sha256"  # safetensors header: {tensor name: sha256 of its bytes}, as JSON
-WEIGHT_CHECKSUMS_KEY = "hf_mfac_weights_sha256"  # masks file header: the same for the masked dense weights
+# masks file header: the same for the masked dense weights
+WEIGHT_CHECKSUMS_KEY = "hf_mfac_weights_sha256"
 
 
 def _version() -> str:
@@ -104,16 +105,18 @@ def _open_safetensors(path: str, what: str) -> tuple[dict[str, torch.Tensor], di
         raise ValueError(f"{what} {path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
 
 
-# -- checksums ---------------------------------------------------------------------------------------------
+# -- checksums -------------------------------------------------------------------------------
 
 def tensor_checksum(t: torch.Tensor) -> str:
-    """``sha256:<hex>`` of the tensor's bytes in row-major order (its dtype's in-memory layout); O(numel)."""
+    """``sha256:<hex>`` of the tensor's bytes in row-major order (its dtype's in-memory layout);
+    O(numel)."""
     raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
     return "sha256:" + hashlib.sha256(memoryview(raw)).hexdigest()
 
 
 def checksum_metadata(tensors: dict[str, torch.Tensor], key: str = CHECKSUMS_KEY) -> dict[str, str]:
-    """The safetensors header entry ``{key: JSON {name: checksum}}`` for ``tensors`` (:func:`tensor_checksum`)."""
+    """The safetensors header entry ``{key: JSON {name: checksum}}`` for ``tensors``
+    (:func:`tensor_checksum`)."""
     return {key: json.dumps({n: tensor_checksum(t) for n, t in sorted(tensors.items())})}
 
 
@@ -129,13 +132,14 @@ def _recorded(header: dict, path: str, key: str) -> dict | None:
     return sums
 
 
-def verify_checksums(tensors: dict[str, torch.Tensor], header: dict, path: str, key: str = CHECKSUMS_KEY,
-                     what: str = "tensor", header_path: str | None = None) -> None:
-    """Check each tensor of the file ``path`` against the checksum that ``header[key]`` (the header of
-    ``header_path``, by default ``path`` itself) records for it; ``ValueError`` naming the tensor and the file on
-    a mismatch (a flipped or swapped bit, a changed value), and, when the header is the file's own, when the
-    header and the file list different tensors. A header without ``key`` (a file written before hf_mfac
-    recorded checksums) passes unchecked."""
+def verify_checksums(tensors: dict[str, torch.Tensor], header: dict, path: str,
+                     key: str = CHECKSUMS_KEY, what: str = "tensor",
+                     header_path: str | None = None) -> None:
+    """Check each tensor of the file ``path`` against the checksum that ``header[key]`` (the header
+    of ``header_path``, by default ``path`` itself) records for it; ``ValueError`` naming the tensor
+    and the file on a mismatch (a flipped or swapped bit, a changed value), and, when the header is
+    the file's own, when the header and the file list different tensors. A header without ``key``
+    (a file written before hf_mfac recorded checksums) passes unchecked."""
     exact = header_path is None
     header_path = header_path or path
     sums = _recorded(header, header_path, key)
@@ -143,19 +147,19 @@ def verify_checksums(tensors: dict[str, torch.Tensor], header: dict, path: str, 
         return
     if exact and set(sums) != set(tensors):
         odd = sorted(set(sums) ^ set(tensors))[:5]
-        raise ValueError(f"{path}: the tensors {odd} are in the file or in its checksums, not both: the file was "
-                         "changed after it was written")
+        raise ValueError(f"{path}: the tensors {odd} are in the file or in its checksums, not "
+                         "both: the file was changed after it was written")
     for name, t in tensors.items():
         if name in sums and tensor_checksum(t) != sums[name]:
             where = "" if header_path == path else f" recorded in {header_path}"
-            raise ValueError(f"{path}: {what} {name!r} does not match its checksum{where}: the file is corrupted "
-                             "or was edited after it was written")
+            raise ValueError(f"{path}: {what} {name!r} does not match its checksum{where}: the "
+                             "file is corrupted or was edited after it was written")
 
 
 def read_dense_weights(folder: str, names) -> dict[str, tuple[torch.Tensor, str]]:
     """``{name: (tensor, file)}`` for the ``names`` stored in the folder's safetensors weights
-    (``model.safetensors``, or the shards that ``model.safetensors.index.json`` lists); names the files do not
-    hold are left out, and a folder whose weights are not safetensors gives ``{}``."""
+    (``model.safetensors``, or the shards that ``model.safetensors.index.json`` lists); names the
+    files do not hold are left out, and a folder whose weights are not safetensors gives ``{}``."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         weight_map = _read_json(index).get("weight_map", {})
@@ -168,7 +172,9 @@ def read_dense_weights(folder: str, names) -> dict[str, tuple[torch.Tensor, str]
         try:
             with safe_open(path, framework="pt") as f:
                 keys = set(f.keys())
-                out.update({n: (f.get_tensor(n), path) for n, p in where.items() if p == path and n in keys})
+                out.update({n: (f.get_tensor(n), path) for n, p in where.items()
+                            if p == path and n in keys})
         except SafetensorError as e:
-            raise ValueError(f"weights file {path} is not a readable safetensors file: {e}") from None
+            why = f"weights file {path} is not a readable safetensors file: {e}"
+            raise ValueError(why) from None
     return out

@@ -1,13 +1,13 @@
-"""Redaction of secrets in what hf_mfac writes down: the ``recipe`` and ``extra_metadata`` of the sparsity record,
-and the command line, recipe and hyperparameters of a model card.
+"""Redaction of secrets in what hf_mfac writes down: the ``recipe`` and ``extra_metadata`` of the
+sparsity record, and the command line, recipe and hyperparameters of a model card.
 
-Secrets are found by rule, not by a list of flags: a name is secret when it contains token, secret, key, pass, auth
-or credential (:func:`secret_name`); :func:`redact_credentials` hides URL userinfo (percent-encoded too) and Hugging
-Face tokens by their shape; :func:`redact_text` hides those and the values of
-secret ``NAME=VALUE`` / ``"NAME": VALUE`` pairs inside a string; :func:`redact` applies both to JSON-like values
-(mappings, lists, strings, and strings holding JSON); :func:`redact_argv` applies them to a command line, word
-by word, and hides the value that follows a secret flag. What is hidden becomes :data:`REDACTED` (``***``).
-"""
+Secrets are found by rule, not by a list of flags: a name is secret when it contains token, secret,
+key, pass, auth or credential (:func:`secret_name`); :func:`redact_credentials` hides URL userinfo
+(percent-encoded too) and Hugging Face tokens by their shape; :func:`redact_text` hides those and
+the values of secret ``NAME=VALUE`` / ``"NAME": VALUE`` pairs inside a string; :func:`redact`
+applies both to JSON-like values (mappings, lists, strings, and strings holding JSON);
+:func:`redact_argv` applies them to a command line, word by word, and hides the value that follows a
+secret flag. What is hidden becomes :data:`REDACTED` (``***``)."""
 from __future__ import annotations
 
 import json
@@ -22,10 +22,12 @@ REDACTED = "***"
 # A name is secret when it contains one of these words, in any case, ignoring "-" and "_".
 _SECRET_WORDS = re.compile(r"token|secret|key|pass|auth|credential", re.I)
 _HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{30,}")
-# user[:password]@ after a scheme, plain or percent-encoded (https://u:p@h, https%3A//u%3Ap%40h, ...%3A%2F%2F...);
-# the userinfo runs to the last @ / %40 before the path, so an @ inside a password hides with it
-_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*(?::|%3[Aa])(?://|%2[Ff]%2[Ff]))[^/\s?#]*(@|%40)")
-# name:password@ without a scheme (alice:pw@host, alice%3Apw%40host): a colon, then an @, in one word
+# user[:password]@ after a scheme, plain or percent-encoded (https://u:p@h, https%3A//u%3Ap%40h,
+# https%3A%2F%2F...); the userinfo runs to the last @ / %40 before the path, so an @ inside a
+# password hides with it
+_SCHEME = r"[A-Za-z][A-Za-z0-9+.-]*(?::|%3[Aa])(?://|%2[Ff]%2[Ff])"
+_URL_USERINFO = re.compile(rf"({_SCHEME})[^/\s?#]*(@|%40)")
+# name:password@ without a scheme (alice:pw@host, alice%3Apw%40host): a colon, then an @, one word
 _USERINFO = re.compile(r"(?<![\w.%+~-])[\w.+~-]+(?::|%3[Aa])[^\s/?#]*(@|%40)")
 _KV = re.compile(r"(?P<k>[A-Za-z_][\w.-]*)(?P<sep>\s*=\s*)(?P<v>[^\s,;&]*)")
 _QUOTED_KV = re.compile(  # "name": "value" / 'name': value, as in JSON or a Python dict literal
@@ -40,11 +42,11 @@ def secret_name(name: str) -> bool:
 
 
 def redact_credentials(text: str) -> str:
-    """``text`` with credentials replaced by ``***``, by shape alone (rules that leave ordinary text alone):
-    the userinfo of every URL, plain or percent-encoded (``https://user:pass@host`` -> ``https://***@host``,
-    ``https%3A//user%3Apass%40host`` -> ``https%3A//***%40host``), every ``name:password@`` without a scheme
-    (``alice%3AS3cr3t%40host`` -> ``***%40host``), and every Hugging Face token (``hf_`` and 30 or more
-    letters and digits) wherever it stands."""
+    """``text`` with credentials replaced by ``***``, by shape alone (rules that leave ordinary text
+    alone): the userinfo of every URL, plain or percent-encoded (``https://user:pass@host`` ->
+    ``https://***@host``, ``https%3A//user%3Apass%40host`` -> ``https%3A//***%40host``), every
+    ``name:password@`` without a scheme (``alice%3AS3cr3t%40host`` -> ``***%40host``), and every
+    Hugging Face token (``hf_`` and 30 or more letters and digits) wherever it stands."""
     text = _URL_USERINFO.sub(lambda m: m.group(1) + REDACTED + m.group(2), text)
     text = _USERINFO.sub(lambda m: m.group(0) if m.group(0)[:-len(m.group(1))].endswith(REDACTED)
                          else REDACTED + m.group(1), text)
@@ -52,10 +54,10 @@ def redact_credentials(text: str) -> str:
 
 
 def redact_text(text: str) -> str:
-    """``text`` with secrets replaced by ``***``: the credentials :func:`redact_credentials` finds (URL userinfo,
-    plain or percent-encoded, and Hugging Face tokens) and the value of every ``NAME=VALUE`` pair and quoted
-    ``"NAME": VALUE`` pair whose ``NAME`` is secret (:func:`secret_name`), e.g. inside ``k=v,k=v`` lists, query
-    strings and JSON."""
+    """``text`` with secrets replaced by ``***``: the credentials :func:`redact_credentials` finds
+    (URL userinfo, plain or percent-encoded, and Hugging Face tokens) and the value of every
+    ``NAME=VALUE`` pair and quoted ``"NAME": VALUE`` pair whose ``NAME`` is secret
+    (:func:`secret_name`), e.g. inside ``k=v,k=v`` lists, query strings and JSON."""
     text = redact_credentials(text)
     text = _KV.sub(lambda m: m.group("k") + m.group("sep") + REDACTED if secret_name(m.group("k")) and m.group("v")
                    else m.group(0), text)

@@ -29,7 +29,6 @@ from .files import (
 )
 from .record import (
     _save_config_with,
-    is_nm_sparse,
     read_sparsity_metadata,
     resolve_masks,
     sparsity_metadata,
@@ -94,8 +93,9 @@ def save_sparse_pretrained(model: nn.Module, save_directory: str | os.PathLike, 
 
 
 def _save_masks(masks: Mapping[str, torch.Tensor], stage: str) -> None:
-    """``sparsity_masks.safetensors`` in ``stage``, its header holding the checksum of each mask and of each
-    masked weight as written beside it (read back from the weights file, so it is what a loader will read)."""
+    """``sparsity_masks.safetensors`` in ``stage``, its header holding the checksum of each mask and
+    of each masked weight as written beside it (read back from the weights file, so it is what a
+    loader will read)."""
     masks = {k: v.contiguous() for k, v in masks.items()}
     weights = {n: t for n, (t, _) in read_dense_weights(stage, masks).items()}
     save_file(masks, os.path.join(stage, MASKS_NAME),
@@ -114,14 +114,15 @@ def log_saved(save_directory, meta: Mapping[str, Any]) -> None:
 def load_sparse_masks(save_directory: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The masks written by :func:`save_sparse_pretrained` (``{name: bool tensor}``, True = kept).
 
-    Checked against the folder's sparsity record when ``config.json`` holds one (the same names, shapes and
-    pruned counts: a masks file left from another save fails), against the checksum of each mask's bytes that
-    the file's header records (a flipped or swapped byte fails), and against the dense weights beside it
-    (``model.safetensors`` or its shards): a pruned position must hold an exact zero (a kept one may be zero
-    too), and each masked weight must match the checksum recorded when it was saved. Files written before
-    hf_mfac recorded checksums carry none and still load (the record and the zeros are still checked); weights
-    that are not safetensors are not read. ``FileNotFoundError`` for a missing file, ``ValueError`` naming the
-    file and tensor for a truncated, corrupted or inconsistent one. Cost: one read of the masked weights."""
+    Checked against the folder's sparsity record when ``config.json`` holds one (the same names,
+    shapes and pruned counts: a masks file left from another save fails), against the checksum of
+    each mask's bytes that the file's header records (a flipped or swapped byte fails), and against
+    the dense weights beside it (``model.safetensors`` or its shards): a pruned position must hold
+    an exact zero (a kept one may be zero too), and each masked weight must match the checksum
+    recorded when it was saved. Files written before hf_mfac recorded checksums carry none and still
+    load (the record and the zeros are still checked); weights that are not safetensors are not
+    read. ``FileNotFoundError`` for a missing file, ``ValueError`` naming the file and tensor for a
+    truncated, corrupted or inconsistent one. Cost: one read of the masked weights."""
     save_directory = os.fspath(save_directory)
     path = os.path.join(save_directory, MASKS_NAME)
     masks, header = _open_safetensors(path, "masks file")
@@ -135,37 +136,43 @@ def load_sparse_masks(save_directory: str | os.PathLike, device: str | torch.dev
 
 
 def _check_masks_record(masks: dict[str, torch.Tensor], save_directory: str, path: str) -> None:
-    """The masks are those ``config.json``'s sparsity record lists (when it holds one): names, shapes, counts."""
+    """The masks are those ``config.json``'s sparsity record lists (when it holds one): names,
+    shapes, counts."""
     rec = read_sparsity_metadata(save_directory)
     if rec is None:
         return
     config = os.path.join(save_directory, "config.json")
     if rec.get("masks_file") != MASKS_NAME:
-        raise ValueError(f"{path} does not belong to the save in {config} (its record has masks_file="
-                         f"{rec.get('masks_file')!r}); it is left from another save")
+        raise ValueError(f"{path} does not belong to the save in {config} (its record has "
+                         f"masks_file={rec.get('masks_file')!r}); it is left from another save")
     per_layer = rec.get("per_layer", {})
     if set(masks) != set(per_layer):
-        raise ValueError(f"{path} holds masks for {sorted(set(masks) ^ set(per_layer))[:5]} that {config} does "
-                         "not record, or lacks some it does: the files come from different saves")
+        odd = sorted(set(masks) ^ set(per_layer))[:5]
+        raise ValueError(f"{path} holds masks for {odd} that {config} does not record, or lacks "
+                         "some it does: the files come from different saves")
     for name, m in masks.items():
         r = per_layer[name]
         if list(m.shape) != r["shape"] or int((~m).sum()) != r["num_pruned"]:
-            raise ValueError(f"{path}: mask {name!r} (shape {list(m.shape)}, {int((~m).sum())} pruned) disagrees "
-                             f"with {config} (shape {r['shape']}, {r['num_pruned']} pruned)")
+            raise ValueError(f"{path}: mask {name!r} (shape {list(m.shape)}, {int((~m).sum())} "
+                             f"pruned) disagrees with {config} (shape {r['shape']}, "
+                             f"{r['num_pruned']} pruned)")
 
 
-def _check_masks_weights(masks: dict[str, torch.Tensor], header: dict, save_directory: str, path: str) -> None:
-    """Each masked weight stored beside the masks is exactly zero where its mask prunes, and matches the checksum
-    the masks file recorded for it (when it recorded one)."""
+def _check_masks_weights(masks: dict[str, torch.Tensor], header: dict, save_directory: str,
+                         path: str) -> None:
+    """Each masked weight stored beside the masks is exactly zero where its mask prunes, and matches
+    the checksum the masks file recorded for it (when it recorded one)."""
     weights = read_dense_weights(save_directory, masks)
     for name, (w, file) in weights.items():
         if w.shape != masks[name].shape:
-            raise ValueError(f"{path}: mask {name!r} has shape {tuple(masks[name].shape)}, the weight in {file} "
-                             f"{tuple(w.shape)}: the files come from different saves")
+            raise ValueError(f"{path}: mask {name!r} has shape {tuple(masks[name].shape)}, the "
+                             f"weight in {file} {tuple(w.shape)}: the files come from different "
+                             "saves")
         wrong = int(((w != 0) & ~masks[name]).sum())
         if wrong:
-            raise ValueError(f"{path}: mask {name!r} prunes {wrong} weights that are nonzero in {file}: the masks "
-                             "and the weights disagree (a corrupted file, or files from different saves)")
+            raise ValueError(f"{path}: mask {name!r} prunes {wrong} weights that are nonzero in "
+                             f"{file}: the masks and the weights disagree (a corrupted file, or "
+                             "files from different saves)")
     for file in sorted({f for _, f in weights.values()}):
         verify_checksums({n: w for n, (w, f) in weights.items() if f == file}, header, file,
                          key=WEIGHT_CHECKSUMS_KEY, what="weight", header_path=path)

@@ -53,21 +53,22 @@ def _note(exc: BaseException, text: str) -> None:
 @contextlib.contextmanager
 def staged_save(save_directory: str | os.PathLike, stale=None):
     """Context manager yielding an empty staging folder; on a clean exit its files replace those of
-    ``save_directory``, on an exception nothing in ``save_directory`` changes and the staging folder is removed.
+    ``save_directory``, on an exception nothing in ``save_directory`` changes and the staging folder
+    is removed.
 
-    The staging folder is on the same filesystem: beside ``save_directory`` when that does not exist yet (then
-    one ``rename`` makes the whole folder appear), else inside it (``.hf_mfac-staging-*``). Committing into an
-    existing folder moves, with one ``os.replace`` per entry: first out (into the staging folder, weights
-    first) every entry that a new file replaces and every existing entry for which ``stale(name)`` is true,
-    then in every new entry, the weights last (shards, then ``model.safetensors`` / the index /
-    ``hf_mfac_compact.safetensors``). So at every instant the folder holds the old save, the new save, or a
-    save without weights that every loader refuses; never new weights with old metadata or masks. (POSIX has
-    no atomic rename of several files: a reader that opens ``config.json`` before the move and the weights
-    after it can still pair them.) Entries that neither the new save writes nor ``stale`` names are never
-    touched. Any exception during the moves, ``KeyboardInterrupt`` included (also one that lands just after
-    the last move), moves everything back; a process killed while moving leaves the old files in
-    ``.hf_mfac-staging-*/.hf_mfac-previous``.
-    """
+    The staging folder is on the same filesystem: beside ``save_directory`` when that does not exist
+    yet (then one ``rename`` makes the whole folder appear), else inside it
+    (``.hf_mfac-staging-*``). Committing into an existing folder moves, with one ``os.replace`` per
+    entry: first out (into the staging folder, weights first) every entry that a new file replaces
+    and every existing entry for which ``stale(name)`` is true, then in every new entry, the weights
+    last (shards, then ``model.safetensors`` / the index / ``hf_mfac_compact.safetensors``). So at
+    every instant the folder holds the old save, the new save, or a save without weights that every
+    loader refuses; never new weights with old metadata or masks. (POSIX has no atomic rename of
+    several files: a reader that opens ``config.json`` before the move and the weights after it can
+    still pair them.) Entries that neither the new save writes nor ``stale`` names are never
+    touched. Any exception during the moves, ``KeyboardInterrupt`` included (also one that lands
+    just after the last move), moves everything back; a process killed while moving leaves the old
+    files in ``.hf_mfac-staging-*/.hf_mfac-previous``."""
     target = os.path.realpath(os.fspath(save_directory))
     if os.path.exists(target) and not os.path.isdir(target):
         raise NotADirectoryError(f"{target} exists and is not a folder")
