@@ -140,7 +140,7 @@ def test_cli_typed_fields_and_extra_optim_args():
     _, kwargs = mfac_optimizer_cls_and_kwargs(args)
     assert kwargs == {"lr": 5e-5, "weight_decay": 0.0, "num_grads": 1024, "damp": 1e-6, "momentum": 0.9,
                       "grad_dtype": "bfloat16", "window_device": "cpu", "normalize_by_seen": True,
-                      "nonfinite": "skip", "density": 1.0}
+                      "nonfinite": "skip"}
 
 
 @pytest.mark.parametrize("argv", [
@@ -175,6 +175,8 @@ def test_mfac_fields_come_from_the_options_table():
                   "--optim_args", "m=16"])
     _, kwargs = mfac_optimizer_cls_and_kwargs(args)
     assert (kwargs["normalize_by_seen"], kwargs["nonfinite"], kwargs["num_grads"]) == (True, "skip", 16)
+    _, kwargs = mfac_optimizer_cls_and_kwargs(parse(["--optim", "mfac"]))
+    assert set(kwargs) == {"lr", "weight_decay", "num_grads", "damp", "momentum"}  # others at default
     with pytest.raises(ValueError, match="--mfac_nonfinite='skip' and --optim_args nonfinite='raise'"):
         parse(["--optim", "mfac", "--mfac_nonfinite", "skip", "--optim_args", "nonfinite=raise"])
 

@@ -88,12 +88,16 @@ def _device(label: str, value):
     return value
 
 
-def option(default, help: str, check, *, aliases: tuple = (), choices: tuple | None = None):
+def option(default, help: str, check, *, aliases: tuple = (), choices: tuple | None = None,
+           core: bool = False):
     """A field of :class:`MFACOptions`. ``check(label, value)`` returns the value in canonical form
     or raises naming ``label``; ``aliases``: other spellings accepted in ``--optim_args``;
     ``choices``: the values offered where the option is given as text (a command line,
-    ``--optim_args``), listed in its help."""
-    meta = {"help": help, "check": check, "aliases": tuple(aliases), "choices": choices}
+    ``--optim_args``), listed in its help; ``core``: a hyperparameter of the algorithm [M-FAC,
+    Alg. 1], always passed on and reported (a model card's table), where the others are only when
+    set away from their default (so a new option at its default changes no run, card or log)."""
+    meta = {"help": help, "check": check, "aliases": tuple(aliases), "choices": choices,
+            "core": core}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -103,17 +107,18 @@ class MFACOptions:
     naming the option). ``MFACOptions()`` holds the defaults."""
 
     lr: float = option(
-        1e-4, "Learning rate (finite, >= 0); a good start is 0.1 / num_grads.", _nonnegative)
+        1e-4, "Learning rate (finite, >= 0); a good start is 0.1 / num_grads.", _nonnegative,
+        core=True)
     num_grads: int = option(
         1024, "Number m of past gradients in the sliding window (an integer >= 1).", _count,
-        aliases=("ngrads", "m"))
+        aliases=("ngrads", "m"), core=True)
     damp: float = option(
         1e-6, "Dampening λ of the empirical Fisher, F = λI + (1/m) Σ g gᵀ (finite, > 0).",
-        _positive)
+        _positive, core=True)
     weight_decay: float = option(
-        0.0, "Decoupled weight decay, p <- p (1 - lr wd) (finite, >= 0).", _nonnegative)
+        0.0, "Decoupled weight decay, p <- p (1 - lr wd) (finite, >= 0).", _nonnegative, core=True)
     momentum: float = option(
-        0.0, "Momentum on the preconditioned direction, in [0, 1).", _fraction)
+        0.0, "Momentum on the preconditioned direction, in [0, 1).", _fraction, core=True)
     grad_dtype: str | None = option(
         None, "Storage dtype of the gradient window (float32 when unset; bfloat16 or float16 halve "
         "memory and time).", _storage_name, choices=GRAD_DTYPES)

@@ -205,9 +205,12 @@ class MFACTrainingArguments(MFACOptionFields, TrainingArguments):
                 setattr(self, flag, given[name])
 
     def mfac_kwargs(self) -> dict:
-        """Keyword arguments for ``hf_mfac.MFAC``: every option, from its field (``lr`` included;
-        the Trainer's parameter groups set the weight decay per group)."""
-        return {f.name: getattr(self, flag_of(f.name)) for f in option_fields()}
+        """Keyword arguments for ``hf_mfac.MFAC``, from the fields: the algorithm's hyperparameters
+        (``core`` options: ``lr``, ``weight_decay``, ``num_grads``, ``damp``, ``momentum``) always,
+        every other option when set away from its default (which is ``MFAC``'s default too). The
+        Trainer's parameter groups set the weight decay per group."""
+        values = {f.name: (getattr(self, flag_of(f.name)), f) for f in option_fields()}
+        return {name: v for name, (v, f) in values.items() if f.metadata["core"] or v != f.default}
 
     def set_optimizer(self, name="adamw_torch", *args, **kwargs):
         """As :meth:`TrainingArguments.set_optimizer`, also accepting ``name="mfac"``."""
