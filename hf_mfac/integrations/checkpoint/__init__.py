@@ -26,7 +26,10 @@ Masks follow :mod:`hf_mfac.core.masks`: ``{parameter name as in model.named_para
 staging folder on the same filesystem and move the files into place (:func:`staged_save`): an exception
 leaves the folder as it was; a successful save removes the weights of the other form (and of a sharded or
 older save) and stale masks, and keeps every other file. The loaders check every length, count, shape and
-dtype against the metadata and name the file and the tensor. Secret-looking values in the recorded
+dtype against the metadata and name the file and the tensor; the masks and compact files carry a sha256 of
+each tensor's bytes in their headers (the masks file also of each masked dense weight), checked on load, so a
+change that keeps every count (two swapped bits) is refused too, and the masks are checked against the zeros
+of the weights. Files written before the checksums still load. Secret-looking values in the recorded
 ``recipe`` / ``extra_metadata`` are redacted (:func:`redact`).
 """
 from .compact import load_compact_pretrained, save_compact_pretrained
