@@ -29,6 +29,7 @@ _NAMES = {
     "load_compact_pretrained": "checkpoint",
     "export_semi_structured": "checkpoint",
     "load_sparse_masks": "checkpoint",
+    "CardFields": "card",
     "create_sparse_model_card": "card",
     "write_trainer_model_card": "card",
     "push_sparse_to_hub": "card",
