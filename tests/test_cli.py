@@ -5,6 +5,7 @@ import json
 import random
 
 import pytest
+import torch
 from conftest import save_tiny_text_model
 
 transformers = pytest.importorskip("transformers")
@@ -160,3 +161,30 @@ def test_paths_checked_first_and_model_never_overwritten(tiny, tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.startswith("hf-mfac prune: error: ") and message in err, err
     assert tree(tmp_path) == before
+
+
+def test_a_result_saved_over_an_earlier_one_keeps_the_hand_written_card_text(tiny, tmp_path):
+    """``save_prune_result`` replaces the checkpoint, tokenizer and report as one folder and updates the
+    card: what the user wrote in README.md outside hf_mfac's section stays."""
+    from hf_mfac.integrations.checkpoint import load_sparse_masks
+
+    model_dir, _ = tiny
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir)
+    out = tmp_path / "out"
+    for i, keep in enumerate((0.6, 0.3)):  # the second result prunes more
+        masks = {}
+        for n, p in model.named_parameters():
+            if n.endswith("dense.weight"):
+                masks[n] = p.detach().abs() >= p.detach().abs().flatten().quantile(1 - keep)
+                p.data.mul_(masks[n])
+        cli.save_prune_result(str(out), model, masks, {"run": i}, tokenizer=tokenizer,
+                              method="magnitude", pattern=None, recipe={"run": i},
+                              command=f"hf-mfac prune run{i}")
+        if i == 0:
+            with open(out / "README.md", "a") as f:
+                f.write("\nMy own notes.\n")
+    text = (out / "README.md").read_text()
+    assert "My own notes." in text and "hf-mfac prune run1" in text and "run0" not in text
+    assert json.load(open(out / "pruning_report.json")) == {"run": 1}
+    assert all(torch.equal(m, masks[n]) for n, m in load_sparse_masks(out).items())
