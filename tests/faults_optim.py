@@ -195,8 +195,8 @@ def args_row(id_, match, **overrides):
 
 
 def other_shapes(tmp, shapes=((8, 4), (2,)), dtype=torch.float32, momentum=0.0):
-    """An MFAC over (4, 8) + (2,) parameters (its state saved) and a trained one over ``shapes`` to load it
-    into: as many coordinates, the same layout, other shapes or dtype."""
+    """An MFAC over (4, 8) + (2,) parameters (its state saved) and a trained one over ``shapes``
+    to load it into: as many coordinates, the same layout, other shapes or dtype."""
     def make(shapes, dtype, steps):
         gen = torch.Generator().manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
@@ -213,7 +213,7 @@ def other_shapes(tmp, shapes=((8, 4), (2,)), dtype=torch.float32, momentum=0.0):
 
 
 def other_shapes_shards(tmp):
-    """Window shard files of a ShardedMFAC over (4, 8) + (2,), and a trained MFAC over (8, 4) + (2,)."""
+    """Window shard files of a ShardedMFAC over (4, 8) + (2,), a trained MFAC over (8, 4) + (2,)."""
     src = ShardedMFAC([torch.nn.Parameter(torch.zeros(4, 8)), torch.nn.Parameter(torch.zeros(2))],
                       lr=0.01, num_grads=2, damp=0.1)
     for p in src.param_groups[0]["params"]:
@@ -221,6 +221,10 @@ def other_shapes_shards(tmp):
     src.step()
     save_mfac_shards(src, str(tmp / "shards"))
     return {**other_shapes(tmp), "folder": tmp / "shards"}
+
+
+def load_saved(c):
+    return c["opt"].load_state_dict(c["saved"])
 
 
 def complex_group(tmp):
@@ -347,14 +351,15 @@ CASES = [
           lambda c: c["opt"].load_state_dict(c["saved"]), ValueError, r"mask for parameter 0 has shape \(2, 2\)"),
     Fault("mfac_load_mask_unknown_parameter", corrupt_checkpoint(set_(("mfac", "masks"), {9: torch.ones(3)})),
           lambda c: c["opt"].load_state_dict(c["saved"]), ValueError, r"mask for parameter 9"),
-    Fault("mfac_load_other_shapes", other_shapes, lambda c: c["opt"].load_state_dict(c["saved"]), ValueError,
-          r"parameter 0, param_groups\[0\]\['params'\]\[0\]: it was saved for shape \(4, 8\), float32; this one "
-          r"has shape \(8, 4\)"),
-    Fault("mfac_load_other_dtype", lambda tmp: other_shapes(tmp, ((4, 8), (2,)), torch.float64, momentum=0.5),
-          lambda c: c["opt"].load_state_dict(c["saved"]), ValueError,
-          r"saved for shape \(4, 8\), float32; this one has shape \(4, 8\), float64"),
-    Fault("shards_load_other_shapes", other_shapes_shards, lambda c: load_mfac_shards(c["opt"], str(c["folder"])),
-          ValueError, r"parameter 0, .*saved for shape \(4, 8\)"),
+    Fault("mfac_load_other_shapes", other_shapes, load_saved, ValueError,
+          r"parameter 0, param_groups\[0\]\['params'\]\[0\]: it was saved for shape \(4, 8\), "
+          r"float32; this one has shape \(8, 4\)"),
+    Fault("mfac_load_other_dtype",
+          lambda tmp: other_shapes(tmp, ((4, 8), (2,)), torch.float64, momentum=0.5), load_saved,
+          ValueError, r"saved for shape \(4, 8\), float32; this one has shape \(4, 8\), float64"),
+    Fault("shards_load_other_shapes", other_shapes_shards,
+          lambda c: load_mfac_shards(c["opt"], str(c["folder"])), ValueError,
+          r"parameter 0, .*saved for shape \(4, 8\)"),
     Fault("shards_load_corrupt_window", lambda tmp: shard_folder(tmp, lambda w: w.update(count=9)),
           lambda c: load_mfac_shards(c["opt"], str(c["folder"])), ValueError, r"count=9 is outside"),
     Fault("shards_load_ggt_of_other_window",
@@ -383,10 +388,11 @@ CASES = [
     Fault("mfac_param_group_lr_nan", lambda tmp: trained(tmp),
           lambda c: c["opt"].add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": float("nan")}),
           ValueError, r"param_groups\[1\]: lr must be a finite number"),
-    Fault("mfac_complex_parameter", lambda tmp: {"z": torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))},
-          lambda c: hf_mfac.MFAC([c["z"]]), TypeError, r"param_groups\[0\]\['params'\]\[0\] is complex.*view_as_real"),
-    Fault("mfac_param_group_complex", complex_group, lambda c: c["opt"].add_param_group({"params": [c["z"]]}),
-          TypeError, r"param_groups\[1\]\['params'\]\[0\] is complex \(torch\.complex64"),
+    Fault("mfac_complex_parameter", complex_group, lambda c: hf_mfac.MFAC([c["z"]]), TypeError,
+          r"param_groups\[0\]\['params'\]\[0\] is complex.*view_as_real"),
+    Fault("mfac_param_group_complex", complex_group,
+          lambda c: c["opt"].add_param_group({"params": [c["z"]]}), TypeError,
+          r"param_groups\[1\]\['params'\]\[0\] is complex \(torch\.complex64"),
     # -- MFACTrainingArguments / MFACTrainer -------------------------------------------------------------------
     args_row("args_num_grads_negative", r"--mfac_num_grads must be an integer >= 1; got -4", mfac_num_grads=-4),
     args_row("args_damp_negative", r"--mfac_damp must be > 0", mfac_damp=-1.0),

@@ -153,8 +153,9 @@ def test_cli_rejects_bad_mfac_settings(argv):
 
 
 def test_mfac_fields_come_from_the_options_table():
-    """Every MFACOptions field is a flag (mfac_<name>, or the Trainer's learning_rate / weight_decay) with
-    the table's default and help, listed by --help; a new option in the table is a new flag."""
+    """Every MFACOptions field is a flag (mfac_<name>, or the Trainer's learning_rate /
+    weight_decay) with the table's default and help, listed by --help; a new option in the table is
+    a new flag."""
     import dataclasses
     import io
     from contextlib import redirect_stdout
@@ -166,7 +167,8 @@ def test_mfac_fields_come_from_the_options_table():
         if option.name in ("lr", "weight_decay"):
             continue
         f = fields[f"mfac_{option.name}"]
-        assert f.default == option.default and option.metadata["help"] in f.metadata["help"], option.name
+        assert f.default == option.default, option.name
+        assert option.metadata["help"] in f.metadata["help"], option.name
     text = io.StringIO()
     with redirect_stdout(text), pytest.raises(SystemExit):
         HfArgumentParser(MFACTrainingArguments).parse_args(["--help"])
@@ -174,21 +176,24 @@ def test_mfac_fields_come_from_the_options_table():
     args = parse(["--optim", "mfac", "--mfac_normalize_by_seen", "--mfac_nonfinite", "skip",
                   "--optim_args", "m=16"])
     _, kwargs = mfac_optimizer_cls_and_kwargs(args)
-    assert (kwargs["normalize_by_seen"], kwargs["nonfinite"], kwargs["num_grads"]) == (True, "skip", 16)
+    got = (kwargs["normalize_by_seen"], kwargs["nonfinite"], kwargs["num_grads"])
+    assert got == (True, "skip", 16)
     _, kwargs = mfac_optimizer_cls_and_kwargs(parse(["--optim", "mfac"]))
-    assert set(kwargs) == {"lr", "weight_decay", "num_grads", "damp", "momentum"}  # others at default
-    with pytest.raises(ValueError, match="--mfac_nonfinite='skip' and --optim_args nonfinite='raise'"):
+    assert set(kwargs) == {"lr", "weight_decay", "num_grads", "damp", "momentum"}  # rest: defaults
+    with pytest.raises(ValueError,
+                       match="--mfac_nonfinite='skip' and --optim_args nonfinite='raise'"):
         parse(["--optim", "mfac", "--mfac_nonfinite", "skip", "--optim_args", "nonfinite=raise"])
 
 
 def test_optim_args_read_once(monkeypatch):
-    """--optim_args is parsed (and its values checked) once, when the arguments are built; building the
-    optimizer's kwargs reads the fields."""
+    """--optim_args is parsed (and its values checked) once, when the arguments are built; building
+    the optimizer's kwargs reads the fields."""
     from hf_mfac.integrations.trainer import arguments
 
     calls = []
     real = arguments.parse_optim_args
-    monkeypatch.setattr(arguments, "parse_optim_args", lambda *a, **k: calls.append(a) or real(*a, **k))
+    counted = lambda *a, **k: calls.append(a) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(arguments, "parse_optim_args", counted)
     args = parse(["--optim", "mfac", "--optim_args", "ngrads=32,nonfinite=skip"])
     _, kwargs = mfac_optimizer_cls_and_kwargs(args)
     assert len(calls) == 1 and (kwargs["num_grads"], kwargs["nonfinite"]) == (32, "skip")

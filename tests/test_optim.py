@@ -295,8 +295,9 @@ def test_refused_checkpoint_changes_nothing():
 
 def test_zero_gradient_moves_a_parameter_none_does_not():
     """F^{-1} couples the coordinates: a parameter whose .grad is a zero tensor still moves, by
-    -lr (F^{-1} g)_p (dense float64 reference), while one whose .grad is None stays where it is. The
-    window and the other parameters take the same step either way (g has zeros there in both cases)."""
+    -lr (F^{-1} g)_p (dense float64 reference), while one whose .grad is None stays where it is.
+    The window and the other parameters take the same step either way (g has zeros there in both
+    cases)."""
     m, damp, lr = 3, 1e-2, 0.1
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(11, generator=gen) for _ in range(3)]  # a: 7 coordinates, b: 4
@@ -314,7 +315,8 @@ def test_zero_gradient_moves_a_parameter_none_does_not():
             opt.step()
         after = torch.cat([a.detach(), b.detach()]).double()
         runs[last] = (before, after, opt.window.state_dict())
-    expect = -lr * torch.linalg.solve(dense_fisher(torch.stack(grads), damp, scale=m), grads[2].double())
+    F = dense_fisher(torch.stack(grads), damp, scale=m)  # (11, 11), float64
+    expect = -lr * torch.linalg.solve(F, grads[2].double())
     assert expect[7:].abs().min() > 1e-4  # the zero gradient's coordinates of F^{-1} g are not zero
     before, after, window = runs["zeros"]
     assert rel_err(after - before, expect) < 1e-4  # b moved
@@ -337,15 +339,18 @@ def _trained(shapes, dtype=torch.float32, steps=3, cls=hf_mfac.MFAC, **kw):
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
 @pytest.mark.parametrize("shapes, dtype, match", [
-    ([(8, 4), (2,)], torch.float32, r"parameter 0, param_groups\[0\]\['params'\]\[0\]: it was saved for "
-                                    r"shape \(4, 8\), float32; this one has shape \(8, 4\), float32"),
-    ([(4, 8), (2,)], torch.float64, r"parameter 0, .* float32; this one has shape \(4, 8\), float64"),
+    ([(8, 4), (2,)], torch.float32, r"parameter 0, param_groups\[0\]\['params'\]\[0\]: it was "
+                                    r"saved for shape \(4, 8\), float32; this one has shape "
+                                    r"\(8, 4\), float32"),
+    ([(4, 8), (2,)], torch.float64, r"parameter 0, .* float32; this one has shape \(4, 8\), "
+                                    r"float64"),
     ([(4, 8)], torch.float32, r"param groups of \[2\] parameters; this optimizer has \[1\]"),
 ])
 def test_load_over_other_parameters_is_refused(shapes, dtype, match, momentum):
-    """A checkpoint of an MFAC over (4, 8) + (2,) parameters loads only into one over the same shapes and
-    dtypes: (8, 4) + (2,) has as many coordinates and the same layout, but is refused before anything
-    changes (the next step would otherwise fail after the window took the gradient)."""
+    """A checkpoint of an MFAC over (4, 8) + (2,) parameters loads only into one over the same
+    shapes and dtypes: (8, 4) + (2,) has as many coordinates and the same layout, but is refused
+    before anything changes (the next step would otherwise fail after the window took the
+    gradient)."""
     _, src = _trained([(4, 8), (2,)], momentum=momentum)
     params, opt = _trained(shapes, dtype, steps=2, momentum=momentum)
     before = copy.deepcopy(opt.state_dict())
@@ -358,15 +363,15 @@ def test_load_over_other_parameters_is_refused(shapes, dtype, match, momentum):
 
 
 def test_load_checks_momentum_of_checkpoints_without_the_record():
-    """Checkpoints saved before the parameters' shapes were recorded: the momentum buffers' shapes are
-    still checked against the parameters."""
+    """Checkpoints saved before the parameters' shapes were recorded: the momentum buffers' shapes
+    are still checked against the parameters."""
     _, src = _trained([(4, 8), (2,)], momentum=0.5)
     saved = copy.deepcopy(src.state_dict())
     del saved["mfac"]["params"]
     _, opt = _trained([(8, 4), (2,)], steps=2, momentum=0.5)
     before = copy.deepcopy(opt.state_dict())
-    with pytest.raises(ValueError, match=r"momentum buffer of parameter 0, .* has shape \(4, 8\); the "
-                                         r"parameter has \(8, 4\)"):
+    with pytest.raises(ValueError, match=r"momentum buffer of parameter 0, .* has shape "
+                                         r"\(4, 8\); the parameter has \(8, 4\)"):
         opt.load_state_dict(saved)
     _assert_same(opt.state_dict(), before)
     params, same = _trained([(4, 8), (2,)], steps=1, momentum=0.5)
@@ -394,12 +399,12 @@ def test_shards_over_other_parameters_are_refused(tmp_path):
 
 
 def test_complex_parameters_are_refused():
-    """A complex parameter would lose its imaginary part (the window is real): refused when the optimizer
-    is built or the group added, naming the parameter and view_as_real."""
+    """A complex parameter would lose its imaginary part (the window is real): refused when the
+    optimizer is built or the group added, naming the parameter and view_as_real."""
     z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
     r = torch.nn.Parameter(torch.zeros(2))
-    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\] is complex \(torch.complex64, "
-                                        r"shape \(3,\)\).*view_as_real"):
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\] is complex "
+                                        r"\(torch.complex64, shape \(3,\)\).*view_as_real"):
         hf_mfac.MFAC([r, z])
     with pytest.raises(TypeError, match=r"\['params'\]\[0\] \(w\) is complex"):
         hf_mfac.MFAC([("w", z)])  # named parameters are named
@@ -412,7 +417,8 @@ def test_complex_parameters_are_refused():
 
 
 def test_options_are_defined_once():
-    """MFAC's keyword defaults are MFACOptions' defaults; ShardedMFAC takes the same; aliases resolve."""
+    """MFAC's keyword defaults are MFACOptions' defaults; ShardedMFAC takes the same; aliases
+    resolve."""
     import dataclasses
     import inspect
 
@@ -423,10 +429,12 @@ def test_options_are_defined_once():
     assert {k: sig.parameters[k].default for k in defaults} == defaults
     assert set(sig.parameters) == {"params", *defaults}
     assert OPTION_ALIASES["ngrads"] == OPTION_ALIASES["m"] == "num_grads"
-    assert parse_optim_args("m=16,grad_dtype=torch.bfloat16") == {"num_grads": 16, "grad_dtype": "bfloat16"}
+    parsed = parse_optim_args("m=16,grad_dtype=torch.bfloat16")
+    assert parsed == {"num_grads": 16, "grad_dtype": "bfloat16"}
     assert MFACOptions(num_grads=8.0).num_grads == 8
     opt = ShardedMFAC([torch.nn.Parameter(torch.zeros(2))], 0.5, 3, grad_dtype="bfloat16")
-    assert (opt.defaults["lr"], opt.num_grads, opt.grad_dtype, opt.damp) == (0.5, 3, torch.bfloat16, 1e-6)
+    got = (opt.defaults["lr"], opt.num_grads, opt.grad_dtype, opt.damp)
+    assert got == (0.5, 3, torch.bfloat16, 1e-6)
     with pytest.raises(ValueError, match="window_device must be a device"):
         hf_mfac.MFAC([torch.nn.Parameter(torch.zeros(2))], window_device="gpu0")
 
