@@ -16,8 +16,7 @@ text; :func:`prefixed_fields` adds the ``prune_`` prefix). Every field is checke
 from hf_mfac.pruning import PruningConfig, prune_oneshot
 config = PruningConfig(method="obert", sparsity=0.8, num_grads=256, recompute=4)
 masks, report = prune_oneshot(model, dataloader, config)
-masks, report = prune_oneshot(model, dataloader, config, sparsity=0.9)  # a keyword overrides the
-field
+masks, report = prune_oneshot(model, dataloader, config, sparsity=0.9)  # the keyword wins
 ```
 """
 from __future__ import annotations
@@ -33,6 +32,9 @@ from torch import nn
 
 from ..core._checks import check_damp, check_positive_int, check_real, check_sparsity
 from .pruners import PRUNERS, Pattern, Pruner, make_pruner
+from .recipes import get_recipe, recipe_names
+from .recipes import schedule as recipe_schedule
+from .recipes import settings as recipe_settings
 from .targets import DEFAULT_EXCLUDE, DEFAULT_TYPES, find_prunable
 
 __all__ = ["PruningConfig", "GradualPruningConfig", "prefixed_fields", "from_prefixed",
@@ -41,6 +43,9 @@ __all__ = ["PruningConfig", "GradualPruningConfig", "prefixed_fields", "from_pre
 _METHODS = sorted(PRUNERS)
 # the fields a Pruner holds
 PRUNER_FIELDS = ("pattern", "scope", "block_size", "damp", "rel_damp", "woodtaylor")
+_SCHEDULE_FIELDS = ("start", "end", "frequency", "initial_sparsity", "sparsities")
+RECIPE_FIELDS = _SCHEDULE_FIELDS + ("method", "num_grads", "block_size", "fisher_batch_size",
+                                    "recompute", "cyclic_lr", "lr_min_ratio")  # what a recipe sets
 
 
 class _FromConfig:
@@ -101,7 +106,8 @@ class PruningConfig:
     damp: float | None = field(default=None, metadata={
         "help": "Absolute Fisher dampening λ in F = λI + GᵀG/m; None: the method's default."})
     rel_damp: float | None = field(default=None, metadata={
-        "help": "Dampening relative to the mean diagonal of each target's Fisher, λ = rel_damp · mean(diag F); "
+        "help": "Dampening relative to the Fisher's scale: λ = rel_damp · the mean Fisher "
+                "diagonal over all target weights (one λ for every block); "
                 "None: the method's default."})
     recompute: int = field(default=1, metadata={
         "help": "Fisher recomputations per target: steps on fresh gradients, each pruning the same fraction of "
@@ -238,8 +244,21 @@ class GradualPruningConfig(PruningConfig):
         "help": "Cyclic learning rate: lowest learning rate as a fraction of the peak."})
     save_at_targets: bool = field(default=False, metadata={
         "help": "Save a checkpoint at the end of each sparsity level (one fine-tuned checkpoint per sweep target)."})
+    recipe: str | None = field(default=None, metadata={
+        "help": "A paper's gradual recipe scaled to the run's length (hf_mfac.pruning.recipes): "
+                "obert, cap, or magnitude on oBERT's schedule. It sets the method, pruning steps, "
+                "first sparsity, schedule, Fisher, LR rewinds (and the examples' distillation); "
+                "settings given explicitly (not at their defaults) win.",
+        "choices": recipe_names()})
 
     def __post_init__(self):
+        if self.recipe is not None:
+            self.recipe = str(self.recipe).lower()
+            get_recipe(self.recipe)  # an unknown name is refused here
+            given = self.recipe_given()
+            chosen = recipe_settings(self.recipe, sparsity=self.sparsity, given=given)
+            for key, value in chosen.items():
+                setattr(self, key, value)
         super().__post_init__()
         self.initial_sparsity = _fraction("initial_sparsity", self.initial_sparsity)
         if self.unit not in ("steps", "epochs"):
@@ -253,6 +272,32 @@ class GradualPruningConfig(PruningConfig):
         self.lr_min_ratio = _number("lr_min_ratio", self.lr_min_ratio, low=0, high=1)
         for name in ("reset_momentum", "cyclic_lr", "save_at_targets"):
             setattr(self, name, _flag(name, getattr(self, name)))
+
+    def recipe_given(self) -> dict:
+        """The settings a recipe sets that are given here, i.e. not at their defaults (a None
+        method counts as not given)."""
+        out = {}
+        for f in dataclasses.fields(GradualPruningConfig):
+            value = getattr(self, f.name)
+            if f.name in RECIPE_FIELDS and value is not None and value != f.default:
+                out[f.name] = value
+        return out
+
+    def for_run(self, max_steps: int, steps_per_epoch: float = 1.0) -> "GradualPruningConfig":
+        """This config with its recipe's schedule for a run of ``max_steps`` optimizer steps
+        (``start``/``end``/``frequency`` in steps; given ones in ``unit`` are converted);
+        itself without a recipe. See :func:`hf_mfac.pruning.recipes.schedule`."""
+        if self.recipe is None:
+            return self
+        scale = steps_per_epoch if self.unit == "epochs" else 1.0
+        given = {k: v for k, v in self.recipe_given().items() if k in _SCHEDULE_FIELDS}
+        given.update({k: int(round(given[k] * scale)) for k in ("start", "end", "frequency")
+                      if k in given})
+        target = self.sparsity if self.sparsity is not None else (self.sparsities or [None])[-1]
+        if target is None:
+            raise ValueError(f"the {self.recipe} recipe needs a final sparsity (sparsity=...)")
+        steps = recipe_schedule(self.recipe, max_steps=max_steps, sparsity=target, given=given)
+        return self.replace(**steps)
 
 
 def prefixed_fields(cls, prefix: str, defaults: dict | None = None) -> list[tuple]:

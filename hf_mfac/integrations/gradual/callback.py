@@ -2,11 +2,11 @@
 
 ```python
 callback = PruningCallback("obert", final_sparsity=0.8, start=0, end=600, frequency=100,
-num_grads=256) # or: PruningCallback(config=GradualPruningConfig(...), num_grads=256)  (keywords
-override the config) trainer = Trainer(model=model, args=args, train_dataset=train,
-callbacks=[callback]) callback.attach(trainer)          # metrics through trainer.log
-(TensorBoard/W&B), optional cyclic LR trainer.train()                   # resume_from_checkpoint=...
-keeps the masks
+                           num_grads=256)
+# or: PruningCallback(config=GradualPruningConfig(...), num_grads=256)  (keywords override it)
+trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[callback])
+callback.attach(trainer)  # metrics through trainer.log (TensorBoard/W&B), optional cyclic LR
+trainer.train()           # resume_from_checkpoint=... keeps the masks
 ```
 
 What happens each optimizer step (transformers' callback order):
@@ -149,6 +149,9 @@ class PruningCallback(TrainerCallback):
         if self.pruner is None:
             return []
         spe = state.max_steps / max(state.num_train_epochs, 1) if c.unit == "epochs" else 1.0
+        if c.recipe is not None:  # the recipe's pruning steps for this run's length, in steps
+            c = self.config = c.for_run(state.max_steps, spe)
+            spe = 1.0
         start, freq = self._steps(c.start, spe), max(1, self._steps(c.frequency, spe))
         if self.pruner.pattern.kind == "nm":
             return [(start, None)]
