@@ -502,3 +502,21 @@ def test_card_fields_are_the_main_form_and_keywords_override_them(tmp_path):
     assert fields.license == "mit"  # the caller's value is not changed
     with pytest.raises(TypeError, match="base_modle"):
         create_sparse_model_card(tmp_path, fields, base_modle="org/other")
+
+
+def test_training_arguments_pickled_without_the_hub_token(tmp_path):
+    """``pickled_without_secrets``: what ``torch.save(trainer.args, ...)`` writes holds no hub token
+    (nor any other secret-named string), while the arguments in memory keep it for the upload."""
+    from hf_mfac.integrations.checkpoint.redaction import pickled_without_secrets
+
+    token = "hf_" + "Zq7" * 12
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), hub_token=token, report_to=[],
+                                          include_num_input_tokens_seen=True)
+    with pickled_without_secrets(args):
+        torch.save(args, tmp_path / "training_args.bin")
+    assert args.hub_token == token and "__reduce_ex__" not in vars(args)
+    assert token.encode() not in (tmp_path / "training_args.bin").read_bytes()
+    loaded = torch.load(tmp_path / "training_args.bin", weights_only=False)
+    assert type(loaded) is type(args) and loaded.hub_token is None
+    assert loaded.include_num_input_tokens_seen == args.include_num_input_tokens_seen == "all"
+    assert loaded.output_dir == args.output_dir

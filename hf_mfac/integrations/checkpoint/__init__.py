@@ -35,7 +35,16 @@ of the weights. Files written before the checksums still load. Secret-looking va
 from .compact import load_compact_pretrained, save_compact_pretrained
 from .files import COMPACT_WEIGHTS_NAME, FORMAT_VERSION, MASKS_NAME, SPARSITY_KEY
 from .record import is_nm_sparse, read_sparsity_metadata, resolve_masks, sparsity_metadata
-from .redaction import REDACTED, redact, redact_argv, redact_text, secret_name
+from .redaction import (
+    REDACTED,
+    pickled_without_secrets,
+    redact,
+    redact_argv,
+    redact_credentials,
+    redact_text,
+    secret_name,
+    without_secrets,
+)
 from .semi_structured import export_semi_structured
 from .sparse import load_sparse_masks, log_saved, save_sparse_pretrained
 from .staging import staged_save
@@ -44,5 +53,6 @@ __all__ = [
     "COMPACT_WEIGHTS_NAME", "FORMAT_VERSION", "MASKS_NAME", "SPARSITY_KEY", "REDACTED",
     "export_semi_structured", "is_nm_sparse", "load_compact_pretrained", "load_sparse_masks", "log_saved",
     "read_sparsity_metadata", "redact", "redact_argv", "redact_text", "resolve_masks", "save_compact_pretrained",
-    "save_sparse_pretrained", "secret_name", "sparsity_metadata", "staged_save",
+    "save_sparse_pretrained", "secret_name", "sparsity_metadata", "staged_save", "redact_credentials",
+    "without_secrets", "pickled_without_secrets",
 ]

@@ -10,12 +10,14 @@ applies both to JSON-like values (mappings, lists, strings, and strings holding 
 secret flag. What is hidden becomes :data:`REDACTED` (``***``)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
 from typing import Iterable, Mapping
 
-__all__ = ["REDACTED", "secret_name", "redact_credentials", "redact_text", "redact", "redact_argv"]
+__all__ = ["REDACTED", "secret_name", "redact_credentials", "redact_text", "redact", "redact_argv",
+           "without_secrets", "pickled_without_secrets"]
 
 
 REDACTED = "***"
@@ -125,6 +127,40 @@ def redact_argv(argv: Iterable[str]) -> list[str]:
         else:
             out.append(redact(word))
     return out
+
+
+# an attribute that holds a secret: its name ends with one of the secret words (hub_token, api_key,
+# db_password), unlike settings that only mention one (include_num_input_tokens_seen="all")
+_SECRET_FIELD = re.compile(r"(token|secret|key|pass|passwd|password|auth|credentials?)$", re.I)
+
+
+def without_secrets(obj):
+    """A shallow copy of ``obj`` (an object with a ``__dict__``, e.g. ``TrainingArguments``) in
+    which every string attribute whose name ends with token, secret, key, pass(wd/word), auth or
+    credential(s) (``hub_token``) is None; settings that only mention such a word
+    (``include_num_input_tokens_seen="all"``) keep their values. No ``__init__`` runs."""
+    clean = object.__new__(type(obj))
+    clean.__dict__.update({k: v for k, v in vars(obj).items() if k != "__reduce_ex__"})
+    for k, v in vars(obj).items():
+        if isinstance(v, str) and _SECRET_FIELD.search(k.replace("-", "_")):
+            clean.__dict__[k] = None
+    return clean
+
+
+@contextlib.contextmanager
+def pickled_without_secrets(obj):
+    """While active, pickling ``obj`` (``torch.save(trainer.args, ".../training_args.bin")``) writes
+    :func:`without_secrets` of it instead; ``obj`` itself keeps every value (the Hub upload that
+    follows still reads its token). Works through the instance's ``__reduce_ex__``, which pickle
+    looks up on the object."""
+    def reduce_ex(protocol):
+        return without_secrets(obj).__reduce_ex__(protocol)
+
+    obj.__dict__["__reduce_ex__"] = reduce_ex
+    try:
+        yield obj
+    finally:
+        obj.__dict__.pop("__reduce_ex__", None)
 
 
 def _redacted_command(argv: list[str]) -> str:
