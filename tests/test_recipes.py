@@ -96,3 +96,75 @@ def test_refused(kwargs, match):
 def test_names():
     assert recipe_names() == sorted(RECIPES) == ["cap", "magnitude", "obert"]
     assert expand("OBERT", max_steps=30, sparsity=0.9)["method"] == "obert"
+
+
+# -- the recipe in the config, the callback and the examples' flags --------------------------------
+def test_config_takes_the_recipe_and_keeps_explicit_settings():
+    from hf_mfac.pruning import GradualPruningConfig
+
+    c = GradualPruningConfig(recipe="cap", sparsity=0.9, num_grads=64)
+    assert (c.method, c.num_grads, c.block_size, c.initial_sparsity) == ("cap", 64, 192, 0.4)
+    assert c.cyclic_lr is True and c.lr_min_ratio == pytest.approx(0.02)
+    run = c.for_run(100)
+    assert (run.start, run.frequency, run.end, run.unit) == (0, 20, 80, "steps")
+    assert run.sparsity is None
+    assert run.sparsities == pytest.approx([0.4, 0.525, 0.65, 0.775, 0.9])
+    assert run.num_grads == 64 and run.for_run(100) == run  # resolving twice changes nothing
+    epochs = GradualPruningConfig(recipe="obert", sparsity=0.8, unit="epochs", start=1)
+    epochs = epochs.for_run(300, 100)
+    assert (epochs.start, epochs.frequency) == (100, 40)  # a start given in epochs, in steps
+    assert GradualPruningConfig(sparsity=0.9).for_run(300).start == 0  # no recipe: unchanged
+    with pytest.raises(ValueError, match="unknown pruning recipe"):
+        GradualPruningConfig(recipe="movement", sparsity=0.9)
+
+
+def test_flags_choose_method_and_distillation():
+    transformers = pytest.importorskip("transformers")
+    from hf_mfac.integrations import PruningArguments
+
+    parser = transformers.HfArgumentParser(PruningArguments)
+    (a,) = parser.parse_args_into_dataclasses(
+        ["--prune_recipe", "obert", "--prune_sparsity", "0.9", "--prune_num_grads", "128"])
+    assert (a.prune_method, a.distill_teacher) == ("obert", "self")
+    assert (a.distill_hardness, a.distill_temperature) == (1.0, 2.0)
+    c = a.config()
+    assert (c.num_grads, c.block_size, c.fisher_batch_size) == (128, 50, 16)
+    assert c.initial_sparsity == 0.7
+    (cap,) = parser.parse_args_into_dataclasses(
+        ["--prune_recipe", "cap", "--prune_sparsity", "0.9"])
+    assert cap.prune_method == "cap" and cap.distill_teacher is None
+
+
+def test_callback_prunes_on_the_recipes_steps_with_rewinds(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from hf_mfac.integrations import PruningCallback
+
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=16, num_labels=3))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 50, (64, 10), generator=g)
+    data = [{"input_ids": ids[i], "attention_mask": torch.ones(10, dtype=torch.long),
+             "labels": int(ids[i, 0]) % 3} for i in range(64)]
+    lrs = {}
+
+    class LR(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **kw):
+            lrs[state.global_step] = optimizer.param_groups[0]["lr"]
+
+    cb = PruningCallback(recipe="magnitude", final_sparsity=0.9)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=8, learning_rate=1e-3,
+        report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[LR()])
+    cb.attach(trainer)
+    trainer.train()
+    assert [t for t, _ in cb.schedule] == [2, 6, 10, 14, 18, 22, 26]
+    assert cb.schedule[0][1] == pytest.approx(0.7) and cb.schedule[-1][1] == pytest.approx(0.9)
+    assert cb.current_sparsity() == pytest.approx(0.9, abs=1e-3)
+    # the learning rate restarts at its peak at each pruning step and decays linearly towards 0.1x
+    for t in (2, 6, 26):
+        assert lrs[t] == pytest.approx(1e-3, rel=1e-6)
+    assert lrs[5] < 0.5e-3 and lrs[29] < 0.5e-3

@@ -12,7 +12,7 @@ from dataclasses import field
 
 from torch import nn
 
-from ...pruning import GradualPruningConfig, prune_oneshot
+from ...pruning import GradualPruningConfig, prune_oneshot, recipes
 from ...pruning.config import from_prefixed, prefixed_fields
 from ..log_level import follow_log_level
 from .callback import PruningCallback
@@ -40,6 +40,12 @@ class _PruningArgumentsMethods:
     below)."""
 
     def __post_init__(self):
+        if self.prune_recipe is not None:  # --prune_recipe chooses the method and the distillation
+            self.prune_method = self.prune_method or recipes.get_recipe(self.prune_recipe).method
+            kd = recipes.distillation(self.prune_recipe)
+            if kd is not None and self.distill_teacher is None:
+                self.distill_teacher = kd["teacher"]
+                self.distill_hardness, self.distill_temperature = kd["hardness"], kd["temperature"]
         self.config()  # validate at parse time, before any model is loaded
 
     def config(self) -> GradualPruningConfig:
