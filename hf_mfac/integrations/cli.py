@@ -302,7 +302,8 @@ def _check_prune_inputs(model_path: str, args: PruneCommandArguments, config):
 
 
 def save_prune_result(out: str, model, masks, report: dict, *, tokenizer, method, pattern, recipe,
-                      command: str, eval_results: dict | None = None) -> None:
+                      command: str, eval_results: dict | None = None,
+                      dataset_name: str | None = None) -> None:
     """Write one result folder whole: the sparse checkpoint (:func:`save_sparse_pretrained`), the
     tokenizer, ``pruning_report.json`` (``report``), and the model card with its plot (an existing
     ``README.md`` is updated, not replaced), all into one staging folder moved into place by
@@ -323,7 +324,7 @@ def save_prune_result(out: str, model, masks, report: dict, *, tokenizer, method
         if os.path.isfile(readme):
             shutil.copy2(readme, os.path.join(stage, "README.md"))
         create_sparse_model_card(stage, model=model, sparsity=meta, method=method, recipe=recipe,
-                                 command=command, eval_results=eval_results,
+                                 command=command, eval_results=eval_results, dataset_name=dataset_name,
                                  model_name=os.path.basename(os.path.normpath(out)))
     log_saved(out, meta)
 
@@ -346,7 +347,8 @@ def _result_saver(args: PruneCommandArguments, config, argv: list[str], tokenize
         results = {k[5:]: v for k, v in rec.items() if k.startswith("eval_")} or None
         save_prune_result(out, model, masks, {**report.to_dict(), **rec}, tokenizer=tokenizer,
                           method=config.method, pattern=config.pattern, recipe=recipe,
-                          command=command, eval_results=results)
+                          command=command, eval_results=results,
+                          dataset_name=os.path.basename(args.eval_data) if results else None)
         extra = f", eval loss {rec['eval_loss']:.4f}, accuracy {rec['eval_accuracy']:.4f}" if evalb else ""
         print(f"{config.method} -> {out}: sparsity {report.sparsity:.4f}{extra}")
 
