@@ -324,7 +324,8 @@ def save_prune_result(out: str, model, masks, report: dict, *, tokenizer, method
         if os.path.isfile(readme):
             shutil.copy2(readme, os.path.join(stage, "README.md"))
         create_sparse_model_card(stage, model=model, sparsity=meta, method=method, recipe=recipe,
-                                 command=command, eval_results=eval_results, dataset_name=dataset_name,
+                                 command=command, eval_results=eval_results,
+                                 dataset_name=dataset_name,
                                  model_name=os.path.basename(os.path.normpath(out)))
     log_saved(out, meta)
 
