@@ -26,10 +26,11 @@ Masks follow :mod:`hf_mfac.core.masks`: ``{parameter name as in model.named_para
 staging folder on the same filesystem and move the files into place (:func:`staged_save`): an exception
 leaves the folder as it was; a successful save removes the weights of the other form (and of a sharded or
 older save) and stale masks, and keeps every other file. The loaders check every length, count, shape and
-dtype against the metadata and name the file and the tensor; the masks and compact files carry a sha256 of
-each tensor's bytes in their headers (the masks file also of each masked dense weight), checked on load, so a
-change that keeps every count (two swapped bits) is refused too, and the masks are checked against the zeros
-of the weights. Files written before the checksums still load. Secret-looking values in the recorded
+dtype against the metadata and name the file and the tensor; the masks and compact files carry a
+sha256 of each tensor's bytes in their headers (the masks file also of each masked dense weight),
+checked on load, so a change that keeps every count (two swapped bits) is refused too, and the
+masks are checked against the zeros of the weights. Files written before the checksums still load.
+Secret-looking values in the recorded
 ``recipe`` / ``extra_metadata`` are redacted (:func:`redact`).
 """
 from .compact import load_compact_pretrained, save_compact_pretrained
@@ -53,6 +54,6 @@ __all__ = [
     "COMPACT_WEIGHTS_NAME", "FORMAT_VERSION", "MASKS_NAME", "SPARSITY_KEY", "REDACTED",
     "export_semi_structured", "is_nm_sparse", "load_compact_pretrained", "load_sparse_masks", "log_saved",
     "read_sparsity_metadata", "redact", "redact_argv", "redact_text", "resolve_masks", "save_compact_pretrained",
-    "save_sparse_pretrained", "secret_name", "sparsity_metadata", "staged_save", "redact_credentials",
-    "without_secrets", "pickled_without_secrets",
+    "save_sparse_pretrained", "secret_name", "sparsity_metadata", "staged_save",
+    "redact_credentials", "without_secrets", "pickled_without_secrets",
 ]

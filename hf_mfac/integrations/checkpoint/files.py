@@ -134,12 +134,13 @@ def _recorded(header: dict, path: str, key: str) -> dict | None:
 
 def verify_checksums(tensors: dict[str, torch.Tensor], header: dict, path: str,
                      key: str = CHECKSUMS_KEY, what: str = "tensor",
-                     header_path: str | None = None) -> None:
+                     header_path: str | None = None, why: str | None = None) -> None:
     """Check each tensor of the file ``path`` against the checksum that ``header[key]`` (the header
     of ``header_path``, by default ``path`` itself) records for it; ``ValueError`` naming the tensor
     and the file on a mismatch (a flipped or swapped bit, a changed value), and, when the header is
     the file's own, when the header and the file list different tensors. A header without ``key``
-    (a file written before hf_mfac recorded checksums) passes unchecked."""
+    (a file written before hf_mfac recorded checksums) passes unchecked. ``why`` replaces the
+    message's likely causes."""
     exact = header_path is None
     header_path = header_path or path
     sums = _recorded(header, header_path, key)
@@ -152,8 +153,8 @@ def verify_checksums(tensors: dict[str, torch.Tensor], header: dict, path: str,
     for name, t in tensors.items():
         if name in sums and tensor_checksum(t) != sums[name]:
             where = "" if header_path == path else f" recorded in {header_path}"
-            raise ValueError(f"{path}: {what} {name!r} does not match its checksum{where}: the "
-                             "file is corrupted or was edited after it was written")
+            why = why or "the file is corrupted or was edited after it was written"
+            raise ValueError(f"{path}: {what} {name!r} does not match its checksum{where}: {why}")
 
 
 def read_dense_weights(folder: str, names) -> dict[str, tuple[torch.Tensor, str]]:

@@ -175,4 +175,6 @@ def _check_masks_weights(masks: dict[str, torch.Tensor], header: dict, save_dire
                              "files from different saves)")
     for file in sorted({f for _, f in weights.values()}):
         verify_checksums({n: w for n, (w, f) in weights.items() if f == file}, header, file,
-                         key=WEIGHT_CHECKSUMS_KEY, what="weight", header_path=path)
+                         key=WEIGHT_CHECKSUMS_KEY, what="weight", header_path=path,
+                         why="the weights changed after the masks were saved (saved again "
+                             "without them, or corrupted); save both with save_sparse_pretrained")
