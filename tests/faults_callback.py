@@ -62,13 +62,13 @@ def _optimizer_refuses_masks(ctx):
 
 
 def _obert_callback(tmp_path):
-    """An oBERT PruningCallback about to prune the fault table's trained MLP, which trains with its fc2 in eval
-    mode (a frozen part, say)."""
+    """An oBERT PruningCallback about to prune the fault table's trained MLP, which trains with its
+    fc2 in eval mode (a frozen part, say)."""
     from faults_pruning import modes, part_in_eval
 
     ctx = part_in_eval()
-    cb = PruningCallback(method="obert", final_sparsity=0.5, num_grads=4, block_size=16, dataloader=ctx["data"],
-                         progress=False)
+    cb = PruningCallback(method="obert", final_sparsity=0.5, num_grads=4, block_size=16,
+                         dataloader=ctx["data"], progress=False)
     cb.targets = {n: p for n, p in ctx["model"].named_parameters() if n.endswith("weight")}
     return {**ctx, "cb": cb, "modes": modes(ctx["model"])}
 
@@ -101,10 +101,11 @@ CASES = [
     Fault("pruning step that fails keeps each module's train/eval mode", _obert_callback,
           _prune_step(loss_fn=ValueError("loss failed on purpose")), ValueError, "on purpose",
           watch=("model",), check=_check_modes),
-    Fault("final_sparsity given as a string", lambda p: {}, lambda c: PruningCallback("obert", "0.8"), TypeError,
-          "sparsity must be a real number"),
+    Fault("final_sparsity given as a string", lambda p: {},
+          lambda c: PruningCallback("obert", "0.8"), TypeError, "sparsity must be a real number"),
     Fault("a schedule number given as a string", lambda p: {},
-          lambda c: PruningCallback("obert", 0.8, frequency="100"), TypeError, "frequency must be a real number"),
+          lambda c: PruningCallback("obert", 0.8, frequency="100"), TypeError,
+          "frequency must be a real number"),
     Fault("truncated masks file", _truncate, lambda c: c["cb"].load_state(str(c["folder"])), ValueError,
           CHECKPOINT_MASKS_NAME, watch=("cb_masks", "folder")),
     Fault("garbage state file", _garbage_state, lambda c: c["cb"].load_state(str(c["folder"])), ValueError,

@@ -129,7 +129,8 @@ def modes(model) -> dict:
 
 
 def part_in_eval(tmp_path=None) -> dict:
-    """The MLP training, its fc2 in eval mode (a frozen part, say); ``modes`` records each module's mode."""
+    """The MLP training, its fc2 in eval mode (a frozen part, say); ``modes`` records each module's
+    mode."""
     ctx = mlp()
     ctx["model"].train()
     ctx["model"].fc2.eval()
@@ -146,6 +147,9 @@ def under(manager, act):
         with manager():
             return act(ctx)
     return run
+
+
+NOT_A_NUMBER = "sparsity must be a real number"
 
 
 def _assert(ok: bool) -> None:
@@ -254,22 +258,25 @@ CASES = [
               loss_fn=failing(6, INTERRUPT), progress=False), KeyboardInterrupt),
     # -- modes: every module comes back in its own train/eval mode (not all in the top-level mode)
     Fault("modes-part-in-eval-kept", part_in_eval, oneshot(), check=same_modes),
-    Fault("modes-part-in-eval-kept-step2-raises", part_in_eval, oneshot(recompute=2, loss_fn=failing(6)),
-          ValueError, "on purpose", check=same_modes),
+    Fault("modes-part-in-eval-kept-step2-raises", part_in_eval,
+          oneshot(recompute=2, loss_fn=failing(6)), ValueError, "on purpose", check=same_modes),
     # -- autograd off: the error names inference mode and says what to do
     Fault("inference-mode", mlp, under(torch.inference_mode, oneshot()), RuntimeError,
           r"torch\.inference_mode\(\).*call it outside"),
     Fault("no-grad-is-fine", mlp, under(torch.no_grad, oneshot()),
           check=lambda ctx, r: _assert(abs(r.report.sparsity - 0.6) < 1e-3)),
     # -- numbers only, naming the field
-    Fault("sparsity-percent-string", mlp, oneshot(sparsity="80%"), TypeError, "sparsity must be a real number"),
-    Fault("sparsity-numeric-string", mlp, oneshot(sparsity="0.8"), TypeError, "sparsity must be a real number"),
-    Fault("sparsity-False", mlp, oneshot(sparsity=False), TypeError, "sparsity must be a real number"),
+    Fault("sparsity-percent-string", mlp, oneshot(sparsity="80%"), TypeError, NOT_A_NUMBER),
+    Fault("sparsity-numeric-string", mlp, oneshot(sparsity="0.8"), TypeError, NOT_A_NUMBER),
+    Fault("sparsity-False", mlp, oneshot(sparsity=False), TypeError, NOT_A_NUMBER),
     Fault("damp-string", mlp, oneshot(damp="1e-4"), TypeError, "damp must be a number"),
-    Fault("recompute-True", mlp, oneshot(recompute=True), ValueError, "recompute must be a positive integer"),
-    Fault("woodtaylor-string", mlp, oneshot(woodtaylor="False"), TypeError, "woodtaylor must be True or False"),
+    Fault("recompute-True", mlp, oneshot(recompute=True), ValueError,
+          "recompute must be a positive integer"),
+    Fault("woodtaylor-string", mlp, oneshot(woodtaylor="False"), TypeError,
+          "woodtaylor must be True or False"),
     Fault("sweep-sparsities-strings", mlp,
-          lambda ctx: prune_sweep(ctx["model"], ctx["data"], ["0.3", "0.5"], **OBERT), TypeError, "sparsities"),
+          lambda ctx: prune_sweep(ctx["model"], ctx["data"], ["0.3", "0.5"], **OBERT), TypeError,
+          "sparsities"),
     # -- accepted: a block larger than every target is the largest target's block (same result, no padding). The
     # largest target has 128 weights: batched fp64 solves of more than about 150 unknowns hang in this torch's
     # MKL with 2 threads (DLASWP "parameter 6" errors), which the joint OBS update would run into

@@ -143,22 +143,23 @@ def test_per_sample_and_fisher_batch_size_are_refused_together():
 
 
 NUMERIC = {  # every numeric field and a good value of it
-    PruningConfig: dict(sparsity=0.5, num_grads=8, block_size=16, damp=1e-4, rel_damp=0.01, recompute=2,
-                        fisher_batch_size=2),
-    GradualPruningConfig: dict(initial_sparsity=0.1, start=1, end=10, frequency=2, lr_min_ratio=0.1),
+    PruningConfig: dict(sparsity=0.5, num_grads=8, block_size=16, damp=1e-4, rel_damp=0.01,
+                        recompute=2, fisher_batch_size=2),
+    GradualPruningConfig: dict(initial_sparsity=0.1, start=1, end=10, frequency=2,
+                               lr_min_ratio=0.1),
 }
 NOT_NUMBERS = ["0.8", "80%", False, True, None, [0.5], object()]
 
 
-@pytest.mark.parametrize("cls,name", [(cls, name) for cls, fields in NUMERIC.items() for name in fields],
+@pytest.mark.parametrize("cls,name", [(c, n) for c, fields in NUMERIC.items() for n in fields],
                          ids=lambda x: getattr(x, "__name__", x))
 def test_numeric_fields_take_numbers_only(cls, name):
-    """A string ("0.8", "80%"), a bool or any other non-number is refused for each numeric field, naming the
-    field; the good value is accepted (None too where the field is optional)."""
+    """A string ("0.8", "80%"), a bool or any other non-number is refused for each numeric field,
+    naming the field; the good value is accepted (None too where the field is optional)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    numeric = ("float", "int", "float | None", "int | None")
     assert set(NUMERIC[PruningConfig]) | set(NUMERIC[GradualPruningConfig]) >= {
-        f.name for f in dataclasses.fields(GradualPruningConfig) if f.type in ("float", "int", "float | None",
-                                                                                "int | None")}
+        f.name for f in dataclasses.fields(GradualPruningConfig) if f.type in numeric}
     good = {"sparsity": 0.5} if name != "sparsity" else {}
     assert getattr(cls(**good, **{name: NUMERIC[cls][name]}), name) == NUMERIC[cls][name]
     for bad in NOT_NUMBERS:
@@ -169,7 +170,8 @@ def test_numeric_fields_take_numbers_only(cls, name):
             cls(**good, **{name: bad})
 
 
-@pytest.mark.parametrize("name", ["woodtaylor", "per_sample", "reset_momentum", "cyclic_lr", "save_at_targets"])
+@pytest.mark.parametrize("name", ["woodtaylor", "per_sample", "reset_momentum", "cyclic_lr",
+                                  "save_at_targets"])
 def test_flags_take_bools_only(name):
     """``"False"`` is a true string: a flag given a string (or 2, or None) is refused, naming it."""
     assert getattr(GradualPruningConfig(sparsity=0.5, **{name: True}), name) is True
@@ -190,8 +192,9 @@ def test_a_pruner_instance_holds_its_settings():
 
     pruner = OBSPruner(block_size=16)
     assert PruningConfig(method=pruner).pruner() is pruner
-    with pytest.raises(ValueError, match=r"\['block_size', 'scope'\] are set on the Pruner instance"):
+    with pytest.raises(ValueError, match=r"\['block_size', 'scope'\] are set on the Pruner"):
         PruningConfig(method=pruner, block_size=8, scope="layer")
     with pytest.raises(ValueError, match=r"\['device'\] are set on the Pruner instance"):
         PruningConfig(method=pruner).pruner(device="cpu")
-    assert PruningConfig(method="obert", block_size=8).with_pruner(pruner) == PruningConfig(method=pruner)
+    held = PruningConfig(method="obert", block_size=8).with_pruner(pruner)
+    assert held == PruningConfig(method=pruner)

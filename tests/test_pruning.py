@@ -500,8 +500,8 @@ def _modes(model) -> dict:
 
 
 def test_every_module_keeps_its_train_eval_mode(random_bert):
-    """A model in train mode with a part in eval mode (and the reverse) comes back with each module's own mode,
-    after a run and after a run that fails in its second step."""
+    """A model in train mode with a part in eval mode (and the reverse) comes back with each
+    module's own mode, after a run and after a run that fails in its second step."""
     from hf_mfac.pruning import PruningConfig
 
     config = PruningConfig(method="obert", sparsity=0.4, num_grads=4, block_size=16)
@@ -528,10 +528,11 @@ def test_every_module_keeps_its_train_eval_mode(random_bert):
 
 
 def test_inference_mode_is_named(random_bert):
-    """Under torch.inference_mode() autograd is off: the error says so and what to do (it used to blame
-    requires_grad); magnitude pruning needs no gradients and runs."""
+    """Under torch.inference_mode() autograd is off: the error says so and what to do (it used to
+    blame requires_grad); magnitude pruning needs no gradients and runs."""
     model = copy.deepcopy(random_bert)
-    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"inside torch\.inference_mode\(\).*outside"):
+    named = r"inside torch\.inference_mode\(\).*outside"
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=named):
         prune_oneshot(model, CALIB, method="obert", sparsity=0.5, num_grads=4, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), random_bert.parameters()))
     with torch.inference_mode():
@@ -540,14 +541,15 @@ def test_inference_mode_is_named(random_bert):
 
 
 def test_config_as_a_value(random_bert):
-    """``prune_oneshot(model, dataloader, config)`` (keywords override it) and ``prune_sweep(..., config=)``
-    give what the keywords give."""
+    """``prune_oneshot(model, dataloader, config)`` (keywords override it) and
+    ``prune_sweep(..., config=)`` give what the keywords give."""
     from hf_mfac.pruning import PruningConfig
 
     config = PruningConfig(method="magnitude", sparsity=0.3, scope="layer", include="intermediate")
     a, b, c = (copy.deepcopy(random_bert) for _ in range(3))
     masks_a, rep_a = prune_oneshot(a, None, config, sparsity=0.5)
-    masks_b, _ = prune_oneshot(b, method="magnitude", sparsity=0.5, scope="layer", include="intermediate")
+    masks_b, _ = prune_oneshot(b, method="magnitude", sparsity=0.5, scope="layer",
+                               include="intermediate")
     assert rep_a.sparsity == pytest.approx(0.5, abs=1e-3) and rep_a.scope == "layer"
     assert masks_a.keys() == masks_b.keys() and all("intermediate" in n for n in masks_a)
     assert all(torch.equal(masks_a[n], masks_b[n]) for n in masks_b)
