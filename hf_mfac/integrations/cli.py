@@ -309,7 +309,7 @@ def save_prune_result(out: str, model, masks, report: dict, *, tokenizer, method
     ``README.md`` is updated, not replaced), all into one staging folder moved into place by
     :func:`~hf_mfac.integrations.checkpoint.staged_save`: an exception, ``KeyboardInterrupt``
     included, leaves ``out`` as it was (absent, or the previous result), never half written."""
-    from .card.model_card import create_sparse_model_card
+    from .card.model_card import CardFields, create_sparse_model_card
     from .checkpoint.files import _is_checkpoint_file
     from .checkpoint.sparse import log_saved, save_sparse_pretrained
     from .checkpoint.staging import staged_save
@@ -323,10 +323,10 @@ def save_prune_result(out: str, model, masks, report: dict, *, tokenizer, method
         readme = os.path.join(out, "README.md")
         if os.path.isfile(readme):
             shutil.copy2(readme, os.path.join(stage, "README.md"))
-        create_sparse_model_card(stage, model=model, sparsity=meta, method=method, recipe=recipe,
-                                 command=command, eval_results=eval_results,
-                                 dataset_name=dataset_name,
-                                 model_name=os.path.basename(os.path.normpath(out)))
+        card = CardFields(model_name=os.path.basename(os.path.normpath(out)), method=method,
+                          recipe=recipe, command=command, eval_results=eval_results,
+                          dataset_name=dataset_name)
+        create_sparse_model_card(stage, card, model=model, sparsity=meta)
     log_saved(out, meta)
 
 
