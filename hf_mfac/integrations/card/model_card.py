@@ -196,8 +196,7 @@ class CardFields:
     plot: bool = True
 
     def metadata(self) -> dict[str, Any]:
-        """The fields that become single YAML values or lists (checked for line breaks, redacted).
-        """
+        """The fields that become YAML values or lists (checked for line breaks, redacted)."""
         return {k: getattr(self, k) for k in _METADATA}
 
     def with_overrides(self, **overrides) -> "CardFields":
@@ -251,8 +250,7 @@ def _redact_eval_results(eval_results):
 def _clean(card: ModelCard, data: ModelCardData,
            section: str) -> tuple[ModelCard, ModelCardData, str]:
     """The last net: credentials found by shape (:func:`redact_credentials`) anywhere in the
-    finished card, the hand-written text and metadata of an updated card included, are hidden too.
-    """
+    finished card, an updated card's hand-written text and metadata included, are hidden too."""
     content = redact_credentials(card.content)
     if content == card.content:
         return card, data, section
