@@ -166,8 +166,8 @@ def test_paths_checked_first_and_model_never_overwritten(tiny, tmp_path, capsys,
 
 
 def test_a_result_saved_over_an_earlier_one_keeps_the_hand_written_card_text(tiny, tmp_path):
-    """``save_prune_result`` replaces the checkpoint, tokenizer and report as one folder and updates the
-    card: what the user wrote in README.md outside hf_mfac's section stays."""
+    """``save_prune_result`` replaces the checkpoint, tokenizer and report as one folder and updates
+    the card: what the user wrote in README.md outside hf_mfac's section stays."""
     from hf_mfac.integrations.checkpoint import load_sparse_masks
 
     model_dir, _ = tiny
@@ -190,3 +190,28 @@ def test_a_result_saved_over_an_earlier_one_keeps_the_hand_written_card_text(tin
     assert "My own notes." in text and "hf-mfac prune run1" in text and "run0" not in text
     assert json.load(open(out / "pruning_report.json")) == {"run": 1}
     assert all(torch.equal(m, masks[n]) for n, m in load_sparse_masks(out).items())
+
+
+def test_unreadable_data_is_refused_before_loading(tiny, tmp_path, capsys, monkeypatch):
+    """A data file that cannot be opened (permissions; simulated, as tests may run as root) exits 2
+    naming the flag and the file, before the model is loaded."""
+    import builtins
+
+    model_dir, data = tiny
+    real = builtins.open
+
+    def guarded(file, *args, **kwargs):
+        if str(file) == str(data):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real(file, *args, **kwargs)
+
+    for cls in (transformers.AutoModelForSequenceClassification, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(LOADED))
+    monkeypatch.setattr(builtins, "open", guarded)
+    rc = cli.main(["prune", str(model_dir), "--data", str(data), "--method", "magnitude",
+                   "--sparsity", "0.5", "--output_dir", str(tmp_path / "out")])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("hf-mfac prune: error: --data "), err
+    assert "cannot be read" in err, err
+    assert not (tmp_path / "out").exists()
