@@ -482,3 +482,66 @@ def test_fp64_products_at_tiny_absolute_damp(damp, gen):
     assert err < 4 * eps
     err32 = ((forced.diag().double() - Finv.diagonal()).abs() / Finv.diagonal()).max()
     assert err32 > 100 * eps
+
+
+def test_sum_dtype_rule():
+    from hf_mfac.core.fisher import SUM_TOL, sum_dtype
+
+    eps = torch.finfo(torch.float32).eps
+    assert sum_dtype(128, 1e-2) == torch.float32  # the pruners' defaults
+    m_max = int(SUM_TOL * 1e-2 / eps) - 1
+    assert sum_dtype(m_max, 1e-2) == torch.float32 and sum_dtype(m_max + 1, 1e-2) == torch.float64
+    assert sum_dtype(128, 1e-6) == torch.float64
+    assert sum_dtype(None, 1e-2) == torch.float64  # m unknown
+    assert sum_dtype(128, None) == torch.float64  # absolute damping: the scale is unknown before the gradients
+
+
+@pytest.mark.parametrize("d,B,k", [(45, 8, 10), (61, 7, 3), (33, 12, 33)])
+def test_fp32_sum_within_its_bound_and_in_place(d, B, k, gen):
+    """With m announced and the default relative damping, the sums are fp32 and the packed fp32 inverse is written
+    over them row for row (the memory of the inverse alone); diag(F^{-1}) and F^{-1} x stay within the bound
+    ``(k + m / k) eps32 / rel_damp`` of the fp64 dense reference, at any gradient scale."""
+    m = 33
+    for scale in (1.0, 1e-5):
+        G = _decaying(m, d, gen, scale)
+        bf = BlockFisherInverse(d, B, rel_damp=1e-2, num_grads=m)
+        assert bf.sum_dtype == torch.float32
+        for chunk in G.split(k):
+            bf.add_grads(chunk)
+        assert bf.product_counts[torch.float32] == m
+        ref = BlockFisherInverse(d, B, rel_damp=1e-2, dtype=torch.float64)
+        ref.add_grads(G.double())
+        ref.invert()
+        lam = torch.diag(ref.block_damp.repeat_interleave(ref.block_size)[:d])
+        Finv = torch.linalg.inv(block_fisher(G.double(), 0.0, ref.block_size) + lam)
+        bound = (k + m / k) * torch.finfo(torch.float32).eps / 1e-2
+        assert rel_err(bf.diag(), Finv.diagonal()) < bound
+        x = torch.randn(d, generator=gen, dtype=torch.float64)
+        assert rel_err(bf.mul(x.float()), Finv @ x) < bound
+        Bp = bf.block_size + bf.block_size % 2
+        assert bf.storage_bytes() == bf.num_blocks * Bp * (Bp + 1) // 2 * 4
+
+
+@pytest.mark.parametrize("method", ["obert", "cap"])
+def test_fp32_build_gives_the_masks_of_the_exact_one(method, gen):
+    """At the pruners' defaults the build is fp32 throughout; the masks are those of exact products summed in fp64
+    but for ties at the threshold (at most a few weights in a thousand)."""
+    from hf_mfac.pruning.pruners import make_pruner
+    from hf_mfac.pruning.targets import Layout
+
+    params = {"a": torch.randn(24, 32, generator=gen), "b": torch.randn(16, 32, generator=gen)}
+    pruner = make_pruner(method, block_size=32)
+    layout = Layout(params, pad=pruner.pad)
+    w = layout.flatten(params)
+    G = _decaying(128, layout.dim, gen)
+    fast = pruner.new_fisher(layout.dim, 128, "cpu", groups=layout.layer_index())
+    exact = BlockFisherInverse(layout.dim, 32, rel_damp=pruner.rel_damp, products=torch.float64,
+                               damp_groups=torch.zeros(layout.dim // 32, dtype=torch.long))
+    for chunk in G.split(32):
+        fast.add_grads(chunk)
+        exact.add_grads(chunk)
+    assert fast.sum_dtype == torch.float32 and exact.sum_dtype == torch.float64
+    keep = layout.valid().clone()
+    a = pruner.prune(layout, w, keep, sparsity=0.7, finv=fast.finish())
+    b = pruner.prune(layout, w, keep, sparsity=0.7, finv=exact)
+    assert (a.keep != b.keep).float().mean() < 3e-3

@@ -189,7 +189,8 @@ def free_bytes(device) -> int | None:
     """Free memory on ``device`` in bytes (CUDA: ``mem_get_info``; CPU: :func:`host_available_bytes`), or None
     when it cannot be told. Used to fail early, with the number, before a large allocation."""
     device = torch.device(device)
-    with contextlib.suppress(ValueError, OSError, RuntimeError, AttributeError):  # unknown: don't block
+    # unknown (no such device, a build without it): don't block
+    with contextlib.suppress(ValueError, OSError, RuntimeError, AttributeError, AssertionError):
         if device.type == "cuda":
             return torch.cuda.mem_get_info(device)[0]
         if device.type == "cpu":

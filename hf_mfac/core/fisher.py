@@ -10,17 +10,17 @@ gradient), gradients arrive in chunks (k, d) and ``G_b^T G_b`` is accumulated wi
 chunk; the inverse is then formed once with batched fp64 Cholesky (then ``L^{-T} L^{-1}``). The m gradients are
 never all held.
 
-Precision and memory. The running sum of ``G_b^T G_b`` is always fp64; the products of a chunk of k gradients
-are fp64 (exact for fp32 values) or fp32 GEMMs, chosen per chunk by the error bound (:func:`product_dtype`).
-An fp32 sum of k products errs by about ``k * eps32 * |g|^2`` (``|g|^2`` the mean square of the gradients'
-coordinates), which matters only against a damping that small: the chunk's products are fp32 when
-``k * eps32 * |g|^2 <= PRODUCT_TOL * λ``, fp64 otherwise. With the relative damping ``λ = rel_damp * |g|^2`` the
-rule reads ``k * eps32 <= PRODUCT_TOL * rel_damp`` whatever the gradients' scale: fp32 at the default
-``rel_damp = 1e-2`` and chunks of up to ~1600 gradients, fp64 below ``rel_damp ~ 2e-3 k eps32 / 1e-4``, i.e. for the
-papers' tiny absolute damps against unit-scale gradients. Measured before this rule: an fp32 running sum at
-m = 32, damp 1e-5 erred by 5e-3 in ``diag(F^{-1})``, fp32 rank-1 Woodbury updates (oBERT's code) by 9e-3, fp32
-chunk GEMMs summed in fp64 by 2-5e-5 at damp 1e-4..1e-8 on gradients with a decaying spectrum: all cases the
-rule sends to fp64 products. With an fp32 inverse the accumulator holds each symmetric
+Precision and memory. The precision of the build follows the error bound: an fp32 sum of k products errs by
+about ``k * eps32 * |g|^2`` (``|g|^2`` the mean square of the gradients' coordinates), which matters only against
+a damping that small. Each chunk's products ``G_b^T G_b`` are fp32 GEMMs when ``k * eps32 * |g|^2 <= PRODUCT_TOL
+* λ``, else fp64 (exact for fp32 values) (:func:`product_dtype`); the running sum is fp32 when the bound of the
+whole fp32 path, ``(m + 1) * eps32 * |g|^2``, is within ``SUM_TOL * λ`` for a relative damping and the announced
+number of gradients m (:func:`sum_dtype`), else fp64. With the relative damping ``λ = rel_damp * |g|^2`` both
+rules are free of the gradients' scale: at the pruners' defaults (rel_damp = 1e-2, m = 128, chunks of at most 32)
+everything is fp32 and the accumulator is the size of the packed fp32 inverse, written over it in place; the
+papers' tiny absolute damps get exact products and an fp64 sum (measured before this rule there: an fp32 running
+sum erred by 5e-3 in ``diag(F^{-1})`` at m = 32, damp 1e-5; fp32 products summed in fp64 by 2-5e-5 at damp
+1e-4..1e-8, worse than fp32 rank-1 Woodbury updates, oBERT's code). With an fp32 inverse the accumulator holds each symmetric
 block packed in fp64, ``B (B + 1) / 2`` values (about the bytes of the fp32 block), in the layout of LAPACK's
 rectangular full packed storage, so that packing and unpacking are strided copies rather than gathers: for
 ``B = 2h`` the upper triangle of the top-left (h, h) quarter and the lower triangle of the bottom-right one share
@@ -35,14 +35,17 @@ cache-sized on a CPU, larger on an accelerator, where each page costs kernel lau
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
 from ._checks import check_damp, check_finite, check_float_tensor, check_positive_int, damped_cholesky, page_bytes
 
-__all__ = ["BlockFisherInverse", "relative_damp", "check_damping", "read_blocks", "block_shape", "product_dtype",
-           "PRODUCT_TOL"]
+logger = logging.getLogger("hf_mfac")
+
+__all__ = ["block_fisher_bytes", "BlockFisherInverse", "relative_damp", "check_damping", "read_blocks", "block_shape", "product_dtype",
+           "sum_dtype", "PRODUCT_TOL", "SUM_TOL"]
 
 # fp64 bytes of one page of blocks in add_grads and the inversion (the temporaries are a few times this), per
 # device type: small enough to stay in cache on a CPU; other devices (accelerators, where each page costs a few
@@ -97,8 +100,14 @@ def relative_damp(diag_sums: torch.Tensor, counts: torch.Tensor, rel_damp: float
     return lam if groups is None else lam[groups]
 
 
-# fp32 products are used when their error bound k * eps32 * |g|^2 is at most this fraction of the damping
+# fp32 products are used where their error bound k eps32 |g|^2 is at most this fraction of the damping ...
 PRODUCT_TOL = 1e-3
+# ... and an fp32 running sum where the bound of the whole fp32 path, (m + 1) eps32 |g|^2, is at most this one:
+# measured at the default relative damping (1e-2), m = 128, B = 32, gradients with a decaying spectrum, the
+# fp32 sum erred by 1.0e-5 in diag(F^{-1}) against 8.7e-6 for fp32 products summed in fp64 and 6e-8 for exact
+# products (fp32 rank-1 Woodbury updates: 7e-7); all far below the sampling error of a Fisher from m gradients
+# (about 1 / sqrt(m)), and the masks agree (tested)
+SUM_TOL = 1e-2
 _EPS32 = torch.finfo(torch.float32).eps
 
 
@@ -117,6 +126,36 @@ def product_dtype(k: int, mean_square: float, damp: float | None = None, rel_dam
     else:
         ok = k * _EPS32 * mean_square <= tol * damp
     return torch.float32 if ok else torch.float64
+
+
+def sum_dtype(num_grads: int | None, rel_damp: float | None, tol: float = SUM_TOL) -> torch.dtype:
+    """The dtype of the running sum of ``G_b^T G_b`` (the accumulator), chosen before any gradient is seen.
+
+    Summing the fp32 products of chunks of k gradients into an fp32 accumulator errs by about
+    ``(k + m / k) * eps32 * |g|^2 <= (m + 1) * eps32 * |g|^2`` for m gradients in all. fp32 (half the memory, and
+    the packed fp32 inverse is then written over the accumulator exactly) when that bound is at most ``tol``
+    times a relative damping ``rel_damp * |g|^2``, i.e. ``(m + 1) * eps32 <= tol * rel_damp``; fp64 with an
+    absolute damping (the gradients' scale is not known yet) or when ``m`` is not given.
+    """
+    if rel_damp is None or num_grads is None:
+        return torch.float64
+    return torch.float32 if (num_grads + 1) * _EPS32 <= tol * rel_damp else torch.float64
+
+
+def block_fisher_bytes(dim: int, block_size: int, dtype: torch.dtype = torch.float32, *,
+                       num_grads: int | None = None, rel_damp: float | None = None) -> tuple[int, int]:
+    """``(build, inverse)``: the bytes a :class:`BlockFisherInverse` of these settings holds while it accumulates
+    (its peak) and once inverted. fp32: packed triangles, summed in fp32 or fp64 (:func:`sum_dtype`), the
+    inverse packed in fp32; fp64: whole fp64 blocks throughout."""
+    B = min(block_size, dim)
+    nb = -(-dim // B)
+    if dtype == torch.float64:
+        return nb * B * B * 8, nb * B * B * 8
+    Bp = B + B % 2
+    P = Bp * (Bp + 1) // 2
+    if sum_dtype(num_grads, rel_damp) == torch.float32:
+        return nb * P * 4, nb * P * 4
+    return nb * P * 8, -(-nb // 2) * P * 8
 
 
 def block_shape(hinv) -> tuple[int, int, int]:
@@ -157,11 +196,13 @@ class BlockFisherInverse:
 
     def __init__(self, dim: int, block_size: int, damp: float | None = None, *, rel_damp: float | None = None,
                  damp_groups: torch.Tensor | None = None, damp_reduce=None, device=None,
-                 dtype: torch.dtype = torch.float32, products: str | torch.dtype = "auto"):
+                 dtype: torch.dtype = torch.float32, products: str | torch.dtype = "auto",
+                 num_grads: int | None = None):
         self.dim = check_positive_int("dim", dim)
         if products not in ("auto", torch.float32, torch.float64):
             raise ValueError(f"products must be 'auto', torch.float32 or torch.float64; got {products!r}")
         self.products = products
+        self.expected_grads = None if num_grads is None else check_positive_int("num_grads", num_grads)
         self.product_counts = {torch.float32: 0, torch.float64: 0}  # gradients accumulated with each
         self.block_size = min(check_positive_int("block_size", block_size), self.dim)
         self.damp, self.rel_damp = check_damping(damp, rel_damp)
@@ -186,7 +227,13 @@ class BlockFisherInverse:
         self._diag_pos = torch.where(r < h, r * h + r, (r - h + 1) * h + (r - h))[:B]
         self._pos: torch.Tensor | None = None  # (B, B) packed position of each entry, built on first use
         # the fp64 sums of G_b^T G_b: packed, two slabs of blocks [0, split) and [split, nb); or (nb, B, B)
-        self._split = -(-self.num_blocks // 2) if self._packed else self.num_blocks
+        # the running sum: fp32 where the error bound allows it (sum_dtype), packed, in one slab over which the
+        # packed fp32 inverse is written row for row; else fp64, in two slabs (see the class docstring)
+        self.sum_dtype = torch.float64
+        if self._packed and products in ("auto", torch.float32):
+            self.sum_dtype = sum_dtype(self.expected_grads, self.rel_damp)
+        fp64_sum = self.sum_dtype == torch.float64
+        self._split = -(-self.num_blocks // 2) if self._packed and fp64_sum else self.num_blocks
         self._slabs: list[torch.Tensor] | None = None
         self._mat: torch.Tensor | None = None  # the inverse: packed (nb, P) fp32, or (nb, B, B) fp64
         self.reset()
@@ -228,6 +275,11 @@ class BlockFisherInverse:
         t0 = time.perf_counter()
         G = G.to(device=self.device)
         check_finite("G", G)
+        if (self.sum_dtype == torch.float32 and self.num_grads + G.shape[0] > self.expected_grads
+                and self.num_grads <= self.expected_grads):
+            logger.warning("BlockFisherInverse: more than the %d gradients announced (num_grads) go into an fp32 "
+                           "sum chosen for that many; its error bound grows with their number",
+                           self.expected_grads)
         self._accumulate(G)
         self.num_grads += G.shape[0]
         self.seconds["accumulate"] += time.perf_counter() - t0
@@ -265,6 +317,8 @@ class BlockFisherInverse:
         mean square)."""
         if self.products != "auto":
             return self.products
+        if self.sum_dtype == torch.float32:  # within the bound of the whole fp32 path (sum_dtype)
+            return torch.float32
         if self.dtype == torch.float64 or G.dtype == torch.float64:  # asked for fp64 accuracy
             return torch.float64
         if self.rel_damp is not None:
@@ -314,7 +368,10 @@ class BlockFisherInverse:
         """The accumulated sums of blocks [s, e) as full symmetric fp64 matrices (a new tensor)."""
         if not self._packed:
             return self._acc(s, e).clone()
-        return self._unpack_rows(self._acc(s, e))
+        if self.sum_dtype == torch.float64:
+            return self._unpack_rows(self._acc(s, e))
+        out = torch.empty(e - s, self.block_size, self.block_size, dtype=torch.float64, device=self.device)
+        return self._unpack_rows(self._acc(s, e), out)
 
     def _pack(self, full: torch.Tensor) -> torch.Tensor:
         """The packed rows (n, Bp(Bp+1)/2) fp64 of symmetric blocks (n, B, B)."""
@@ -333,7 +390,9 @@ class BlockFisherInverse:
         t0 = time.perf_counter()
         B, nb = self.block_size, self.num_blocks
         lam = self._block_damp()  # (nb,)
-        if self._packed:  # the packed fp32 inverse of block b lands on bytes of the first slab's blocks <= b/2
+        if self._packed and self.sum_dtype == torch.float32:  # row for row over the fp32 sums
+            out = self._slabs[0]
+        elif self._packed:  # the packed fp32 inverse of block b lands on bytes of the first slab's blocks <= b/2
             out = self._slabs[0].view(-1).view(torch.float32)[: nb * self.packed_size].view(nb, -1)
         else:
             out = self._slabs[0]
@@ -450,8 +509,8 @@ class BlockFisherInverse:
         B, nb = self.block_size, self.num_blocks
         self._slabs, self._mat = None, None  # free the old blocks before the new accumulator is allocated
         if self._packed:
-            sizes = (self._split, nb - self._split)
-            self._slabs = [torch.zeros(n, self.packed_size, dtype=torch.float64, device=self.device)
+            sizes = (self._split, nb - self._split) if self._split < nb else (nb,)
+            self._slabs = [torch.zeros(n, self.packed_size, dtype=self.sum_dtype, device=self.device)
                            for n in sizes]
         else:
             self._slabs = [torch.zeros(nb, B, B, dtype=torch.float64, device=self.device)]
@@ -483,6 +542,7 @@ class BlockFisherInverse:
                 self._mat, self._slabs = self._slabs[0], None
         elif inverted:
             out = self._slabs[0].view(-1).view(torch.float32)[: nb * self.packed_size].view(nb, -1)
+            out = self._slabs[0] if self.sum_dtype == torch.float32 else out
             for s, e in self._pages(self._page(8 * B * B)):
                 out[s:e].copy_(self._pack(mat[s:e]))
             self._mat, self._slabs = out, None
