@@ -17,6 +17,7 @@ Imports torch, :mod:`hf_mfac.core` and :mod:`hf_mfac.comm` only; the Trainer glu
 from .config import GradualPruningConfig, PruningConfig
 from .distributed import DistributedPruner, prune_oneshot_distributed
 from .grads import GradStats, collect_grads, default_loss, iter_grads
+from .memory import MemoryEstimate, estimate_memory
 from .oneshot import FisherCache, PruneReport, PruneResult, apply_masks, masks_from_zeros, prune_oneshot, prune_sweep
 from .pruners import (PRUNERS, CAPPruner, MagnitudePruner, MFACPruner, OBSPruner, Pattern, Pruner, StepResult,
                       make_pruner)
@@ -27,5 +28,5 @@ __all__ = [
     "MFACPruner", "CAPPruner", "Pattern", "StepResult", "PruneReport", "PruneResult", "find_prunable", "Layout",
     "DEFAULT_EXCLUDE", "DEFAULT_TYPES", "collect_grads", "iter_grads", "GradStats", "default_loss", "apply_masks",
     "masks_from_zeros", "FisherCache", "PruningConfig", "GradualPruningConfig", "prune_oneshot_distributed",
-    "DistributedPruner",
+    "DistributedPruner", "estimate_memory", "MemoryEstimate",
 ]

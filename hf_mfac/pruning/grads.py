@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core._checks import check_positive_int
-from .targets import Layout, find_prunable
+from ..core._checks import check_positive_int, free_bytes
+from .targets import Layout, find_prunable, module_modes
 
 __all__ = ["collect_grads", "iter_grads", "GradStats", "default_loss", "check_dataloader", "check_trainable",
            "check_fisher_batch_size"]
@@ -137,47 +137,74 @@ def check_dataloader(dataloader, num_grads: int, fisher_batch_size: int | None =
 
 @dataclass
 class GradStats:
-    """What a gradient collection produced: ``G`` (m, D) when kept, the mean gradient (D,), counts, time."""
+    """What a gradient collection produced: ``G`` (m, D) when kept, the mean gradient (D,), counts, time:
+    ``seconds`` in all, ``seconds_model`` in the forward and backward passes, ``seconds_sink`` in the sink (the
+    Fisher's accumulation)."""
     G: torch.Tensor | None
     mean: torch.Tensor
     num_grads: int
     num_samples: int
     seconds: float
+    seconds_model: float = 0.0
+    seconds_sink: float = 0.0
 
 
-CHUNK_BYTES = 1 << 28  # default bound of a gradient chunk (k x D fp32)
+CHUNK_BYTES = 1 << 28  # the smallest bound of a gradient chunk (k x D fp32)
+CHUNK_ROWS = 32  # at most this many gradients per chunk (one GEMM per block and chunk)
+CHUNK_FISHER_FRACTION = 1 / 8  # a chunk may take this fraction of the Fisher's bytes ...
+CHUNK_FREE_FRACTION = 1 / 4  # ... and at most this fraction of the device's available memory
 
 
-def default_chunk_size(dim: int, num_grads: int) -> int:
-    """Rows per chunk: up to 32 (one GEMM per chunk), within :data:`CHUNK_BYTES`."""
-    return max(1, min(32, num_grads, CHUNK_BYTES // (4 * max(dim, 1))))
+def default_chunk_size(dim: int, num_grads: int, *, fisher_bytes: int | None = None, device=None) -> int:
+    """Rows per chunk: up to :data:`CHUNK_ROWS` gradients, within the larger of :data:`CHUNK_BYTES` and
+    :data:`CHUNK_FISHER_FRACTION` of the Fisher's bytes (each chunk costs one pass over the accumulator, so the
+    chunk grows with it: at BERT-base, 85M targets, an 11 GB accumulator takes chunks of 4 gradients of 340 MB,
+    not one), and within :data:`CHUNK_FREE_FRACTION` of what ``device`` has available (when it can be told)."""
+    per = 4 * max(dim, 1)
+    cap = max(CHUNK_BYTES, int((fisher_bytes or 0) * CHUNK_FISHER_FRACTION))
+    free = free_bytes(device) if device is not None else None
+    if free is not None:
+        cap = min(cap, int(free * CHUNK_FREE_FRACTION))
+    return max(1, min(CHUNK_ROWS, num_grads, cap // per))
+
+
+def _sink_bytes(sink) -> int | None:
+    """The bytes held by the Fisher a sink feeds (``fisher.add_grads``), when it says (``storage_bytes()``)."""
+    owner = getattr(sink, "__self__", None)
+    size = getattr(owner, "storage_bytes", None)
+    return int(size()) if callable(size) else None
 
 
 def iter_grads(model: nn.Module, dataloader, layout: Layout, num_grads: int, *, keep: torch.Tensor | None = None,
                fisher_batch_size: int | None = None, chunk_size: int | None = None, loss_fn: Callable | None = None,
-               device=None, progress: bool = True, stats: dict | None = None):
+               device=None, progress: bool = True, stats: dict | None = None, fisher_bytes: int | None = None):
     """Yield chunks (k, D) fp32 of flattened, masked gradients until ``num_grads`` rows were produced.
 
     ``keep`` (D,) bool zeroes the pruned coordinates (the Fisher of the remaining sub-network: its inverse
     is then block-diagonal between pruned and kept weights, so OBS updates never touch pruned weights).
-    The model is put in eval mode and restored afterwards. Chunks are reused buffers: consume them before
-    asking for the next one.
+    The model is put in eval mode and every module's mode restored afterwards. Chunks are reused buffers: consume them before
+    asking for the next one. ``fisher_bytes``: the size of the Fisher the chunks feed, which sizes the default
+    chunk (:func:`default_chunk_size`). ``stats`` gets the counts and ``seconds_model``, the time of the forward
+    and backward passes and of flattening the gradients.
     """
     loss_fn = loss_fn or default_loss
     params = [layout.params[n] for n in layout.names]
     model_device = next(model.parameters()).device
     device = torch.device(device) if device is not None else model_device
-    chunk_size = (default_chunk_size(layout.dim, num_grads) if chunk_size is None
+    chunk_size = (default_chunk_size(layout.dim, num_grads, fisher_bytes=fisher_bytes, device=device)
+                  if chunk_size is None
                   else min(check_positive_int("chunk_size", chunk_size), num_grads))
     buf = torch.zeros(chunk_size, layout.dim, dtype=torch.float32, device=device)
     keep_f = None if keep is None else keep.to(device=device, dtype=torch.float32)
-    was_training = model.training
+    restore_modes = module_modes(model)  # every submodule's own mode comes back
     model.eval()
     done = k = samples = 0
+    t_model = 0.0
     bar = tqdm(total=num_grads, desc="collecting gradients", unit="grad", disable=not progress, leave=False)
     try:
         for batch in dataloader:
             for micro in _split(batch, fisher_batch_size):
+                t0 = time.perf_counter()
                 micro = _to(micro, model_device)
                 with torch.enable_grad():
                     loss = loss_fn(model, micro)
@@ -189,8 +216,10 @@ def iter_grads(model: nn.Module, dataloader, layout: Layout, num_grads: int, *, 
                 for g, off, n in zip(grads, layout.offsets, layout.numels):
                     if g is not None:
                         row[off : off + n] = g.reshape(-1).to(device=device, dtype=torch.float32)
+                del grads  # the model's gradients are not held while the chunk is consumed
                 if keep_f is not None:
                     row.mul_(keep_f)
+                t_model += time.perf_counter() - t0
                 samples += _batch_len(micro) if isinstance(micro, Mapping) else 1
                 k += 1
                 done += 1
@@ -204,9 +233,9 @@ def iter_grads(model: nn.Module, dataloader, layout: Layout, num_grads: int, *, 
                          "num_grads, use a smaller batch size or fisher_batch_size, or give more data")
     finally:
         bar.close()
-        model.train(was_training)
+        restore_modes()
         if stats is not None:
-            stats.update(num_grads=done, num_samples=samples)
+            stats.update(num_grads=done, num_samples=samples, seconds_model=t_model)
 
 
 def collect_grads(model: nn.Module, dataloader, num_grads: int, *, params: Layout | Mapping | None = None,
@@ -220,7 +249,8 @@ def collect_grads(model: nn.Module, dataloader, num_grads: int, *, params: Layou
     the gradients are returned as ``G`` (m, D) on ``out_device`` (host memory by default, as the static
     M-FAC pruner needs them). ``per_sample=True`` is ``fisher_batch_size=1``. The mean gradient (D,) is
     always returned (WoodTaylor needs it). Cost: m forward/backward passes; memory ``chunk_size * D`` values
-    on ``device`` (default: the model's device; ``chunk_size`` defaults to up to 32 rows within 256 MiB) plus
+    on ``device`` (default: the model's device; ``chunk_size`` defaults to :func:`default_chunk_size`, sized by
+    the Fisher the sink feeds) plus
     ``m * D`` on ``out_device`` when ``sink`` is None.
     """
     fisher_batch_size = check_fisher_batch_size(fisher_batch_size, per_sample)
@@ -232,15 +262,21 @@ def collect_grads(model: nn.Module, dataloader, num_grads: int, *, params: Layou
     G = None if sink is not None else torch.empty(num_grads, layout.dim, dtype=torch.float32, device=out_device)
     total = None
     row, info = 0, {}
+    t_sink = 0.0
     for chunk in iter_grads(model, dataloader, layout, num_grads, keep=keep, fisher_batch_size=fisher_batch_size,
-                            chunk_size=chunk_size, loss_fn=loss_fn, device=device, progress=progress, stats=info):
-        s = chunk.sum(0, dtype=torch.float64)
-        total = s if total is None else total + s
+                            chunk_size=chunk_size, loss_fn=loss_fn, device=device, progress=progress, stats=info,
+                            fisher_bytes=_sink_bytes(sink)):
+        if total is None:
+            total = torch.zeros(layout.dim, dtype=torch.float64, device=chunk.device)
+        for row in chunk:  # the fp64 sum in place: no (D,) fp64 temporary per chunk
+            total.add_(row)
         if sink is not None:
+            t1 = time.perf_counter()
             sink(chunk)
+            t_sink += time.perf_counter() - t1
         else:
             G[row : row + chunk.shape[0]] = chunk.to(G.device)
         row += chunk.shape[0]
-    mean = (total / num_grads).to(torch.float32)
+    mean = total.div_(num_grads).to(torch.float32)
     return GradStats(G=G, mean=mean, num_grads=info["num_grads"], num_samples=info["num_samples"],
-                     seconds=time.perf_counter() - t0)
+                     seconds=time.perf_counter() - t0, seconds_model=info["seconds_model"], seconds_sink=t_sink)

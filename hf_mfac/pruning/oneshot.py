@@ -36,7 +36,8 @@ from ..core._checks import check_positive_int, check_sparsity
 from ..core.schedules import equal_fraction_schedule
 from .config import FROM_CONFIG, SETTINGS, PruningConfig, oneshot_config
 from .grads import check_dataloader, check_fisher_batch_size, check_trainable, collect_grads
-from .pruners import Pruner, _check_memory
+from .memory import check_estimate, estimate_pruner
+from .pruners import Pruner
 from .targets import DEFAULT_TYPES, Layout, keep_modes
 
 __all__ = ["prune_oneshot", "prune_sweep", "PruneReport", "PruneResult", "FisherCache", "apply_masks",
@@ -57,7 +58,11 @@ class PruneReport:
     underestimates the curvature of a well-fit model (on the fine-tuned all-MiniLM-L6-v2 at 50 %,
     0.0015 against a measured increase of the training loss of 0.024), so compare layers, methods
     and steps of one run with it, and measure the loss. Times in seconds; ``grad_share`` = share of
-    the time spent collecting gradients."""
+    the time spent collecting gradients. ``time_grads`` splits into ``time_forward_backward`` (the model's
+    passes) and ``time_accumulate`` (the Fisher's build from the gradient chunks), ``time_prune`` into
+    ``time_invert`` (forming the Fisher inverse) and ``time_select_update`` (scores, selection and the
+    update of the weights). ``memory_estimate``: the estimated peak bytes per device
+    (:func:`~hf_mfac.pruning.estimate_memory`), checked before the work."""
     method: str
     pattern: str
     scope: str
@@ -75,6 +80,11 @@ class PruneReport:
     time_grads: float = 0.0
     time_prune: float = 0.0
     time_total: float = 0.0
+    time_forward_backward: float = 0.0
+    time_accumulate: float = 0.0
+    time_invert: float = 0.0
+    time_select_update: float = 0.0
+    memory_estimate: dict | None = None
 
     @property
     def grad_share(self) -> float:
@@ -95,7 +105,10 @@ class PruneReport:
         lines.append(f"\n{self.method} ({self.pattern}, {self.scope}): sparsity {self.sparsity:.4f} "
                      f"(target {self.target_sparsity:.4f}), OBS saliency {total} (a relative score), "
                      f"{len(self.steps)} step(s), "
-                     f"{self.time_total:.2f}s ({100 * self.grad_share:.0f}% collecting gradients"
+                     f"{self.time_total:.2f}s ({100 * self.grad_share:.0f}% collecting gradients: "
+                     f"forward/backward {self.time_forward_backward:.2f}s, accumulation "
+                     f"{self.time_accumulate:.2f}s; inversion {self.time_invert:.2f}s, selection and "
+                     f"update {self.time_select_update:.2f}s"
                      f"{'; first Fisher reused from the cache' if self.fisher_reused else ''})")
         return "\n".join(lines)
 
@@ -386,9 +399,13 @@ def prune_oneshot(model: nn.Module, dataloader=None, config: PruningConfig | Non
     steps = _schedule(pruner, layout, keep, config.sparsity, config.recompute)
     batch = check_fisher_batch_size(config.fisher_batch_size, config.per_sample)
     num_grads = _check_grads(pruner, layout, dataloader, config.num_grads, batch, len(steps), wdev)
+    estimate = estimate_pruner(pruner, targets, num_grads or 0, chunk_size=chunk_size)
+    logger.info("%s pruning: estimated peak memory %s", pruner.name, estimate.describe())
+    check_estimate(estimate, pruner, targets, num_grads or 0)  # refused before any work
     config = config.replace(num_grads=num_grads, fisher_batch_size=batch)
     run = _Run(model, dataloader, config, pruner, layout, targets, dev, wdev,
                _new_report(pruner, steps[-1][0], config.num_grads), loss_fn, chunk_size, progress)
+    run.report.memory_estimate = dict(estimate)
     with restore_on_error(targets), keep_modes(model):  # all or nothing, the modes too
         keep, loss_total = _run_steps(run, keep, steps, fisher_cache)
         out_masks = _finish_report(run.report, layout, keep, targets, loss_total)
@@ -437,8 +454,11 @@ def _run_steps(run: _Run, keep: torch.Tensor, steps, fisher_cache: FisherCache |
         if pruner.uses_fisher:  # later steps start from pruned weights: no cache
             fisher = _step_fisher(run, keep, fisher_cache if i_step == 0 else None)
         w = layout.flatten(run.targets, dtype=torch.float32, device=run.wdev)
+        clock = getattr(fisher.finv, "seconds", None)  # the block Fisher's own clocks
+        inv0 = clock["invert"] if clock else 0.0
         res = pruner.prune(layout, w, keep, sparsity=step_sparsity, zeros=zeros, finv=fisher.finv,
                            grad=fisher.grad)
+        fisher.invert_seconds += (clock["invert"] - inv0) if clock else 0.0
         if not bool(torch.isfinite(res.weights).all()):
             raise FloatingPointError(f"{pruner.name}: the pruned weights are not finite; increase damp")
         keep = res.keep
@@ -449,7 +469,7 @@ def _run_steps(run: _Run, keep: torch.Tensor, steps, fisher_cache: FisherCache |
             # quadratic model needs (near a minimum the mean gradient is small): scale the saliencies by b.
             loss = res.loss * fisher.samples_per_grad
             loss_total = loss if loss_total is None else loss_total + loss
-        _record_step(run.report, layout, keep, loss, fisher.seconds, time.perf_counter() - t0)
+        _record_step(run.report, layout, keep, loss, fisher, time.perf_counter() - t0)
         del fisher
     return keep, loss_total
 
@@ -457,7 +477,7 @@ def _run_steps(run: _Run, keep: torch.Tensor, steps, fisher_cache: FisherCache |
 def _check_grads(pruner: Pruner, layout: Layout, dataloader, num_grads, fisher_batch_size, num_steps: int,
                  wdev) -> int | None:
     """The run's number of gradients per step (None for a method without a Fisher), checked against
-    the data and the memory before any work."""
+    the data before any work (the memory: :func:`~hf_mfac.pruning.memory.check_estimate`)."""
     if not pruner.uses_fisher:
         given = dict(num_grads=num_grads, fisher_batch_size=fisher_batch_size)
         unused = [k for k, v in given.items() if v is not None]
@@ -466,8 +486,6 @@ def _check_grads(pruner: Pruner, layout: Layout, dataloader, num_grads, fisher_b
         return None
     num_grads = num_grads or pruner.default_num_grads
     check_dataloader(dataloader, num_grads, fisher_batch_size, repeats=num_steps)
-    _check_memory(pruner.fisher_bytes(layout.dim, num_grads), wdev, f"the {pruner.name} Fisher",
-                  "lower num_grads or block_size, prune fewer layers, or use another device")
     return num_grads
 
 
@@ -487,6 +505,9 @@ class _StepFisher:
     grad: torch.Tensor | None = None
     seconds: float = 0.0
     samples_per_grad: float = 1.0
+    model_seconds: float = 0.0  # of ``seconds``: the forward and backward passes
+    sink_seconds: float = 0.0  # of ``seconds``: the Fisher's accumulation
+    invert_seconds: float = 0.0  # forming the inverse (during the step)
 
 
 def _step_fisher(run: _Run, keep: torch.Tensor, fisher_cache: FisherCache | None) -> _StepFisher:
@@ -509,8 +530,11 @@ def _step_fisher(run: _Run, keep: torch.Tensor, fisher_cache: FisherCache | None
                           fisher_batch_size=c.fisher_batch_size, per_sample=c.per_sample,
                           chunk_size=run.chunk_size, loss_fn=run.loss_fn, device=run.dev,
                           progress=run.progress)
-    out = _StepFisher(fisher.finish(), stats.mean.to(run.wdev), stats.seconds,
-                      stats.num_samples / max(1, stats.num_grads))
+    t_finish = time.perf_counter()  # static M-FAC's precomputation (a block Fisher inverts on first use)
+    finv = fisher.finish()
+    out = _StepFisher(finv, stats.mean.to(run.wdev), stats.seconds,
+                      stats.num_samples / max(1, stats.num_grads), stats.seconds_model, stats.seconds_sink,
+                      time.perf_counter() - t_finish)
     if key is not None:
         fisher_cache.put(key, (out.finv, out.grad, out.samples_per_grad))
     return out
@@ -522,12 +546,19 @@ def _write_back(targets: Mapping[str, torch.Tensor], layout: Layout, weights: to
             targets[name].copy_(v)
 
 
-def _record_step(report: PruneReport, layout: Layout, keep: torch.Tensor, loss, t_grads: float, dt: float) -> None:
+def _record_step(report: PruneReport, layout: Layout, keep: torch.Tensor, loss, fisher: "_StepFisher",
+                 dt: float) -> None:
+    t_grads = fisher.seconds
+    split = {"time_forward_backward": fisher.model_seconds, "time_accumulate": fisher.sink_seconds,
+             "time_invert": fisher.invert_seconds,
+             "time_select_update": dt - t_grads - fisher.invert_seconds}
     report.time_grads += t_grads
     report.time_prune += dt - t_grads
+    for k, v in split.items():
+        setattr(report, k, getattr(report, k) + v)
     report.steps.append({"sparsity": 1.0 - float(keep.sum()) / layout.numel,
                          "loss_increase": None if loss is None else float(loss.sum()),
-                         "time_grads": t_grads, "time_prune": dt - t_grads})
+                         "time_grads": t_grads, "time_prune": dt - t_grads, **split})
 
 
 def _finish_report(report: PruneReport, layout: Layout, keep: torch.Tensor, targets, loss_total) -> dict:

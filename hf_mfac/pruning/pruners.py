@@ -31,8 +31,8 @@ import logging
 import torch
 
 from ..core import BlockFisherInverse, StaticMFAC
-from ..core.fisher import block_shape
-from ..core._checks import check_damp, check_positive_int, free_bytes
+from ..core.fisher import block_fisher_bytes, block_shape
+from ..core._checks import check_damp, check_positive_int
 from ..core.cap import cap_apply, cap_eliminate, cap_select
 from ..core.masks import num_to_prune, threshold_masks
 from ..core.obs import block_obs_update, group_scores, obs_scores, obs_update
@@ -101,13 +101,6 @@ class StepResult:
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
-def _check_memory(nbytes: int, device, what: str, advice: str) -> None:
-    free = free_bytes(torch.device(device))
-    if free is not None and nbytes > free:
-        raise MemoryError(f"{what} needs {nbytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free on "
-                          f"{device}; {advice}")
-
-
 def _block_source(finv):
     """What the per-block steps read the inverse blocks from: a :class:`BlockFisherInverse` itself (its packed
     blocks are unpacked a page at a time, never all at once), else the object's ``blocks()`` tensor."""
@@ -257,14 +250,10 @@ class Pruner(abc.ABC):
             self.pattern.check_shape(name, shape)
 
     def fisher_bytes(self, dim: int, num_grads: int) -> int:
-        """Peak bytes of the block Fisher: its fp64 accumulator (packed triangles for an fp32 inverse, whole
-        blocks for an fp64 one), over which the inverse is then written."""
-        B = min(self.block_size, dim)
-        nb = -(-dim // B)
-        if self.fisher_dtype == torch.float64:
-            return nb * B * B * 8
-        Bp = B + B % 2
-        return nb * Bp * (Bp + 1) // 2 * 8
+        """Peak bytes of the block Fisher: its accumulator (packed triangles for an fp32 inverse, summed in fp32
+        or fp64 by the error bound; whole fp64 blocks for an fp64 inverse), over which the inverse is written."""
+        return block_fisher_bytes(dim, self.block_size, self.fisher_dtype, num_grads=num_grads,
+                                  rel_damp=self.rel_damp)[0]
 
     def work_device(self, device: torch.device) -> torch.device:
         """Where the weights, masks and scores live during :meth:`prune` (with the inverse)."""
@@ -423,8 +412,8 @@ class OBSPruner(_OBSPruner):
 
     def new_fisher(self, dim: int, num_grads: int, device, groups: torch.Tensor | None = None):
         return BlockFisherInverse(dim, self.block_size, **self.damping(),
-                                damp_groups=_block_groups(groups, self.block_size, self.rel_damp_scope),
-                                device=device, dtype=self.fisher_dtype)
+                                  damp_groups=_block_groups(groups, self.block_size, self.rel_damp_scope),
+                                  device=device, dtype=self.fisher_dtype, num_grads=num_grads)
 
 
 class _GradBuffer:
@@ -500,8 +489,8 @@ class CAPPruner(Pruner):
 
     def new_fisher(self, dim: int, num_grads: int, device, groups: torch.Tensor | None = None):
         return BlockFisherInverse(dim, self.block_size, **self.damping(),
-                                damp_groups=_block_groups(groups, self.block_size, self.rel_damp_scope),
-                                device=device, dtype=self.fisher_dtype)
+                                  damp_groups=_block_groups(groups, self.block_size, self.rel_damp_scope),
+                                  device=device, dtype=self.fisher_dtype, num_grads=num_grads)
 
     def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
         if finv is None:
