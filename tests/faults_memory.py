@@ -1,6 +1,8 @@
-"""Fault rows for the memory checks (run by tests/test_faults.py): a prune whose Fisher fits in the host's
-available memory (MemAvailable: free pages plus the page cache the kernel gives back) runs, even when the free
-pages alone would not hold it; one that fits in neither is refused before any weight moves."""
+"""Fault rows for the memory checks (run by tests/test_faults.py): a prune whose Fisher fits in the
+host's available memory (MemAvailable: free pages plus the page cache the kernel gives back) runs,
+even when the free pages alone would not hold it; one that fits in neither is refused before any
+weight moves."""
+
 from __future__ import annotations
 
 import sys
@@ -12,8 +14,9 @@ from test_faults import Fault
 
 
 def _with_host(meminfo: dict, free_pages: int):
-    """Run ``act`` with the host readers patched: ``/proc/meminfo`` gives ``meminfo``, ``SC_AVPHYS_PAGES``
-    ``free_pages`` pages of 4 KiB, no psutil."""
+    """Run ``act`` with the host readers patched: ``/proc/meminfo`` gives ``meminfo``,
+    ``SC_AVPHYS_PAGES`` ``free_pages`` pages of 4 KiB, no psutil."""
+
     def wrap(act):
         def run(ctx):
             saved = _checks.read_meminfo, _checks.os.sysconf, sys.modules.get("psutil", ...)
@@ -28,13 +31,22 @@ def _with_host(meminfo: dict, free_pages: int):
                     del sys.modules["psutil"]
                 else:
                     sys.modules["psutil"] = saved[2]
+
         return run
+
     return wrap
 
 
 def _prune(ctx):
-    return prune_oneshot(ctx["model"], ctx["data"], method="obert", sparsity=0.5, num_grads=8, block_size=4,
-                         progress=False)
+    return prune_oneshot(
+        ctx["model"],
+        ctx["data"],
+        method="obert",
+        sparsity=0.5,
+        num_grads=8,
+        block_size=4,
+        progress=False,
+    )
 
 
 def _pruned(ctx, result):
@@ -42,9 +54,18 @@ def _pruned(ctx, result):
 
 
 CASES = [
-    Fault("oneshot-fits-mem-available-not-mem-free", mlp,
-          _with_host({"MemFree": 4096, "MemAvailable": 8 << 30}, 1)(_prune), None, check=_pruned),
-    Fault("oneshot-over-mem-available-refused", mlp,
-          _with_host({"MemFree": 4096, "MemAvailable": 4096}, 1)(_prune), MemoryError,
-          r"needs an estimated .* on cpu .* only 0\.0 MiB is available"),
+    Fault(
+        "oneshot-fits-mem-available-not-mem-free",
+        mlp,
+        _with_host({"MemFree": 4096, "MemAvailable": 8 << 30}, 1)(_prune),
+        None,
+        check=_pruned,
+    ),
+    Fault(
+        "oneshot-over-mem-available-refused",
+        mlp,
+        _with_host({"MemFree": 4096, "MemAvailable": 4096}, 1)(_prune),
+        MemoryError,
+        r"needs an estimated .* on cpu .* only 0\.0 MiB is available",
+    ),
 ]

@@ -1,4 +1,5 @@
-"""BlockFisherInverse and OBS scores/updates against dense closed forms ([WoodFisher, eqs. 10-11], [oBERT, eq. 5])."""
+"""BlockFisherInverse and OBS scores/updates against dense closed forms ([WoodFisher, eqs. 10-11],
+[oBERT, eq. 5])."""
 import pytest
 import torch
 
@@ -78,8 +79,8 @@ def _problem(gen, d=12, m=20, damp=0.1):
 
 
 def test_single_weight_obs_is_exact_constrained_minimum(gen):
-    """Pruning one weight with the OBS update solves min 1/2 dw^T F dw s.t. w_q + dw_q = 0, and the score
-    equals the attained quadratic [WoodFisher, eqs. 10-11]."""
+    """Pruning one weight with the OBS update solves min 1/2 dw^T F dw s.t. w_q + dw_q = 0, and the
+    score equals the attained quadratic [WoodFisher, eqs. 10-11]."""
     F, Finv, w = _problem(gen)
     q = 5
     new = obs_update(Dense(Finv), w, torch.tensor([[q]]))
@@ -139,7 +140,8 @@ def test_woodtaylor_matches_closed_form(gen):
 
 
 def test_obs_works_with_static_and_block_operators(gen):
-    """The same OBS update through StaticMFAC and BlockFisherInverse as through the dense inverse."""
+    """The same OBS update through StaticMFAC and BlockFisherInverse as through the dense
+    inverse."""
     m, d, damp = 10, 24, 0.1
     G = torch.randn(m, d, generator=gen, dtype=torch.float64)
     w = torch.randn(d, generator=gen, dtype=torch.float64)
@@ -157,8 +159,9 @@ def test_obs_works_with_static_and_block_operators(gen):
 @pytest.mark.parametrize("damp", [1e-5, 1e-8])
 @pytest.mark.parametrize("m,scale", [(12, 1.0), (40, 1e-3), (40, 1.0)])
 def test_block_inverse_float32_accuracy_at_small_damp(damp, m, scale, gen):
-    """fp32 blocks as accurate as the fp32 rounding of the fp64 inverse, at any gradient scale and at damp
-    down to 1e-8, where an fp32 sum of G^T G is off by orders of magnitude (fp64 accumulation)."""
+    """fp32 blocks as accurate as the fp32 rounding of the fp64 inverse, at any gradient scale and
+    at damp down to 1e-8, where an fp32 sum of G^T G is off by orders of magnitude (fp64
+    accumulation)."""
     d, B = 45, 8  # a padded last block
     G = torch.randn(m, d, generator=gen) * scale
     bf = BlockFisherInverse(d, B, damp)
@@ -204,7 +207,8 @@ def _woodbury_fp32_diag(G: torch.Tensor, damp: float, B: int) -> torch.Tensor:
 
 
 def _correlated_grads(m: int, d: int, B: int, gen) -> torch.Tensor:
-    """Gradients whose per-block covariance has a spectrum decaying over four decades, as real ones do."""
+    """Gradients whose per-block covariance has a spectrum decaying over four decades, as real ones
+    do."""
     basis = torch.linalg.qr(torch.randn(d // B, B, B, generator=gen, dtype=torch.float64))[0]
     scale = torch.logspace(0, -2, B, dtype=torch.float64)
     Z = torch.randn(d // B, m, B, generator=gen, dtype=torch.float64) * scale
@@ -214,9 +218,10 @@ def _correlated_grads(m: int, d: int, B: int, gen) -> torch.Tensor:
 @pytest.mark.parametrize("damp", [1e-4, 1e-5, 1e-8])
 @pytest.mark.parametrize("m", [32, 65, 256])
 def test_block_inverse_float32_at_least_as_accurate_as_woodbury(m, damp, gen):
-    """B = 32, the default block: the first 2B gradients are summed exactly, later ones through fp32 GEMMs
-    summed in fp64. diag(F^-1) against an fp64 reference stays at the fp32 rounding of the result while m <= 2B
-    (where F can be near singular) and at least as accurate as fp32 rank-1 Woodbury updates at any m and damp."""
+    """B = 32, the default block: the first 2B gradients are summed exactly, later ones through fp32
+    GEMMs summed in fp64. diag(F^-1) against an fp64 reference stays at the fp32 rounding of the
+    result while m <= 2B (where F can be near singular) and at least as accurate as fp32 rank-1
+    Woodbury updates at any m and damp."""
     d, B = 32 * 16, 32
     G = _correlated_grads(m, d, B, gen)
     bf = BlockFisherInverse(d, B, damp)
@@ -232,8 +237,9 @@ def test_block_inverse_float32_at_least_as_accurate_as_woodbury(m, damp, gen):
 
 @pytest.mark.parametrize("d,B", [(45, 8), (61, 7), (5, 5), (40, 1)])
 def test_block_sums_packed_exactly(d, B, gen):
-    """The packed fp64 accumulator (odd blocks padded, a partial last block) holds sum G_b^T G_b: exactly for the
-    first 2B gradients, to fp32 GEMM rounding after; chunks of any size, longer than one GEMM's."""
+    """The packed fp64 accumulator (odd blocks padded, a partial last block) holds sum G_b^T G_b:
+    exactly for the first 2B gradients, to fp32 GEMM rounding after; chunks of any size, longer than
+    one GEMM's."""
     G = torch.randn(3 * B + 150, d, generator=gen)
     nb = -(-d // B)
     Gp = torch.nn.functional.pad(G.double(), (0, nb * B - d)).view(-1, nb, B).transpose(0, 1)
@@ -302,8 +308,8 @@ def test_block_obs_update_falls_back_to_lu_when_not_positive_definite():
 
 
 def test_accelerator_pages_give_the_same_results(gen, monkeypatch):
-    """Off the CPU the paged routines use larger pages (fewer kernel launches); the page size must not change
-    what they compute. Here the CPU is given the accelerator sizes."""
+    """Off the CPU the paged routines use larger pages (fewer kernel launches); the page size must
+    not change what they compute. Here the CPU is given the accelerator sizes."""
     from hf_mfac.core import cap, fisher, obs
 
     d, B, m = 4100, 16, 40  # 257 blocks, the last one partial
@@ -336,9 +342,11 @@ def test_accelerator_pages_give_the_same_results(gen, monkeypatch):
     torch.testing.assert_close(loss2, loss, rtol=1e-9, atol=0)
 
 
-# -- the packed fp32 inverse against whole blocks -----------------------------------------------------------------
+# -- the packed fp32 inverse against whole blocks
+# -----------------------------------------------------------------
 class _Whole:
-    """The finv protocol over whole blocks (a tensor), for comparing the packed storage against it."""
+    """The finv protocol over whole blocks (a tensor), for comparing the packed storage against
+    it."""
 
     def __init__(self, bf):
         self.H, self.dim, self.block_size, self.num_blocks = bf.blocks(), bf.dim, bf.block_size, bf.num_blocks
@@ -361,8 +369,9 @@ class _Whole:
 
 @pytest.mark.parametrize("d,B", [(45, 7), (50, 8), (33, 5), (10, 16), (97, 12), (40, 1)])
 def test_packed_inverse_matches_whole_blocks(d, B, gen):
-    """Packed fp32 storage (odd sizes, a padded last block, blocks split over two slabs) gives the fp64 whole-block
-    inverse to fp32 rounding through every accessor, and holds about half the bytes of whole fp32 blocks."""
+    """Packed fp32 storage (odd sizes, a padded last block, blocks split over two slabs) gives the
+    fp64 whole-block inverse to fp32 rounding through every accessor, and holds about half the bytes
+    of whole fp32 blocks."""
     m = 9
     G = torch.randn(m, d, generator=gen)
     packed = BlockFisherInverse(d, B, rel_damp=1e-2, products=torch.float64)
@@ -398,8 +407,8 @@ def test_packed_inverse_matches_whole_blocks(d, B, gen):
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4-block"])
 @pytest.mark.parametrize("method", ["obert", "cap"])
 def test_pruners_read_packed_blocks_as_whole_ones(pattern, method, gen):
-    """A pruning step on the packed inverse (unpacked a page at a time) equals the step on its whole blocks,
-    for every pattern, with padding between the targets and at the end."""
+    """A pruning step on the packed inverse (unpacked a page at a time) equals the step on its whole
+    blocks, for every pattern, with padding between the targets and at the end."""
     from hf_mfac.pruning.pruners import make_pruner
     from hf_mfac.pruning.targets import Layout
 
@@ -422,7 +431,8 @@ def test_pruners_read_packed_blocks_as_whole_ones(pattern, method, gen):
     assert int((~a.keep & layout.valid()).sum()) > 0
 
 
-# -- the precision of the products, from the error bound ---------------------------------------------------------
+# -- the precision of the products, from the error bound
+# ---------------------------------------------------------
 def test_product_dtype_rule():
     from hf_mfac.core.fisher import PRODUCT_TOL, product_dtype
 
@@ -446,8 +456,9 @@ def _decaying(m, d, gen, scale=1.0):
 
 @pytest.mark.parametrize("scale", [1.0, 1e-4])
 def test_fp32_products_at_the_default_relative_damp(scale, gen):
-    """Large damping against the bound (relative 1e-2): fp32 products, and diag(F^{-1}) and F^{-1} x within the
-    bound ``k eps32 / rel_damp`` of the fp64 dense reference, whatever the gradients' scale."""
+    """Large damping against the bound (relative 1e-2): fp32 products, and diag(F^{-1}) and F^{-1} x
+    within the bound ``k eps32 / rel_damp`` of the fp64 dense reference, whatever the gradients'
+    scale."""
     m, d, B, k = 40, 45, 8, 10
     G = _decaying(m, d, gen, scale)
     bf = BlockFisherInverse(d, B, rel_damp=1e-2)
@@ -466,8 +477,8 @@ def test_fp32_products_at_the_default_relative_damp(scale, gen):
 
 @pytest.mark.parametrize("damp", [1e-6, 1e-8])
 def test_fp64_products_at_tiny_absolute_damp(damp, gen):
-    """Small damping against the bound: fp64 products, and the fp32 result as accurate as its rounding; forced
-    fp32 products are not (the reason for the rule)."""
+    """Small damping against the bound: fp64 products, and the fp32 result as accurate as its
+    rounding; forced fp32 products are not (the reason for the rule)."""
     m, d, B = 12, 45, 16  # fewer gradients than the block size: the damping sets the smallest eigenvalues
     G = _decaying(m, d, gen)
     Finv = torch.linalg.inv(block_fisher(G.double(), damp, B))
@@ -493,14 +504,15 @@ def test_sum_dtype_rule():
     assert sum_dtype(m_max, 1e-2) == torch.float32 and sum_dtype(m_max + 1, 1e-2) == torch.float64
     assert sum_dtype(128, 1e-6) == torch.float64
     assert sum_dtype(None, 1e-2) == torch.float64  # m unknown
-    assert sum_dtype(128, None) == torch.float64  # absolute damping: the scale is unknown before the gradients
+    assert sum_dtype(128, None) == torch.float64  # absolute: the scale is unknown before the gradients
 
 
 @pytest.mark.parametrize("d,B,k", [(45, 8, 10), (61, 7, 3), (33, 12, 33)])
 def test_fp32_sum_within_its_bound_and_in_place(d, B, k, gen):
-    """With m announced and the default relative damping, the sums are fp32 and the packed fp32 inverse is written
-    over them row for row (the memory of the inverse alone); diag(F^{-1}) and F^{-1} x stay within the bound
-    ``(k + m / k) eps32 / rel_damp`` of the fp64 dense reference, at any gradient scale."""
+    """With m announced and the default relative damping, the sums are fp32 and the packed fp32
+    inverse is written over them row for row (the memory of the inverse alone); diag(F^{-1}) and
+    F^{-1} x stay within the bound ``(k + m / k) eps32 / rel_damp`` of the fp64 dense reference, at
+    any gradient scale."""
     m = 33
     for scale in (1.0, 1e-5):
         G = _decaying(m, d, gen, scale)
@@ -524,8 +536,8 @@ def test_fp32_sum_within_its_bound_and_in_place(d, B, k, gen):
 
 @pytest.mark.parametrize("method", ["obert", "cap"])
 def test_fp32_build_gives_the_masks_of_the_exact_one(method, gen):
-    """At the pruners' defaults the build is fp32 throughout; the masks are those of exact products summed in fp64
-    but for ties at the threshold (at most a few weights in a thousand)."""
+    """At the pruners' defaults the build is fp32 throughout; the masks are those of exact products
+    summed in fp64 but for ties at the threshold (at most a few weights in a thousand)."""
     from hf_mfac.pruning.pruners import make_pruner
     from hf_mfac.pruning.targets import Layout
 

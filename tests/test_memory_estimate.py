@@ -1,5 +1,6 @@
-"""Memory: what the host has available (MemAvailable, not MemFree), read through patched readers so that the
-tests do not depend on this machine's state."""
+"""Memory: what the host has available (MemAvailable, not MemFree), read through patched readers so
+that the tests do not depend on this machine's state."""
+
 from __future__ import annotations
 
 import sys
@@ -15,8 +16,10 @@ def _no_psutil(monkeypatch):
 
 def test_read_meminfo_parses_kb(tmp_path):
     p = tmp_path / "meminfo"
-    p.write_text("MemTotal:       24000000 kB\nMemFree:          1000 kB\nMemAvailable:    7340032 kB\n"
-                 "HugePages_Total:       0\n")
+    p.write_text(
+        "MemTotal:       24000000 kB\nMemFree:          1000 kB\nMemAvailable:    7340032 kB\n"
+        "HugePages_Total:       0\n"
+    )
     info = _checks.read_meminfo(str(p))
     assert info["MemAvailable"] == 7340032 * 1024
     assert info["MemFree"] == 1000 * 1024
@@ -26,15 +29,21 @@ def test_read_meminfo_parses_kb(tmp_path):
 
 def test_cpu_free_bytes_is_mem_available(monkeypatch):
     _no_psutil(monkeypatch)
-    monkeypatch.setattr(_checks, "read_meminfo", lambda path=None: {"MemFree": 1 << 20, "MemAvailable": 7 << 30})
-    monkeypatch.setattr(_checks.os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else 4096)
+    monkeypatch.setattr(
+        _checks, "read_meminfo", lambda path=None: {"MemFree": 1 << 20, "MemAvailable": 7 << 30}
+    )
+    monkeypatch.setattr(
+        _checks.os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else 4096
+    )
     assert _checks.free_bytes("cpu") == 7 << 30
 
 
 def test_cpu_free_bytes_falls_back_to_free_pages(monkeypatch):
     _no_psutil(monkeypatch)
     monkeypatch.setattr(_checks, "read_meminfo", lambda path=None: {})
-    monkeypatch.setattr(_checks.os, "sysconf", lambda name: 3 if name == "SC_AVPHYS_PAGES" else 4096)
+    monkeypatch.setattr(
+        _checks.os, "sysconf", lambda name: 3 if name == "SC_AVPHYS_PAGES" else 4096
+    )
     assert _checks.free_bytes("cpu") == 3 * 4096
 
 
@@ -56,7 +65,8 @@ def test_unknown_device_is_none():
     assert _checks.free_bytes("meta") is None
 
 
-# -- the gradient chunk, sized by the Fisher and the device -------------------------------------------------------
+# -- the gradient chunk, sized by the Fisher and the device
+# -------------------------------------------------------
 def test_chunk_grows_with_the_fisher(monkeypatch):
     from hf_mfac.pruning import grads
 
@@ -64,7 +74,9 @@ def test_chunk_grows_with_the_fisher(monkeypatch):
     assert grads.default_chunk_size(D, 128) == 1  # within 256 MiB alone: less than one gradient
     acc = D * 33 * 8  # the fp64 packed accumulator at B = 32
     k = grads.default_chunk_size(D, 128, fisher_bytes=acc)
-    assert k == int(acc * grads.CHUNK_FISHER_FRACTION) // (4 * D) and k >= 4  # GEMMs over several gradients
+    assert (
+        k == int(acc * grads.CHUNK_FISHER_FRACTION) // (4 * D) and k >= 4
+    )  # GEMMs over several gradients
     assert grads.default_chunk_size(1000, 128, fisher_bytes=acc) == grads.CHUNK_ROWS
     assert grads.default_chunk_size(1000, 5, fisher_bytes=acc) == 5
     # and never more than a quarter of what the device has available
@@ -83,13 +95,20 @@ def test_collect_grads_sizes_its_chunk_by_the_sink_fisher():
     assert grads._sink_bytes(torch.Tensor.add_) is None
 
 
-# -- estimate_memory ---------------------------------------------------------------------------------------------
+# -- estimate_memory
+# ---------------------------------------------------------------------------------------------
 def _meta_bert(hidden=64, layers=2):
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    cfg = BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=4 * hidden, max_position_embeddings=32)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=32,
+    )
     with torch.device("meta"):
         return BertForSequenceClassification(cfg)
 
@@ -99,16 +118,24 @@ def test_estimate_on_the_meta_device_is_the_fisher_plus_the_vectors():
     from hf_mfac.pruning import estimate_memory, find_prunable
 
     model = _meta_bert()
-    D = sum(t.numel() for t in find_prunable(model).values())  # 12 h^2 per layer: no padding at B = 32
+    D = sum(
+        t.numel() for t in find_prunable(model).values()
+    )  # 12 h^2 per layer: no padding at B = 32
     est = estimate_memory(model, "obert", num_grads=64)
     assert set(est) == {"cpu"} and all(p.is_meta for p in model.parameters())  # nothing allocated
-    acc = D // 32 * 33 * 16 * 4  # packed fp32 sums (m = 64 at rel_damp 1e-2), the inverse written over them
+    acc = (
+        D // 32 * 33 * 16 * 4
+    )  # packed fp32 sums (m = 64 at rel_damp 1e-2), the inverse written over them
     assert est.parts["cpu"]["fisher accumulator"] == acc
-    tiny = estimate_memory(model, "obert", num_grads=64, rel_damp=1e-6)  # fp64 sums by the error bound
+    tiny = estimate_memory(
+        model, "obert", num_grads=64, rel_damp=1e-6
+    )  # fp64 sums by the error bound
     assert tiny.parts["cpu"]["fisher accumulator"] == 2 * acc
     assert est.parts["cpu"]["gradient chunk"] == 32 * 4 * D  # 32 gradients: small beside 256 MiB
     assert est["cpu"] == sum(est.parts["cpu"].values())
-    assert acc + 32 * 4 * D < est["cpu"] < acc + 32 * 4 * D + 64 * D  # the restore copy and O(D) vectors
+    assert (
+        acc + 32 * 4 * D < est["cpu"] < acc + 32 * 4 * D + 64 * D
+    )  # the restore copy and O(D) vectors
     assert est.parts["cpu"]["restore copy"] == 4 * D
     assert est.settings["block_size"] == 32 and est.settings["num_grads"] == 64
     assert "MiB" in est.describe()
@@ -126,12 +153,16 @@ def test_estimate_static_mfac_holds_its_gradients_and_cap_its_orders():
     D = sum(t.numel() for t in find_prunable(model).values())
     mfac = estimate_memory(model, "mfac", num_grads=32)
     assert mfac.parts["cpu"]["gradients G"] == 32 * D * 4 and mfac["cpu"] > 32 * D * 4
-    cap, obert = estimate_memory(model, "cap", num_grads=64), estimate_memory(model, "obert", num_grads=64)
+    cap, obert = (
+        estimate_memory(model, "cap", num_grads=64),
+        estimate_memory(model, "obert", num_grads=64),
+    )
     assert cap["cpu"] >= obert["cpu"]
     assert estimate_memory(model, "magnitude")["cpu"] < obert["cpu"] / 5
 
 
-# -- placement plan over given capacities ------------------------------------------------------------------------
+# -- placement plan over given capacities
+# ------------------------------------------------------------------------
 def test_placement_fills_the_largest_accelerator_first_then_the_cpu():
     from hf_mfac.pruning.memory import plan_fisher_placement
 
@@ -140,11 +171,18 @@ def test_placement_fills_the_largest_accelerator_first_then_the_cpu():
     assert plan == {"cuda:1": (0, 11), "cuda:0": (11, 17), "cpu": (17, 20)}
     # the ranges cover every block once, contiguously, within each device's capacity
     spans = sorted(plan.values())
-    assert spans[0][0] == 0 and spans[-1][1] == 20 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert (
+        spans[0][0] == 0
+        and spans[-1][1] == 20
+        and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    )
     assert all((e - s) * 5 <= caps[d] for d, (s, e) in plan.items())
     # what each device needs besides its blocks comes off its room; unused devices are left out
-    assert plan_fisher_placement(20, 5, caps, per_device_bytes=10) == {"cuda:1": (0, 9), "cuda:0": (9, 13),
-                                                                       "cpu": (13, 20)}
+    assert plan_fisher_placement(20, 5, caps, per_device_bytes=10) == {
+        "cuda:1": (0, 9),
+        "cuda:0": (9, 13),
+        "cpu": (13, 20),
+    }
     assert plan_fisher_placement(4, 5, caps) == {"cuda:1": (0, 4)}
     assert plan_fisher_placement(0, 5, caps) == {}
 
@@ -170,8 +208,11 @@ def test_check_estimate_refuses_with_the_need_and_what_fits():
     check_estimate(est, pruner, targets, 64, available={"cpu": est["cpu"]})  # fits exactly: passes
     check_estimate(est, pruner, targets, 64, available={"cpu": None})  # unknown: passes
     half = estimate_pruner(make_pruner("obert", block_size=16), targets, 64)["cpu"]
-    with pytest.raises(MemoryError, match=r"needs an estimated .* MiB on cpu .* only .* MiB is available "
-                                          r"there; settings that fit: block_size=16"):
+    with pytest.raises(
+        MemoryError,
+        match=r"needs an estimated .* MiB on cpu .* only .* MiB is available "
+        r"there; settings that fit: block_size=16",
+    ):
         check_estimate(est, pruner, targets, 64, available={"cpu": half})
     with pytest.raises(MemoryError, match="no smaller block size fits"):
         check_estimate(est, pruner, targets, 64, available={"cpu": 1000})
@@ -181,7 +222,8 @@ def test_check_estimate_refuses_with_the_need_and_what_fits():
         check_estimate(est, mfac, targets, 64, available={"cpu": est["cpu"] - 1})
 
 
-# -- prune_oneshot: the estimate and the time split in the report ---------------------------------------------------
+# -- prune_oneshot: the estimate and the time split in the report
+# ---------------------------------------------------
 @pytest.mark.parametrize("method", ["obert", "cap", "mfac"])
 def test_report_splits_the_time_and_records_the_estimate(method):
     import copy
@@ -196,11 +238,18 @@ def test_report_splits_the_time_and_records_the_estimate(method):
         return torch.nn.functional.cross_entropy(m(batch["x"]), batch["y"])
 
     g = torch.Generator().manual_seed(1)
-    data = [{"x": torch.randn(4, 8, generator=g), "y": torch.randint(0, 4, (4,), generator=g)} for _ in range(8)]
+    data = [
+        {"x": torch.randn(4, 8, generator=g), "y": torch.randint(0, 4, (4,), generator=g)}
+        for _ in range(8)
+    ]
     kw = dict(method=method, sparsity=0.5, num_grads=8, exclude=None, progress=False)
     r = prune_oneshot(copy.deepcopy(model), data, loss_fn=loss_fn, recompute=2, **kw).report
-    assert r.memory_estimate == dict(estimate_memory(model, **{k: v for k, v in kw.items() if k != "progress"}))
-    assert 0 < r.time_forward_backward and r.time_forward_backward + r.time_accumulate <= r.time_grads
+    assert r.memory_estimate == dict(
+        estimate_memory(model, **{k: v for k, v in kw.items() if k != "progress"})
+    )
+    assert (
+        0 < r.time_forward_backward and r.time_forward_backward + r.time_accumulate <= r.time_grads
+    )
     assert r.time_invert > 0  # the block Fisher's inversion or static M-FAC's precomputation
     assert r.time_invert + r.time_select_update == pytest.approx(r.time_prune)
     assert sum(s["time_invert"] for s in r.steps) == pytest.approx(r.time_invert)

@@ -1,37 +1,42 @@
 """Block-diagonal empirical-Fisher inverse ([WoodFisher, §4], [oBERT, §3]).
 
 Coordinates are cut into blocks of B consecutive weights (the last block is padded with coordinates
-that carry no gradient, so d need not divide by B). Per block ``F_b = λ_b * I + (1/m) G_b^T G_b``, with
-either one absolute ``λ_b = damp`` (the papers' setting) or a damping relative to the block's own scale,
-``λ_b = rel_damp * mean(diag((1/m) G_b^T G_b))`` (see :func:`relative_damp`), which does not change when the
-loss, hence every gradient, is multiplied by a constant.
-Instead of oBERT's one Woodbury rank-1 update per gradient (memory-bound: d*B reads and writes per
-gradient), gradients arrive in chunks (k, d) and ``G_b^T G_b`` is accumulated with one batched GEMM per
-chunk; the inverse is then formed once with batched fp64 Cholesky (then ``L^{-T} L^{-1}``). The m gradients are
+that carry no gradient, so d need not divide by B). Per block ``F_b = λ_b * I + (1/m) G_b^T G_b``,
+with either one absolute ``λ_b = damp`` (the papers' setting) or a damping relative to the block's
+own scale, ``λ_b = rel_damp * mean(diag((1/m) G_b^T G_b))`` (see :func:`relative_damp`), which does
+not change when the loss, hence every gradient, is multiplied by a constant. Instead of oBERT's one
+Woodbury rank-1 update per gradient (memory-bound: d*B reads and writes per gradient), gradients
+arrive in chunks (k, d) and ``G_b^T G_b`` is accumulated with one batched GEMM per chunk; the
+inverse is then formed once with batched fp64 Cholesky (then ``L^{-T} L^{-1}``). The m gradients are
 never all held.
 
-Precision and memory. The precision of the build follows the error bound: an fp32 sum of k products errs by
-about ``k * eps32 * |g|^2`` (``|g|^2`` the mean square of the gradients' coordinates), which matters only against
-a damping that small. Each chunk's products ``G_b^T G_b`` are fp32 GEMMs when ``k * eps32 * |g|^2 <= PRODUCT_TOL
-* λ``, else fp64 (exact for fp32 values) (:func:`product_dtype`); the running sum is fp32 when the bound of the
-whole fp32 path, ``(m + 1) * eps32 * |g|^2``, is within ``SUM_TOL * λ`` for a relative damping and the announced
-number of gradients m (:func:`sum_dtype`), else fp64. With the relative damping ``λ = rel_damp * |g|^2`` both
-rules are free of the gradients' scale: at the pruners' defaults (rel_damp = 1e-2, m = 128, chunks of at most 32)
-everything is fp32 and the accumulator is the size of the packed fp32 inverse, written over it in place; the
-papers' tiny absolute damps get exact products and an fp64 sum (measured before this rule there: an fp32 running
-sum erred by 5e-3 in ``diag(F^{-1})`` at m = 32, damp 1e-5; fp32 products summed in fp64 by 2-5e-5 at damp
-1e-4..1e-8, worse than fp32 rank-1 Woodbury updates, oBERT's code). With an fp32 inverse the accumulator holds each symmetric
-block packed in fp64, ``B (B + 1) / 2`` values (about the bytes of the fp32 block), in the layout of LAPACK's
-rectangular full packed storage, so that packing and unpacking are strided copies rather than gathers: for
-``B = 2h`` the upper triangle of the top-left (h, h) quarter and the lower triangle of the bottom-right one share
-an (h + 1, h) rectangle and the bottom-left quarter follows (an odd block is padded by one zero row and column).
-The inverse is kept packed as well, in fp32 (``B (B + 1) / 2`` values a block, half of a whole fp32 block), and
-written page by page over the first half of the accumulator's bytes (see :class:`BlockFisherInverse`): the build
-peaks at the fp64 accumulator, never accumulator plus inverse, and the other half is freed once the inverse is
-formed. Whatever needs whole blocks (``mul``, the OBS update, CAP) unpacks a page at a time (:func:`read_blocks`).
-With an fp64 inverse the full fp64 blocks are accumulated and inverted in place (d*B values).
-The gradient chunk is reordered to (block, gradient, coordinate) and converted to fp64 in pages of blocks:
-cache-sized on a CPU, larger on an accelerator, where each page costs kernel launches.
+Precision and memory. The precision of the build follows the error bound: an fp32 sum of k products
+errs by about ``k * eps32 * |g|^2`` (``|g|^2`` the mean square of the gradients' coordinates), which
+matters only against a damping that small. Each chunk's products ``G_b^T G_b`` are fp32 GEMMs when
+``k * eps32 * |g|^2 <= PRODUCT_TOL * λ``, else fp64 (exact for fp32 values) (:func:`product_dtype`);
+the running sum is fp32 when the bound of the whole fp32 path, ``(m + 1) * eps32 * |g|^2``, is
+within ``SUM_TOL * λ`` for a relative damping and the announced number of gradients m
+(:func:`sum_dtype`), else fp64. With the relative damping ``λ = rel_damp * |g|^2`` both rules are
+free of the gradients' scale: at the pruners' defaults (rel_damp = 1e-2, m = 128, chunks of at most
+32) everything is fp32 and the accumulator is the size of the packed fp32 inverse, written over it
+in place; the papers' tiny absolute damps get exact products and an fp64 sum (measured before this
+rule there: an fp32 running sum erred by 5e-3 in ``diag(F^{-1})`` at m = 32, damp 1e-5; fp32
+products summed in fp64 by 2-5e-5 at damp 1e-4..1e-8, worse than fp32 rank-1 Woodbury updates,
+oBERT's code).
+
+Storage. With an fp32 inverse the sums of each symmetric block are packed, ``Bp (Bp + 1) / 2``
+values (Bp = B rounded up to even), in the layout of LAPACK's rectangular full packed storage, so
+that packing and unpacking are strided copies rather than gathers: for ``Bp = 2h`` the upper
+triangle of the top-left (h, h) quarter and the lower triangle of the bottom-right one share an
+(h + 1, h) rectangle and the bottom-left quarter follows (an odd block is padded by one zero row and
+column). The inverse is kept packed as well, in fp32, half of a whole fp32 block, and written page
+by page over the sums: row for row over fp32 sums, or over the first half of the bytes of fp64 sums
+(two slabs of blocks, the second freed once the inverse is formed, see :class:`BlockFisherInverse`):
+the build peaks at the accumulator, never accumulator plus inverse. Whatever needs whole blocks
+(``mul``, the OBS update, CAP) unpacks a page at a time (:func:`read_blocks`). With an fp64 inverse
+whole fp64 blocks are accumulated and inverted in place (d*B values). The gradient chunk is
+reordered to (block, gradient, coordinate) in pages of blocks: cache-sized on a CPU, larger on an
+accelerator, where each page costs kernel launches.
 """
 from __future__ import annotations
 
@@ -44,21 +49,24 @@ from ._checks import check_damp, check_finite, check_float_tensor, check_positiv
 
 logger = logging.getLogger("hf_mfac")
 
-__all__ = ["block_fisher_bytes", "BlockFisherInverse", "relative_damp", "check_damping", "read_blocks", "block_shape", "product_dtype",
+__all__ = ["block_fisher_bytes", "BlockFisherInverse", "relative_damp", "check_damping", "read_blocks",
+           "block_shape", "product_dtype",
            "sum_dtype", "PRODUCT_TOL", "SUM_TOL"]
 
-# fp64 bytes of one page of blocks in add_grads and the inversion (the temporaries are a few times this), per
-# device type: small enough to stay in cache on a CPU; other devices (accelerators, where each page costs a few
-# kernel launches) use _ACCEL_PAGE_BYTES ...
+# fp64 bytes of one page of blocks in add_grads and the inversion (the temporaries are a few times
+# this), per device type: small enough to stay in cache on a CPU; other devices (accelerators, where
+# each page costs a few kernel launches) use _ACCEL_PAGE_BYTES ...
 _PAGE_BYTES = {"cpu": 1 << 20}
 _ACCEL_PAGE_BYTES = 256 << 20
-# ... and at most this fraction of the fp32 inverse's bytes, so that small Fishers do not double in the build
+# ... and at most this fraction of the fp32 inverse's bytes, so that small Fishers do not double in
+# the build
 _PAGE_FRACTION = {"cpu": 1 / 32}
 _ACCEL_PAGE_FRACTION = 1 / 8
 
 
 def check_damping(damp, rel_damp) -> tuple[float | None, float | None]:
-    """Validate a damping given as an absolute ``damp`` or a relative ``rel_damp`` (exactly one of them)."""
+    """Validate a damping given as an absolute ``damp`` or a relative ``rel_damp`` (exactly one of
+    them)."""
     if (damp is None) == (rel_damp is None):
         raise ValueError("give exactly one of damp (absolute: F = damp*I + ...) and rel_damp (relative: a fraction "
                          f"of the mean diagonal of each Fisher block); got damp={damp!r}, rel_damp={rel_damp!r}")
@@ -71,18 +79,18 @@ def relative_damp(diag_sums: torch.Tensor, counts: torch.Tensor, rel_damp: float
                   reduce=None) -> torch.Tensor:
     """Per-block damping ``rel_damp * mean Fisher diagonal`` (n_blocks,) fp64.
 
-    ``diag_sums`` (n_blocks,) are the sums of each block's Fisher diagonal over its live coordinates and
-    ``counts`` (n_blocks,) their number (coordinates with a non-zero diagonal: padding and pruned weights carry no
-    gradient). The mean is taken over each group of blocks (``groups`` (n_blocks,) int: the target tensor each
-    block belongs to; None: each block its own group), as SparseGPT and OBC damp a layer Hessian by a fraction of
-    its mean diagonal. With ``reduce`` given (a sharded Fisher), ``reduce(t)`` sums the per-group sums and counts
-    (a (2, n_groups) fp64 tensor) over the shards in place, so that every shard damps a group alike.
+    ``diag_sums`` (n_blocks,) are the sums of each block's Fisher diagonal over its live coordinates
+    and ``counts`` (n_blocks,) their number (coordinates with a non-zero diagonal: padding and
+    pruned weights carry no gradient). The mean is taken over each group of blocks (``groups``
+    (n_blocks,) int: the target tensor each block belongs to; None: each block its own group), as
+    SparseGPT and OBC damp a layer Hessian by a fraction of its mean diagonal. With ``reduce`` given
+    (a sharded Fisher), ``reduce(t)`` sums the per-group sums and counts (a (2, n_groups) fp64
+    tensor) over the shards in place, so that every shard damps a group alike.
 
-    A group with no gradient at all gets the smallest damping of the others (scale-aware, so that its weights,
-    which the Fisher says cost nothing, stay cheap to prune), or ``rel_damp`` when every group is empty.
-    Multiplying every gradient by c multiplies the result by c^2, as it does the Fisher: OBS scores scale
-    uniformly and neither the selection nor the updates change.
-    """
+    A group with no gradient at all gets the smallest damping of the others (scale-aware, so that
+    its weights, which the Fisher says cost nothing, stay cheap to prune), or ``rel_damp`` when
+    every group is empty. Multiplying every gradient by c multiplies the result by c^2, as it does
+    the Fisher: OBS scores scale uniformly and neither the selection nor the updates change. """
     sums, cnt = diag_sums.to(torch.float64), counts.to(torch.float64)
     if groups is not None:
         n = int(groups.max()) + 1 if groups.numel() else 0
@@ -100,13 +108,14 @@ def relative_damp(diag_sums: torch.Tensor, counts: torch.Tensor, rel_damp: float
     return lam if groups is None else lam[groups]
 
 
-# fp32 products are used where their error bound k eps32 |g|^2 is at most this fraction of the damping ...
+# fp32 products are used where their error bound k eps32 |g|^2 is at most this fraction of the
+# damping ...
 PRODUCT_TOL = 1e-3
-# ... and an fp32 running sum where the bound of the whole fp32 path, (m + 1) eps32 |g|^2, is at most this one:
-# measured at the default relative damping (1e-2), m = 128, B = 32, gradients with a decaying spectrum, the
-# fp32 sum erred by 1.0e-5 in diag(F^{-1}) against 8.7e-6 for fp32 products summed in fp64 and 6e-8 for exact
-# products (fp32 rank-1 Woodbury updates: 7e-7); all far below the sampling error of a Fisher from m gradients
-# (about 1 / sqrt(m)), and the masks agree (tested)
+# ... and an fp32 running sum where the bound of the whole fp32 path, (m + 1) eps32 |g|^2, is at
+# most this one: measured at the default relative damping (1e-2), m = 128, B = 32, gradients with a
+# decaying spectrum, the fp32 sum erred by 1.0e-5 in diag(F^{-1}) against 8.7e-6 for fp32 products
+# summed in fp64 and 6e-8 for exact products (fp32 rank-1 Woodbury updates: 7e-7); all far below the
+# sampling error of a Fisher from m gradients (about 1 / sqrt(m)), and the masks agree (tested)
 SUM_TOL = 1e-2
 _EPS32 = torch.finfo(torch.float32).eps
 
@@ -115,12 +124,12 @@ def product_dtype(k: int, mean_square: float, damp: float | None = None, rel_dam
                   tol: float = PRODUCT_TOL) -> torch.dtype:
     """The dtype of the products ``G_b^T G_b`` of a chunk of ``k`` gradients, from the error bound.
 
-    fp32 GEMMs over k gradients err by about ``k * eps32 * |g|^2`` in each entry of ``(1/m) sum G_b^T G_b``
-    (``mean_square`` = ``|g|^2``, the mean square of the gradients' coordinates); against the damping λ this
-    is a relative error of ``F^{-1}`` of at most that over λ. fp32 when ``k * eps32 * |g|^2 <= tol * λ``, with
-    ``λ = damp`` (absolute) or ``rel_damp * |g|^2`` (relative: the rule is then ``k * eps32 <= tol * rel_damp``,
-    independent of the scale), else fp64 (exact products). A chunk of zeros (``|g|^2 = 0``) is fp32 (exact).
-    """
+    fp32 GEMMs over k gradients err by about ``k * eps32 * |g|^2`` in each entry of ``(1/m) sum
+    G_b^T G_b`` (``mean_square`` = ``|g|^2``, the mean square of the gradients' coordinates);
+    against the damping λ this is a relative error of ``F^{-1}`` of at most that over λ. fp32 when
+    ``k * eps32 * |g|^2 <= tol * λ``, with ``λ = damp`` (absolute) or ``rel_damp * |g|^2``
+    (relative: the rule is then ``k * eps32 <= tol * rel_damp``, independent of the scale), else
+    fp64 (exact products). A chunk of zeros (``|g|^2 = 0``) is fp32 (exact). """
     if rel_damp is not None:
         ok = k * _EPS32 <= tol * rel_damp
     else:
@@ -129,24 +138,26 @@ def product_dtype(k: int, mean_square: float, damp: float | None = None, rel_dam
 
 
 def sum_dtype(num_grads: int | None, rel_damp: float | None, tol: float = SUM_TOL) -> torch.dtype:
-    """The dtype of the running sum of ``G_b^T G_b`` (the accumulator), chosen before any gradient is seen.
+    """The dtype of the running sum of ``G_b^T G_b`` (the accumulator), chosen before any gradient
+    is seen.
 
-    Summing the fp32 products of chunks of k gradients into an fp32 accumulator errs by about
-    ``(k + m / k) * eps32 * |g|^2 <= (m + 1) * eps32 * |g|^2`` for m gradients in all. fp32 (half the memory, and
-    the packed fp32 inverse is then written over the accumulator exactly) when that bound is at most ``tol``
-    times a relative damping ``rel_damp * |g|^2``, i.e. ``(m + 1) * eps32 <= tol * rel_damp``; fp64 with an
-    absolute damping (the gradients' scale is not known yet) or when ``m`` is not given.
-    """
+    Summing the fp32 products of chunks of k gradients into an fp32 accumulator errs by about ``(k +
+    m / k) * eps32 * |g|^2 <= (m + 1) * eps32 * |g|^2`` for m gradients in all. fp32 (half the
+    memory, and the packed fp32 inverse is then written over the accumulator exactly) when that
+    bound is at most ``tol`` times a relative damping ``rel_damp * |g|^2``, i.e. ``(m + 1) * eps32
+    <= tol * rel_damp``; fp64 with an absolute damping (the gradients' scale is not known yet) or
+    when ``m`` is not given. """
     if rel_damp is None or num_grads is None:
         return torch.float64
     return torch.float32 if (num_grads + 1) * _EPS32 <= tol * rel_damp else torch.float64
 
 
 def block_fisher_bytes(dim: int, block_size: int, dtype: torch.dtype = torch.float32, *,
-                       num_grads: int | None = None, rel_damp: float | None = None) -> tuple[int, int]:
-    """``(build, inverse)``: the bytes a :class:`BlockFisherInverse` of these settings holds while it accumulates
-    (its peak) and once inverted. fp32: packed triangles, summed in fp32 or fp64 (:func:`sum_dtype`), the
-    inverse packed in fp32; fp64: whole fp64 blocks throughout."""
+                       num_grads: int | None = None,
+                       rel_damp: float | None = None) -> tuple[int, int]:
+    """``(build, inverse)``: the bytes a :class:`BlockFisherInverse` of these settings holds while
+    it accumulates (its peak) and once inverted. fp32: packed triangles, summed in fp32 or fp64
+    (:func:`sum_dtype`), the inverse packed in fp32; fp64: whole fp64 blocks throughout."""
     B = min(block_size, dim)
     nb = -(-dim // B)
     if dtype == torch.float64:
@@ -159,15 +170,17 @@ def block_fisher_bytes(dim: int, block_size: int, dtype: torch.dtype = torch.flo
 
 
 def block_shape(hinv) -> tuple[int, int, int]:
-    """``(n_blocks, B, B)`` of block inverses given as a tensor (n, B, B) or a :class:`BlockFisherInverse`."""
+    """``(n_blocks, B, B)`` of block inverses given as a tensor (n, B, B) or a
+    :class:`BlockFisherInverse`."""
     if isinstance(hinv, torch.Tensor):
         return tuple(hinv.shape)
     return hinv.num_blocks, hinv.block_size, hinv.block_size
 
 
 def read_blocks(hinv, s: int, e: int, out: torch.Tensor) -> torch.Tensor:
-    """Blocks [s, e) of ``hinv`` (a tensor (n, B, B), or a :class:`BlockFisherInverse` whose packed blocks are
-    unpacked) copied into ``out`` (e - s, B, B), converted to its dtype; returns ``out``."""
+    """Blocks [s, e) of ``hinv`` (a tensor (n, B, B), or a :class:`BlockFisherInverse` whose packed
+    blocks are unpacked) copied into ``out`` (e - s, B, B), converted to its dtype; returns
+    ``out``."""
     if isinstance(hinv, torch.Tensor):
         return out.copy_(hinv[s:e])
     return hinv.unpack(s, e, out=out)
@@ -176,23 +189,24 @@ def read_blocks(hinv, s: int, e: int, out: torch.Tensor) -> torch.Tensor:
 class BlockFisherInverse:
     """Block-diagonal ``F^{-1}`` built from streamed gradients.
 
-    ``add_grads(G)`` takes a chunk (k, d) or a single gradient (d,); ``diag()`` (d,), ``mul(x)`` (d,),
-    ``submatrix(idx)`` and ``unpack(s, e)`` (e - s, B, B) give the inverse (formed on first use, O(d B^2)).
-    Cost of ``add_grads``: O(k d B) as batched GEMMs. ``m`` in the formula is the number of gradients added.
-    Damping: give ``damp`` (absolute λ) or ``rel_damp`` (a fraction of the mean Fisher diagonal of each group of
-    blocks, ``damp_groups`` (n_blocks,) int, e.g. the target tensor of each block; default: each block alone;
-    :func:`relative_damp`); ``block_damp`` (n_blocks,) holds the λ_b used once the inverse is formed.
-    ``products``: the dtype of each chunk's products ``G_b^T G_b`` (the running sum is fp64): ``"auto"`` chooses
-    by the error bound (:func:`product_dtype`), ``product_counts`` counts the gradients taken with each.
+    ``add_grads(G)`` takes a chunk (k, d) or a single gradient (d,); ``diag()`` (d,), ``mul(x)``
+    (d,), ``submatrix(idx)`` and ``unpack(s, e)`` (e - s, B, B) give the inverse (formed on first
+    use, O(d B^2)). Cost of ``add_grads``: O(k d B) as batched GEMMs. ``m`` in the formula is the
+    number of gradients added. Damping: give ``damp`` (absolute λ) or ``rel_damp`` (a fraction of
+    the mean Fisher diagonal of each group of blocks, ``damp_groups`` (n_blocks,) int, e.g. the
+    target tensor of each block; default: each block alone; :func:`relative_damp`); ``block_damp``
+    (n_blocks,) holds the λ_b used once the inverse is formed. ``products``: the dtype of each
+    chunk's products ``G_b^T G_b`` (the running sum is fp64): ``"auto"`` chooses by the error bound
+    (:func:`product_dtype`), ``product_counts`` counts the gradients taken with each.
 
-    Storage (fp32, the default): each inverse block is kept as its packed triangle, ``Bp (Bp + 1) / 2`` values
-    (``Bp`` = B rounded up to even), about half of the (B, B) block; everything that needs whole blocks unpacks a
-    page of them at a time (:meth:`unpack`). The accumulator is two fp64 slabs of blocks (the first half of the
-    blocks and the rest); the packed fp32 inverse of every block is written, page by page, over the first slab
-    (whose bytes are exactly the packed fp32 inverse of all blocks), and the second slab is freed once read:
-    the build peaks at the fp64 accumulator, what follows holds the packed fp32 inverse alone. ``dtype=float64``
-    keeps whole fp64 blocks (d B values) instead.
-    """
+    Storage (fp32, the default): each inverse block is kept as its packed triangle, ``Bp (Bp + 1) /
+    2`` values (``Bp`` = B rounded up to even), about half of the (B, B) block; everything that
+    needs whole blocks unpacks a page of them at a time (:meth:`unpack`). The accumulator is two
+    fp64 slabs of blocks (the first half of the blocks and the rest); the packed fp32 inverse of
+    every block is written, page by page, over the first slab (whose bytes are exactly the packed
+    fp32 inverse of all blocks), and the second slab is freed once read: the build peaks at the fp64
+    accumulator, what follows holds the packed fp32 inverse alone. ``dtype=float64`` keeps whole
+    fp64 blocks (d B values) instead. """
 
     def __init__(self, dim: int, block_size: int, damp: float | None = None, *, rel_damp: float | None = None,
                  damp_groups: torch.Tensor | None = None, damp_reduce=None, device=None,
@@ -202,7 +216,8 @@ class BlockFisherInverse:
         if products not in ("auto", torch.float32, torch.float64):
             raise ValueError(f"products must be 'auto', torch.float32 or torch.float64; got {products!r}")
         self.products = products
-        self.expected_grads = None if num_grads is None else check_positive_int("num_grads", num_grads)
+        self.expected_grads = (None if num_grads is None
+                               else check_positive_int("num_grads", num_grads))
         self.product_counts = {torch.float32: 0, torch.float64: 0}  # gradients accumulated with each
         self.block_size = min(check_positive_int("block_size", block_size), self.dim)
         self.damp, self.rel_damp = check_damping(damp, rel_damp)
@@ -223,12 +238,14 @@ class BlockFisherInverse:
         self.packed_size = self._bp * (self._bp + 1) // 2
         self._rect_upper = torch.ones(h + 1, h, dtype=torch.bool, device=self.device).triu()
         r = torch.arange(self._bp, device=self.device)
-        # where the diagonal sits in a packed row: S11[r, r] at rect[r, r], S22[r, r] at rect[r + 1, r]
+        # where the diagonal sits in a packed row: S11[r, r] at rect[r, r], S22[r, r] at rect[r + 1,
+        # r]
         self._diag_pos = torch.where(r < h, r * h + r, (r - h + 1) * h + (r - h))[:B]
         self._pos: torch.Tensor | None = None  # (B, B) packed position of each entry, built on first use
-        # the fp64 sums of G_b^T G_b: packed, two slabs of blocks [0, split) and [split, nb); or (nb, B, B)
-        # the running sum: fp32 where the error bound allows it (sum_dtype), packed, in one slab over which the
-        # packed fp32 inverse is written row for row; else fp64, in two slabs (see the class docstring)
+        # the fp64 sums of G_b^T G_b: packed, two slabs of blocks [0, split) and [split, nb); or
+        # (nb, B, B) the running sum: fp32 where the error bound allows it (sum_dtype), packed, in
+        # one slab over which the packed fp32 inverse is written row for row; else fp64, in two
+        # slabs (see the class docstring)
         self.sum_dtype = torch.float64
         if self._packed and products in ("auto", torch.float32):
             self.sum_dtype = sum_dtype(self.expected_grads, self.rel_damp)
@@ -238,7 +255,8 @@ class BlockFisherInverse:
         self._mat: torch.Tensor | None = None  # the inverse: packed (nb, P) fp32, or (nb, B, B) fp64
         self.reset()
 
-    # -- storage ------------------------------------------------------------------------------------------
+    # -- storage
+    # ------------------------------------------------------------------------------------------
     def _acc(self, s: int, e: int) -> torch.Tensor:
         """The accumulated rows of blocks [s, e), inside one slab (a view)."""
         if s >= self._split:
@@ -265,7 +283,8 @@ class BlockFisherInverse:
         return max(1, page // max(1, per_block_bytes))
 
     def add_grads(self, G: torch.Tensor) -> None:
-        """Accumulate gradients G (k, d) (or (d,)); raises on NaN/inf without changing the accumulator."""
+        """Accumulate gradients G (k, d) (or (d,)); raises on NaN/inf without changing the
+        accumulator."""
         if self._inverted:
             raise RuntimeError("the inverse was already formed; call reset() before adding new gradients")
         check_float_tensor("G", G)
@@ -277,16 +296,16 @@ class BlockFisherInverse:
         check_finite("G", G)
         if (self.sum_dtype == torch.float32 and self.num_grads + G.shape[0] > self.expected_grads
                 and self.num_grads <= self.expected_grads):
-            logger.warning("BlockFisherInverse: more than the %d gradients announced (num_grads) go into an fp32 "
-                           "sum chosen for that many; its error bound grows with their number",
-                           self.expected_grads)
+            logger.warning("BlockFisherInverse: more than the %d gradients announced (num_grads) go "
+                           "into an fp32 sum chosen for that many; its error bound grows with their "
+                           "number", self.expected_grads)
         self._accumulate(G)
         self.num_grads += G.shape[0]
         self.seconds["accumulate"] += time.perf_counter() - t0
 
     def _accumulate(self, G: torch.Tensor) -> None:
-        """``acc_b += G_b^T G_b`` for a chunk G (k, d), page by page of blocks: products in the dtype of
-        :meth:`_product_dtype`, the running sum in fp64."""
+        """``acc_b += G_b^T G_b`` for a chunk G (k, d), page by page of blocks: products in the
+        dtype of :meth:`_product_dtype`, the running sum in fp64."""
         k, B, Bp, nb = G.shape[0], self.block_size, self._bp, self.num_blocks
         dt = self._product_dtype(G)
         self.product_counts[dt] += k
@@ -312,9 +331,9 @@ class BlockFisherInverse:
                 self._acc(s, e).add_(torch.bmm(Gb.mT, Gb, out=prod[: e - s]))
 
     def _product_dtype(self, G: torch.Tensor) -> torch.dtype:
-        """fp32 or fp64 products for the chunk G (k, d): ``products`` when set; fp64 for an fp64 inverse or fp64
-        gradients; else by the error bound (:func:`product_dtype`; an absolute damping compares with the chunk's
-        mean square)."""
+        """fp32 or fp64 products for the chunk G (k, d): ``products`` when set; fp64 for an fp64
+        inverse or fp64 gradients; else by the error bound (:func:`product_dtype`; an absolute
+        damping compares with the chunk's mean square)."""
         if self.products != "auto":
             return self.products
         if self.sum_dtype == torch.float32:  # within the bound of the whole fp32 path (sum_dtype)
@@ -327,9 +346,10 @@ class BlockFisherInverse:
         return product_dtype(G.shape[0], ms, damp=self.damp)
 
     def _pack_add(self, acc: torch.Tensor, P: torch.Tensor) -> None:
-        """``acc += pack(P)`` for symmetric P (n, Bp, Bp), Bp = 2h, in the layout of rectangular full packed
-        storage: the upper triangle of the top-left (h, h) quarter and the lower triangle of the bottom-right
-        one share an (h + 1, h) rectangle, the bottom-left quarter follows; strided views, no gather."""
+        """``acc += pack(P)`` for symmetric P (n, Bp, Bp), Bp = 2h, in the layout of rectangular
+        full packed storage: the upper triangle of the top-left (h, h) quarter and the lower
+        triangle of the bottom-right one share an (h + 1, h) rectangle, the bottom-left quarter
+        follows; strided views, no gather."""
         h, n = self._bp // 2, P.shape[0]
         rect = torch.where(self._rect_upper, P[:, : h + 1, :h], P[:, h - 1 :, h:])
         acc[:, : self._rect].view(n, h + 1, h).add_(rect)
@@ -343,8 +363,8 @@ class BlockFisherInverse:
         dst[:, self._rect :].view(n, h, h).copy_(P[:, h:, :h])
 
     def _unpack_rows(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Whole symmetric blocks (n, B, B) from packed rows (n, packed_size), in ``out``'s dtype (default:
-        the rows' dtype). Strided copies, no gather."""
+        """Whole symmetric blocks (n, B, B) from packed rows (n, packed_size), in ``out``'s dtype
+        (default: the rows' dtype). Strided copies, no gather."""
         h, n, B = self._bp // 2, rows.shape[0], self.block_size
         dtype = rows.dtype if out is None else out.dtype
         rows = rows.to(dtype)
@@ -370,7 +390,8 @@ class BlockFisherInverse:
             return self._acc(s, e).clone()
         if self.sum_dtype == torch.float64:
             return self._unpack_rows(self._acc(s, e))
-        out = torch.empty(e - s, self.block_size, self.block_size, dtype=torch.float64, device=self.device)
+        B = self.block_size
+        out = torch.empty(e - s, B, B, dtype=torch.float64, device=self.device)
         return self._unpack_rows(self._acc(s, e), out)
 
     def _pack(self, full: torch.Tensor) -> torch.Tensor:
@@ -392,7 +413,7 @@ class BlockFisherInverse:
         lam = self._block_damp()  # (nb,)
         if self._packed and self.sum_dtype == torch.float32:  # row for row over the fp32 sums
             out = self._slabs[0]
-        elif self._packed:  # the packed fp32 inverse of block b lands on bytes of the first slab's blocks <= b/2
+        elif self._packed:  # block b's packed fp32 inverse lands on the first slab's blocks <= b/2
             out = self._slabs[0].view(-1).view(torch.float32)[: nb * self.packed_size].view(nb, -1)
         else:
             out = self._slabs[0]
@@ -403,9 +424,9 @@ class BlockFisherInverse:
             F = self._full(s, e).div_(self.num_grads)
             F.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
             L, _ = damped_cholesky(F, shift, "BlockFisherInverse")
-            # F^{-1} = L^{-T} L^{-1}: one batched triangular solve and one bmm (written over F, no longer needed)
-            # ran 1.5x faster than cholesky_inverse (LAPACK potri per matrix) at B = 32, as accurate (the same
-            # two steps), and exactly symmetric as well
+            # F^{-1} = L^{-T} L^{-1}: one batched triangular solve and one bmm (written over F, no
+            # longer needed) ran 1.5x faster than cholesky_inverse (LAPACK potri per matrix) at B =
+            # 32, as accurate (the same two steps), and exactly symmetric as well
             Li = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
             inv = torch.bmm(Li.mT, Li, out=F)
             if self._packed:
@@ -430,15 +451,17 @@ class BlockFisherInverse:
         groups = None if self.damp_groups is None else self.damp_groups.to(self.device)
         return relative_damp(diag.sum(1), (diag > 0).sum(1), self.rel_damp, groups, self.damp_reduce)
 
-    # -- the inverse ----------------------------------------------------------------------------------------
+    # -- the inverse
+    # ----------------------------------------------------------------------------------------
     def invert(self) -> "BlockFisherInverse":
         """Form the inverse now (it is formed on first use otherwise); returns this object."""
         self._invert()
         return self
 
     def unpack(self, s: int = 0, e: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Whole inverse blocks [s, e) as (e - s, B, B), in ``out`` (any float dtype) or a new tensor in
-        ``dtype``. Rows/columns past ``dim`` in the last block are padding. O((e - s) B^2)."""
+        """Whole inverse blocks [s, e) as (e - s, B, B), in ``out`` (any float dtype) or a new
+        tensor in ``dtype``. Rows/columns past ``dim`` in the last block are padding. O((e - s)
+        B^2)."""
         self._invert()
         e = self.num_blocks if e is None else e
         if not self._packed:
@@ -446,8 +469,9 @@ class BlockFisherInverse:
         return self._unpack_rows(self._mat[s:e], out)
 
     def blocks(self) -> torch.Tensor:
-        """All inverse blocks (n_blocks, B, B), a new tensor in ``dtype`` (about twice the packed storage: prefer
-        :meth:`unpack` by pages at scale; the fp64 storage itself with ``dtype=float64``)."""
+        """All inverse blocks (n_blocks, B, B), a new tensor in ``dtype`` (about twice the packed
+        storage: prefer :meth:`unpack` by pages at scale; the fp64 storage itself with
+        ``dtype=float64``)."""
         self._invert()
         return self._mat if not self._packed else self.unpack()
 
@@ -459,7 +483,8 @@ class BlockFisherInverse:
         return self._mat.diagonal(dim1=-2, dim2=-1).reshape(-1)[: self.dim]
 
     def mul(self, x: torch.Tensor) -> torch.Tensor:
-        """``F^{-1} x`` for x (d,): batched matrix-vector products over pages of unpacked blocks, O(d B)."""
+        """``F^{-1} x`` for x (d,): batched matrix-vector products over pages of unpacked blocks,
+        O(d B)."""
         check_float_tensor("x", x)
         if x.numel() != self.dim:
             raise ValueError(f"x has {x.numel()} elements; expected dim={self.dim}")
@@ -485,7 +510,8 @@ class BlockFisherInverse:
         return self._pos
 
     def submatrix(self, idx: torch.Tensor) -> torch.Tensor:
-        """``[F^{-1}]_QQ`` for index sets ``idx`` (n, g) -> (n, g, g); zero between different blocks."""
+        """``[F^{-1}]_QQ`` for index sets ``idx`` (n, g) -> (n, g, g); zero between different
+        blocks."""
         self._invert()
         idx = torch.as_tensor(idx, device=self.device)
         blk, loc = torch.div(idx, self.block_size, rounding_mode="floor"), idx % self.block_size
@@ -496,12 +522,13 @@ class BlockFisherInverse:
         return torch.where(blk[:, :, None] == blk[:, None, :], vals, torch.zeros_like(vals))
 
     def finish(self) -> "BlockFisherInverse":
-        """The inverse once all gradients are in: this object (formed on first use). Gradient sinks of the
-        pruners (``add_grads`` then ``finish``) share this protocol."""
+        """The inverse once all gradients are in: this object (formed on first use). Gradient sinks
+        of the pruners (``add_grads`` then ``finish``) share this protocol."""
         return self
 
     def storage_bytes(self) -> int:
-        """Bytes this object holds now: the fp64 accumulator while building, the inverse once formed."""
+        """Bytes this object holds now: the fp64 accumulator while building, the inverse once
+        formed."""
         held = [self._mat] if self._inverted else (self._slabs or [])
         return sum(t.untyped_storage().nbytes() for t in held if t is not None)
 
@@ -510,8 +537,8 @@ class BlockFisherInverse:
         self._slabs, self._mat = None, None  # free the old blocks before the new accumulator is allocated
         if self._packed:
             sizes = (self._split, nb - self._split) if self._split < nb else (nb,)
-            self._slabs = [torch.zeros(n, self.packed_size, dtype=self.sum_dtype, device=self.device)
-                           for n in sizes]
+            self._slabs = [torch.zeros(n, self.packed_size, dtype=self.sum_dtype,
+                                       device=self.device) for n in sizes]
         else:
             self._slabs = [torch.zeros(nb, B, B, dtype=torch.float64, device=self.device)]
         self.num_grads = 0
@@ -521,8 +548,8 @@ class BlockFisherInverse:
         self.block_damp = None
 
     def state_dict(self) -> dict:
-        """``mat``: the inverse blocks (dtype, whole) once formed, else the accumulated ``sum G_b^T G_b``
-        (fp64, whole blocks)."""
+        """``mat``: the inverse blocks (dtype, whole) once formed, else the accumulated ``sum G_b^T
+        G_b`` (fp64, whole blocks)."""
         if self._inverted:
             mat = self.unpack()
         else:

@@ -1,12 +1,13 @@
 """Gradient sources for the empirical Fisher: m gradients of the loss, streamed in chunks.
 
-Each gradient is the mean loss gradient over one *Fisher mini-batch* ([WoodFisher, §5.1]: averaging over a
-mini-batch lets the Fisher see mini-batch times more samples at the same cost), by default one batch of
-the dataloader; ``fisher_batch_size`` re-cuts the dataloader's batches (``1`` = per-sample gradients).
-The model runs in eval mode (no dropout), the gradients are taken with ``torch.autograd.grad`` (the
-parameters' ``.grad`` is left alone, so this is safe inside a training loop), cast to fp32, masked, and
-handed to ``sink`` in chunks of (k, D) rows of a :class:`~hf_mfac.pruning.targets.Layout`, so the m x D
-matrix is never held unless the caller wants it (``sink=None``: the static M-FAC pruner).
+Each gradient is the mean loss gradient over one *Fisher mini-batch* ([WoodFisher, §5.1]: averaging
+over a mini-batch lets the Fisher see mini-batch times more samples at the same cost), by default
+one batch of the dataloader; ``fisher_batch_size`` re-cuts the dataloader's batches (``1`` =
+per-sample gradients). The model runs in eval mode (no dropout), the gradients are taken with
+``torch.autograd.grad`` (the parameters' ``.grad`` is left alone, so this is safe inside a training
+loop), cast to fp32, masked, and handed to ``sink`` in chunks of (k, D) rows of a
+:class:`~hf_mfac.pruning.targets.Layout`, so the m x D matrix is never held unless the caller wants
+it (``sink=None``: the static M-FAC pruner).
 
 Distribution later: each rank can run :func:`iter_grads` over its shard and all-reduce the Fisher
 accumulators; nothing here assumes a single process.
@@ -54,7 +55,8 @@ def _batch_len(batch) -> int:
 
 
 def _split(batch, size: int | None):
-    """Cut a dict batch into micro-batches of ``size`` samples along dim 0 (None: the batch itself)."""
+    """Cut a dict batch into micro-batches of ``size`` samples along dim 0 (None: the batch
+    itself)."""
     if size is None:
         yield batch
         return
@@ -71,8 +73,8 @@ def _to(batch, device):
 
 
 def check_fisher_batch_size(fisher_batch_size, per_sample: bool = False) -> int | None:
-    """The samples per gradient: ``fisher_batch_size`` (a positive integer, or None for one batch), 1 with
-    ``per_sample=True``."""
+    """The samples per gradient: ``fisher_batch_size`` (a positive integer, or None for one batch),
+    1 with ``per_sample=True``."""
     if per_sample:
         if fisher_batch_size not in (None, 1):
             raise ValueError("per_sample=True means fisher_batch_size=1; do not give both")
@@ -95,8 +97,9 @@ def check_trainable(params: Mapping[str, torch.Tensor]) -> None:
 
 
 def _num_gradients(dataloader, fisher_batch_size: int | None) -> int | None:
-    """How many gradients one pass over ``dataloader`` gives, when its length says (else None): its batches, or
-    with ``fisher_batch_size`` the Fisher mini-batches of its batches (the last batch may be shorter)."""
+    """How many gradients one pass over ``dataloader`` gives, when its length says (else None): its
+    batches, or with ``fisher_batch_size`` the Fisher mini-batches of its batches (the last batch
+    may be shorter)."""
     try:
         n = len(dataloader)
     except TypeError:
@@ -117,8 +120,9 @@ def _num_gradients(dataloader, fisher_batch_size: int | None) -> int | None:
 
 
 def check_dataloader(dataloader, num_grads: int, fisher_batch_size: int | None = None, repeats: int = 1) -> None:
-    """Fail early when ``dataloader`` cannot give ``num_grads`` gradients ``repeats`` times: none, empty, shorter
-    than ``num_grads`` (when its length says), or a one-shot iterator asked to repeat."""
+    """Fail early when ``dataloader`` cannot give ``num_grads`` gradients ``repeats`` times: none,
+    empty, shorter than ``num_grads`` (when its length says), or a one-shot iterator asked to
+    repeat."""
     if dataloader is None:
         raise ValueError("this pruning method needs gradients: pass a dataloader that yields batches with labels")
     if repeats > 1 and iter(dataloader) is dataloader:
@@ -137,9 +141,9 @@ def check_dataloader(dataloader, num_grads: int, fisher_batch_size: int | None =
 
 @dataclass
 class GradStats:
-    """What a gradient collection produced: ``G`` (m, D) when kept, the mean gradient (D,), counts, time:
-    ``seconds`` in all, ``seconds_model`` in the forward and backward passes, ``seconds_sink`` in the sink (the
-    Fisher's accumulation)."""
+    """What a gradient collection produced: ``G`` (m, D) when kept, the mean gradient (D,), counts,
+    time: ``seconds`` in all, ``seconds_model`` in the forward and backward passes, ``seconds_sink``
+    in the sink (the Fisher's accumulation)."""
     G: torch.Tensor | None
     mean: torch.Tensor
     num_grads: int
@@ -155,11 +159,13 @@ CHUNK_FISHER_FRACTION = 1 / 8  # a chunk may take this fraction of the Fisher's 
 CHUNK_FREE_FRACTION = 1 / 4  # ... and at most this fraction of the device's available memory
 
 
-def default_chunk_size(dim: int, num_grads: int, *, fisher_bytes: int | None = None, device=None) -> int:
-    """Rows per chunk: up to :data:`CHUNK_ROWS` gradients, within the larger of :data:`CHUNK_BYTES` and
-    :data:`CHUNK_FISHER_FRACTION` of the Fisher's bytes (each chunk costs one pass over the accumulator, so the
-    chunk grows with it: at BERT-base, 85M targets, an 11 GB accumulator takes chunks of 4 gradients of 340 MB,
-    not one), and within :data:`CHUNK_FREE_FRACTION` of what ``device`` has available (when it can be told)."""
+def default_chunk_size(dim: int, num_grads: int, *, fisher_bytes: int | None = None,
+                       device=None) -> int:
+    """Rows per chunk: up to :data:`CHUNK_ROWS` gradients, within the larger of :data:`CHUNK_BYTES`
+    and :data:`CHUNK_FISHER_FRACTION` of the Fisher's bytes (each chunk costs one pass over the
+    accumulator, so the chunk grows with it: at BERT-base, 85M targets, an 11 GB accumulator takes
+    chunks of 4 gradients of 340 MB, not one), and within :data:`CHUNK_FREE_FRACTION` of what
+    ``device`` has available (when it can be told)."""
     per = 4 * max(dim, 1)
     cap = max(CHUNK_BYTES, int((fisher_bytes or 0) * CHUNK_FISHER_FRACTION))
     free = free_bytes(device) if device is not None else None
@@ -169,7 +175,8 @@ def default_chunk_size(dim: int, num_grads: int, *, fisher_bytes: int | None = N
 
 
 def _sink_bytes(sink) -> int | None:
-    """The bytes held by the Fisher a sink feeds (``fisher.add_grads``), when it says (``storage_bytes()``)."""
+    """The bytes held by the Fisher a sink feeds (``fisher.add_grads``), when it says
+    (``storage_bytes()``)."""
     owner = getattr(sink, "__self__", None)
     size = getattr(owner, "storage_bytes", None)
     return int(size()) if callable(size) else None
@@ -177,22 +184,24 @@ def _sink_bytes(sink) -> int | None:
 
 def iter_grads(model: nn.Module, dataloader, layout: Layout, num_grads: int, *, keep: torch.Tensor | None = None,
                fisher_batch_size: int | None = None, chunk_size: int | None = None, loss_fn: Callable | None = None,
-               device=None, progress: bool = True, stats: dict | None = None, fisher_bytes: int | None = None):
-    """Yield chunks (k, D) fp32 of flattened, masked gradients until ``num_grads`` rows were produced.
+               device=None, progress: bool = True, stats: dict | None = None,
+               fisher_bytes: int | None = None):
+    """Yield chunks (k, D) fp32 of flattened, masked gradients until ``num_grads`` rows were
+    produced.
 
-    ``keep`` (D,) bool zeroes the pruned coordinates (the Fisher of the remaining sub-network: its inverse
-    is then block-diagonal between pruned and kept weights, so OBS updates never touch pruned weights).
-    The model is put in eval mode and every module's mode restored afterwards. Chunks are reused buffers: consume them before
-    asking for the next one. ``fisher_bytes``: the size of the Fisher the chunks feed, which sizes the default
-    chunk (:func:`default_chunk_size`). ``stats`` gets the counts and ``seconds_model``, the time of the forward
-    and backward passes and of flattening the gradients.
-    """
+    ``keep`` (D,) bool zeroes the pruned coordinates (the Fisher of the remaining sub-network: its
+    inverse is then block-diagonal between pruned and kept weights, so OBS updates never touch
+    pruned weights). The model is put in eval mode and every module's mode restored afterwards.
+    Chunks are reused buffers: consume them before asking for the next one. ``fisher_bytes``: the
+    size of the Fisher the chunks feed, which sizes the default chunk (:func:`default_chunk_size`).
+    ``stats`` gets the counts and ``seconds_model``, the time of the forward and backward passes and
+    of flattening the gradients. """
     loss_fn = loss_fn or default_loss
     params = [layout.params[n] for n in layout.names]
     model_device = next(model.parameters()).device
     device = torch.device(device) if device is not None else model_device
-    chunk_size = (default_chunk_size(layout.dim, num_grads, fisher_bytes=fisher_bytes, device=device)
-                  if chunk_size is None
+    chunk_size = (default_chunk_size(layout.dim, num_grads, fisher_bytes=fisher_bytes,
+                                     device=device) if chunk_size is None
                   else min(check_positive_int("chunk_size", chunk_size), num_grads))
     buf = torch.zeros(chunk_size, layout.dim, dtype=torch.float32, device=device)
     keep_f = None if keep is None else keep.to(device=device, dtype=torch.float32)
@@ -244,15 +253,14 @@ def collect_grads(model: nn.Module, dataloader, num_grads: int, *, params: Layou
                   loss_fn: Callable | None = None, device=None, out_device="cpu", progress: bool = True) -> GradStats:
     """Collect ``num_grads`` (m) loss gradients of the target weights.
 
-    ``params``: a :class:`Layout`, a ``{name: parameter}`` mapping, or None (:func:`find_prunable` defaults).
-    ``sink``: called with each fp32 chunk (k, D), e.g. ``BlockFisherInverse.add_grads``; with ``sink=None``
-    the gradients are returned as ``G`` (m, D) on ``out_device`` (host memory by default, as the static
-    M-FAC pruner needs them). ``per_sample=True`` is ``fisher_batch_size=1``. The mean gradient (D,) is
-    always returned (WoodTaylor needs it). Cost: m forward/backward passes; memory ``chunk_size * D`` values
-    on ``device`` (default: the model's device; ``chunk_size`` defaults to :func:`default_chunk_size`, sized by
-    the Fisher the sink feeds) plus
-    ``m * D`` on ``out_device`` when ``sink`` is None.
-    """
+    ``params``: a :class:`Layout`, a ``{name: parameter}`` mapping, or None (:func:`find_prunable`
+    defaults). ``sink``: called with each fp32 chunk (k, D), e.g. ``BlockFisherInverse.add_grads``;
+    with ``sink=None`` the gradients are returned as ``G`` (m, D) on ``out_device`` (host memory by
+    default, as the static M-FAC pruner needs them). ``per_sample=True`` is ``fisher_batch_size=1``.
+    The mean gradient (D,) is always returned (WoodTaylor needs it). Cost: m forward/backward
+    passes; memory ``chunk_size * D`` values on ``device`` (default: the model's device;
+    ``chunk_size`` defaults to :func:`default_chunk_size`, sized by the Fisher the sink feeds) plus
+    ``m * D`` on ``out_device`` when ``sink`` is None. """
     fisher_batch_size = check_fisher_batch_size(fisher_batch_size, per_sample)
     num_grads = check_positive_int("num_grads", num_grads)
     layout = params if isinstance(params, Layout) else Layout(params or find_prunable(model))
@@ -264,8 +272,8 @@ def collect_grads(model: nn.Module, dataloader, num_grads: int, *, params: Layou
     row, info = 0, {}
     t_sink = 0.0
     for chunk in iter_grads(model, dataloader, layout, num_grads, keep=keep, fisher_batch_size=fisher_batch_size,
-                            chunk_size=chunk_size, loss_fn=loss_fn, device=device, progress=progress, stats=info,
-                            fisher_bytes=_sink_bytes(sink)):
+                            chunk_size=chunk_size, loss_fn=loss_fn, device=device,
+                            progress=progress, stats=info, fisher_bytes=_sink_bytes(sink)):
         if total is None:
             total = torch.zeros(layout.dim, dtype=torch.float64, device=chunk.device)
         for row in chunk:  # the fp64 sum in place: no (D,) fp64 temporary per chunk
@@ -279,4 +287,5 @@ def collect_grads(model: nn.Module, dataloader, num_grads: int, *, params: Layou
         row += chunk.shape[0]
     mean = total.div_(num_grads).to(torch.float32)
     return GradStats(G=G, mean=mean, num_grads=info["num_grads"], num_samples=info["num_samples"],
-                     seconds=time.perf_counter() - t0, seconds_model=info["seconds_model"], seconds_sink=t_sink)
+                     seconds=time.perf_counter() - t0, seconds_model=info["seconds_model"],
+                     seconds_sink=t_sink)

@@ -1,16 +1,19 @@
 """The memory a :func:`~hf_mfac.pruning.prune_oneshot` call will take, told before the work.
 
-:func:`estimate_memory` adds up what one call holds beyond the model itself, on each device, at its peak: the
-Fisher (the block Fisher's fp64 accumulator, over which its packed fp32 inverse is then written; static M-FAC's
-m x D gradients), the gradient chunk and the vectors of the gradient phase, the per-target work of the pruning
-step (weights, masks, scores; CAP's elimination orders and losses), and the host copy of the targets kept to
-restore them on error. It reads only the targets' shapes, so the model may be built on the meta device (nothing
-allocated): a BERT-large config is estimated in milliseconds. The model's own activations and gradients outside
-the targets are not counted (they depend on the batch).
+:func:`estimate_memory` adds up what one call holds beyond the model itself, on each device, at its
+peak: the Fisher (the block Fisher's fp64 accumulator, over which its packed fp32 inverse is then
+written; static M-FAC's m x D gradients), the gradient chunk and the vectors of the gradient phase,
+the per-target work of the pruning step (weights, masks, scores; CAP's elimination orders and
+losses), and the host copy of the targets kept to restore them on error. It reads only the targets'
+shapes, so the model may be built on the meta device (nothing allocated): a BERT-large config is
+estimated in milliseconds. The model's own activations and gradients outside the targets are not
+counted (they depend on the batch).
 
-The constants per coordinate below are the tensors of the call, counted in the code; the estimate was checked
-against the measured peak (benchmarks/bench_memory.py, within 30 % at three sizes of a random BERT).
+The constants per coordinate below are the tensors of the call, counted in the code; the estimate
+was checked against the measured peak (benchmarks/bench_memory.py, within 30 % at three sizes of a
+random BERT).
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -25,20 +28,27 @@ from .grads import default_chunk_size
 from .pruners import MFACPruner
 from .targets import DEFAULT_TYPES, Layout
 
-__all__ = ["estimate_memory", "estimate_pruner", "MemoryEstimate", "plan_fisher_placement",
-           "check_estimate"]
+__all__ = [
+    "estimate_memory",
+    "estimate_pruner",
+    "MemoryEstimate",
+    "plan_fisher_placement",
+    "check_estimate",
+]
 
-# bytes per padded coordinate D of the vectors alive in each phase (besides the Fisher and the chunk):
-# gradient phase: the fp64 running sum of the gradients (collect_grads), the keep mask as fp32 and bool, the
-# targets' gradients from autograd (fp32) while a row is filled
+# bytes per padded coordinate D of the vectors alive in each phase (besides the Fisher and the
+# chunk): gradient phase: the fp64 running sum of the gradients (collect_grads), the keep mask as
+# fp32 and bool, the targets' gradients from autograd (fp32) while a row is filled
 _GRAD_PHASE = 8 + 4 + 1 + 1 + 4
-# OBS step: weights (fp32) and the new ones, diag(F^{-1}) (fp32), scores and their masked copy (fp64), the
-# selection (its fp64 threshold pass), masks (bool), the per-block update's output and the flattened copy
+# OBS step: weights (fp32) and the new ones, diag(F^{-1}) (fp32), scores and their masked copy
+# (fp64), the selection (its fp64 threshold pass), masks (bool), the per-block update's output and
+# the flattened copy
 _OBS_STEP = 4 + 4 + 4 + 8 + 8 + 8 + 1 + 1 + 1 + 4 + 4
-# CAP step: weights, orders (int64), losses and their masked and gathered copies (fp64), counts and masks,
-# the joint update's output
+# CAP step: weights, orders (int64), losses and their masked and gathered copies (fp64), counts and
+# masks, the joint update's output
 _CAP_STEP = 4 + 4 + 8 + 8 + 8 + 8 + 1 + 1 + 8 + 4 + 4
-# static M-FAC, besides its m x D gradients: the diagonal and the scores (fp64), one fp32 product F^{-1} x
+# static M-FAC, besides its m x D gradients: the diagonal and the scores (fp64), one fp32 product
+# F^{-1} x
 _MFAC_STEP = 8 + 8 + 4 + 4 + 8 + 1 + 1
 
 
@@ -48,8 +58,8 @@ def human(nbytes: float) -> str:
 
 
 class MemoryEstimate(dict):
-    """``{device: bytes}`` (the peak on each device) with ``parts``: ``{device: {what: bytes}}``, the terms
-    of each peak, and ``settings``, the resolved settings they were computed for."""
+    """``{device: bytes}`` (the peak on each device) with ``parts``: ``{device: {what: bytes}}``,
+    the terms of each peak, and ``settings``, the resolved settings they were computed for."""
 
     def __init__(self, peaks: Mapping[str, int], parts: Mapping[str, dict], settings: dict):
         super().__init__(peaks)
@@ -65,18 +75,27 @@ class MemoryEstimate(dict):
         return "; ".join(rows)
 
 
-def estimate_memory(model: nn.Module, method="obert", *, targets: Mapping[str, torch.Tensor] | None = None,
-                    types=DEFAULT_TYPES, device=None, chunk_size: int | None = None, page_bytes: int | None = None,
-                    **settings) -> MemoryEstimate:
-    """The peak memory of ``prune_oneshot(model, ..., method=method, **settings)`` per device, in bytes.
+def estimate_memory(
+    model: nn.Module,
+    method="obert",
+    *,
+    targets: Mapping[str, torch.Tensor] | None = None,
+    types=DEFAULT_TYPES,
+    device=None,
+    chunk_size: int | None = None,
+    page_bytes: int | None = None,
+    **settings,
+) -> MemoryEstimate:
+    """The peak memory of ``prune_oneshot(model, ..., method=method, **settings)`` per device, in
+    bytes.
 
-    ``settings`` are :func:`~hf_mfac.pruning.prune_oneshot`'s (``sparsity``, ``num_grads``, ``block_size``,
-    ``pattern``, ``include``/``exclude``, ...) and the pruner's ``fisher_dtype``; ``targets``, ``types``, ``device``,
-    ``chunk_size`` and ``page_bytes`` as there. Works on a model on the meta device. Returns a
-    :class:`MemoryEstimate` (a dict ``{device: bytes}`` with the terms in ``.parts``). The peak of the block
-    Fisher methods is the larger of the gradient phase (accumulator + chunk + vectors) and the step (packed
-    inverse + the step's vectors); static M-FAC holds its m x D gradients through both.
-    """
+    ``settings`` are :func:`~hf_mfac.pruning.prune_oneshot`'s (``sparsity``, ``num_grads``,
+    ``block_size``, ``pattern``, ``include``/``exclude``, ...) and the pruner's ``fisher_dtype``;
+    ``targets``, ``types``, ``device``, ``chunk_size`` and ``page_bytes`` as there. Works on a model
+    on the meta device. Returns a :class:`MemoryEstimate` (a dict ``{device: bytes}`` with the terms
+    in ``.parts``). The peak of the block Fisher methods is the larger of the gradient phase
+    (accumulator + chunk + vectors) and the step (packed inverse + the step's vectors); static M-FAC
+    holds its m x D gradients through both. """
     settings.setdefault("sparsity", 0.5)
     runtime = {"device": device, "page_bytes": page_bytes}
     if settings.get("fisher_dtype") is not None:
@@ -89,17 +108,21 @@ def estimate_memory(model: nn.Module, method="obert", *, targets: Mapping[str, t
     if not targets:
         raise ValueError("the settings select no pruning target in this model")
     B = pruner.block_size
-    if pruner.uses_fisher and B and pruner.pad == B:  # as prune_oneshot: blocks no larger than the largest target
+    if (
+        pruner.uses_fisher and B and pruner.pad == B
+    ):  # as prune_oneshot: blocks no larger than the largest target
         g = pruner.pattern.group
         pruner.block_size = min(B, -(-max(t.numel() for t in targets.values()) // g) * g)
     m = (config.num_grads or pruner.default_num_grads) if pruner.uses_fisher else 0
     return estimate_pruner(pruner, targets, m, chunk_size=chunk_size)
 
 
-def estimate_pruner(pruner, targets: Mapping[str, torch.Tensor], num_grads: int, *,
-                    chunk_size: int | None = None) -> MemoryEstimate:
-    """:func:`estimate_memory` for a resolved ``pruner`` (its block size already fitted to the targets), its
-    ``targets`` and ``num_grads`` gradients per step: what :func:`~hf_mfac.pruning.prune_oneshot` checks."""
+def estimate_pruner(
+    pruner, targets: Mapping[str, torch.Tensor], num_grads: int, *, chunk_size: int | None = None
+) -> MemoryEstimate:
+    """:func:`estimate_memory` for a resolved ``pruner`` (its block size already fitted to the
+    targets), its ``targets`` and ``num_grads`` gradients per step: what
+    :func:`~hf_mfac.pruning.prune_oneshot` checks."""
     layout = Layout(targets, pad=pruner.pad)
     D, B, m = layout.dim, pruner.block_size, num_grads
     first = next(iter(targets.values()))
@@ -126,9 +149,18 @@ def estimate_pruner(pruner, targets: Mapping[str, torch.Tensor], num_grads: int,
         add(wdev, "step", D * _MFAC_STEP)
         return _peaks(parts, {}, _settings(pruner, D, m, k))
     k = chunk_size or default_chunk_size(D, m, fisher_bytes=fisher, device=dev)
-    build = {"fisher accumulator": fisher, "gradient chunk": k * D * 4, "gradient phase": D * _GRAD_PHASE}
-    inverse = block_fisher_bytes(D, B, pruner.fisher_dtype, num_grads=m, rel_damp=pruner.rel_damp)[1]
-    step = {"fisher inverse": inverse, "step": D * (_CAP_STEP if pruner.name == "cap" else _OBS_STEP)}
+    build = {
+        "fisher accumulator": fisher,
+        "gradient chunk": k * D * 4,
+        "gradient phase": D * _GRAD_PHASE,
+    }
+    inverse = block_fisher_bytes(D, B, pruner.fisher_dtype, num_grads=m, rel_damp=pruner.rel_damp)[
+        1
+    ]
+    step = {
+        "fisher inverse": inverse,
+        "step": D * (_CAP_STEP if pruner.name == "cap" else _OBS_STEP),
+    }
     alt = {str(dev): step} if str(dev) == str(wdev) else {}
     for what, v in build.items():
         add(dev, what, v)
@@ -138,9 +170,9 @@ def estimate_pruner(pruner, targets: Mapping[str, torch.Tensor], num_grads: int,
 
 
 def _peaks(parts: dict, alt: dict, settings: dict) -> MemoryEstimate:
-    """Each device's peak: the sum of its terms (the build), or, where ``alt`` gives the terms of a later phase
-    on that device (the step, after the accumulator gave way to the inverse), the larger of the two sums; the
-    restore copy is held throughout and counts in both."""
+    """Each device's peak: the sum of its terms (the build), or, where ``alt`` gives the terms of a
+    later phase on that device (the step, after the accumulator gave way to the inverse), the larger
+    of the two sums; the restore copy is held throughout and counts in both."""
     peaks, out_parts = {}, {}
     for dev, terms in parts.items():
         total = sum(terms.values())
@@ -155,25 +187,35 @@ def _peaks(parts: dict, alt: dict, settings: dict) -> MemoryEstimate:
 
 
 def _settings(pruner, D: int, m: int, k: int | None) -> dict:
-    return {"method": pruner.name, "dim": D, "block_size": pruner.block_size if pruner.uses_fisher else None,
-            "num_grads": m or None, "chunk_size": k, "fisher_dtype": str(pruner.fisher_dtype).replace("torch.", ""),
-            "pattern": str(pruner.pattern)}
+    return {
+        "method": pruner.name,
+        "dim": D,
+        "block_size": pruner.block_size if pruner.uses_fisher else None,
+        "num_grads": m or None,
+        "chunk_size": k,
+        "fisher_dtype": str(pruner.fisher_dtype).replace("torch.", ""),
+        "pattern": str(pruner.pattern),
+    }
 
 
-def plan_fisher_placement(num_blocks: int, block_bytes: int, capacities: Mapping[str, int], *,
-                          per_device_bytes: int = 0) -> dict[str, tuple[int, int]]:
-    """Where the blocks of a block Fisher go: ``{device: (first, stop)}``, contiguous ranges of blocks.
+def plan_fisher_placement(
+    num_blocks: int, block_bytes: int, capacities: Mapping[str, int], *, per_device_bytes: int = 0
+) -> dict[str, tuple[int, int]]:
+    """Where the blocks of a block Fisher go: ``{device: (first, stop)}``, contiguous ranges of
+    blocks.
 
-    A pure plan over given capacities (``{device: available bytes}``, e.g. from ``torch.cuda.mem_get_info`` and
-    MemAvailable): accelerators first, the largest first, then the CPU; each device takes as many blocks as fit
-    in its capacity less ``per_device_bytes`` (what the device needs besides its blocks: a gradient chunk, the
-    step's vectors), filling one device before the next, so that the CPU (slow) gets only what the
-    accelerators cannot hold. Contiguous ranges keep a target's blocks together and each device's share one
-    slice of every gradient chunk (a round-robin placement would scatter both). Devices with no blocks are
-    left out. Raises ``MemoryError`` naming the shortfall when all of them together cannot hold the blocks.
-    """
+    A pure plan over given capacities (``{device: available bytes}``, e.g. from
+    ``torch.cuda.mem_get_info`` and MemAvailable): accelerators first, the largest first, then the
+    CPU; each device takes as many blocks as fit in its capacity less ``per_device_bytes`` (what the
+    device needs besides its blocks: a gradient chunk, the step's vectors), filling one device
+    before the next, so that the CPU (slow) gets only what the accelerators cannot hold. Contiguous
+    ranges keep a target's blocks together and each device's share one slice of every gradient chunk
+    (a round-robin placement would scatter both). Devices with no blocks are left out. Raises
+    ``MemoryError`` naming the shortfall when all of them together cannot hold the blocks. """
     if num_blocks < 0 or block_bytes <= 0:
-        raise ValueError(f"need num_blocks >= 0 and block_bytes > 0; got {num_blocks}, {block_bytes}")
+        raise ValueError(
+            f"need num_blocks >= 0 and block_bytes > 0; got {num_blocks}, {block_bytes}"
+        )
     order = sorted(capacities, key=lambda d: (str(d).startswith("cpu"), -int(capacities[d])))
     plan, start = {}, 0
     for dev in order:
@@ -187,20 +229,28 @@ def plan_fisher_placement(num_blocks: int, block_bytes: int, capacities: Mapping
     if start < num_blocks:
         need = num_blocks * block_bytes + per_device_bytes
         have = ", ".join(f"{d} {int(c) / 2**30:.2f} GiB" for d, c in capacities.items())
-        raise MemoryError(f"the Fisher's {num_blocks} blocks need {need / 2**30:.2f} GiB; the devices hold "
-                          f"{(start * block_bytes) / 2**30:.2f} GiB of them ({have}): lower block_size, use "
-                          "a half-precision Fisher, prune fewer layers, or add devices")
+        raise MemoryError(
+            f"the Fisher's {num_blocks} blocks need {need / 2**30:.2f} GiB; the devices hold "
+            f"{(start * block_bytes) / 2**30:.2f} GiB of them ({have}): lower block_size, use "
+            "a half-precision Fisher, prune fewer layers, or add devices"
+        )
     return plan
 
 
-def check_estimate(est: MemoryEstimate, pruner, targets: Mapping[str, torch.Tensor], num_grads: int, *,
-                   available: Mapping[str, int | None] | None = None) -> None:
+def check_estimate(
+    est: MemoryEstimate,
+    pruner,
+    targets: Mapping[str, torch.Tensor],
+    num_grads: int,
+    *,
+    available: Mapping[str, int | None] | None = None,
+) -> None:
     """Refuse, before any work, a call whose estimated peak exceeds what a device has available.
 
-    ``available``: ``{device: bytes}`` (default: :func:`~hf_mfac.core._checks.free_bytes` of each device; None
-    where it cannot be told, which passes). The ``MemoryError`` names the need, what is available, and the
-    settings that would fit (a smaller ``block_size``, fewer ``num_grads`` for static M-FAC) with their peaks.
-    """
+    ``available``: ``{device: bytes}`` (default: :func:`~hf_mfac.core._checks.free_bytes` of each
+    device; None where it cannot be told, which passes). The ``MemoryError`` names the need, what is
+    available, and the settings that would fit (a smaller ``block_size``, fewer ``num_grads`` for
+    static M-FAC) with their peaks. """
     short = []
     for dev, need in est.items():
         have = available.get(dev) if available is not None else free_bytes(torch.device(dev))
@@ -213,21 +263,36 @@ def check_estimate(est: MemoryEstimate, pruner, targets: Mapping[str, torch.Tens
     for option in _smaller_settings(pruner, num_grads):
         alt_pruner, m = option
         alt = estimate_pruner(alt_pruner, targets, m)
-        if all(alt.get(d, 0) <= (available.get(d) if available is not None else free_bytes(torch.device(d))
-                                 or float("inf")) for d, _, _ in short):
-            label = (f"block_size={alt_pruner.block_size}" if alt_pruner.block_size != pruner.block_size
-                     else f"num_grads={m}")
+        if all(
+            alt.get(d, 0)
+            <= (
+                available.get(d)
+                if available is not None
+                else free_bytes(torch.device(d)) or float("inf")
+            )
+            for d, _, _ in short
+        ):
+            label = (
+                f"block_size={alt_pruner.block_size}"
+                if alt_pruner.block_size != pruner.block_size
+                else f"num_grads={m}"
+            )
             fits.append(f"{label} ({human(alt[dev])})")
-    advice = ("settings that fit: " + ", ".join(fits[:3])) if fits else "no smaller block size fits either"
+    advice = (
+        ("settings that fit: " + ", ".join(fits[:3]))
+        if fits
+        else "no smaller block size fits either"
+    )
     raise MemoryError(
         f"{pruner.name} pruning needs an estimated {human(need)} on {dev} "
         f"({est.describe()}), but only {human(have)} is available there; {advice}; or prune fewer "
-        "layers (include=/exclude=), or put the Fisher on another device (device=...)")
+        "layers (include=/exclude=), or put the Fisher on another device (device=...)"
+    )
 
 
 def _smaller_settings(pruner, num_grads: int):
-    """(pruner, num_grads) variants that need less memory: halved block sizes (multiples of the pattern's
-    group), or halved numbers of gradients for static M-FAC (its memory is m x D)."""
+    """(pruner, num_grads) variants that need less memory: halved block sizes (multiples of the
+    pattern's group), or halved numbers of gradients for static M-FAC (its memory is m x D)."""
     import copy
 
     if isinstance(pruner, MFACPruner):

@@ -58,11 +58,11 @@ class PruneReport:
     underestimates the curvature of a well-fit model (on the fine-tuned all-MiniLM-L6-v2 at 50 %,
     0.0015 against a measured increase of the training loss of 0.024), so compare layers, methods
     and steps of one run with it, and measure the loss. Times in seconds; ``grad_share`` = share of
-    the time spent collecting gradients. ``time_grads`` splits into ``time_forward_backward`` (the model's
-    passes) and ``time_accumulate`` (the Fisher's build from the gradient chunks), ``time_prune`` into
-    ``time_invert`` (forming the Fisher inverse) and ``time_select_update`` (scores, selection and the
-    update of the weights). ``memory_estimate``: the estimated peak bytes per device
-    (:func:`~hf_mfac.pruning.estimate_memory`), checked before the work."""
+    the time spent collecting gradients. ``time_grads`` splits into ``time_forward_backward`` (the
+    model's passes) and ``time_accumulate`` (the Fisher's build from the gradient chunks),
+    ``time_prune`` into ``time_invert`` (forming the Fisher inverse) and ``time_select_update``
+    (scores, selection and the update of the weights). ``memory_estimate``: the estimated peak bytes
+    per device (:func:`~hf_mfac.pruning.estimate_memory`), checked before the work."""
     method: str
     pattern: str
     scope: str
@@ -107,7 +107,8 @@ class PruneReport:
                      f"{len(self.steps)} step(s), "
                      f"{self.time_total:.2f}s ({100 * self.grad_share:.0f}% collecting gradients: "
                      f"forward/backward {self.time_forward_backward:.2f}s, accumulation "
-                     f"{self.time_accumulate:.2f}s; inversion {self.time_invert:.2f}s, selection and "
+                     f"{self.time_accumulate:.2f}s; inversion {self.time_invert:.2f}s, "
+                     "selection and "
                      f"update {self.time_select_update:.2f}s"
                      f"{'; first Fisher reused from the cache' if self.fisher_reused else ''})")
         return "\n".join(lines)
@@ -465,8 +466,9 @@ def _run_steps(run: _Run, keep: torch.Tensor, steps, fisher_cache: FisherCache |
         _write_back(run.targets, layout, res.weights)
         loss = None
         if res.loss is not None:
-            # The Fisher of gradients averaged over b samples is about 1/b of the per-sample Fisher that the
-            # quadratic model needs (near a minimum the mean gradient is small): scale the saliencies by b.
+            # The Fisher of gradients averaged over b samples is about 1/b of the per-sample Fisher
+            # that the quadratic model needs (near a minimum the mean gradient is small): scale the
+            # saliencies by b.
             loss = res.loss * fisher.samples_per_grad
             loss_total = loss if loss_total is None else loss_total + loss
         _record_step(run.report, layout, keep, loss, fisher, time.perf_counter() - t0)
@@ -530,11 +532,12 @@ def _step_fisher(run: _Run, keep: torch.Tensor, fisher_cache: FisherCache | None
                           fisher_batch_size=c.fisher_batch_size, per_sample=c.per_sample,
                           chunk_size=run.chunk_size, loss_fn=run.loss_fn, device=run.dev,
                           progress=run.progress)
-    t_finish = time.perf_counter()  # static M-FAC's precomputation (a block Fisher inverts on first use)
+    # static M-FAC's precomputation (a block Fisher inverts on first use, in the step)
+    t_finish = time.perf_counter()
     finv = fisher.finish()
     out = _StepFisher(finv, stats.mean.to(run.wdev), stats.seconds,
-                      stats.num_samples / max(1, stats.num_grads), stats.seconds_model, stats.seconds_sink,
-                      time.perf_counter() - t_finish)
+                      stats.num_samples / max(1, stats.num_grads), stats.seconds_model,
+                      stats.seconds_sink, time.perf_counter() - t_finish)
     if key is not None:
         fisher_cache.put(key, (out.finv, out.grad, out.samples_per_grad))
     return out
@@ -546,8 +549,8 @@ def _write_back(targets: Mapping[str, torch.Tensor], layout: Layout, weights: to
             targets[name].copy_(v)
 
 
-def _record_step(report: PruneReport, layout: Layout, keep: torch.Tensor, loss, fisher: "_StepFisher",
-                 dt: float) -> None:
+def _record_step(report: PruneReport, layout: Layout, keep: torch.Tensor, loss,
+                 fisher: "_StepFisher", dt: float) -> None:
     t_grads = fisher.seconds
     split = {"time_forward_backward": fisher.model_seconds, "time_accumulate": fisher.sink_seconds,
              "time_invert": fisher.invert_seconds,
