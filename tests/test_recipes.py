@@ -135,7 +135,8 @@ def test_flags_choose_method_and_distillation():
     assert cap.prune_method == "cap" and cap.distill_teacher is None
 
 
-def test_callback_prunes_on_the_recipes_steps_with_rewinds(tmp_path):
+@pytest.mark.parametrize("recipe, given", [("magnitude", {}), ("obert", {"num_grads": 4})])
+def test_callback_prunes_on_the_recipes_steps_with_rewinds(tmp_path, recipe, given):
     transformers = pytest.importorskip("transformers")
     import torch
     from hf_mfac.integrations import PruningCallback
@@ -154,7 +155,7 @@ def test_callback_prunes_on_the_recipes_steps_with_rewinds(tmp_path):
         def on_step_begin(self, args, state, control, optimizer=None, **kw):
             lrs[state.global_step] = optimizer.param_groups[0]["lr"]
 
-    cb = PruningCallback(recipe="magnitude", final_sparsity=0.9)
+    cb = PruningCallback(recipe=recipe, final_sparsity=0.9, **given)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=8, learning_rate=1e-3,
         report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0)
@@ -164,6 +165,7 @@ def test_callback_prunes_on_the_recipes_steps_with_rewinds(tmp_path):
     assert [t for t, _ in cb.schedule] == [2, 6, 10, 14, 18, 22, 26]
     assert cb.schedule[0][1] == pytest.approx(0.7) and cb.schedule[-1][1] == pytest.approx(0.9)
     assert cb.current_sparsity() == pytest.approx(0.9, abs=1e-3)
+    assert (cb.pruner.name, cb.config.num_grads) == (recipe, given.get("num_grads"))
     # the learning rate restarts at its peak at each pruning step and decays linearly towards 0.1x
     for t in (2, 6, 26):
         assert lrs[t] == pytest.approx(1e-3, rel=1e-6)

@@ -252,7 +252,7 @@ class GradualPruningConfig(PruningConfig):
         "choices": recipe_names()})
 
     def __post_init__(self):
-        if self.recipe is not None:
+        if self.recipe is not None and not isinstance(self.method, Pruner):  # (a Pruner: applied)
             self.recipe = str(self.recipe).lower()
             get_recipe(self.recipe)  # an unknown name is refused here
             given = self.recipe_given()
