@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 from faults_pruning import mlp
 from hf_mfac.core import _checks
 from hf_mfac.pruning import prune_oneshot
@@ -53,6 +55,17 @@ def _pruned(ctx, result):
     assert result.report.sparsity > 0.4
 
 
+def _prune_with(**kw):
+    from hf_mfac.pruning import OBSPruner
+
+    def act(ctx):
+        pruner = OBSPruner(block_size=4, **kw)
+        return prune_oneshot(ctx["model"], ctx["data"], method=pruner, sparsity=0.5, num_grads=8,
+                             progress=False)
+
+    return act
+
+
 CASES = [
     Fault(
         "oneshot-fits-mem-available-not-mem-free",
@@ -68,4 +81,8 @@ CASES = [
         MemoryError,
         r"needs an estimated .* on cpu .* only 0\.0 MiB is available",
     ),
+    Fault("oneshot-fisher-dtype-not-a-float", mlp, _prune_with(fisher_dtype=torch.int8), ValueError,
+          r"fisher_dtype must be torch.float32 .* got torch.int8"),
+    Fault("oneshot-fisher-dtype-half-not-offered", mlp, _prune_with(fisher_dtype=torch.bfloat16),
+          ValueError, r"fisher_dtype .* got torch.bfloat16"),
 ]

@@ -242,6 +242,9 @@ class Pruner(abc.ABC):
                          if damp is None else None)
         self.device = None if device is None else torch.device(device)
         self.page_bytes = page_bytes
+        if fisher_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"fisher_dtype must be torch.float32 (the packed fp32 inverse, the default) or "
+                             f"torch.float64 (whole fp64 blocks); got {fisher_dtype!r}")
         self.fisher_dtype = fisher_dtype
         g = self.pattern.group
         if self.uses_fisher and self.block_size is not None and self.block_size % g:
