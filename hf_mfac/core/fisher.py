@@ -69,7 +69,8 @@ def check_damping(damp, rel_damp) -> tuple[float | None, float | None]:
     them)."""
     if (damp is None) == (rel_damp is None):
         raise ValueError("give exactly one of damp (absolute: F = damp*I + ...) and rel_damp (relative: a fraction "
-                         f"of the mean diagonal of each Fisher block); got damp={damp!r}, rel_damp={rel_damp!r}")
+                         "of the mean Fisher diagonal of each damping group of blocks); got "
+                         f"damp={damp!r}, rel_damp={rel_damp!r}")
     if damp is not None:
         return check_damp(damp), None
     return None, check_damp(rel_damp, "rel_damp")

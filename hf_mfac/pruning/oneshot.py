@@ -326,8 +326,9 @@ def prune_oneshot(model: nn.Module, dataloader=None, config: PruningConfig | Non
         method: "magnitude", "obert" (WoodFisher/oBERT), "mfac" (static M-FAC) or "cap", or a
             :class:`~hf_mfac.pruning.Pruner`; ``block_size``/``rel_damp``/``num_grads`` default to
             the method's.
-        rel_damp, damp: the Fisher's damping, by default ``rel_damp`` (a fraction of the mean
-            diagonal of each Fisher block: the masks do not depend on the scale of the loss);
+        rel_damp, damp: the Fisher's damping, by default ``rel_damp`` (λ a fraction of the mean
+            Fisher diagonal over all target weights, one λ for every block: the masks do not
+            depend on the scale of the loss);
             ``damp`` is an absolute λ instead (the papers' setting, ``F = damp*I + G^T G / m``).
             Give at most one.
         sparsity: fraction of the target weights to prune, exactly (rounded to whole units); implied

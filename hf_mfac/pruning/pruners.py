@@ -192,8 +192,9 @@ class Pruner(abc.ABC):
     """Abstract base class. ``scope``: "global" (one threshold over all targets) or "layer" (uniform
     sparsity).
 
-    Damping: by default ``rel_damp`` (``default_rel_damp``), a fraction of the mean diagonal of each
-    Fisher block, so that the masks do not depend on the scale of the loss; ``damp`` gives the
+    Damping: by default ``rel_damp`` (``default_rel_damp``), λ a fraction of the mean Fisher
+    diagonal over all target weights (one λ for every block; ``rel_damp_scope = "layer"``: the mean
+    over each target), so that the masks do not depend on the scale of the loss; ``damp`` gives the
     papers' absolute λ instead (``F = damp*I + G^T G / m``) and turns the relative one off.
 
     Subclasses set the defaults (one place for each: ``default_block_size``, ``default_rel_damp``,
