@@ -520,3 +520,15 @@ def test_training_arguments_pickled_without_the_hub_token(tmp_path):
     assert type(loaded) is type(args) and loaded.hub_token is None
     assert loaded.include_num_input_tokens_seen == args.include_num_input_tokens_seen == "all"
     assert loaded.output_dir == args.output_dir
+
+
+@pytest.mark.parametrize("zeros, start", [(410, "An 80.08% sparse"), (409, "A 79.88% sparse")])
+def test_default_description_article(zeros, start):
+    """'An 80.08%', 'A 79.88%': the article follows the number as it is read."""
+    m = BertForSequenceClassification(BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=32))
+    w = m.bert.encoder.layer[0].intermediate.dense.weight  # (32, 16): 512 weights
+    with torch.no_grad():
+        w.view(-1)[:zeros] = 0
+    masks = {"bert.encoder.layer.0.intermediate.dense.weight": w != 0}
+    assert start in create_sparse_model_card(model=m, masks=masks).text

@@ -325,7 +325,9 @@ def _new_or_updated_card(save_directory, r: _Resolved, section: str, *, base_mod
         data = _merge_data(old.data, r.data)
         return _update_card(old, data, section), data
     if description is None:
-        what = f"A {_pct(r.meta['sparsity'])} sparse" if r.meta else "A"
+        pct = _pct(r.meta["sparsity"]) if r.meta else ""
+        article = "An" if pct[:1] == "8" or pct[:3] in ("11.", "18.") else "A"  # "An 80.00%"
+        what = f"{article} {pct} sparse" if r.meta else "A"
         base = (f" version of [{_text(base_model)}](https://huggingface.co/{quote(base_model, safe='/')})"
                 if isinstance(base_model, str) else " model")
         how = " trained with the M-FAC optimizer" if r.is_mfac else ""
