@@ -276,8 +276,8 @@ def collect_grads(model: nn.Module, dataloader, num_grads: int, *, params: Layou
                             progress=progress, stats=info, fisher_bytes=_sink_bytes(sink)):
         if total is None:
             total = torch.zeros(layout.dim, dtype=torch.float64, device=chunk.device)
-        for row in chunk:  # the fp64 sum in place: no (D,) fp64 temporary per chunk
-            total.add_(row)
+        for g in chunk:  # the fp64 sum in place: no (D,) fp64 temporary per chunk
+            total.add_(g)
         if sink is not None:
             t1 = time.perf_counter()
             sink(chunk)
