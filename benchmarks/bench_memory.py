@@ -1,10 +1,11 @@
 """Peak memory and time split of prune_oneshot on random BERTs, against estimate_memory.
 
-Each run is a fresh subprocess: it builds a random BertForSequenceClassification (hidden size h, L layers,
-intermediate 4h) and synthetic batches, takes its resident memory, resets the peak (``/proc/self/clear_refs``)
-and runs one prune_oneshot; the extra peak is the peak resident memory during the call minus the memory before
-it. The time split reads the Fisher's own clocks (accumulation, inversion) and the gradient collection's (forward
-and backward). ``--code DIR`` runs another checkout of the library (e.g. the code before a change) in the child.
+Each run is a fresh subprocess: it builds a random BertForSequenceClassification (hidden size h, L
+layers, intermediate 4h) and synthetic batches, takes its resident memory, resets the peak
+(``/proc/self/clear_refs``) and runs one prune_oneshot; the extra peak is the peak resident memory
+during the call minus the memory before it. The time split reads the Fisher's own clocks
+(accumulation, inversion) and the gradient collection's (forward and backward). ``--code DIR`` runs
+another checkout of the library (e.g. the code before a change) in the child.
 
     python benchmarks/bench_memory.py --sizes 256x4 384x4 512x4 --methods obert cap
 """
@@ -22,12 +23,13 @@ import gc, json, sys, time, torch
 torch.manual_seed(0)
 from transformers import BertConfig, BertForSequenceClassification
 h, L, method, m, B = {h}, {L}, {method!r}, {m}, {B}
-cfg = BertConfig(vocab_size=1000, hidden_size=h, num_hidden_layers=L, num_attention_heads=max(1, h // 64),
-                 intermediate_size=4 * h, max_position_embeddings=64, num_labels=2)
+cfg = BertConfig(vocab_size=1000, hidden_size=h, num_hidden_layers=L,
+                 num_attention_heads=max(1, h // 64), intermediate_size=4 * h,
+                 max_position_embeddings=64, num_labels=2)
 model = BertForSequenceClassification(cfg)
 g = torch.Generator().manual_seed(1)
-data = [dict(input_ids=torch.randint(0, 1000, (8, 32), generator=g), labels=torch.randint(0, 2, (8,), generator=g))
-        for _ in range(m)]
+data = [dict(input_ids=torch.randint(0, 1000, (8, 32), generator=g),
+             labels=torch.randint(0, 2, (8,), generator=g)) for _ in range(m)]
 import hf_mfac.pruning as P
 from hf_mfac.pruning import prune_oneshot
 clocks = {{}}
@@ -56,7 +58,8 @@ gc.collect()
 base = rss("VmRSS:")
 open("/proc/self/clear_refs", "w").write("5")
 t0 = time.perf_counter()
-res = prune_oneshot(model, data, method=method, sparsity=0.5, num_grads=m, block_size=B, progress=False)
+res = prune_oneshot(model, data, method=method, sparsity=0.5, num_grads=m, block_size=B,
+                    progress=False)
 total = time.perf_counter() - t0
 peak = rss("VmHWM:")
 fisher = clocks.pop("fisher", None)
@@ -86,14 +89,17 @@ def run(h: int, L: int, method: str, m: int, B: int, code: str | None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", nargs="+", default=["256x4", "384x4", "512x4"], help="hidden x layers")
+    ap.add_argument("--sizes", nargs="+", default=["256x4", "384x4", "512x4"],
+                    help="hidden x layers")
     ap.add_argument("--methods", nargs="+", default=["obert", "cap"])
     ap.add_argument("--num-grads", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=32)
-    ap.add_argument("--code", default=None, help="a checkout of the library to run instead of this one")
+    ap.add_argument("--code", default=None,
+                    help="a checkout of the library to run instead of this one")
     args = ap.parse_args()
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '2')}, code={args.code or 'this checkout'}")
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '2')}, "
+          f"code={args.code or 'this checkout'}")
     for size in args.sizes:
         h, L = map(int, size.split("x"))
         for method in args.methods:
@@ -101,7 +107,8 @@ def main() -> None:
             D = r["targets"]
             packed = D * 66 if args.block_size == 32 else None
             r["extra_over_packed"] = None if packed is None else r["extra_peak"] / packed
-            r["estimate_over_measured"] = None if r["estimate"] is None else r["estimate"] / r["extra_peak"]
+            est = r["estimate"]
+            r["estimate_over_measured"] = None if est is None else est / r["extra_peak"]
             print(json.dumps(r))
 
 
