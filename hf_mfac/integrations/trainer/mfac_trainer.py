@@ -30,6 +30,7 @@ from pathlib import Path
 from transformers import Trainer, TrainingArguments
 
 from ...optim import MFAC, selects_mfac
+from ..checkpoint.redaction import pickled_without_secrets
 from .arguments import check_supported_setup, parse_optim_args
 
 __all__ = ["MFACTrainer", "mfac_optimizer_cls_and_kwargs", "check_supported_setup", "HubUnreachableError"]
@@ -145,6 +146,17 @@ class MFACTrainer(Trainer):
         if selects_mfac(args):
             return mfac_optimizer_cls_and_kwargs(args)
         return Trainer.get_optimizer_cls_and_kwargs(args, model)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """As ``Trainer._save``; ``training_args.bin`` (uploaded by ``push_to_hub``) is written
+        without ``hub_token`` (:func:`~hf_mfac.integrations.checkpoint.pickled_without_secrets`)."""
+        with pickled_without_secrets(self.args):
+            super()._save(output_dir, state_dict=state_dict)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """As ``Trainer._push_from_checkpoint``; ``training_args.bin`` without ``hub_token``."""
+        with pickled_without_secrets(self.args):
+            super()._push_from_checkpoint(checkpoint_folder)
 
     def create_model_card(self, **info) -> None:
         """Write ``README.md`` in ``args.output_dir``: hf_mfac's card (M-FAC/sparsity metadata) if available."""
