@@ -893,4 +893,25 @@ CLI_ROWS += [
           raises=KeyboardInterrupt, match="interrupted", check=nothing_or_previous),
 ]
 
+
+def trainer_saves_with_hub_token(ctx):
+    """``MFACTrainer.save_model`` with a hub token in its arguments (``push_to_hub`` uploads it)."""
+    from transformers import TrainingArguments
+
+    from hf_mfac.integrations import MFACTrainer
+
+    model, _ = model_and_masks()
+    args = TrainingArguments(output_dir=str(ctx["dir"]), report_to=[], use_cpu=True,
+                             hub_token=HF_TOKEN)
+    trainer = MFACTrainer(model=model, args=args)
+    trainer.save_model()
+    assert trainer.args.hub_token == HF_TOKEN  # still there for the upload
+
+
+CARD_ROWS += [
+    Fault("trainer:training-args-without-hub-token", lambda tmp: {"dir": tmp / "run"},
+          trainer_saves_with_hub_token, check=no_secret_written),
+]
+
+
 CASES = SAVE_ROWS + LOAD_ROWS + CARD_ROWS + CLI_ROWS
