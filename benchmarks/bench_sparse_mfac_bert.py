@@ -59,7 +59,9 @@ def fill_window(opt) -> None:
         else:
             w._I[:, r].random_(0, w._block)
             w._V[:, r].normal_(0, 1e-3)
-    norms = w._V.to(torch.float64).square().sum((0, 2))
+    norms = torch.zeros(w.num_grads, dtype=torch.float64)
+    for b in range(w._nblk):  # block by block: no full-size temporary in the peak RSS
+        norms += w._V[b].to(torch.float64).square().sum(1)
     w.GGt[w.count :, :] = 0
     w.GGt[:, w.count :] = 0
     idx = torch.arange(w.count, w.num_grads)
