@@ -18,7 +18,8 @@ from .config import GradualPruningConfig, PruningConfig
 from .distributed import DistributedPruner, prune_oneshot_distributed
 from .grads import GradStats, collect_grads, default_loss, iter_grads
 from .memory import MemoryEstimate, estimate_memory
-from .oneshot import FisherCache, PruneReport, PruneResult, apply_masks, masks_from_zeros, prune_oneshot, prune_sweep
+from .driver import FisherCache, PruneReport, PruneResult, apply_masks, masks_from_zeros
+from .oneshot import prune_oneshot, prune_sweep
 from .pruners import (PRUNERS, CAPPruner, MagnitudePruner, MFACPruner, OBSPruner, Pattern, Pruner, StepResult,
                       make_pruner)
 from .targets import DEFAULT_EXCLUDE, DEFAULT_TYPES, Layout, find_prunable

@@ -47,7 +47,7 @@ import torch
 
 from ..comm import Comm, DistributedError
 from .config import SETTINGS, PruningConfig, oneshot_config
-from .oneshot import prune_oneshot, restore_on_error
+from .driver import restore_on_error, run_oneshot
 from .pruners import CAPPruner, MFACPruner, Pruner, StepResult, make_pruner
 from .targets import DEFAULT_TYPES
 
@@ -398,7 +398,7 @@ def prune_oneshot_distributed(model, dataloader=None, config: PruningConfig | No
     comm.agree("the pruning settings", agreed)
     with restore_on_error(kwargs["targets"]):  # a rank done before another failed puts its weights back too
         try:
-            result = prune_oneshot(model, dataloader, config, **kwargs)
+            result = run_oneshot(model, dataloader, config, **kwargs)
         except DistributedError:  # raised on every rank already
             raise
         except BaseException as e:  # noqa: BLE001

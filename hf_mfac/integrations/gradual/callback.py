@@ -42,7 +42,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ...core.schedules import cubic_sparsity, cyclic_linear_scheduler
 from ...optim import MFAC, unwrap_optimizer
 from ...pruning import DEFAULT_TYPES, GradualPruningConfig, Layout, prune_oneshot
-from ...pruning.oneshot import masks_from_zeros, restore_on_error
+from ...pruning.driver import masks_from_zeros, restore_on_error
 from ..log_level import follow_log_level
 
 __all__ = ["PruningCallback", "CHECKPOINT_MASKS_NAME", "CHECKPOINT_STATE_NAME"]
