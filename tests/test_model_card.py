@@ -21,7 +21,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 from hf_mfac.core.masks import threshold_masks  # noqa: E402
 from hf_mfac.integrations import create_sparse_model_card, save_sparse_pretrained  # noqa: E402
 from hf_mfac.integrations.card import PLOT_NAME, push_sparse_to_hub  # noqa: E402
-from hf_mfac.integrations.checkpoint.redaction import _redacted_command, redact_argv  # noqa: E402
+from hf_mfac.integrations.checkpoint.redaction import redacted_command, redact_argv  # noqa: E402
 from hf_mfac.integrations.checkpoint import MASKS_NAME, load_sparse_masks  # noqa: E402
 
 CFG = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -130,7 +130,7 @@ def test_broken_existing_yaml_is_refused_untouched(tmp_path):
 
 
 def test_redacted_command():
-    cmd = _redacted_command(["run.py", "--hub_token", "hf_abc", "--lr", "1e-3", "--api_secret=xyz", "--x", "1"])
+    cmd = redacted_command(["run.py", "--hub_token", "hf_abc", "--lr", "1e-3", "--api_secret=xyz", "--x", "1"])
     assert "hf_abc" not in cmd and "xyz" not in cmd and "--lr 1e-3" in cmd and "--hub_token '***'" in cmd
 
 
@@ -171,7 +171,7 @@ ARGV = [
 
 @pytest.mark.parametrize("argv,hidden,kept", ARGV, ids=[" ".join(a)[:40] for a, _, _ in ARGV])
 def test_redaction_by_rule(argv, hidden, kept, tmp_path):
-    cmd = _redacted_command(["run.py", *argv])
+    cmd = redacted_command(["run.py", *argv])
     words = shlex.split(cmd)
     assert len(words) == len(argv) + 2  # one word per argv word
     for h in hidden:
@@ -263,12 +263,12 @@ if sys.argv[1] == "checkout":  # a source checkout on sys.path, nothing installe
     assert importlib.util.find_spec("hf_mfac._model_cards") is None
 import torch
 from hf_mfac.integrations.card import create_sparse_model_card
-from hf_mfac.integrations.card.trainer_info import _mfac_hparams
+from hf_mfac.integrations.card.trainer_info import mfac_hparams
 from hf_mfac.optim import MFAC
 
 trainer = types.SimpleNamespace(args=types.SimpleNamespace(optim="sgd"),
                                 optimizer=MFAC([torch.nn.Parameter(torch.zeros(3))], lr=0.1, num_grads=2))
-hp = _mfac_hparams(trainer)
+hp = mfac_hparams(trainer)
 rec = {"method": "magnitude", "pattern": "unstructured", "sparsity": 0.5, "model_sparsity": 0.25,
        "per_layer": {"w": {"shape": [2, 2], "num_pruned": 2, "sparsity": 0.5}}}
 card = create_sparse_model_card(sparsity=rec, mfac=hp, model_name="tiny")

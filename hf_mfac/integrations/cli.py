@@ -310,11 +310,11 @@ def save_prune_result(out: str, model, masks, report: dict, *, tokenizer, method
     :func:`~hf_mfac.integrations.checkpoint.staged_save`: an exception, ``KeyboardInterrupt``
     included, leaves ``out`` as it was (absent, or the previous result), never half written."""
     from .card.model_card import CardFields, create_sparse_model_card
-    from .checkpoint.files import _is_checkpoint_file
+    from .checkpoint.files import is_checkpoint_file
     from .checkpoint.sparse import log_saved, save_sparse_pretrained
     from .checkpoint.staging import staged_save
 
-    with staged_save(out, stale=_is_checkpoint_file) as stage:
+    with staged_save(out, stale=is_checkpoint_file) as stage:
         meta = save_sparse_pretrained(model, stage, masks, method=method, pattern=pattern,
                                       recipe=recipe, _log=False)
         tokenizer.save_pretrained(stage)

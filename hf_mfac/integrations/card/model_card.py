@@ -43,24 +43,24 @@ from urllib.parse import quote
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from .section import (
-    _check_line,
-    _fmt,
-    _one_line,
-    _pct,
-    _plot,
-    _render_section,
-    _template,
-    _text,
-    _unmark,
-    _update_card,
-    _verify,
+    check_line,
+    format_value,
+    one_line,
+    format_percent,
+    plot_sparsity,
+    render_section,
+    read_template,
+    card_text,
+    unmark,
+    update_card,
+    verify_card,
 )
-from ..checkpoint.files import _is_checkpoint_file
+from ..checkpoint.files import is_checkpoint_file
 from ..checkpoint.redaction import redact, redact_credentials
 from ..checkpoint.sparse import log_saved, save_sparse_pretrained
 from ..checkpoint.record import read_sparsity_metadata, resolve_masks, sparsity_metadata
 from ..checkpoint.staging import staged_save
-from .trainer_info import _trainer_card_kwargs, _trainer_sparsity
+from .trainer_info import trainer_card_kwargs, trainer_sparsity
 
 logger = logging.getLogger("hf_mfac")
 
@@ -128,7 +128,7 @@ def _eval_results(eval_results, task, dataset_name, dataset_type, dataset_config
     if isinstance(eval_results, Mapping):
         named = dataset_name or dataset_type
         rows = [dict(task=task or "", dataset=named or "(not named)", split=dataset_split or "", metric=k,
-                     value=_fmt(v)) for k, v in eval_results.items()]
+                     value=format_value(v)) for k, v in eval_results.items()]
         left_out = [r for r, v in zip(rows, eval_results.values()) if not _finite(v)]
         if not (named and task):
             return None, rows, left_out
@@ -137,7 +137,7 @@ def _eval_results(eval_results, task, dataset_name, dataset_type, dataset_config
                                    metric_type=k, metric_value=v) for k, v in eval_results.items()]
     rows = [dict(task=r.task_type, dataset=r.dataset_name + (f" ({r.dataset_config})" if r.dataset_config else ""),
                  split=r.dataset_split or "", metric=r.metric_type,
-                 value=_fmt(r.metric_value)) for r in eval_results]
+                 value=format_value(r.metric_value)) for r in eval_results]
     left_out = [row for row, r in zip(rows, eval_results) if not _finite(r.metric_value)]
     results = [r for r in eval_results if _finite(r.metric_value)]
     return results or None, rows, left_out
@@ -224,17 +224,17 @@ _METADATA = ("model_name", "repo_id", "base_model", "datasets", "task", "dataset
 
 def _check_fields(card: CardFields) -> None:
     """Refuse a metadata field, a metric name or an ``EvalResult`` field holding a line break or
-    control character (:func:`_check_line`), before anything is read or written."""
+    control character (:func:`check_line`), before anything is read or written."""
     for field, value in card.metadata().items():
-        _check_line(field, list(value) if field == "tags" and value is not None and not isinstance(value, str)
+        check_line(field, list(value) if field == "tags" and value is not None and not isinstance(value, str)
                     else value)
     eval_results = card.eval_results
     if isinstance(eval_results, Mapping):
-        _check_line("eval_results (metric names)", [str(k) for k in eval_results])
+        check_line("eval_results (metric names)", [str(k) for k in eval_results])
     elif eval_results:
         for r in eval_results:
             for k, v in vars(r).items():
-                _check_line(f"EvalResult.{k}", v)
+                check_line(f"EvalResult.{k}", v)
 
 
 def _redact_eval_results(eval_results):
@@ -282,14 +282,14 @@ def _resolve(sparsity, model, masks, save_directory, f: CardFields) -> _Resolved
     dataset of a metrics mapping from the pipeline tag and ``datasets``; and the YAML metadata built from them."""
     meta, saved = _sparsity_from(sparsity, model, masks, save_directory)
     method = f.method or (meta or {}).get("method")
-    _check_line("method", method)
+    check_line("method", method)
     recipe = f.recipe if f.recipe is not None else (meta or {}).get("recipe")
     auto_class, inferred_tag = _head(_architectures(model, save_directory))
     pipeline_tag = f.pipeline_tag or inferred_tag
     datasets = f.datasets
     datasets = [datasets] if isinstance(datasets, str) else (list(datasets) if datasets else None)
     model_name = f.model_name or (f.repo_id or "").split("/")[-1] or (
-        _one_line(os.path.basename(os.path.normpath(save_directory))) if save_directory else "model")
+        one_line(os.path.basename(os.path.normpath(save_directory))) if save_directory else "model")
     first_dataset = datasets[0] if datasets else None
     results, eval_rows, left_out = _eval_results(
         f.eval_results, f.task or pipeline_tag, f.dataset_name or first_dataset,
@@ -323,17 +323,17 @@ def _new_or_updated_card(save_directory, r: _Resolved, section: str, *, base_mod
     if readme and os.path.isfile(readme):
         old = ModelCard.load(readme)  # a broken YAML header raises here
         data = _merge_data(old.data, r.data)
-        return _update_card(old, data, section), data
+        return update_card(old, data, section), data
     if description is None:
-        pct = _pct(r.meta["sparsity"]) if r.meta else ""
+        pct = format_percent(r.meta["sparsity"]) if r.meta else ""
         article = "An" if pct[:1] == "8" or pct[:3] in ("11.", "18.") else "A"  # "An 80.00%"
         what = f"{article} {pct} sparse" if r.meta else "A"
-        base = (f" version of [{_text(base_model)}](https://huggingface.co/{quote(base_model, safe='/')})"
+        base = (f" version of [{card_text(base_model)}](https://huggingface.co/{quote(base_model, safe='/')})"
                 if isinstance(base_model, str) else " model")
         how = " trained with the M-FAC optimizer" if r.is_mfac else ""
         description = f"{what}{base}{how}, produced with hf_mfac."
-    card = ModelCard.from_template(r.data, template_str=_template("model_card.md"), model_name=_text(r.model_name),
-                                   description=_unmark(redact(str(description))), hf_mfac_section=section)
+    card = ModelCard.from_template(r.data, template_str=read_template("model_card.md"), model_name=card_text(r.model_name),
+                                   description=unmark(redact(str(description))), hf_mfac_section=section)
     return card, r.data
 
 
@@ -341,7 +341,7 @@ def _write_card(save_directory, card: ModelCard, r: _Resolved) -> None:
     """``README.md`` and, when wanted, the per-layer plot, through one staged save (a failure changes nothing)."""
     with staged_save(save_directory) as stage:
         if r.plot_file:
-            _plot(r.meta["per_layer"], os.path.join(stage, r.plot_file))
+            plot_sparsity(r.meta["per_layer"], os.path.join(stage, r.plot_file))
         card.save(os.path.join(stage, "README.md"))
 
 
@@ -377,7 +377,7 @@ def create_sparse_model_card(save_directory: str | os.PathLike | None = None,
     _check_fields(f)
     f = f.redacted()
     r = _resolve(sparsity, model, masks, save_directory, f)
-    section = _render_section(
+    section = render_section(
         r.meta, saved=r.saved, method=r.method, auto_class=r.auto_class,
         repo_id=f.repo_id or r.model_name, plot_file=r.plot_file, recipe=r.recipe,
         command=f.command, mfac=f.mfac, training=f.training, eval_rows=r.eval_rows,
@@ -385,7 +385,7 @@ def create_sparse_model_card(save_directory: str | os.PathLike | None = None,
     readme, data = _new_or_updated_card(save_directory, r, section, base_model=f.base_model,
                                         description=f.description)
     readme, data, section = _clean(readme, data, section)
-    _verify(readme, data, section)
+    verify_card(readme, data, section)
     if save_directory:
         _write_card(save_directory, readme, r)
     return readme
@@ -419,12 +419,12 @@ def write_trainer_model_card(trainer, output_dir: str | os.PathLike | None = Non
     """
     output_dir = output_dir or trainer.args.output_dir
     model = trainer.accelerator.unwrap_model(trainer.model)
-    masks, method, recipe, save_args = _trainer_sparsity(trainer, model, info)
+    masks, method, recipe, save_args = trainer_sparsity(trainer, model, info)
     resolved = resolve_masks(model, masks, save_args.get("targets"))
     sparse = any(not bool(k.all()) for k in resolved.values())
-    kwargs = _trainer_card_kwargs(trainer, model, output_dir, info, method=method, recipe=recipe)
+    kwargs = trainer_card_kwargs(trainer, model, output_dir, info, method=method, recipe=recipe)
     # One staged save for the checkpoint and the card: either both replace what output_dir held, or neither.
-    with staged_save(output_dir, stale=_is_checkpoint_file if sparse else None) as stage:
+    with staged_save(output_dir, stale=is_checkpoint_file if sparse else None) as stage:
         sparsity = None
         if sparse:
             sparsity = save_sparse_pretrained(model, stage, resolved, method=method, recipe=recipe, _log=False,

@@ -1,8 +1,8 @@
 """What a ``Trainer`` tells a model card: the masks, method, pattern and recipe of its pruning callback
-(:func:`_callback_sparsity`), the M-FAC hyperparameters of its arguments or optimizer (:func:`_mfac_hparams`), its
+(:func:`_callback_sparsity`), the M-FAC hyperparameters of its arguments or optimizer (:func:`mfac_hparams`), its
 training hyperparameters (:func:`_training_hparams`) and its last evaluation metrics (:func:`_last_eval`), gathered
 with the base model, the repository and the redacted command line into the arguments of
-:func:`~hf_mfac.integrations.create_sparse_model_card` (:func:`_trainer_sparsity`, :func:`_trainer_card_kwargs`) for
+:func:`~hf_mfac.integrations.create_sparse_model_card` (:func:`trainer_sparsity`, :func:`trainer_card_kwargs`) for
 :func:`~hf_mfac.integrations.card.model_card.write_trainer_model_card`.
 """
 from __future__ import annotations
@@ -13,13 +13,13 @@ from typing import Mapping
 
 import torch
 
-from .section import _one_line
-from ..checkpoint.redaction import _redacted_command
+from .section import one_line
+from ..checkpoint.redaction import redacted_command
 
 _PERF_KEYS = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time")
 
 
-def _mfac_hparams(trainer) -> dict | None:
+def mfac_hparams(trainer) -> dict | None:
     from ...optim import is_mfac_optimizer, selects_mfac, unwrap_optimizer
 
     args = trainer.args
@@ -84,7 +84,7 @@ def _callback_sparsity(trainer, model) -> tuple[dict | None, dict]:
     return None, {}
 
 
-def _trainer_sparsity(trainer, model, info: dict) -> tuple[Mapping | None, str | None, object, dict]:
+def trainer_sparsity(trainer, model, info: dict) -> tuple[Mapping | None, str | None, object, dict]:
     """(masks, method, recipe, save_sparse_pretrained arguments) for the card, taking them out of ``info``: the
     caller's ``masks`` / ``method`` / ``recipe`` / ``targets`` / ``pattern`` / ``save_masks`` / ``extra_metadata``,
     else those of the pruning callback (:func:`_callback_sparsity`; its pattern only with its own masks)."""
@@ -98,7 +98,7 @@ def _trainer_sparsity(trainer, model, info: dict) -> tuple[Mapping | None, str |
     return masks, method, recipe, save_args
 
 
-def _trainer_card_kwargs(trainer, model, output_dir, info: dict, *, method, recipe) -> dict:
+def trainer_card_kwargs(trainer, model, output_dir, info: dict, *, method, recipe) -> dict:
     """The :func:`~hf_mfac.integrations.create_sparse_model_card` arguments for ``trainer``:
     ``Trainer.create_model_card``'s arguments in ``info`` mapped onto the card's (``finetuned_from`` -> base model,
     ``tasks`` -> task, ``dataset_tags`` -> datasets, ``dataset`` -> dataset name, ``dataset_args`` -> dataset
@@ -115,9 +115,9 @@ def _trainer_card_kwargs(trainer, model, output_dir, info: dict, *, method, reci
     kwargs = dict(model=model, method=method, recipe=recipe, base_model=base,
                   tags=[tags] if isinstance(tags, str) else tags, task=first(tasks),
                   datasets=dataset_tags, dataset_name=first(dataset), dataset_config=first(dataset_args),
-                  eval_results=_last_eval(trainer) or None, mfac=_mfac_hparams(trainer),
-                  training=_training_hparams(trainer), command=_redacted_command(sys.argv), repo_id=repo_id,
+                  eval_results=_last_eval(trainer) or None, mfac=mfac_hparams(trainer),
+                  training=_training_hparams(trainer), command=redacted_command(sys.argv), repo_id=repo_id,
                   model_name=(repo_id or "").split("/")[-1]
-                  or _one_line(os.path.basename(os.path.normpath(output_dir))))
+                  or one_line(os.path.basename(os.path.normpath(output_dir))))
     kwargs.update(info)
     return kwargs

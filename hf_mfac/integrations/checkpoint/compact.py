@@ -25,13 +25,13 @@ from .files import (
     COMPACT_WEIGHTS_NAME,
     FORMAT_VERSION,
     SPARSITY_KEY,
-    _is_checkpoint_file,
-    _open_safetensors,
-    _version,
+    is_checkpoint_file,
+    open_safetensors,
+    hf_mfac_version,
     checksum_metadata,
     verify_checksums,
 )
-from .record import _save_config_with, read_sparsity_metadata, resolve_masks, sparsity_metadata
+from .record import save_config_with, read_sparsity_metadata, resolve_masks, sparsity_metadata
 from .staging import staged_save
 
 __all__ = ["save_compact_pretrained", "load_compact_pretrained"]
@@ -107,9 +107,9 @@ def save_compact_pretrained(model: nn.Module, save_directory: str | os.PathLike,
     layout = {"format_version": FORMAT_VERSION, "shapes": shapes, "aliases": aliases,
               "dtypes": {n: _dtype_name(t.dtype) for n, t in tensors.items()}}
     dense = sum(_nbytes(t) for t in tensors.values())
-    with staged_save(save_directory, stale=_is_checkpoint_file) as stage:
+    with staged_save(save_directory, stale=is_checkpoint_file) as stage:
         weights = os.path.join(stage, COMPACT_WEIGHTS_NAME)
-        header = {"format": "pt", "library": "hf_mfac", "library_version": _version(),
+        header = {"format": "pt", "library": "hf_mfac", "library_version": hf_mfac_version(),
                   "hf_mfac_compact": json.dumps(layout), **checksum_metadata(out)}
         save_file(out, weights, metadata=header)
         compact = os.path.getsize(weights)
@@ -117,7 +117,7 @@ def save_compact_pretrained(model: nn.Module, save_directory: str | os.PathLike,
                   "saving": 1 - compact / dense}
         meta["compact"] = report
         # model.save_pretrained would record the class; config.save_pretrained alone does not
-        _save_config_with(model, {SPARSITY_KEY: meta, "architectures": [type(model).__name__]},
+        save_config_with(model, {SPARSITY_KEY: meta, "architectures": [type(model).__name__]},
                           lambda: model.config.save_pretrained(stage))
     logger.info("saved compact %s: %.1f MB instead of %.1f MB dense (%.1f%% smaller)", save_directory,
                 compact / 1e6, dense / 1e6, 100 * report["saving"])
@@ -260,7 +260,7 @@ def _read_compact_config(save_directory: str):
 
 def _read_compact_file(path: str) -> tuple[dict[str, torch.Tensor], Any, dict]:
     """(tensors, parsed 'hf_mfac_compact' header, the whole header) of the compact weights file."""
-    raw, header = _open_safetensors(path, "compact weights file")
+    raw, header = open_safetensors(path, "compact weights file")
     if header.get("hf_mfac_compact") is None:
         raise ValueError(f"{path} is not an hf_mfac compact checkpoint (no 'hf_mfac_compact' metadata)")
     try:

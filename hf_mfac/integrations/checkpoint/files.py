@@ -3,9 +3,9 @@
 Holds the names every form shares (:data:`SPARSITY_KEY` in ``config.json``, :data:`MASKS_NAME`,
 :data:`COMPACT_WEIGHTS_NAME`, :data:`FORMAT_VERSION`); the patterns of the weights files
 ``transformers`` writes (single, sharded, index), which a save owns and replaces
-(:func:`_is_checkpoint_file`) and the order a staged save moves them in (:func:`_rank`); hf_mfac's
-version as recorded in the files (:func:`_version`); and the JSON and safetensors readers
-(:func:`_read_json`, :func:`_open_safetensors`) that turn a truncated or corrupted file into a
+(:func:`is_checkpoint_file`) and the order a staged save moves them in (:func:`process_rank`); hf_mfac's
+version as recorded in the files (:func:`hf_mfac_version`); and the JSON and safetensors readers
+(:func:`read_json`, :func:`open_safetensors`) that turn a truncated or corrupted file into a
 ``ValueError`` naming it; the checksums of tensor bytes written into our safetensors headers and
 their check (:func:`checksum_metadata`, :func:`verify_checksums`); and the dense weights' tensors
 read by name (:func:`read_dense_weights`)."""
@@ -36,7 +36,7 @@ CHECKSUMS_KEY = "hf_mfac_sha256"  # safetensors header: {tensor name: sha256 of 
 WEIGHT_CHECKSUMS_KEY = "hf_mfac_weights_sha256"
 
 
-def _version() -> str:
+def hf_mfac_version() -> str:
     """hf_mfac's version, also when ``hf_mfac`` itself resolved as a namespace package (a folder named
     ``hf_mfac`` in the working directory shadowing the real one) and its ``__init__`` never ran."""
     try:
@@ -66,14 +66,14 @@ _SHARD = re.compile(rf"^{_STEM}(?:\.[^.]+)?-\d{{5}}-of-\d{{5}}\.{_EXT}$")  # mod
 _INDEX = re.compile(rf"^{_STEM}\.{_EXT}\.index(?:\.[^.]+)?\.json$")  # model.safetensors.index(.fp16).json
 
 
-def _is_checkpoint_file(name: str) -> bool:
+def is_checkpoint_file(name: str) -> bool:
     """Files a save of either form owns: every weights file (dense, sharded, index, compact) and the masks.
     A save removes those it did not write itself; anything else in the folder is left alone."""
     return bool(name in (COMPACT_WEIGHTS_NAME, MASKS_NAME) or _SINGLE_WEIGHTS.match(name) or _SHARD.match(name)
                 or _INDEX.match(name))
 
 
-def _rank(name: str) -> int:
+def process_rank(name: str) -> int:
     """Commit order (ascending on install, descending on withdrawal): the files a loader opens to find the
     weights (``model.safetensors``, an index, ``hf_mfac_compact.safetensors``) come last in and go first out;
     shards just before them; README.md after everything else it may describe."""
@@ -84,7 +84,7 @@ def _rank(name: str) -> int:
     return 1 if name == "README.md" else 0
 
 
-def _read_json(path: str) -> Any:
+def read_json(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -92,7 +92,7 @@ def _read_json(path: str) -> Any:
         raise ValueError(f"{path} is not valid JSON (truncated or corrupted?): {e}") from None
 
 
-def _open_safetensors(path: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+def open_safetensors(path: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, header metadata) of a safetensors file; a missing file raises ``FileNotFoundError`` and a
     truncated or garbage one ``ValueError``, both naming it."""
     if not os.path.isfile(path):
@@ -163,7 +163,7 @@ def read_dense_weights(folder: str, names) -> dict[str, tuple[torch.Tensor, str]
     files do not hold are left out, and a folder whose weights are not safetensors gives ``{}``."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
-        weight_map = _read_json(index).get("weight_map", {})
+        weight_map = read_json(index).get("weight_map", {})
         where = {n: os.path.join(folder, weight_map[n]) for n in names if n in weight_map}
     else:
         single = os.path.join(folder, "model.safetensors")

@@ -4,7 +4,7 @@ Owns the checking of masks against a model (:func:`resolve_masks`: names, shapes
 weight where pruned; or masks derived from exact zeros), the ``N:M`` pattern test (:func:`is_nm_sparse`), building
 the record (:func:`sparsity_metadata`: counts, per-layer table, redacted recipe), reading it back from a model, a
 config or a folder with its shape checked (:func:`read_sparsity_metadata`), and saving a config with the record set
-for the duration of the save only (:func:`_save_config_with`). Masks follow :mod:`hf_mfac.core.masks`:
+for the duration of the save only (:func:`save_config_with`). Masks follow :mod:`hf_mfac.core.masks`:
 ``{parameter name: bool tensor}``, ``True`` = kept.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from .files import FORMAT_VERSION, SPARSITY_KEY, _read_json, _version
+from .files import FORMAT_VERSION, SPARSITY_KEY, read_json, hf_mfac_version
 from .redaction import redact
 
 __all__ = ["resolve_masks", "is_nm_sparse", "sparsity_metadata", "read_sparsity_metadata"]
@@ -30,7 +30,7 @@ def _linear_weight_names(model: nn.Module) -> list[str]:
     return [f"{name}.weight" if name else "weight" for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
 
 
-def _matching_names(names: Iterable[str], targets: Iterable[str]) -> list[str]:
+def matching_names(names: Iterable[str], targets: Iterable[str]) -> list[str]:
     """Names equal to a target or matching it as a regular expression (``re.search``)."""
     names, out = list(names), []
     for t in targets:
@@ -68,7 +68,7 @@ def resolve_masks(model: nn.Module, masks: Mapping[str, Any] | None = None,
             names = [n for n in _linear_weight_names(model) if n in params and bool((params[n] == 0).any())]
         else:
             matrices = [n for n, p in params.items() if p.dim() >= 2]
-            names = _matching_names(matrices, [targets] if isinstance(targets, str) else targets)
+            names = matching_names(matrices, [targets] if isinstance(targets, str) else targets)
         return {n: (params[n].detach() != 0).cpu() for n in names}
     out, bad = {}, []
     for name, mask in masks.items():
@@ -151,7 +151,7 @@ def sparsity_metadata(model: nn.Module, masks: Mapping[str, torch.Tensor], *, me
         "format": form,
         "format_version": FORMAT_VERSION,
         "library": "hf_mfac",
-        "library_version": _version(),
+        "library_version": hf_mfac_version(),
         "method": method,
         "pattern": _check_pattern(pattern, masks),
         "targets": list(targets) if targets is not None else list(masks),
@@ -165,7 +165,7 @@ def sparsity_metadata(model: nn.Module, masks: Mapping[str, torch.Tensor], *, me
     }
 
 
-def _save_config_with(model: nn.Module, attrs: Mapping[str, Any], save) -> None:
+def save_config_with(model: nn.Module, attrs: Mapping[str, Any], save) -> None:
     """Run ``save()`` with ``attrs`` set on ``model.config``, restoring the config afterwards."""
     config, missing = model.config, object()
     old = {k: getattr(config, k, missing) for k in attrs}
@@ -212,7 +212,7 @@ def read_sparsity_metadata(source) -> dict | None:
         path = os.path.join(source, "config.json") if os.path.isdir(source) else os.fspath(source)
         if not os.path.isfile(path):
             return None
-        config = _read_json(path)
+        config = read_json(path)
         if not isinstance(config, dict):
             raise ValueError(f"{path} does not hold a JSON object")
         rec = config.get(SPARSITY_KEY)

@@ -163,12 +163,12 @@ def pickled_without_secrets(obj):
         obj.__dict__.pop("__reduce_ex__", None)
 
 
-def _redacted_command(argv: list[str]) -> str:
+def redacted_command(argv: list[str]) -> str:
     """``python argv...`` (shell-quoted) with secrets redacted (:func:`redact_argv`)."""
     return "python " + " ".join(shlex.quote(a) for a in redact_argv(argv))
 
 
-def _redact_command(command: str) -> str:
+def redact_command(command: str) -> str:
     """A command line given as one string, redacted like :func:`redact_argv` (kept verbatim when nothing is secret)."""
     try:
         words = shlex.split(command)

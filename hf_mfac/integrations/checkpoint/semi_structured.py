@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .record import _matching_names, is_nm_sparse
+from .record import matching_names, is_nm_sparse
 
 __all__ = ["export_semi_structured"]
 
@@ -54,7 +54,7 @@ def export_semi_structured(model: nn.Module, targets: Iterable[str] | None = Non
     """
     linears = (n for n, m in model.named_modules() if isinstance(m, nn.Linear))
     wanted = [targets] if isinstance(targets, str) else targets
-    names = None if targets is None else set(_matching_names(linears, wanted))
+    names = None if targets is None else set(matching_names(linears, wanted))
     report, converted, missed = {}, {}, {}
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or (names is not None and name not in names):

@@ -20,15 +20,15 @@ from .files import (
     MASKS_NAME,
     SPARSITY_KEY,
     WEIGHT_CHECKSUMS_KEY,
-    _is_checkpoint_file,
-    _open_safetensors,
-    _version,
+    is_checkpoint_file,
+    open_safetensors,
+    hf_mfac_version,
     checksum_metadata,
     read_dense_weights,
     verify_checksums,
 )
 from .record import (
-    _save_config_with,
+    save_config_with,
     read_sparsity_metadata,
     resolve_masks,
     sparsity_metadata,
@@ -81,10 +81,10 @@ def save_sparse_pretrained(model: nn.Module, save_directory: str | os.PathLike, 
                              extra=extra_metadata, form="dense")
     meta["masks_file"] = MASKS_NAME if save_masks else None
     if not save_kwargs.get("is_main_process", True):
-        _save_config_with(model, {SPARSITY_KEY: meta}, lambda: model.save_pretrained(save_directory, **save_kwargs))
+        save_config_with(model, {SPARSITY_KEY: meta}, lambda: model.save_pretrained(save_directory, **save_kwargs))
         return meta
-    with staged_save(save_directory, stale=_is_checkpoint_file) as stage:
-        _save_config_with(model, {SPARSITY_KEY: meta}, lambda: model.save_pretrained(stage, **save_kwargs))
+    with staged_save(save_directory, stale=is_checkpoint_file) as stage:
+        save_config_with(model, {SPARSITY_KEY: meta}, lambda: model.save_pretrained(stage, **save_kwargs))
         if save_masks:
             _save_masks(masks, stage)
     if _log:  # callers that save into a staging or temporary folder log the final folder themselves
@@ -99,7 +99,7 @@ def _save_masks(masks: Mapping[str, torch.Tensor], stage: str) -> None:
     masks = {k: v.contiguous() for k, v in masks.items()}
     weights = {n: t for n, (t, _) in read_dense_weights(stage, masks).items()}
     save_file(masks, os.path.join(stage, MASKS_NAME),
-              metadata={"format": "pt", "library": "hf_mfac", "library_version": _version(),
+              metadata={"format": "pt", "library": "hf_mfac", "library_version": hf_mfac_version(),
                         "convention": "True = kept", **checksum_metadata(masks),
                         **checksum_metadata(weights, WEIGHT_CHECKSUMS_KEY)})
 
@@ -125,7 +125,7 @@ def load_sparse_masks(save_directory: str | os.PathLike, device: str | torch.dev
     truncated, corrupted or inconsistent one. Cost: one read of the masked weights."""
     save_directory = os.fspath(save_directory)
     path = os.path.join(save_directory, MASKS_NAME)
-    masks, header = _open_safetensors(path, "masks file")
+    masks, header = open_safetensors(path, "masks file")
     for name, m in masks.items():
         if m.dtype != torch.bool:
             raise ValueError(f"{path}: mask {name!r} has dtype {m.dtype}, expected torch.bool")

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 
-from .files import _rank
+from .files import process_rank
 
 __all__ = ["staged_save"]
 
@@ -112,13 +112,13 @@ def staged_save(save_directory: str | os.PathLike, stale=None):
 
 def _commit(stage: str, target: str, stale) -> None:
     """Move the entries of ``stage`` into ``target`` (see :func:`staged_save`); on failure move them back."""
-    new = sorted(os.listdir(stage), key=lambda n: (_rank(n), n))
+    new = sorted(os.listdir(stage), key=lambda n: (process_rank(n), n))
     backup = os.path.join(stage, _PREVIOUS)
     os.mkdir(backup)
     own = os.path.basename(stage)
     old = [n for n in os.listdir(target) if n != own and not n.startswith(_STAGE_PREFIX)
            and (n in new or (stale is not None and stale(n)))]
-    old.sort(key=lambda n: (-_rank(n), n))
+    old.sort(key=lambda n: (-process_rank(n), n))
     try:
         for n in old:
             os.replace(os.path.join(target, n), os.path.join(backup, n))
