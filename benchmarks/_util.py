@@ -34,7 +34,8 @@ def copy_bandwidth(numel: int, dtype=torch.float32, device="cpu", repeats: int =
 
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {gpu}, "
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
+            f"threads, {gpu}, "
             f"torch {torch.__version__}")
 
 
@@ -45,8 +46,8 @@ def table(headers, rows) -> str:
 
 
 def run_main_job(output_dir: str, args: list[str], reuse: bool = False) -> dict:
-    """Run ``examples/main_job.py --output_dir output_dir *args`` in a subprocess (unless ``reuse`` and its
-    ``results.json`` exists) and return that ``results.json``."""
+    """Run ``examples/main_job.py --output_dir output_dir *args`` in a subprocess (unless ``reuse``
+    and its ``results.json`` exists) and return that ``results.json``."""
     import json
     import os
     import shlex
@@ -56,7 +57,8 @@ def run_main_job(output_dir: str, args: list[str], reuse: bool = False) -> dict:
     path = os.path.join(output_dir, "results.json")
     if not (reuse and os.path.isfile(path)):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        cmd = [sys.executable, os.path.join(root, "examples", "main_job.py"), "--output_dir", output_dir, *args]
+        cmd = [sys.executable, os.path.join(root, "examples", "main_job.py"), "--output_dir",
+               output_dir, *args]
         print("$", shlex.join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     with open(path) as f:
@@ -64,13 +66,15 @@ def run_main_job(output_dir: str, args: list[str], reuse: bool = False) -> dict:
 
 
 def main_job_seeds(argv, doc: str, *, flag: str, default_dir: str, folder: str, job_args) -> dict:
-    """Command line of the seed benchmarks: ``--<flag> 0,1,2 --output_dir D [--reuse] [-- main_job args]``.
-    Runs :func:`run_main_job` once per seed in ``D/<folder><seed>`` with ``job_args(seed)`` plus the extra
-    arguments, and returns ``{seed: results.json}``."""
+    """Command line of the seed benchmarks: ``--<flag> 0,1,2 --output_dir D [--reuse] [-- main_job
+    args]``. Runs :func:`run_main_job` once per seed in ``D/<folder><seed>`` with ``job_args(seed)``
+    plus the extra arguments, and returns ``{seed: results.json}``."""
     import argparse
     import os
 
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument(f"--{flag}", default="0,1,2")
     ap.add_argument("--output_dir", default=default_dir)
     ap.add_argument("--reuse", action="store_true", help="skip the seeds whose results.json exists")
@@ -78,5 +82,7 @@ def main_job_seeds(argv, doc: str, *, flag: str, default_dir: str, folder: str, 
     a = ap.parse_args(argv)
     extra = [x for x in a.extra if x != "--"]
     seeds = [int(s) for s in getattr(a, flag).split(",") if s.strip()]
-    return {s: run_main_job(os.path.join(a.output_dir, f"{folder}{s}"), [*job_args(s), *extra], a.reuse)
-            for s in seeds}
+    return {
+        s: run_main_job(os.path.join(a.output_dir, f"{folder}{s}"), [*job_args(s), *extra], a.reuse)
+        for s in seeds
+    }

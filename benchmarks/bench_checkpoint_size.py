@@ -1,18 +1,21 @@
 """Checkpoint size, dense vs compact, and (on a GPU) 2:4 semi-structured inference speed vs dense.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_checkpoint_size.py                 # BERT-base, 50/80/90% + 2:4
-    python benchmarks/bench_checkpoint_size.py --size tiny --sparsities 0.5 0.9  # quick check
+    OMP_NUM_THREADS=1 python benchmarks/bench_checkpoint_size.py                 # BERT-base,
+    50/80/90% + 2:4 python benchmarks/bench_checkpoint_size.py --size tiny --sparsities 0.5 0.9  #
+    quick check
 
 Sizes: a randomly initialised BertForSequenceClassification (BERT-base: 12 layers, hidden 768, 109M
-parameters) whose encoder Linear weights (85M, the ones the papers prune) are magnitude-pruned per layer;
-embeddings, pooler and classifier stay dense. For each sparsity it writes ``save_sparse_pretrained`` (the
-dense ``model.safetensors`` stock transformers loads, plus the bool masks file) and
-``save_compact_pretrained`` (values + packed bitmask), checks the compact round trip is exact, and prints a
-markdown table of file sizes. Sizes do not depend on the weights' values, only on the shapes and sparsity.
+parameters) whose encoder Linear weights (85M, the ones the papers prune) are magnitude-pruned per
+layer; embeddings, pooler and classifier stay dense. For each sparsity it writes
+``save_sparse_pretrained`` (the dense ``model.safetensors`` stock transformers loads, plus the bool
+masks file) and ``save_compact_pretrained`` (values + packed bitmask), checks the compact round trip
+is exact, and prints a markdown table of file sizes. Sizes do not depend on the weights' values,
+only on the shapes and sparsity.
 
-Speed (CUDA, compute capability >= 8.0 only; skipped otherwise): a BERT-base Linear stack (12 x [Q, K, V, O
-768x768, FFN 768->3072->768]) in fp16 on ``--tokens`` tokens, dense vs 2:4 after ``export_semi_structured``,
-timed with CUDA events (median of ``--repeats``), reported as a ratio measured in the same run.
+Speed (CUDA, compute capability >= 8.0 only; skipped otherwise): a BERT-base Linear stack (12 x [Q,
+K, V, O 768x768, FFN 768->3072->768]) in fp16 on ``--tokens`` tokens, dense vs 2:4 after
+``export_semi_structured``, timed with CUDA events (median of ``--repeats``), reported as a ratio
+measured in the same run.
 """
 from __future__ import annotations
 
@@ -26,13 +29,16 @@ import time
 import torch
 
 SIZES = {
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072),
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=512),
 }
 
 
 def prune_encoder(model, sparsity: float | None):
-    """Magnitude-prune the encoder Linear weights in place (per layer; ``None`` = 2:4); returns the masks."""
+    """Magnitude-prune the encoder Linear weights in place (per layer; ``None`` = 2:4); returns the
+    masks."""
     from hf_mfac.core.masks import nm_mask, threshold_masks
 
     weights = {n: p for n, p in model.named_parameters()
@@ -53,15 +59,24 @@ def mb(n: int) -> str:
 def size_table(size: str, sparsities, dtype: torch.dtype, workdir: str) -> str:
     from transformers import BertConfig, BertForSequenceClassification
 
-    from hf_mfac.integrations import load_compact_pretrained, save_compact_pretrained, save_sparse_pretrained
+    from hf_mfac.integrations import (
+        load_compact_pretrained,
+        save_compact_pretrained,
+        save_sparse_pretrained,
+    )
     from hf_mfac.integrations.checkpoint import COMPACT_WEIGHTS_NAME, MASKS_NAME
 
     rows = []
     for s in sparsities:
         torch.manual_seed(0)
-        model = BertForSequenceClassification(BertConfig(**SIZES[size], num_labels=2)).to(dtype).eval()
+        model = (
+            BertForSequenceClassification(BertConfig(**SIZES[size], num_labels=2)).to(dtype).eval()
+        )
         masks = prune_encoder(model, None if s == "2:4" else float(s))
-        dense_dir, compact_dir = os.path.join(workdir, f"dense-{s}"), os.path.join(workdir, f"compact-{s}")
+        dense_dir, compact_dir = (
+            os.path.join(workdir, f"dense-{s}"),
+            os.path.join(workdir, f"compact-{s}"),
+        )
         meta = save_sparse_pretrained(model, dense_dir, masks, method="magnitude")
         t = time.perf_counter()
         save_compact_pretrained(model, compact_dir, masks, method="magnitude")
@@ -70,19 +85,27 @@ def size_table(size: str, sparsities, dtype: torch.dtype, workdir: str) -> str:
         back = load_compact_pretrained(compact_dir)
         t_load = time.perf_counter() - t
         ref = model.state_dict()
-        assert all(torch.equal(v, ref[k]) for k, v in back.state_dict().items()), "compact round trip not exact"
+        assert all(torch.equal(v, ref[k]) for k, v in back.state_dict().items()), (
+            "compact round trip not exact"
+        )
         dense = os.path.getsize(os.path.join(dense_dir, "model.safetensors"))
         masks_file = os.path.getsize(os.path.join(dense_dir, MASKS_NAME))
         compact = os.path.getsize(os.path.join(compact_dir, COMPACT_WEIGHTS_NAME))
-        rows.append(f"| {s if s == '2:4' else f'{100 * float(s):.0f}%'} | {100 * meta['model_sparsity']:.1f}% | "
-                    f"{mb(dense)} | {mb(masks_file)} | {mb(compact)} | {compact / dense:.3f} | "
-                    f"{t_save:.1f} / {t_load:.1f} |")
+        rows.append(
+            f"| {s if s == '2:4' else f'{100 * float(s):.0f}%'} | "
+            f"{100 * meta['model_sparsity']:.1f}% | "
+            f"{mb(dense)} | {mb(masks_file)} | {mb(compact)} | {compact / dense:.3f} | "
+            f"{t_save:.1f} / {t_load:.1f} |"
+        )
         del model, back
     n_params = sum(int(torch.Size(r["shape"]).numel()) for r in meta["per_layer"].values())
-    head = (f"BERT-{size} ({dtype}), {len(meta['per_layer'])} encoder Linear weights pruned "
-            f"({n_params / 1e6:.1f}M values); sizes in MB (1e6 bytes)\n\n"
-            "| encoder sparsity | model sparsity | dense model.safetensors | masks file (bool) | compact | "
-            "compact / dense | compact save / load (s) |\n|---|---:|---:|---:|---:|---:|---:|")
+    head = (
+        f"BERT-{size} ({dtype}), {len(meta['per_layer'])} encoder Linear weights pruned "
+        f"({n_params / 1e6:.1f}M values); sizes in MB (1e6 bytes)\n\n"
+        "| encoder sparsity | model sparsity | dense model.safetensors | masks file (bool) | "
+        "compact | "
+        "compact / dense | compact save / load (s) |\n|---|---:|---:|---:|---:|---:|---:|"
+    )
     return head + "\n" + "\n".join(rows)
 
 
@@ -97,8 +120,9 @@ def bert_linear_stack(hidden=768, ffn=3072, layers=12):
 def run_stack(stack, x):
     h = x
     for i in range(0, len(stack), 6):
-        q, k, v, o, up, down = stack[i:i + 6]
-        a = o(q(h) + k(h) + v(h))  # the attention products are left out: only the Linear layers are timed
+        q, k, v, o, up, down = stack[i : i + 6]
+        # the attention products are left out: only the Linear layers are timed
+        a = o(q(h) + k(h) + v(h))
         h = down(torch.relu(up(a)))
     return h
 
@@ -139,12 +163,16 @@ def speed_table(tokens_list, repeats: int) -> str:
             err = (run_stack(sparse, x) - run_stack(stack, x)).abs().max().item()
             t_dense = time_cuda(lambda: run_stack(stack, x), repeats)
             t_sparse = time_cuda(lambda: run_stack(sparse, x), repeats)
-        rows.append(f"| {tokens} | {t_dense:.3f} | {t_sparse:.3f} | {t_dense / t_sparse:.2f}x | {err:.2e} |")
-    return (f"2:4 inference, BERT-base Linear stack ({len(report)} layers, fp16, {backend}) on "
-            f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}; "
-            f"median of {repeats}\n\n"
-            "| tokens | dense (ms) | 2:4 (ms) | speed-up | max abs diff |\n|---:|---:|---:|---:|---:|\n"
-            + "\n".join(rows))
+        rows.append(
+            f"| {tokens} | {t_dense:.3f} | {t_sparse:.3f} | {t_dense / t_sparse:.2f}x | {err:.2e} |"
+        )
+    return (
+        f"2:4 inference, BERT-base Linear stack ({len(report)} layers, fp16, {backend}) on "
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}; "
+        f"median of {repeats}\n\n"
+        "| tokens | dense (ms) | 2:4 (ms) | speed-up | max abs diff "
+        "|\n|---:|---:|---:|---:|---:|\n" + "\n".join(rows)
+    )
 
 
 def main(argv=None):
@@ -156,11 +184,17 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--skip-size", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
-    p.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temporary folder)")
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="where to write the checkpoints (default: a temporary folder)",
+    )
     args = p.parse_args(argv)
     if not args.skip_size:
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-            print(size_table(args.size, args.sparsities, getattr(torch, args.dtype), tmp), end="\n\n")
+            print(
+                size_table(args.size, args.sparsities, getattr(torch, args.dtype), tmp), end="\n\n"
+            )
     if not args.skip_speed:
         print(speed_table(args.tokens, args.repeats))
 

@@ -2,13 +2,14 @@
 
 1. DynamicMFAC.update_mul throughput as a fraction of the copy bandwidth of a same-size tensor.
 2. BlockFisherInverse.add_grads as a fraction of plain batched-matmul throughput on the same shapes.
-3. CAP elimination+apply time over oBERT-style selection (scores + global threshold + summed OBS update)
-   at the same block size.
-4. threshold_masks (global, exact count, ties by position) over 2^21 scores against a bare torch.kthvalue on
-   the same scores, interleaved.
-5. BlockFisherInverse add_grads of m gradients + invert against the bare fp32 batched GEMMs of the same
-   accumulation, interleaved.
-Usage: python benchmarks/bench_core.py [--quick] [--sections build --device cuda --build-dims 4194304]
+3. CAP elimination+apply time over oBERT-style selection (scores + global threshold + summed OBS
+   update) at the same block size.
+4. threshold_masks (global, exact count, ties by position) over 2^21 scores against a bare
+   torch.kthvalue on the same scores, interleaved.
+5. BlockFisherInverse add_grads of m gradients + invert against the bare fp32 batched GEMMs of the
+   same accumulation, interleaved.
+Usage: python benchmarks/bench_core.py [--quick] [--sections build --device cuda --build-dims
+4194304]
 """
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ def bench_update_mul(dims, ms, dtype=torch.float32, device="cpu"):
     for d in dims:
         for m in ms:
             win = DynamicMFAC(d, m, 1e-6, device=device, grad_dtype=dtype)
-            gs = [torch.randn(d, device=device) / d**0.5 for _ in range(8)]  # unit-norm-ish gradients
-            # Fill the window synthetically (random rows, their exact diagonal Gram part, off-diagonal ~0 for
-            # random high-dimensional rows): a step's cost does not depend on the values.
+            # unit-norm-ish gradients
+            gs = [torch.randn(d, device=device) / d**0.5 for _ in range(8)]
+            # Fill the window synthetically (random rows, their exact diagonal Gram part,
+            # off-diagonal ~0 for random high-dimensional rows): a step's cost does not depend on
+            # the values.
             for i in range(m):
                 win.G[i] = torch.randn(d, device=device).to(dtype) / d**0.5
             win.GGt.copy_(torch.diag((win.G.float() ** 2).sum(1).double()))
@@ -40,11 +43,15 @@ def bench_update_mul(dims, ms, dtype=torch.float32, device="cpu"):
             t = timeit(lambda: win.update_mul(gs[next(k) % 8] * 1.01), repeats=5)
             elem = torch.empty((), dtype=dtype).element_size()
             read = 2 * m * d * elem  # two passes over G
-            bw = copy_bandwidth(min(m * d, 1 << 27), dtype, device)  # 512 MiB+ buffers: past every cache
-            gemv = timeit(lambda: win.G @ gs[0].to(dtype), repeats=5) if dtype == torch.float32 else float("nan")
-            rows.append((d, m, str(dtype).replace("torch.", ""), f"{t * 1e3:.1f}", f"{read / t / 1e9:.1f}",
+            # 512 MiB+ buffers: past every cache
+            bw = copy_bandwidth(min(m * d, 1 << 27), dtype, device)
+            gemv = timeit(lambda: win.G @ gs[0].to(dtype),
+                          repeats=5) if dtype == torch.float32 else float("nan")
+            rows.append((d, m, str(dtype).replace("torch.", ""), f"{t * 1e3:.1f}",
+                         f"{read / t / 1e9:.1f}",
                          f"{bw / 1e9:.1f}", f"{read / t / bw:.2f}", f"{2 * gemv / t:.2f}"))
-    return table(["d", "m", "storage", "update_mul ms", "GB/s read", "copy GB/s", "fraction of copy bw",
+    return table(["d", "m", "storage", "update_mul ms", "GB/s read", "copy GB/s", "fraction of "
+                                                                                  "copy bw",
                   "2 x gemv time / update_mul time"], rows)
 
 
@@ -62,9 +69,11 @@ def bench_block_fisher(dims, Bs, k=32):
             t0 = time.perf_counter()
             bf.diag()
             t_inv = time.perf_counter() - t0
-            rows.append((d, B, k, f"{t_add * 1e3:.1f}", f"{t_bmm * 1e3:.1f}", f"{t_bmm / t_add:.2f}",
+            rows.append((d, B, k, f"{t_add * 1e3:.1f}", f"{t_bmm * 1e3:.1f}",
+                         f"{t_bmm / t_add:.2f}",
                          f"{2 * k * d * B / t_add / 1e9:.1f}", f"{t_inv * 1e3:.0f}"))
-    return table(["d", "B", "k grads/chunk", "add_grads ms", "bare baddbmm ms", "fraction of bmm throughput",
+    return table(["d", "B", "k grads/chunk", "add_grads ms", "bare baddbmm ms", "fraction of bmm "
+                                                                                "throughput",
                   "GFLOP/s", "invert ms (once)"], rows)
 
 
@@ -107,7 +116,8 @@ def bench_selection(n=1 << 21, pieces=8, repeats=7):
     k = n // 2
     t = {"kth": [], "global": [], "layer": []}
     for _ in range(repeats + 1):  # turns taken; the first round is a warm-up
-        for name, fn in (("kth", lambda: torch.kthvalue(flat, k)), ("global", lambda: threshold_masks(scores, 0.5)),
+        for name, fn in (("kth", lambda: torch.kthvalue(flat, k)),
+                         ("global", lambda: threshold_masks(scores, 0.5)),
                          ("layer", lambda: threshold_masks(scores, 0.5, scope="layer"))):
             t0 = time.perf_counter()
             fn()
@@ -115,7 +125,8 @@ def bench_selection(n=1 << 21, pieces=8, repeats=7):
     med = {k_: sorted(v[1:])[len(v[1:]) // 2] for k_, v in t.items()}
     return table(["scores", "torch.kthvalue ms", "threshold_masks global ms", "global / kthvalue",
                   "per-layer ms", "per-layer / kthvalue"],
-                 [(n, f"{med['kth'] * 1e3:.0f}", f"{med['global'] * 1e3:.0f}", f"{med['global'] / med['kth']:.2f}",
+                 [(n, f"{med['kth'] * 1e3:.0f}", f"{med['global'] * 1e3:.0f}",
+                   f"{med['global'] / med['kth']:.2f}",
                    f"{med['layer'] * 1e3:.0f}", f"{med['layer'] / med['kth']:.2f}")])
 
 
@@ -154,7 +165,8 @@ def bench_fisher_build(shapes, chunk=32, repeats=3, device="cpu"):
         med = {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
         rows.append((d, m, B, f"{med['ours'] * 1e3:.0f}", f"{med['bare'] * 1e3:.0f}",
                      f"{med['bare'] / med['ours']:.2f}"))
-    return table(["d", "m", "B", "add_grads + invert ms (fp64 accumulation)", "bare fp32 baddbmm ms",
+    return table(["d", "m", "B", "add_grads + invert ms (fp64 accumulation)",
+                  "bare fp32 baddbmm ms",
                   "fraction of bare GEMM throughput"], rows)
 
 
@@ -163,15 +175,18 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sections", default="mfac,fisher,cap,select,build",
                     help="comma list of: mfac, fisher, cap, select, build")
-    ap.add_argument("--device", default="cpu", help="device of the build section (e.g. cuda); the others run on CPU")
+    ap.add_argument("--device", default="cpu", help="device of the build section (e.g. cuda); the "
+                                                    "others run on CPU")
     ap.add_argument("--build-dims", default=None,
-                    help="comma list of d for the build section (default 2^18, --quick 2^16; a GPU wants 2^22+)")
+                    help="comma list of d for the build section (default 2^18, --quick 2^16; a GPU "
+                         "wants 2^22+)")
     a = ap.parse_args()
     sections = set(a.sections.split(","))
     try:
         dev = torch.device(a.device)
         torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError) as e:  # unknown type; a CUDA device without a CUDA build or GPU
+    # unknown type; a CUDA device without a CUDA build or GPU
+    except (RuntimeError, AssertionError) as e:
         ap.error(f"--device {a.device}: torch cannot use it here ({str(e).splitlines()[0]})")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the bare GEMM is plain fp32, as on the CPU
@@ -192,9 +207,17 @@ def main():
         print(bench_selection())
     if "build" in sections:
         print("\n## BlockFisherInverse add_grads + invert vs bare batched GEMM\n")
-        dims = [int(x) for x in a.build_dims.split(",")] if a.build_dims else [1 << 16 if a.quick else 1 << 18]
-        print(bench_fisher_build([(d, m, B) for d in dims for m, B in ((256, 32), (1024, 32), (256, 64))],
-                                 device=a.device))
+        dims = (
+            [int(x) for x in a.build_dims.split(",")]
+            if a.build_dims
+            else [1 << 16 if a.quick else 1 << 18]
+        )
+        print(
+            bench_fisher_build(
+                [(d, m, B) for d in dims for m, B in ((256, 32), (1024, 32), (256, 64))],
+                device=a.device,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -1,18 +1,20 @@
-"""Scale-out: memory per rank and communication volume of the sharded M-FAC window and distributed pruning.
+"""Scale-out: memory per rank and communication volume of the sharded M-FAC window and distributed
+pruning.
 
 Starts 1, 2 and 4 processes (gloo on 127.0.0.1, CPU) for each part and prints markdown tables:
 
-* **Sharded M-FAC** (``ShardedMFAC``): window bytes held per rank (G shard + the m x m matrix), growth of the
-  peak resident memory while building and using it, bytes received per optimizer step (all-reduce of the
-  m-vector + all-gather of the update), median step time.
-* **Distributed oBERT / CAP pruning**: Fisher block bytes held per rank, peak resident memory growth,
-  bytes received during gradient collection (per gradient) and during the pruning step, time of the step.
+* **Sharded M-FAC** (``ShardedMFAC``): window bytes held per rank (G shard + the m x m matrix),
+  growth of the peak resident memory while building and using it, bytes received per optimizer step
+  (all-reduce of the m-vector + all-gather of the update), median step time.
+* **Distributed oBERT / CAP pruning**: Fisher block bytes held per rank, peak resident memory
+  growth, bytes received during gradient collection (per gradient) and during the pruning step, time
+  of the step.
 
-Bytes are counted by :class:`hf_mfac.comm.Comm` (what this rank receives: an all-reduce's
-payload, the other ranks' pieces of all-gathers and all-to-alls). Peak memory is ``ru_maxrss`` growth over
-the value after imports and model creation (tracemalloc does not see torch's allocator), so it includes
-transient buffers (flat gradient, gather buffers, chunk exchange). Timings on a shared CPU are indicative
-only; with N processes on fewer cores they grow with N.
+Bytes are counted by :class:`hf_mfac.comm.Comm` (what this rank receives: an all-reduce's payload,
+the other ranks' pieces of all-gathers and all-to-alls). Peak memory is ``ru_maxrss`` growth over
+the value after imports and model creation (tracemalloc does not see torch's allocator), so it
+includes transient buffers (flat gradient, gather buffers, chunk exchange). Timings on a shared CPU
+are indicative only; with N processes on fewer cores they grow with N.
 
     python benchmarks/bench_distributed.py                 # D = 2^18, m = 64 window; B = 64 Fisher
     python benchmarks/bench_distributed.py --dim 1048576 --procs 1 2 4 8
@@ -40,10 +42,11 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-# -- workers --------------------------------------------------------------------------------------------------
+# -- workers
+# --------------------------------------------------------------------------------------------------
 def _warm_up(model, loss) -> None:
-    """Pay the one-time costs (autograd, thread pools, the ~70 MiB of modules the first torch.optim optimizer
-    imports) before the memory baseline."""
+    """Pay the one-time costs (autograd, thread pools, the ~70 MiB of modules the first torch.optim
+    optimizer imports) before the memory baseline."""
     loss().backward()
     torch.optim.SGD(model.parameters(), lr=0.0).step()
     model.zero_grad(set_to_none=True)
@@ -94,7 +97,8 @@ def _prune_worker(a) -> dict:
     torch.manual_seed(0)
     model = _Net(width, layers)
     g = torch.Generator().manual_seed(1)
-    data = [{"x": torch.randn(4, width, generator=g), "y": torch.randint(0, width, (4,), generator=g)}
+    data = [{"x": torch.randn(4, width, generator=g),
+             "y": torch.randint(0, width, (4,), generator=g)}
             for _ in range(a.num_grads)]
     _warm_up(model, lambda: model(**data[0])["loss"])
     base = _rss_mib()
@@ -117,12 +121,15 @@ def _prune_worker(a) -> dict:
     pruner = Probe(make_pruner(a.method, block_size=a.block_size))
     comm = pruner.comm
     t0 = time.perf_counter()
-    pd.prune_oneshot_distributed(model, data, method=pruner, sparsity=0.5, num_grads=a.num_grads, chunk_size=8,
+    pd.prune_oneshot_distributed(model, data, method=pruner, sparsity=0.5, num_grads=a.num_grads,
+                                 chunk_size=8,
                                  progress=False)
     t1 = time.perf_counter()
-    return {"held": held.get("fisher", 0), "rss": _rss_mib() - base, "collect_per_grad": marks["collect"] / a.num_grads,
+    return {"held": held.get("fisher", 0), "rss": _rss_mib() - base,
+            "collect_per_grad": marks["collect"] / a.num_grads,
             "prune_bytes": comm.bytes_received - marks["collect"], "collect_time": marks["t"] - t0,
-            "prune_time": t1 - marks["t"], "dim": sum(p.numel() for n, p in model.named_parameters() if "weight" in n)}
+            "prune_time": t1 - marks["t"],
+            "dim": sum(p.numel() for n, p in model.named_parameters() if "weight" in n)}
 
 
 def _worker(a) -> None:
@@ -136,18 +143,34 @@ def _worker(a) -> None:
     dist.destroy_process_group()
 
 
-# -- launcher -------------------------------------------------------------------------------------------------
+# -- launcher
+# -------------------------------------------------------------------------------------------------
 def _launch(argv: list[str], nproc: int) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
-               "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                              *filter(None, [os.environ.get("PYTHONPATH")])])}
-        procs = [subprocess.Popen([sys.executable, __file__, "--worker", "--out", out, *argv],
-                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc),
+            "PYTHONPATH": os.pathsep.join(
+                [
+                    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                    *filter(None, [os.environ.get("PYTHONPATH")]),
+                ]
+            ),
+        }
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--worker", "--out", out, *argv],
+                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            )
+            for r in range(nproc)
+        ]
         if any(p.wait() for p in procs):
             raise SystemExit(f"a worker failed: {argv} on {nproc} processes")
         return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(nproc)]
@@ -159,7 +182,9 @@ def _mib(x: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dim", type=int, default=1 << 18, help="coordinates (window) / target weights (pruning)")
+    ap.add_argument(
+        "--dim", type=int, default=1 << 18, help="coordinates (window) / target weights (pruning)"
+    )
     ap.add_argument("--num-grads", type=int, default=64)
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
@@ -170,28 +195,84 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         return _worker(a)
-    common = ["--dim", str(a.dim), "--num-grads", str(a.num_grads), "--block-size", str(a.block_size)]
+    common = [
+        "--dim",
+        str(a.dim),
+        "--num-grads",
+        str(a.num_grads),
+        "--block-size",
+        str(a.block_size),
+    ]
     print(f"# Distributed M-FAC and pruning, {machine()}, {datetime.date.today()}\n")
-    print(f"gloo on CPU, one torch thread per process, {os.cpu_count()} cores; bytes = received per rank\n")
+    print(
+        f"gloo on CPU, one torch thread per process, {os.cpu_count()} cores; bytes = received "
+        "per rank\n"
+    )
     rows = []
     for n in a.procs:
         r = _launch(["--part", "mfac", *common], n)
-        rows.append([n, r[0]["dim"], a.num_grads, _mib(max(x["held"] for x in r)), f"{max(x['rss'] for x in r):.1f}",
-                     f"{max(x['comm_step'] for x in r) / 1024:.1f}", f"{1e3 * max(x['time'] for x in r):.2f}"])
+        rows.append(
+            [
+                n,
+                r[0]["dim"],
+                a.num_grads,
+                _mib(max(x["held"] for x in r)),
+                f"{max(x['rss'] for x in r):.1f}",
+                f"{max(x['comm_step'] for x in r) / 1024:.1f}",
+                f"{1e3 * max(x['time'] for x in r):.2f}",
+            ]
+        )
     print("## ShardedMFAC: per rank (max over ranks)\n")
-    print(table(["processes", "D", "m", "window held (MiB)", "peak RSS growth (MiB)", "received per step (KiB)",
-                 "step (ms)"], rows))
+    print(
+        table(
+            [
+                "processes",
+                "D",
+                "m",
+                "window held (MiB)",
+                "peak RSS growth (MiB)",
+                "received per step (KiB)",
+                "step (ms)",
+            ],
+            rows,
+        )
+    )
     for method in ("obert", "cap"):
         rows = []
         for n in a.procs:
             r = _launch(["--part", "prune", "--method", method, *common], n)
-            rows.append([n, r[0]["dim"], a.block_size, a.num_grads, _mib(max(x["held"] for x in r)),
-                         f"{max(x['rss'] for x in r):.1f}", f"{max(x['collect_per_grad'] for x in r) / 1024:.1f}",
-                         f"{max(x['prune_bytes'] for x in r) / 1024:.1f}",
-                         f"{max(x['collect_time'] for x in r):.2f}", f"{max(x['prune_time'] for x in r):.2f}"])
+            rows.append(
+                [
+                    n,
+                    r[0]["dim"],
+                    a.block_size,
+                    a.num_grads,
+                    _mib(max(x["held"] for x in r)),
+                    f"{max(x['rss'] for x in r):.1f}",
+                    f"{max(x['collect_per_grad'] for x in r) / 1024:.1f}",
+                    f"{max(x['prune_bytes'] for x in r) / 1024:.1f}",
+                    f"{max(x['collect_time'] for x in r):.2f}",
+                    f"{max(x['prune_time'] for x in r):.2f}",
+                ]
+            )
         print(f"\n## Distributed {method} pruning (50%, one step): per rank (max over ranks)\n")
-        print(table(["processes", "D", "B", "m", "Fisher blocks held (MiB)", "peak RSS growth (MiB)",
-                     "received per gradient (KiB)", "received in prune step (KiB)", "collect (s)", "prune (s)"], rows))
+        print(
+            table(
+                [
+                    "processes",
+                    "D",
+                    "B",
+                    "m",
+                    "Fisher blocks held (MiB)",
+                    "peak RSS growth (MiB)",
+                    "received per gradient (KiB)",
+                    "received in prune step (KiB)",
+                    "collect (s)",
+                    "prune (s)",
+                ],
+                rows,
+            )
+        )
 
 
 if __name__ == "__main__":

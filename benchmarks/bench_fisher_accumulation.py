@@ -1,16 +1,17 @@
 #!/usr/bin/env python
 """Accuracy of three ways to build the fp32 block-Fisher inverse, against an fp64 reference.
 
-* ``hf_mfac``: :class:`hf_mfac.core.BlockFisherInverse` itself (fp64 sum of ``G_b^T G_b``, fp64 Cholesky,
-  one rounding to fp32 at the end);
-* ``fp32 chunks``: fp32 batched GEMMs over chunks of 32 gradients, summed in fp64 (the faster build that was
-  considered: it would run at fp32 GEMM speed);
+* ``hf_mfac``: :class:`hf_mfac.core.BlockFisherInverse` itself (fp64 sum of ``G_b^T G_b``, fp64
+  Cholesky, one rounding to fp32 at the end);
+* ``fp32 chunks``: fp32 batched GEMMs over chunks of 32 gradients, summed in fp64 (the faster build
+  that was considered: it would run at fp32 GEMM speed);
 * ``fp32 Woodbury``: m fp32 rank-1 Sherman-Morrison updates of ``I / damp`` (what sparseml's
   EmpiricalBlockFisherInverse does, written here from the formula [WoodFisher, eq. 12]).
 
-Printed: the largest relative error of ``diag(F^{-1})`` over all blocks. Gradients x 30 / sqrt(d): ``random``
-N(0, 1), or ``correlated``: per block, N(0, 1) coordinates scaled by a spectrum decaying from 1 to 1e-2 in a
-random orthonormal basis, so that each block's covariance spans four decades, as real gradients' do.
+Printed: the largest relative error of ``diag(F^{-1})`` over all blocks. Gradients x 30 / sqrt(d):
+``random`` N(0, 1), or ``correlated``: per block, N(0, 1) coordinates scaled by a spectrum decaying
+from 1 to 1e-2 in a random orthonormal basis, so that each block's covariance spans four decades, as
+real gradients' do.
 
     python benchmarks/bench_fisher_accumulation.py --ms 32,64,256,1024 --damps 1e-4,1e-5,1e-8
 """
@@ -53,7 +54,9 @@ def _grads(kind: str, m: int, nb: int, B: int) -> torch.Tensor:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--block_size", type=int, default=32)
     ap.add_argument("--num_blocks", type=int, default=64)
     ap.add_argument("--ms", default="32,64,256")
@@ -70,7 +73,10 @@ def main(argv=None):
             G = _grads(kind, m, nb, B)
             Gb = G.view(m, nb, B).transpose(0, 1)
             exact = Gb.double().mT @ Gb.double() / m
-            chunks = sum((Gb[:, s : s + 32].mT @ Gb[:, s : s + 32]).double() for s in range(0, m, 32)) / m
+            chunks = (
+                sum((Gb[:, s : s + 32].mT @ Gb[:, s : s + 32]).double() for s in range(0, m, 32))
+                / m
+            )
             for damp in (float(x) for x in args.damps.split(",")):
                 ref = _inv_diag(exact, damp)
 
@@ -81,10 +87,32 @@ def main(argv=None):
                 bf = BlockFisherInverse(d, B, damp)
                 for c in G.split(32):
                     bf.add_grads(c)
-                rows.append([kind, m, B, f"{damp:g}", err(bf.diag()), err(_inv_diag(chunks, damp).float()),
-                             err(_woodbury_fp32(Gb, damp))])
+                rows.append(
+                    [
+                        kind,
+                        m,
+                        B,
+                        f"{damp:g}",
+                        err(bf.diag()),
+                        err(_inv_diag(chunks, damp).float()),
+                        err(_woodbury_fp32(Gb, damp)),
+                    ]
+                )
     print(machine())
-    print(table(["gradients", "m", "B", "damp", "hf_mfac (fp64 sum)", "fp32 chunks + fp64 sum", "fp32 Woodbury"], rows))
+    print(
+        table(
+            [
+                "gradients",
+                "m",
+                "B",
+                "damp",
+                "hf_mfac (fp64 sum)",
+                "fp32 chunks + fp64 sum",
+                "fp32 Woodbury",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

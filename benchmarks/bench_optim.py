@@ -2,9 +2,9 @@
 
 The window is filled synthetically (random rows, a consistent diagonal Gram matrix) so that the
 steady-state step (window full) is timed without first running m real steps; the cost of a step does
-not depend on the window's values. Ratios are measured in the same run.
-Usage: python benchmarks/bench_optim.py [--ms 32,128,512] [--sizes tiny,mini] [--bf16] [--device cuda]
-(default device: the GPU when there is one). On a GPU the window products run the CUDA kernels when they
+not depend on the window's values. Ratios are measured in the same run. Usage: python
+benchmarks/bench_optim.py [--ms 32,128,512] [--sizes tiny,mini] [--bf16] [--device cuda] (default
+device: the GPU when there is one). On a GPU the window products run the CUDA kernels when they
 build (impl="auto"; the line "kernels:" says which path ran).
 """
 from __future__ import annotations
@@ -17,8 +17,10 @@ import torch
 from _util import copy_bandwidth, machine, table, timeit
 import hf_mfac
 
-SIZES = {"tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
-         "mini": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024)}
+SIZES = {"tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2,
+                      intermediate_size=512),
+         "mini": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
+                      intermediate_size=1024)}
 
 
 def bert_params(size: str, device):
@@ -29,8 +31,8 @@ def bert_params(size: str, device):
 
 
 def fill_window(opt: hf_mfac.MFAC, seed: int = 0):
-    """Random rows in the first ``dim`` columns of each window row (padding columns stay as they are) and a
-    diagonal Gram matrix of their norms, filled on the window's device."""
+    """Random rows in the first ``dim`` columns of each window row (padding columns stay as they
+    are) and a diagonal Gram matrix of their norms, filled on the window's device."""
     w = opt.window
     gen = torch.Generator(device=w.G.device).manual_seed(seed)
     G = w.G[:, : w.dim]  # (m, d) view
@@ -59,7 +61,8 @@ def bench(size: str, m: int, grad_dtype, device):
     try:
         opt._build_layout()
     except MemoryError as e:
-        return (size, d, m, str(grad_dtype).replace("torch.", ""), f"{t_adam * 1e3:.1f}", "does not fit",
+        return (size, d, m, str(grad_dtype).replace("torch.", ""), f"{t_adam * 1e3:.1f}", "does "
+                                                                                          "not fit",
                 str(e)[:60], "", "")
     fill_window(opt)
     t_mfac = timeit(opt.step, repeats=3)
@@ -67,7 +70,8 @@ def bench(size: str, m: int, grad_dtype, device):
     bw = copy_bandwidth(min(m * d, 1 << 27), device=device)
     bound = 2 * m * d * elem / bw  # two passes over m*d stored values at the copy traffic rate
     del opt
-    return (size, d, m, str(grad_dtype).replace("torch.", ""), f"{t_adam * 1e3:.1f}", f"{t_mfac * 1e3:.0f}",
+    return (size, d, m, str(grad_dtype).replace("torch.", ""), f"{t_adam * 1e3:.1f}",
+            f"{t_mfac * 1e3:.0f}",
             f"{t_mfac / t_adam:.0f}", f"{bound * 1e3:.0f}", f"{bound / t_mfac:.2f}")
 
 
@@ -84,18 +88,33 @@ def main():
         from hf_mfac.kernels import status
 
         st = status()
-        print(f"kernels: {'CUDA (impl=auto)' if st['available'] else 'torch references: ' + str(st['reason'])}\n")
+        how = "CUDA (impl=auto)" if st["available"] else f"torch references: {st['reason']}"
+        print(f"kernels: {how}\n")
     rows = []
     for size in a.sizes.split(","):
         for m in map(int, a.ms.split(",")):
-            for dt in ([torch.float32, torch.bfloat16] if a.bf16 else [torch.float32]):
+            for dt in [torch.float32, torch.bfloat16] if a.bf16 else [torch.float32]:
                 rows.append(bench(size, m, dt, device))
                 print(rows[-1], flush=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     print()
-    print(table(["params", "d", "m", "window", "AdamW step ms", "MFAC step ms", "MFAC / AdamW",
-                 "bandwidth bound ms", "bound / MFAC (fraction of bound)"], rows))
+    print(
+        table(
+            [
+                "params",
+                "d",
+                "m",
+                "window",
+                "AdamW step ms",
+                "MFAC step ms",
+                "MFAC / AdamW",
+                "bandwidth bound ms",
+                "bound / MFAC (fraction of bound)",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""Small ViT on Fashion-MNIST: AdamW vs M-FAC training, then one-shot pruning (magnitude / oBERT / M-FAC / CAP).
+"""Small ViT on Fashion-MNIST: AdamW vs M-FAC training, then one-shot pruning (magnitude / oBERT /
+M-FAC / CAP).
 
-1. Loads Fashion-MNIST from the idx .gz files with ``examples/run_image_classification.load_fashion_mnist`` and
-   takes a fixed random subset (``--train_samples`` / ``--test_samples``, ``--data_seed``, default ``--seed``).
+1. Loads Fashion-MNIST from the idx .gz files with
+   ``examples/run_image_classification.load_fashion_mnist`` and takes a fixed random subset
+   (``--train_samples`` / ``--test_samples``, ``--data_seed``, default ``--seed``).
 2. Trains a small ViT from scratch (``transformers.ViTConfig``) twice at the same budget with
-   :class:`hf_mfac.integrations.MFACTrainer`: AdamW and M-FAC (``optim="mfac"``), and evaluates test accuracy.
-3. Prunes the better dense model one-shot (:func:`hf_mfac.pruning.prune_oneshot`, global unstructured) to each
-   sparsity with each method, always from a fresh copy of the dense model, and evaluates test accuracy.
-   Targets: the encoder Linear weights (``vit.layers.N.*``); patch embedding and classifier stay dense.
+   :class:`hf_mfac.integrations.MFACTrainer`: AdamW and M-FAC (``optim="mfac"``), and evaluates test
+   accuracy.
+3. Prunes the better dense model one-shot (:func:`hf_mfac.pruning.prune_oneshot`, global
+   unstructured) to each sparsity with each method, always from a fresh copy of the dense model, and
+   evaluates test accuracy. Targets: the encoder Linear weights (``vit.layers.N.*``); patch
+   embedding and classifier stay dense.
 4. Prints markdown tables and the exact command.
 
 Example::
@@ -50,9 +54,15 @@ def parse_args(argv=None):
     p.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--train_samples", type=int, default=12000)
     p.add_argument("--test_samples", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0, help="training seed (initialisation, batch order)")
-    p.add_argument("--data_seed", type=int, default=None,
-                   help="seed of the fixed train/test subsets (default: --seed)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="training seed (initialisation, batch order)"
+    )
+    p.add_argument(
+        "--data_seed",
+        type=int,
+        default=None,
+        help="seed of the fixed train/test subsets (default: --seed)",
+    )
     p.add_argument("--patch_size", type=int, default=7, choices=[4, 7])
     p.add_argument("--hidden_size", type=int, default=64)
     p.add_argument("--intermediate_size", type=int, default=128)
@@ -67,10 +77,26 @@ def parse_args(argv=None):
     p.add_argument("--sparsities", default="0.5,0.7,0.8")
     p.add_argument("--prune_num_grads", type=int, default=None, help="default: each method's")
     p.add_argument("--fisher_batch", type=int, default=16, help="images per Fisher gradient")
-    p.add_argument("--block_size", type=int, default=None, help="Fisher block size for obert and cap (default: theirs)")
-    p.add_argument("--mfac_block_size", type=int, default=None, help="block size for mfac pruning (default: its)")
-    p.add_argument("--damp", type=float, default=None, help="absolute damping instead of the relative default")
-    p.add_argument("--rel_damps", default="", help="comma list of rel_damp values to sweep (default: each method's)")
+    p.add_argument(
+        "--block_size",
+        type=int,
+        default=None,
+        help="Fisher block size for obert and cap (default: theirs)",
+    )
+    p.add_argument(
+        "--mfac_block_size",
+        type=int,
+        default=None,
+        help="block size for mfac pruning (default: its)",
+    )
+    p.add_argument(
+        "--damp", type=float, default=None, help="absolute damping instead of the relative default"
+    )
+    p.add_argument(
+        "--rel_damps",
+        default="",
+        help="comma list of rel_damp values to sweep (default: each method's)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     return p.parse_args(argv)
 
@@ -103,15 +129,22 @@ def accuracy(model, x, y, batch=500) -> float:
     model.eval()
     correct = 0
     for i in range(0, len(y), batch):
-        logits = model(pixel_values=x[i:i + batch]).logits
-        correct += int((logits.argmax(-1) == y[i:i + batch]).sum())
+        logits = model(pixel_values=x[i : i + batch]).logits
+        correct += int((logits.argmax(-1) == y[i : i + batch]).sum())
     return correct / len(y)
 
 
 def build_model(args) -> ViTForImageClassification:
-    config = ViTConfig(image_size=28, patch_size=args.patch_size, num_channels=1, hidden_size=args.hidden_size,
-                       num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
-                       intermediate_size=args.intermediate_size, num_labels=10)
+    config = ViTConfig(
+        image_size=28,
+        patch_size=args.patch_size,
+        num_channels=1,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        intermediate_size=args.intermediate_size,
+        num_labels=10,
+    )
     return ViTForImageClassification(config)
 
 
@@ -120,10 +153,23 @@ def train(args, train_ds, optim: str, lr: float, outdir: str):
     model = build_model(args)
     extra = {"mfac_num_grads": args.mfac_num_grads} if optim == "mfac" else {}
     targs = MFACTrainingArguments(
-        output_dir=outdir, optim=optim, learning_rate=lr, num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size, use_cpu=True, report_to=[], save_strategy="no",
-        logging_strategy="no", seed=args.seed, disable_tqdm=True, dataloader_num_workers=0, **extra)
-    trainer = MFACTrainer(model=model, args=targs, train_dataset=train_ds, data_collator=default_data_collator)
+        output_dir=outdir,
+        optim=optim,
+        learning_rate=lr,
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        seed=args.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **extra,
+    )
+    trainer = MFACTrainer(
+        model=model, args=targs, train_dataset=train_ds, data_collator=default_data_collator
+    )
     t0 = time.perf_counter()
     out = trainer.train()
     secs = time.perf_counter() - t0
@@ -136,8 +182,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     t_all = time.perf_counter()
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] +
-                                   (sys.argv[1:] if argv is None else list(argv)))
+    command = "python " + " ".join(
+        shlex.quote(a)
+        for a in [os.path.relpath(__file__, ROOT)] + (sys.argv[1:] if argv is None else list(argv))
+    )
 
     # 1. data
     splits = load_fashion_mnist(args.data_dir)
@@ -151,53 +199,84 @@ def main(argv=None):
     # 2. dense training
     dense, models = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, optim, lr in (("AdamW", "adamw_torch", args.adamw_lr), ("M-FAC", "mfac", args.mfac_lr)):
+        for name, optim, lr in (
+            ("AdamW", "adamw_torch", args.adamw_lr),
+            ("M-FAC", "mfac", args.mfac_lr),
+        ):
             try:
                 model, secs, loss = train(args, train_ds, optim, lr, os.path.join(tmp, name))
                 acc = accuracy(model, test_x, test_y)
                 note = "" if np.isfinite(loss) else "diverged (non-finite loss)"
             except Exception as e:  # noqa: BLE001  (report, keep going with the other optimizer)
-                model, secs, loss, acc, note = None, float("nan"), float("nan"), float("nan"), f"failed: {e!r}"
+                model, secs, loss, acc, note = (
+                    None,
+                    float("nan"),
+                    float("nan"),
+                    float("nan"),
+                    f"failed: {e!r}",
+                )
             dense.append((name, lr, acc, secs, loss, note))
             if model is not None and np.isfinite(acc):
                 models[name] = (acc, model)
-            print(f"[dense] {name} lr={lr:g}: acc={acc:.4f} train_loss={loss:.4f} {secs:.1f}s {note}", flush=True)
+            print(
+                f"[dense] {name} lr={lr:g}: acc={acc:.4f} train_loss={loss:.4f} {secs:.1f}s {note}",
+                flush=True,
+            )
     best_name, (best_acc, best) = max(models.items(), key=lambda kv: kv[1][0])
 
     # 3. one-shot pruning of the better model
     targets = find_prunable(best, include=ENCODER_LINEARS)
-    assert all(n.startswith("vit.layers.") for n in targets) and not any("classifier" in n for n in targets)
+    assert all(n.startswith("vit.layers.") for n in targets) and not any(
+        "classifier" in n for n in targets
+    )
     n_target = sum(t.numel() for t in targets.values())
     n_total = sum(p.numel() for p in best.parameters())
     g = torch.Generator().manual_seed(args.seed)
-    n_grads = args.prune_num_grads or max(PRUNERS[m].default_num_grads for m in ("obert", "cap", "mfac"))
-    order = torch.randperm(len(tr_y), generator=g)[:n_grads * args.fisher_batch]
+    n_grads = args.prune_num_grads or max(
+        PRUNERS[m].default_num_grads for m in ("obert", "cap", "mfac")
+    )
+    order = torch.randperm(len(tr_y), generator=g)[: n_grads * args.fisher_batch]
     fx = torch.stack([transform(tr_x[i]) for i in order.tolist()])
     fy = torch.as_tensor(tr_y[order.numpy()])
-    fisher_loader = [{"pixel_values": fx[i:i + args.fisher_batch], "labels": fy[i:i + args.fisher_batch]}
-                     for i in range(0, len(fy), args.fisher_batch)]
+    fisher_loader = [
+        {"pixel_values": fx[i : i + args.fisher_batch], "labels": fy[i : i + args.fisher_batch]}
+        for i in range(0, len(fy), args.fisher_batch)
+    ]
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     sparsities = [float(s) for s in args.sparsities.split(",")]
     results, times = {}, {}
     rel_damps = [float(r) for r in args.rel_damps.split(",") if r.strip()] or [None]
-    rows = [(m, None) for m in methods if m == "magnitude"] + \
-        [(m, r) for m in methods if m != "magnitude" for r in rel_damps]
+    rows = [(m, None) for m in methods if m == "magnitude"] + [
+        (m, r) for m in methods if m != "magnitude" for r in rel_damps
+    ]
     cache = FisherCache()
     for method, rel in rows:
         for s in sparsities:
             model = copy.deepcopy(best)
             kw = dict(method=method, sparsity=s, include=ENCODER_LINEARS, progress=False)
             if method != "magnitude":
-                given = dict(num_grads=args.prune_num_grads, damp=args.damp, rel_damp=rel,
-                             block_size=args.mfac_block_size if method == "mfac" else args.block_size)
+                given = dict(
+                    num_grads=args.prune_num_grads,
+                    damp=args.damp,
+                    rel_damp=rel,
+                    block_size=args.mfac_block_size if method == "mfac" else args.block_size,
+                )
                 kw.update({k: v for k, v in given.items() if v is not None}, fisher_cache=cache)
             try:
-                _, rep = prune_oneshot(model, fisher_loader if method != "magnitude" else None, **kw)
+                _, rep = prune_oneshot(
+                    model, fisher_loader if method != "magnitude" else None, **kw
+                )
                 acc, secs = accuracy(model, test_x, test_y), rep.time_total
-                real = sum(int((t == 0).sum()) for t in find_prunable(model, include=ENCODER_LINEARS).values())
-                print(f"[prune] {method} s={s}: acc={acc:.4f} achieved={real / n_target:.4f} "
-                      f"{secs:.1f}s", flush=True)
+                real = sum(
+                    int((t == 0).sum())
+                    for t in find_prunable(model, include=ENCODER_LINEARS).values()
+                )
+                print(
+                    f"[prune] {method} s={s}: acc={acc:.4f} achieved={real / n_target:.4f} "
+                    f"{secs:.1f}s",
+                    flush=True,
+                )
             except Exception as e:  # noqa: BLE001
                 acc, secs = float("nan"), float("nan")
                 print(f"[prune] {method} s={s}: failed: {e!r}", flush=True)
@@ -206,31 +285,59 @@ def main(argv=None):
 
     # 4. tables
     print("\n## Dense training\n")
-    print(f"ViT patch {args.patch_size}, hidden {args.hidden_size}, MLP {args.intermediate_size}, "
-          f"{args.num_layers} layers, {args.num_heads} heads ({n_total} parameters); Fashion-MNIST "
-          f"{args.train_samples} train / {args.test_samples} test (subset seed "
-          f"{args.seed if args.data_seed is None else args.data_seed}, training seed {args.seed}); "
-          f"{args.epochs:g} epochs, batch {args.batch_size}, M-FAC num_grads {args.mfac_num_grads}.\n")
-    print(table(["optimizer", "lr", "test accuracy", "train loss", "seconds", "note"],
-                [(n, f"{lr:g}", f"{a:.4f}", f"{lo:.4f}", f"{s:.1f}", note or "-")
-                 for n, lr, a, s, lo, note in dense]))
+    print(
+        f"ViT patch {args.patch_size}, hidden {args.hidden_size}, MLP {args.intermediate_size}, "
+        f"{args.num_layers} layers, {args.num_heads} heads ({n_total} parameters); Fashion-MNIST "
+        f"{args.train_samples} train / {args.test_samples} test (subset seed "
+        f"{args.seed if args.data_seed is None else args.data_seed}, training seed {args.seed}); "
+        f"{args.epochs:g} epochs, batch {args.batch_size}, M-FAC num_grads "
+        f"{args.mfac_num_grads}.\n"
+    )
+    print(
+        table(
+            ["optimizer", "lr", "test accuracy", "train loss", "seconds", "note"],
+            [
+                (n, f"{lr:g}", f"{a:.4f}", f"{lo:.4f}", f"{s:.1f}", note or "-")
+                for n, lr, a, s, lo, note in dense
+            ],
+        )
+    )
     print(f"\n## One-shot pruning of the {best_name} model (dense accuracy {best_acc:.4f})\n")
+
     def label(m, r):
         if m == "magnitude":
             return m
         p = PRUNERS[m]
-        return f"{m} (rel_damp {r if r is not None else p.default_rel_damp:g})" if args.damp is None else m
+        return (
+            f"{m} (rel_damp {r if r is not None else p.default_rel_damp:g})"
+            if args.damp is None
+            else m
+        )
 
-    print(f"Global unstructured, {len(targets)} encoder Linear weights ({n_target} of {n_total} parameters; "
-          f"patch embedding and classifier dense); Fisher gradients of {args.fisher_batch} train images; "
-          f"num_grads {args.prune_num_grads or 'default'}, block {args.block_size or 'default'} (obert, cap) / "
-          f"{args.mfac_block_size or 'default'} (mfac), damping {args.damp if args.damp is not None else 'relative'}; "
-          "no recomputation. Test accuracy:\n")
-    print(table(["method"] + [f"{s:g}" for s in sparsities],
-                [[label(*r)] + [f"{results[r, s]:.4f}" for s in sparsities] for r in rows]))
+    print(
+        f"Global unstructured, {len(targets)} encoder Linear weights ({n_target} of {n_total} "
+        "parameters; "
+        f"patch embedding and classifier dense); Fisher gradients of {args.fisher_batch} train "
+        "images; "
+        f"num_grads {args.prune_num_grads or 'default'}, block {args.block_size or 'default'} "
+        "(obert, cap) / "
+        f"{args.mfac_block_size or 'default'} (mfac), damping "
+        f"{args.damp if args.damp is not None else 'relative'}; "
+        "no recomputation. Test accuracy:\n"
+    )
+    print(
+        table(
+            ["method"] + [f"{s:g}" for s in sparsities],
+            [[label(*r)] + [f"{results[r, s]:.4f}" for s in sparsities] for r in rows],
+        )
+    )
     print("\nPruning seconds (gradients + solve):\n")
-    print(table(["method"] + [f"{s:g}" for s in sparsities],
-                [[label(*r)] + [f"{times[r, s]:.1f}" for s in sparsities] for r in rows]))
+    print(
+        table(
+            ["method"] + [f"{s:g}" for s in sparsities],
+            [[label(*r)] + [f"{times[r, s]:.1f}" for s in sparsities] for r in rows],
+        )
+    )
     print(f"\nMachine: {machine()}. Total {time.perf_counter() - t_all:.0f}s.")
     print(f"\nCommand: `{command}`")
 

@@ -13,21 +13,24 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Finetuning the library models for sequence classification on GLUE, with M-FAC and second-order pruning.
+"""Finetuning the library models for sequence classification on GLUE, with M-FAC and second-order
+pruning.
 
-Ported from transformers' ``examples/pytorch/text-classification/run_glue.py`` (transformers 5.x). The changes,
-each marked ``# hf_mfac:`` in the code:
+Ported from transformers' ``examples/pytorch/text-classification/run_glue.py`` (transformers 5.x).
+The changes, each marked ``# hf_mfac:`` in the code:
 
-* M-FAC: ``MFACTrainingArguments`` / ``MFACTrainer`` in place of ``TrainingArguments`` / ``Trainer``, so
-  ``--optim mfac`` (``--mfac_num_grads``, ``--mfac_damp``, ``--optim_args``...) works next to every stock ``--optim``;
-* pruning: the ``--prune_*`` flags of :class:`hf_mfac.integrations.PruningArguments` (gradual pruning during
-  training, ``--prune_mode oneshot``, ``--distill_teacher self``); the pruned model is saved sparse;
-* local files first: ``--train_file``/``--validation_file``/``--test_file`` (``.csv``, ``.tsv``, ``.json``,
-  ``.jsonl``; ``--file_encoding``) are used when given, ``--task_name`` then only chooses the columns and the
-  metric (``--validation_mismatched_file``/``--test_mismatched_file`` for MNLI); without files, ``--task_name`` and
-  ``--dataset_name`` load from the Hub as upstream. ``--label_column_name``, ``--text_column_names`` and
-  ``--validation_split_percentage`` adapt any table; string labels are encoded as a ``ClassLabel`` before
-  tokenising;
+* M-FAC: ``MFACTrainingArguments`` / ``MFACTrainer`` in place of ``TrainingArguments`` /
+  ``Trainer``, so ``--optim mfac`` (``--mfac_num_grads``, ``--mfac_damp``, ``--optim_args``...)
+  works next to every stock ``--optim``;
+* pruning: the ``--prune_*`` flags of :class:`hf_mfac.integrations.PruningArguments` (gradual
+  pruning during training, ``--prune_mode oneshot``, ``--distill_teacher self``); the pruned model
+  is saved sparse;
+* local files first: ``--train_file``/``--validation_file``/``--test_file`` (``.csv``, ``.tsv``,
+  ``.json``, ``.jsonl``; ``--file_encoding``) are used when given, ``--task_name`` then only chooses
+  the columns and the metric (``--validation_mismatched_file``/``--test_mismatched_file`` for MNLI);
+  without files, ``--task_name`` and ``--dataset_name`` load from the Hub as upstream.
+  ``--label_column_name``, ``--text_column_names`` and ``--validation_split_percentage`` adapt any
+  table; string labels are encoded as a ``ClassLabel`` before tokenising;
 * the GLUE metrics are computed locally (``evaluate.load`` needs the network).
 
 Example (see examples/README.md)::
@@ -63,11 +66,20 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import check_min_version
 from transformers.utils.versions import require_version
 
-from hf_mfac.integrations import DistillationMixin, MFACTrainer, MFACTrainingArguments, PruningArguments  # hf_mfac
+# hf_mfac
+from hf_mfac.integrations import (
+    DistillationMixin,
+    MFACTrainer,
+    MFACTrainingArguments,
+    PruningArguments,
+)
 
 check_min_version("5.0.0")
 
-require_version("datasets>=1.8.0", "To fix: pip install -r examples/pytorch/text-classification/requirements.txt")
+require_version(
+    "datasets>=1.8.0",
+    "To fix: pip install -r examples/pytorch/text-classification/requirements.txt",
+)
 
 task_to_keys = {
     "cola": ("sentence", None),
@@ -99,10 +111,14 @@ class DataTrainingArguments:
         metadata={"help": "The name of the task to train on: " + ", ".join(task_to_keys.keys())},
     )
     dataset_name: str | None = field(
-        default=None, metadata={"help": "The name of the dataset to use (via the datasets library)."}
+        default=None,
+        metadata={"help": "The name of the dataset to use (via the datasets library)."},
     )
     dataset_config_name: str | None = field(
-        default=None, metadata={"help": "The configuration name of the dataset to use (via the datasets library)."}
+        default=None,
+        metadata={
+            "help": "The configuration name of the dataset to use (via the datasets library)."
+        },
     )
     max_seq_length: int = field(
         default=128,
@@ -121,7 +137,8 @@ class DataTrainingArguments:
         metadata={
             "help": (
                 "Whether to pad all samples to `max_seq_length`. "
-                "If False, will pad the samples dynamically when batching to the maximum length in the batch."
+                "If False, will pad the samples dynamically when batching to the maximum length in "
+                "the batch."
             )
         },
     )
@@ -129,7 +146,8 @@ class DataTrainingArguments:
         default=None,
         metadata={
             "help": (
-                "For debugging purposes or quicker training, truncate the number of training examples to this "
+                "For debugging purposes or quicker training, truncate the number of training "
+                "examples to this "
                 "value if set."
             )
         },
@@ -138,7 +156,8 @@ class DataTrainingArguments:
         default=None,
         metadata={
             "help": (
-                "For debugging purposes or quicker training, truncate the number of evaluation examples to this "
+                "For debugging purposes or quicker training, truncate the number of evaluation "
+                "examples to this "
                 "value if set."
             )
         },
@@ -147,16 +166,19 @@ class DataTrainingArguments:
         default=None,
         metadata={
             "help": (
-                "For debugging purposes or quicker training, truncate the number of prediction examples to this "
+                "For debugging purposes or quicker training, truncate the number of prediction "
+                "examples to this "
                 "value if set."
             )
         },
     )
     train_file: str | None = field(
-        default=None, metadata={"help": "A csv/tsv or a json/jsonl file containing the training data."}
+        default=None,
+        metadata={"help": "A csv/tsv or a json/jsonl file containing the training data."},
     )
     validation_file: str | None = field(
-        default=None, metadata={"help": "A csv/tsv or a json/jsonl file containing the validation data."}
+        default=None,
+        metadata={"help": "A csv/tsv or a json/jsonl file containing the validation data."},
     )
     test_file: str | None = field(
         default=None, metadata={"help": "A csv/tsv or a json/jsonl file containing the test data."}
@@ -170,24 +192,39 @@ class DataTrainingArguments:
     )
     validation_split_percentage: int | None = field(
         default=None,
-        metadata={"help": "Without a validation file: the percentage of the train set held out as validation set."},
+        metadata={
+            "help": "Without a validation file: the percentage of the train set held out as "
+            "validation set."
+        },
     )
     text_column_names: str | None = field(
         default=None,
-        metadata={"help": "Comma-separated text columns (one or two), e.g. 'text' or 'sentence1,sentence2'."},
+        metadata={
+            "help": "Comma-separated text columns (one or two), e.g. 'text' or "
+            "'sentence1,sentence2'."
+        },
     )
-    label_column_name: str = field(default="label", metadata={"help": "The column holding the labels."})
-    file_encoding: str = field(default="utf-8", metadata={"help": "Text encoding of csv/tsv files (e.g. latin-1)."})
+    label_column_name: str = field(
+        default="label", metadata={"help": "The column holding the labels."}
+    )
+    file_encoding: str = field(
+        default="utf-8", metadata={"help": "Text encoding of csv/tsv files (e.g. latin-1)."}
+    )
 
     def __post_init__(self):
         if self.task_name is not None:
             self.task_name = self.task_name.lower()
             if self.task_name not in task_to_keys.keys():
-                raise ValueError("Unknown task, you should pick one in " + ",".join(task_to_keys.keys()))
+                raise ValueError(
+                    "Unknown task, you should pick one in " + ",".join(task_to_keys.keys())
+                )
         elif self.dataset_name is not None:
             pass
-        elif self.train_file is None and self.validation_file is None and self.test_file is None:  # hf_mfac
-            raise ValueError("Need either a GLUE task, a training/validation file or a dataset name.")
+        # hf_mfac
+        elif self.train_file is None and self.validation_file is None and self.test_file is None:
+            raise ValueError(
+                "Need either a GLUE task, a training/validation file or a dataset name."
+            )
 
 
 @dataclass
@@ -200,24 +237,33 @@ class ModelArguments:
         metadata={"help": "Path to pretrained model or model identifier from huggingface.co/models"}
     )
     config_name: str | None = field(
-        default=None, metadata={"help": "Pretrained config name or path if not the same as model_name"}
+        default=None,
+        metadata={"help": "Pretrained config name or path if not the same as model_name"},
     )
     tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Pretrained tokenizer name or path if not the same as model_name"}
+        default=None,
+        metadata={"help": "Pretrained tokenizer name or path if not the same as model_name"},
     )
     cache_dir: str | None = field(
         default=None,
-        metadata={"help": "Where do you want to store the pretrained models downloaded from huggingface.co"},
+        metadata={
+            "help": "Where do you want to store the pretrained models downloaded from "
+            "huggingface.co"
+        },
     )
     model_revision: str = field(
         default="main",
-        metadata={"help": "The specific model version to use (can be a branch name, tag name or commit id)."},
+        metadata={
+            "help": "The specific model version to use (can be a branch name, tag name or "
+            "commit id)."
+        },
     )
     token: str | None = field(
         default=None,
         metadata={
             "help": (
-                "The token to use as HTTP bearer authorization for remote files. If not specified, will use the token "
+                "The token to use as HTTP bearer authorization for remote files. If not specified, "
+                "will use the token "
                 "generated when running `hf auth login` (stored in `~/.huggingface`)."
             )
         },
@@ -227,51 +273,70 @@ class ModelArguments:
         metadata={
             "help": (
                 "Whether to trust the execution of code from datasets/models defined on the Hub."
-                " This option should only be set to `True` for repositories you trust and in which you have read the"
+                " This option should only be set to `True` for repositories you trust and in which "
+                "you have read the"
                 " code, as it will execute code present on the Hub on your local machine."
             )
         },
     )
     ignore_mismatched_sizes: bool = field(
         default=False,
-        metadata={"help": "Will enable to load a pretrained model whose head dimensions are different."},
+        metadata={
+            "help": "Will enable to load a pretrained model whose head dimensions are different."
+        },
     )
 
 
-# hf_mfac: local files with the datasets builders, string labels, metrics computed locally, distillation -------
+# hf_mfac: local files with the datasets builders, string labels, metrics computed locally,
+# distillation -------
 def load_local_splits(data_files: dict, encoding: str = "utf-8", cache_dir=None) -> DatasetDict:
-    """{split: path} -> DatasetDict, with the datasets "csv" builder (``.csv``, ``.tsv``) or "json" (``.json``,
-    ``.jsonl``)."""
+    """{split: path} -> DatasetDict, with the datasets "csv" builder (``.csv``, ``.tsv``) or "json"
+    (``.json``, ``.jsonl``)."""
     extension = next(iter(data_files.values())).rsplit(".", 1)[-1].lower()
     if extension in ("json", "jsonl"):
         return load_dataset("json", data_files=data_files, cache_dir=cache_dir)
     kwargs = {"delimiter": "\t"} if extension == "tsv" else {}
-    return load_dataset("csv", data_files=data_files, cache_dir=cache_dir, encoding=encoding, **kwargs)
+    return load_dataset(
+        "csv", data_files=data_files, cache_dir=cache_dir, encoding=encoding, **kwargs
+    )
 
 
 def encode_string_labels(raw_datasets: DatasetDict, label_key: str = "label") -> DatasetDict:
-    """A string label column (positive, negative...) as a ``ClassLabel`` over the sorted names of all splits,
-    cast before tokenising: ``map`` writing integer ids into a string column keeps its string type, and the
-    collator then fails with "too many dimensions 'str'"."""
+    """A string label column (positive, negative...) as a ``ClassLabel`` over the sorted names of
+    all splits, cast before tokenising: ``map`` writing integer ids into a string column keeps its
+    string type, and the collator then fails with "too many dimensions 'str'"."""
     splits = {k: ds for k, ds in raw_datasets.items() if label_key in ds.features}
-    if not splits or any(getattr(ds.features[label_key], "dtype", None) not in ("string", "large_string")
-                         for ds in splits.values()):
+    if not splits or any(
+        getattr(ds.features[label_key], "dtype", None) not in ("string", "large_string")
+        for ds in splits.values()
+    ):
         return raw_datasets
     names = sorted({v for ds in splits.values() for v in ds.unique(label_key) if v is not None})
     label = ClassLabel(names=names)
-    return DatasetDict({k: ds.cast_column(label_key, label) if k in splits else ds for k, ds in raw_datasets.items()})
+    return DatasetDict(
+        {
+            k: ds.cast_column(label_key, label) if k in splits else ds
+            for k, ds in raw_datasets.items()
+        }
+    )
 
 
-def glue_metrics(task: str | None, preds: np.ndarray, labels: np.ndarray, is_regression: bool) -> dict:
-    """The GLUE metric of ``task`` computed locally (same definitions as ``evaluate.load("glue", task)``); without
-    a task: accuracy and macro F1 (classification) or MSE with Pearson/Spearman (regression)."""
+def glue_metrics(
+    task: str | None, preds: np.ndarray, labels: np.ndarray, is_regression: bool
+) -> dict:
+    """The GLUE metric of ``task`` computed locally (same definitions as ``evaluate.load("glue",
+    task)``); without a task: accuracy and macro F1 (classification) or MSE with Pearson/Spearman
+    (regression)."""
     from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import f1_score, matthews_corrcoef
 
     if is_regression:
         out = {"mse": float(((preds - labels) ** 2).mean())}
         if task == "stsb" or task is None:
-            out.update(pearson=float(pearsonr(preds, labels)[0]), spearmanr=float(spearmanr(preds, labels)[0]))
+            out.update(
+                pearson=float(pearsonr(preds, labels)[0]),
+                spearmanr=float(spearmanr(preds, labels)[0]),
+            )
         return out
     if task == "cola":
         return {"matthews_correlation": float(matthews_corrcoef(labels, preds))}
@@ -292,14 +357,20 @@ def main(argv=None):
     # or by passing the --help flag to this script.
     # We now keep distinct sets of args, for a cleaner separation of concerns.
 
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, MFACTrainingArguments, PruningArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataTrainingArguments, MFACTrainingArguments, PruningArguments)
+    )
     argv = sys.argv[1:] if argv is None else list(argv)  # hf_mfac: main(argv) for tests
     if len(argv) == 1 and argv[0].endswith(".json"):
         # If we pass only one argument to the script and it's the path to a json file,
         # let's parse it to get our arguments.
-        model_args, data_args, training_args, prune_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        model_args, data_args, training_args, prune_args = parser.parse_json_file(
+            json_file=os.path.abspath(argv[0])
+        )
     else:
-        model_args, data_args, training_args, prune_args = parser.parse_args_into_dataclasses(args=argv)
+        model_args, data_args, training_args, prune_args = parser.parse_args_into_dataclasses(
+            args=argv
+        )
 
     # Setup logging
     logging.basicConfig(
@@ -309,7 +380,8 @@ def main(argv=None):
     )
 
     if training_args.should_log:
-        # The default of training_args.log_level is passive, so we set log level at info here to have that default.
+        # The default of training_args.log_level is passive, so we set log level at info here to
+        # have that default.
         transformers.utils.logging.set_verbosity_info()
 
     log_level = training_args.get_process_log_level()
@@ -322,7 +394,8 @@ def main(argv=None):
     # Log on each process the small summary:
     logger.warning(
         f"Process rank: {training_args.local_process_index}, device: {training_args.device}, "
-        f"n_gpu: {training_args.n_gpu}, distributed training: {training_args.parallel_mode.value == 'distributed'}, "
+        f"n_gpu: {training_args.n_gpu}, distributed training: "
+        f"{training_args.parallel_mode.value == 'distributed'}, "
         f"16-bits training: {training_args.fp16}"
     )
     logger.info(f"Training/evaluation parameters {training_args}")
@@ -333,26 +406,28 @@ def main(argv=None):
         last_checkpoint = get_last_checkpoint(training_args.output_dir)
         if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
             logger.info(
-                f"Checkpoint detected, resuming training at {last_checkpoint}. To avoid this behavior, change "
+                f"Checkpoint detected, resuming training at {last_checkpoint}. To avoid this "
+                "behavior, change "
                 "the `--output_dir` to train from scratch."
             )
 
     # Set seed before initializing model.
     set_seed(training_args.seed)
 
-    # Get the datasets: you can either provide your own CSV/JSON training and evaluation files (see below)
-    # or specify a GLUE benchmark task (the dataset will be downloaded automatically from the datasets Hub).
+    # Get the datasets: you can either provide your own CSV/JSON training and evaluation files (see
+    # below) or specify a GLUE benchmark task (the dataset will be downloaded automatically from the
+    # datasets Hub).
     #
-    # For CSV/JSON files, this script will use as labels the column called 'label' and as pair of sentences the
-    # sentences in columns called 'sentence1' and 'sentence2' if such column exists or the first two columns not named
-    # label if at least two columns are provided.
+    # For CSV/JSON files, this script will use as labels the column called 'label' and as pair of
+    # sentences the sentences in columns called 'sentence1' and 'sentence2' if such column exists or
+    # the first two columns not named label if at least two columns are provided.
     #
-    # If the CSVs/JSONs contain only one non-label column, the script does single sentence classification on this
-    # single column. You can easily tweak this behavior (see below)
+    # If the CSVs/JSONs contain only one non-label column, the script does single sentence
+    # classification on this single column. You can easily tweak this behavior (see below)
     #
-    # In distributed training, the load_dataset function guarantee that only one local process can concurrently
-    # download the dataset.
-    # hf_mfac: local files first; a GLUE task then gives the columns and the metric
+    # In distributed training, the load_dataset function guarantee that only one local process can
+    # concurrently download the dataset. hf_mfac: local files first; a GLUE task then gives the
+    # columns and the metric
     local_files = (data_args.train_file, data_args.validation_file, data_args.test_file)
     if any(f is not None for f in local_files):
         mnli = data_args.task_name == "mnli"
@@ -395,14 +470,20 @@ def main(argv=None):
         )
         raw_datasets["train"], raw_datasets["validation"] = split["train"], split["test"]
     raw_datasets = encode_string_labels(raw_datasets)
-    reference = raw_datasets["train"] if "train" in raw_datasets else next(iter(raw_datasets.values()))
+    reference = (
+        raw_datasets["train"] if "train" in raw_datasets else next(iter(raw_datasets.values()))
+    )
     is_class_label = isinstance(reference.features["label"], ClassLabel)
 
     # Labels
     if data_args.task_name is not None:
         is_regression = data_args.task_name == "stsb"
         if not is_regression:
-            label_list = reference.features["label"].names if is_class_label else sorted(reference.unique("label"))
+            label_list = (
+                reference.features["label"].names
+                if is_class_label
+                else sorted(reference.unique("label"))
+            )
             num_labels = len(label_list)
         else:
             num_labels = 1
@@ -423,8 +504,8 @@ def main(argv=None):
 
     # Load pretrained model and tokenizer
     #
-    # In distributed training, the .from_pretrained methods guarantee that only one local process can concurrently
-    # download model & vocab.
+    # In distributed training, the .from_pretrained methods guarantee that only one local process
+    # can concurrently download model & vocab.
     config = AutoConfig.from_pretrained(
         model_args.config_name if model_args.config_name else model_args.model_name_or_path,
         num_labels=num_labels,
@@ -479,17 +560,22 @@ def main(argv=None):
     label_to_id = None
     if (
         model.config.label2id != PretrainedConfig(num_labels=num_labels).label2id
-        and (data_args.task_name is not None or is_class_label)  # hf_mfac: or named labels of a local file
+        # hf_mfac: or named labels of a local file
+        and (data_args.task_name is not None or is_class_label)
         and not is_regression
     ):
         # Some have all caps in their config, some don't.
         label_name_to_id = {str(k).lower(): v for k, v in model.config.label2id.items()}
         if sorted(label_name_to_id.keys()) == sorted(str(label).lower() for label in label_list):
-            label_to_id = {i: int(label_name_to_id[str(label_list[i]).lower()]) for i in range(num_labels)}
+            label_to_id = {
+                i: int(label_name_to_id[str(label_list[i]).lower()]) for i in range(num_labels)
+            }
         else:
             logger.warning(
-                "Your model seems to have been trained with labels, but they don't match the dataset: "
-                f"model labels: {sorted(label_name_to_id.keys())}, dataset labels: {sorted(label_list)}."
+                "Your model seems to have been trained with labels, but they don't match the "
+                "dataset: "
+                f"model labels: {sorted(label_name_to_id.keys())}, dataset labels: "
+                f"{sorted(label_list)}."
                 "\nIgnoring the model labels as a result.",
             )
     elif data_args.task_name is None and not is_regression and not is_class_label:
@@ -498,21 +584,26 @@ def main(argv=None):
     if label_to_id is not None and data_args.task_name is None and not is_class_label:
         model.config.label2id = label_to_id
         model.config.id2label = {id: label for label, id in model.config.label2id.items()}
-    elif label_to_id is None and not is_regression:  # with the model's order, its label2id stays as it is
+    # with the model's order, its label2id stays as it is
+    elif label_to_id is None and not is_regression:
         model.config.label2id = {label: i for i, label in enumerate(label_list)}
         model.config.id2label = {id: label for label, id in model.config.label2id.items()}
 
     if data_args.max_seq_length > tokenizer.model_max_length:
         logger.warning(
-            f"The max_seq_length passed ({data_args.max_seq_length}) is larger than the maximum length for the "
-            f"model ({tokenizer.model_max_length}). Using max_seq_length={tokenizer.model_max_length}."
+            f"The max_seq_length passed ({data_args.max_seq_length}) is larger than the maximum "
+            "length for the "
+            f"model ({tokenizer.model_max_length}). Using "
+            f"max_seq_length={tokenizer.model_max_length}."
         )
     max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length)
 
     def preprocess_function(examples):
         # Tokenize the texts
         args = (
-            (examples[sentence1_key],) if sentence2_key is None else (examples[sentence1_key], examples[sentence2_key])
+            (examples[sentence1_key],)
+            if sentence2_key is None
+            else (examples[sentence1_key], examples[sentence2_key])
         )
         result = tokenizer(*args, padding=padding, max_length=max_seq_length, truncation=True)
 
@@ -539,12 +630,15 @@ def main(argv=None):
     if training_args.do_eval:
         if "validation" not in raw_datasets and "validation_matched" not in raw_datasets:
             raise ValueError("--do_eval requires a validation dataset")
-        eval_dataset = raw_datasets["validation_matched" if data_args.task_name == "mnli" else "validation"]
+        eval_dataset = raw_datasets[
+            "validation_matched" if data_args.task_name == "mnli" else "validation"
+        ]
         if data_args.max_eval_samples is not None:
             max_eval_samples = min(len(eval_dataset), data_args.max_eval_samples)
             eval_dataset = eval_dataset.select(range(max_eval_samples))
 
-    if training_args.do_predict or data_args.test_file is not None:  # hf_mfac: a local task may have no test file
+    # hf_mfac: a local task may have no test file
+    if training_args.do_predict or data_args.test_file is not None:
         if "test" not in raw_datasets and "test_matched" not in raw_datasets:
             raise ValueError("--do_predict requires a test dataset")
         predict_dataset = raw_datasets["test_matched" if data_args.task_name == "mnli" else "test"]
@@ -558,8 +652,9 @@ def main(argv=None):
             logger.info(f"Sample {index} of the training set: {train_dataset[index]}.")
 
     # hf_mfac: the metric computed locally (evaluate.load needs the network)
-    # You can define your custom compute_metrics function. It takes an `EvalPrediction` object (a namedtuple with a
-    # predictions and label_ids field) and has to return a dictionary string to float.
+    # You can define your custom compute_metrics function. It takes an `EvalPrediction` object (a
+    # namedtuple with a predictions and label_ids field) and has to return a dictionary string to
+    # float.
     def compute_metrics(p: EvalPrediction):
         preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
         preds = np.squeeze(preds) if is_regression else np.argmax(preds, axis=1)
@@ -568,8 +663,8 @@ def main(argv=None):
             result["combined_score"] = np.mean(list(result.values())).item()
         return result
 
-    # Data collator will default to DataCollatorWithPadding when the tokenizer is passed to Trainer, so we change it if
-    # we already did the padding.
+    # Data collator will default to DataCollatorWithPadding when the tokenizer is passed to Trainer,
+    # so we change it if we already did the padding.
     if data_args.pad_to_max_length:
         data_collator = default_data_collator
     elif training_args.fp16:
@@ -603,7 +698,9 @@ def main(argv=None):
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         metrics = train_result.metrics
         max_train_samples = (
-            data_args.max_train_samples if data_args.max_train_samples is not None else len(train_dataset)
+            data_args.max_train_samples
+            if data_args.max_train_samples is not None
+            else len(train_dataset)
         )
         metrics["train_samples"] = min(max_train_samples, len(train_dataset))
 
@@ -612,7 +709,8 @@ def main(argv=None):
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
-    masks = prune_args.save_sparse(trainer, callback, masks)  # hf_mfac: the final masks, saved as a sparse model
+    # hf_mfac: the final masks, saved as a sparse model
+    masks = prune_args.save_sparse(trainer, callback, masks)
 
     # Evaluation
     if training_args.do_eval:
@@ -634,7 +732,9 @@ def main(argv=None):
             metrics = trainer.evaluate(eval_dataset=eval_dataset)
 
             max_eval_samples = (
-                data_args.max_eval_samples if data_args.max_eval_samples is not None else len(eval_dataset)
+                data_args.max_eval_samples
+                if data_args.max_eval_samples is not None
+                else len(eval_dataset)
             )
             metrics["eval_samples"] = min(max_eval_samples, len(eval_dataset))
 
@@ -644,7 +744,9 @@ def main(argv=None):
                 combined.update(metrics)
 
             trainer.log_metrics("eval", metrics)
-            trainer.save_metrics("eval", combined if task is not None and "mnli" in task else metrics)
+            trainer.save_metrics(
+                "eval", combined if task is not None and "mnli" in task else metrics
+            )
 
     if training_args.do_predict:
         logger.info("*** Predict ***")
@@ -658,12 +760,17 @@ def main(argv=None):
 
         for predict_dataset, task in zip(predict_datasets, tasks):
             # Removing the `label` columns because it contains -1 and Trainer won't like that.
-            if "label" in predict_dataset.column_names:  # hf_mfac: a local test file may have no labels
+            # hf_mfac: a local test file may have no labels
+            if "label" in predict_dataset.column_names:
                 predict_dataset = predict_dataset.remove_columns("label")
             predictions = trainer.predict(predict_dataset, metric_key_prefix="predict").predictions
-            predictions = np.squeeze(predictions) if is_regression else np.argmax(predictions, axis=1)
+            predictions = (
+                np.squeeze(predictions) if is_regression else np.argmax(predictions, axis=1)
+            )
 
-            output_predict_file = os.path.join(training_args.output_dir, f"predict_results_{task}.txt")
+            output_predict_file = os.path.join(
+                training_args.output_dir, f"predict_results_{task}.txt"
+            )
             if trainer.is_world_process_zero():
                 with open(output_predict_file, "w") as writer:
                     logger.info(f"***** Predict results {task} *****")
@@ -681,7 +788,8 @@ def main(argv=None):
         kwargs["dataset_tags"] = "glue"
         kwargs["dataset_args"] = data_args.task_name
         kwargs["dataset"] = f"GLUE {data_args.task_name.upper()}"
-    if masks:  # hf_mfac: the card re-saves a sparse model: keep the method and pattern in its sparsity record
+    # hf_mfac: the card re-saves a sparse model: keep the method and pattern in its sparsity record
+    if masks:
         kwargs.update(masks=masks, method=prune_args.prune_method, pattern=prune_args.prune_pattern)
 
     if training_args.push_to_hub:

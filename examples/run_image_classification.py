@@ -16,27 +16,31 @@
 # limitations under the License.
 """Fine-tuning a Transformers model for image classification, with M-FAC and second-order pruning.
 
-Ported from transformers' ``examples/pytorch/image-classification/run_image_classification.py``. The changes, each
-marked ``# hf_mfac:`` in the code:
+Ported from transformers' ``examples/pytorch/image-classification/run_image_classification.py``. The
+changes, each marked ``# hf_mfac:`` in the code:
 
-* M-FAC: ``MFACTrainingArguments`` / ``MFACTrainer`` in place of ``TrainingArguments`` / ``Trainer``, so
-  ``--optim mfac`` (``--mfac_num_grads``, ``--mfac_damp``, ``--optim_args``...) works next to every stock ``--optim``;
-* pruning: the ``--prune_*`` flags of :class:`hf_mfac.integrations.PruningArguments` (gradual pruning during
-  training, ``--prune_mode oneshot``, ``--distill_teacher self``); the pruned model is saved sparse;
-* local data: ``--dataset fashion_mnist`` (the idx ``.gz`` files in ``--fashion_mnist_dir``, Debian package
-  ``dataset-fashion-mnist``) and ``--dataset digits`` (scikit-learn's 8x8 digits) become a ``DatasetDict`` with an
-  ``image`` and a ``label`` column, as ``--train_dir``/``--validation_dir`` (the "imagefolder" builder) and
-  ``--dataset_name`` give;
-* without ``--model_name_or_path``, a small ``ViTConfig`` trained from scratch (``--image_size``, ``--patch_size``,
-  ``--hidden_size``...): no checkpoint is downloaded;
+* M-FAC: ``MFACTrainingArguments`` / ``MFACTrainer`` in place of ``TrainingArguments`` /
+  ``Trainer``, so ``--optim mfac`` (``--mfac_num_grads``, ``--mfac_damp``, ``--optim_args``...)
+  works next to every stock ``--optim``;
+* pruning: the ``--prune_*`` flags of :class:`hf_mfac.integrations.PruningArguments` (gradual
+  pruning during training, ``--prune_mode oneshot``, ``--distill_teacher self``); the pruned model
+  is saved sparse;
+* local data: ``--dataset fashion_mnist`` (the idx ``.gz`` files in ``--fashion_mnist_dir``, Debian
+  package ``dataset-fashion-mnist``) and ``--dataset digits`` (scikit-learn's 8x8 digits) become a
+  ``DatasetDict`` with an ``image`` and a ``label`` column, as ``--train_dir``/``--validation_dir``
+  (the "imagefolder" builder) and ``--dataset_name`` give;
+* without ``--model_name_or_path``, a small ``ViTConfig`` trained from scratch (``--image_size``,
+  ``--patch_size``, ``--hidden_size``...): no checkpoint is downloaded;
 * the accuracy is computed locally (``evaluate.load`` needs the network);
-* torchvision is optional: without it, stand-ins for its few transforms (same arguments, PIL and torch).
+* torchvision is optional: without it, stand-ins for its few transforms (same arguments, PIL and
+  torch).
 
-The datasets keep their ``image`` column until the transforms run, so pass ``--remove_unused_columns False`` as
-upstream. Example (see examples/README.md)::
+The datasets keep their ``image`` column until the transforms run, so pass ``--remove_unused_columns
+False`` as upstream. Example (see examples/README.md)::
 
     python examples/run_image_classification.py --dataset digits --output_dir out/digits-mfac \
-        --remove_unused_columns False --do_train --do_eval --optim mfac --mfac_num_grads 64 --learning_rate 2e-3
+        --remove_unused_columns False --do_train --do_eval \
+        --optim mfac --mfac_num_grads 64 --learning_rate 2e-3
 """
 
 import glob  # hf_mfac: the Fashion-MNIST idx files
@@ -65,7 +69,8 @@ try:
         Resize,
         ToTensor,
     )
-except ImportError:  # hf_mfac: torchvision is optional (no wheel for a CPU-only torch 2.13): the same transforms
+# hf_mfac: torchvision is optional (no wheel for a CPU-only torch 2.13): the same transforms
+except ImportError:
     import math
 
     def Compose(transforms):
@@ -80,7 +85,9 @@ except ImportError:  # hf_mfac: torchvision is optional (no wheel for a CPU-only
         return fn
 
     def ToTensor():  # PIL image -> float tensor (C, H, W) in [0, 1]
-        return lambda img: torch.from_numpy(np.atleast_3d(np.asarray(img, dtype=np.float32) / 255.0)).permute(2, 0, 1)
+        return lambda img: torch.from_numpy(
+            np.atleast_3d(np.asarray(img, dtype=np.float32) / 255.0)
+        ).permute(2, 0, 1)
 
     def Normalize(mean, std):
         mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (mean, std))
@@ -108,14 +115,18 @@ except ImportError:  # hf_mfac: torchvision is optional (no wheel for a CPU-only
         return crop
 
     def RandomHorizontalFlip(p=0.5):
-        return lambda img: img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if torch.rand(1).item() < p else img
+        return lambda img: (
+            img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if torch.rand(1).item() < p else img
+        )
 
     def RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
         def crop(img):
             width, height = img.size
             for _ in range(10):
                 area = width * height * torch.empty(1).uniform_(*scale).item()
-                aspect = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1])).item())
+                aspect = math.exp(
+                    torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1])).item()
+                )
                 w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
                 if 0 < w <= width and 0 < h <= height:
                     top = torch.randint(0, height - h + 1, (1,)).item()
@@ -123,9 +134,12 @@ except ImportError:  # hf_mfac: torchvision is optional (no wheel for a CPU-only
                     break
             else:  # the whole image
                 top, left, h, w = 0, 0, height, width
-            return img.resize(_hw(size)[::-1], Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+            return img.resize(
+                _hw(size)[::-1], Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)
+            )
 
         return crop
+
 
 import transformers
 from transformers import (
@@ -144,7 +158,13 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import check_min_version
 from transformers.utils.versions import require_version
 
-from hf_mfac.integrations import DistillationMixin, MFACTrainer, MFACTrainingArguments, PruningArguments  # hf_mfac
+# hf_mfac
+from hf_mfac.integrations import (
+    DistillationMixin,
+    MFACTrainer,
+    MFACTrainingArguments,
+    PruningArguments,
+)
 
 
 """ Fine-tuning a 🤗 Transformers model for image classification"""
@@ -154,7 +174,10 @@ logger = logging.getLogger(__name__)
 # Will error if the minimal version of Transformers is not installed. Remove at your own risks.
 check_min_version("5.0.0")
 
-require_version("datasets>=2.14.0", "To fix: pip install -r examples/pytorch/image-classification/requirements.txt")
+require_version(
+    "datasets>=2.14.0",
+    "To fix: pip install -r examples/pytorch/image-classification/requirements.txt",
+)
 
 MODEL_CONFIG_CLASSES = list(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING.keys())
 MODEL_TYPES = tuple(conf.model_type for conf in MODEL_CONFIG_CLASSES)
@@ -177,26 +200,37 @@ class DataTrainingArguments:
     dataset_name: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Name of a dataset from the hub (could be your own, possibly private dataset hosted on the hub)."
+            "help": "Name of a dataset from the hub (could be your own, possibly private dataset "
+            "hosted on the hub)."
         },
     )
     dataset_config_name: Optional[str] = field(
-        default=None, metadata={"help": "The configuration name of the dataset to use (via the datasets library)."}
+        default=None,
+        metadata={
+            "help": "The configuration name of the dataset to use (via the datasets library)."
+        },
     )
     # hf_mfac: local data sets
     dataset: Optional[str] = field(
         default=None,
         metadata={
-            "help": "A local data set: fashion_mnist (idx .gz files in --fashion_mnist_dir) or digits (scikit-learn).",
+            "help": "A local data set: fashion_mnist (idx .gz files in --fashion_mnist_dir) or "
+            "digits (scikit-learn).",
             "choices": ["fashion_mnist", "digits"],
         },
     )
     fashion_mnist_dir: str = field(
         default="/usr/share/datasets/fashion-mnist",
-        metadata={"help": "Where the Fashion-MNIST .gz files are (Debian package dataset-fashion-mnist)."},
+        metadata={
+            "help": "Where the Fashion-MNIST .gz files are (Debian package dataset-fashion-mnist)."
+        },
     )
-    train_dir: Optional[str] = field(default=None, metadata={"help": "A folder containing the training data."})
-    validation_dir: Optional[str] = field(default=None, metadata={"help": "A folder containing the validation data."})
+    train_dir: Optional[str] = field(
+        default=None, metadata={"help": "A folder containing the training data."}
+    )
+    validation_dir: Optional[str] = field(
+        default=None, metadata={"help": "A folder containing the validation data."}
+    )
     train_val_split: Optional[float] = field(
         default=0.15, metadata={"help": "Percent to split off of train for validation."}
     )
@@ -204,7 +238,8 @@ class DataTrainingArguments:
         default=None,
         metadata={
             "help": (
-                "For debugging purposes or quicker training, truncate the number of training examples to this "
+                "For debugging purposes or quicker training, truncate the number of training "
+                "examples to this "
                 "value if set."
             )
         },
@@ -213,18 +248,23 @@ class DataTrainingArguments:
         default=None,
         metadata={
             "help": (
-                "For debugging purposes or quicker training, truncate the number of evaluation examples to this "
+                "For debugging purposes or quicker training, truncate the number of evaluation "
+                "examples to this "
                 "value if set."
             )
         },
     )
     image_column_name: str = field(
         default="image",
-        metadata={"help": "The name of the dataset column containing the image data. Defaults to 'image'."},
+        metadata={
+            "help": "The name of the dataset column containing the image data. Defaults to 'image'."
+        },
     )
     label_column_name: str = field(
         default="label",
-        metadata={"help": "The name of the dataset column containing the labels. Defaults to 'label'."},
+        metadata={
+            "help": "The name of the dataset column containing the labels. Defaults to 'label'."
+        },
     )
 
     def __post_init__(self):
@@ -232,7 +272,8 @@ class DataTrainingArguments:
             return
         if self.dataset_name is None and (self.train_dir is None and self.validation_dir is None):
             raise ValueError(
-                "You must specify either a dataset name from the hub or a train and/or validation directory."
+                "You must specify either a dataset name from the hub or a train and/or validation "
+                "directory."
             )
 
 
@@ -243,29 +284,43 @@ class ModelArguments:
     """
 
     model_name_or_path: Optional[str] = field(
-        default=None,  # hf_mfac: no default checkpoint (nothing is downloaded): without one, a ViT from scratch
-        metadata={"help": "Path to pretrained model or model identifier from huggingface.co/models"},
+        # hf_mfac: no default checkpoint (nothing is downloaded): without one, a ViT from scratch
+        default=None,
+        metadata={
+            "help": "Path to pretrained model or model identifier from huggingface.co/models"
+        },
     )
     model_type: Optional[str] = field(
         default=None,
-        metadata={"help": "If training from scratch, pass a model type from the list: " + ", ".join(MODEL_TYPES)},
+        metadata={
+            "help": "If training from scratch, pass a model type from the list: "
+            + ", ".join(MODEL_TYPES)
+        },
     )
     config_name: Optional[str] = field(
-        default=None, metadata={"help": "Pretrained config name or path if not the same as model_name"}
+        default=None,
+        metadata={"help": "Pretrained config name or path if not the same as model_name"},
     )
     cache_dir: Optional[str] = field(
-        default=None, metadata={"help": "Where do you want to store the pretrained models downloaded from s3"}
+        default=None,
+        metadata={"help": "Where do you want to store the pretrained models downloaded from s3"},
     )
     model_revision: str = field(
         default="main",
-        metadata={"help": "The specific model version to use (can be a branch name, tag name or commit id)."},
+        metadata={
+            "help": "The specific model version to use (can be a branch name, tag name or "
+            "commit id)."
+        },
     )
-    image_processor_name: str = field(default=None, metadata={"help": "Name or path of preprocessor config."})
+    image_processor_name: str = field(
+        default=None, metadata={"help": "Name or path of preprocessor config."}
+    )
     token: str = field(
         default=None,
         metadata={
             "help": (
-                "The token to use as HTTP bearer authorization for remote files. If not specified, will use the token "
+                "The token to use as HTTP bearer authorization for remote files. If not specified, "
+                "will use the token "
                 "generated when running `huggingface-cli login` (stored in `~/.huggingface`)."
             )
         },
@@ -275,71 +330,107 @@ class ModelArguments:
         metadata={
             "help": (
                 "Whether to trust the execution of code from datasets/models defined on the Hub."
-                " This option should only be set to `True` for repositories you trust and in which you have read the"
+                " This option should only be set to `True` for repositories you trust and in which "
+                "you have read the"
                 " code, as it will execute code present on the Hub on your local machine."
             )
         },
     )
     ignore_mismatched_sizes: bool = field(
         default=False,
-        metadata={"help": "Will enable to load a pretrained model whose head dimensions are different."},
+        metadata={
+            "help": "Will enable to load a pretrained model whose head dimensions are different."
+        },
     )
     # hf_mfac: the ViT trained from scratch without --model_name_or_path
     image_size: Optional[int] = field(
         default=None,
-        metadata={"help": "From scratch: input size (default 8 for digits, 28 for fashion_mnist, else 32)."},
+        metadata={
+            "help": "From scratch: input size (default 8 for digits, 28 for fashion_mnist, "
+            "else 32)."
+        },
     )
     patch_size: int = field(default=4, metadata={"help": "From scratch: ViT patch size."})
     hidden_size: int = field(default=64, metadata={"help": "From scratch: ViT hidden size."})
-    num_hidden_layers: int = field(default=4, metadata={"help": "From scratch: number of ViT layers."})
+    num_hidden_layers: int = field(
+        default=4, metadata={"help": "From scratch: number of ViT layers."}
+    )
     num_attention_heads: int = field(default=4, metadata={"help": "From scratch: attention heads."})
     intermediate_size: int = field(default=128, metadata={"help": "From scratch: MLP width."})
 
 
-# hf_mfac: the local data sets as a DatasetDict (image, label), distillation -------------------------------------
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot"]
+# hf_mfac: the local data sets as a DatasetDict (image, label), distillation
+# -------------------------------------
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def _read_idx(path: str) -> np.ndarray:
-    """An idx file (MNIST format): big-endian header of ndim int32 sizes after a 4-byte magic number."""
+    """An idx file (MNIST format): big-endian header of ndim int32 sizes after a 4-byte magic
+    number."""
     with gzip.open(path, "rb") as f:
         data = f.read()
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def load_fashion_mnist(root: str) -> dict:
-    """{"train": (images (N, 28, 28) float in [0, 1], labels), "validation": ...} from the idx .gz files."""
+    """{"train": (images (N, 28, 28) float in [0, 1], labels), "validation": ...} from the idx .gz
+    files."""
+
     def find(kind, split):
         prefix = "train" if split == "train" else "t10k"
         hits = sorted(glob.glob(os.path.join(root, f"{prefix}-{kind}-idx*-ubyte.gz")))
         if not hits:
             raise FileNotFoundError(
-                f"no {prefix}-{kind}-idx*-ubyte.gz in {root} (Debian package dataset-fashion-mnist)")
+                f"no {prefix}-{kind}-idx*-ubyte.gz in {root} (Debian package dataset-fashion-mnist)"
+            )
         return hits[0]
 
-    return {split: (_read_idx(find("images", split)).astype(np.float32) / 255.0,
-                    _read_idx(find("labels", split)).astype(np.int64)) for split in ("train", "validation")}
+    return {
+        split: (
+            _read_idx(find("images", split)).astype(np.float32) / 255.0,
+            _read_idx(find("labels", split)).astype(np.int64),
+        )
+        for split in ("train", "validation")
+    }
 
 
 def load_local_dataset(name: str, fashion_mnist_dir: str) -> DatasetDict:
-    """``--dataset fashion_mnist`` (train, validation = the test set) or ``digits`` (train only) as a DatasetDict
-    with an ``image`` column (grayscale PIL images) and a ``ClassLabel`` ``label`` column."""
+    """``--dataset fashion_mnist`` (train, validation = the test set) or ``digits`` (train only) as
+    a DatasetDict with an ``image`` column (grayscale PIL images) and a ``ClassLabel`` ``label``
+    column."""
     if name == "fashion_mnist":
         splits, names = load_fashion_mnist(fashion_mnist_dir), FASHION_MNIST_CLASSES
     else:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        splits, names = {"train": (digits.images / 16.0, digits.target)}, [str(d) for d in range(10)]
+        splits, names = (
+            {"train": (digits.images / 16.0, digits.target)},
+            [str(d) for d in range(10)],
+        )
     features = Features({"image": datasets.Image(), "label": ClassLabel(names=names)})
-    return DatasetDict({
-        split: datasets.Dataset.from_dict(
-            {"image": list(np.uint8(np.round(images * 255))), "label": labels.tolist()}, features=features)
-        for split, (images, labels) in splits.items()
-    })
+    return DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(
+                {"image": list(np.uint8(np.round(images * 255))), "label": labels.tolist()},
+                features=features,
+            )
+            for split, (images, labels) in splits.items()
+        }
+    )
 
 
 class ImageClassificationTrainer(DistillationMixin, MFACTrainer):
@@ -351,14 +442,20 @@ def main(argv=None):
     # or by passing the --help flag to this script.
     # We now keep distinct sets of args, for a cleaner separation of concerns.
 
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, MFACTrainingArguments, PruningArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataTrainingArguments, MFACTrainingArguments, PruningArguments)
+    )
     argv = sys.argv[1:] if argv is None else list(argv)  # hf_mfac: main(argv) for tests
     if len(argv) == 1 and argv[0].endswith(".json"):
         # If we pass only one argument to the script and it's the path to a json file,
         # let's parse it to get our arguments.
-        model_args, data_args, training_args, prune_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        model_args, data_args, training_args, prune_args = parser.parse_json_file(
+            json_file=os.path.abspath(argv[0])
+        )
     else:
-        model_args, data_args, training_args, prune_args = parser.parse_args_into_dataclasses(args=argv)
+        model_args, data_args, training_args, prune_args = parser.parse_args_into_dataclasses(
+            args=argv
+        )
 
     # Setup logging
     logging.basicConfig(
@@ -368,7 +465,8 @@ def main(argv=None):
     )
 
     if training_args.should_log:
-        # The default of training_args.log_level is passive, so we set log level at info here to have that default.
+        # The default of training_args.log_level is passive, so we set log level at info here to
+        # have that default.
         transformers.utils.logging.set_verbosity_info()
 
     log_level = training_args.get_process_log_level()
@@ -379,7 +477,8 @@ def main(argv=None):
 
     # Log on each process the small summary:
     logger.warning(
-        f"Process rank: {training_args.local_rank}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
+        f"Process rank: {training_args.local_rank}, device: {training_args.device}, n_gpu: "
+        f"{training_args.n_gpu}, "
         + f"distributed training: {training_args.parallel_mode.value == 'distributed'}, "
         + f"16-bits training: {training_args.fp16}"
     )
@@ -391,7 +490,8 @@ def main(argv=None):
         last_checkpoint = get_last_checkpoint(training_args.output_dir)
         if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
             logger.info(
-                f"Checkpoint detected, resuming training at {last_checkpoint}. To avoid this behavior, change "
+                f"Checkpoint detected, resuming training at {last_checkpoint}. To avoid this "
+                "behavior, change "
                 "the `--output_dir` to train from scratch."
             )
 
@@ -420,16 +520,20 @@ def main(argv=None):
             cache_dir=model_args.cache_dir,
         )
 
-    dataset_column_names = dataset["train"].column_names if "train" in dataset else dataset["validation"].column_names
+    dataset_column_names = (
+        dataset["train"].column_names if "train" in dataset else dataset["validation"].column_names
+    )
     if data_args.image_column_name not in dataset_column_names:
         raise ValueError(
-            f"--image_column_name {data_args.image_column_name} not found in dataset '{data_args.dataset_name}'. "
+            f"--image_column_name {data_args.image_column_name} not found in dataset "
+            f"'{data_args.dataset_name}'. "
             "Make sure to set `--image_column_name` to the correct audio column - one of "
             f"{', '.join(dataset_column_names)}."
         )
     if data_args.label_column_name not in dataset_column_names:
         raise ValueError(
-            f"--label_column_name {data_args.label_column_name} not found in dataset '{data_args.dataset_name}'. "
+            f"--label_column_name {data_args.label_column_name} not found in dataset "
+            f"'{data_args.dataset_name}'. "
             "Make sure to set `--label_column_name` to the correct text column - one of "
             f"{', '.join(dataset_column_names)}."
         )
@@ -440,7 +544,9 @@ def main(argv=None):
         return {"pixel_values": pixel_values, "labels": labels}
 
     # If we don't have a validation split, split off a percentage of train as validation.
-    data_args.train_val_split = None if "validation" in dataset.keys() else data_args.train_val_split
+    data_args.train_val_split = (
+        None if "validation" in dataset.keys() else data_args.train_val_split
+    )
     if isinstance(data_args.train_val_split, float) and data_args.train_val_split > 0.0:
         split = dataset["train"].train_test_split(data_args.train_val_split)
         dataset["train"] = split["train"]
@@ -461,8 +567,11 @@ def main(argv=None):
         """Computes accuracy on a batch of predictions"""
         return {"accuracy": float((np.argmax(p.predictions, axis=1) == p.label_ids).mean())}
 
-    if model_args.model_name_or_path is None:  # hf_mfac: no checkpoint to download: a small ViT from scratch
-        image_size = model_args.image_size or {"digits": 8, "fashion_mnist": 28}.get(data_args.dataset, 32)
+    # hf_mfac: no checkpoint to download: a small ViT from scratch
+    if model_args.model_name_or_path is None:
+        image_size = model_args.image_size or {"digits": 8, "fashion_mnist": 28}.get(
+            data_args.dataset, 32
+        )
         config = ViTConfig(
             image_size=image_size,
             patch_size=model_args.patch_size,
@@ -541,14 +650,16 @@ def main(argv=None):
     def train_transforms(example_batch):
         """Apply _train_transforms across a batch."""
         example_batch["pixel_values"] = [
-            _train_transforms(pil_img.convert("RGB")) for pil_img in example_batch[data_args.image_column_name]
+            _train_transforms(pil_img.convert("RGB"))
+            for pil_img in example_batch[data_args.image_column_name]
         ]
         return example_batch
 
     def val_transforms(example_batch):
         """Apply _val_transforms across a batch."""
         example_batch["pixel_values"] = [
-            _val_transforms(pil_img.convert("RGB")) for pil_img in example_batch[data_args.image_column_name]
+            _val_transforms(pil_img.convert("RGB"))
+            for pil_img in example_batch[data_args.image_column_name]
         ]
         return example_batch
 
@@ -557,7 +668,9 @@ def main(argv=None):
             raise ValueError("--do_train requires a train dataset")
         if data_args.max_train_samples is not None:
             dataset["train"] = (
-                dataset["train"].shuffle(seed=training_args.seed).select(range(data_args.max_train_samples))
+                dataset["train"]
+                .shuffle(seed=training_args.seed)
+                .select(range(data_args.max_train_samples))
             )
         # Set the training transforms
         dataset["train"].set_transform(train_transforms)
@@ -567,13 +680,16 @@ def main(argv=None):
             raise ValueError("--do_eval requires a validation dataset")
         if data_args.max_eval_samples is not None:
             dataset["validation"] = (
-                dataset["validation"].shuffle(seed=training_args.seed).select(range(data_args.max_eval_samples))
+                dataset["validation"]
+                .shuffle(seed=training_args.seed)
+                .select(range(data_args.max_eval_samples))
             )
         # Set the validation transforms
         dataset["validation"].set_transform(val_transforms)
 
     # Initialize our trainer
-    trainer = ImageClassificationTrainer(  # hf_mfac: MFACTrainer, with distillation from a dense teacher
+    # hf_mfac: MFACTrainer, with distillation from a dense teacher
+    trainer = ImageClassificationTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset["train"] if training_args.do_train else None,
@@ -600,7 +716,8 @@ def main(argv=None):
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
         trainer.save_state()
-    masks = prune_args.save_sparse(trainer, callback, masks)  # hf_mfac: the final masks, saved as a sparse model
+    # hf_mfac: the final masks, saved as a sparse model
+    masks = prune_args.save_sparse(trainer, callback, masks)
 
     # Evaluation
     if training_args.do_eval:
@@ -615,7 +732,8 @@ def main(argv=None):
         "dataset": data_args.dataset_name or data_args.dataset,
         "tags": ["image-classification", "vision"],
     }
-    if masks:  # hf_mfac: the card re-saves a sparse model: keep the method and pattern in its sparsity record
+    # hf_mfac: the card re-saves a sparse model: keep the method and pattern in its sparsity record
+    if masks:
         kwargs.update(masks=masks, method=prune_args.prune_method, pattern=prune_args.prune_pattern)
     if training_args.push_to_hub:
         trainer.push_to_hub(**kwargs)

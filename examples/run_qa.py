@@ -13,28 +13,34 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Fine-tuning the library models for question answering (SQuAD v1.1 / v2.0), with M-FAC and second-order pruning.
+"""Fine-tuning the library models for question answering (SQuAD v1.1 / v2.0), with M-FAC and
+second-order pruning.
 
-Ported from transformers' ``examples/pytorch/question-answering/run_qa.py`` (transformers 5.x), with its two
-helper modules in this one file: ``utils_qa.postprocess_qa_predictions`` and ``trainer_qa.QuestionAnsweringTrainer``.
-The changes, each marked ``# hf_mfac:`` in the code:
+Ported from transformers' ``examples/pytorch/question-answering/run_qa.py`` (transformers 5.x), with
+its two helper modules in this one file: ``utils_qa.postprocess_qa_predictions`` and
+``trainer_qa.QuestionAnsweringTrainer``. The changes, each marked ``# hf_mfac:`` in the code:
 
-* M-FAC: ``MFACTrainingArguments`` / ``MFACTrainer`` in place of ``TrainingArguments`` / ``Trainer``, so
-  ``--optim mfac`` works next to every stock ``--optim``;
-* pruning: the ``--prune_*`` flags of :class:`hf_mfac.integrations.PruningArguments`: ``--prune_method obert
-  --prune_sparsity 0.8 --prune_end 2 --prune_unit epochs ...`` prunes gradually during training (oBERT recipe; add
-  ``--distill_teacher self`` for distillation from the dense starting model), ``--prune_mode oneshot`` before it;
+* M-FAC: ``MFACTrainingArguments`` / ``MFACTrainer`` in place of ``TrainingArguments`` /
+  ``Trainer``, so ``--optim mfac`` works next to every stock ``--optim``;
+* pruning: the ``--prune_*`` flags of :class:`hf_mfac.integrations.PruningArguments`:
+  ``--prune_method obert --prune_sparsity 0.8 --prune_end 2 --prune_unit epochs ...`` prunes
+  gradually during training (oBERT recipe; add ``--distill_teacher self`` for distillation from the
+  dense starting model), ``--prune_mode oneshot`` before it;
 * local files: ``--train_file``/``--validation_file``/``--test_file`` in the official SQuAD layout
-  (``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``) or as flat records (``.json`` list,
-  ``{"data": [...]}`` or ``.jsonl``) with ``id``, ``context``, ``question`` and ``answers: {"text": [...],
-  "answer_start": [...]}`` (:func:`load_squad_file`); ``--dataset_name`` loads from the Hub as upstream;
-* EM/F1 computed locally with the official SQuAD v1.1 / v2.0 definitions (``evaluate.load`` needs the network).
+  (``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``) or as flat records
+  (``.json`` list, ``{"data": [...]}`` or ``.jsonl``) with ``id``, ``context``, ``question`` and
+  ``answers: {"text": [...], "answer_start": [...]}`` (:func:`load_squad_file`); ``--dataset_name``
+  loads from the Hub as upstream;
+* EM/F1 computed locally with the official SQuAD v1.1 / v2.0 definitions (``evaluate.load`` needs
+  the network).
 
 Example::
 
-    python examples/run_qa.py --model_name_or_path path/to/bert-finetuned-squad --train_file train.json \
+    python examples/run_qa.py --model_name_or_path path/to/bert-finetuned-squad \
+        --train_file train.json \
         --validation_file dev.json --do_train --do_eval --max_seq_length 384 --doc_stride 128 \
-        --prune_method obert --prune_sparsity 0.8 --prune_unit epochs --prune_end 2 --prune_frequency 0.5 \
+        --prune_method obert --prune_sparsity 0.8 \
+        --prune_unit epochs --prune_end 2 --prune_frequency 0.5 \
         --prune_num_grads 1024 --distill_teacher self --output_dir out/squad-obert80
 """
 
@@ -71,11 +77,19 @@ from transformers.trainer_utils import PredictionOutput, get_last_checkpoint, sp
 from transformers.utils import check_min_version
 from transformers.utils.versions import require_version
 
-from hf_mfac.integrations import DistillationMixin, MFACTrainer, MFACTrainingArguments, PruningArguments  # hf_mfac
+# hf_mfac
+from hf_mfac.integrations import (
+    DistillationMixin,
+    MFACTrainer,
+    MFACTrainingArguments,
+    PruningArguments,
+)
 
 check_min_version("5.0.0")
 
-require_version("datasets>=1.8.0", "To fix: pip install -r examples/pytorch/question-answering/requirements.txt")
+require_version(
+    "datasets>=1.8.0", "To fix: pip install -r examples/pytorch/question-answering/requirements.txt"
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,24 +104,33 @@ class ModelArguments:
         metadata={"help": "Path to pretrained model or model identifier from huggingface.co/models"}
     )
     config_name: str | None = field(
-        default=None, metadata={"help": "Pretrained config name or path if not the same as model_name"}
+        default=None,
+        metadata={"help": "Pretrained config name or path if not the same as model_name"},
     )
     tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Pretrained tokenizer name or path if not the same as model_name"}
+        default=None,
+        metadata={"help": "Pretrained tokenizer name or path if not the same as model_name"},
     )
     cache_dir: str | None = field(
         default=None,
-        metadata={"help": "Path to directory to store the pretrained models downloaded from huggingface.co"},
+        metadata={
+            "help": "Path to directory to store the pretrained models downloaded from "
+            "huggingface.co"
+        },
     )
     model_revision: str = field(
         default="main",
-        metadata={"help": "The specific model version to use (can be a branch name, tag name or commit id)."},
+        metadata={
+            "help": "The specific model version to use (can be a branch name, tag name or "
+            "commit id)."
+        },
     )
     token: str | None = field(
         default=None,
         metadata={
             "help": (
-                "The token to use as HTTP bearer authorization for remote files. If not specified, will use the token "
+                "The token to use as HTTP bearer authorization for remote files. If not specified, "
+                "will use the token "
                 "generated when running `hf auth login` (stored in `~/.huggingface`)."
             )
         },
@@ -117,7 +140,8 @@ class ModelArguments:
         metadata={
             "help": (
                 "Whether to trust the execution of code from datasets/models defined on the Hub."
-                " This option should only be set to `True` for repositories you trust and in which you have read the"
+                " This option should only be set to `True` for repositories you trust and in which "
+                "you have read the"
                 " code, as it will execute code present on the Hub on your local machine."
             )
         },
@@ -131,19 +155,30 @@ class DataTrainingArguments:
     """
 
     dataset_name: str | None = field(
-        default=None, metadata={"help": "The name of the dataset to use (via the datasets library)."}
+        default=None,
+        metadata={"help": "The name of the dataset to use (via the datasets library)."},
     )
     dataset_config_name: str | None = field(
-        default=None, metadata={"help": "The configuration name of the dataset to use (via the datasets library)."}
+        default=None,
+        metadata={
+            "help": "The configuration name of the dataset to use (via the datasets library)."
+        },
     )
-    train_file: str | None = field(default=None, metadata={"help": "The input training data file (a json file)."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "The input training data file (a json file)."}
+    )
     validation_file: str | None = field(
         default=None,
-        metadata={"help": "An optional input evaluation data file to evaluate the perplexity on (a json file)."},
+        metadata={
+            "help": "An optional input evaluation data file to evaluate the perplexity on (a "
+            "json file)."
+        },
     )
     test_file: str | None = field(
         default=None,
-        metadata={"help": "An optional input test data file to evaluate the perplexity on (a json file)."},
+        metadata={
+            "help": "An optional input test data file to evaluate the perplexity on (a json file)."
+        },
     )
     overwrite_cache: bool = field(
         default=False, metadata={"help": "Overwrite the cached training and evaluation sets"}
@@ -165,8 +200,10 @@ class DataTrainingArguments:
         default=True,
         metadata={
             "help": (
-                "Whether to pad all samples to `max_seq_length`. If False, will pad the samples dynamically when"
-                " batching to the maximum length in the batch (which can be faster on GPU but will be slower on TPU)."
+                "Whether to pad all samples to `max_seq_length`. If False, will pad the samples "
+                "dynamically when"
+                " batching to the maximum length in the batch (which can be faster on GPU but will "
+                "be slower on TPU)."
             )
         },
     )
@@ -174,7 +211,8 @@ class DataTrainingArguments:
         default=None,
         metadata={
             "help": (
-                "For debugging purposes or quicker training, truncate the number of training examples to this "
+                "For debugging purposes or quicker training, truncate the number of training "
+                "examples to this "
                 "value if set."
             )
         },
@@ -183,7 +221,8 @@ class DataTrainingArguments:
         default=None,
         metadata={
             "help": (
-                "For debugging purposes or quicker training, truncate the number of evaluation examples to this "
+                "For debugging purposes or quicker training, truncate the number of evaluation "
+                "examples to this "
                 "value if set."
             )
         },
@@ -192,7 +231,8 @@ class DataTrainingArguments:
         default=None,
         metadata={
             "help": (
-                "For debugging purposes or quicker training, truncate the number of prediction examples to this "
+                "For debugging purposes or quicker training, truncate the number of prediction "
+                "examples to this "
                 "value if set."
             )
         },
@@ -204,25 +244,33 @@ class DataTrainingArguments:
         default=0.0,
         metadata={
             "help": (
-                "The threshold used to select the null answer: if the best answer has a score that is less than "
-                "the score of the null answer minus this threshold, the null answer is selected for this example. "
+                "The threshold used to select the null answer: if the best answer has a score that "
+                "is less than "
+                "the score of the null answer minus this threshold, the null answer is selected "
+                "for this example. "
                 "Only useful when `version_2_with_negative=True`."
             )
         },
     )
     doc_stride: int = field(
         default=128,
-        metadata={"help": "When splitting up a long document into chunks, how much stride to take between chunks."},
+        metadata={
+            "help": "When splitting up a long document into chunks, how much stride to take "
+            "between chunks."
+        },
     )
     n_best_size: int = field(
         default=20,
-        metadata={"help": "The total number of n-best predictions to generate when looking for an answer."},
+        metadata={
+            "help": "The total number of n-best predictions to generate when looking for an answer."
+        },
     )
     max_answer_length: int = field(
         default=30,
         metadata={
             "help": (
-                "The maximum length of an answer that can be generated. This is needed because the start "
+                "The maximum length of an answer that can be generated. This is needed because the "
+                "start "
                 "and end predictions are not conditioned on one another."
             )
         },
@@ -237,15 +285,20 @@ class DataTrainingArguments:
         ):
             raise ValueError("Need either a dataset name or a training/validation file/test_file.")
         else:
-            for name in ("train_file", "validation_file", "test_file"):  # hf_mfac: SQuAD-layout json or jsonl
+            # hf_mfac: SQuAD-layout json or jsonl
+            for name in ("train_file", "validation_file", "test_file"):
                 path = getattr(self, name)
                 if path is not None and path.split(".")[-1] not in ("json", "jsonl"):
-                    raise ValueError(f"`{name}` should be a json or jsonl file in the SQuAD layout.")
+                    raise ValueError(
+                        f"`{name}` should be a json or jsonl file in the SQuAD layout."
+                    )
 
 
-# hf_mfac: local SQuAD files (official nested layout, flat records, JSONL) -------------------------------------
+# hf_mfac: local SQuAD files (official nested layout, flat records, JSONL)
+# -------------------------------------
 def load_squad_file(path: str) -> list[dict]:
-    """Examples ``{"id", "title", "context", "question", "answers": {"text": [...], "answer_start": [...]}}``."""
+    """Examples ``{"id", "title", "context", "question", "answers": {"text": [...], "answer_start":
+    [...]}}``."""
     path = os.fspath(path)
     with open(path, encoding="utf-8") as f:
         if path.endswith(".jsonl"):
@@ -262,23 +315,42 @@ def load_squad_file(path: str) -> list[dict]:
             for para in rec["paragraphs"]:
                 for qa in para["qas"]:
                     answers = [] if qa.get("is_impossible") else qa.get("answers", [])
-                    examples.append({"id": str(qa["id"]), "title": rec.get("title", ""), "context": para["context"],
-                                     "question": qa["question"],
-                                     "answers": {"text": [a["text"] for a in answers],
-                                                 "answer_start": [int(a["answer_start"]) for a in answers]}})
+                    examples.append(
+                        {
+                            "id": str(qa["id"]),
+                            "title": rec.get("title", ""),
+                            "context": para["context"],
+                            "question": qa["question"],
+                            "answers": {
+                                "text": [a["text"] for a in answers],
+                                "answer_start": [int(a["answer_start"]) for a in answers],
+                            },
+                        }
+                    )
         else:
             ans = rec.get("answers", {"text": [], "answer_start": []})
             if isinstance(ans, list):
-                ans = {"text": [a["text"] for a in ans], "answer_start": [int(a["answer_start"]) for a in ans]}
-            examples.append({"id": str(rec["id"]), "title": rec.get("title", ""), "context": rec["context"],
-                             "question": rec["question"], "answers": ans})
+                ans = {
+                    "text": [a["text"] for a in ans],
+                    "answer_start": [int(a["answer_start"]) for a in ans],
+                }
+            examples.append(
+                {
+                    "id": str(rec["id"]),
+                    "title": rec.get("title", ""),
+                    "context": rec["context"],
+                    "question": rec["question"],
+                    "answers": ans,
+                }
+            )
     ids = [e["id"] for e in examples]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: question ids must be unique")
     return examples
 
 
-# hf_mfac: the SQuAD metrics computed locally (official v1.1 / v2.0 evaluation scripts) ------------------------
+# hf_mfac: the SQuAD metrics computed locally (official v1.1 / v2.0 evaluation scripts)
+# ------------------------
 def normalize_answer(s: str) -> str:
     """Lower case, drop punctuation and the articles a/an/the, collapse whitespace."""
     s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
@@ -302,9 +374,12 @@ def f1_score(prediction: str, truth: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def squad_metrics(predictions: dict, references: list[dict], version_2_with_negative: bool = False) -> dict:
-    """EM and F1 in percent (max over the gold answers). v1: ``exact_match``, ``f1``. v2: ``exact``, ``f1``,
-    ``total`` and the ``HasAns_*``/``NoAns_*`` breakdown (unanswerable: the gold answer is "")."""
+def squad_metrics(
+    predictions: dict, references: list[dict], version_2_with_negative: bool = False
+) -> dict:
+    """EM and F1 in percent (max over the gold answers). v1: ``exact_match``, ``f1``. v2: ``exact``,
+    ``f1``, ``total`` and the ``HasAns_*``/``NoAns_*`` breakdown (unanswerable: the gold answer is
+    "")."""
     em, f1, has = {}, {}, {}
     for ref in references:
         qid = ref["id"]
@@ -318,18 +393,27 @@ def squad_metrics(predictions: dict, references: list[dict], version_2_with_nega
     n = max(len(references), 1)
     if not version_2_with_negative:
         return {"exact_match": 100.0 * sum(em.values()) / n, "f1": 100.0 * sum(f1.values()) / n}
-    out = {"exact": 100.0 * sum(em.values()) / n, "f1": 100.0 * sum(f1.values()) / n, "total": len(references)}
+    out = {
+        "exact": 100.0 * sum(em.values()) / n,
+        "f1": 100.0 * sum(f1.values()) / n,
+        "total": len(references),
+    }
     for tag, sel in (("HasAns", True), ("NoAns", False)):
         ids = [q for q in has if has[q] == sel]
         if ids:
-            out.update({f"{tag}_exact": 100.0 * sum(em[q] for q in ids) / len(ids),
-                        f"{tag}_f1": 100.0 * sum(f1[q] for q in ids) / len(ids), f"{tag}_total": len(ids)})
+            out.update(
+                {
+                    f"{tag}_exact": 100.0 * sum(em[q] for q in ids) / len(ids),
+                    f"{tag}_f1": 100.0 * sum(f1[q] for q in ids) / len(ids),
+                    f"{tag}_total": len(ids),
+                }
+            )
     return out
 
 
 class SquadMetric:
-    """``evaluate.load("squad")`` / ``("squad_v2")``'s ``compute(predictions=[{"id", "prediction_text"}],
-    references=[{"id", "answers"}])``, computed by :func:`squad_metrics`."""
+    """``evaluate.load("squad")`` / ``("squad_v2")``'s ``compute(predictions=[{"id",
+    "prediction_text"}], references=[{"id", "answers"}])``, computed by :func:`squad_metrics`."""
 
     def __init__(self, version_2_with_negative: bool = False):
         self.version_2_with_negative = version_2_with_negative
@@ -339,7 +423,8 @@ class SquadMetric:
         return squad_metrics(preds, references, self.version_2_with_negative)
 
 
-# ---- utils_qa.py ---------------------------------------------------------------------------------------------
+# ---- utils_qa.py
+# ---------------------------------------------------------------------------------------------
 def postprocess_qa_predictions(
     examples,
     features,
@@ -353,40 +438,45 @@ def postprocess_qa_predictions(
     log_level: int | None = logging.WARNING,
 ):
     """
-    Post-processes the predictions of a question-answering model to convert them to answers that are substrings of the
-    original contexts. This is the base postprocessing functions for models that only return start and end logits.
+    Post-processes the predictions of a question-answering model to convert them to answers that are
+    substrings of the original contexts. This is the base postprocessing functions for models that
+    only return start and end logits.
 
     Args:
         examples: The non-preprocessed dataset (see the main script for more information).
         features: The processed dataset (see the main script for more information).
         predictions (:obj:`Tuple[np.ndarray, np.ndarray]`):
-            The predictions of the model: two arrays containing the start logits and the end logits respectively. Its
-            first dimension must match the number of elements of :obj:`features`.
+            The predictions of the model: two arrays containing the start logits and the end logits
+            respectively. Its first dimension must match the number of elements of :obj:`features`.
         version_2_with_negative (:obj:`bool`, `optional`, defaults to :obj:`False`):
             Whether or not the underlying dataset contains examples with no answers.
         n_best_size (:obj:`int`, `optional`, defaults to 20):
             The total number of n-best predictions to generate when looking for an answer.
         max_answer_length (:obj:`int`, `optional`, defaults to 30):
-            The maximum length of an answer that can be generated. This is needed because the start and end predictions
-            are not conditioned on one another.
+            The maximum length of an answer that can be generated. This is needed because the start
+            and end predictions are not conditioned on one another.
         null_score_diff_threshold (:obj:`float`, `optional`, defaults to 0):
-            The threshold used to select the null answer: if the best answer has a score that is less than the score of
-            the null answer minus this threshold, the null answer is selected for this example (note that the score of
-            the null answer for an example giving several features is the minimum of the scores for the null answer on
-            each feature: all features must be aligned on the fact they `want` to predict a null answer).
+            The threshold used to select the null answer: if the best answer has a score that is
+            less than the score of the null answer minus this threshold, the null answer is selected
+            for this example (note that the score of the null answer for an example giving several
+            features is the minimum of the scores for the null answer on each feature: all features
+            must be aligned on the fact they `want` to predict a null answer).
 
             Only useful when :obj:`version_2_with_negative` is :obj:`True`.
         output_dir (:obj:`str`, `optional`):
-            If provided, the dictionaries of predictions, n_best predictions (with their scores and logits) and, if
-            :obj:`version_2_with_negative=True`, the dictionary of the scores differences between best and null
-            answers, are saved in `output_dir`.
+            If provided, the dictionaries of predictions, n_best predictions (with their scores and
+            logits) and, if :obj:`version_2_with_negative=True`, the dictionary of the scores
+            differences between best and null answers, are saved in `output_dir`.
         prefix (:obj:`str`, `optional`):
-            If provided, the dictionaries mentioned above are saved with `prefix` added to their names.
+            If provided, the dictionaries mentioned above are saved with `prefix` added to their
+    names.
         log_level (:obj:`int`, `optional`, defaults to ``logging.WARNING``):
             ``logging`` log level (e.g., ``logging.WARNING``)
     """
     if len(predictions) != 2:
-        raise ValueError("`predictions` should be a tuple with two elements (start_logits, end_logits).")
+        raise ValueError(
+            "`predictions` should be a tuple with two elements (start_logits, end_logits)."
+        )
     all_start_logits, all_end_logits = predictions
 
     if len(predictions[0]) != len(features):
@@ -406,7 +496,9 @@ def postprocess_qa_predictions(
 
     # Logging.
     logger.setLevel(log_level)
-    logger.info(f"Post-processing {len(examples)} example predictions split into {len(features)} features.")
+    logger.info(
+        f"Post-processing {len(examples)} example predictions split into {len(features)} features."
+    )
 
     # Let's loop over all the examples!
     for example_index, example in enumerate(tqdm(examples)):
@@ -421,11 +513,11 @@ def postprocess_qa_predictions(
             # We grab the predictions of the model for this feature.
             start_logits = all_start_logits[feature_index]
             end_logits = all_end_logits[feature_index]
-            # This is what will allow us to map some the positions in our logits to span of texts in the original
-            # context.
+            # This is what will allow us to map some the positions in our logits to span of texts in
+            # the original context.
             offset_mapping = features[feature_index]["offset_mapping"]
-            # Optional `token_is_max_context`, if provided we will remove answers that do not have the maximum context
-            # available in the current feature.
+            # Optional `token_is_max_context`, if provided we will remove answers that do not have
+            # the maximum context available in the current feature.
             token_is_max_context = features[feature_index].get("token_is_max_context", None)
 
             # Update minimum null prediction.
@@ -443,8 +535,8 @@ def postprocess_qa_predictions(
             end_indexes = np.argsort(end_logits)[-1 : -n_best_size - 1 : -1].tolist()
             for start_index in start_indexes:
                 for end_index in end_indexes:
-                    # Don't consider out-of-scope answers, either because the indices are out of bounds or correspond
-                    # to part of the input_ids that are not in the context.
+                    # Don't consider out-of-scope answers, either because the indices are out of
+                    # bounds or correspond to part of the input_ids that are not in the context.
                     if (
                         start_index >= len(offset_mapping)
                         or end_index >= len(offset_mapping)
@@ -454,17 +546,23 @@ def postprocess_qa_predictions(
                         or len(offset_mapping[end_index]) < 2
                     ):
                         continue
-                    # Don't consider answers with a length that is either < 0 or > max_answer_length.
+                    # Don't consider answers with a length that is either < 0 or >
+                    # max_answer_length.
                     if end_index < start_index or end_index - start_index + 1 > max_answer_length:
                         continue
-                    # Don't consider answer that don't have the maximum context available (if such information is
-                    # provided).
-                    if token_is_max_context is not None and not token_is_max_context.get(str(start_index), False):
+                    # Don't consider answer that don't have the maximum context available (if such
+                    # information is provided).
+                    if token_is_max_context is not None and not token_is_max_context.get(
+                        str(start_index), False
+                    ):
                         continue
 
                     prelim_predictions.append(
                         {
-                            "offsets": (offset_mapping[start_index][0], offset_mapping[end_index][1]),
+                            "offsets": (
+                                offset_mapping[start_index][0],
+                                offset_mapping[end_index][1],
+                            ),
                             "score": start_logits[start_index] + end_logits[end_index],
                             "start_logit": start_logits[start_index],
                             "end_logit": end_logits[end_index],
@@ -476,7 +574,9 @@ def postprocess_qa_predictions(
             null_score = min_null_prediction["score"]
 
         # Only keep the best `n_best_size` predictions.
-        predictions = sorted(prelim_predictions, key=lambda x: x["score"], reverse=True)[:n_best_size]
+        predictions = sorted(prelim_predictions, key=lambda x: x["score"], reverse=True)[
+            :n_best_size
+        ]
 
         # Add back the minimum null prediction if it was removed because of its low score.
         if (
@@ -492,13 +592,15 @@ def postprocess_qa_predictions(
             offsets = pred.pop("offsets")
             pred["text"] = context[offsets[0] : offsets[1]]
 
-        # In the very rare edge case we have not a single non-null prediction, we create a fake prediction to avoid
-        # failure.
+        # In the very rare edge case we have not a single non-null prediction, we create a fake
+        # prediction to avoid failure.
         if len(predictions) == 0 or (len(predictions) == 1 and predictions[0]["text"] == ""):
-            predictions.insert(0, {"text": "empty", "start_logit": 0.0, "end_logit": 0.0, "score": 0.0})
+            predictions.insert(
+                0, {"text": "empty", "start_logit": 0.0, "end_logit": 0.0, "score": 0.0}
+            )
 
-        # Compute the softmax of all scores (we do it with numpy to stay independent from torch/tf in this file, using
-        # the LogSumExp trick).
+        # Compute the softmax of all scores (we do it with numpy to stay independent from torch/tf
+        # in this file, using the LogSumExp trick).
         scores = np.array([pred.pop("score") for pred in predictions])
         exp_scores = np.exp(scores - np.max(scores))
         probs = exp_scores / exp_scores.sum()
@@ -518,7 +620,9 @@ def postprocess_qa_predictions(
             best_non_null_pred = predictions[i]
 
             # Then we compare to the null prediction using the threshold.
-            score_diff = null_score - best_non_null_pred["start_logit"] - best_non_null_pred["end_logit"]
+            score_diff = (
+                null_score - best_non_null_pred["start_logit"] - best_non_null_pred["end_logit"]
+            )
             scores_diff_json[example["id"]] = float(score_diff)  # To be JSON-serializable.
             if score_diff > null_score_diff_threshold:
                 all_predictions[example["id"]] = ""
@@ -527,7 +631,10 @@ def postprocess_qa_predictions(
 
         # Make `predictions` JSON-serializable by casting np.float back to float.
         all_nbest_json[example["id"]] = [
-            {k: (float(v) if isinstance(v, (np.float16, np.float32, np.float64)) else v) for k, v in pred.items()}
+            {
+                k: (float(v) if isinstance(v, (np.float16, np.float32, np.float64)) else v)
+                for k, v in pred.items()
+            }
             for pred in predictions
         ]
 
@@ -540,7 +647,8 @@ def postprocess_qa_predictions(
             output_dir, "predictions.json" if prefix is None else f"{prefix}_predictions.json"
         )
         nbest_file = os.path.join(
-            output_dir, "nbest_predictions.json" if prefix is None else f"{prefix}_nbest_predictions.json"
+            output_dir,
+            "nbest_predictions.json" if prefix is None else f"{prefix}_nbest_predictions.json",
         )
         if version_2_with_negative:
             null_odds_file = os.path.join(
@@ -561,14 +669,22 @@ def postprocess_qa_predictions(
     return all_predictions
 
 
-# ---- trainer_qa.py -------------------------------------------------------------------------------------------
-class QuestionAnsweringTrainer(DistillationMixin, MFACTrainer):  # hf_mfac: MFACTrainer, with distillation
+# ---- trainer_qa.py
+# -------------------------------------------------------------------------------------------
+# hf_mfac: MFACTrainer, with distillation
+class QuestionAnsweringTrainer(DistillationMixin, MFACTrainer):
     def __init__(self, *args, eval_examples=None, post_process_function=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_examples = eval_examples
         self.post_process_function = post_process_function
 
-    def evaluate(self, eval_dataset=None, eval_examples=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+    def evaluate(
+        self,
+        eval_dataset=None,
+        eval_examples=None,
+        ignore_keys=None,
+        metric_key_prefix: str = "eval",
+    ):
         eval_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         eval_dataloader = self.get_eval_dataloader(eval_dataset)
         eval_examples = self.eval_examples if eval_examples is None else eval_examples
@@ -600,7 +716,11 @@ class QuestionAnsweringTrainer(DistillationMixin, MFACTrainer):  # hf_mfac: MFAC
                 num_steps=math.ceil(output.num_samples / total_batch_size),
             )
         )
-        if self.post_process_function is not None and self.compute_metrics is not None and self.args.should_save:
+        if (
+            self.post_process_function is not None
+            and self.compute_metrics is not None
+            and self.args.should_save
+        ):
             # Only the main node write the results by default
             eval_preds = self.post_process_function(eval_examples, eval_dataset, output.predictions)
             metrics = self.compute_metrics(eval_preds)
@@ -617,10 +737,14 @@ class QuestionAnsweringTrainer(DistillationMixin, MFACTrainer):  # hf_mfac: MFAC
             # Only the main node log the results by default
             self.log(metrics)
 
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self.control = self.callback_handler.on_evaluate(
+            self.args, self.state, self.control, metrics
+        )
         return metrics
 
-    def predict(self, predict_dataset, predict_examples, ignore_keys=None, metric_key_prefix: str = "test"):
+    def predict(
+        self, predict_dataset, predict_examples, ignore_keys=None, metric_key_prefix: str = "test"
+    ):
         predict_dataloader = self.get_test_dataloader(predict_dataset)
 
         # Temporarily disable metric computation, we will do it in the loop here.
@@ -654,7 +778,9 @@ class QuestionAnsweringTrainer(DistillationMixin, MFACTrainer):  # hf_mfac: MFAC
         if self.post_process_function is None or self.compute_metrics is None:
             return output
 
-        predictions = self.post_process_function(predict_examples, predict_dataset, output.predictions, "predict")
+        predictions = self.post_process_function(
+            predict_examples, predict_dataset, output.predictions, "predict"
+        )
         metrics = self.compute_metrics(predictions)
 
         # Prefix all keys with metric_key_prefix + '_'
@@ -662,23 +788,32 @@ class QuestionAnsweringTrainer(DistillationMixin, MFACTrainer):  # hf_mfac: MFAC
             if not key.startswith(f"{metric_key_prefix}_"):
                 metrics[f"{metric_key_prefix}_{key}"] = metrics.pop(key)
         metrics.update(output.metrics)
-        return PredictionOutput(predictions=predictions.predictions, label_ids=predictions.label_ids, metrics=metrics)
+        return PredictionOutput(
+            predictions=predictions.predictions, label_ids=predictions.label_ids, metrics=metrics
+        )
 
 
-# ---- run_qa.py -----------------------------------------------------------------------------------------------
+# ---- run_qa.py
+# -----------------------------------------------------------------------------------------------
 def main(argv=None):
     # See all possible arguments in src/transformers/training_args.py
     # or by passing the --help flag to this script.
     # We now keep distinct sets of args, for a cleaner separation of concerns.
 
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, MFACTrainingArguments, PruningArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataTrainingArguments, MFACTrainingArguments, PruningArguments)
+    )
     argv = sys.argv[1:] if argv is None else list(argv)  # hf_mfac: main(argv) for tests
     if len(argv) == 1 and argv[0].endswith(".json"):
         # If we pass only one argument to the script and it's the path to a json file,
         # let's parse it to get our arguments.
-        model_args, data_args, training_args, prune_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        model_args, data_args, training_args, prune_args = parser.parse_json_file(
+            json_file=os.path.abspath(argv[0])
+        )
     else:
-        model_args, data_args, training_args, prune_args = parser.parse_args_into_dataclasses(args=argv)
+        model_args, data_args, training_args, prune_args = parser.parse_args_into_dataclasses(
+            args=argv
+        )
 
     # Setup logging
     logging.basicConfig(
@@ -688,7 +823,8 @@ def main(argv=None):
     )
 
     if training_args.should_log:
-        # The default of training_args.log_level is passive, so we set log level at info here to have that default.
+        # The default of training_args.log_level is passive, so we set log level at info here to
+        # have that default.
         transformers.utils.logging.set_verbosity_info()
 
     log_level = training_args.get_process_log_level()
@@ -701,7 +837,8 @@ def main(argv=None):
     # Log on each process the small summary:
     logger.warning(
         f"Process rank: {training_args.local_process_index}, device: {training_args.device}, "
-        f"n_gpu: {training_args.n_gpu}, distributed training: {training_args.parallel_mode.value == 'distributed'}, "
+        f"n_gpu: {training_args.n_gpu}, distributed training: "
+        f"{training_args.parallel_mode.value == 'distributed'}, "
         f"16-bits training: {training_args.fp16}"
     )
     logger.info(f"Training/evaluation parameters {training_args}")
@@ -712,22 +849,24 @@ def main(argv=None):
         last_checkpoint = get_last_checkpoint(training_args.output_dir)
         if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
             logger.info(
-                f"Checkpoint detected, resuming training at {last_checkpoint}. To avoid this behavior, change "
+                f"Checkpoint detected, resuming training at {last_checkpoint}. To avoid this "
+                "behavior, change "
                 "the `--output_dir` to train from scratch."
             )
 
     # Set seed before initializing model.
     set_seed(training_args.seed)
 
-    # Get the datasets: you can either provide your own CSV/JSON/TXT training and evaluation files (see below)
-    # or just provide the name of one of the public datasets available on the hub at https://huggingface.co/datasets/
-    # (the dataset will be downloaded automatically from the datasets Hub).
+    # Get the datasets: you can either provide your own CSV/JSON/TXT training and evaluation files
+    # (see below) or just provide the name of one of the public datasets available on the hub at
+    # https://huggingface.co/datasets/ (the dataset will be downloaded automatically from the
+    # datasets Hub).
     #
-    # For CSV/JSON files, this script will use the column called 'text' or the first column if no column called
-    # 'text' is found. You can easily tweak this behavior (see below).
+    # For CSV/JSON files, this script will use the column called 'text' or the first column if no
+    # column called 'text' is found. You can easily tweak this behavior (see below).
     #
-    # In distributed training, the load_dataset function guarantee that only one local process can concurrently
-    # download the dataset.
+    # In distributed training, the load_dataset function guarantee that only one local process can
+    # concurrently download the dataset.
     if data_args.dataset_name is not None:
         # Downloading and loading a dataset from the hub.
         raw_datasets = load_dataset(
@@ -744,13 +883,13 @@ def main(argv=None):
             data_files["validation"] = data_args.validation_file
         if data_args.test_file is not None:
             data_files["test"] = data_args.test_file
-        # hf_mfac: the official SQuAD layout, flat records or JSONL (load_dataset(..., field="data") reads only the
-        # flat records under "data")
+        # hf_mfac: the official SQuAD layout, flat records or JSONL (load_dataset(..., field="data")
+        # reads only the flat records under "data")
         raw_datasets = DatasetDict(
             {split: Dataset.from_list(load_squad_file(path)) for split, path in data_files.items()}
         )
-    # See more about loading any type of standard or custom dataset (from files, python dict, pandas DataFrame, etc) at
-    # https://huggingface.co/docs/datasets/loading_datasets.
+    # See more about loading any type of standard or custom dataset (from files, python dict, pandas
+    # DataFrame, etc) at https://huggingface.co/docs/datasets/loading_datasets.
 
     # Load pretrained model and tokenizer
     #
@@ -783,8 +922,10 @@ def main(argv=None):
     # Tokenizer check: this script requires a fast tokenizer.
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise TypeError(
-            "This example script only works for models that have a fast tokenizer. Check out the big table of models at"
-            " https://huggingface.co/transformers/index.html#supported-frameworks to find the model types that meet"
+            "This example script only works for models that have a fast tokenizer. Check out the "
+            "big table of models at"
+            " https://huggingface.co/transformers/index.html#supported-frameworks to find the "
+            "model types that meet"
             " this requirement"
         )
 
@@ -805,21 +946,24 @@ def main(argv=None):
 
     if data_args.max_seq_length > tokenizer.model_max_length:
         logger.warning(
-            f"The max_seq_length passed ({data_args.max_seq_length}) is larger than the maximum length for the "
-            f"model ({tokenizer.model_max_length}). Using max_seq_length={tokenizer.model_max_length}."
+            f"The max_seq_length passed ({data_args.max_seq_length}) is larger than the maximum "
+            "length for the "
+            f"model ({tokenizer.model_max_length}). Using "
+            f"max_seq_length={tokenizer.model_max_length}."
         )
     max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length)
 
     # Training preprocessing
     def prepare_train_features(examples):
-        # Some of the questions have lots of whitespace on the left, which is not useful and will make the
-        # truncation of the context fail (the tokenized question will take a lots of space). So we remove that
-        # left whitespace
+        # Some of the questions have lots of whitespace on the left, which is not useful and will
+        # make the truncation of the context fail (the tokenized question will take a lots of
+        # space). So we remove that left whitespace
         examples[question_column_name] = [q.lstrip() for q in examples[question_column_name]]
 
-        # Tokenize our examples with truncation and maybe padding, but keep the overflows using a stride. This results
-        # in one example possible giving several features when a context is long, each of those features having a
-        # context that overlaps a bit the context of the previous feature.
+        # Tokenize our examples with truncation and maybe padding, but keep the overflows using a
+        # stride. This results in one example possible giving several features when a context is
+        # long, each of those features having a context that overlaps a bit the context of the
+        # previous feature.
         tokenized_examples = tokenizer(
             examples[question_column_name if pad_on_right else context_column_name],
             examples[context_column_name if pad_on_right else question_column_name],
@@ -831,11 +975,11 @@ def main(argv=None):
             padding="max_length" if data_args.pad_to_max_length else False,
         )
 
-        # Since one example might give us several features if it has a long context, we need a map from a feature to
-        # its corresponding example. This key gives us just that.
+        # Since one example might give us several features if it has a long context, we need a map
+        # from a feature to its corresponding example. This key gives us just that.
         sample_mapping = tokenized_examples.pop("overflow_to_sample_mapping")
-        # The offset mappings will give us a map from token to character position in the original context. This will
-        # help us compute the start_positions and end_positions.
+        # The offset mappings will give us a map from token to character position in the original
+        # context. This will help us compute the start_positions and end_positions.
         offset_mapping = tokenized_examples.pop("offset_mapping")
 
         # Let's label those examples!
@@ -852,10 +996,12 @@ def main(argv=None):
             else:
                 cls_index = 0
 
-            # Grab the sequence corresponding to that example (to know what is the context and what is the question).
+            # Grab the sequence corresponding to that example (to know what is the context and what
+            # is the question).
             sequence_ids = tokenized_examples.sequence_ids(i)
 
-            # One example can give several spans, this is the index of the example containing this span of text.
+            # One example can give several spans, this is the index of the example containing this
+            # span of text.
             sample_index = sample_mapping[i]
             answers = examples[answer_column_name][sample_index]
             # If no answers are given, set the cls_index as answer.
@@ -877,14 +1023,22 @@ def main(argv=None):
                 while sequence_ids[token_end_index] != (1 if pad_on_right else 0):
                     token_end_index -= 1
 
-                # Detect if the answer is out of the span (in which case this feature is labeled with the CLS index).
-                if not (offsets[token_start_index][0] <= start_char and offsets[token_end_index][1] >= end_char):
+                # Detect if the answer is out of the span (in which case this feature is labeled
+                # with the CLS index).
+                if not (
+                    offsets[token_start_index][0] <= start_char
+                    and offsets[token_end_index][1] >= end_char
+                ):
                     tokenized_examples["start_positions"].append(cls_index)
                     tokenized_examples["end_positions"].append(cls_index)
                 else:
-                    # Otherwise move the token_start_index and token_end_index to the two ends of the answer.
-                    # Note: we could go after the last offset if the answer is the last word (edge case).
-                    while token_start_index < len(offsets) and offsets[token_start_index][0] <= start_char:
+                    # Otherwise move the token_start_index and token_end_index to the two ends of
+                    # the answer. Note: we could go after the last offset if the answer is the last
+                    # word (edge case).
+                    while (
+                        token_start_index < len(offsets)
+                        and offsets[token_start_index][0] <= start_char
+                    ):
                         token_start_index += 1
                     tokenized_examples["start_positions"].append(token_start_index - 1)
                     while offsets[token_end_index][1] >= end_char:
@@ -912,20 +1066,22 @@ def main(argv=None):
                 desc="Running tokenizer on train dataset",
             )
         if data_args.max_train_samples is not None:
-            # Number of samples might increase during Feature Creation, We select only specified max samples
+            # Number of samples might increase during Feature Creation, We select only specified max
+            # samples
             max_train_samples = min(len(train_dataset), data_args.max_train_samples)
             train_dataset = train_dataset.select(range(max_train_samples))
 
     # Validation preprocessing
     def prepare_validation_features(examples):
-        # Some of the questions have lots of whitespace on the left, which is not useful and will make the
-        # truncation of the context fail (the tokenized question will take a lots of space). So we remove that
-        # left whitespace
+        # Some of the questions have lots of whitespace on the left, which is not useful and will
+        # make the truncation of the context fail (the tokenized question will take a lots of
+        # space). So we remove that left whitespace
         examples[question_column_name] = [q.lstrip() for q in examples[question_column_name]]
 
-        # Tokenize our examples with truncation and maybe padding, but keep the overflows using a stride. This results
-        # in one example possible giving several features when a context is long, each of those features having a
-        # context that overlaps a bit the context of the previous feature.
+        # Tokenize our examples with truncation and maybe padding, but keep the overflows using a
+        # stride. This results in one example possible giving several features when a context is
+        # long, each of those features having a context that overlaps a bit the context of the
+        # previous feature.
         tokenized_examples = tokenizer(
             examples[question_column_name if pad_on_right else context_column_name],
             examples[context_column_name if pad_on_right else question_column_name],
@@ -937,25 +1093,27 @@ def main(argv=None):
             padding="max_length" if data_args.pad_to_max_length else False,
         )
 
-        # Since one example might give us several features if it has a long context, we need a map from a feature to
-        # its corresponding example. This key gives us just that.
+        # Since one example might give us several features if it has a long context, we need a map
+        # from a feature to its corresponding example. This key gives us just that.
         sample_mapping = tokenized_examples.pop("overflow_to_sample_mapping")
 
-        # For evaluation, we will need to convert our predictions to substrings of the context, so we keep the
-        # corresponding example_id and we will store the offset mappings.
+        # For evaluation, we will need to convert our predictions to substrings of the context, so
+        # we keep the corresponding example_id and we will store the offset mappings.
         tokenized_examples["example_id"] = []
 
         for i in range(len(tokenized_examples["input_ids"])):
-            # Grab the sequence corresponding to that example (to know what is the context and what is the question).
+            # Grab the sequence corresponding to that example (to know what is the context and what
+            # is the question).
             sequence_ids = tokenized_examples.sequence_ids(i)
             context_index = 1 if pad_on_right else 0
 
-            # One example can give several spans, this is the index of the example containing this span of text.
+            # One example can give several spans, this is the index of the example containing this
+            # span of text.
             sample_index = sample_mapping[i]
             tokenized_examples["example_id"].append(examples["id"][sample_index])
 
-            # Set to None the offset_mapping that are not part of the context so it's easy to determine if a token
-            # position is part of the context or not.
+            # Set to None the offset_mapping that are not part of the context so it's easy to
+            # determine if a token position is part of the context or not.
             tokenized_examples["offset_mapping"][i] = [
                 (o if sequence_ids[k] == context_index else None)
                 for k, o in enumerate(tokenized_examples["offset_mapping"][i])
@@ -982,7 +1140,8 @@ def main(argv=None):
                 desc="Running tokenizer on validation dataset",
             )
         if data_args.max_eval_samples is not None:
-            # During Feature creation dataset samples might increase, we will select required samples again
+            # During Feature creation dataset samples might increase, we will select required
+            # samples again
             max_eval_samples = min(len(eval_dataset), data_args.max_eval_samples)
             eval_dataset = eval_dataset.select(range(max_eval_samples))
 
@@ -1004,22 +1163,26 @@ def main(argv=None):
                 desc="Running tokenizer on prediction dataset",
             )
         if data_args.max_predict_samples is not None:
-            # During Feature creation dataset samples might increase, we will select required samples again
+            # During Feature creation dataset samples might increase, we will select required
+            # samples again
             max_predict_samples = min(len(predict_dataset), data_args.max_predict_samples)
             predict_dataset = predict_dataset.select(range(max_predict_samples))
 
     # Data collator
-    # We have already padded to max length if the corresponding flag is True, otherwise we need to pad in the data
-    # collator.
+    # We have already padded to max length if the corresponding flag is True, otherwise we need to
+    # pad in the data collator.
     data_collator = (
         default_data_collator
         if data_args.pad_to_max_length
-        else DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training_args.fp16 else None)
+        else DataCollatorWithPadding(
+            tokenizer, pad_to_multiple_of=8 if training_args.fp16 else None
+        )
     )
 
     # Post-processing:
     def post_processing_function(examples, features, predictions, stage="eval"):
-        # Post-processing: we match the start logits and end logits to answers in the original context.
+        # Post-processing: we match the start logits and end logits to answers in the original
+        # context.
         predictions = postprocess_qa_predictions(
             examples=examples,
             features=features,
@@ -1035,10 +1198,13 @@ def main(argv=None):
         # Format the result to the format the metric expects.
         if data_args.version_2_with_negative:
             formatted_predictions = [
-                {"id": str(k), "prediction_text": v, "no_answer_probability": 0.0} for k, v in predictions.items()
+                {"id": str(k), "prediction_text": v, "no_answer_probability": 0.0}
+                for k, v in predictions.items()
             ]
         else:
-            formatted_predictions = [{"id": str(k), "prediction_text": v} for k, v in predictions.items()]
+            formatted_predictions = [
+                {"id": str(k), "prediction_text": v} for k, v in predictions.items()
+            ]
 
         references = [{"id": str(ex["id"]), "answers": ex[answer_column_name]} for ex in examples]
         return EvalPrediction(predictions=formatted_predictions, label_ids=references)
@@ -1048,7 +1214,10 @@ def main(argv=None):
     else:
         accepted_best_metrics = ("exact_match", "f1")
 
-    if training_args.load_best_model_at_end and training_args.metric_for_best_model not in accepted_best_metrics:
+    if (
+        training_args.load_best_model_at_end
+        and training_args.metric_for_best_model not in accepted_best_metrics
+    ):
         warnings.warn(f"--metric_for_best_model should be set to one of {accepted_best_metrics}")
 
     metric = SquadMetric(data_args.version_2_with_negative)  # hf_mfac: computed locally
@@ -1056,7 +1225,8 @@ def main(argv=None):
     def compute_metrics(p: EvalPrediction):
         return metric.compute(predictions=p.predictions, references=p.label_ids)
 
-    os.makedirs(training_args.output_dir, exist_ok=True)  # hf_mfac: the predictions are written there before any save
+    # hf_mfac: the predictions are written there before any save
+    os.makedirs(training_args.output_dir, exist_ok=True)
 
     # Initialize our Trainer
     trainer = QuestionAnsweringTrainer(
@@ -1069,7 +1239,8 @@ def main(argv=None):
         data_collator=data_collator,
         post_process_function=post_processing_function,
         compute_metrics=compute_metrics,
-        teacher_model=prune_args.teacher(model, AutoModelForQuestionAnswering),  # hf_mfac: distillation
+        # hf_mfac: distillation
+        teacher_model=prune_args.teacher(model, AutoModelForQuestionAnswering),
         distill_hardness=prune_args.distill_hardness,
         distill_temperature=prune_args.distill_temperature,
     )
@@ -1088,21 +1259,28 @@ def main(argv=None):
 
         metrics = train_result.metrics
         max_train_samples = (
-            data_args.max_train_samples if data_args.max_train_samples is not None else len(train_dataset)
+            data_args.max_train_samples
+            if data_args.max_train_samples is not None
+            else len(train_dataset)
         )
         metrics["train_samples"] = min(max_train_samples, len(train_dataset))
 
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
-    masks = prune_args.save_sparse(trainer, callback, masks)  # hf_mfac: the final masks, saved as a sparse model
+    # hf_mfac: the final masks, saved as a sparse model
+    masks = prune_args.save_sparse(trainer, callback, masks)
 
     # Evaluation
     if training_args.do_eval:
         logger.info("*** Evaluate ***")
         metrics = trainer.evaluate()
 
-        max_eval_samples = data_args.max_eval_samples if data_args.max_eval_samples is not None else len(eval_dataset)
+        max_eval_samples = (
+            data_args.max_eval_samples
+            if data_args.max_eval_samples is not None
+            else len(eval_dataset)
+        )
         metrics["eval_samples"] = min(max_eval_samples, len(eval_dataset))
 
         trainer.log_metrics("eval", metrics)
@@ -1115,7 +1293,9 @@ def main(argv=None):
         metrics = results.metrics
 
         max_predict_samples = (
-            data_args.max_predict_samples if data_args.max_predict_samples is not None else len(predict_dataset)
+            data_args.max_predict_samples
+            if data_args.max_predict_samples is not None
+            else len(predict_dataset)
         )
         metrics["predict_samples"] = min(max_predict_samples, len(predict_dataset))
 
@@ -1130,7 +1310,8 @@ def main(argv=None):
             kwargs["dataset"] = f"{data_args.dataset_name} {data_args.dataset_config_name}"
         else:
             kwargs["dataset"] = data_args.dataset_name
-    if masks:  # hf_mfac: the card re-saves a sparse model: keep the method and pattern in its sparsity record
+    # hf_mfac: the card re-saves a sparse model: keep the method and pattern in its sparsity record
+    if masks:
         kwargs.update(masks=masks, method=prune_args.prune_method, pattern=prune_args.prune_pattern)
 
     if training_args.push_to_hub:

@@ -1,12 +1,14 @@
-"""Collectives for hf_mfac's distributed code (sharded M-FAC and distributed pruning), on ``torch.distributed``.
+"""Collectives for hf_mfac's distributed code (sharded M-FAC and distributed pruning), on
+``torch.distributed``.
 
-:class:`Comm` is the small set of collectives hf_mfac uses: it counts the bytes it moves, works as a no-op in
-one process (no process group, or a group of one), moves tensors to the current CUDA device for NCCL, and
-turns an exception on any rank into the same :class:`DistributedError` on every rank (:meth:`Comm.check`),
-so an error on one rank stops all ranks with its message instead of leaving the others in a collective.
+:class:`Comm` is the small set of collectives hf_mfac uses: it counts the bytes it moves, works as a
+no-op in one process (no process group, or a group of one), moves tensors to the current CUDA device
+for NCCL, and turns an exception on any rank into the same :class:`DistributedError` on every rank
+(:meth:`Comm.check`), so an error on one rank stops all ranks with its message instead of leaving
+the others in a collective.
 
-It lives here, outside :mod:`hf_mfac.optim` and :mod:`hf_mfac.pruning`, because both use it. Importing this
-module starts nothing: a ``Comm`` reads the process group when it is created.
+It lives here, outside :mod:`hf_mfac.optim` and :mod:`hf_mfac.pruning`, because both use it.
+Importing this module starts nothing: a ``Comm`` reads the process group when it is created.
 """
 from __future__ import annotations
 
@@ -18,20 +20,22 @@ import torch.distributed as dist
 __all__ = ["Comm", "DistributedError"]
 
 # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single
-_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_all_gather_single = getattr(dist, "all_gather_single",
+                             None) or getattr(dist, "all_gather_into_tensor", None)
 
 
 class DistributedError(RuntimeError):
-    """Raised on every rank when one or more ranks failed; the message names the ranks and their errors."""
+    """Raised on every rank when one or more ranks failed; the message names the ranks and their
+    errors."""
 
 
 class Comm:
     """Collectives on one process group (``None``: the default group), counting the bytes they move.
 
-    Without an initialised process group (or in a group of one) every operation is local, so the same code
-    runs in one process. ``bytes_received`` adds up what this rank receives: the payload of an all-reduce,
-    the other ranks' pieces of an all-gather (padding included) or an all-to-all. Tensors are moved to the
-    current CUDA device for NCCL and back.
+    Without an initialised process group (or in a group of one) every operation is local, so the
+    same code runs in one process. ``bytes_received`` adds up what this rank receives: the payload
+    of an all-reduce, the other ranks' pieces of an all-gather (padding included) or an all-to-all.
+    Tensors are moved to the current CUDA device for NCCL and back.
     """
 
     def __init__(self, group=None):
@@ -65,10 +69,12 @@ class Comm:
         return t
 
     def all_gatherv(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """Concatenation (sum(sizes),) of every rank's 1-D ``t`` of ``sizes[rank]`` elements (padded gather)."""
+        """Concatenation (sum(sizes),) of every rank's 1-D ``t`` of ``sizes[rank]`` elements (padded
+        gather)."""
         t = t.reshape(-1)
         if t.numel() != sizes[self.rank]:
-            raise ValueError(f"rank {self.rank} gives {t.numel()} elements; sizes say {sizes[self.rank]}")
+            raise ValueError(f"rank {self.rank} gives {t.numel()} elements; sizes say "
+                             f"{sizes[self.rank]}")
         if not self.distributed:
             return t
         width = max(sizes)
@@ -83,12 +89,15 @@ class Comm:
             out = torch.cat([out[r * width : r * width + s] for r, s in enumerate(sizes)])
         return out.to(t.device)
 
-    def all_to_allv(self, t: torch.Tensor, send_sizes: list[int], recv_sizes: list[int]) -> torch.Tensor:
-        """Send ``t[sum(send_sizes[:s]):...]`` to rank s, return what every rank sent here, in rank order."""
+    def all_to_allv(self, t: torch.Tensor, send_sizes: list[int],
+                    recv_sizes: list[int]) -> torch.Tensor:
+        """Send ``t[sum(send_sizes[:s]):...]`` to rank s, return what every rank sent here, in rank
+        order."""
         if not self.distributed:
             return t
         out = t.new_empty(sum(recv_sizes), device=self.device or t.device)
-        dist.all_to_all_single(out, self._dev(t.contiguous()), recv_sizes, send_sizes, group=self.group)
+        dist.all_to_all_single(out, self._dev(t.contiguous()), recv_sizes, send_sizes,
+                               group=self.group)
         self.bytes_received += (sum(recv_sizes) - recv_sizes[self.rank]) * t.element_size()
         self.calls += 1
         return out.to(t.device)
@@ -104,11 +113,12 @@ class Comm:
         return out
 
     def check(self, error: BaseException | None = None) -> None:
-        """Agree on failure: every rank calls this at the same point, ``error`` set on the ranks that failed.
-        If any did, every rank raises :class:`DistributedError` naming the failed ranks and their messages
-        (when all ranks failed with the same message, each re-raises its own exception instead; a rank whose
-        ``error`` is not an ``Exception``, e.g. a KeyboardInterrupt, re-raises it after telling the others).
-        Cost: one all-reduce of one integer (plus an all-gather of the messages on failure)."""
+        """Agree on failure: every rank calls this at the same point, ``error`` set on the ranks
+        that failed. If any did, every rank raises :class:`DistributedError` naming the failed ranks
+        and their messages (when all ranks failed with the same message, each re-raises its own
+        exception instead; a rank whose ``error`` is not an ``Exception``, e.g. a KeyboardInterrupt,
+        re-raises it after telling the others). Cost: one all-reduce of one integer (plus an
+        all-gather of the messages on failure)."""
         if not self.distributed:
             if error is not None:
                 raise error
@@ -124,10 +134,13 @@ class Comm:
                 by_msg.setdefault(m, []).append(r)
         if error is not None and (not isinstance(error, Exception) or
                                   list(by_msg.values()) == [list(range(self.world_size))]):
-            raise error  # an interrupt stays one; every rank failed the same way: the error as in one process
+            # an interrupt stays one; every rank failed the same way: the error as in one process
+            raise error
         failed = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {m}"
                            for m, rs in by_msg.items())
-        raise DistributedError(f"stopped on all {self.world_size} ranks because {failed}") from error
+        raise DistributedError(
+            f"stopped on all {self.world_size} ranks because {failed}"
+        ) from error
 
     def agree(self, what: str, value) -> None:
         """Raise on every rank unless all ranks hold the same (picklable, comparable) ``value``."""

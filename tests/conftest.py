@@ -45,8 +45,10 @@ def save_tiny_text_model(folder, num_hidden_layers: int = 1):
     BertTokenizer(vocab=vocab).save_pretrained(path)
     torch.manual_seed(0)
     BertForSequenceClassification(BertConfig(vocab_size=len(vocab), hidden_size=16,
-                                             num_hidden_layers=num_hidden_layers, num_attention_heads=2,
-                                             intermediate_size=32, max_position_embeddings=32)).save_pretrained(path)
+                                             num_hidden_layers=num_hidden_layers,
+                                             num_attention_heads=2,
+                                             intermediate_size=32,
+                                             max_position_embeddings=32)).save_pretrained(path)
     return path, words
 
 

@@ -1,21 +1,23 @@
 """Worker of tests/test_distributed.py: ShardedMFAC vs MFAC, and resuming from window shards.
 
-Run on every rank (env RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT). Writes ``<out>/rank<R>.json``:
+Run on every rank (env RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT). Writes
+``<out>/rank<R>.json``:
 
-* ``same_grads``: relative difference of the parameters after several steps of ShardedMFAC and of MFAC in one
-  process, both given the same full-batch gradients (momentum, weight decay, two param groups, a parameter
-  without gradient);
+* ``same_grads``: relative difference of the parameters after several steps of ShardedMFAC and of
+  MFAC in one process, both given the same full-batch gradients (momentum, weight decay, two param
+  groups, a parameter without gradient);
 * ``ddp``: the same with the model in DistributedDataParallel, each rank on its slice of the batch;
-* ``resume_exact``: stopping, saving (optimizer.pt from rank 0 + window shards), loading into fresh objects
-  and continuing gives bit-identical parameters;
-* ``reshard`` (with ``--resume-from DIR`` written by another number of ranks): continuing from those shards vs
-  a plain MFAC restored from the same shards in one process.
+* ``resume_exact``: stopping, saving (optimizer.pt from rank 0 + window shards), loading into fresh
+  objects and continuing gives bit-identical parameters;
+* ``reshard`` (with ``--resume-from DIR`` written by another number of ranks): continuing from those
+  shards vs a plain MFAC restored from the same shards in one process.
 Also ``window_numel``: elements of this rank's window.
 
-With ``--faults`` (2 ranks) it checks instead that the ranks reject together: an fp16 window gets a gradient
-that overflows fp16 only in rank 1's shard (``skip_*``, ``raise_*``: skipped / raised on both ranks, nothing
-changed, ``after_skip``: training on matches one process that skipped the same step), and rank 1 loads a
-corrupt window shard (``load_*``: refused on both ranks, nothing changed); ``final``: the parameters at the end.
+With ``--faults`` (2 ranks) it checks instead that the ranks reject together: an fp16 window gets a
+gradient that overflows fp16 only in rank 1's shard (``skip_*``, ``raise_*``: skipped / raised on
+both ranks, nothing changed, ``after_skip``: training on matches one process that skipped the same
+step), and rank 1 loads a corrupt window shard (``load_*``: refused on both ranks, nothing changed);
+``final``: the parameters at the end.
 """
 import argparse
 import copy
@@ -84,8 +86,13 @@ def error_text(call):
 
 
 def state_of(model, opt):
-    return copy.deepcopy({"params": [p.detach().clone() for p in model.parameters()], "opt": opt.state_dict(),
-                          "window": opt.sharded_state_dict() if isinstance(opt, ShardedMFAC) else None})
+    return copy.deepcopy(
+        {
+            "params": [p.detach().clone() for p in model.parameters()],
+            "opt": opt.state_dict(),
+            "window": opt.sharded_state_dict() if isinstance(opt, ShardedMFAC) else None,
+        }
+    )
 
 
 def same(a, b):
@@ -131,8 +138,10 @@ def faults(a, rank):
 
     good = opt.sharded_state_dict()
     before = state_of(model, opt)
-    for key, corrupt in (("load_error", lambda G: G[0].mul_(2.0)),
-                         ("load_nan_error", lambda G: G[1].fill_(float("nan")))):
+    for key, corrupt in (
+        ("load_error", lambda G: G[0].mul_(2.0)),
+        ("load_nan_error", lambda G: G[1].fill_(float("nan"))),
+    ):
         state = copy.deepcopy(good)
         if rank == 1:
             corrupt(state["window"]["G"])
@@ -194,11 +203,14 @@ def main():
     res["resume_exact"] = torch.equal(flat(model2), flat(model))
 
     if a.resume_from:
-        def resumed(cls):  # the 2-rank checkpoint, read into this world size (sharded) or a plain MFAC
+        # the 2-rank checkpoint, read into this world size (sharded) or a plain MFAC
+        def resumed(cls):
             m = net()
             m.load_state_dict(torch.load(os.path.join(a.resume_from, "model.pt")))
             o = cls(groups(m), **KW)
-            o.load_state_dict(torch.load(os.path.join(a.resume_from, "optimizer.pt"), weights_only=True))
+            o.load_state_dict(
+                torch.load(os.path.join(a.resume_from, "optimizer.pt"), weights_only=True)
+            )
             load_mfac_shards(o, a.resume_from)
             train(m, o, 4, first=5)
             return flat(m)

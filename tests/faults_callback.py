@@ -1,5 +1,6 @@
-"""Fault rows for PruningCallback's checkpoint files: interrupted saves keep the previous files whole, truncated or
-foreign files are refused with their name, and the callback's masks stay as they were."""
+"""Fault rows for PruningCallback's checkpoint files: interrupted saves keep the previous files
+whole, truncated or foreign files are refused with their name, and the callback's masks stay as they
+were."""
 from __future__ import annotations
 
 from unittest import mock
@@ -9,7 +10,11 @@ from torch import nn
 
 from test_faults import Fault
 
-from hf_mfac.integrations.gradual.callback import CHECKPOINT_MASKS_NAME, CHECKPOINT_STATE_NAME, PruningCallback
+from hf_mfac.integrations.gradual.callback import (
+    CHECKPOINT_MASKS_NAME,
+    CHECKPOINT_STATE_NAME,
+    PruningCallback,
+)
 
 
 def _callback(tmp_path):
@@ -57,7 +62,9 @@ def _training_callback(tmp_path):
 
 def _optimizer_refuses_masks(ctx):
     state = mock.Mock(global_step=3)
-    with mock.patch("hf_mfac.optim.MFAC.set_masks", side_effect=RuntimeError("the optimizer refused the masks")):
+    with mock.patch(
+        "hf_mfac.optim.MFAC.set_masks", side_effect=RuntimeError("the optimizer refused the masks")
+    ):
         ctx["cb"]._prune(ctx["model"], ctx["opt"], [], 0.5, state)
 
 
@@ -67,8 +74,14 @@ def _obert_callback(tmp_path):
     from faults_pruning import modes, part_in_eval
 
     ctx = part_in_eval()
-    cb = PruningCallback(method="obert", final_sparsity=0.5, num_grads=4, block_size=16,
-                         dataloader=ctx["data"], progress=False)
+    cb = PruningCallback(
+        method="obert",
+        final_sparsity=0.5,
+        num_grads=4,
+        block_size=16,
+        dataloader=ctx["data"],
+        progress=False,
+    )
     cb.targets = {n: p for n, p in ctx["model"].named_parameters() if n.endswith("weight")}
     return {**ctx, "cb": cb, "modes": modes(ctx["model"])}
 
@@ -80,6 +93,7 @@ def _prune_step(loss_fn=None):
             return ctx["cb"]._prune(ctx["model"], None, None, 0.5, state)
         with mock.patch("hf_mfac.pruning.grads.default_loss", side_effect=loss_fn):
             return ctx["cb"]._prune(ctx["model"], None, None, 0.5, state)
+
     return act
 
 
@@ -94,22 +108,66 @@ def _check_masks_kept(ctx, _):
 
 
 CASES = [
-    Fault("optimizer refuses the new masks after pruning", _training_callback, _optimizer_refuses_masks, RuntimeError,
-          "refused", watch=("model", "opt"), check=_check_masks_kept),
-    Fault("pruning step keeps each module's train/eval mode", _obert_callback, _prune_step(),
-          check=_check_modes),
-    Fault("pruning step that fails keeps each module's train/eval mode", _obert_callback,
-          _prune_step(loss_fn=ValueError("loss failed on purpose")), ValueError, "on purpose",
-          watch=("model",), check=_check_modes),
-    Fault("final_sparsity given as a string", lambda p: {},
-          lambda c: PruningCallback("obert", "0.8"), TypeError, "sparsity must be a real number"),
-    Fault("a schedule number given as a string", lambda p: {},
-          lambda c: PruningCallback("obert", 0.8, frequency="100"), TypeError,
-          "frequency must be a real number"),
-    Fault("truncated masks file", _truncate, lambda c: c["cb"].load_state(str(c["folder"])), ValueError,
-          CHECKPOINT_MASKS_NAME, watch=("cb_masks", "folder")),
-    Fault("garbage state file", _garbage_state, lambda c: c["cb"].load_state(str(c["folder"])), ValueError,
-          "pruning state", watch=("cb_masks", "folder")),
-    Fault("save interrupted by a full disk", _callback, _interrupted_save, OSError, "No space",
-          watch=("cb_masks", "folder")),
+    Fault(
+        "optimizer refuses the new masks after pruning",
+        _training_callback,
+        _optimizer_refuses_masks,
+        RuntimeError,
+        "refused",
+        watch=("model", "opt"),
+        check=_check_masks_kept,
+    ),
+    Fault(
+        "pruning step keeps each module's train/eval mode",
+        _obert_callback,
+        _prune_step(),
+        check=_check_modes,
+    ),
+    Fault(
+        "pruning step that fails keeps each module's train/eval mode",
+        _obert_callback,
+        _prune_step(loss_fn=ValueError("loss failed on purpose")),
+        ValueError,
+        "on purpose",
+        watch=("model",),
+        check=_check_modes,
+    ),
+    Fault(
+        "final_sparsity given as a string",
+        lambda p: {},
+        lambda c: PruningCallback("obert", "0.8"),
+        TypeError,
+        "sparsity must be a real number",
+    ),
+    Fault(
+        "a schedule number given as a string",
+        lambda p: {},
+        lambda c: PruningCallback("obert", 0.8, frequency="100"),
+        TypeError,
+        "frequency must be a real number",
+    ),
+    Fault(
+        "truncated masks file",
+        _truncate,
+        lambda c: c["cb"].load_state(str(c["folder"])),
+        ValueError,
+        CHECKPOINT_MASKS_NAME,
+        watch=("cb_masks", "folder"),
+    ),
+    Fault(
+        "garbage state file",
+        _garbage_state,
+        lambda c: c["cb"].load_state(str(c["folder"])),
+        ValueError,
+        "pruning state",
+        watch=("cb_masks", "folder"),
+    ),
+    Fault(
+        "save interrupted by a full disk",
+        _callback,
+        _interrupted_save,
+        OSError,
+        "No space",
+        watch=("cb_masks", "folder"),
+    ),
 ]

@@ -1,11 +1,12 @@
-"""Fault rows for the optimizer side: the gradient window (DynamicMFAC), MFAC / ShardedMFAC steps and checkpoints,
-the window shard files, and MFACTrainingArguments / MFACTrainer.
+"""Fault rows for the optimizer side: the gradient window (DynamicMFAC), MFAC / ShardedMFAC steps
+and checkpoints, the window shard files, and MFACTrainingArguments / MFACTrainer.
 
-A gradient the window cannot hold (NaN/inf, values beyond the storage dtype's range, products that overflow, a
-factorisation that fails, a non-finite result, an interrupt in the middle) must leave the window, the momentum and
-the parameters bit for bit as they were, whether the step raises or (``nonfinite="skip"``) is skipped; a corrupt
-checkpoint must be refused before anything changes, naming what is wrong; a bad argument must be refused when the
-object is built, naming the argument or flag.
+A gradient the window cannot hold (NaN/inf, values beyond the storage dtype's range, products that
+overflow, a factorisation that fails, a non-finite result, an interrupt in the middle) must leave
+the window, the momentum and the parameters bit for bit as they were, whether the step raises or
+(``nonfinite="skip"``) is skipped; a corrupt checkpoint must be refused before anything changes,
+naming what is wrong; a bad argument must be refused when the object is built, naming the argument
+or flag.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ M, D = 4, 29  # d not a multiple of 8: the window rows are padded
 
 
 def window(tmp, storage=torch.float32, n=6, seed=0):
-    """A DynamicMFAC over D coordinates that has seen ``n`` gradients (full when n >= M), factor cached."""
+    """A DynamicMFAC over D coordinates that has seen ``n`` gradients (full when n >= M), factor
+    cached."""
     gen = torch.Generator().manual_seed(seed)
     dyn = DynamicMFAC(D, M, 0.05, grad_dtype=storage)
     for _ in range(n):
@@ -46,11 +48,14 @@ def poisoned(ctx, value, where=-1):
 
 
 def update_row(storage, value, n=6, op="update_mul"):
-    return lambda tmp: window(tmp, storage, n), lambda c: getattr(c["window"], op)(poisoned(c, value))
+    return lambda tmp: window(tmp, storage, n), lambda c: getattr(c["window"], op)(
+        poisoned(c, value)
+    )
 
 
 def saved_window(tmp, **change):
-    """A valid window and a copy of its state with ``change`` applied (values or callables on the copy)."""
+    """A valid window and a copy of its state with ``change`` applied (values or callables on the
+    copy)."""
     ctx = window(tmp, n=3)  # not full: ptr == count == 3
     state = copy.deepcopy(ctx["window"].state_dict())
     for k, v in change.items():
@@ -82,11 +87,17 @@ def nan_in(name, i=1):
 
 
 def load_row(id_, match, **change):
-    return Fault(id_, lambda tmp: saved_window(tmp, **change), lambda c: c["target"].load_state_dict(c["state"]),
-                 ValueError, match)
+    return Fault(
+        id_,
+        lambda tmp: saved_window(tmp, **change),
+        lambda c: c["target"].load_state_dict(c["state"]),
+        ValueError,
+        match,
+    )
 
 
-# -- MFAC ------------------------------------------------------------------------------------------------------
+# -- MFAC
+# ------------------------------------------------------------------------------------------------
 def net(seed=0):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
@@ -126,7 +137,9 @@ def poisoned_step(value):
 
 def warned(match):
     def check(ctx, caught):
-        assert any(issubclass(w.category, RuntimeWarning) and match in str(w.message) for w in caught), caught
+        assert any(
+            issubclass(w.category, RuntimeWarning) and match in str(w.message) for w in caught
+        ), caught
     return check
 
 
@@ -170,8 +183,8 @@ def bad_arg(id_, error, match, **kw):
 
 
 def shard_folder(tmp, corrupt=None):
-    """A single-process ShardedMFAC saved to tmp/shards (optionally corrupted), and a trained plain MFAC to load
-    into (its own window must stay)."""
+    """A single-process ShardedMFAC saved to tmp/shards (optionally corrupted), and a trained plain
+    MFAC to load into (its own window must stay)."""
     src = trained(tmp, ShardedMFAC)
     folder = tmp / "shards"
     save_mfac_shards(src["opt"], str(folder), global_step=3)
@@ -184,7 +197,8 @@ def shard_folder(tmp, corrupt=None):
     return {**dst, "folder": folder}
 
 
-# -- training arguments ----------------------------------------------------------------------------------------
+# -- training arguments
+# ----------------------------------------------------------------------------------------
 def args_row(id_, match, **overrides):
     def act(c):
         from hf_mfac.integrations import MFACTrainingArguments
@@ -239,19 +253,37 @@ def offline_push(tmp):
     from hf_mfac.integrations import MFACTrainer, MFACTrainingArguments
 
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
-                                                     num_attention_heads=2, intermediate_size=32,
-                                                     max_position_embeddings=16, num_labels=2))
-    args = MFACTrainingArguments(output_dir=str(tmp / "out"), optim="mfac", mfac_num_grads=2, use_cpu=True,
-                                 report_to="none", save_strategy="no", disable_tqdm=True)
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=32,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+            num_labels=2,
+        )
+    )
+    args = MFACTrainingArguments(
+        output_dir=str(tmp / "out"),
+        optim="mfac",
+        mfac_num_grads=2,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     trainer = MFACTrainer(model=model, args=args)
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     def refuse(*a, **k):
         raise OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled.")
 
-    patch = mock.patch.object(hf_trainer, "hf_api", lambda: types.SimpleNamespace(create_repo=refuse,
-                                                                                 upload_folder=refuse))
+    patch = mock.patch.object(
+        hf_trainer,
+        "hf_api",
+        lambda: types.SimpleNamespace(create_repo=refuse, upload_folder=refuse),
+    )
     return {"model": model, "trainer": trainer, "patch": patch}
 
 
@@ -280,29 +312,82 @@ def interrupted(*a, **k):
 
 
 CASES = [
-    # -- DynamicMFAC: gradients the window refuses --------------------------------------------------------------
-    Fault("window_update_fp16_overflow", *update_row(torch.float16, 7e4, op="update"), GradientRejected,
-          r"range of the window's storage dtype torch\.float16 \(\|x\| > 65504\)"),
-    Fault("window_update_mul_fp16_overflow_filling", *update_row(torch.float16, -7e4, n=2), GradientRejected,
-          r"torch\.float16"),
-    Fault("window_update_mul_bf16_overflow", *update_row(torch.bfloat16, 3.4e38), GradientRejected,
-          r"torch\.bfloat16"),
-    Fault("window_update_mul_fp32_huge", *update_row(torch.float32, 1e20), GradientRejected, r"products G g"),
-    Fault("window_update_mul_nan", *update_row(torch.float32, float("nan")), GradientRejected, r"NaN or inf"),
-    Fault("window_update_mul_inf", *update_row(torch.bfloat16, float("inf"), n=2), GradientRejected, r"NaN or inf"),
-    Fault("window_update_failed_factorisation", lambda tmp: window(tmp),
-          lambda c: _with_patch(ihvp, "damped_cholesky", failing_cholesky, lambda: c["window"].update(c["g"])),
-          GradientRejected, r"could not be factorised"),
-    Fault("window_update_mul_nonfinite_result", lambda tmp: window(tmp),
-          lambda c: _with_patch(kernels, "window_rmatvec", lambda G, x, a=None: torch.full((G.shape[1],), float("inf")),
-                                lambda: c["window"].update_mul(c["g"])),
-          GradientRejected, r"F\^\{-1\} g is not finite"),
-    Fault("window_update_interrupted_after_write", lambda tmp: window(tmp),
-          lambda c: _with_patch(kernels, "window_matvec", interrupted, lambda: c["window"].update_mul(c["g"])),
-          KeyboardInterrupt),
-    Fault("window_update_wrong_size", lambda tmp: window(tmp), lambda c: c["window"].update(torch.ones(D + 1)),
-          ValueError, r"dim=29"),
-    # -- DynamicMFAC: checkpoints it refuses --------------------------------------------------------------------
+    # -- DynamicMFAC: gradients the window refuses
+    # --------------------------------------------------------------
+    Fault(
+        "window_update_fp16_overflow",
+        *update_row(torch.float16, 7e4, op="update"),
+        GradientRejected,
+        r"range of the window's storage dtype torch\.float16 \(\|x\| > 65504\)",
+    ),
+    Fault(
+        "window_update_mul_fp16_overflow_filling",
+        *update_row(torch.float16, -7e4, n=2),
+        GradientRejected,
+        r"torch\.float16",
+    ),
+    Fault(
+        "window_update_mul_bf16_overflow",
+        *update_row(torch.bfloat16, 3.4e38),
+        GradientRejected,
+        r"torch\.bfloat16",
+    ),
+    Fault(
+        "window_update_mul_fp32_huge",
+        *update_row(torch.float32, 1e20),
+        GradientRejected,
+        r"products G g",
+    ),
+    Fault(
+        "window_update_mul_nan",
+        *update_row(torch.float32, float("nan")),
+        GradientRejected,
+        r"NaN or inf",
+    ),
+    Fault(
+        "window_update_mul_inf",
+        *update_row(torch.bfloat16, float("inf"), n=2),
+        GradientRejected,
+        r"NaN or inf",
+    ),
+    Fault(
+        "window_update_failed_factorisation",
+        lambda tmp: window(tmp),
+        lambda c: _with_patch(
+            ihvp, "damped_cholesky", failing_cholesky, lambda: c["window"].update(c["g"])
+        ),
+        GradientRejected,
+        r"could not be factorised",
+    ),
+    Fault(
+        "window_update_mul_nonfinite_result",
+        lambda tmp: window(tmp),
+        lambda c: _with_patch(
+            kernels,
+            "window_rmatvec",
+            lambda G, x, a=None: torch.full((G.shape[1],), float("inf")),
+            lambda: c["window"].update_mul(c["g"]),
+        ),
+        GradientRejected,
+        r"F\^\{-1\} g is not finite",
+    ),
+    Fault(
+        "window_update_interrupted_after_write",
+        lambda tmp: window(tmp),
+        lambda c: _with_patch(
+            kernels, "window_matvec", interrupted, lambda: c["window"].update_mul(c["g"])
+        ),
+        KeyboardInterrupt,
+    ),
+    Fault(
+        "window_update_wrong_size",
+        lambda tmp: window(tmp),
+        lambda c: c["window"].update(torch.ones(D + 1)),
+        ValueError,
+        r"dim=29",
+    ),
+    # -- DynamicMFAC: checkpoints it refuses
+    # --------------------------------------------------------------------
     load_row("load_nonfinite_G", r"G holds NaN or inf values \(first in row 0\)", G=nan_in("G")),
     load_row("load_nonfinite_GGt", r"GGt holds NaN or inf values", GGt=nan_in("GGt")),
     load_row("load_count_too_large", r"count=5 is outside \[0, num_grads=4\]", count=5),
@@ -312,102 +397,281 @@ CASES = [
     load_row("load_count_not_an_integer", r"count and ptr must be integers", count=2.5),
     load_row("load_ggt_diagonal_mismatch", r"GGt does not match G: GGt\[1, 1\]", GGt=scaled_diag),
     load_row("load_ggt_asymmetric", r"GGt\[:count, :count\] is not symmetric", GGt=asymmetric),
-    load_row("load_G_wrong_shape", r"G has shape \(4, 30\); this DynamicMFAC holds \(4, 29\)",
-             G=lambda s: torch.zeros(M, D + 1)),
+    load_row(
+        "load_G_wrong_shape",
+        r"G has shape \(4, 30\); this DynamicMFAC holds \(4, 29\)",
+        G=lambda s: torch.zeros(M, D + 1),
+    ),
     load_row("load_GGt_missing", r"GGt is missing", GGt=None),
-    load_row("load_G_integer", r"G has dtype torch\.int64", G=lambda s: torch.zeros(M, D, dtype=torch.long)),
-    # -- MFAC / ShardedMFAC steps ------------------------------------------------------------------------------
-    Fault("mfac_step_fp16_window_overflow_raises", lambda tmp: trained(tmp, grad_dtype=torch.float16),
-          poisoned_step(7e4), GradientRejected, r"MFAC: g has values beyond the range .*torch\.float16"),
-    Fault("mfac_step_fp16_window_overflow_skipped", lambda tmp: trained(tmp, grad_dtype=torch.float16,
-                                                                        nonfinite="skip"),
-          poisoned_step(7e4), check=warned("torch.float16"), unchanged=True),
-    Fault("mfac_step_huge_gradient_skipped", lambda tmp: trained(tmp, nonfinite="skip"), poisoned_step(1e20),
-          check=warned("products G g"), unchanged=True),
-    Fault("mfac_step_nan_skipped_bf16", lambda tmp: trained(tmp, grad_dtype=torch.bfloat16, nonfinite="skip"),
-          poisoned_step(float("nan")), check=warned("NaN or inf"), unchanged=True),
-    Fault("mfac_step_inf_raises", lambda tmp: trained(tmp), poisoned_step(float("-inf")), FloatingPointError,
-          r"NaN or inf.*unchanged"),
-    Fault("sharded_mfac_step_fp16_overflow_skipped", lambda tmp: trained(tmp, ShardedMFAC, grad_dtype=torch.float16,
-                                                                         nonfinite="skip"),
-          poisoned_step(-1e5), check=warned("torch.float16"), unchanged=True),
-    Fault("mfac_compressed_step_nan_skipped",
-          lambda tmp: trained(tmp, density=0.3, nonfinite="skip"), poisoned_step(float("nan")),
-          check=warned("NaN or inf"), unchanged=True),
-    Fault("mfac_compressed_step_fp16_overflow_raises",
-          lambda tmp: trained(tmp, density=0.3, grad_dtype=torch.float16), poisoned_step(7e4),
-          GradientRejected, r"kept values of g exceed the range .*torch\.float16"),
-    # -- MFAC checkpoints --------------------------------------------------------------------------------------
-    Fault("mfac_load_dense_window_into_compressed", dense_into_compressed,
-          lambda c: c["opt"].load_state_dict(c["saved"]), ValueError,
-          r"window is dense \(density=1\.0\) but this optimizer's is compressed \(density=0\.3\)"),
-    Fault("mfac_load_nonfinite_window", corrupt_checkpoint(set_(("mfac", "window", "G"), nan_row)),
-          lambda c: c["opt"].load_state_dict(c["saved"]), ValueError, r"G holds NaN or inf values \(first in row 2\)"),
-    Fault("mfac_load_window_count_out_of_range", corrupt_checkpoint(set_(("mfac", "window", "count"), 7)),
-          lambda c: c["opt"].load_state_dict(c["saved"]), ValueError, r"count=7 is outside"),
-    Fault("mfac_load_other_layout", corrupt_checkpoint(set_(("mfac", "layout"), lambda v: v[::-1])),
-          lambda c: c["opt"].load_state_dict(c["saved"]), ValueError, r"built over other parameters"),
-    Fault("mfac_load_mask_wrong_shape", corrupt_checkpoint(set_(("mfac", "masks"), {0: torch.ones(2, 2)})),
-          lambda c: c["opt"].load_state_dict(c["saved"]), ValueError, r"mask for parameter 0 has shape \(2, 2\)"),
-    Fault("mfac_load_mask_unknown_parameter", corrupt_checkpoint(set_(("mfac", "masks"), {9: torch.ones(3)})),
-          lambda c: c["opt"].load_state_dict(c["saved"]), ValueError, r"mask for parameter 9"),
-    Fault("mfac_load_other_shapes", other_shapes, load_saved, ValueError,
-          r"parameter 0, param_groups\[0\]\['params'\]\[0\]: it was saved for shape \(4, 8\), "
-          r"float32; this one has shape \(8, 4\)"),
-    Fault("mfac_load_other_dtype",
-          lambda tmp: other_shapes(tmp, ((4, 8), (2,)), torch.float64, momentum=0.5), load_saved,
-          ValueError, r"saved for shape \(4, 8\), float32; this one has shape \(4, 8\), float64"),
-    Fault("shards_load_other_shapes", other_shapes_shards,
-          lambda c: load_mfac_shards(c["opt"], str(c["folder"])), ValueError,
-          r"parameter 0, .*saved for shape \(4, 8\)"),
-    Fault("shards_load_corrupt_window", lambda tmp: shard_folder(tmp, lambda w: w.update(count=9)),
-          lambda c: load_mfac_shards(c["opt"], str(c["folder"])), ValueError, r"count=9 is outside"),
-    Fault("shards_load_ggt_of_other_window",
-          lambda tmp: shard_folder(tmp, lambda w: w.update(GGt=w["GGt"] * 2)),
-          lambda c: load_mfac_shards(c["opt"], str(c["folder"])), ValueError, r"GGt does not match G"),
-    Fault("shards_load_missing_folder", lambda tmp: {**trained(tmp), "folder": tmp / "none"},
-          lambda c: load_mfac_shards(c["opt"], str(c["folder"])), FileNotFoundError, r"no M-FAC window shards"),
-    Fault("shards_load_wrong_step", lambda tmp: shard_folder(tmp),
-          lambda c: load_mfac_shards(c["opt"], str(c["folder"]), expect_meta={"global_step": 4}), ValueError,
-          r"global_step=3, expected 4"),
-    # -- MFAC arguments ----------------------------------------------------------------------------------------
+    load_row(
+        "load_G_integer",
+        r"G has dtype torch\.int64",
+        G=lambda s: torch.zeros(M, D, dtype=torch.long),
+    ),
+    # -- MFAC / ShardedMFAC steps
+    # ------------------------------------------------------------------------------
+    Fault(
+        "mfac_step_fp16_window_overflow_raises",
+        lambda tmp: trained(tmp, grad_dtype=torch.float16),
+        poisoned_step(7e4),
+        GradientRejected,
+        r"MFAC: g has values beyond the range .*torch\.float16",
+    ),
+    Fault(
+        "mfac_step_fp16_window_overflow_skipped",
+        lambda tmp: trained(tmp, grad_dtype=torch.float16, nonfinite="skip"),
+        poisoned_step(7e4),
+        check=warned("torch.float16"),
+        unchanged=True,
+    ),
+    Fault(
+        "mfac_step_huge_gradient_skipped",
+        lambda tmp: trained(tmp, nonfinite="skip"),
+        poisoned_step(1e20),
+        check=warned("products G g"),
+        unchanged=True,
+    ),
+    Fault(
+        "mfac_step_nan_skipped_bf16",
+        lambda tmp: trained(tmp, grad_dtype=torch.bfloat16, nonfinite="skip"),
+        poisoned_step(float("nan")),
+        check=warned("NaN or inf"),
+        unchanged=True,
+    ),
+    Fault(
+        "mfac_step_inf_raises",
+        lambda tmp: trained(tmp),
+        poisoned_step(float("-inf")),
+        FloatingPointError,
+        r"NaN or inf.*unchanged",
+    ),
+    Fault(
+        "sharded_mfac_step_fp16_overflow_skipped",
+        lambda tmp: trained(tmp, ShardedMFAC, grad_dtype=torch.float16, nonfinite="skip"),
+        poisoned_step(-1e5),
+        check=warned("torch.float16"),
+        unchanged=True,
+    ),
+    Fault(
+        "mfac_compressed_step_nan_skipped",
+        lambda tmp: trained(tmp, density=0.3, nonfinite="skip"),
+        poisoned_step(float("nan")),
+        check=warned("NaN or inf"),
+        unchanged=True,
+    ),
+    Fault(
+        "mfac_compressed_step_fp16_overflow_raises",
+        lambda tmp: trained(tmp, density=0.3, grad_dtype=torch.float16),
+        poisoned_step(7e4),
+        GradientRejected,
+        r"kept values of g exceed the range .*torch\.float16",
+    ),
+    # -- MFAC checkpoints
+    # --------------------------------------------------------------------------------------
+    Fault(
+        "mfac_load_dense_window_into_compressed",
+        dense_into_compressed,
+        lambda c: c["opt"].load_state_dict(c["saved"]),
+        ValueError,
+        r"window is dense \(density=1\.0\) but this optimizer's is compressed \(density=0\.3\)",
+    ),
+    Fault(
+        "mfac_load_nonfinite_window",
+        corrupt_checkpoint(set_(("mfac", "window", "G"), nan_row)),
+        lambda c: c["opt"].load_state_dict(c["saved"]),
+        ValueError,
+        r"G holds NaN or inf values \(first in row 2\)",
+    ),
+    Fault(
+        "mfac_load_window_count_out_of_range",
+        corrupt_checkpoint(set_(("mfac", "window", "count"), 7)),
+        lambda c: c["opt"].load_state_dict(c["saved"]),
+        ValueError,
+        r"count=7 is outside",
+    ),
+    Fault(
+        "mfac_load_other_layout",
+        corrupt_checkpoint(set_(("mfac", "layout"), lambda v: v[::-1])),
+        lambda c: c["opt"].load_state_dict(c["saved"]),
+        ValueError,
+        r"built over other parameters",
+    ),
+    Fault(
+        "mfac_load_mask_wrong_shape",
+        corrupt_checkpoint(set_(("mfac", "masks"), {0: torch.ones(2, 2)})),
+        lambda c: c["opt"].load_state_dict(c["saved"]),
+        ValueError,
+        r"mask for parameter 0 has shape \(2, 2\)",
+    ),
+    Fault(
+        "mfac_load_mask_unknown_parameter",
+        corrupt_checkpoint(set_(("mfac", "masks"), {9: torch.ones(3)})),
+        lambda c: c["opt"].load_state_dict(c["saved"]),
+        ValueError,
+        r"mask for parameter 9",
+    ),
+    Fault(
+        "mfac_load_other_shapes",
+        other_shapes,
+        load_saved,
+        ValueError,
+        r"parameter 0, param_groups\[0\]\['params'\]\[0\]: it was saved for shape \(4, 8\), "
+        r"float32; this one has shape \(8, 4\)",
+    ),
+    Fault(
+        "mfac_load_other_dtype",
+        lambda tmp: other_shapes(tmp, ((4, 8), (2,)), torch.float64, momentum=0.5),
+        load_saved,
+        ValueError,
+        r"saved for shape \(4, 8\), float32; this one has shape \(4, 8\), float64",
+    ),
+    Fault(
+        "shards_load_other_shapes",
+        other_shapes_shards,
+        lambda c: load_mfac_shards(c["opt"], str(c["folder"])),
+        ValueError,
+        r"parameter 0, .*saved for shape \(4, 8\)",
+    ),
+    Fault(
+        "shards_load_corrupt_window",
+        lambda tmp: shard_folder(tmp, lambda w: w.update(count=9)),
+        lambda c: load_mfac_shards(c["opt"], str(c["folder"])),
+        ValueError,
+        r"count=9 is outside",
+    ),
+    Fault(
+        "shards_load_ggt_of_other_window",
+        lambda tmp: shard_folder(tmp, lambda w: w.update(GGt=w["GGt"] * 2)),
+        lambda c: load_mfac_shards(c["opt"], str(c["folder"])),
+        ValueError,
+        r"GGt does not match G",
+    ),
+    Fault(
+        "shards_load_missing_folder",
+        lambda tmp: {**trained(tmp), "folder": tmp / "none"},
+        lambda c: load_mfac_shards(c["opt"], str(c["folder"])),
+        FileNotFoundError,
+        r"no M-FAC window shards",
+    ),
+    Fault(
+        "shards_load_wrong_step",
+        lambda tmp: shard_folder(tmp),
+        lambda c: load_mfac_shards(c["opt"], str(c["folder"]), expect_meta={"global_step": 4}),
+        ValueError,
+        r"global_step=3, expected 4",
+    ),
+    # -- MFAC arguments
+    # ----------------------------------------------------------------------------------------
     bad_arg("mfac_lr_nan", ValueError, r"^lr must be a finite number; got nan", lr=float("nan")),
     bad_arg("mfac_lr_inf", ValueError, r"^lr must be a finite number", lr=float("inf")),
-    bad_arg("mfac_lr_string", TypeError, r"^lr must be a real number; got '0\.1' \(str\)", lr="0.1"),
-    bad_arg("mfac_weight_decay_nan", ValueError, r"^weight_decay must be a finite", weight_decay=float("nan")),
-    bad_arg("mfac_weight_decay_inf", ValueError, r"^weight_decay must be a finite", weight_decay=float("inf")),
+    bad_arg(
+        "mfac_lr_string", TypeError, r"^lr must be a real number; got '0\.1' \(str\)", lr="0.1"
+    ),
+    bad_arg(
+        "mfac_weight_decay_nan",
+        ValueError,
+        r"^weight_decay must be a finite",
+        weight_decay=float("nan"),
+    ),
+    bad_arg(
+        "mfac_weight_decay_inf",
+        ValueError,
+        r"^weight_decay must be a finite",
+        weight_decay=float("inf"),
+    ),
     bad_arg("mfac_momentum_nan", ValueError, r"^momentum must be a finite", momentum=float("nan")),
     bad_arg("mfac_damp_inf", ValueError, r"^damp must be a finite", damp=float("inf")),
     bad_arg("mfac_damp_nan", ValueError, r"^damp must be a finite", damp=float("nan")),
-    bad_arg("mfac_num_grads_none", TypeError, r"^num_grads must be an integer; got None", num_grads=None),
-    bad_arg("mfac_num_grads_fraction", ValueError, r"^num_grads must be an integer; got 2\.5", num_grads=2.5),
+    bad_arg(
+        "mfac_num_grads_none", TypeError, r"^num_grads must be an integer; got None", num_grads=None
+    ),
+    bad_arg(
+        "mfac_num_grads_fraction",
+        ValueError,
+        r"^num_grads must be an integer; got 2\.5",
+        num_grads=2.5,
+    ),
     bad_arg("mfac_density_zero", ValueError, r"^density must be > 0; got 0", density=0),
-    bad_arg("mfac_density_nan", ValueError, r"^density must be a finite number", density=float("nan")),
-    bad_arg("mfac_density_bool", TypeError, r"^density must be a real number; got True", density=True),
-    bad_arg("mfac_grad_dtype_int8", ValueError, r"grad_dtype must be float16, bfloat16", grad_dtype="int8"),
-    Fault("mfac_param_group_lr_nan", lambda tmp: trained(tmp),
-          lambda c: c["opt"].add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": float("nan")}),
-          ValueError, r"param_groups\[1\]: lr must be a finite number"),
-    Fault("mfac_complex_parameter", complex_group, lambda c: hf_mfac.MFAC([c["z"]]), TypeError,
-          r"param_groups\[0\]\['params'\]\[0\] is complex.*view_as_real"),
-    Fault("mfac_param_group_complex", complex_group,
-          lambda c: c["opt"].add_param_group({"params": [c["z"]]}), TypeError,
-          r"param_groups\[1\]\['params'\]\[0\] is complex \(torch\.complex64"),
-    # -- MFACTrainingArguments / MFACTrainer -------------------------------------------------------------------
-    args_row("args_num_grads_negative", r"--mfac_num_grads must be an integer >= 1; got -4", mfac_num_grads=-4),
+    bad_arg(
+        "mfac_density_nan", ValueError, r"^density must be a finite number", density=float("nan")
+    ),
+    bad_arg(
+        "mfac_density_bool", TypeError, r"^density must be a real number; got True", density=True
+    ),
+    bad_arg(
+        "mfac_grad_dtype_int8",
+        ValueError,
+        r"grad_dtype must be float16, bfloat16",
+        grad_dtype="int8",
+    ),
+    Fault(
+        "mfac_param_group_lr_nan",
+        lambda tmp: trained(tmp),
+        lambda c: c["opt"].add_param_group(
+            {"params": [torch.nn.Parameter(torch.zeros(2))], "lr": float("nan")}
+        ),
+        ValueError,
+        r"param_groups\[1\]: lr must be a finite number",
+    ),
+    Fault(
+        "mfac_complex_parameter",
+        complex_group,
+        lambda c: hf_mfac.MFAC([c["z"]]),
+        TypeError,
+        r"param_groups\[0\]\['params'\]\[0\] is complex.*view_as_real",
+    ),
+    Fault(
+        "mfac_param_group_complex",
+        complex_group,
+        lambda c: c["opt"].add_param_group({"params": [c["z"]]}),
+        TypeError,
+        r"param_groups\[1\]\['params'\]\[0\] is complex \(torch\.complex64",
+    ),
+    # -- MFACTrainingArguments / MFACTrainer
+    # -------------------------------------------------------------------
+    args_row(
+        "args_num_grads_negative",
+        r"--mfac_num_grads must be an integer >= 1; got -4",
+        mfac_num_grads=-4,
+    ),
     args_row("args_damp_negative", r"--mfac_damp must be > 0", mfac_damp=-1.0),
-    args_row("args_grad_dtype_int8", r"--mfac_grad_dtype must be one of float32, bfloat16, float16; got 'int8'",
-             mfac_grad_dtype="int8"),
+    args_row(
+        "args_grad_dtype_int8",
+        r"--mfac_grad_dtype must be one of float32, bfloat16, float16; got 'int8'",
+        mfac_grad_dtype="int8",
+    ),
     args_row("args_density_above_one", r"--mfac_density must be <= 1; got 1\.5", mfac_density=1.5),
-    args_row("args_learning_rate_nan", r"--learning_rate must be a finite number", learning_rate=float("nan")),
-    args_row("args_optim_args_not_an_integer", r"--optim_args ngrads must be an integer; got 'abc'",
-             optim_args="ngrads=abc"),
-    args_row("args_optim_args_bad_json", r"--optim_args is not valid JSON", optim_args='{"ngrads": 64,}'),
-    args_row("args_optim_args_unknown_key", r"--optim_args: unknown M-FAC key 'beta1'", optim_args="beta1=0.9"),
-    args_row("args_optim_typo_lists_choices", r"--optim 'mfca' is not a known optimizer; choose one of: mfac, ",
-             optim="mfca"),
-    Fault("trainer_push_to_hub_offline", offline_push, push,
-          raises=HubUnreachableError,
-          match=r"could not reach the Hugging Face Hub to create the repository \(OfflineModeIsEnabled",
-          check=pushed_locally, watch=("model",)),
+    args_row(
+        "args_learning_rate_nan",
+        r"--learning_rate must be a finite number",
+        learning_rate=float("nan"),
+    ),
+    args_row(
+        "args_optim_args_not_an_integer",
+        r"--optim_args ngrads must be an integer; got 'abc'",
+        optim_args="ngrads=abc",
+    ),
+    args_row(
+        "args_optim_args_bad_json", r"--optim_args is not valid JSON", optim_args='{"ngrads": 64,}'
+    ),
+    args_row(
+        "args_optim_args_unknown_key",
+        r"--optim_args: unknown M-FAC key 'beta1'",
+        optim_args="beta1=0.9",
+    ),
+    args_row(
+        "args_optim_typo_lists_choices",
+        r"--optim 'mfca' is not a known optimizer; choose one of: mfac, ",
+        optim="mfca",
+    ),
+    Fault(
+        "trainer_push_to_hub_offline",
+        offline_push,
+        push,
+        raises=HubUnreachableError,
+        match=r"could not reach the Hugging Face Hub to create the repository "
+              r"\(OfflineModeIsEnabled",
+        check=pushed_locally,
+        watch=("model",),
+    ),
 ]

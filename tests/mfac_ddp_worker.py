@@ -16,9 +16,12 @@ from hf_mfac.integrations import MFACTrainer, MFACTrainingArguments  # noqa: E40
 
 def main(out_dir: str) -> None:
     args = MFACTrainingArguments(
-        output_dir=out_dir, optim="mfac", mfac_num_grads=4, mfac_damp=1e-3, learning_rate=1e-2, weight_decay=0.01,
-        max_steps=3, per_device_train_batch_size=4, use_cpu=True, ddp_backend="gloo", report_to="none",
-        save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        output_dir=out_dir, optim="mfac", mfac_num_grads=4, mfac_damp=1e-3, learning_rate=1e-2,
+        weight_decay=0.01,
+        max_steps=3, per_device_train_batch_size=4, use_cpu=True, ddp_backend="gloo",
+        report_to="none",
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
+        dataloader_num_workers=0,
     )
     model = tiny_bert(seed=0)
     start = flat_params(model)

@@ -1,5 +1,5 @@
-"""``hf-mfac``: --help and --version, a one-shot sweep with evaluation and model cards, inputs refused before the
-model is loaded, and build-kernels."""
+"""``hf-mfac``: --help and --version, a one-shot sweep with evaluation and model cards, inputs
+refused before the model is loaded, and build-kernels."""
 import dataclasses
 import json
 import random
@@ -25,7 +25,8 @@ def tiny(tmp_path):
     with open(tmp_path / "data.csv", "w", encoding="latin-1") as f:
         f.write("text,label\n")
         for _ in range(40):
-            f.write(f"the movie was {rng.choice(words)} {rng.choice(words)} caf\xe9,{rng.choice(['neg', 'pos'])}\n")
+            f.write(f"the movie was {rng.choice(words)} {rng.choice(words)} "
+                    f"caf\xe9,{rng.choice(['neg', 'pos'])}\n")
     return model_dir, tmp_path / "data.csv"
 
 
@@ -37,7 +38,10 @@ def test_help_lists_every_option_with_its_default(capsys):
     for f in dataclasses.fields(PruningConfig) + dataclasses.fields(cli.PruneCommandArguments):
         assert f"--{f.name}" in text
         help_text = " ".join(f.metadata["help"].split())
-        assert f"{help_text} (default: {f.default if f.default is not dataclasses.MISSING else None})" in text, f.name
+        assert (
+            f"{help_text} (default: {f.default if f.default is not dataclasses.MISSING else None})"
+            in text
+        ), f.name
     with pytest.raises(SystemExit):
         cli.main(["--version"])
     assert capsys.readouterr().out.startswith("hf-mfac ")
@@ -51,9 +55,32 @@ def test_prune_sweep_with_eval_and_model_cards(tiny, tmp_path, capsys):
 
     model_dir, data = tiny
     out = tmp_path / "pruned"
-    rc = cli.main(["prune", str(model_dir), "--data", str(data), "--encoding", "latin-1", "--method", "obert",
-                   "--sparsities", "0.3", "0.6", "--num-grads", "4", "--batch-size", "4", "--block_size", "16",
-                   "--eval_data", str(data), "--output-dir", str(out), "--no-progress"])
+    rc = cli.main(
+        [
+            "prune",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--encoding",
+            "latin-1",
+            "--method",
+            "obert",
+            "--sparsities",
+            "0.3",
+            "0.6",
+            "--num-grads",
+            "4",
+            "--batch-size",
+            "4",
+            "--block_size",
+            "16",
+            "--eval_data",
+            str(data),
+            "--output-dir",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "dense: eval loss" in text and "sparsity-0.60: sparsity 0.60" in text
@@ -62,7 +89,8 @@ def test_prune_sweep_with_eval_and_model_cards(tiny, tmp_path, capsys):
         masks = load_sparse_masks(d)
         total = sum(m.numel() for m in masks.values())
         assert sum(int((~m).sum()) for m in masks.values()) == round(s * total)
-        reloaded = AutoModelForSequenceClassification.from_pretrained(d)  # stock transformers loads it
+        # stock transformers loads it
+        reloaded = AutoModelForSequenceClassification.from_pretrained(d)
         w = dict(reloaded.named_parameters())
         assert all(bool((w[n][~m] == 0).all()) for n, m in masks.items())
         report = json.load(open(d / "pruning_report.json"))
@@ -77,31 +105,62 @@ def test_prune_sweep_with_eval_and_model_cards(tiny, tmp_path, capsys):
 LOADED = AssertionError("the model was loaded before the inputs were checked")
 
 
-@pytest.mark.parametrize("case,extra,message", [
-    ("sparsity out of range", ["--sparsity", "1.5"], "sparsity must lie in [0, 1)"),
-    ("no sparsity", [], "give --sparsity"),
-    ("no model folder", ["--sparsity", "0.5", "@no-model"], "is not a folder"),
-    ("folder without weights", ["--sparsity", "0.5", "@empty-model"], "has no weights"),
-    ("missing data", ["--sparsity", "0.5", "--data", "@missing.csv"], "not found"),
-    ("wrong label column", ["--sparsity", "0.5", "--label_column", "sentiment"], "label column 'sentiment'"),
-    ("wrong text column", ["--sparsity", "0.5", "--text_column", "tweet"], "column 'tweet' not found"),
-    ("Latin-1 read as UTF-8", ["--sparsity", "0.5", "--encoding", "utf-8"], "--encoding"),
-    ("unknown pattern", ["--pattern", "3x"], "unknown sparsity pattern"),
-    ("labels the model has no class for", ["--sparsity", "0.5", "--data", "@three-labels.csv"], "cannot be mapped"),
-    ("per_sample with a fisher_batch_size", ["--sparsity", "0.5", "--per_sample", "--fisher_batch_size", "4"],
-     "per_sample=True means"),
-])
+@pytest.mark.parametrize(
+    "case,extra,message",
+    [
+        ("sparsity out of range", ["--sparsity", "1.5"], "sparsity must lie in [0, 1)"),
+        ("no sparsity", [], "give --sparsity"),
+        ("no model folder", ["--sparsity", "0.5", "@no-model"], "is not a folder"),
+        ("folder without weights", ["--sparsity", "0.5", "@empty-model"], "has no weights"),
+        ("missing data", ["--sparsity", "0.5", "--data", "@missing.csv"], "not found"),
+        (
+            "wrong label column",
+            ["--sparsity", "0.5", "--label_column", "sentiment"],
+            "label column 'sentiment'",
+        ),
+        (
+            "wrong text column",
+            ["--sparsity", "0.5", "--text_column", "tweet"],
+            "column 'tweet' not found",
+        ),
+        ("Latin-1 read as UTF-8", ["--sparsity", "0.5", "--encoding", "utf-8"], "--encoding"),
+        ("unknown pattern", ["--pattern", "3x"], "unknown sparsity pattern"),
+        (
+            "labels the model has no class for",
+            ["--sparsity", "0.5", "--data", "@three-labels.csv"],
+            "cannot be mapped",
+        ),
+        (
+            "per_sample with a fisher_batch_size",
+            ["--sparsity", "0.5", "--per_sample", "--fisher_batch_size", "4"],
+            "per_sample=True means",
+        ),
+    ],
+)
 def test_bad_inputs_fail_before_loading(tiny, tmp_path, capsys, monkeypatch, case, extra, message):
     model_dir, data = tiny
     for cls in (transformers.AutoModelForSequenceClassification, transformers.AutoTokenizer):
         monkeypatch.setattr(cls, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(LOADED))
     (tmp_path / "empty-model").mkdir()
     (tmp_path / "empty-model" / "config.json").write_text("{}")
-    (tmp_path / "three-labels.csv").write_text("text,label\n" + "".join(f"the movie,{c}\n" for c in "abc" * 4))
+    (tmp_path / "three-labels.csv").write_text(
+        "text,label\n" + "".join(f"the movie,{c}\n" for c in "abc" * 4)
+    )
     model = next((str(tmp_path / e[1:]) for e in extra if e.endswith("model")), str(model_dir))
-    extra = [str(tmp_path / e[1:]) if e.startswith("@") else e for e in extra if not e.endswith("model")]
-    args = ["prune", model, "--output_dir", str(tmp_path / "out"), "--encoding", "latin-1", "--data", str(data),
-            *extra]
+    extra = [
+        str(tmp_path / e[1:]) if e.startswith("@") else e for e in extra if not e.endswith("model")
+    ]
+    args = [
+        "prune",
+        model,
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--encoding",
+        "latin-1",
+        "--data",
+        str(data),
+        *extra,
+    ]
     assert cli.main(args) == 2, case
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -109,6 +168,7 @@ def test_bad_inputs_fail_before_loading(tiny, tmp_path, capsys, monkeypatch, cas
 
 def test_build_kernels_prints_the_report(monkeypatch, capsys):
     import hf_mfac.kernels as kernels
+
     calls = []
 
     def fake(verbose=True):
@@ -121,25 +181,34 @@ def test_build_kernels_prints_the_report(monkeypatch, capsys):
 
 
 def tree(folder):
-    return {str(p.relative_to(folder)): p.read_bytes()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
-@pytest.mark.parametrize("case,output,extra,message", [
-    ("output is the model folder", "@tiny-bert", [], "is the model folder"),
-    ("with a trailing slash", "@tiny-bert/", [], "is the model folder"),
-    ("through dot-dot", "@tiny-bert/../tiny-bert", [], "is the model folder"),
-    ("relative to the working folder", "./tiny-bert/", [], "is the model folder"),
-    ("through a symlink", "@link", [], "is the model folder"),
-    ("a sweep folder is the model folder", "@", ["--sparsities", "0.3", "0.5"],
-     "is the model folder"),
-    ("output is an existing file", "@data.csv", [], "exists and is not a folder"),
-    ("output under a file", "@data.csv/out", [], "is a file, not a folder"),
-    ("data is a folder", "@out", ["--data", "@tiny-bert"], "is not a file"),
-    ("eval data missing", "@out", ["--eval_data", "@nowhere.csv"], "--eval_data"),
-])
-def test_paths_checked_first_and_model_never_overwritten(tiny, tmp_path, capsys, monkeypatch, case,
-                                                         output, extra, message):
+@pytest.mark.parametrize(
+    "case,output,extra,message",
+    [
+        ("output is the model folder", "@tiny-bert", [], "is the model folder"),
+        ("with a trailing slash", "@tiny-bert/", [], "is the model folder"),
+        ("through dot-dot", "@tiny-bert/../tiny-bert", [], "is the model folder"),
+        ("relative to the working folder", "./tiny-bert/", [], "is the model folder"),
+        ("through a symlink", "@link", [], "is the model folder"),
+        (
+            "a sweep folder is the model folder",
+            "@",
+            ["--sparsities", "0.3", "0.5"],
+            "is the model folder",
+        ),
+        ("output is an existing file", "@data.csv", [], "exists and is not a folder"),
+        ("output under a file", "@data.csv/out", [], "is a file, not a folder"),
+        ("data is a folder", "@out", ["--data", "@tiny-bert"], "is not a file"),
+        ("eval data missing", "@out", ["--eval_data", "@nowhere.csv"], "--eval_data"),
+    ],
+)
+def test_paths_checked_first_and_model_never_overwritten(
+    tiny, tmp_path, capsys, monkeypatch, case, output, extra, message
+):
     """The model folder under any spelling, or a sweep folder that is it, is refused before any
     work, as are an output path that is (or lies under) a file and data paths that are not readable
     files; nothing changes."""
@@ -151,14 +220,27 @@ def test_paths_checked_first_and_model_never_overwritten(tiny, tmp_path, capsys,
     for cls in (transformers.AutoModelForSequenceClassification, transformers.AutoTokenizer):
         monkeypatch.setattr(cls, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(LOADED))
     before = tree(tmp_path)
+
     def at(p):  # "@name" is tmp_path / name (a trailing slash kept)
         if not p.startswith("@"):
             return p
         return str(tmp_path / p[1:]) + ("/" if p.endswith("/") else "")
 
     target = [] if "--sparsities" in extra else ["--sparsity", "0.5"]
-    args = ["prune", str(model_dir), "--data", str(data), "--encoding", "latin-1", "--method",
-            "magnitude", "--output_dir", at(output), *target, *map(at, extra)]
+    args = [
+        "prune",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--encoding",
+        "latin-1",
+        "--method",
+        "magnitude",
+        "--output_dir",
+        at(output),
+        *target,
+        *map(at, extra),
+    ]
     assert cli.main(args) == 2, case
     err = capsys.readouterr().err
     assert err.startswith("hf-mfac prune: error: ") and message in err, err
@@ -180,9 +262,17 @@ def test_a_result_saved_over_an_earlier_one_keeps_the_hand_written_card_text(tin
             if n.endswith("dense.weight"):
                 masks[n] = p.detach().abs() >= p.detach().abs().flatten().quantile(1 - keep)
                 p.data.mul_(masks[n])
-        cli.save_prune_result(str(out), model, masks, {"run": i}, tokenizer=tokenizer,
-                              method="magnitude", pattern=None, recipe={"run": i},
-                              command=f"hf-mfac prune run{i}")
+        cli.save_prune_result(
+            str(out),
+            model,
+            masks,
+            {"run": i},
+            tokenizer=tokenizer,
+            method="magnitude",
+            pattern=None,
+            recipe={"run": i},
+            command=f"hf-mfac prune run{i}",
+        )
         if i == 0:
             with open(out / "README.md", "a") as f:
                 f.write("\nMy own notes.\n")
@@ -208,8 +298,20 @@ def test_unreadable_data_is_refused_before_loading(tiny, tmp_path, capsys, monke
     for cls in (transformers.AutoModelForSequenceClassification, transformers.AutoTokenizer):
         monkeypatch.setattr(cls, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(LOADED))
     monkeypatch.setattr(builtins, "open", guarded)
-    rc = cli.main(["prune", str(model_dir), "--data", str(data), "--method", "magnitude",
-                   "--sparsity", "0.5", "--output_dir", str(tmp_path / "out")])
+    rc = cli.main(
+        [
+            "prune",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "0.5",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     monkeypatch.undo()
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("hf-mfac prune: error: --data "), err

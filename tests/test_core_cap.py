@@ -1,4 +1,5 @@
-"""CAP against brute-force greedy, OBS and the replayed sequential eliminations ([CAP, §3.1, App. A])."""
+"""CAP against brute-force greedy, OBS and the replayed sequential eliminations ([CAP, §3.1, App.
+A])."""
 import itertools
 
 import pytest
@@ -19,15 +20,18 @@ def _rho(H, w, Q):
     return 0.0 if not Q else float(0.5 * w[Q] @ torch.linalg.solve(H[Q][:, Q], w[Q]))
 
 
-@pytest.mark.parametrize("B", [6, 19])  # 19: the delayed downdates are folded into H twice, then 3 are left
+# 19: the delayed downdates are folded into H twice, then 3 are left
+@pytest.mark.parametrize("B", [6, 19])
 def test_matches_brute_force_greedy(gen, B):
-    """Each step removes the weight minimising the joint saliency rho_{Q ∪ q} recomputed from scratch."""
+    """Each step removes the weight minimising the joint saliency rho_{Q ∪ q} recomputed from
+    scratch."""
     H, w = _blocks(gen, nb=4 if B < 10 else 2, B=B, m=4 * B)
     order, losses = cap_eliminate(w, H)
     for b in range(H.shape[0]):
         Q = []
         for t in range(H.shape[1]):
-            q = min((q for q in range(H.shape[1]) if q not in Q), key=lambda q: _rho(H[b], w[b], Q + [q]))
+            q = min((q for q in range(H.shape[1]) if q not in Q),
+                    key=lambda q: _rho(H[b], w[b], Q + [q]))
             Q.append(q)
             assert q == order[b, t]
             assert losses[b, t].item() == pytest.approx(_rho(H[b], w[b], Q), rel=1e-8, abs=1e-12)
@@ -129,7 +133,8 @@ def test_errors(gen):
 
 
 def _eliminate_stepwise(w, H, valid=None, forced=None, nm=None):
-    """Plain OBC loop, one block at a time: score, OBS update, explicit rank-1 downdate of the whole inverse."""
+    """Plain OBC loop, one block at a time: score, OBS update, explicit rank-1 downdate of the whole
+    inverse."""
     nb, B = w.shape
     order = torch.zeros(nb, B, dtype=torch.long)
     losses = torch.full((nb, B), float("inf"), dtype=torch.float64)
@@ -156,16 +161,28 @@ def _eliminate_stepwise(w, H, valid=None, forced=None, nm=None):
             if nm is not None:
                 n, m = nm
                 g = j // m
-                if int((~cand[g * m : (g + 1) * m] & ~(valid[b, g * m : (g + 1) * m] if valid is not None
-                                                      else torch.zeros(m, dtype=torch.bool))).sum()) >= m - n:
+                if (
+                    int(
+                        (
+                            ~cand[g * m : (g + 1) * m]
+                            & ~(
+                                valid[b, g * m : (g + 1) * m]
+                                if valid is not None
+                                else torch.zeros(m, dtype=torch.bool)
+                            )
+                        ).sum()
+                    )
+                    >= m - n
+                ):
                     cand[g * m : (g + 1) * m] = False
     return order, losses
 
 
 @pytest.mark.parametrize("B,nm", [(24, None), (33, None), (24, (2, 4))])
 def test_delayed_downdates_equal_the_stepwise_loop(gen, B, nm):
-    """The vectorised elimination (rank-1 downdates folded every few steps) against the plain per-block loop,
-    with padding, forced weights and an N:M constraint: same order, same losses to rounding."""
+    """The vectorised elimination (rank-1 downdates folded every few steps) against the plain
+    per-block loop, with padding, forced weights and an N:M constraint: same order, same losses to
+    rounding."""
     nb = 40
     H, w = _blocks(gen, nb=nb, B=B, m=2 * B)
     valid = torch.rand(nb, B, generator=gen) > 0.1 if nm is None else None

@@ -88,7 +88,8 @@ def test_single_weight_obs_is_exact_constrained_minimum(gen):
     assert new[q] == 0
     # KKT: F dw is a multiple of e_q
     Fdw = F @ dw
-    assert torch.allclose(torch.cat([Fdw[:q], Fdw[q + 1 :]]), torch.zeros(11, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(torch.cat([Fdw[:q], Fdw[q + 1 :]]), torch.zeros(11, dtype=torch.float64),
+                          atol=1e-10)
     assert torch.isclose(0.5 * dw @ F @ dw, obs_scores(w, Finv.diagonal())[q])
 
 
@@ -108,7 +109,8 @@ def test_group_obs_closed_form(gen):
 def test_group_of_one_equals_single_weight(gen):
     _, Finv, w = _problem(gen)
     idx = torch.arange(12)[:, None]
-    assert torch.allclose(group_scores(w, Dense(Finv).submatrix(idx), idx), obs_scores(w, Finv.diagonal()))
+    assert torch.allclose(group_scores(w, Dense(Finv).submatrix(idx), idx),
+                          obs_scores(w, Finv.diagonal()))
 
 
 def test_nm_select_is_exhaustive_optimum(gen):
@@ -118,7 +120,8 @@ def test_nm_select_is_exhaustive_optimum(gen):
     assert (pruned.sum(1) == 2).all()
     import itertools
     for gi in range(4):
-        best = min(group_scores(w, Dense(Finv).submatrix(idx[gi][list(c)][None]), idx[gi][list(c)][None])[0]
+        best = min(group_scores(w, Dense(Finv).submatrix(idx[gi][list(c)][None]),
+                                idx[gi][list(c)][None])[0]
                    for c in itertools.combinations(range(4), 2))
         assert torch.isclose(score[gi], best)
 
@@ -283,12 +286,15 @@ def test_block_obs_update_matches_dense_across_pages(with_u, gen, monkeypatch):
     w = torch.randn(nb, B, generator=gen)
     u = 0.1 * torch.randn(nb, B, generator=gen) if with_u else None
     pruned = torch.rand(nb, B, generator=gen) < 0.5
-    pruned[0], pruned[1] = False, True  # a block with nothing to remove and one that loses every weight
+    # a block with nothing to remove and one that loses every weight
+    pruned[0], pruned[1] = False, True
     ref_w, ref_loss = _block_obs_dense(w, H, pruned, u)
     whole = obs.block_obs_update(w, H, pruned, u)  # one page
-    monkeypatch.setitem(obs._PAGE_BYTES, "cpu", 8 * B * B * 5)  # pages of 5 blocks: 3 pages, the last one partial
+    # pages of 5 blocks: 3 pages, the last one partial
+    monkeypatch.setitem(obs._PAGE_BYTES, "cpu", 8 * B * B * 5)
     paged = obs.block_obs_update(w, H, pruned, u)
-    assert torch.equal(paged[0], whole[0]) and torch.equal(paged[1], whole[1])  # the page size changes nothing
+    # the page size changes nothing
+    assert torch.equal(paged[0], whole[0]) and torch.equal(paged[1], whole[1])
     new, loss = paged
     assert new.dtype == w.dtype and loss.dtype == torch.float64
     assert (new[pruned] == 0).all() and (new[0] == w[0] - (0 if u is None else u[0])).all()
@@ -299,12 +305,15 @@ def test_block_obs_update_matches_dense_across_pages(with_u, gen, monkeypatch):
 def test_block_obs_update_falls_back_to_lu_when_not_positive_definite():
     from hf_mfac.core.obs import block_obs_update
 
-    H = torch.tensor([[[1.0, 2.0, 0.5], [2.0, 1.0, 0.0], [0.5, 0.0, 3.0]]])  # H_PP = [[1, 2], [2, 1]]: indefinite
+    # H_PP = [[1, 2], [2, 1]]: indefinite
+    H = torch.tensor([[[1.0, 2.0, 0.5], [2.0, 1.0, 0.0], [0.5, 0.0, 3.0]]])
     w = torch.tensor([[1.0, -1.0, 2.0]])
     pruned = torch.tensor([[True, True, False]])
     new, loss = block_obs_update(w, H, pruned)
     ref_w, ref_loss = _block_obs_dense(w, H, pruned)
-    assert torch.allclose(new.double(), ref_w, atol=1e-6) and torch.allclose(loss, ref_loss, atol=1e-12)
+    assert torch.allclose(new.double(), ref_w, atol=1e-6) and torch.allclose(
+        loss, ref_loss, atol=1e-12
+    )
 
 
 def test_accelerator_pages_give_the_same_results(gen, monkeypatch):
@@ -320,14 +329,15 @@ def test_accelerator_pages_give_the_same_results(gen, monkeypatch):
         bf = BlockFisherInverse(d, B, rel_damp=1e-3)
         for chunk in G.split(7):
             bf.add_grads(chunk)
-        pages = (-(-bf.num_blocks // bf._page(8 * B * B)))
+        pages = -(-bf.num_blocks // bf._page(8 * B * B))
         H = bf.blocks()
         W = torch.nn.functional.pad(w, (0, bf.padded_dim - d)).view(-1, B)
         new_w = cap.cap_prune(W, H, d // 2)[0]
         pruned = torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) < 0.5
         return pages, H, new_w, obs.block_obs_update(W, H, pruned)
 
-    monkeypatch.setitem(cap._PAGE_BYTES, "cpu", 8 * B * B * 20)  # CAP and OBS in pages of 20 and 30 blocks
+    # CAP and OBS in pages of 20 and 30 blocks
+    monkeypatch.setitem(cap._PAGE_BYTES, "cpu", 8 * B * B * 20)
     monkeypatch.setitem(obs._PAGE_BYTES, "cpu", 8 * B * B * 30)
     cpu_pages, H, new_w, (upd, loss) = run()
     for mod in (fisher, cap, obs):
@@ -349,7 +359,12 @@ class _Whole:
     it."""
 
     def __init__(self, bf):
-        self.H, self.dim, self.block_size, self.num_blocks = bf.blocks(), bf.dim, bf.block_size, bf.num_blocks
+        self.H, self.dim, self.block_size, self.num_blocks = (
+            bf.blocks(),
+            bf.dim,
+            bf.block_size,
+            bf.num_blocks,
+        )
 
     def blocks(self):
         return self.H
@@ -443,14 +458,17 @@ def test_product_dtype_rule():
     assert product_dtype(k_max, 0.0, rel_damp=1e-2) == torch.float32
     assert product_dtype(k_max + 1, 0.0, rel_damp=1e-2) == torch.float64
     assert product_dtype(32, 1.0, damp=1e-8) == torch.float64  # the papers' tiny absolute damps
-    assert product_dtype(32, 1e-6, damp=1e-2) == torch.float32  # an absolute damp large against |g|^2
+    # an absolute damp large against |g|^2
+    assert product_dtype(32, 1e-6, damp=1e-2) == torch.float32
     assert product_dtype(32, 0.0, damp=1e-8) == torch.float32  # zeros: exact either way
 
 
 def _decaying(m, d, gen, scale=1.0):
     """Gradients whose covariance spectrum decays (as real ones do), times ``scale``."""
     basis = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
-    coef = torch.randn(m, d, generator=gen, dtype=torch.float64) * torch.logspace(0, -3, d, dtype=torch.float64)
+    coef = torch.randn(m, d, generator=gen, dtype=torch.float64) * torch.logspace(
+        0, -3, d, dtype=torch.float64
+    )
     return ((coef @ basis.T) * scale).float()
 
 
@@ -468,7 +486,9 @@ def test_fp32_products_at_the_default_relative_damp(scale, gen):
     ref = BlockFisherInverse(d, B, rel_damp=1e-2, dtype=torch.float64)
     ref.add_grads(G.double())
     ref.invert()
-    Finv = torch.linalg.inv(block_fisher(G.double(), 0.0, B) + torch.diag(ref.block_damp.repeat_interleave(B)[:d]))
+    Finv = torch.linalg.inv(
+        block_fisher(G.double(), 0.0, B) + torch.diag(ref.block_damp.repeat_interleave(B)[:d])
+    )
     bound = k * torch.finfo(torch.float32).eps / 1e-2  # 1.2e-4; measured 2-10e-7
     assert rel_err(bf.diag(), Finv.diagonal()) < bound
     x = torch.randn(d, generator=gen, dtype=torch.float64)
@@ -479,7 +499,8 @@ def test_fp32_products_at_the_default_relative_damp(scale, gen):
 def test_fp64_products_at_tiny_absolute_damp(damp, gen):
     """Small damping against the bound: fp64 products, and the fp32 result as accurate as its
     rounding; forced fp32 products are not (the reason for the rule)."""
-    m, d, B = 12, 45, 16  # fewer gradients than the block size: the damping sets the smallest eigenvalues
+    # fewer gradients than the block size: the damping sets the smallest eigenvalues
+    m, d, B = 12, 45, 16
     G = _decaying(m, d, gen)
     Finv = torch.linalg.inv(block_fisher(G.double(), damp, B))
     eps = torch.finfo(torch.float32).eps
@@ -504,7 +525,8 @@ def test_sum_dtype_rule():
     assert sum_dtype(m_max, 1e-2) == torch.float32 and sum_dtype(m_max + 1, 1e-2) == torch.float64
     assert sum_dtype(128, 1e-6) == torch.float64
     assert sum_dtype(None, 1e-2) == torch.float64  # m unknown
-    assert sum_dtype(128, None) == torch.float64  # absolute: the scale is unknown before the gradients
+    # absolute: the scale is unknown before the gradients
+    assert sum_dtype(128, None) == torch.float64
 
 
 @pytest.mark.parametrize("d,B,k", [(45, 8, 10), (61, 7, 3), (33, 12, 33)])
@@ -547,8 +569,13 @@ def test_fp32_build_gives_the_masks_of_the_exact_one(method, gen):
     w = layout.flatten(params)
     G = _decaying(128, layout.dim, gen)
     fast = pruner.new_fisher(layout.dim, 128, "cpu", groups=layout.layer_index())
-    exact = BlockFisherInverse(layout.dim, 32, rel_damp=pruner.rel_damp, products=torch.float64,
-                               damp_groups=torch.zeros(layout.dim // 32, dtype=torch.long))
+    exact = BlockFisherInverse(
+        layout.dim,
+        32,
+        rel_damp=pruner.rel_damp,
+        products=torch.float64,
+        damp_groups=torch.zeros(layout.dim // 32, dtype=torch.long),
+    )
     for chunk in G.split(32):
         fast.add_grads(chunk)
         exact.add_grads(chunk)

@@ -82,8 +82,8 @@ def _stable_sort_reference(flat, k):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_lowest_k_matches_stable_sort_tie_break(dtype):
-    """The selection (no sort) picks exactly what a stable sort picks: all below the k-th value, then the
-    ties at it in position order; -inf first, +inf last."""
+    """The selection (no sort) picks exactly what a stable sort picks: all below the k-th value,
+    then the ties at it in position order; -inf first, +inf last."""
     g = torch.Generator().manual_seed(0)
     for n in (1, 2, 7, 100, 1001):
         s = torch.randint(0, 5, (n,), generator=g).to(dtype)  # many ties
@@ -96,8 +96,10 @@ def test_lowest_k_matches_stable_sort_tie_break(dtype):
 
 
 def test_global_threshold_ties_by_position_across_tensors():
-    scores = {"a": torch.tensor([1.0, 0.0, 1.0]), "b": torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)}
-    out = M.threshold_masks(scores, 4 / 6, prune_mask_only=True)  # 2 zeros, then the first 2 ones by position
+    scores = {"a": torch.tensor([1.0, 0.0, 1.0]),
+              "b": torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)}
+    # 2 zeros, then the first 2 ones by position
+    out = M.threshold_masks(scores, 4 / 6, prune_mask_only=True)
     assert out["a"].tolist() == [True, True, True] and out["b"].tolist() == [False, False, True]
     layer = M.threshold_masks([torch.zeros(5)], 0.4, scope="layer", prune_mask_only=True)
     assert layer[0].tolist() == [True, True, False, False, False]
@@ -105,6 +107,7 @@ def test_global_threshold_ties_by_position_across_tensors():
 
 def test_nan_scores_raise_even_beside_both_infinities():
     s = torch.tensor([float("inf"), -float("inf"), 1.0])
-    assert M.lowest_k_mask(s, 1).tolist() == [False, True, False]  # inf + -inf sums to NaN: checked element-wise
+    # inf + -inf sums to NaN: checked element-wise
+    assert M.lowest_k_mask(s, 1).tolist() == [False, True, False]
     with pytest.raises(FloatingPointError, match="NaN"):
         M.lowest_k_mask(torch.tensor([1.0, float("nan")]), 1)

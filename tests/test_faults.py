@@ -1,12 +1,13 @@
-"""Everything a user can get wrong, in one table: each row is a call that must fail with a clear error (its type
-and the argument or file it names) or give the correct result, and leave what it touched exactly as it was.
+"""Everything a user can get wrong, in one table: each row is a call that must fail with a clear
+error (its type and the argument or file it names) or give the correct result, and leave what it
+touched exactly as it was.
 
-The rows live beside the code they exercise, in ``tests/faults_*.py`` modules, each with a list ``CASES`` of
-:class:`Fault`. ``build(tmp_path)`` makes the objects of a case and returns them in a dict; everything in that
-dict that holds state (a module, an optimizer, a ``DynamicMFAC``, a folder or file on disk, a tensor, a dict of
-tensors) is snapshotted before ``act`` runs and compared bit for bit afterwards (for rows that raise, and for
-rows that set ``unchanged=True``). Interruptions are injected (a loss or a writer that raises on its n-th call),
-never timed.
+The rows live beside the code they exercise, in ``tests/faults_*.py`` modules, each with a list
+``CASES`` of :class:`Fault`. ``build(tmp_path)`` makes the objects of a case and returns them in a
+dict; everything in that dict that holds state (a module, an optimizer, a ``DynamicMFAC``, a folder
+or file on disk, a tensor, a dict of tensors) is snapshotted before ``act`` runs and compared bit
+for bit afterwards (for rows that raise, and for rows that set ``unchanged=True``). Interruptions
+are injected (a loss or a writer that raises on its n-th call), never timed.
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ import torch
 
 @dataclass
 class Fault:
-    """One fault case. ``raises``: the exception type(s) expected (None: the call must succeed); ``match``: a
-    regex the message must contain (the argument, tensor or file it names); ``check(ctx, result)``: more
-    assertions (for the rows that must give a correct result); ``unchanged``: also compare the snapshots
-    when the call succeeds; ``watch``: the keys of ``ctx`` to snapshot (default: all)."""
+    """One fault case. ``raises``: the exception type(s) expected (None: the call must succeed);
+    ``match``: a regex the message must contain (the argument, tensor or file it names);
+    ``check(ctx, result)``: more assertions (for the rows that must give a correct result);
+    ``unchanged``: also compare the snapshots when the call succeeds; ``watch``: the keys of ``ctx``
+    to snapshot (default: all)."""
     id: str
     build: Callable[[pathlib.Path], dict]
     act: Callable[[dict], Any]
@@ -39,7 +41,8 @@ class Fault:
 
 
 def snapshot(obj):
-    """A deep, comparable copy of the state held by ``obj`` (None for objects without state we know)."""
+    """A deep, comparable copy of the state held by ``obj`` (None for objects without state we
+    know)."""
     from hf_mfac.core import DynamicMFAC
 
     if isinstance(obj, torch.Tensor):
@@ -52,7 +55,11 @@ def snapshot(obj):
         return copy.deepcopy(obj.state_dict())
     if isinstance(obj, pathlib.Path):
         if obj.is_dir():
-            return {str(p.relative_to(obj)): p.read_bytes() for p in sorted(obj.rglob("*")) if p.is_file()}
+            return {
+                str(p.relative_to(obj)): p.read_bytes()
+                for p in sorted(obj.rglob("*"))
+                if p.is_file()
+            }
         return obj.read_bytes() if obj.exists() else None
     if isinstance(obj, dict):
         return {k: snapshot(v) for k, v in obj.items()}
@@ -65,7 +72,8 @@ def assert_same(a, b, where: str = "") -> None:
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
         assert torch.equal(torch.nan_to_num(a.cpu()), torch.nan_to_num(b.cpu())) and torch.equal(
-            a.isnan().cpu(), b.isnan().cpu()), f"{where} changed"
+            a.isnan().cpu(), b.isnan().cpu()
+        ), f"{where} changed"
     elif isinstance(a, dict):
         assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys changed {set(a) ^ set(b)}"
         for k in a:
@@ -83,7 +91,9 @@ def _cases() -> list:
     for path in sorted(pathlib.Path(__file__).parent.glob("faults_*.py")):
         mod = importlib.import_module(path.stem)
         for case in mod.CASES:
-            out.append(pytest.param(case, id=f"{path.stem[len('faults_'):]}:{case.id}", marks=case.marks))
+            out.append(
+                pytest.param(case, id=f"{path.stem[len('faults_') :]}:{case.id}", marks=case.marks)
+            )
     return out
 
 
@@ -96,7 +106,9 @@ def test_fault(case: Fault, tmp_path):
         with pytest.raises(case.raises) as info:
             case.act(ctx)
         if case.match is not None:
-            assert re.search(case.match, str(info.value)), f"message {str(info.value)!r} lacks {case.match!r}"
+            assert re.search(case.match, str(info.value)), (
+                f"message {str(info.value)!r} lacks {case.match!r}"
+            )
         result = info.value
     else:
         result = case.act(ctx)

@@ -4,10 +4,12 @@ import sys
 
 CODE = r"""
 import sys, io, contextlib, torch
-flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.get_float32_matmul_precision())
 out = io.StringIO()
 with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-    import hf_mfac, hf_mfac.comm, hf_mfac.core, hf_mfac.kernels, hf_mfac.optim, hf_mfac.pruning, hf_mfac.integrations
+    import hf_mfac, hf_mfac.comm, hf_mfac.core, hf_mfac.kernels, hf_mfac.optim, hf_mfac.pruning
+    import hf_mfac.integrations
 assert out.getvalue() == "", out.getvalue()
 assert "transformers" not in sys.modules, "hf_mfac imported transformers"
 assert "accelerate" not in sys.modules and "huggingface_hub" not in sys.modules
@@ -37,7 +39,8 @@ def test_core_never_imports_hf():
 
 
 def _import_graph():
-    """{module: {hf_mfac modules it imports, at any depth of the file (function-level imports included)}}."""
+    """{module: {hf_mfac modules it imports, at any depth of the file (function-level imports
+    included)}}."""
     import ast
     import pathlib
 
@@ -67,12 +70,27 @@ def _import_graph():
 
 def test_layers_point_down_and_no_module_imports_in_a_circle():
     graph = _import_graph()
-    order = ["hf_mfac.kernels", "hf_mfac.core", "hf_mfac.optim", "hf_mfac.pruning", "hf_mfac.integrations"]
-    rank = {"hf_mfac.kernels": 0, "hf_mfac.core": 1, "hf_mfac.comm": 1, "hf_mfac.optim": 2, "hf_mfac.pruning": 2,
-            "hf_mfac.integrations": 3}
+    order = [
+        "hf_mfac.kernels",
+        "hf_mfac.core",
+        "hf_mfac.optim",
+        "hf_mfac.pruning",
+        "hf_mfac.integrations",
+    ]
+    rank = {
+        "hf_mfac.kernels": 0,
+        "hf_mfac.core": 1,
+        "hf_mfac.comm": 1,
+        "hf_mfac.optim": 2,
+        "hf_mfac.pruning": 2,
+        "hf_mfac.integrations": 3,
+    }
 
     def layer(m):
-        return next((p for p in sorted(rank, key=len, reverse=True) if m == p or m.startswith(p + ".")), None)
+        return next(
+            (p for p in sorted(rank, key=len, reverse=True) if m == p or m.startswith(p + ".")),
+            None,
+        )
 
     for m, deps in graph.items():
         lm = layer(m)
@@ -80,14 +98,16 @@ def test_layers_point_down_and_no_module_imports_in_a_circle():
             ld = layer(d)
             if lm is None or ld is None or lm == ld:
                 continue
-            assert rank[ld] < rank[lm], f"{m} imports {d}: imports must point down {' -> '.join(reversed(order))}"
+            assert rank[ld] < rank[lm], (
+                f"{m} imports {d}: imports must point down {' -> '.join(reversed(order))}"
+            )
     # no circle between modules (package __init__ re-exports excluded: they only gather names)
     inner = graph
     seen, stack = set(), []
 
     def visit(m):
         if m in stack:
-            cycle = stack[stack.index(m):] + [m]
+            cycle = stack[stack.index(m) :] + [m]
             if not any(c in ("hf_mfac", *order) for c in cycle):
                 raise AssertionError("import circle: " + " -> ".join(cycle))
             return

@@ -1,8 +1,8 @@
 """The kernels' self-check, its verdict cache, the build's file lock and build_kernels, on CPU.
 
 A fake compiled module stands in for the CUDA extension: it computes the torch reference (a correct
-kernel) or a deliberately wrong variant, and CPU tensors pass for CUDA ones. The real kernels are checked
-by the tests marked ``needs_cuda`` at the end (skipped without a GPU).
+kernel) or a deliberately wrong variant, and CPU tensors pass for CUDA ones. The real kernels are
+checked by the tests marked ``needs_cuda`` at the end (skipped without a GPU).
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 class FakeExt:
-    """A stand-in for the compiled module. ``wrong(kernel, inputs, out) -> out`` corrupts results; the
-    asserts are the C++ TORCH_CHECKs the Python glue has to satisfy."""
+    """A stand-in for the compiled module. ``wrong(kernel, inputs, out) -> out`` corrupts results;
+    the asserts are the C++ TORCH_CHECKs the Python glue has to satisfy."""
 
     def __init__(self, build_root: Path, wrong=None, name="hf_mfac_cuda_sm_00_0123456789abcdef"):
         self.__name__ = name
@@ -55,8 +55,9 @@ class FakeExt:
 
 @pytest.fixture
 def fake_gpu(monkeypatch, tmp_path):
-    """CPU tensors count as CUDA ones, the environment can build, and ``load`` returns ``fake_gpu.ext``
-    (set it in the test; a correct fake by default). Verdicts live under ``tmp_path``."""
+    """CPU tensors count as CUDA ones, the environment can build, and ``load`` returns
+    ``fake_gpu.ext`` (set it in the test; a correct fake by default). Verdicts live under
+    ``tmp_path``."""
     monkeypatch.delenv(K.ENV_VAR, raising=False)
     monkeypatch.setenv("HF_MFAC_BUILD_DIR", str(tmp_path / "build"))
     monkeypatch.setattr(_dispatch, "_warned", [False])
@@ -77,7 +78,8 @@ def _window(m=6, d=50, dtype=torch.float32, seed=0):
 
 
 def _perturb(kernel_name, when=lambda inputs: True, rel=1e-3):
-    """A wrong kernel: ``kernel_name``'s first output element off by ``rel`` of the largest, when ``when``."""
+    """A wrong kernel: ``kernel_name``'s first output element off by ``rel`` of the largest, when
+    ``when``."""
     def wrong(kernel, inputs, out):
         if kernel == kernel_name and when(inputs):
             out = out.clone()
@@ -90,7 +92,8 @@ def _selfcheck_warnings(record):
     return [w for w in record if issubclass(w.category, K.KernelSelfCheckWarning)]
 
 
-# --- a correct kernel: checked once, then used ---------------------------------------------------------
+# --- a correct kernel: checked once, then used
+# ---------------------------------------------------------
 
 def test_correct_kernel_is_checked_once_then_used(fake_gpu):
     G, x = _window()
@@ -99,10 +102,16 @@ def test_correct_kernel_is_checked_once_then_used(fake_gpu):
         for _ in range(3):
             torch.testing.assert_close(K.window_matvec(G, x), reference.window_matvec(G, x))
     n_check = len(_selfcheck.window_problems(torch.float32, "cpu"))
-    assert fake_gpu.ext.calls["window_matvec"] == n_check + 3  # the check's problems, then the 3 real calls
+    # the check's problems, then the 3 real calls
+    assert fake_gpu.ext.calls["window_matvec"] == n_check + 3
     assert fake_gpu.ext.calls["window_rmatvec"] == 0  # only what is used is checked
     (v,) = K.status()["selfcheck"]
-    assert v["ok"] and v["kernel"] == "window_matvec" and v["dtype"] == "float32" and v["source"] == "run"
+    assert (
+        v["ok"]
+        and v["kernel"] == "window_matvec"
+        and v["dtype"] == "float32"
+        and v["source"] == "run"
+    )
     assert 0 <= v["max_err"] <= v["bound"]
 
 
@@ -113,11 +122,17 @@ def test_checks_are_per_kernel_and_dtype(fake_gpu):
     K.window_matvec(G.bfloat16(), x)
     K.window_rmatvec(G.half(), c)
     D, B = reference.mfac_coefficients((G @ G.T).double(), 1e-2, 6.0)
-    K.mfac_apply_coefficients(G, D.float(), B.float(), x, 1e-2, 6.0)  # reuses window_matvec fp32, checks rmatvec
+    # reuses window_matvec fp32, checks rmatvec
+    K.mfac_apply_coefficients(G, D.float(), B.float(), x, 1e-2, 6.0)
     K.mfac_coefficients((G @ G.T).float(), 1e-2, 6.0)  # the B kernel in fp32
     got = {(v["kernel"], v["dtype"]) for v in K.status()["selfcheck"]}
-    assert got == {("window_matvec", "float32"), ("window_matvec", "bfloat16"), ("window_rmatvec", "float16"),
-                   ("window_rmatvec", "float32"), ("mfac_b", "float32")}
+    assert got == {
+        ("window_matvec", "float32"),
+        ("window_matvec", "bfloat16"),
+        ("window_rmatvec", "float16"),
+        ("window_rmatvec", "float32"),
+        ("mfac_b", "float32"),
+    }
 
 
 def test_check_leaves_global_rng_and_autograd_alone(fake_gpu):
@@ -129,7 +144,9 @@ def test_check_leaves_global_rng_and_autograd_alone(fake_gpu):
     assert torch.is_grad_enabled()
 
 
-# --- a wrong kernel: auto falls back with one warning, cuda raises -------------------------------------
+# --- a wrong kernel: auto falls back with one warning, cuda raises
+# -------------------------------------
+
 
 def test_wrong_kernel_auto_falls_back_with_one_warning(fake_gpu):
     fake_gpu.ext = FakeExt(fake_gpu.root, wrong=_perturb("window_matvec"))
@@ -142,7 +159,12 @@ def test_wrong_kernel_auto_falls_back_with_one_warning(fake_gpu):
     (w,) = _selfcheck_warnings(record)
     assert len(record) == 1
     msg = str(w.message)
-    assert "window_matvec (float32)" in msg and "max error" in msg and "> allowed" in msg and "m=67" in msg
+    assert (
+        "window_matvec (float32)" in msg
+        and "max error" in msg
+        and "> allowed" in msg
+        and "m=67" in msg
+    )
     assert "HF_MFAC_KERNELS=torch" in msg
     assert w.filename == __file__  # points at the caller
     n_check = fake_gpu.ext.calls["window_matvec"]
@@ -156,17 +178,25 @@ def test_wrong_kernel_auto_falls_back_with_one_warning(fake_gpu):
 def test_wrong_kernel_impl_cuda_raises_with_the_numbers(fake_gpu):
     fake_gpu.ext = FakeExt(fake_gpu.root, wrong=_perturb("mfac_b"))
     D = torch.eye(7) + torch.triu(torch.rand(7, 7), 1)
-    with pytest.raises(K.KernelSelfCheckError, match=r"mfac_b\(impl='cuda'\).*mfac_b \(float32\).*max error"):
+    with pytest.raises(
+        K.KernelSelfCheckError,
+        match=r"mfac_b\(impl='cuda'\).*mfac_b "
+        r"\(float32\).*max error",
+    ):
         K.mfac_b(D, 1e-2, 7.0, impl="cuda")
     with pytest.raises(K.KernelSelfCheckError):  # the remembered verdict, same answer
         K.mfac_coefficients(torch.eye(7), 1e-2, 7.0, impl="cuda")
     assert isinstance(K.KernelSelfCheckError("x"), K.KernelUnavailableError)
     with pytest.warns(K.KernelSelfCheckWarning):  # auto: the reference
-        torch.testing.assert_close(K.mfac_b(D, 1e-2, 7.0), reference.mfac_b(D, 1e-2, 7.0), rtol=0, atol=0)
+        torch.testing.assert_close(
+            K.mfac_b(D, 1e-2, 7.0), reference.mfac_b(D, 1e-2, 7.0), rtol=0, atol=0
+        )
 
 
 def test_wrong_only_for_one_dtype(fake_gpu):
-    fake_gpu.ext = FakeExt(fake_gpu.root, wrong=_perturb("window_rmatvec", lambda i: i[0].dtype == torch.bfloat16))
+    fake_gpu.ext = FakeExt(
+        fake_gpu.root, wrong=_perturb("window_rmatvec", lambda i: i[0].dtype == torch.bfloat16)
+    )
     G, _ = _window()
     c = torch.randn(6)
     with warnings.catch_warnings():
@@ -177,12 +207,18 @@ def test_wrong_only_for_one_dtype(fake_gpu):
         K.window_rmatvec(G.bfloat16(), c)
 
 
-@pytest.mark.parametrize("what, when", [
-    ("misaligned base of G", lambda i: i[0].storage_offset() % 4 != 0),
-    ("x misaligned while G is aligned", lambda i: i[1].storage_offset() % 4 != 0 and i[0].storage_offset() == 0),
-    ("split reduction over d", lambda i: i[0].shape[1] > 8192),
-    ("partial last group of 4 rows", lambda i: i[0].shape[0] % 4 != 0 and i[0].shape[0] > 4),
-])
+@pytest.mark.parametrize(
+    "what, when",
+    [
+        ("misaligned base of G", lambda i: i[0].storage_offset() % 4 != 0),
+        (
+            "x misaligned while G is aligned",
+            lambda i: i[1].storage_offset() % 4 != 0 and i[0].storage_offset() == 0,
+        ),
+        ("split reduction over d", lambda i: i[0].shape[1] > 8192),
+        ("partial last group of 4 rows", lambda i: i[0].shape[0] % 4 != 0 and i[0].shape[0] > 4),
+    ],
+)
 def test_check_reaches_the_edge_paths(fake_gpu, what, when):
     """A kernel wrong only on one edge path is caught (the problems reach it)."""
     fake_gpu.ext = FakeExt(fake_gpu.root, wrong=_perturb("window_matvec", when))
@@ -197,15 +233,22 @@ def test_kernel_that_raises_or_returns_garbage_fails_its_check(fake_gpu):
 
     fake_gpu.ext = FakeExt(fake_gpu.root, wrong=boom)
     G, x = _window()
-    with pytest.warns(K.KernelSelfCheckWarning, match="raised RuntimeError: hf_mfac CUDA window_matvec launch"):
+    with pytest.warns(
+        K.KernelSelfCheckWarning, match="raised RuntimeError: hf_mfac CUDA window_matvec launch"
+    ):
         torch.testing.assert_close(K.window_matvec(G, x), reference.window_matvec(G, x))
     _selfcheck.reset()
-    fake_gpu.ext = FakeExt(fake_gpu.root, wrong=lambda k, i, out: torch.full_like(out, float("nan")),
-                           name="hf_mfac_cuda_sm_00_nan")
+    fake_gpu.ext = FakeExt(
+        fake_gpu.root,
+        wrong=lambda k, i, out: torch.full_like(out, float("nan")),
+        name="hf_mfac_cuda_sm_00_nan",
+    )
     with pytest.warns(K.KernelSelfCheckWarning, match="max error nan"):
         K.window_matvec(G, x)
     _selfcheck.reset()
-    fake_gpu.ext = FakeExt(fake_gpu.root, wrong=lambda k, i, out: out.double(), name="hf_mfac_cuda_sm_00_f64")
+    fake_gpu.ext = FakeExt(
+        fake_gpu.root, wrong=lambda k, i, out: out.double(), name="hf_mfac_cuda_sm_00_f64"
+    )
     with pytest.raises(K.KernelSelfCheckError, match="expected float32"):
         K.window_matvec(G, x, impl="cuda")
 
@@ -217,7 +260,9 @@ def test_env_torch_skips_kernels_and_checks(fake_gpu, monkeypatch):
     assert not fake_gpu.ext.calls and not K.status()["selfcheck"]
 
 
-# --- the verdict cache next to the build ----------------------------------------------------------------
+# --- the verdict cache next to the build
+# ----------------------------------------------------------------
+
 
 def test_verdict_is_written_next_to_the_build_and_read_back(fake_gpu):
     G, x = _window()
@@ -242,7 +287,8 @@ def test_failed_verdict_on_disk_is_honoured_and_stale_versions_ignored(fake_gpu)
     with pytest.warns(K.KernelSelfCheckWarning):
         K.window_matvec(G, x)
     _selfcheck.reset()
-    fake_gpu.ext = FakeExt(fake_gpu.root)  # same build name, now correct: the file still says it failed
+    # same build name, now correct: the file still says it failed
+    fake_gpu.ext = FakeExt(fake_gpu.root)
     with pytest.warns(K.KernelSelfCheckWarning):
         K.window_matvec(G, x)
     assert fake_gpu.ext.calls["window_matvec"] == 0
@@ -262,7 +308,9 @@ def test_failed_verdict_on_disk_is_honoured_and_stale_versions_ignored(fake_gpu)
 def test_other_builds_have_their_own_verdicts(fake_gpu):
     G, x = _window()
     K.window_matvec(G, x)
-    fake_gpu.ext = FakeExt(fake_gpu.root, wrong=_perturb("window_matvec"), name="hf_mfac_cuda_sm_00_fedcba9876543210")
+    fake_gpu.ext = FakeExt(
+        fake_gpu.root, wrong=_perturb("window_matvec"), name="hf_mfac_cuda_sm_00_fedcba9876543210"
+    )
     with pytest.warns(K.KernelSelfCheckWarning):
         K.window_matvec(G, x)
     assert len(K.status()["selfcheck"]) == 2
@@ -277,10 +325,15 @@ def test_unwritable_cache_keeps_the_verdict_in_memory(fake_gpu, tmp_path):
         warnings.simplefilter("error")
         K.window_matvec(G, x)
         K.window_matvec(G, x)
-    assert fake_gpu.ext.calls["window_matvec"] == len(_selfcheck.window_problems(torch.float32, "cpu")) + 2
+    assert (
+        fake_gpu.ext.calls["window_matvec"]
+        == len(_selfcheck.window_problems(torch.float32, "cpu")) + 2
+    )
 
 
-# --- the problems reach the kernels' edge paths (a port of the launch plans in cuda/mfac_kernels.h) ------
+# --- the problems reach the kernels' edge paths (a port of the launch plans in cuda/mfac_kernels.h)
+# ------
+
 
 def _cdiv(a, b):
     return -(-a // b)
@@ -308,9 +361,15 @@ def _plan_rmatvec(m, d, vec, sms):
 def test_plan_port_matches_the_header():
     """The constants the port above relies on are those of cuda/mfac_kernels.h."""
     text = (_loader.source_dir() / "mfac_kernels.h").read_text()
-    for needle in ("kGemvThreads = 256", "kMatvecRows = 4", "kBTile = 32", "int64_t{8} * sms",
-                   "d / (int64_t{4} * kGemvThreads * vec)", "const int64_t most = m / 32;",
-                   "int vec = 16 / elem_bytes;"):
+    for needle in (
+        "kGemvThreads = 256",
+        "kMatvecRows = 4",
+        "kBTile = 32",
+        "int64_t{8} * sms",
+        "d / (int64_t{4} * kGemvThreads * vec)",
+        "const int64_t most = m / 32;",
+        "int vec = 16 / elem_bytes;",
+    ):
         assert needle in text, needle
 
 
@@ -333,15 +392,28 @@ def test_window_problems_reach_every_path(sms, dtype):
         seen["partial row group"] += m % 4 != 0
         seen["partial column block"] += d % (256 * vec) != 0
         seen["unroll remainder"] += (rchunk % 4 != 0) or ((m - (rs - 1) * rchunk) % 4 != 0)
-    missing = [k for k in ("vector loads", "scalar loads", "x copied", "G x split, vector", "G x split, scalar",
-                           "G^T c split", "partial row group", "partial column block", "unroll remainder")
-               if not seen[k]]
+    missing = [
+        k
+        for k in (
+            "vector loads",
+            "scalar loads",
+            "x copied",
+            "G x split, vector",
+            "G x split, scalar",
+            "G^T c split",
+            "partial row group",
+            "partial column block",
+            "unroll remainder",
+        )
+        if not seen[k]
+    ]
     assert not missing, missing
 
 
 def test_mfac_b_problems_reach_every_path():
     ms = _selfcheck.MFAC_B_CASES
-    assert any(m % 32 and _cdiv(m, 32) >= 3 for m in ms)  # partial tile, an update launch with 2 tile rows
+    # partial tile, an update launch with 2 tile rows
+    assert any(m % 32 and _cdiv(m, 32) >= 3 for m in ms)
     assert 32 in ms and 1 in ms
 
 
@@ -350,9 +422,13 @@ def test_problem_sizes_keep_the_check_cheap():
     assert n < 1.5e6  # a few milliseconds on a GPU
 
 
-# --- build_kernels ------------------------------------------------------------------------------------
+# --- build_kernels
+# ------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without a GPU")
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the answer on a machine without a GPU"
+)
 def test_build_kernels_without_gpu_says_so(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("HF_MFAC_BUILD_DIR", str(tmp_path / "build"))
     _loader.reset()
@@ -368,13 +444,17 @@ def test_build_kernels_without_gpu_says_so(monkeypatch, tmp_path, caplog):
 def test_build_kernels_checks_every_kernel_and_dtype(fake_gpu, monkeypatch):
     monkeypatch.setattr(_build, "_devices", lambda: [torch.device("cpu")])
     monkeypatch.setattr(_loader, "device_arch", lambda device=None: "sm_00")
-    fake_gpu.ext = FakeExt(fake_gpu.root, wrong=_perturb("window_rmatvec", lambda i: i[0].dtype == torch.float16))
+    fake_gpu.ext = FakeExt(
+        fake_gpu.root, wrong=_perturb("window_rmatvec", lambda i: i[0].dtype == torch.float16)
+    )
     report = K.build_kernels(verbose=True)
     json.dumps(report, allow_nan=False)
     (dev,) = report["devices"]
     assert dev["arch"] == "sm_00" and dev["error"] is None
     checks = {(c["kernel"], c["dtype"]): c for c in dev["checks"]}
-    assert set(checks) == {(k, str(t).replace("torch.", "")) for k, ts in _selfcheck.KERNEL_DTYPES.items() for t in ts}
+    assert set(checks) == {
+        (k, str(t).replace("torch.", "")) for k, ts in _selfcheck.KERNEL_DTYPES.items() for t in ts
+    }
     assert [k for k, c in checks.items() if not c["ok"]] == [("window_rmatvec", "float16")]
     assert report["ok"] is False and dev["ok"] is False
     # it re-runs the checks (force) and rewrites the file
@@ -396,7 +476,8 @@ def test_build_kernels_reports_a_failed_build(fake_gpu, monkeypatch):
     assert report["ok"] is False and "nvcc error" in report["devices"][0]["error"]
 
 
-# --- the build: visible, locked across processes ---------------------------------------------------------
+# --- the build: visible, locked across processes
+# ---------------------------------------------------------
 
 _STUB_BUILD = textwrap.dedent(r"""
     import json, logging, os, sys, time, types
@@ -407,7 +488,8 @@ _STUB_BUILD = textwrap.dedent(r"""
     from hf_mfac.kernels import _loader
     log, barrier = Path(sys.argv[1]), Path(sys.argv[3])
 
-    def fake_load(name, sources, build_directory, **kw):  # the compiler: slow the first time, then a no-op
+    # the compiler: slow the first time, then a no-op
+    def fake_load(name, sources, build_directory, **kw):
         folder = Path(build_directory)
         assert not (folder / "lock").exists(), "stale torch lock file not removed"
         so = folder / f"{name}.so"
@@ -417,7 +499,8 @@ _STUB_BUILD = textwrap.dedent(r"""
             time.sleep(1.5)
             so.write_text("")
         with open(log, "a") as f:
-            f.write(json.dumps({"pid": os.getpid(), "kind": kind, "t0": t0, "t1": time.time()}) + "\n")
+            entry = {"pid": os.getpid(), "kind": kind, "t0": t0, "t1": time.time()}
+            f.write(json.dumps(entry) + "\n")
         return types.SimpleNamespace(__name__=name, __file__=str(so))
 
     ce.load = fake_load
@@ -437,7 +520,8 @@ def test_concurrent_builds_into_one_folder_are_serialised(tmp_path, backend):
         pytest.importorskip("filelock")
     root = tmp_path / "build"
     (tmp_path / "barrier").mkdir()
-    # a torch lock file left behind by a killed build: removed under our lock instead of waited on forever
+    # a torch lock file left behind by a killed build: removed under our lock instead of waited on
+    # forever
     folder = root / _loader.build_name("sm_90")
     folder.mkdir(parents=True)
     (folder / "lock").write_text("")
@@ -445,13 +529,24 @@ def test_concurrent_builds_into_one_folder_are_serialised(tmp_path, backend):
     script.write_text(_STUB_BUILD)
     env = dict(os.environ, HF_MFAC_BUILD_DIR=str(root), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     log = tmp_path / "calls.jsonl"
-    procs = [subprocess.Popen([sys.executable, str(script), str(log), backend, str(tmp_path / "barrier")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(log), backend, str(tmp_path / "barrier")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
-    calls = sorted((json.loads(line) for line in log.read_text().splitlines()), key=lambda c: c["t0"])
-    assert [c["kind"] for c in calls] == ["compile", "noop"]  # one compiles, the other loads its result
+    calls = sorted(
+        (json.loads(line) for line in log.read_text().splitlines()), key=lambda c: c["t0"]
+    )
+    # one compiles, the other loads its result
+    assert [c["kind"] for c in calls] == ["compile", "noop"]
     assert calls[1]["t0"] >= calls[0]["t1"]  # never at the same time
     infos = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert sorted(i["compiled"] for i in infos) == [False, True]
@@ -465,17 +560,27 @@ def test_concurrent_builds_into_one_folder_are_serialised(tmp_path, backend):
 
 def test_file_lock_times_out_with_a_reason(tmp_path, monkeypatch):
     path = tmp_path / "x.lock"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import time, sys
         sys.path.insert(0, {str(ROOT)!r})
         from hf_mfac.kernels import _loader
         with _loader.file_lock({str(path)!r}):
             print("held", flush=True)
             time.sleep(30)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(K.KernelUnavailableError, match="gave up after 0 s waiting for the test lock"):
+        with pytest.raises(
+            K.KernelUnavailableError, match="gave up after 0 s waiting for the test lock"
+        ):
             with _loader.file_lock(path, timeout=0.3, what="the test lock"):
                 pass
     finally:
@@ -493,7 +598,9 @@ def test_build_lock_timeout_env(monkeypatch):
         _loader._lock_timeout()
 
 
-# --- on a GPU: the real kernels ------------------------------------------------------------------------
+# --- on a GPU: the real kernels
+# ------------------------------------------------------------------------
+
 
 @needs_cuda
 def test_cuda_build_kernels_passes_every_check():
@@ -519,4 +626,6 @@ def test_cuda_dynamic_mfac_auto_matches_torch(grad_dtype, monkeypatch):
         w = DynamicMFAC(d, m, 1e-3, device="cuda", grad_dtype=grad_dtype)
         outs[impl] = torch.stack([w.update_mul(g) for g in grads])
     assert K.status()["loaded"]
-    torch.testing.assert_close(outs["auto"], outs["torch"], rtol=1e-3, atol=1e-3 * outs["torch"].abs().max().item())
+    torch.testing.assert_close(
+        outs["auto"], outs["torch"], rtol=1e-3, atol=1e-3 * outs["torch"].abs().max().item()
+    )

@@ -1,9 +1,10 @@
-"""hf_mfac.kernels: the torch references against float64 dense math, the dispatch and loader logic on
-CPU, the CUDA kernels against the references (skipped without a GPU), and a compile-only check of cuda/.
+"""hf_mfac.kernels: the torch references against float64 dense math, the dispatch and loader logic
+on CPU, the CUDA kernels against the references (skipped without a GPU), and a compile-only check of
+cuda/.
 
-Tolerances: a dot product of length n accumulated in fp32 is off by at most ``n * u32 * sum|a_i b_i|``
-(u32 = 2^-24); storing G in bf16/fp16 adds at most ``u_storage * sum|g_i x_i|``. CUDA results must be
-within a small multiple of the reference's own error in the same precision.
+Tolerances: a dot product of length n accumulated in fp32 is off by at most ``n * u32 * sum|a_i
+b_i|`` (u32 = 2^-24); storing G in bf16/fp16 adds at most ``u_storage * sum|g_i x_i|``. CUDA results
+must be within a small multiple of the reference's own error in the same precision.
 """
 from __future__ import annotations
 
@@ -41,14 +42,15 @@ def _dense_inverse_apply(G, x, damp, scale):
     return torch.linalg.solve(F, x)
 
 
-# --- the references are the specification: check them against dense float64 math -------------------
+# --- the references are the specification: check them against dense float64 math
+# -------------------
 
 @pytest.mark.parametrize("m", [1, 7, 33])
 @pytest.mark.parametrize("damp", [1e-1, 1e-4])
 @pytest.mark.parametrize("scale_kind", ["m", "seen"])
 def test_coefficients_apply_match_dense_solve(m, damp, scale_kind):
-    """[M-FAC, App. B, Algs. 1 and 2] give F^{-1} x for F = damp I + (1/scale) G^T G; scale = m is the
-    paper's choice, a smaller scale (gradients seen so far) must work the same way."""
+    """[M-FAC, App. B, Algs. 1 and 2] give F^{-1} x for F = damp I + (1/scale) G^T G; scale = m is
+    the paper's choice, a smaller scale (gradients seen so far) must work the same way."""
     d = 101
     G, x = _problem(m, d, seed=m)
     scale = float(m) if scale_kind == "m" else max(1.0, m / 3)
@@ -60,7 +62,8 @@ def test_coefficients_apply_match_dense_solve(m, damp, scale_kind):
 
 
 def test_coefficients_match_algorithm_1_loops():
-    """D and B equal a literal transcription of [M-FAC, App. B, Alg. 1] (with scale in place of m)."""
+    """D and B equal a literal transcription of [M-FAC, App. B, Alg. 1] (with scale in place of
+    m)."""
     m, damp, scale = 13, 1e-2, 13.0
     G, _ = _problem(m, 29, seed=3)
     D = G @ G.T / damp
@@ -78,8 +81,8 @@ def test_coefficients_match_algorithm_1_loops():
 
 
 def test_apply_matches_algorithm_2_loop_with_each_q_divided_before_use():
-    """[M-FAC, App. B, Alg. 2] as a loop, each q_{i-1} divided by (scale + D_{i-1,i-1}) before it is used
-    (the printed algorithm divides only after the loop, which is wrong)."""
+    """[M-FAC, App. B, Alg. 2] as a loop, each q_{i-1} divided by (scale + D_{i-1,i-1}) before it is
+    used (the printed algorithm divides only after the loop, which is wrong)."""
     m, d, damp, scale = 9, 40, 1e-2, 9.0
     G, x = _problem(m, d, seed=4)
     D, B = reference.mfac_coefficients(G @ G.T, damp, scale)
@@ -95,7 +98,8 @@ def test_apply_matches_algorithm_2_loop_with_each_q_divided_before_use():
 @pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,d", [(3, 101), (5, 70001)])  # 70001 > reference._CHUNK: several chunks
 def test_window_products_accumulate_in_fp32(storage, m, d):
-    """Low-precision storage is rounded once; the sums are fp32 (not rounded to the storage dtype)."""
+    """Low-precision storage is rounded once; the sums are fp32 (not rounded to the storage
+    dtype)."""
     G64, x64 = _problem(m, d, seed=d)
     c64 = torch.randn(m, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     Gs = G64.to(storage)
@@ -120,11 +124,13 @@ def test_window_products_fp64_accumulation_on_request():
     torch.testing.assert_close(reference.window_rmatvec(G, x[:4]), G.T @ x[:4])
 
 
-# --- dispatch and loader on CPU ----------------------------------------------------------------------
+# --- dispatch and loader on CPU
+# ----------------------------------------------------------------------
 
 @pytest.fixture
 def fresh_dispatch(monkeypatch):
-    """No env override, the once-per-process warning re-armed, the loader's cached checks cleared."""
+    """No env override, the once-per-process warning re-armed, the loader's cached checks
+    cleared."""
     monkeypatch.delenv(K.ENV_VAR, raising=False)
     monkeypatch.setattr(_dispatch, "_warned", [False])
     _loader.reset()
@@ -170,10 +176,12 @@ def test_impl_torch_and_auto_on_cpu_run_the_reference_silently(op, fresh_dispatc
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _assert_same(getattr(K, op)(*args, impl="torch"), want)
-        _assert_same(getattr(K, op)(*args), want)  # CPU inputs: outside the kernel's limits, no warning
+        # CPU inputs: outside the kernel's limits, no warning
+        _assert_same(getattr(K, op)(*args), want)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a "
+                                                      "GPU")
 @pytest.mark.parametrize("op", sorted(_dispatch._OPS))
 def test_impl_cuda_without_gpu_raises_with_reason(op, fresh_dispatch):
     with pytest.raises(K.KernelUnavailableError, match=r"torch\.cuda\.is_available\(\) is False"):
@@ -181,7 +189,8 @@ def test_impl_cuda_without_gpu_raises_with_reason(op, fresh_dispatch):
 
 
 def test_impl_cuda_names_the_loader_reason(cpu_as_cuda):
-    with pytest.raises(K.KernelUnavailableError, match=r"window_matvec\(impl='cuda'\).*nvcc not found \(test\)"):
+    with pytest.raises(K.KernelUnavailableError, match=r"window_matvec\(impl='cuda'\).*nvcc not "
+                                                       r"found \(test\)"):
         K.window_matvec(*_all_ops()["window_matvec"], impl="cuda")
 
 
@@ -272,13 +281,18 @@ def test_build_key_depends_on_sources_and_arch(tmp_path, monkeypatch):
     monkeypatch.setattr(_loader, "source_dir", lambda: tmp_path)
     k90 = _loader.build_key("sm_90")
     assert k90 == _loader.build_key("sm_90") != _loader.build_key("sm_80")
-    (tmp_path / "mfac_kernels.h").write_text((tmp_path / "mfac_kernels.h").read_text() + "\n// edit\n")
+    (tmp_path / "mfac_kernels.h").write_text((tmp_path / "mfac_kernels.h").read_text() + "\n// "
+                                                                                         "edit\n")
     assert _loader.build_key("sm_90") != k90  # headers count too
 
 
 def test_sources_ship_with_the_package():
     src = _loader.source_dir()
-    assert (src / "mfac_ext.cpp").is_file() and (src / "README.md").is_file() and (src / "__init__.py").is_file()
+    assert (
+        (src / "mfac_ext.cpp").is_file()
+        and (src / "README.md").is_file()
+        and (src / "__init__.py").is_file()
+    )
 
 
 def test_import_compiles_nothing_and_leaves_cuda_alone(tmp_path):
@@ -290,23 +304,39 @@ def test_import_compiles_nothing_and_leaves_cuda_alone(tmp_path):
         "from hf_mfac.kernels import _loader\n"
         "assert not _loader._modules and not _loader._precheck\n"
     )
-    env = dict(os.environ, HF_MFAC_BUILD_DIR=str(tmp_path / "build"), PYTHONPATH=str(ROOT),
-               OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+    env = dict(
+        os.environ,
+        HF_MFAC_BUILD_DIR=str(tmp_path / "build"),
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS="1",
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout == "" and not (tmp_path / "build").exists()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"), reason="needs nvcc")
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"), reason="needs nvcc"
+)
 def test_cuda_sources_compile():
-    out = subprocess.run(["bash", str(ROOT / ".ci" / "compile_cuda.sh")], cwd=ROOT, capture_output=True,
-                         text=True, env=dict(os.environ, PYTHON=sys.executable), timeout=600)
+    out = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "compile_cuda.sh")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHON=sys.executable),
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("compile_cuda: ok") >= 3
 
 
-# --- limits in one place: every TORCH_CHECK of cuda/*.cpp has its mirror in why_not -----------------
+# --- limits in one place: every TORCH_CHECK of cuda/*.cpp has its mirror in why_not
+# -----------------
+
 
 def _strip_cpp_comments(text: str) -> str:
     text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
@@ -314,8 +344,8 @@ def _strip_cpp_comments(text: str) -> str:
 
 
 def torch_check_conditions(text: str) -> list[str]:
-    """The first argument of every ``TORCH_CHECK(...)`` call, whitespace collapsed (strings and nested
-    parentheses respected)."""
+    """The first argument of every ``TORCH_CHECK(...)`` call, whitespace collapsed (strings and
+    nested parentheses respected)."""
     text = _strip_cpp_comments(text)
     conds = []
     for hit in re.finditer(r"\bTORCH_CHECK\s*\(", text):
@@ -348,7 +378,8 @@ def _cpp_conditions() -> list[str]:
 
 
 def test_torch_check_parser():
-    text = 'TORCH_CHECK(a(1, 2) > 0, "x, y", f(3));\n// TORCH_CHECK(commented, "no");\nTORCH_CHECK(b,\n "\\"q,\\"")'
+    text = ('TORCH_CHECK(a(1, 2) > 0, "x, y", f(3));\n// TORCH_CHECK(commented, "no");\n'
+            'TORCH_CHECK(b,\n "\\"q,\\"")')
     assert torch_check_conditions(text) == ["a(1, 2) > 0", "b"]
 
 
@@ -358,13 +389,19 @@ def test_every_torch_check_has_a_mirror():
     assert sorted(set(conds)) == sorted(K.TORCH_CHECK_MIRRORS), (
         "cuda/*.cpp TORCH_CHECKs and hf_mfac.kernels.TORCH_CHECK_MIRRORS differ: "
         f"unmirrored {sorted(set(conds) - set(K.TORCH_CHECK_MIRRORS))}, "
-        f"stale {sorted(set(K.TORCH_CHECK_MIRRORS) - set(conds))}")
-    assert {kind for kind, _ in K.TORCH_CHECK_MIRRORS.values()} <= {"why_not", "converted", "runtime"}
+        f"stale {sorted(set(K.TORCH_CHECK_MIRRORS) - set(conds))}"
+    )
+    assert {kind for kind, _ in K.TORCH_CHECK_MIRRORS.values()} <= {
+        "why_not",
+        "converted",
+        "runtime",
+    }
 
 
 def _violators() -> dict[str, list[tuple[str, tuple]]]:
-    """For each "why_not" mirror: inputs of every op that reaches the check, violating only that condition
-    (CPU tensors stand in for CUDA ones, except where the condition is the device itself)."""
+    """For each "why_not" mirror: inputs of every op that reaches the check, violating only that
+    condition (CPU tensors stand in for CUDA ones, except where the condition is the device
+    itself)."""
     m, d, damp, scale = 5, 24, 1e-2, 5.0
     G, x = _problem(m, d, dtype=torch.float32)
     c = x[:m].clone()
@@ -373,8 +410,11 @@ def _violators() -> dict[str, list[tuple[str, tuple]]]:
     big = torch.zeros(1).expand(_dispatch._MAX_M + 1, _dispatch._MAX_M + 1)  # no memory behind it
 
     def window(Gv, xv=x, cv=c):  # the three ops that read G
-        return [("window_matvec", (Gv, xv, None)), ("window_rmatvec", (Gv, cv, None)),
-                ("mfac_apply_coefficients", (Gv, D, Bm, xv, damp, scale))]
+        return [
+            ("window_matvec", (Gv, xv, None)),
+            ("window_rmatvec", (Gv, cv, None)),
+            ("mfac_apply_coefficients", (Gv, D, Bm, xv, damp, scale)),
+        ]
 
     def square(A, dmp=damp, scl=scale):
         return [("mfac_b", (A, dmp, scl)), ("mfac_coefficients", (A, dmp, scl))]
@@ -385,16 +425,29 @@ def _violators() -> dict[str, list[tuple[str, tuple]]]:
         "G.dim() == 2": window(G.reshape(m, d, 1)) + window(G.reshape(-1)),
         "G.size(0) > 0 && G.size(1) > 0": window(G[:0]) + window(G[:, :0]),
         "G.is_contiguous()": window(G.T.contiguous().T),
-        "st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kFloat16": window(G.double()),
-        "v.device() == G.device()": [("window_matvec", (G, meta_x, None)), ("window_rmatvec", (G, meta_c, None)),
-                                     ("mfac_apply_coefficients", (G, D, Bm, meta_x, damp, scale))],
-        "v.dim() == 1 && v.size(0) == n": [("window_matvec", (G, x[:-1], None)), ("window_rmatvec", (G, x, None)),
-                                           ("mfac_apply_coefficients", (G, D, Bm, x[:, None], damp, scale))],
+        "st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kFloat16": window(
+            G.double()
+        ),
+        "v.device() == G.device()": [
+            ("window_matvec", (G, meta_x, None)),
+            ("window_rmatvec", (G, meta_c, None)),
+            ("mfac_apply_coefficients", (G, D, Bm, meta_x, damp, scale)),
+        ],
+        "v.dim() == 1 && v.size(0) == n": [
+            ("window_matvec", (G, x[:-1], None)),
+            ("window_rmatvec", (G, x, None)),
+            ("mfac_apply_coefficients", (G, D, Bm, x[:, None], damp, scale)),
+        ],
         "D.is_cuda()": square(D),
-        "D.dim() == 2 && D.size(0) == D.size(1) && D.size(0) > 0": square(D[:3]) + square(D[:0, :0]),
-        "D.scalar_type() == torch::kFloat32 || D.scalar_type() == torch::kFloat64": square(D.half()),
-        "damp > 0 && scale >= 0": square(D, 0.0) + square(D, -1e-3) + square(D, damp, -1.0)
-                                   + square(D, float("nan")),
+        "D.dim() == 2 && D.size(0) == D.size(1) && D.size(0) > 0": square(D[:3])
+        + square(D[:0, :0]),
+        "D.scalar_type() == torch::kFloat32 || D.scalar_type() == torch::kFloat64": square(
+            D.half()
+        ),
+        "damp > 0 && scale >= 0": square(D, 0.0)
+        + square(D, -1e-3)
+        + square(D, damp, -1.0)
+        + square(D, float("nan")),
         "hf_mfac::ceil_div(m, hf_mfac::kBTile) <= 65535": square(big),
     }
 
@@ -444,7 +497,9 @@ def test_converted_mirrors_hold_at_the_kernel_boundary(monkeypatch):
     assert seen[4].is_contiguous()
 
 
-# --- CUDA kernels against the references (GPU only) -------------------------------------------------
+# --- CUDA kernels against the references (GPU only)
+# -------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ext():
@@ -457,13 +512,21 @@ def ext():
 
 
 def _check_close(got, ref_same_precision, exact, floor):
-    """|got - exact| within 4x the reference's own error in the same precision, plus a floor (the tolerance
-    the kernels' self-check uses too)."""
+    """|got - exact| within 4x the reference's own error in the same precision, plus a floor (the
+    tolerance the kernels' self-check uses too)."""
     ok, err, bound = _selfcheck.within_tolerance(got, ref_same_precision, exact, floor)
     assert ok, f"kernel error {err:.3g} > allowed {bound:.3g}"
 
 
-WINDOW_SHAPES = [(1, 1), (7, 101), (33, 4099), (4, 1 << 20), (1024, 8192), (100, 70003), (1500, 257)]
+WINDOW_SHAPES = [
+    (1, 1),
+    (7, 101),
+    (33, 4099),
+    (4, 1 << 20),
+    (1024, 8192),
+    (100, 70003),
+    (1500, 257),
+]
 
 
 @needs_cuda
@@ -478,8 +541,15 @@ def test_cuda_window_products_match_reference(ext, storage, m, d):
     y = K.window_rmatvec(Gs, c, impl="cuda")
     assert p.dtype == y.dtype == torch.float32 and p.shape == (m,) and y.shape == (d,)
     p64, y64 = Gr @ x.double(), Gr.T @ c.double()
-    _check_close(p, reference.window_matvec(Gs, x), p64, 8 * U32 * (Gr.abs() @ x.double().abs()).max().item())
-    _check_close(y, reference.window_rmatvec(Gs, c), y64, 8 * U32 * (Gr.abs().T @ c.double().abs()).max().item())
+    _check_close(
+        p, reference.window_matvec(Gs, x), p64, 8 * U32 * (Gr.abs() @ x.double().abs()).max().item()
+    )
+    _check_close(
+        y,
+        reference.window_rmatvec(Gs, c),
+        y64,
+        8 * U32 * (Gr.abs().T @ c.double().abs()).max().item(),
+    )
 
 
 @needs_cuda
@@ -490,11 +560,16 @@ def test_cuda_window_products_unaligned_inputs(ext, storage):
     G = torch.randn(m, d, device="cuda").to(storage)
     xbuf = torch.randn(d + 1, device="cuda")
     x = xbuf[1:]
-    torch.testing.assert_close(K.window_matvec(G, x, impl="cuda"), reference.window_matvec(G, x),
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        K.window_matvec(G, x, impl="cuda"), reference.window_matvec(G, x), rtol=1e-5, atol=1e-4
+    )
     G2 = torch.randn(m * d + 1, device="cuda").to(storage)[1:].view(m, d)  # misaligned base
-    torch.testing.assert_close(K.window_rmatvec(G2, x[:m], impl="cuda"), reference.window_rmatvec(G2, x[:m]),
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        K.window_rmatvec(G2, x[:m], impl="cuda"),
+        reference.window_rmatvec(G2, x[:m]),
+        rtol=1e-5,
+        atol=1e-4,
+    )
 
 
 @needs_cuda

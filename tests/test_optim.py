@@ -1,5 +1,6 @@
-"""hf_mfac.MFAC: equivalences with SGD, param groups, masks, state_dict round trip, refused gradients and
-arguments, low-precision parameters, the consistent decisions of ShardedMFAC on 2 ranks."""
+"""hf_mfac.MFAC: equivalences with SGD, param groups, masks, state_dict round trip, refused
+gradients and arguments, low-precision parameters, the consistent decisions of ShardedMFAC on 2
+ranks."""
 import copy
 import io
 
@@ -34,13 +35,16 @@ def test_huge_damp_reproduces_sgd(momentum):
     """With damp -> inf, F^{-1} g -> g / damp: M-FAC is SGD with learning rate lr / damp."""
     damp, lr = 1e7, 0.5
     a, b = _model(), _model()
-    wa = _train(a, hf_mfac.MFAC(a.parameters(), lr=lr, num_grads=4, damp=damp, momentum=momentum), _data())
+    wa = _train(
+        a, hf_mfac.MFAC(a.parameters(), lr=lr, num_grads=4, damp=damp, momentum=momentum), _data()
+    )
     wb = _train(b, torch.optim.SGD(b.parameters(), lr=lr / damp, momentum=momentum), _data())
     assert rel_err(wa, wb) < 1e-5
 
 
 def test_step_is_inverse_fisher_of_window():
-    """One step moves the parameters by -lr * F^{-1} g with F from the last m flattened gradients."""
+    """One step moves the parameters by -lr * F^{-1} g with F from the last m flattened
+    gradients."""
     m, damp, lr = 3, 1e-2, 0.1
     model = _model()
     opt = hf_mfac.MFAC(model.parameters(), lr=lr, num_grads=m, damp=damp)
@@ -99,10 +103,13 @@ def test_masks_hold_and_shrink_window():
 
 
 def test_state_dict_roundtrip_resumes_exactly():
-    """Save after 5 steps (through torch.save / weights_only load as the Trainer does), resume, compare."""
+    """Save after 5 steps (through torch.save / weights_only load as the Trainer does), resume,
+    compare."""
     data = _data(10)
     a = _model()
-    opt_a = hf_mfac.MFAC(a.parameters(), lr=0.02, num_grads=4, damp=0.1, momentum=0.5, grad_dtype=torch.bfloat16)
+    opt_a = hf_mfac.MFAC(
+        a.parameters(), lr=0.02, num_grads=4, damp=0.1, momentum=0.5, grad_dtype=torch.bfloat16
+    )
     _train(a, opt_a, data[:5])
     buf = io.BytesIO()
     torch.save({"model": a.state_dict(), "opt": opt_a.state_dict()}, buf)
@@ -110,7 +117,9 @@ def test_state_dict_roundtrip_resumes_exactly():
     ck = torch.load(buf, weights_only=True)
     b = _model(seed=5)
     b.load_state_dict(ck["model"])
-    opt_b = hf_mfac.MFAC(b.parameters(), lr=0.02, num_grads=4, damp=0.1, momentum=0.5, grad_dtype=torch.bfloat16)
+    opt_b = hf_mfac.MFAC(
+        b.parameters(), lr=0.02, num_grads=4, damp=0.1, momentum=0.5, grad_dtype=torch.bfloat16
+    )
     opt_b.load_state_dict(ck["opt"])
     assert opt_b.window.G.dtype == torch.bfloat16 and opt_b.window.GGt.dtype == torch.float64
     assert torch.equal(_train(a, opt_a, data[5:]), _train(b, opt_b, data[5:]))
@@ -155,14 +164,19 @@ NAN, INF = float("nan"), float("inf")
 
 
 @pytest.mark.parametrize("kwargs, error, name", [
-    ({"lr": NAN}, ValueError, "lr"), ({"lr": INF}, ValueError, "lr"), ({"lr": -1e-3}, ValueError, "lr"),
-    ({"lr": "0.1"}, TypeError, "lr"), ({"lr": None}, TypeError, "lr"), ({"lr": True}, TypeError, "lr"),
-    ({"weight_decay": NAN}, ValueError, "weight_decay"), ({"weight_decay": INF}, ValueError, "weight_decay"),
+    ({"lr": NAN}, ValueError, "lr"), ({"lr": INF}, ValueError, "lr"), ({"lr": -1e-3}, ValueError,
+                                                                       "lr"),
+    ({"lr": "0.1"}, TypeError, "lr"), ({"lr": None}, TypeError, "lr"), ({"lr": True}, TypeError,
+                                                                        "lr"),
+    ({"weight_decay": NAN}, ValueError, "weight_decay"), ({"weight_decay": INF}, ValueError,
+                                                          "weight_decay"),
     ({"momentum": NAN}, ValueError, "momentum"), ({"momentum": -INF}, ValueError, "momentum"),
-    ({"damp": NAN}, ValueError, "damp"), ({"damp": INF}, ValueError, "damp"), ({"damp": "1e-6"}, TypeError, "damp"),
+    ({"damp": NAN}, ValueError, "damp"), ({"damp": INF}, ValueError, "damp"),
+    ({"damp": "1e-6"}, TypeError, "damp"),
     ({"num_grads": None}, TypeError, "num_grads"), ({"num_grads": "64"}, TypeError, "num_grads"),
     ({"num_grads": 2.5}, ValueError, "num_grads"), ({"num_grads": 0}, ValueError, "num_grads"),
-    ({"nonfinite": "ignore"}, ValueError, "nonfinite"), ({"normalize_by_seen": "yes"}, TypeError, "normalize_by_seen"),
+    ({"nonfinite": "ignore"}, ValueError, "nonfinite"), ({"normalize_by_seen": "yes"}, TypeError,
+                                                         "normalize_by_seen"),
 ])
 def test_bad_arguments_are_named(kwargs, error, name):
     with pytest.raises(error, match=rf"^{name} must"):
@@ -177,11 +191,15 @@ def test_bad_param_group_values_are_named():
     with pytest.raises(TypeError, match=r"param_groups\[1\]: weight_decay must be a real number"):
         opt.add_param_group({"params": [b], "weight_decay": "0.1"})
     assert len(opt.param_groups) == 1  # the refused group was not added
-    assert hf_mfac.MFAC([a], lr=1, num_grads=8.0, damp=1).num_grads == 8  # ints and integral floats are fine
+    assert (
+        hf_mfac.MFAC([a], lr=1, num_grads=8.0, damp=1).num_grads == 8
+    )  # ints and integral floats are fine
 
 
 def _snapshot(model, opt):
-    return copy.deepcopy({"params": [p.detach().clone() for p in model.parameters()], "opt": opt.state_dict()})
+    return copy.deepcopy(
+        {"params": [p.detach().clone() for p in model.parameters()], "opt": opt.state_dict()}
+    )
 
 
 def _assert_same(a, b):
@@ -205,9 +223,10 @@ def _assert_same(a, b):
     (torch.float32, 1e20, "products"),  # finite, but |g|^2 overflows fp32
 ])
 def test_poisoned_gradient_never_enters_the_window(grad_dtype, value, match):
-    """A finite but huge gradient is refused before it reaches the window: 'raise' raises, 'skip' skips with a
-    warning, everything (parameters, momentum, window) stays bit-identical, and the following steps train
-    exactly like a run that never saw it (the window is not poisoned for the next num_grads steps)."""
+    """A finite but huge gradient is refused before it reaches the window: 'raise' raises, 'skip'
+    skips with a warning, everything (parameters, momentum, window) stays bit-identical, and the
+    following steps train exactly like a run that never saw it (the window is not poisoned for the
+    next num_grads steps)."""
     data = _data(6)
     model, twin = _model(), _model()
     kw = dict(lr=0.02, num_grads=3, damp=0.1, momentum=0.5, grad_dtype=grad_dtype)
@@ -232,8 +251,9 @@ def test_poisoned_gradient_never_enters_the_window(grad_dtype, value, match):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_parameters_scale_in_fp32(dtype):
-    """F^{-1} g = 66 700 overflows fp16 (max 65504), lr * F^{-1} g = 6.67 does not: the learning rate is
-    applied in fp32 and the result rounded once, exactly as an fp32 parameter rounded afterwards."""
+    """F^{-1} g = 66 700 overflows fp16 (max 65504), lr * F^{-1} g = 6.67 does not: the learning
+    rate is applied in fp32 and the result rounded once, exactly as an fp32 parameter rounded
+    afterwards."""
     a = 2.0 ** -16 * 0.98  # F^{-1} g = a / (damp + a^2) ~ 1 / a = 66 870 for one gradient, m = 1
     p = torch.nn.Parameter(torch.zeros(4, dtype=dtype))
     ref = torch.nn.Parameter(torch.zeros(4))
@@ -253,8 +273,8 @@ def test_low_precision_parameters_scale_in_fp32(dtype):
 
 
 def test_fp16_momentum_buffer_survives_a_checkpoint():
-    """The fp32 momentum buffer of an fp16 parameter comes back as fp32 (torch's load_state_dict would cast it to
-    fp16): resuming continues bit for bit."""
+    """The fp32 momentum buffer of an fp16 parameter comes back as fp32 (torch's load_state_dict
+    would cast it to fp16): resuming continues bit for bit."""
     def run(steps, opt=None, p=None):
         if p is None:
             torch.manual_seed(0)
@@ -279,8 +299,8 @@ def test_fp16_momentum_buffer_survives_a_checkpoint():
 
 
 def test_refused_checkpoint_changes_nothing():
-    """A checkpoint whose window is corrupt (a NaN in G) is refused before anything changes: param groups,
-    momentum and the current window stay as they were."""
+    """A checkpoint whose window is corrupt (a NaN in G) is refused before anything changes: param
+    groups, momentum and the current window stay as they were."""
     model = _model()
     opt = hf_mfac.MFAC(model.parameters(), lr=0.02, num_grads=3, damp=0.1, momentum=0.5)
     _train(model, opt, _data(2))
@@ -440,7 +460,8 @@ def test_options_are_defined_once():
 
 
 def test_one_module_says_what_is_mfac():
-    """hf_mfac.optim owns "is this M-FAC?": wrapped optimizers (accelerate, the Trainer) and optim names."""
+    """hf_mfac.optim owns "is this M-FAC?": wrapped optimizers (accelerate, the Trainer) and optim
+    names."""
     from hf_mfac.optim import is_mfac_optimizer, selects_mfac, unwrap_optimizer
 
     p = [torch.nn.Parameter(torch.zeros(2))]
@@ -452,25 +473,39 @@ def test_one_module_says_what_is_mfac():
 
     assert unwrap_optimizer(Wrapper(Wrapper(opt))) is opt and is_mfac_optimizer(Wrapper(opt))
     assert not is_mfac_optimizer(torch.optim.SGD(p, lr=0.1)) and not is_mfac_optimizer(None)
-    assert selects_mfac("MFAC") and selects_mfac(type("Args", (), {"optim": "mfac"})()) and not selects_mfac("sgd")
+    assert (
+        selects_mfac("MFAC")
+        and selects_mfac(type("Args", (), {"optim": "mfac"})())
+        and not selects_mfac("sgd")
+    )
 
 
 @pytest.mark.distributed
 def test_sharded_ranks_reject_together(tmp_path):
-    """2 ranks, fp16 window: a gradient that overflows fp16 only in rank 1's shard is skipped (or raised) by both
-    ranks, which stay in step and end identical to one process that skipped it; a shard file with a corrupt
-    window on rank 1 only is refused on both ranks."""
+    """2 ranks, fp16 window: a gradient that overflows fp16 only in rank 1's shard is skipped (or
+    raised) by both ranks, which stay in step and end identical to one process that skipped it; a
+    shard file with a corrupt window on rank 1 only is refused on both ranks."""
     from test_distributed import launch, results
 
     launch("dist_mfac.py", 2, tmp_path, "--faults")
     r0, r1 = results(tmp_path, 2)
     for r in (r0, r1):
         assert r["skip_warned"] and r["skip_unchanged"] and r["raise_unchanged"], r
-        assert r["raise_error"].startswith("GradientRejected: MFAC: g has values beyond the range"), r["raise_error"]
+        assert r["raise_error"].startswith(
+            "GradientRejected: MFAC: g has values beyond the range"
+        ), r["raise_error"]
         assert r["after_skip"] < 1e-6, r  # matches one process that skipped the same step
-        assert r["load_error"].startswith("ValueError: cannot load the DynamicMFAC window"), r["load_error"]
+        assert r["load_error"].startswith("ValueError: cannot load the DynamicMFAC window"), r[
+            "load_error"
+        ]
         assert r["load_unchanged"], r
-        assert "GGt does not match G" in r["load_error"], r["load_error"]  # found from the summed row norms
-    assert "G holds NaN or inf values (first in row 1)" in r1["load_nan_error"], r1["load_nan_error"]
-    assert "another shard's window is invalid (non-finite values)" in r0["load_nan_error"], r0["load_nan_error"]
+        assert "GGt does not match G" in r["load_error"], r[
+            "load_error"
+        ]  # found from the summed row norms
+    assert "G holds NaN or inf values (first in row 1)" in r1["load_nan_error"], r1[
+        "load_nan_error"
+    ]
+    assert "another shard's window is invalid (non-finite values)" in r0["load_nan_error"], r0[
+        "load_nan_error"
+    ]
     assert r0["final"] == r1["final"]

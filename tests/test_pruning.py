@@ -1,8 +1,10 @@
-"""One-shot pruning over tiny BERT models: every method x pattern x scope, exactness, masks, OBS properties, errors.
+"""One-shot pruning over tiny BERT models: every method x pattern x scope, exactness, masks, OBS
+properties, errors.
 
-Properties checked on a tiny BERT trained for a few hundred steps on a synthetic task (evaluated on held-out
-batches): the OBS update beats zeroing the same weights; recomputation does not hurt (it helps a lot at 80%);
-second-order methods beat magnitude at high sparsity; CAP removing one weight is OBS.
+Properties checked on a tiny BERT trained for a few hundred steps on a synthetic task (evaluated on
+held-out batches): the OBS update beats zeroing the same weights; recomputation does not hurt (it
+helps a lot at 80%); second-order methods beat magnitude at high sparsity; CAP removing one weight
+is OBS.
 """
 import copy
 
@@ -10,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from hf_mfac.pruning import (PRUNERS, FisherCache, Layout, Pattern, collect_grads, find_prunable, make_pruner,
+from hf_mfac.pruning import (PRUNERS, FisherCache, Layout, Pattern, collect_grads, find_prunable,
+                             make_pruner,
                              prune_oneshot,
                              prune_sweep)
 
@@ -19,13 +22,16 @@ from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 
 def tiny_config(**kw):
-    base = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    base = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0)
     return BertConfig(**{**base, **kw})
 
 
 def batches(n=256, bs=8, seed=0, labels=True):
-    """Label = how many of the tokens 7 and 9 occur (0, 1, 2): learnable by a tiny BERT in ~200 steps."""
+    """Label = how many of the tokens 7 and 9 occur (0, 1, 2): learnable by a tiny BERT in ~200
+    steps."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, 50, (n, 10), generator=g)
     y = (ids == 7).any(1).long() + (ids == 9).any(1).long()
@@ -69,8 +75,13 @@ HELDOUT = batches(seed=1)
 CALIB = batches(n=256)
 
 # (method, pattern, scope): every supported combination
-CASES = [(m, p, s) for m in sorted(PRUNERS) for p in (None, "2:4", "4-block") for s in ("global", "layer")
-         if not (m == "cap" and p == "4-block")]
+CASES = [
+    (m, p, s)
+    for m in sorted(PRUNERS)
+    for p in (None, "2:4", "4-block")
+    for s in ("global", "layer")
+    if not (m == "cap" and p == "4-block")
+]
 
 
 def kwargs_for(method):
@@ -81,15 +92,25 @@ def _ids(case):
     return "-".join(str(x) for x in case)
 
 
-# -- exactness -------------------------------------------------------------------------------------------------
+# -- exactness
+# -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_exact_sparsity_and_zeros(case, random_bert):
     method, pattern, scope = case
     model = copy.deepcopy(random_bert)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sparsity = None if pattern == "2:4" else 0.6
-    masks, report = prune_oneshot(model, CALIB, method=method, sparsity=sparsity, pattern=pattern, scope=scope,
-                                  recompute=2, progress=False, **kwargs_for(method))
+    masks, report = prune_oneshot(
+        model,
+        CALIB,
+        method=method,
+        sparsity=sparsity,
+        pattern=pattern,
+        scope=scope,
+        recompute=2,
+        progress=False,
+        **kwargs_for(method),
+    )
     targets = find_prunable(model)
     assert set(masks) == set(targets)
     for name, mask in masks.items():
@@ -144,7 +165,8 @@ def test_masks_never_regrow(case, random_bert):
         assert bool((targets[name][~mask] == 0).all())
 
 
-# -- second-order properties (on a trained tiny BERT, held-out loss) --------------------------------------------
+# -- second-order properties (on a trained tiny BERT, held-out loss)
+# --------------------------------------------
 def _zeroed(model, masks):
     m = copy.deepcopy(model)
     params = dict(m.named_parameters())
@@ -154,12 +176,30 @@ def _zeroed(model, masks):
     return m
 
 
-@pytest.mark.parametrize("method,pattern", [("obert", None), ("obert", "2:4"), ("obert", "4-block"), ("mfac", None),
-                                            ("mfac", "4-block"), ("cap", None), ("cap", "2:4")])
+@pytest.mark.parametrize(
+    "method,pattern",
+    [
+        ("obert", None),
+        ("obert", "2:4"),
+        ("obert", "4-block"),
+        ("mfac", None),
+        ("mfac", "4-block"),
+        ("cap", None),
+        ("cap", "2:4"),
+    ],
+)
 def test_obs_update_beats_zeroing(method, pattern, trained_bert):
     model = copy.deepcopy(trained_bert)
-    masks, _ = prune_oneshot(model, CALIB, method=method, sparsity=None if pattern == "2:4" else 0.6,
-                             pattern=pattern, num_grads=32, block_size=16, progress=False)
+    masks, _ = prune_oneshot(
+        model,
+        CALIB,
+        method=method,
+        sparsity=None if pattern == "2:4" else 0.6,
+        pattern=pattern,
+        num_grads=32,
+        block_size=16,
+        progress=False,
+    )
     assert eval_loss(model, HELDOUT) < eval_loss(_zeroed(trained_bert, masks), HELDOUT)
 
 
@@ -168,18 +208,27 @@ def test_recompute_does_not_hurt(method, update, trained_bert):
     losses = {}
     for rc in (1, 4):
         model = copy.deepcopy(trained_bert)
-        prune_oneshot(model, CALIB, method=make_pruner(method, block_size=16, update=update), sparsity=0.8,
-                      num_grads=32, recompute=rc, progress=False)
+        prune_oneshot(
+            model,
+            CALIB,
+            method=make_pruner(method, block_size=16, update=update),
+            sparsity=0.8,
+            num_grads=32,
+            recompute=rc,
+            progress=False,
+        )
         losses[rc] = eval_loss(model, HELDOUT)
     assert losses[4] <= losses[1] * 1.02
-    if update == "summed":  # at 80% the summed update is far off after one step: recomputing helps a lot
+    # at 80% the summed update is far off after one step: recomputing helps a lot
+    if update == "summed":
         assert losses[4] < 0.75 * losses[1]
 
 
 def test_ordering_at_high_sparsity(trained_bert):
-    """The papers' ordering on this model at 80%: CAP <= oBERT < magnitude (held-out loss). With oBERT's joint
-    block update the two second-order methods are level on this tiny model (0.133 each, within 2 %), both far
-    below magnitude (0.99); on all-MiniLM-L6-v2 CAP leads by 2.5 points (benchmarks/RESULTS.md)."""
+    """The papers' ordering on this model at 80%: CAP <= oBERT < magnitude (held-out loss). With
+    oBERT's joint block update the two second-order methods are level on this tiny model (0.133
+    each, within 2 %), both far below magnitude (0.99); on all-MiniLM-L6-v2 CAP leads by 2.5 points
+    (benchmarks/RESULTS.md)."""
     loss = {}
     for method in ("magnitude", "obert", "cap"):
         model = copy.deepcopy(trained_bert)
@@ -192,32 +241,52 @@ def test_ordering_at_high_sparsity(trained_bert):
 def test_woodtaylor_runs_and_is_exact(trained_bert):
     for method in ("obert", "mfac"):
         model = copy.deepcopy(trained_bert)
-        masks, rep = prune_oneshot(model, CALIB, method=method, sparsity=0.5, woodtaylor=True, num_grads=32,
-                                   block_size=16, progress=False)
+        masks, rep = prune_oneshot(
+            model,
+            CALIB,
+            method=method,
+            sparsity=0.5,
+            woodtaylor=True,
+            num_grads=32,
+            block_size=16,
+            progress=False,
+        )
         assert rep.woodtaylor and rep.sparsity == pytest.approx(0.5, abs=1e-4)
         assert torch.isfinite(torch.tensor(eval_loss(model, HELDOUT)))
 
 
 def test_mfac_matches_obert_when_blocks_align(trained_bert):
-    """Static M-FAC and the block Fisher are the same inverse when blocks coincide (all targets % 16 == 0): with
-    the same (summed) update they prune and update alike."""
+    """Static M-FAC and the block Fisher are the same inverse when blocks coincide (all targets % 16
+    == 0): with the same (summed) update they prune and update alike."""
     out = {}
     for method in ("obert", "mfac"):
         model = copy.deepcopy(trained_bert)
         pruner = make_pruner(method, block_size=16, damp=1e-4, update="summed")
-        masks, _ = prune_oneshot(model, CALIB, method=pruner, sparsity=0.5, num_grads=32, progress=False)
+        masks, _ = prune_oneshot(
+            model, CALIB, method=pruner, sparsity=0.5, num_grads=32, progress=False
+        )
         out[method] = (masks, find_prunable(model))
     for name in out["obert"][0]:
         assert torch.equal(out["obert"][0][name], out["mfac"][0][name])
-        torch.testing.assert_close(out["obert"][1][name], out["mfac"][1][name], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(
+            out["obert"][1][name], out["mfac"][1][name], rtol=1e-3, atol=1e-5
+        )
 
 
 def test_mfac_paging_gives_the_same_result(trained_bert):
     res = []
     for page in (None, 4096):
         model = copy.deepcopy(trained_bert)
-        masks, _ = prune_oneshot(model, CALIB, method="mfac", sparsity=0.5, num_grads=16, block_size=64,
-                                 page_bytes=page, progress=False)
+        masks, _ = prune_oneshot(
+            model,
+            CALIB,
+            method="mfac",
+            sparsity=0.5,
+            num_grads=16,
+            block_size=64,
+            page_bytes=page,
+            progress=False,
+        )
         res.append((masks, find_prunable(model)))
     for name in res[0][0]:
         assert torch.equal(res[0][0][name], res[1][0][name])
@@ -229,8 +298,16 @@ def test_cap_removing_one_weight_is_obs(trained_bert):
     for method in ("obert", "cap"):
         model = copy.deepcopy(trained_bert)
         n = sum(p.numel() for p in find_prunable(model).values())
-        masks, _ = prune_oneshot(model, CALIB, method=method, sparsity=1.0 / n, num_grads=32, block_size=16,
-                                 damp=1e-4, progress=False)
+        masks, _ = prune_oneshot(
+            model,
+            CALIB,
+            method=method,
+            sparsity=1.0 / n,
+            num_grads=32,
+            block_size=16,
+            damp=1e-4,
+            progress=False,
+        )
         assert sum(int((~m).sum()) for m in masks.values()) == 1
         out[method] = (masks, find_prunable(model))
     for name in out["obert"][0]:
@@ -238,15 +315,23 @@ def test_cap_removing_one_weight_is_obs(trained_bert):
         torch.testing.assert_close(out["obert"][1][name], out["cap"][1][name], rtol=1e-3, atol=1e-6)
 
 
-# -- gradients, targets, report ----------------------------------------------------------------------------------
+# -- gradients, targets, report
+# ----------------------------------------------------------------------------------
 def test_collect_grads_streams_the_same_gradients(random_bert):
     model = copy.deepcopy(random_bert).train()
     layout = Layout(find_prunable(model), pad=16)
     full = collect_grads(model, CALIB, 6, params=layout, progress=False)
     assert full.G.shape == (6, layout.dim) and full.G.device.type == "cpu"
     chunks = []
-    stats = collect_grads(model, CALIB, 6, params=layout, sink=lambda c: chunks.append(c.clone()), chunk_size=4,
-                          progress=False)
+    stats = collect_grads(
+        model,
+        CALIB,
+        6,
+        params=layout,
+        sink=lambda c: chunks.append(c.clone()),
+        chunk_size=4,
+        progress=False,
+    )
     assert [c.shape[0] for c in chunks] == [4, 2]
     torch.testing.assert_close(torch.cat(chunks), full.G)
     torch.testing.assert_close(stats.mean, full.G.mean(0))
@@ -267,17 +352,29 @@ def test_find_prunable_defaults_and_patterns(random_bert):
     assert all(".encoder." in n and n.endswith(".weight") for n in names)
     assert not any(k in n for n in names for k in ("embeddings", "pooler", "classifier"))
     only_q = find_prunable(random_bert, include=r"attention\.self\.query")
-    assert list(only_q) == ["bert.encoder.layer.0.attention.self.query.weight",
-                            "bert.encoder.layer.1.attention.self.query.weight"]
+    assert list(only_q) == [
+        "bert.encoder.layer.0.attention.self.query.weight",
+        "bert.encoder.layer.1.attention.self.query.weight",
+    ]
     with_head = find_prunable(random_bert, exclude=None)
     assert "classifier.weight" in with_head and "bert.pooler.dense.weight" in with_head
 
 
 def test_report(random_bert):
     model = copy.deepcopy(random_bert)
-    _, rep = prune_oneshot(model, CALIB, method="obert", sparsity=0.5, num_grads=8, block_size=16, recompute=3,
-                           progress=False)
-    assert len(rep.steps) == 3 and [s["sparsity"] for s in rep.steps] == sorted(s["sparsity"] for s in rep.steps)
+    _, rep = prune_oneshot(
+        model,
+        CALIB,
+        method="obert",
+        sparsity=0.5,
+        num_grads=8,
+        block_size=16,
+        recompute=3,
+        progress=False,
+    )
+    assert len(rep.steps) == 3 and [s["sparsity"] for s in rep.steps] == sorted(
+        s["sparsity"] for s in rep.steps
+    )
     assert rep.time_total >= rep.time_grads + rep.time_prune * 0.99 and 0 < rep.grad_share < 1
     assert rep.loss_increase == pytest.approx(sum(r["loss_increase"] for r in rep.layers.values()))
     md = rep.to_markdown()
@@ -288,7 +385,9 @@ def test_report(random_bert):
 
 
 class CountingLoader(list):
-    """A list of batches that counts the batches taken from it (a collection of 8 gradients takes 8)."""
+    """A list of batches that counts the batches taken from it (a collection of 8 gradients takes
+    8)."""
+
     taken = 0
 
     def __iter__(self):
@@ -298,12 +397,20 @@ class CountingLoader(list):
 
 
 def test_fisher_cache_reuses_the_first_fisher_exactly(random_bert):
-    """A comparison from one dense model: obert and cap at two sparsities share one gradient collection (same
-    block Fisher), static M-FAC gets its own; every result is bit-identical to the run without the cache; a run
-    from other weights, other masks or another damp misses; recompute > 1 reuses only its first step."""
+    """A comparison from one dense model: obert and cap at two sparsities share one gradient
+    collection (same block Fisher), static M-FAC gets its own; every result is bit-identical to the
+    run without the cache; a run from other weights, other masks or another damp misses; recompute >
+    1 reuses only its first step."""
     loader = CountingLoader(CALIB)
     cache = FisherCache(max_entries=2)
-    runs = [("obert", 0.5), ("cap", 0.5), ("obert", 0.7), ("cap", 0.7), ("mfac", 0.5), ("mfac", 0.7)]
+    runs = [
+        ("obert", 0.5),
+        ("cap", 0.5),
+        ("obert", 0.7),
+        ("cap", 0.7),
+        ("mfac", 0.5),
+        ("mfac", 0.7),
+    ]
     for method, sp in runs:
         kw = dict(method=method, sparsity=sp, num_grads=8, block_size=16, damp=1e-4, progress=False)
         a, b = copy.deepcopy(random_bert), copy.deepcopy(random_bert)
@@ -318,17 +425,46 @@ def test_fisher_cache_reuses_the_first_fisher_exactly(random_bert):
     # anything the Fisher depends on changes: a miss
     other = copy.deepcopy(random_bert)
     with torch.no_grad():
-        next(other.parameters()).mul_(1.0001)  # an embedding: not a target, but it changes the gradients
-    _, rep = prune_oneshot(other, loader, method="obert", sparsity=0.5, num_grads=8, block_size=16, damp=1e-4,
-                           fisher_cache=cache, progress=False)
+        # an embedding: not a target, but it changes the gradients
+        next(other.parameters()).mul_(1.0001)
+    _, rep = prune_oneshot(
+        other,
+        loader,
+        method="obert",
+        sparsity=0.5,
+        num_grads=8,
+        block_size=16,
+        damp=1e-4,
+        fisher_cache=cache,
+        progress=False,
+    )
     assert not rep.fisher_reused
-    _, rep = prune_oneshot(copy.deepcopy(random_bert), loader, method="obert", sparsity=0.5, num_grads=8,
-                           block_size=16, damp=1e-3, fisher_cache=cache, progress=False)
+    _, rep = prune_oneshot(
+        copy.deepcopy(random_bert),
+        loader,
+        method="obert",
+        sparsity=0.5,
+        num_grads=8,
+        block_size=16,
+        damp=1e-3,
+        fisher_cache=cache,
+        progress=False,
+    )
     assert not rep.fisher_reused
     # recompute: the first step hits, the second (pruned weights) collects
     before = loader.taken
-    _, rep = prune_oneshot(copy.deepcopy(random_bert), loader, method="obert", sparsity=0.6, num_grads=8,
-                           block_size=16, damp=1e-3, recompute=2, fisher_cache=cache, progress=False)
+    _, rep = prune_oneshot(
+        copy.deepcopy(random_bert),
+        loader,
+        method="obert",
+        sparsity=0.6,
+        num_grads=8,
+        block_size=16,
+        damp=1e-3,
+        recompute=2,
+        fisher_cache=cache,
+        progress=False,
+    )
     assert rep.fisher_reused and loader.taken == before + 8
     assert rep.steps[0]["time_grads"] == 0 and rep.steps[1]["time_grads"] > 0
     cache.clear()
@@ -338,27 +474,39 @@ def test_fisher_cache_reuses_the_first_fisher_exactly(random_bert):
 def test_sweep_calls_save_fn(random_bert):
     model = copy.deepcopy(random_bert)
     seen = []
-    prune_sweep(model, CALIB, [0.2, 0.4], method="obert", num_grads=8, block_size=16, progress=False,
-                save_fn=lambda s, m, masks, rep: seen.append((s, round(rep.sparsity, 3))))
+    prune_sweep(
+        model,
+        CALIB,
+        [0.2, 0.4],
+        method="obert",
+        num_grads=8,
+        block_size=16,
+        progress=False,
+        save_fn=lambda s, m, masks, rep: seen.append((s, round(rep.sparsity, 3))),
+    )
     assert seen == [(0.2, 0.2), (0.4, 0.4)]
 
 
-# -- bad input: clear errors, and no weight touched -------------------------------------------------------------
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(method="obert", sparsity=1.0), "sparsity"),
-    (dict(method="obert", sparsity=-0.1), "sparsity"),
-    (dict(method="nope", sparsity=0.5), "unknown pruning method"),
-    (dict(method="obert", sparsity=0.5, include="no_such_module"), "matches no"),
-    (dict(method="obert", pattern="2:4", block_size=6), "multiple of 4"),
-    (dict(method="obert", pattern="3:5", block_size=10), "divisible by 5"),
-    (dict(method="obert", pattern="2:4", sparsity=0.7), "contradicts"),
-    (dict(method="obert", pattern="2-of-4", sparsity=0.5), "unknown sparsity pattern"),
-    (dict(method="cap", pattern="4-block", sparsity=0.5), "does not support"),
-    (dict(method="cap", sparsity=0.5, woodtaylor=True), "woodtaylor"),
-    (dict(method="obert", sparsity=0.5, scope="model"), "scope"),
-    (dict(method="obert", sparsity=0.5, num_grads=1000), "gives at most 32 gradients"),
-    (dict(method="obert", sparsity=0.5, recompute=0), "recompute"),
-])
+# -- bad input: clear errors, and no weight touched
+# -------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(method="obert", sparsity=1.0), "sparsity"),
+        (dict(method="obert", sparsity=-0.1), "sparsity"),
+        (dict(method="nope", sparsity=0.5), "unknown pruning method"),
+        (dict(method="obert", sparsity=0.5, include="no_such_module"), "matches no"),
+        (dict(method="obert", pattern="2:4", block_size=6), "multiple of 4"),
+        (dict(method="obert", pattern="3:5", block_size=10), "divisible by 5"),
+        (dict(method="obert", pattern="2:4", sparsity=0.7), "contradicts"),
+        (dict(method="obert", pattern="2-of-4", sparsity=0.5), "unknown sparsity pattern"),
+        (dict(method="cap", pattern="4-block", sparsity=0.5), "does not support"),
+        (dict(method="cap", sparsity=0.5, woodtaylor=True), "woodtaylor"),
+        (dict(method="obert", sparsity=0.5, scope="model"), "scope"),
+        (dict(method="obert", sparsity=0.5, num_grads=1000), "gives at most 32 gradients"),
+        (dict(method="obert", sparsity=0.5, recompute=0), "recompute"),
+    ],
+)
 def test_bad_input_raises_before_touching_weights(kwargs, match, random_bert):
     model = copy.deepcopy(random_bert)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -373,11 +521,29 @@ def test_runtime_data_errors_leave_weights_alone(random_bert):
     model = copy.deepcopy(random_bert)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="no loss"):
-        prune_oneshot(model, batches(n=64, labels=False), method="obert", sparsity=0.5, num_grads=4, progress=False)
-    with pytest.raises(ValueError, match="ran out after 3 gradients"):  # no len(): found while collecting
-        prune_oneshot(model, (b for b in CALIB[:3]), method="obert", sparsity=0.5, num_grads=4, progress=False)
+        prune_oneshot(
+            model,
+            batches(n=64, labels=False),
+            method="obert",
+            sparsity=0.5,
+            num_grads=4,
+            progress=False,
+        )
+    # no len(): found while collecting
+    with pytest.raises(ValueError, match="ran out after 3 gradients"):
+        prune_oneshot(
+            model, (b for b in CALIB[:3]), method="obert", sparsity=0.5, num_grads=4, progress=False
+        )
     with pytest.raises(ValueError, match="iterated again"):
-        prune_oneshot(model, iter(CALIB), method="obert", sparsity=0.5, num_grads=4, recompute=2, progress=False)
+        prune_oneshot(
+            model,
+            iter(CALIB),
+            method="obert",
+            sparsity=0.5,
+            num_grads=4,
+            recompute=2,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="needs gradients"):
         prune_oneshot(model, None, method="cap", sparsity=0.5)
     for k, v in model.state_dict().items():
@@ -393,11 +559,18 @@ def test_mask_errors(random_bert):
     with pytest.raises(ValueError, match="shape"):
         prune_oneshot(model, method="magnitude", sparsity=0.6, masks={name: masks[name][:2]})
     with pytest.raises(ValueError, match="not pruning targets"):
-        prune_oneshot(model, method="magnitude", sparsity=0.6, masks={"classifier.weight": torch.ones(3, 32).bool()})
+        prune_oneshot(
+            model,
+            method="magnitude",
+            sparsity=0.6,
+            masks={"classifier.weight": torch.ones(3, 32).bool()},
+        )
 
 
 def test_pattern_parsing():
-    assert Pattern.parse("2:4") == Pattern("nm", 2, 4) and Pattern.parse((2, 4)) == Pattern("nm", 2, 4)
+    assert Pattern.parse("2:4") == Pattern("nm", 2, 4) and Pattern.parse((2, 4)) == Pattern(
+        "nm", 2, 4
+    )
     for spec in ("4-block", "block4", "1x4", "group:4"):
         assert Pattern.parse(spec) == Pattern("group", 0, 4)
     assert Pattern.parse(None).kind == Pattern.parse("unstructured").kind == "unstructured"
@@ -419,8 +592,12 @@ def test_conv_targets_and_nm_shape_check():
     torch.manual_seed(0)
     net = Net()
     data = [{"x": torch.randn(4, 3, 6, 6), "labels": torch.randint(0, 4, (4,))} for _ in range(8)]
-    masks, rep = prune_oneshot(net, data, method="obert", sparsity=0.5, num_grads=8, block_size=8, progress=False)
-    assert set(masks) == {"conv.weight", "fc.weight"} and rep.sparsity == pytest.approx(0.5, abs=1e-3)
+    masks, rep = prune_oneshot(
+        net, data, method="obert", sparsity=0.5, num_grads=8, block_size=8, progress=False
+    )
+    assert set(masks) == {"conv.weight", "fc.weight"} and rep.sparsity == pytest.approx(
+        0.5, abs=1e-3
+    )
     with pytest.raises(ValueError, match="conv.weight"):
         prune_oneshot(net, data, method="obert", pattern="2:4", num_grads=8, block_size=8)
 
@@ -430,17 +607,22 @@ def test_pruner_instance(random_bert):
 
     pruner = OBSPruner(block_size=16, pattern="4-block", scope="layer")
     model = copy.deepcopy(random_bert)
-    masks, rep = prune_oneshot(model, CALIB, method=pruner, sparsity=0.5, num_grads=8, progress=False)
+    masks, rep = prune_oneshot(
+        model, CALIB, method=pruner, sparsity=0.5, num_grads=8, progress=False
+    )
     assert rep.pattern == "4-block" and rep.scope == "layer" and rep.block_size == 16
     with pytest.raises(ValueError, match="set on the Pruner instance"):
         prune_oneshot(model, CALIB, method=pruner, sparsity=0.6, pattern="2:4", num_grads=8)
 
 
-# -- all or nothing, settings from a PruningConfig ----------------------------------------------------------------
-@pytest.mark.parametrize("exc", [ValueError("bad batch"), KeyboardInterrupt()], ids=["error", "interrupt"])
+# -- all or nothing, settings from a PruningConfig
+# ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "exc", [ValueError("bad batch"), KeyboardInterrupt()], ids=["error", "interrupt"]
+)
 def test_failed_recomputation_leaves_the_model_as_it_was(exc, random_bert):
-    """recompute=3 failing in step 2 (after step 1 pruned and updated the weights): every parameter comes back
-    bit for bit and the exception propagates."""
+    """recompute=3 failing in step 2 (after step 1 pruned and updated the weights): every parameter
+    comes back bit for bit and the exception propagates."""
     model = copy.deepcopy(random_bert)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calls = []
@@ -452,23 +634,43 @@ def test_failed_recomputation_leaves_the_model_as_it_was(exc, random_bert):
         return m(**batch).loss
 
     with pytest.raises(type(exc)):
-        prune_oneshot(model, CALIB, method="obert", sparsity=0.6, num_grads=8, block_size=16, recompute=3,
-                      loss_fn=loss_fn, progress=False)
+        prune_oneshot(
+            model,
+            CALIB,
+            method="obert",
+            sparsity=0.6,
+            num_grads=8,
+            block_size=16,
+            recompute=3,
+            loss_fn=loss_fn,
+            progress=False,
+        )
     assert len(calls) == 10
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_block_size_beyond_every_target_is_the_largest_target(random_bert, caplog):
-    """Every target is padded to whole blocks: a block of 4096 over targets of at most 2048 weights is the block of
-    2048 (same masks and weights), with a note."""
+    """Every target is padded to whole blocks: a block of 4096 over targets of at most 2048 weights
+    is the block of 2048 (same masks and weights), with a note."""
     runs = []
     for B in (4096, 2048):
         model = copy.deepcopy(random_bert)
         with caplog.at_level("INFO", logger="hf_mfac"):
-            masks, rep = prune_oneshot(model, CALIB, method="obert", sparsity=0.5, num_grads=4, block_size=B,
-                                       include=r"intermediate|output\.dense", progress=False)
+            masks, rep = prune_oneshot(
+                model,
+                CALIB,
+                method="obert",
+                sparsity=0.5,
+                num_grads=4,
+                block_size=B,
+                include=r"intermediate|output\.dense",
+                progress=False,
+            )
         runs.append((masks, find_prunable(model, include=r"intermediate|output\.dense"), rep))
-    assert runs[0][2].block_size == 2048 and "block_size=4096 is larger than every pruning target" in caplog.text
+    assert (
+        runs[0][2].block_size == 2048
+        and "block_size=4096 is larger than every pruning target" in caplog.text
+    )
     for name in runs[1][0]:
         assert torch.equal(runs[0][0][name], runs[1][0][name])
         torch.testing.assert_close(runs[0][1][name], runs[1][1][name])
@@ -479,18 +681,31 @@ def test_config_fills_what_the_keywords_leave(random_bert, caplog):
 
     config = PruningConfig(method="obert", sparsity=0.5, num_grads=4, block_size=16, recompute=2)
     a, b = copy.deepcopy(random_bert), copy.deepcopy(random_bert)
-    masks_a, rep_a = prune_oneshot(a, CALIB, config=config, sparsity=0.6, progress=False)  # the keyword wins
-    masks_b, rep_b = prune_oneshot(b, CALIB, method="obert", sparsity=0.6, num_grads=4, block_size=16,
-                                   recompute=2, progress=False)
+    # the keyword wins
+    masks_a, rep_a = prune_oneshot(a, CALIB, config=config, sparsity=0.6, progress=False)
+    masks_b, rep_b = prune_oneshot(
+        b,
+        CALIB,
+        method="obert",
+        sparsity=0.6,
+        num_grads=4,
+        block_size=16,
+        recompute=2,
+        progress=False,
+    )
     assert rep_a.block_size == 16 and rep_a.num_grads == 4 and len(rep_a.steps) == 2
     assert rep_a.sparsity == pytest.approx(0.6, abs=1e-4)
     assert all(torch.equal(masks_a[n], masks_b[n]) for n in masks_b)
     # one config for every method: magnitude notes the Fisher settings it does not use
     with caplog.at_level("INFO", logger="hf_mfac"):
-        _, rep = prune_oneshot(copy.deepcopy(random_bert), CALIB, config=config, method="magnitude", progress=False)
+        _, rep = prune_oneshot(
+            copy.deepcopy(random_bert), CALIB, config=config, method="magnitude", progress=False
+        )
     assert rep.method == "magnitude" and "ignoring" in caplog.text and "num_grads" in caplog.text
     with pytest.raises(ValueError, match="prune_sweep"):
-        prune_oneshot(copy.deepcopy(random_bert), CALIB, config=PruningConfig(sparsities=[0.3, 0.5]))
+        prune_oneshot(
+            copy.deepcopy(random_bert), CALIB, config=PruningConfig(sparsities=[0.3, 0.5])
+        )
     with pytest.raises(TypeError, match="PruningConfig"):
         prune_oneshot(copy.deepcopy(random_bert), CALIB, config={"sparsity": 0.5})
 
@@ -548,8 +763,9 @@ def test_config_as_a_value(random_bert):
     config = PruningConfig(method="magnitude", sparsity=0.3, scope="layer", include="intermediate")
     a, b, c = (copy.deepcopy(random_bert) for _ in range(3))
     masks_a, rep_a = prune_oneshot(a, None, config, sparsity=0.5)
-    masks_b, _ = prune_oneshot(b, method="magnitude", sparsity=0.5, scope="layer",
-                               include="intermediate")
+    masks_b, _ = prune_oneshot(
+        b, method="magnitude", sparsity=0.5, scope="layer", include="intermediate"
+    )
     assert rep_a.sparsity == pytest.approx(0.5, abs=1e-3) and rep_a.scope == "layer"
     assert masks_a.keys() == masks_b.keys() and all("intermediate" in n for n in masks_a)
     assert all(torch.equal(masks_a[n], masks_b[n]) for n in masks_b)

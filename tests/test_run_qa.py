@@ -1,5 +1,6 @@
-"""examples/run_qa.py: SQuAD loading, feature preparation, answer post-processing, EM/F1, and short runs
-(plain, --optim mfac, gradual pruning, one-shot pruning) with a tiny BERT and a tokenizer built from a word list."""
+"""examples/run_qa.py: SQuAD loading, feature preparation, answer post-processing, EM/F1, and short
+runs (plain, --optim mfac, gradual pruning, one-shot pruning) with a tiny BERT and a tokenizer built
+from a word list."""
 import importlib.util
 import json
 import os
@@ -17,7 +18,8 @@ _SPEC = importlib.util.spec_from_file_location(
 run_qa = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(run_qa)
 
-WORDS = ("the cat sat on mat red door blue dog ran to park where did who what color is a house bird flew over "
+WORDS = ("the cat sat on mat red door blue dog ran to park where did who what color is a house "
+         "bird flew over "
          "tree green sun rose in east").split()
 
 
@@ -57,7 +59,8 @@ def squad_json(path, n=20, v2=False, nested=True):
     return path
 
 
-# -- data ---------------------------------------------------------------------------------------------------
+# -- data
+# --------------------------------------------------------------------------------------------------
 def test_load_both_layouts(tmp_path):
     nested = run_qa.load_squad_file(squad_json(tmp_path / "a.json", n=6, v2=True))
     flat = run_qa.load_squad_file(squad_json(tmp_path / "b.json", n=6, v2=True, nested=False))
@@ -71,7 +74,8 @@ def test_load_both_layouts(tmp_path):
     assert run_qa.load_squad_file(str(tmp_path / "c.jsonl")) == flat
 
 
-# -- post-processing and metrics --------------------------------------------------------------------------
+# -- post-processing and metrics
+# --------------------------------------------------------------------------
 def _one_feature(context, token_spans, start_logits, end_logits, eid="x"):
     feats = [{"example_id": eid, "offset_mapping": [None] + token_spans}]
     return feats, (np.array([start_logits]), np.array([end_logits]))
@@ -87,7 +91,9 @@ def test_postprocess_picks_best_valid_span():
     ex = Dataset.from_list([{"id": "x", "context": ctx}])
     assert run_qa.postprocess_qa_predictions(ex, feats, preds) == {"x": "cat sat on the mat"}
     # max_answer_length=3 excludes "cat ... mat" (5 tokens): "on the mat" wins
-    assert run_qa.postprocess_qa_predictions(ex, feats, preds, max_answer_length=3) == {"x": "on the mat"}
+    assert run_qa.postprocess_qa_predictions(ex, feats, preds, max_answer_length=3) == {"x": "on "
+                                                                                             "the "
+                                                                                             "mat"}
     # end before start is never taken
     feats, preds = _one_feature(ctx, spans, [0, 0, 0, 0, 0, 0, 9.0], [0, 0, 9.0, 0, 0, 0, 0])
     assert run_qa.postprocess_qa_predictions(ex, feats, preds)["x"] in {"mat", "cat"}
@@ -98,10 +104,19 @@ def test_postprocess_v2_null_answer_and_files(tmp_path):
     spans = [(0, 3), (4, 7), (8, 11)]
     feats, preds = _one_feature(ctx, spans, [5.0, 0.0, 2.0, 0.0], [5.0, 0.0, 2.0, 0.0])
     ex = Dataset.from_list([{"id": "x", "context": ctx}])
-    assert run_qa.postprocess_qa_predictions(ex, feats, preds, version_2_with_negative=True) == {"x": ""}
+    assert run_qa.postprocess_qa_predictions(ex, feats, preds, version_2_with_negative=True) == {
+        "x": ""
+    }
     # null score 10 vs best span 4: with a threshold above 6 the span wins
-    out = run_qa.postprocess_qa_predictions(ex, feats, preds, version_2_with_negative=True,
-                                            null_score_diff_threshold=7.0, output_dir=str(tmp_path), prefix="eval")
+    out = run_qa.postprocess_qa_predictions(
+        ex,
+        feats,
+        preds,
+        version_2_with_negative=True,
+        null_score_diff_threshold=7.0,
+        output_dir=str(tmp_path),
+        prefix="eval",
+    )
     assert out == {"x": "cat"}
     assert json.load(open(tmp_path / "eval_null_odds.json")) == {"x": pytest.approx(6.0)}
     nbest = json.load(open(tmp_path / "eval_nbest_predictions.json"))["x"]
@@ -121,26 +136,37 @@ def test_postprocess_takes_best_over_features():
 def test_squad_metrics():
     assert run_qa.normalize_answer("The  Cat, sat!") == "cat sat"
     assert run_qa.f1_score("cat sat down", "the cat sat") == pytest.approx(0.8)
-    refs = [{"id": "a", "answers": {"text": ["on the mat", "the mat"], "answer_start": [0, 3]}},
-            {"id": "b", "answers": {"text": ["blue"], "answer_start": [0]}}]
+    refs = [
+        {"id": "a", "answers": {"text": ["on the mat", "the mat"], "answer_start": [0, 3]}},
+        {"id": "b", "answers": {"text": ["blue"], "answer_start": [0]}},
+    ]
     m = run_qa.squad_metrics({"a": "mat", "b": "red"}, refs)
     assert m == {"exact_match": 50.0, "f1": 50.0}
     m = run_qa.squad_metrics({"a": "the mat.", "b": "blue"}, refs)
     assert m == {"exact_match": 100.0, "f1": 100.0}
     refs2 = refs + [{"id": "c", "answers": {"text": [], "answer_start": []}}]
-    m2 = run_qa.squad_metrics({"a": "cat", "b": "blue", "c": ""}, refs2, version_2_with_negative=True)
+    m2 = run_qa.squad_metrics(
+        {"a": "cat", "b": "blue", "c": ""}, refs2, version_2_with_negative=True
+    )
     assert m2["NoAns_exact"] == 100.0 and m2["HasAns_exact"] == 50.0 and m2["total"] == 3
     assert m2["exact"] == pytest.approx(200 / 3)
     assert run_qa.squad_metrics({"c": "blue"}, refs2[2:], True)["exact"] == 0.0
 
 
-# -- short runs ---------------------------------------------------------------------------------------------
+# -- short runs
+# ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
     d = tmp_path_factory.mktemp("tiny_qa")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer.get_vocab()), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=len(tokenizer.get_vocab()),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertForQuestionAnswering(config).save_pretrained(d)
     tokenizer.save_pretrained(d)
     return d
@@ -150,11 +176,40 @@ def _run(model_dir, tmp_path, *extra, v2=False):
     train = squad_json(tmp_path / "train.json", n=24, v2=v2)
     dev = squad_json(tmp_path / "dev.json", n=8, v2=v2)
     out = tmp_path / "out"
-    args = ["--model_name_or_path", str(model_dir), "--train_file", str(train), "--validation_file", str(dev),
-            "--do_train", "--do_eval", "--max_seq_length", "32", "--doc_stride", "8", "--output_dir", str(out),
-            "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--max_steps", "6",
-            "--learning_rate", "1e-3", "--use_cpu", "--report_to", "none", "--save_strategy", "no",
-            "--disable_tqdm", "true", "--log_level", "error", *extra]
+    args = [
+        "--model_name_or_path",
+        str(model_dir),
+        "--train_file",
+        str(train),
+        "--validation_file",
+        str(dev),
+        "--do_train",
+        "--do_eval",
+        "--max_seq_length",
+        "32",
+        "--doc_stride",
+        "8",
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "8",
+        "--per_device_eval_batch_size",
+        "8",
+        "--max_steps",
+        "6",
+        "--learning_rate",
+        "1e-3",
+        "--use_cpu",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
+        "--log_level",
+        "error",
+        *extra,
+    ]
     if v2:
         args.append("--version_2_with_negative")
     trainer = run_qa.main(args)
@@ -181,9 +236,28 @@ def test_run_qa_v2_with_mfac(model_dir, tmp_path):
 
 
 def test_run_qa_gradual_pruning_with_distillation(model_dir, tmp_path):
-    trainer, out = _run(model_dir, tmp_path, "--prune_method", "obert", "--prune_sparsity", "0.5", "--prune_start",
-                        "1", "--prune_end", "4", "--prune_frequency", "1", "--prune_num_grads", "2",
-                        "--prune_block_size", "16", "--distill_teacher", "self", "--distill_hardness", "0.5")
+    trainer, out = _run(
+        model_dir,
+        tmp_path,
+        "--prune_method",
+        "obert",
+        "--prune_sparsity",
+        "0.5",
+        "--prune_start",
+        "1",
+        "--prune_end",
+        "4",
+        "--prune_frequency",
+        "1",
+        "--prune_num_grads",
+        "2",
+        "--prune_block_size",
+        "16",
+        "--distill_teacher",
+        "self",
+        "--distill_hardness",
+        "0.5",
+    )
     from hf_mfac.integrations.checkpoint import load_sparse_masks, read_sparsity_metadata
 
     masks = load_sparse_masks(out)
@@ -196,8 +270,20 @@ def test_run_qa_gradual_pruning_with_distillation(model_dir, tmp_path):
 
 
 def test_run_qa_oneshot_pruning(model_dir, tmp_path):
-    trainer, out = _run(model_dir, tmp_path, "--prune_method", "cap", "--prune_mode", "oneshot", "--prune_pattern",
-                        "2:4", "--prune_num_grads", "3", "--prune_block_size", "16")
+    trainer, out = _run(
+        model_dir,
+        tmp_path,
+        "--prune_method",
+        "cap",
+        "--prune_mode",
+        "oneshot",
+        "--prune_pattern",
+        "2:4",
+        "--prune_num_grads",
+        "3",
+        "--prune_block_size",
+        "16",
+    )
     from hf_mfac.integrations.checkpoint import load_sparse_masks
 
     masks = load_sparse_masks(out)
@@ -208,9 +294,10 @@ def test_run_qa_oneshot_pruning(model_dir, tmp_path):
 
 
 def test_features_label_the_answer_span(model_dir, tmp_path, tokenizer):
-    """The script's feature preparation (upstream's prepare_train_features / prepare_validation_features): long
-    contexts split into overlapping spans, each labelled with its answer's tokens or with CLS (answer not in the
-    span, or unanswerable); validation features keep their example id and the context offsets only."""
+    """The script's feature preparation (upstream's prepare_train_features /
+    prepare_validation_features): long contexts split into overlapping spans, each labelled with its
+    answer's tokens or with CLS (answer not in the span, or unanswerable); validation features keep
+    their example id and the context offsets only."""
     trainer, _ = _run(model_dir, tmp_path, "--max_seq_length", "24", "--max_steps", "1", v2=True)
     train, val = trainer.train_dataset, trainer.eval_dataset
     assert len(train) > 24, "long contexts are split into several spans"
@@ -224,11 +311,13 @@ def test_features_label_the_answer_span(model_dir, tmp_path, tokenizer):
         found.add(tokenizer.decode(f["input_ids"][s : e + 1]))
     assert found and found <= {a for _, a in QUESTIONS}
     assert set(val["example_id"]) == {f"q{i}" for i in range(8)}
-    assert all(f["offset_mapping"][0] is None for f in val)  # CLS and the question are outside the context
+    # CLS and the question are outside the context
+    assert all(f["offset_mapping"][0] is None for f in val)
 
 
 def test_run_qa_predict(model_dir, tmp_path):
-    """--do_predict on a test file: post-processed answers (predict_predictions.json) and their metrics."""
+    """--do_predict on a test file: post-processed answers (predict_predictions.json) and their
+    metrics."""
     test = squad_json(tmp_path / "test.json", n=6)
     _, out = _run(model_dir, tmp_path, "--do_predict", "--test_file", str(test), "--max_steps", "1")
     assert set(json.load(open(out / "predict_predictions.json"))) == {f"q{i}" for i in range(6)}

@@ -1,4 +1,5 @@
-"""Sparse checkpoints: stock transformers loads them exactly, compact form round-trips, bad input fails early."""
+"""Sparse checkpoints: stock transformers loads them exactly, compact form round-trips, bad input
+fails early."""
 import json
 import os
 import warnings
@@ -8,7 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForMaskedLM, BertForSequenceClassification  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+)
 
 import hf_mfac  # noqa: E402
 from hf_mfac.core.masks import nm_mask, threshold_masks  # noqa: E402
@@ -27,8 +33,14 @@ from hf_mfac.integrations.checkpoint import (  # noqa: E402
     read_sparsity_metadata,
 )
 
-CFG = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-           max_position_embeddings=32)
+CFG = dict(
+    vocab_size=101,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=32,
+)
 
 
 def tiny(cls=BertForSequenceClassification, **kw):
@@ -37,8 +49,11 @@ def tiny(cls=BertForSequenceClassification, **kw):
 
 
 def encoder_weights(model):
-    return {n: p for n, p in model.named_parameters()
-            if n.startswith("bert.encoder") and n.endswith(".weight") and p.dim() == 2}
+    return {
+        n: p
+        for n, p in model.named_parameters()
+        if n.startswith("bert.encoder") and n.endswith(".weight") and p.dim() == 2
+    }
 
 
 def prune(model, sparsity=0.8, pattern=None):
@@ -47,7 +62,9 @@ def prune(model, sparsity=0.8, pattern=None):
     if pattern == "2:4":
         masks = {n: nm_mask(p.detach().abs(), 2, 4) for n, p in weights.items()}
     else:
-        masks = threshold_masks({n: p.detach().abs() for n, p in weights.items()}, sparsity, scope="layer")
+        masks = threshold_masks(
+            {n: p.detach().abs() for n, p in weights.items()}, sparsity, scope="layer"
+        )
     with torch.no_grad():
         for n, p in weights.items():
             p.mul_(masks[n])
@@ -56,19 +73,25 @@ def prune(model, sparsity=0.8, pattern=None):
 
 def inputs():
     g = torch.Generator().manual_seed(1)
-    return {"input_ids": torch.randint(0, CFG["vocab_size"], (3, 9), generator=g),
-            "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    return {
+        "input_ids": torch.randint(0, CFG["vocab_size"], (3, 9), generator=g),
+        "attention_mask": torch.ones(3, 9, dtype=torch.long),
+    }
 
 
 def test_stock_from_pretrained_loads_exact_zeros_and_same_outputs(tmp_path):
     model = tiny()
     masks = prune(model, 0.8)
-    meta = save_sparse_pretrained(model, tmp_path, masks, method="obert", recipe={"sparsity": 0.8, "num_grads": 64})
+    meta = save_sparse_pretrained(
+        model, tmp_path, masks, method="obert", recipe={"sparsity": 0.8, "num_grads": 64}
+    )
     assert not hasattr(model.config, SPARSITY_KEY)  # the user's config is left as it was
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
-    assert not [w for w in caught if "hf_mfac" in str(w.message) or "config" in str(w.message).lower()]
+    assert not [
+        w for w in caught if "hf_mfac" in str(w.message) or "config" in str(w.message).lower()
+    ]
     assert type(loaded) is BertForSequenceClassification
     with torch.no_grad():
         assert torch.equal(model(**inputs()).logits, loaded(**inputs()).logits)
@@ -93,11 +116,17 @@ def test_masks_derived_from_exact_zeros_and_targets(tmp_path):
     model = tiny()
     masks = prune(model, 0.5)
     meta = save_sparse_pretrained(model, tmp_path / "a")
-    assert set(meta["per_layer"]) == set(masks)  # every encoder Linear weight, not the dense head/pooler
+    # every encoder Linear weight, not the dense head/pooler
+    assert set(meta["per_layer"]) == set(masks)
     assert all(torch.equal(load_sparse_masks(tmp_path / "a")[n], masks[n]) for n in masks)
-    meta = save_sparse_pretrained(model, tmp_path / "b", targets=[r"attention\.self\.query"], save_masks=False)
+    meta = save_sparse_pretrained(
+        model, tmp_path / "b", targets=[r"attention\.self\.query"], save_masks=False
+    )
     assert sorted(meta["per_layer"]) == sorted(n for n in masks if "query" in n)
-    assert meta["targets"] == [r"attention\.self\.query"] and not (tmp_path / "b" / MASKS_NAME).exists()
+    assert (
+        meta["targets"] == [r"attention\.self\.query"]
+        and not (tmp_path / "b" / MASKS_NAME).exists()
+    )
 
 
 def test_nm_pattern_detected_and_checked(tmp_path):
@@ -112,7 +141,9 @@ def test_nm_pattern_detected_and_checked(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("case", ["dense", "all_kept", "disagree", "unknown", "shape", "not01", "recipe", "no_match"])
+@pytest.mark.parametrize(
+    "case", ["dense", "all_kept", "disagree", "unknown", "shape", "not01", "recipe", "no_match"]
+)
 def test_bad_input_raises_before_writing(tmp_path, case):
     model = tiny()
     masks = prune(model, 0.5) if case not in ("dense",) else None
@@ -157,7 +188,9 @@ def test_compact_round_trip_exact(tmp_path, dtype):
     report = save_compact_pretrained(model, tmp_path, masks, method="magnitude")
     assert sorted(os.listdir(tmp_path)) == ["config.json", COMPACT_WEIGHTS_NAME]
     assert report["compact_bytes"] == os.path.getsize(tmp_path / COMPACT_WEIGHTS_NAME)
-    assert report["compact_bytes"] < report["dense_bytes"] and report["saving"] == pytest.approx(1 - report["ratio"])
+    assert report["compact_bytes"] < report["dense_bytes"] and report["saving"] == pytest.approx(
+        1 - report["ratio"]
+    )
     assert read_sparsity_metadata(tmp_path)["format"] == "compact"
     loaded, loaded_masks = load_compact_pretrained(tmp_path, return_masks=True)
     assert type(loaded) is BertForSequenceClassification
@@ -165,10 +198,13 @@ def test_compact_round_trip_exact(tmp_path, dtype):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-    assert all(torch.equal(loaded_masks[n], masks[n]) for n in masks) and set(loaded_masks) == set(masks)
+    assert all(torch.equal(loaded_masks[n], masks[n]) for n in masks) and set(loaded_masks) == set(
+        masks
+    )
     with torch.no_grad():
         assert torch.equal(model(**inputs()).logits, loaded(**inputs()).logits)
-    with pytest.raises(OSError):  # stock loaders refuse the folder instead of loading random weights
+    # stock loaders refuse the folder instead of loading random weights
+    with pytest.raises(OSError):
         AutoModelForSequenceClassification.from_pretrained(tmp_path)
 
 
@@ -179,7 +215,10 @@ def test_compact_keeps_tied_weights(tmp_path):
     masks = prune(model, 0.8)
     save_compact_pretrained(model, tmp_path, masks)
     loaded = load_compact_pretrained(tmp_path)
-    assert loaded.cls.predictions.decoder.weight.data_ptr() == loaded.bert.embeddings.word_embeddings.weight.data_ptr()
+    assert (
+        loaded.cls.predictions.decoder.weight.data_ptr()
+        == loaded.bert.embeddings.word_embeddings.weight.data_ptr()
+    )
     assert torch.equal(loaded.bert.embeddings.word_embeddings.weight, emb)
     with torch.no_grad():
         assert torch.equal(model(**inputs()).logits, loaded(**inputs()).logits)
@@ -187,7 +226,11 @@ def test_compact_keeps_tied_weights(tmp_path):
 
 def test_is_nm_sparse():
     w = torch.tensor([[1.0, 0, 2, 0, 0, 0, 0, 3]])
-    assert is_nm_sparse(w, 2, 4) and is_nm_sparse(w, 1, 4) is False and not is_nm_sparse(w[:, :6], 2, 4)
+    assert (
+        is_nm_sparse(w, 2, 4)
+        and is_nm_sparse(w, 1, 4) is False
+        and not is_nm_sparse(w[:, :6], 2, 4)
+    )
     assert is_nm_sparse(torch.tensor([[True, False, True, False]]))
 
 
@@ -209,11 +252,17 @@ def test_export_semi_structured_falls_back_on_cpu():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
-                    reason="2:4 sparse kernels need a CUDA GPU with compute capability >= 8.0")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+    reason="2:4 sparse kernels need a CUDA GPU with compute capability >= 8.0",
+)
 def test_export_semi_structured_on_gpu():
     torch.manual_seed(0)
-    lin = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256)).cuda().half()
+    lin = (
+        torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256))
+        .cuda()
+        .half()
+    )
     with torch.no_grad():
         for m in (lin[0], lin[2]):
             m.weight.mul_(nm_mask(m.weight.abs(), 2, 4))
@@ -225,10 +274,13 @@ def test_export_semi_structured_on_gpu():
         torch.testing.assert_close(lin(x), ref, rtol=1e-2, atol=1e-2)
 
 
-# -- a save replaces the previous one whole, and keeps what it did not write ---------------------------------
+# -- a save replaces the previous one whole, and keeps what it did not write
+# ---------------------------------
+
 
 def previous_save(out, kind):
-    """An earlier save of another model (seed 1, 30 % sparse) in ``out``, plus files the user put there."""
+    """An earlier save of another model (seed 1, 30 % sparse) in ``out``, plus files the user put
+    there."""
     torch.manual_seed(1)
     old = BertForSequenceClassification(BertConfig(**CFG, num_labels=3)).eval()
     masks = prune(old, 0.3)
@@ -263,13 +315,24 @@ def test_save_replaces_previous_save(tmp_path, old, new):
     if new == "compact":
         save_compact_pretrained(model, out, masks)
     else:
-        save_sparse_pretrained(model, out, masks, save_masks=new != "dense-no-masks",
-                               **({"max_shard_size": "40KB"} if new == "dense-sharded" else {}))
+        save_sparse_pretrained(
+            model,
+            out,
+            masks,
+            save_masks=new != "dense-no-masks",
+            **({"max_shard_size": "40KB"} if new == "dense-sharded" else {}),
+        )
     files = set(os.listdir(out))
-    assert {"README.md", "tokenizer.json", "notes"} <= files and (out / "notes" / "a.txt").read_text() == "kept"
+    assert {"README.md", "tokenizer.json", "notes"} <= files and (
+        out / "notes" / "a.txt"
+    ).read_text() == "kept"
     assert not [f for f in files if f.startswith(".")]  # no staging folder left
-    weights = {f for f in files if f.endswith((".safetensors", ".bin", ".json")) and f not in (
-        "config.json", "tokenizer.json", MASKS_NAME)}
+    weights = {
+        f
+        for f in files
+        if f.endswith((".safetensors", ".bin", ".json"))
+        and f not in ("config.json", "tokenizer.json", MASKS_NAME)
+    }
     if new == "compact":
         assert weights == {COMPACT_WEIGHTS_NAME} and MASKS_NAME not in files
         assert_same_state(load_compact_pretrained(out), model)
@@ -279,8 +342,9 @@ def test_save_replaces_previous_save(tmp_path, old, new):
     if new == "dense-sharded":
         shards = {f for f in weights if "-of-" in f}
         assert len(shards) > 1 and weights == shards | {"model.safetensors.index.json"}
-        assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].keys() <= set(
-            model.state_dict())
+        assert json.loads((out / "model.safetensors.index.json").read_text())[
+            "weight_map"
+        ].keys() <= set(model.state_dict())
     else:
         assert weights == {"model.safetensors"}
     assert (MASKS_NAME in files) == (new != "dense-no-masks")
@@ -299,7 +363,9 @@ def test_save_into_a_new_nested_folder_leaves_nothing_beside_it(tmp_path):
     masks = prune(model, 0.5)
     save_sparse_pretrained(model, tmp_path / "a" / "b", masks)
     assert os.listdir(tmp_path) == ["a"] and os.listdir(tmp_path / "a") == ["b"]
-    assert sorted(os.listdir(tmp_path / "a" / "b")) == sorted(["config.json", "model.safetensors", MASKS_NAME])
+    assert sorted(os.listdir(tmp_path / "a" / "b")) == sorted(
+        ["config.json", "model.safetensors", MASKS_NAME]
+    )
 
 
 def test_save_through_a_symlinked_folder(tmp_path):
@@ -313,13 +379,24 @@ def test_save_through_a_symlinked_folder(tmp_path):
 
 
 def test_compact_loader_refuses_lookalike_classes(tmp_path):
-    """architectures must name a transformers model class taking this config; anything else is never looked up."""
+    """architectures must name a transformers model class taking this config; anything else is never
+    looked up."""
     model = tiny()
     save_compact_pretrained(model, tmp_path, prune(model, 0.5))
     config = json.loads((tmp_path / "config.json").read_text())
-    for arch in (["os.system"], ["eval"], ["PreTrainedModel"], ["BertConfig"], ["GPT2Model"], ["AutoModel"]):
+    for arch in (
+        ["os.system"],
+        ["eval"],
+        ["PreTrainedModel"],
+        ["BertConfig"],
+        ["GPT2Model"],
+        ["AutoModel"],
+    ):
         (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": arch}))
         with pytest.raises(ValueError, match="architectures"):
             load_compact_pretrained(tmp_path)
     # model_cls= still chooses the class explicitly
-    assert type(load_compact_pretrained(tmp_path, BertForSequenceClassification)) is BertForSequenceClassification
+    assert (
+        type(load_compact_pretrained(tmp_path, BertForSequenceClassification))
+        is BertForSequenceClassification
+    )

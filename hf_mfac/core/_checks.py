@@ -1,5 +1,6 @@
-"""Argument checks (numbers, integers, damping, sparsity, tensors, finiteness), the damped-Cholesky fallback
-and the free-memory probe, shared by the core solvers, the optimizer and the integrations."""
+"""Argument checks (numbers, integers, damping, sparsity, tensors, finiteness), the damped-Cholesky
+fallback and the free-memory probe, shared by the core solvers, the optimizer and the
+integrations."""
 from __future__ import annotations
 
 import contextlib
@@ -29,7 +30,8 @@ def check_damp(damp: float, name: str = "damp") -> float:
 
 def check_real(name: str, value, *, low: float | None = None, low_open: bool = False,
                high: float | None = None, high_open: bool = False) -> float:
-    """``value`` as a finite float within the given bounds; ``TypeError``/``ValueError`` naming ``name``."""
+    """``value`` as a finite float within the given bounds; ``TypeError``/``ValueError`` naming
+    ``name``."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -45,10 +47,14 @@ def check_real(name: str, value, *, low: float | None = None, low_open: bool = F
 
 
 def check_int(name: str, value, *, low: int = 1) -> int:
-    """``value`` as an int >= ``low`` (integral floats such as 1024.0 are accepted); names ``name``."""
+    """``value`` as an int >= ``low`` (integral floats such as 1024.0 are accepted); names
+    ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be an integer; got {value!r} ({type(value).__name__})")
-    if not (isinstance(value, numbers.Integral) or (math.isfinite(float(value)) and float(value).is_integer())):
+    if not (
+        isinstance(value, numbers.Integral)
+        or (math.isfinite(float(value)) and float(value).is_integer())
+    ):
         raise ValueError(f"{name} must be an integer; got {value!r}")
     v = int(value)
     if v < low:
@@ -57,8 +63,8 @@ def check_int(name: str, value, *, low: int = 1) -> int:
 
 
 def check_positive_int(name: str, value) -> int:
-    """:func:`check_int` with ``low=1`` (a one-element tensor counts as its value), raising ``ValueError``
-    "``name`` must be a positive integer" whatever is wrong."""
+    """:func:`check_int` with ``low=1`` (a one-element tensor counts as its value), raising
+    ``ValueError`` "``name`` must be a positive integer" whatever is wrong."""
     item = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
     try:
         return check_int(name, item, low=1)
@@ -69,29 +75,37 @@ def check_positive_int(name: str, value) -> int:
 def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
     sparsity = float(sparsity)
     if not (0.0 <= sparsity < 1.0):
-        raise ValueError(f"{name} must lie in [0, 1) (the fraction of weights set to zero); got {sparsity}")
+        raise ValueError(
+            f"{name} must lie in [0, 1) (the fraction of weights set to zero); got {sparsity}"
+        )
     return sparsity
 
 
-def check_float_tensor(name: str, t, ndim: int | None = None, size: tuple | None = None) -> torch.Tensor:
+def check_float_tensor(
+    name: str, t, ndim: int | None = None, size: tuple | None = None
+) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating-point tensor (fp16/bf16/fp32/fp64); got {t.dtype}")
+        raise TypeError(
+            f"{name} must be a floating-point tensor (fp16/bf16/fp32/fp64); got {t.dtype}"
+        )
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimension(s); got shape {tuple(t.shape)}")
     if size is not None:
         for i, s in enumerate(size):
             if s is not None and t.shape[i] != s:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}; "
-                                 f"expected {tuple('*' if s is None else s for s in size)}")
+                raise ValueError(
+                    f"{name} has shape {tuple(t.shape)}; "
+                    f"expected {tuple('*' if s is None else s for s in size)}"
+                )
     return t
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """True if ``t`` has no NaN/inf. A sum is one cheap pass (``isfinite().all()`` materialises a bool
-    tensor and is ~10x slower on CPU); only a non-finite sum (NaN/inf inside, or an overflow of huge
-    values) is checked element-wise."""
+    """True if ``t`` has no NaN/inf. A sum is one cheap pass (``isfinite().all()`` materialises a
+    bool tensor and is ~10x slower on CPU); only a non-finite sum (NaN/inf inside, or an overflow of
+    huge values) is checked element-wise."""
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=acc))):
         return True
@@ -101,19 +115,23 @@ def all_finite(t: torch.Tensor) -> bool:
 def check_finite(name: str, t: torch.Tensor) -> None:
     if not all_finite(t):
         raise FloatingPointError(
-            f"{name} contains NaN or inf values; nothing was changed. Check the loss scale / learning rate, "
+            f"{name} contains NaN or inf values; nothing was changed. Check the loss scale / "
+            "learning rate, "
             "or skip this batch (the optimizer's nonfinite='skip' does that)."
         )
 
 
-def damped_cholesky(K: torch.Tensor, shift: torch.Tensor | float, what: str, max_tries: int = 8,
-                    warn: bool = True):
-    """Cholesky of ``K`` (batch allowed); where it fails, retry with ``K + 10^t * shift * I`` and warn.
+def damped_cholesky(
+    K: torch.Tensor, shift: torch.Tensor | float, what: str, max_tries: int = 8, warn: bool = True
+):
+    """Cholesky of ``K`` (batch allowed); where it fails, retry with ``K + 10^t * shift * I`` and
+    warn.
 
-    ``shift`` is the diagonal that the damping already contributes (scalar or per-batch), so each retry
-    multiplies the effective damping by 10. The retry is logged as a warning (debug level with
-    ``warn=False``, for callers that warn once themselves). Returns ``(L, extra)``, where ``extra`` is the diagonal
-    added to each matrix (zeros where the first try worked). Raises instead of returning non-finite values.
+    ``shift`` is the diagonal that the damping already contributes (scalar or per-batch), so each
+    retry multiplies the effective damping by 10. The retry is logged as a warning (debug level with
+    ``warn=False``, for callers that warn once themselves). Returns ``(L, extra)``, where ``extra``
+    is the diagonal added to each matrix (zeros where the first try worked). Raises instead of
+    returning non-finite values.
     """
     L, info = torch.linalg.cholesky_ex(K)
     extra = torch.zeros(K.shape[:-2], dtype=K.dtype, device=K.device)
@@ -134,18 +152,23 @@ def damped_cholesky(K: torch.Tensor, shift: torch.Tensor | float, what: str, max
             n = int((extra > 0).sum())
             (logger.warning if warn else logger.debug)(
                 "%s: Cholesky failed for %d matrix(es); retried with up to %.1e more damping.",
-                what, n, float(extra.max()))
+                what,
+                n,
+                float(extra.max()),
+            )
             return L, extra
     raise FloatingPointError(
-        f"{what}: Cholesky failed even after adding {10.0**max_tries:g} times the damping; the inputs are "
+        f"{what}: Cholesky failed even after adding {10.0**max_tries:g} times the damping; the "
+        "inputs are "
         "probably non-finite or wildly scaled. Increase damp or check the gradients."
     )
 
 
 def page_bytes(device, sizes: dict, default: int) -> int:
-    """Bytes of one page of a paged routine on ``device``: ``sizes[device.type]`` when given (on a CPU, pages
-    small enough to stay in cache), else ``default`` (on an accelerator every page costs a few kernel launches
-    per step, so pages are large there and bounded only by the memory they take)."""
+    """Bytes of one page of a paged routine on ``device``: ``sizes[device.type]`` when given (on a
+    CPU, pages small enough to stay in cache), else ``default`` (on an accelerator every page costs
+    a few kernel launches per step, so pages are large there and bounded only by the memory they
+    take)."""
     return int(sizes.get(torch.device(device).type, default))
 
 
@@ -153,7 +176,8 @@ MEMINFO = "/proc/meminfo"
 
 
 def read_meminfo(path: str = MEMINFO) -> dict[str, int]:
-    """The fields of ``/proc/meminfo`` in bytes (``{"MemAvailable": ..., ...}``); empty where there is none."""
+    """The fields of ``/proc/meminfo`` in bytes (``{"MemAvailable": ..., ...}``); empty where there
+    is none."""
     out = {}
     with contextlib.suppress(OSError, ValueError):
         with open(path) as f:
@@ -166,10 +190,11 @@ def read_meminfo(path: str = MEMINFO) -> dict[str, int]:
 
 
 def host_available_bytes() -> int | None:
-    """Host memory a new allocation can get: ``psutil.virtual_memory().available`` where psutil is installed,
-    else ``MemAvailable`` of ``/proc/meminfo`` (free pages plus the page cache and reclaimable memory the kernel
-    gives back), else the free physical pages (``SC_AVPHYS_PAGES``, which leaves out the page cache and so
-    understates what is available, often by many GiB), else None."""
+    """Host memory a new allocation can get: ``psutil.virtual_memory().available`` where psutil is
+    installed, else ``MemAvailable`` of ``/proc/meminfo`` (free pages plus the page cache and
+    reclaimable memory the kernel gives back), else the free physical pages (``SC_AVPHYS_PAGES``,
+    which leaves out the page cache and so understates what is available, often by many GiB), else
+    None."""
     try:
         import psutil
     except ImportError:
@@ -186,8 +211,9 @@ def host_available_bytes() -> int | None:
 
 
 def free_bytes(device) -> int | None:
-    """Free memory on ``device`` in bytes (CUDA: ``mem_get_info``; CPU: :func:`host_available_bytes`), or None
-    when it cannot be told. Used to fail early, with the number, before a large allocation."""
+    """Free memory on ``device`` in bytes (CUDA: ``mem_get_info``; CPU:
+    :func:`host_available_bytes`), or None when it cannot be told. Used to fail early, with the
+    number, before a large allocation."""
     device = torch.device(device)
     # unknown (no such device, a build without it): don't block
     with contextlib.suppress(ValueError, OSError, RuntimeError, AttributeError, AssertionError):

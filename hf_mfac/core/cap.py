@@ -2,16 +2,17 @@
 
 Inside each block of B weights, repeatedly remove the weight with the smallest current OBS score
 ``w_j^2 / (2 [H^{-1}]_jj)``, apply its OBS update to the rest of the block and downdate the block
-inverse by the rank-1 Schur complement ``H^{-1} <- H^{-1} - H^{-1}_{:,j} H^{-1}_{j,:} / H^{-1}_jj`` (the OBC
-step). The running sum of the step scores is the joint group saliency ``rho_Q`` [CAP, eqs. 5, 7] of
-the set removed so far. Then merge globally: prune the k smallest recorded losses (one k-th value
-selection, no sort), and give each block the prefix of its elimination order that falls under the threshold.
+inverse by the rank-1 Schur complement ``H^{-1} <- H^{-1} - H^{-1}_{:,j} H^{-1}_{j,:} / H^{-1}_jj``
+(the OBC step). The running sum of the step scores is the joint group saliency ``rho_Q`` [CAP, eqs.
+5, 7] of the set removed so far. Then merge globally: prune the k smallest recorded losses (one k-th
+value selection, no sort), and give each block the prefix of its elimination order that falls under
+the threshold.
 
-Memory: the reference code saves the block's weights after every step ((B+1) d values). Here only the
-elimination order and the losses are kept (O(d)); the chosen prefix is applied with the joint OBS
-solve ``w - H^{-1}_{:,P} (H^{-1}_{PP})^{-1} w_P``, which equals the sequential OBS/downdate replay
-exactly (the sequential eliminations solve the same constrained quadratic). The elimination runs on
-pages of blocks so the working copy of the inverses is bounded too.
+Memory: the reference code saves the block's weights after every step ((B+1) d values). Here only
+the elimination order and the losses are kept (O(d)); the chosen prefix is applied with the joint
+OBS solve ``w - H^{-1}_{:,P} (H^{-1}_{PP})^{-1} w_P``, which equals the sequential OBS/downdate
+replay exactly (the sequential eliminations solve the same constrained quadratic). The elimination
+runs on pages of blocks so the working copy of the inverses is bounded too.
 """
 from __future__ import annotations
 
@@ -24,16 +25,19 @@ from .obs import block_obs_update
 
 __all__ = ["cap_eliminate", "cap_select", "cap_apply", "cap_prune"]
 
-# fp64 inverses of one page of blocks, per device type: small enough to stay in cache on a CPU; other devices
-# (accelerators, where each of the B steps of a page costs kernel launches) use _ACCEL_PAGE_BYTES
+# fp64 inverses of one page of blocks, per device type: small enough to stay in cache on a CPU;
+# other devices (accelerators, where each of the B steps of a page costs kernel launches) use
+# _ACCEL_PAGE_BYTES
 _PAGE_BYTES = {"cpu": 8 << 20}
 _ACCEL_PAGE_BYTES = 128 << 20
-_LAZY = 8  # rank-1 downdates delayed and folded into the inverses with one GEMM (see _eliminate_page)
+# rank-1 downdates delayed and folded into the inverses with one GEMM (see _eliminate_page)
+_LAZY = 8
 
 
 def _page(B: int, device) -> int:
-    """Blocks per page: on a CPU 8 MiB of fp64 inverses (256 blocks at B = 64, 4096 at B = 16), which ran 3x
-    faster there than 2048 blocks of 64 (a memory-bound rank-1 downdate per step); 128 MiB on an accelerator."""
+    """Blocks per page: on a CPU 8 MiB of fp64 inverses (256 blocks at B = 64, 4096 at B = 16),
+    small enough for the memory-bound rank-1 downdate of each step to stay in cache; 128 MiB on an
+    accelerator."""
     return max(1, page_bytes(device, _PAGE_BYTES, _ACCEL_PAGE_BYTES) // (8 * B * B))
 
 
@@ -53,19 +57,21 @@ def cap_eliminate(w: torch.Tensor, hinv: torch.Tensor, *, valid: torch.Tensor | 
     """Greedy per-block elimination, vectorised over blocks.
 
     w (nb, B) weights; hinv (nb, B, B) block inverses (not modified; a tensor or a
-    :class:`~hf_mfac.core.BlockFisherInverse`, unpacked a page at a time); valid (nb, B) bool, False for
-    padding (never eliminated); forced (nb, B) bool, weights already pruned (eliminated first, at zero
-    loss, so the inverses are downdated for them); nm=(N, M): never eliminate a weight whose group of M
-    already has M - N zeros. Returns (order (nb, B) long, losses (nb, B) fp64): ``order[:, t]`` is the
-    weight removed at step t and ``losses[:, t]`` the cumulative saliency after it (inf, and an
-    arbitrary order entry, where no weight could be removed). Cost O(nb B^3) = O(d B^2).
+    :class:`~hf_mfac.core.BlockFisherInverse`, unpacked a page at a time); valid (nb, B) bool, False
+    for padding (never eliminated); forced (nb, B) bool, weights already pruned (eliminated first,
+    at zero loss, so the inverses are downdated for them); nm=(N, M): never eliminate a weight whose
+    group of M already has M - N zeros. Returns (order (nb, B) long, losses (nb, B) fp64):
+    ``order[:, t]`` is the weight removed at step t and ``losses[:, t]`` the cumulative saliency
+    after it (inf, and an arbitrary order entry, where no weight could be removed). Cost O(nb B^3) =
+    O(d B^2).
     """
     if w.dim() != 2:
         raise ValueError(f"w must be (blocks, block size); got shape {tuple(w.shape)}")
     nb, B = w.shape
     check_positive_int("block size", B)
     if block_shape(hinv) != (nb, B, B):
-        raise ValueError(f"hinv must hold one ({B}, {B}) inverse per block of w, shape ({nb}, {B}, {B}); "
+        raise ValueError(f"hinv must hold one ({B}, {B}) inverse per block of w, shape ({nb}, {B}, "
+                         f"{B}); "
                          f"got {block_shape(hinv)}")
     for name, mask in (("valid", valid), ("forced", forced)):
         if mask is not None and tuple(mask.shape) != (nb, B):
@@ -86,7 +92,7 @@ def cap_eliminate(w: torch.Tensor, hinv: torch.Tensor, *, valid: torch.Tensor | 
 
 class _Work:
     """Working buffers of one page, allocated once per call and reused by every page (a fresh 8 MiB
-    allocation per page costs its page faults again: the fp32 -> fp64 copy of the inverses ran 2x slower)."""
+    allocation per page would pay its page faults again)."""
 
     def __init__(self, page: int, B: int, device):
         f64 = torch.float64
@@ -95,28 +101,32 @@ class _Work:
         self.W = torch.empty(page, B, dtype=f64, device=device)
         self.score = torch.empty(page, B, dtype=f64, device=device)
         self.bias = torch.empty(page, B, dtype=f64, device=device)
-        self.order = torch.empty(B, page, dtype=torch.long, device=device)  # step-major: one row per step
+        # step-major: one row per step
+        self.order = torch.empty(B, page, dtype=torch.long, device=device)
         self.losses = torch.empty(B, page, dtype=f64, device=device)
         self.base = torch.arange(0, page * B, B, device=device)  # offset of each block's first row
 
 
 def _eliminate_page(work, w, hinv, valid, forced, nm):
-    """The greedy elimination of one page of blocks, with the rank-1 downdates of the inverses delayed.
+    """The greedy elimination of one page of blocks, with the rank-1 downdates of the inverses
+    delayed.
 
-    After t steps the inverse is ``H_t = H_0 - U U^T`` with ``U = [u_1 ... u_t]``, ``u_s = col_s / sqrt(d_s)``.
-    The greedy step needs only ``diag(H_t)`` (kept as a vector, ``-= u^2`` per step) and column ``j`` of ``H_t``
-    (row ``j`` of ``H`` minus ``sum_s u_s u_s[j]`` over the k delayed vectors, ``H`` being symmetric); every
-    ``_LAZY`` steps the delayed vectors are folded into H with one batched GEMM (``baddbmm``). Same arithmetic
-    as the step-by-step downdate ``H -= col col^T / d``, with about ``2 B / _LAZY`` times less memory traffic
-    per step. Rows and entries are read through flat indices (``index_select``/``index_fill_`` on contiguous
-    rows), not ``H[rows, :, j]`` gathers, and the delayed vectors are stored one contiguous (nb, B) slab each.
-    Returns (order, losses) step-major, (B, nb).
+    After t steps the inverse is ``H_t = H_0 - U U^T`` with ``U = [u_1 ... u_t]``, ``u_s = col_s /
+    sqrt(d_s)``. The greedy step needs only ``diag(H_t)`` (kept as a vector, ``-= u^2`` per step)
+    and column ``j`` of ``H_t`` (row ``j`` of ``H`` minus ``sum_s u_s u_s[j]`` over the k delayed
+    vectors, ``H`` being symmetric); every ``_LAZY`` steps the delayed vectors are folded into H
+    with one batched GEMM (``baddbmm``). Same arithmetic as the step-by-step downdate ``H -= col
+    col^T / d``, with about ``2 B / _LAZY`` times less memory traffic per step. Rows and entries are
+    read through flat indices (``index_select``/``index_fill_`` on contiguous rows), not ``H[rows,
+    :, j]`` gathers, and the delayed vectors are stored one contiguous (nb, B) slab each. Returns
+    (order, losses) step-major, (B, nb).
     """
     nb, B = w.shape
     dev = w.device
     W = work.W[:nb]
     W.copy_(w)
-    H = hinv  # the page's inverses, unpacked into the working buffer work.H by the caller (overwritten here)
+    # the page's inverses, unpacked into the working buffer work.H by the caller (overwritten here)
+    H = hinv
     Hf = H.view(nb * B, B)  # row b * B + i: row i (= column i) of block b
     diag = H.diagonal(dim1=-2, dim2=-1).clone()  # (nb, B) diag(H_t)
     Wf = W.view(-1)
@@ -138,10 +148,12 @@ def _eliminate_page(work, w, hinv, valid, forced, nm):
     score = work.score[:nb]
     cum = torch.zeros(nb, dtype=torch.float64, device=dev)
     for t in range(B):
-        torch.addcdiv(bias, W.square(), diag.clamp_min(1e-300), value=0.5, out=score)  # w^2 / (2 d) or inf
+        # w^2 / (2 d) or inf
+        torch.addcdiv(bias, W.square(), diag.clamp_min(1e-300), value=0.5, out=score)
         if forced_left:  # already pruned weights go first, at zero loss, in index order
             score.masked_fill_(force, -1.0)
-        step, j = score.min(1)  # (nb,): the first minimum, as argmin (and faster than argmin on CPU)
+        # (nb,): the first minimum, as argmin (and faster than argmin on CPU)
+        step, j = score.min(1)
         flat = base + j
         ok = step < inf  # False where the block has no candidate left
         cum = torch.where(ok, cum + step.clamp_min(0), cum)
@@ -155,19 +167,22 @@ def _eliminate_page(work, w, hinv, valid, forced, nm):
         dj = col.gather(1, j[:, None]).clamp_min_(1e-300)  # (nb, 1)
         coef = torch.where(ok[:, None], Wf.index_select(0, flat)[:, None] / dj, 0.0)
         W.addcmul_(coef, col, value=-1.0)  # OBS update of the remaining weights
-        Wf.index_fill_(0, flat, 0.0)  # (where not ok, j is no candidate: its value is never read again)
+        # (where not ok, j is no candidate: its value is never read again)
+        Wf.index_fill_(0, flat, 0.0)
         u = torch.mul(col, torch.where(ok[:, None], dj.rsqrt(), 0.0), out=U[k])
         diag.addcmul_(u, u, value=-1.0)
         k += 1
         if k == K and t + 1 < B:
-            H.baddbmm_(U.permute(1, 2, 0), U.permute(1, 0, 2), alpha=-1.0)  # fold the delayed downdates
+            # fold the delayed downdates
+            H.baddbmm_(U.permute(1, 2, 0), U.permute(1, 0, 2), alpha=-1.0)
             k = 0
         bias.view(-1).index_fill_(0, flat, inf)
         if forced_left:
             force.view(-1).index_fill_(0, flat, False)
             forced_left = bool(force.any())
         if nm is not None:
-            zeros_in_group.view(-1).index_add_(0, torch.div(flat, m, rounding_mode="floor"), ok.long())
+            zeros_in_group.view(-1).index_add_(0, torch.div(flat, m, rounding_mode="floor"),
+                                               ok.long())
             full = (zeros_in_group >= m - n).repeat_interleave(m, dim=1)
             bias.masked_fill_(full, inf)
             if forced_left:  # a forced weight in a group that has its zeros is no candidate either
@@ -180,10 +195,10 @@ def cap_select(losses: torch.Tensor, k: int, block_groups: torch.Tensor | None =
                k_per_group: dict | list | None = None) -> torch.Tensor:
     """Global merge: prune the ``k`` smallest recorded losses; returns per-block counts (nb,).
 
-    The losses are non-decreasing along each block's order, and ties go by position (as in a stable sort), so
-    each block's selection is a prefix of its elimination order. With ``block_groups`` (nb,) and
-    ``k_per_group`` (one count per group id), the merge is done within each group instead (uniform
-    per-layer sparsity).
+    The losses are non-decreasing along each block's order, and ties go by position (as in a stable
+    sort), so each block's selection is a prefix of its elimination order. With ``block_groups``
+    (nb,) and ``k_per_group`` (one count per group id), the merge is done within each group instead
+    (uniform per-layer sparsity).
     """
     nb, B = losses.shape
     if block_groups is None:
@@ -199,27 +214,31 @@ def _k_smallest(losses: torch.Tensor, k: int) -> torch.Tensor:
     nb, B = losses.shape
     finite = int(torch.isfinite(losses).sum())
     if not 0 <= k <= finite:
-        raise ValueError(f"cannot prune {k} weights: only {finite} are prunable under the constraints")
-    # the k smallest with ties by position (what a stable sort's first k are), from one selection: no sort
+        raise ValueError(f"cannot prune {k} weights: only {finite} are prunable under the "
+                         "constraints")
+    # the k smallest with ties by position (what a stable sort's first k are), from one selection:
+    # no sort
     return lowest_k_mask(losses, k).count_nonzero(1)
 
 
 def cap_apply(w: torch.Tensor, hinv: torch.Tensor, order: torch.Tensor, counts: torch.Tensor):
-    """Weights after removing the first ``counts[b]`` weights of each block's ``order``: the joint OBS
-    update ``w - H^{-1}_{:,P} (H^{-1}_{PP})^{-1} w_P`` with ``w_P`` set exactly to 0.
-    Returns (new weights (nb, B) in w's dtype, pruned mask (nb, B) bool). Cost O(d B^2)."""
+    """Weights after removing the first ``counts[b]`` weights of each block's ``order``: the joint
+    OBS update ``w - H^{-1}_{:,P} (H^{-1}_{PP})^{-1} w_P`` with ``w_P`` set exactly to 0. Returns
+    (new weights (nb, B) in w's dtype, pruned mask (nb, B) bool). Cost O(d B^2)."""
     nb, B = w.shape
-    steps = torch.arange(B, device=w.device)[None, :] < counts[:, None]  # (nb, B) prefix of the order
+    # (nb, B) prefix of the order
+    steps = torch.arange(B, device=w.device)[None, :] < counts[:, None]
     # scatter_add: after the last possible elimination the order repeats index 0 (steps past counts)
-    pruned = torch.zeros(nb, B, dtype=torch.long, device=w.device).scatter_add_(1, order, steps.long()) > 0
+    pruned = torch.zeros(nb, B, dtype=torch.long,
+                         device=w.device).scatter_add_(1, order, steps.long()) > 0
     return block_obs_update(w, hinv, pruned)[0], pruned
 
 
 def cap_prune(w: torch.Tensor, hinv: torch.Tensor, k: int, *, valid=None, forced=None, nm=None,
               block_groups=None, k_per_group=None):
-    """Eliminate, merge and apply in one call. ``k`` is the total number of weights to prune (counting
-    the ``forced`` ones); with ``nm`` every group gets exactly M - N zeros and ``k`` is ignored.
-    Returns (new weights (nb, B), pruned mask (nb, B), losses (nb, B))."""
+    """Eliminate, merge and apply in one call. ``k`` is the total number of weights to prune
+    (counting the ``forced`` ones); with ``nm`` every group gets exactly M - N zeros and ``k`` is
+    ignored. Returns (new weights (nb, B), pruned mask (nb, B), losses (nb, B))."""
     check_positive_int("block size", w.shape[1])
     order, losses = cap_eliminate(w, hinv, valid=valid, forced=forced, nm=nm)
     if nm is not None:

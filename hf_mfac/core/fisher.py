@@ -19,10 +19,9 @@ within ``SUM_TOL * λ`` for a relative damping and the announced number of gradi
 (:func:`sum_dtype`), else fp64. With the relative damping ``λ = rel_damp * |g|^2`` both rules are
 free of the gradients' scale: at the pruners' defaults (rel_damp = 1e-2, m = 128, chunks of at most
 32) everything is fp32 and the accumulator is the size of the packed fp32 inverse, written over it
-in place; the papers' tiny absolute damps get exact products and an fp64 sum (measured before this
-rule there: an fp32 running sum erred by 5e-3 in ``diag(F^{-1})`` at m = 32, damp 1e-5; fp32
-products summed in fp64 by 2-5e-5 at damp 1e-4..1e-8, worse than fp32 rank-1 Woodbury updates,
-oBERT's code).
+in place; the papers' tiny absolute damps get exact products and an fp64 sum, since there an fp32
+sum is far less accurate than oBERT's fp32 rank-1 Woodbury updates (benchmarks/RESULTS.md, "Why
+the block-Fisher sum stays in fp64").
 
 Storage. With an fp32 inverse the sums of each symmetric block are packed, ``Bp (Bp + 1) / 2``
 values (Bp = B rounded up to even), in the layout of LAPACK's rectangular full packed storage, so
@@ -45,13 +44,29 @@ import time
 
 import torch
 
-from ._checks import check_damp, check_finite, check_float_tensor, check_positive_int, damped_cholesky, page_bytes
+from ._checks import (
+    check_damp,
+    check_finite,
+    check_float_tensor,
+    check_positive_int,
+    damped_cholesky,
+    page_bytes,
+)
 
 logger = logging.getLogger("hf_mfac")
 
-__all__ = ["block_fisher_bytes", "BlockFisherInverse", "relative_damp", "check_damping", "read_blocks",
-           "block_shape", "product_dtype",
-           "sum_dtype", "PRODUCT_TOL", "SUM_TOL"]
+__all__ = [
+    "block_fisher_bytes",
+    "BlockFisherInverse",
+    "relative_damp",
+    "check_damping",
+    "read_blocks",
+    "block_shape",
+    "product_dtype",
+    "sum_dtype",
+    "PRODUCT_TOL",
+    "SUM_TOL",
+]
 
 # fp64 bytes of one page of blocks in add_grads and the inversion (the temporaries are a few times
 # this), per device type: small enough to stay in cache on a CPU; other devices (accelerators, where
@@ -68,16 +83,24 @@ def check_damping(damp, rel_damp) -> tuple[float | None, float | None]:
     """Validate a damping given as an absolute ``damp`` or a relative ``rel_damp`` (exactly one of
     them)."""
     if (damp is None) == (rel_damp is None):
-        raise ValueError("give exactly one of damp (absolute: F = damp*I + ...) and rel_damp (relative: a fraction "
-                         "of the mean Fisher diagonal of each damping group of blocks); got "
-                         f"damp={damp!r}, rel_damp={rel_damp!r}")
+        raise ValueError(
+            "give exactly one of damp (absolute: F = damp*I + ...) and rel_damp "
+            "(relative: a fraction "
+            "of the mean Fisher diagonal of each damping group of blocks); got "
+            f"damp={damp!r}, rel_damp={rel_damp!r}"
+        )
     if damp is not None:
         return check_damp(damp), None
     return None, check_damp(rel_damp, "rel_damp")
 
 
-def relative_damp(diag_sums: torch.Tensor, counts: torch.Tensor, rel_damp: float, groups: torch.Tensor | None = None,
-                  reduce=None) -> torch.Tensor:
+def relative_damp(
+    diag_sums: torch.Tensor,
+    counts: torch.Tensor,
+    rel_damp: float,
+    groups: torch.Tensor | None = None,
+    reduce=None,
+) -> torch.Tensor:
     """Per-block damping ``rel_damp * mean Fisher diagonal`` (n_blocks,) fp64.
 
     ``diag_sums`` (n_blocks,) are the sums of each block's Fisher diagonal over its live coordinates
@@ -91,7 +114,7 @@ def relative_damp(diag_sums: torch.Tensor, counts: torch.Tensor, rel_damp: float
     A group with no gradient at all gets the smallest damping of the others (scale-aware, so that
     its weights, which the Fisher says cost nothing, stay cheap to prune), or ``rel_damp`` when
     every group is empty. Multiplying every gradient by c multiplies the result by c^2, as it does
-    the Fisher: OBS scores scale uniformly and neither the selection nor the updates change. """
+    the Fisher: OBS scores scale uniformly and neither the selection nor the updates change."""
     sums, cnt = diag_sums.to(torch.float64), counts.to(torch.float64)
     if groups is not None:
         n = int(groups.max()) + 1 if groups.numel() else 0
@@ -104,7 +127,11 @@ def relative_damp(diag_sums: torch.Tensor, counts: torch.Tensor, rel_damp: float
         reduce(acc)
     lam = torch.where(acc[1] > 0, acc[0] / acc[1].clamp_min(1), torch.zeros_like(acc[0])) * rel_damp
     pos = lam > 0
-    floor = lam[pos].min() if bool(pos.any()) else torch.tensor(rel_damp, dtype=torch.float64, device=lam.device)
+    floor = (
+        lam[pos].min()
+        if bool(pos.any())
+        else torch.tensor(rel_damp, dtype=torch.float64, device=lam.device)
+    )
     lam = torch.where(pos, lam, floor)
     return lam if groups is None else lam[groups]
 
@@ -121,8 +148,13 @@ SUM_TOL = 1e-2
 _EPS32 = torch.finfo(torch.float32).eps
 
 
-def product_dtype(k: int, mean_square: float, damp: float | None = None, rel_damp: float | None = None,
-                  tol: float = PRODUCT_TOL) -> torch.dtype:
+def product_dtype(
+    k: int,
+    mean_square: float,
+    damp: float | None = None,
+    rel_damp: float | None = None,
+    tol: float = PRODUCT_TOL,
+) -> torch.dtype:
     """The dtype of the products ``G_b^T G_b`` of a chunk of ``k`` gradients, from the error bound.
 
     fp32 GEMMs over k gradients err by about ``k * eps32 * |g|^2`` in each entry of ``(1/m) sum
@@ -130,7 +162,7 @@ def product_dtype(k: int, mean_square: float, damp: float | None = None, rel_dam
     against the damping λ this is a relative error of ``F^{-1}`` of at most that over λ. fp32 when
     ``k * eps32 * |g|^2 <= tol * λ``, with ``λ = damp`` (absolute) or ``rel_damp * |g|^2``
     (relative: the rule is then ``k * eps32 <= tol * rel_damp``, independent of the scale), else
-    fp64 (exact products). A chunk of zeros (``|g|^2 = 0``) is fp32 (exact). """
+    fp64 (exact products). A chunk of zeros (``|g|^2 = 0``) is fp32 (exact)."""
     if rel_damp is not None:
         ok = k * _EPS32 <= tol * rel_damp
     else:
@@ -147,15 +179,20 @@ def sum_dtype(num_grads: int | None, rel_damp: float | None, tol: float = SUM_TO
     memory, and the packed fp32 inverse is then written over the accumulator exactly) when that
     bound is at most ``tol`` times a relative damping ``rel_damp * |g|^2``, i.e. ``(m + 1) * eps32
     <= tol * rel_damp``; fp64 with an absolute damping (the gradients' scale is not known yet) or
-    when ``m`` is not given. """
+    when ``m`` is not given."""
     if rel_damp is None or num_grads is None:
         return torch.float64
     return torch.float32 if (num_grads + 1) * _EPS32 <= tol * rel_damp else torch.float64
 
 
-def block_fisher_bytes(dim: int, block_size: int, dtype: torch.dtype = torch.float32, *,
-                       num_grads: int | None = None,
-                       rel_damp: float | None = None) -> tuple[int, int]:
+def block_fisher_bytes(
+    dim: int,
+    block_size: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    num_grads: int | None = None,
+    rel_damp: float | None = None,
+) -> tuple[int, int]:
     """``(build, inverse)``: the bytes a :class:`BlockFisherInverse` of these settings holds while
     it accumulates (its peak) and once inverted. fp32: packed triangles, summed in fp32 or fp64
     (:func:`sum_dtype`), the inverse packed in fp32; fp64: whole fp64 blocks throughout."""
@@ -207,19 +244,33 @@ class BlockFisherInverse:
     every block is written, page by page, over the first slab (whose bytes are exactly the packed
     fp32 inverse of all blocks), and the second slab is freed once read: the build peaks at the fp64
     accumulator, what follows holds the packed fp32 inverse alone. ``dtype=float64`` keeps whole
-    fp64 blocks (d B values) instead. """
+    fp64 blocks (d B values) instead."""
 
-    def __init__(self, dim: int, block_size: int, damp: float | None = None, *, rel_damp: float | None = None,
-                 damp_groups: torch.Tensor | None = None, damp_reduce=None, device=None,
-                 dtype: torch.dtype = torch.float32, products: str | torch.dtype = "auto",
-                 num_grads: int | None = None):
+    def __init__(
+        self,
+        dim: int,
+        block_size: int,
+        damp: float | None = None,
+        *,
+        rel_damp: float | None = None,
+        damp_groups: torch.Tensor | None = None,
+        damp_reduce=None,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        products: str | torch.dtype = "auto",
+        num_grads: int | None = None,
+    ):
         self.dim = check_positive_int("dim", dim)
         if products not in ("auto", torch.float32, torch.float64):
-            raise ValueError(f"products must be 'auto', torch.float32 or torch.float64; got {products!r}")
+            raise ValueError(
+                f"products must be 'auto', torch.float32 or torch.float64; got {products!r}"
+            )
         self.products = products
-        self.expected_grads = (None if num_grads is None
-                               else check_positive_int("num_grads", num_grads))
-        self.product_counts = {torch.float32: 0, torch.float64: 0}  # gradients accumulated with each
+        self.expected_grads = (
+            None if num_grads is None else check_positive_int("num_grads", num_grads)
+        )
+        # gradients accumulated with each
+        self.product_counts = {torch.float32: 0, torch.float64: 0}
         self.block_size = min(check_positive_int("block_size", block_size), self.dim)
         self.damp, self.rel_damp = check_damping(damp, rel_damp)
         self.block_damp: torch.Tensor | None = None
@@ -242,7 +293,8 @@ class BlockFisherInverse:
         # where the diagonal sits in a packed row: S11[r, r] at rect[r, r], S22[r, r] at rect[r + 1,
         # r]
         self._diag_pos = torch.where(r < h, r * h + r, (r - h + 1) * h + (r - h))[:B]
-        self._pos: torch.Tensor | None = None  # (B, B) packed position of each entry, built on first use
+        # (B, B) packed position of each entry, built on first use
+        self._pos: torch.Tensor | None = None
         # the fp64 sums of G_b^T G_b: packed, two slabs of blocks [0, split) and [split, nb); or
         # (nb, B, B) the running sum: fp32 where the error bound allows it (sum_dtype), packed, in
         # one slab over which the packed fp32 inverse is written row for row; else fp64, in two
@@ -253,7 +305,8 @@ class BlockFisherInverse:
         fp64_sum = self.sum_dtype == torch.float64
         self._split = -(-self.num_blocks // 2) if self._packed and fp64_sum else self.num_blocks
         self._slabs: list[torch.Tensor] | None = None
-        self._mat: torch.Tensor | None = None  # the inverse: packed (nb, P) fp32, or (nb, B, B) fp64
+        # the inverse: packed (nb, P) fp32, or (nb, B, B) fp64
+        self._mat: torch.Tensor | None = None
         self.reset()
 
     # -- storage
@@ -287,7 +340,9 @@ class BlockFisherInverse:
         """Accumulate gradients G (k, d) (or (d,)); raises on NaN/inf without changing the
         accumulator."""
         if self._inverted:
-            raise RuntimeError("the inverse was already formed; call reset() before adding new gradients")
+            raise RuntimeError(
+                "the inverse was already formed; call reset() before adding new gradients"
+            )
         check_float_tensor("G", G)
         G = G.reshape(1, -1) if G.dim() == 1 else G
         if G.dim() != 2 or G.shape[1] != self.dim:
@@ -295,11 +350,19 @@ class BlockFisherInverse:
         t0 = time.perf_counter()
         G = G.to(device=self.device)
         check_finite("G", G)
-        if (self.sum_dtype == torch.float32 and self.num_grads + G.shape[0] > self.expected_grads
-                and self.num_grads <= self.expected_grads):
-            logger.warning("BlockFisherInverse: more than the %d gradients announced (num_grads) go "
-                           "into an fp32 sum chosen for that many; its error bound grows with their "
-                           "number", self.expected_grads)
+        if (
+            self.sum_dtype == torch.float32
+            and self.num_grads + G.shape[0] > self.expected_grads
+            and self.num_grads <= self.expected_grads
+        ):
+            logger.warning(
+                "BlockFisherInverse: more than the %d gradients announced (num_grads) "
+                "go "
+                "into an fp32 sum chosen for that many; its error bound grows with "
+                "their "
+                "number",
+                self.expected_grads,
+            )
         self._accumulate(G)
         self.num_grads += G.shape[0]
         self.seconds["accumulate"] += time.perf_counter() - t0
@@ -311,7 +374,8 @@ class BlockFisherInverse:
         dt = self._product_dtype(G)
         self.product_counts[dt] += k
         size = 8 if dt == torch.float64 else 4
-        n = min(nb, self._page(size * Bp * (k + Bp)))  # blocks per page: the chunk and products stay in cache
+        # blocks per page: the chunk and products stay in cache
+        n = min(nb, self._page(size * Bp * (k + Bp)))
         buf = torch.empty(n, k, Bp, dtype=dt, device=self.device)
         if Bp > B:
             buf[:, :, B:] = 0  # the padding column of an odd block carries no gradient
@@ -360,7 +424,8 @@ class BlockFisherInverse:
         """``dst = pack(P)`` (n, packed_size), any dtype, for symmetric P (n, Bp, Bp)."""
         h, n = self._bp // 2, P.shape[0]
         dst[:, : self._rect].view(n, h + 1, h).copy_(
-            torch.where(self._rect_upper, P[:, : h + 1, :h], P[:, h - 1 :, h:]))
+            torch.where(self._rect_upper, P[:, : h + 1, :h], P[:, h - 1 :, h:])
+        )
         dst[:, self._rect :].view(n, h, h).copy_(P[:, h:, :h])
 
     def _unpack_rows(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -370,7 +435,9 @@ class BlockFisherInverse:
         dtype = rows.dtype if out is None else out.dtype
         rows = rows.to(dtype)
         direct = out is not None and self._bp == B
-        full = out if direct else torch.empty(n, self._bp, self._bp, dtype=dtype, device=rows.device)
+        full = (
+            out if direct else torch.empty(n, self._bp, self._bp, dtype=dtype, device=rows.device)
+        )
         rect = rows[:, : self._rect].view(n, h + 1, h)
         low = rows[:, self._rect :].view(n, h, h)
         top, bottom = rect[:, :h], rect[:, 1:]  # S11's upper triangle, S22's lower triangle
@@ -432,7 +499,8 @@ class BlockFisherInverse:
             inv = torch.bmm(Li.mT, Li, out=F)
             if self._packed:
                 if self._bp > B:
-                    inv = torch.nn.functional.pad(inv, (0, 1, 0, 1))  # the padding row and column: zero
+                    # the padding row and column: zero
+                    inv = torch.nn.functional.pad(inv, (0, 1, 0, 1))
                 self._pack_into(out[s:e], inv)
             else:
                 out[s:e] = inv
@@ -444,13 +512,18 @@ class BlockFisherInverse:
     def _block_damp(self) -> torch.Tensor:
         """λ_b (n_blocks,) fp64 for the accumulated (not yet inverted) blocks."""
         if self.rel_damp is None:
-            return torch.full((self.num_blocks,), self.damp, dtype=torch.float64, device=self.device)
+            return torch.full(
+                (self.num_blocks,), self.damp, dtype=torch.float64, device=self.device
+            )
         if self._packed:
-            diag = torch.cat([t[:, self._diag_pos] for t in self._slabs]) / self.num_grads  # (nb, B)
+            # (nb, B)
+            diag = torch.cat([t[:, self._diag_pos] for t in self._slabs]) / self.num_grads
         else:
             diag = self._slabs[0].diagonal(dim1=-2, dim2=-1) / self.num_grads
         groups = None if self.damp_groups is None else self.damp_groups.to(self.device)
-        return relative_damp(diag.sum(1), (diag > 0).sum(1), self.rel_damp, groups, self.damp_reduce)
+        return relative_damp(
+            diag.sum(1), (diag > 0).sum(1), self.rel_damp, groups, self.damp_reduce
+        )
 
     # -- the inverse
     # ----------------------------------------------------------------------------------------
@@ -459,7 +532,9 @@ class BlockFisherInverse:
         self._invert()
         return self
 
-    def unpack(self, s: int = 0, e: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def unpack(
+        self, s: int = 0, e: int | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Whole inverse blocks [s, e) as (e - s, B, B), in ``out`` (any float dtype) or a new
         tensor in ``dtype``. Rows/columns past ``dim`` in the last block are padding. O((e - s)
         B^2)."""
@@ -535,16 +610,20 @@ class BlockFisherInverse:
 
     def reset(self) -> None:
         B, nb = self.block_size, self.num_blocks
-        self._slabs, self._mat = None, None  # free the old blocks before the new accumulator is allocated
+        # free the old blocks before the new accumulator is allocated
+        self._slabs, self._mat = None, None
         if self._packed:
             sizes = (self._split, nb - self._split) if self._split < nb else (nb,)
-            self._slabs = [torch.zeros(n, self.packed_size, dtype=self.sum_dtype,
-                                       device=self.device) for n in sizes]
+            self._slabs = [
+                torch.zeros(n, self.packed_size, dtype=self.sum_dtype, device=self.device)
+                for n in sizes
+            ]
         else:
             self._slabs = [torch.zeros(nb, B, B, dtype=torch.float64, device=self.device)]
         self.num_grads = 0
         self.product_counts = {torch.float32: 0, torch.float64: 0}
-        self.seconds = {"accumulate": 0.0, "invert": 0.0}  # wall time of add_grads and of forming the inverse
+        # wall time of add_grads and of forming the inverse
+        self.seconds = {"accumulate": 0.0, "invert": 0.0}
         self._inverted = False
         self.block_damp = None
 
@@ -555,12 +634,19 @@ class BlockFisherInverse:
             mat = self.unpack()
         else:
             mat = torch.cat([self._full(s, e) for s, e in self._pages(self.num_blocks)])
-        return {"mat": mat, "num_grads": self.num_grads, "inverted": self._inverted, "block_damp": self.block_damp}
+        return {
+            "mat": mat,
+            "num_grads": self.num_grads,
+            "inverted": self._inverted,
+            "block_damp": self.block_damp,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         B, nb = self.block_size, self.num_blocks
         if tuple(state["mat"].shape) != (nb, B, B):
-            raise ValueError(f"saved blocks have shape {tuple(state['mat'].shape)}; expected {(nb, B, B)}")
+            raise ValueError(
+                f"saved blocks have shape {tuple(state['mat'].shape)}; expected {(nb, B, B)}"
+            )
         mat = state["mat"].to(device=self.device, dtype=torch.float64)
         inverted = bool(state["inverted"])
         self.reset()
@@ -579,4 +665,6 @@ class BlockFisherInverse:
                 self._acc(s, e).copy_(self._pack(mat[s:e]))
         self.num_grads, self._inverted = int(state["num_grads"]), inverted
         bd = state.get("block_damp")
-        self.block_damp = None if bd is None else bd.to(device=self.device, dtype=torch.float64).clone()
+        self.block_damp = (
+            None if bd is None else bd.to(device=self.device, dtype=torch.float64).clone()
+        )

@@ -1,7 +1,9 @@
-"""Selecting which weights to prune from scores: global or per-layer thresholds, N:M and group masks.
+"""Selecting which weights to prune from scores: global or per-layer thresholds, N:M and group
+masks.
 
-Convention: a *mask* is a bool tensor shaped like its weight with ``True`` = kept, ``False`` = pruned.
-Selections are exact: ties are broken by position, so exactly the requested number is pruned.
+Convention: a *mask* is a bool tensor shaped like its weight with ``True`` = kept, ``False`` =
+pruned. Selections are exact: ties are broken by position, so exactly the requested number is
+pruned.
 """
 from __future__ import annotations
 
@@ -24,14 +26,15 @@ __all__ = [
 
 
 def num_to_prune(numel: int, sparsity: float, unit: int = 1) -> int:
-    """Number of units of ``unit`` weights to prune so that ``sparsity`` of ``numel`` weights is reached
-    (rounded to the nearest unit)."""
+    """Number of units of ``unit`` weights to prune so that ``sparsity`` of ``numel`` weights is
+    reached (rounded to the nearest unit)."""
     check_sparsity(sparsity)
     return int(round(sparsity * numel / unit))
 
 
 def _check_no_nan(flat: torch.Tensor) -> None:
-    # a sum is one cheap pass; only a NaN sum (a NaN inside, or +inf and -inf together) is checked element-wise
+    # a sum is one cheap pass; only a NaN sum (a NaN inside, or +inf and -inf together) is checked
+    # element-wise
     if flat.numel() and bool(torch.isnan(flat.sum())) and bool(torch.isnan(flat).any()):
         raise FloatingPointError("pruning scores contain NaN; check the gradients and damp")
 
@@ -40,10 +43,11 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool tensor like ``scores`` with the ``k`` lowest entries True (ties: lower position first).
     NaN scores raise. Forced entries can be passed as ``-inf``.
 
-    No sort: the k-th smallest value ``t`` comes from one selection (``torch.kthvalue``, expected O(n)), every
-    entry below ``t`` is taken, and the remaining ``k - #{s < t}`` come from the entries equal to ``t`` in
-    position order. The result is the one a stable sort gives (its first k indices), at the cost of a
-    selection and two comparisons instead of an O(n log n) sort and its (n,) index tensor.
+    No sort: the k-th smallest value ``t`` comes from one selection (``torch.kthvalue``, expected
+    O(n)), every entry below ``t`` is taken, and the remaining ``k - #{s < t}`` come from the
+    entries equal to ``t`` in position order. The result is the one a stable sort gives (its first k
+    indices), at the cost of a selection and two comparisons instead of an O(n log n) sort and its
+    (n,) index tensor.
     """
     flat = scores.reshape(-1)
     n = flat.numel()
@@ -54,9 +58,11 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.full_like(flat, k == n, dtype=torch.bool).view_as(scores)
     if flat.dtype in (torch.float16, torch.bfloat16) and flat.device.type == "cpu":
         flat = flat.float()  # exact; CPU selection kernels are fastest (and complete) in fp32/fp64
-    t = torch.kthvalue(flat, k).values.item()  # a Python number: comparisons with it run twice as fast
+    # a Python number: comparisons with it run twice as fast
+    t = torch.kthvalue(flat, k).values.item()
     out = flat <= t
-    if int(out.count_nonzero()) == k:  # no ties at t past the k-th (always so for distinct scores): one pass
+    # no ties at t past the k-th (always so for distinct scores): one pass
+    if int(out.count_nonzero()) == k:
         return out.view_as(scores)
     out = flat < t
     rest = k - int(out.count_nonzero())  # >= 1: t itself is among the k smallest
@@ -67,12 +73,13 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def threshold_masks(scores: Mapping[str, torch.Tensor] | Sequence[torch.Tensor], sparsity: float, *,
                     scope: str = "global", unit: int = 1, prune_mask_only: bool = False):
-    """Prune the lowest-scoring ``sparsity`` fraction of weights, across all tensors (``scope="global"``)
-    or in each tensor separately (``scope="layer"``, uniform sparsity).
+    """Prune the lowest-scoring ``sparsity`` fraction of weights, across all tensors
+    (``scope="global"``) or in each tensor separately (``scope="layer"``, uniform sparsity).
 
-    ``scores``: per-tensor scores, one per unit of ``unit`` weights (so a tensor of ``n`` scores stands for
-    ``n * unit`` weights). Already-pruned units should carry ``-inf`` so they stay pruned. Returns
-    the same structure of bool tensors, True = kept (or True = pruned with ``prune_mask_only``).
+    ``scores``: per-tensor scores, one per unit of ``unit`` weights (so a tensor of ``n`` scores
+    stands for ``n * unit`` weights). Already-pruned units should carry ``-inf`` so they stay
+    pruned. Returns the same structure of bool tensors, True = kept (or True = pruned with
+    ``prune_mask_only``).
     """
     check_sparsity(sparsity)
     if scope not in ("global", "layer"):
@@ -85,7 +92,8 @@ def threshold_masks(scores: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
     if scope == "layer":
         pruned = [lowest_k_mask(t, num_to_prune(t.numel() * unit, sparsity, unit)) for t in tensors]
     else:
-        # one common dtype (fp64 only where the tensors differ): the comparisons are exact either way
+        # one common dtype (fp64 only where the tensors differ): the comparisons are exact either
+        # way
         dtype = tensors[0].dtype
         for t in tensors[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
@@ -105,13 +113,15 @@ def nm_groups(numel_or_shape, n: int, m: int) -> int:
         raise ValueError(f"N:M pattern needs N < M; got {n}:{m}")
     shape = tuple(numel_or_shape) if not isinstance(numel_or_shape, int) else (numel_or_shape,)
     if shape[-1] % m:
-        raise ValueError(f"N:M={n}:{m} is impossible for a tensor of shape {shape}: the last dimension must be "
+        raise ValueError(f"N:M={n}:{m} is impossible for a tensor of shape {shape}: the last "
+                         "dimension must be "
                          f"divisible by {m}")
     return math.prod(shape) // m
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the ``n`` highest-scoring of every ``m`` consecutive weights along the last dimension."""
+    """Keep the ``n`` highest-scoring of every ``m`` consecutive weights along the last
+    dimension."""
     nm_groups(scores.shape, n, m)
     groups = scores.reshape(-1, m)
     keep = torch.zeros_like(groups, dtype=torch.bool)
@@ -120,8 +130,8 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def group_mask(scores: torch.Tensor, group: int, k: int) -> torch.Tensor:
-    """Mask over ``scores.numel() * group`` weights pruning the ``k`` lowest-scoring groups of ``group``
-    consecutive weights; True = kept."""
+    """Mask over ``scores.numel() * group`` weights pruning the ``k`` lowest-scoring groups of
+    ``group`` consecutive weights; True = kept."""
     pruned = lowest_k_mask(scores.reshape(-1), k)
     return ~pruned.repeat_interleave(group)
 

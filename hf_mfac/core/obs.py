@@ -1,16 +1,16 @@
 """Optimal Brain Surgeon scores and updates with an inverse-Fisher operator.
 
-``finv`` is any object with ``diag()`` (d,), ``mul(x)`` (d,) -> F^{-1} x and ``submatrix(idx)`` (n, g) ->
-``[F^{-1}]_QQ`` (n, g, g): :class:`~hf_mfac.core.BlockFisherInverse` and :class:`~hf_mfac.core.StaticMFAC`.
+``finv`` is any object with ``diag()`` (d,), ``mul(x)`` (d,) -> F^{-1} x and ``submatrix(idx)`` (n,
+g) -> ``[F^{-1}]_QQ`` (n, g, g): :class:`~hf_mfac.core.BlockFisherInverse` and
+:class:`~hf_mfac.core.StaticMFAC`.
 
-Single weight q [WoodFisher, eqs. 10-11]: ``rho_q = w_q^2 / (2 [F^{-1}]_qq)``,
-``dw = -w_q F^{-1} e_q / [F^{-1}]_qq``. Group Q [oBERT, eq. 5]:
-``rho_Q = 1/2 w_Q^T ([F^{-1}]_QQ)^{-1} w_Q``, ``dw = -F^{-1} E_Q^T ([F^{-1}]_QQ)^{-1} w_Q``.
-WoodTaylor [WoodFisher, §6.2, eqs. 21-23] adds the gradient: with ``u = F^{-1} grad`` the score is
-``rho_q = (w_q - u_q)^2 / (2 [F^{-1}]_qq)`` and the update ``-(w_q - u_q) F^{-1} e_q / [F^{-1}]_qq - u``,
-i.e. OBS applied to ``w - u`` plus the Newton step ``-u``; pass ``u`` to get it.
-Pruning many units at once sums their updates (the WoodFisher/oBERT approximation, [M-FAC, App. D.1]);
-pruned weights are set exactly to zero afterwards.
+Single weight q [WoodFisher, eqs. 10-11]: ``rho_q = w_q^2 / (2 [F^{-1}]_qq)``, ``dw = -w_q F^{-1}
+e_q / [F^{-1}]_qq``. Group Q [oBERT, eq. 5]: ``rho_Q = 1/2 w_Q^T ([F^{-1}]_QQ)^{-1} w_Q``, ``dw =
+-F^{-1} E_Q^T ([F^{-1}]_QQ)^{-1} w_Q``. WoodTaylor [WoodFisher, §6.2, eqs. 21-23] adds the gradient:
+with ``u = F^{-1} grad`` the score is ``rho_q = (w_q - u_q)^2 / (2 [F^{-1}]_qq)`` and the update
+``-(w_q - u_q) F^{-1} e_q / [F^{-1}]_qq - u``, i.e. OBS applied to ``w - u`` plus the Newton step
+``-u``; pass ``u`` to get it. Pruning many units at once sums their updates (the WoodFisher/oBERT
+approximation, [M-FAC, App. D.1]); pruned weights are set exactly to zero afterwards.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import torch
 from ._checks import page_bytes
 from .fisher import block_shape, read_blocks
 
-__all__ = ["obs_scores", "group_scores", "nm_select", "obs_update", "block_obs_update", "woodtaylor_shift"]
+__all__ = ["obs_scores", "group_scores", "nm_select", "obs_update", "block_obs_update",
+           "woodtaylor_shift"]
 
 _TINY = 1e-30
 
@@ -36,12 +37,15 @@ def _shifted(w: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
 
 
 def obs_scores(w: torch.Tensor, diag: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
-    """Single-weight OBS saliency (d,): ``(w - u)^2 / (2 diag(F^{-1}))``; ``u=None`` is plain OBS."""
+    """Single-weight OBS saliency (d,): ``(w - u)^2 / (2 diag(F^{-1}))``; ``u=None`` is plain
+    OBS."""
     return _shifted(w, u) ** 2 / (2 * diag.clamp_min(_TINY))
 
 
-def group_scores(w: torch.Tensor, sub: torch.Tensor, idx: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
-    """Group saliency (n,) ``1/2 w_Q^T ([F^{-1}]_QQ)^{-1} w_Q`` for groups ``idx`` (n, g), ``sub`` (n, g, g)."""
+def group_scores(w: torch.Tensor, sub: torch.Tensor, idx: torch.Tensor,
+                 u: torch.Tensor | None = None) -> torch.Tensor:
+    """Group saliency (n,) ``1/2 w_Q^T ([F^{-1}]_QQ)^{-1} w_Q`` for groups ``idx`` (n, g), ``sub``
+    (n, g, g)."""
     wq = _shifted(w, u)[idx].to(torch.float64)  # (n, g)
     z = torch.linalg.solve(sub.to(torch.float64), wq[..., None])[..., 0]
     return 0.5 * (wq * z).sum(-1)
@@ -51,9 +55,10 @@ def nm_select(w: torch.Tensor, sub: torch.Tensor, idx: torch.Tensor, n_keep: int
               u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Best set of ``M - N`` weights to prune in each N:M group, by exact joint OBS saliency.
 
-    ``idx`` (n, M) are the groups, ``sub`` (n, M, M) their ``[F^{-1}]`` blocks. All C(M, M-N) subsets are
-    scored with the group formula (for 2:4: 6 subsets of 2), which accounts for the correlations inside
-    the group. Returns (pruned (n, M) bool, score (n,) of the chosen subset). Cost O(n C k^3), k = M - N.
+    ``idx`` (n, M) are the groups, ``sub`` (n, M, M) their ``[F^{-1}]`` blocks. All C(M, M-N)
+    subsets are scored with the group formula (for 2:4: 6 subsets of 2), which accounts for the
+    correlations inside the group. Returns (pruned (n, M) bool, score (n,) of the chosen subset).
+    Cost O(n C k^3), k = M - N.
     """
     M = idx.shape[1]
     k = M - n_keep
@@ -74,10 +79,12 @@ def nm_select(w: torch.Tensor, sub: torch.Tensor, idx: torch.Tensor, n_keep: int
 
 def obs_update(finv, w: torch.Tensor, idx: torch.Tensor, u: torch.Tensor | None = None,
                sub: torch.Tensor | None = None) -> torch.Tensor:
-    """Weights after pruning the units ``idx`` (n, g) (g=1: single weights) with the summed OBS update.
+    """Weights after pruning the units ``idx`` (n, g) (g=1: single weights) with the summed OBS
+    update.
 
-    ``dw = -F^{-1} sum_Q E_Q^T ([F^{-1}]_QQ)^{-1} (w_Q - u_Q) - u``; the pruned weights are then set to 0.
-    Cost: one ``finv.mul`` (O(dB) block-wise, O(dm) for M-FAC) plus O(n g^3). Returns a new tensor.
+    ``dw = -F^{-1} sum_Q E_Q^T ([F^{-1}]_QQ)^{-1} (w_Q - u_Q) - u``; the pruned weights are then set
+    to 0. Cost: one ``finv.mul`` (O(dB) block-wise, O(dm) for M-FAC) plus O(n g^3). Returns a new
+    tensor.
     """
     idx = idx.reshape(idx.shape[0], -1) if idx.dim() == 2 else idx.reshape(-1, 1)
     ws = _shifted(w, u)
@@ -88,7 +95,9 @@ def obs_update(finv, w: torch.Tensor, idx: torch.Tensor, u: torch.Tensor | None 
             z[idx[:, 0]] = ws[idx[:, 0]].to(torch.float64) / d
         else:
             S = (finv.submatrix(idx) if sub is None else sub).to(torch.float64)
-            z[idx.reshape(-1)] = torch.linalg.solve(S, ws[idx].to(torch.float64)[..., None])[..., 0].reshape(-1)
+            z[idx.reshape(-1)] = torch.linalg.solve(S, ws[idx].to(torch.float64)[..., None])[
+                ..., 0
+            ].reshape(-1)
     delta = -finv.mul(z.to(w.dtype))
     if u is not None:
         delta = delta - u.to(delta.dtype)
@@ -97,29 +106,35 @@ def obs_update(finv, w: torch.Tensor, idx: torch.Tensor, u: torch.Tensor | None 
     return out
 
 
-# fp64 bytes of one page of blocks in block_obs_update (three such buffers are kept), per device type; other
-# devices (accelerators, where each page costs kernel launches) use _ACCEL_PAGE_BYTES
+# fp64 bytes of one page of blocks in block_obs_update (three such buffers are kept), per device
+# type; other devices (accelerators, where each page costs kernel launches) use _ACCEL_PAGE_BYTES
 _PAGE_BYTES = {"cpu": 1 << 20}
 _ACCEL_PAGE_BYTES = 64 << 20
 
 
-def block_obs_update(w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor, u: torch.Tensor | None = None):
-    """Exact joint OBS update of each block for the set P of its weights to remove (any number per block).
+def block_obs_update(
+    w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor, u: torch.Tensor | None = None
+):
+    """Exact joint OBS update of each block for the set P of its weights to remove (any number per
+    block).
 
     ``w`` (nb, B), ``hinv`` (nb, B, B) the block inverses ``F_b^{-1}`` (a tensor, or a
-    :class:`~hf_mfac.core.BlockFisherInverse`, unpacked a page at a time), ``pruned`` (nb, B) bool. Per block,
-    ``dw = -F^{-1}_{:,P} ([F^{-1}]_PP)^{-1} (w - u)_P - u`` and ``w_P`` is set exactly to 0: the minimiser of
-    the quadratic model under the constraint ``w_P = 0`` ([WoodFisher, eq. 10] for a set, [oBERT, eq. 5]),
-    where summing the single-weight updates (:func:`obs_update`) ignores the correlations between the removed
-    weights and can overshoot when the damping is small. Returns (new weights (nb, B) in w's dtype, the
-    block's saliency ``1/2 (w - u)_P^T ([F^{-1}]_PP)^{-1} (w - u)_P`` (nb,) fp64, the quadratic model's loss
-    increase). Cost O(nb B^3), in pages of 1 MiB of fp64 inverses on a CPU (64 MiB on an accelerator): three page
-    buffers (the fp64 inverses, the masked matrices and their Cholesky factors) are allocated once and reused,
-    so the working set is ~3 pages.
+    :class:`~hf_mfac.core.BlockFisherInverse`, unpacked a page at a time), ``pruned`` (nb, B) bool.
+    Per block, ``dw = -F^{-1}_{:,P} ([F^{-1}]_PP)^{-1} (w - u)_P - u`` and ``w_P`` is set exactly to
+    0: the minimiser of the quadratic model under the constraint ``w_P = 0`` ([WoodFisher, eq. 10]
+    for a set, [oBERT, eq. 5]), where summing the single-weight updates (:func:`obs_update`) ignores
+    the correlations between the removed weights and can overshoot when the damping is small.
+    Returns (new weights (nb, B) in w's dtype, the block's saliency ``1/2 (w - u)_P^T
+    ([F^{-1}]_PP)^{-1} (w - u)_P`` (nb,) fp64, the quadratic model's loss increase). Cost O(nb B^3),
+    in pages of 1 MiB of fp64 inverses on a CPU (64 MiB on an accelerator): three page buffers (the
+    fp64 inverses, the masked matrices and their Cholesky factors) are allocated once and reused, so
+    the working set is ~3 pages.
     """
     nb, B = w.shape
     if block_shape(hinv) != (nb, B, B):
-        raise ValueError(f"hinv must hold one ({B}, {B}) inverse per block of w; got {block_shape(hinv)}")
+        raise ValueError(
+            f"hinv must hold one ({B}, {B}) inverse per block of w; got {block_shape(hinv)}"
+        )
     dev = w.device
     out = torch.empty_like(w)
     loss = torch.zeros(nb, dtype=torch.float64, device=dev)
@@ -136,14 +151,18 @@ def block_obs_update(w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor, 
         read_blocks(hinv, s, e, H)
         W = w[s:e].to(torch.float64)
         Ws = W if u is None else W - u[s:e].to(torch.float64)
-        # A = H_PP on P, the identity elsewhere, built in place (the same values as P H P + (1 - P) I)
+        # A = H_PP on P, the identity elsewhere, built in place (the same values as P H P + (1 - P)
+        # I)
         torch.mul(H, (p[:, :, None] & p[:, None, :]), out=A)
         A.diagonal(dim1=-2, dim2=-1).add_(~p)
-        # A is symmetric positive definite (H is): Cholesky, not LU, which is faster and avoids an MKL LU path
-        # that hangs on batched fp64 systems past B ~ 150 on some CPU builds
+        # A is symmetric positive definite (H is): Cholesky, not LU, which is faster and avoids an
+        # MKL LU path that hangs on batched fp64 systems past B ~ 150 on some CPU builds
         torch.linalg.cholesky_ex(A, out=(L, info))
         rhs = (p * Ws)[..., None]  # (n, B, 1)
-        z = (torch.cholesky_solve(rhs, L) if not bool(info.any()) else torch.linalg.solve(A, rhs))[..., 0]  # (n, B)
+        # (n, B)
+        z = (torch.cholesky_solve(rhs, L) if not bool(info.any()) else torch.linalg.solve(A, rhs))[
+            ..., 0
+        ]
         loss[s:e] = 0.5 * (rhs[..., 0] * z).sum(1)
         new = torch.baddbmm(Ws[..., None], H, z[..., None], alpha=-1)[..., 0]
         out[s:e] = new.masked_fill_(p, 0)

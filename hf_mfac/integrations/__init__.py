@@ -1,8 +1,8 @@
 """Hugging Face integration: the only layer that imports transformers, accelerate, huggingface_hub.
 
 One sub-package per concern: :mod:`.trainer` (M-FAC in the Trainer), :mod:`.gradual` (pruning inside
-training), :mod:`.checkpoint` (sparse checkpoints), :mod:`.card` (model cards); :mod:`.cli` (``hf-mfac``) and
-:mod:`.log_level` sit at the top.
+training), :mod:`.checkpoint` (sparse checkpoints), :mod:`.card` (model cards); :mod:`.cli`
+(``hf-mfac``) and :mod:`.log_level` sit at the top.
 
 Names are resolved lazily, so ``import hf_mfac.integrations`` stays cheap until one is used.
 """

@@ -1,10 +1,11 @@
-"""``hf-mfac`` command line: its parser, the checks of its inputs before any model is loaded, and its commands.
+"""``hf-mfac`` command line: its parser, the checks of its inputs before any model is loaded, and
+its commands.
 
-``hf-mfac prune``: one-shot pruning of a saved sequence-classification model with a local CSV/TSV/JSON(L)
-dataset. Its options are :class:`PruneCommandArguments` (data, output, evaluation) and every field of
-:class:`~hf_mfac.pruning.PruningConfig` (the pruning settings, with the same names, defaults and help as
-``prune_oneshot``'s keywords and the examples' ``--prune_*`` flags), both parsed by ``transformers.HfArgumentParser``
-(``--num_grads`` and ``--num-grads`` both work).
+``hf-mfac prune``: one-shot pruning of a saved sequence-classification model with a local
+CSV/TSV/JSON(L) dataset. Its options are :class:`PruneCommandArguments` (data, output, evaluation)
+and every field of :class:`~hf_mfac.pruning.PruningConfig` (the pruning settings, with the same
+names, defaults and help as ``prune_oneshot``'s keywords and the examples' ``--prune_*`` flags),
+both parsed by ``transformers.HfArgumentParser`` (``--num_grads`` and ``--num-grads`` both work).
 
 ```bash
 hf-mfac prune path/to/finetuned-model --data train.csv --method obert --sparsities 0.5 0.7 0.9 \
@@ -49,36 +50,47 @@ logger = logging.getLogger("hf_mfac")
 __all__ = ["main", "build_parser", "PruneCommandArguments", "load_data", "save_prune_result"]
 
 _TEXT_COLUMNS = ("sentence", "text", "sentence1", "question", "premise", "tweet")
-_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+            "pytorch_model.bin.index.json")
 _TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
 
 
 @dataclass
 class PruneCommandArguments:
-    """What ``hf-mfac prune`` reads and writes (the pruning settings are :class:`~hf_mfac.pruning.PruningConfig`)."""
+    """What ``hf-mfac prune`` reads and writes (the pruning settings are
+    :class:`~hf_mfac.pruning.PruningConfig`)."""
 
     data: str = field(metadata={
-        "help": "Calibration data for the gradients: a .csv/.tsv/.json/.jsonl file with a text and a label column."})
+        "help": "Calibration data for the gradients: a .csv/.tsv/.json/.jsonl file with a text and "
+                "a label column."})
     output_dir: str = field(metadata={
         "help": "Where to save the pruned model (a sweep: one sparsity-<s> folder per target)."})
     encoding: str = field(default="utf-8", metadata={
         "help": "Text encoding of .csv/.tsv files, e.g. latin-1 (JSON is always UTF-8)."})
     text_column: str | None = field(default=None, metadata={
-        "help": "Text column; None: the first of sentence, text, sentence1, question, premise, tweet, else the first "
+        "help": "Text column; None: the first of sentence, text, sentence1, question, premise, "
+                "tweet, else the first "
                 "text column."})
-    text_pair_column: str | None = field(default=None, metadata={"help": "Second text column, for pair tasks."})
+    text_pair_column: str | None = field(default=None, metadata={"help": "Second text column, for "
+                                                                         "pair tasks."})
     label_column: str = field(default="label", metadata={
-        "help": "Label column: class ids, or names found in the model's label2id (else mapped in sorted order)."})
+        "help": "Label column: class ids, or names found in the model's label2id (else mapped in "
+                "sorted order)."})
     batch_size: int = field(default=16, metadata={
-        "help": "Samples per calibration batch (one gradient per batch unless --fisher_batch_size or --per_sample)."})
-    max_length: int = field(default=128, metadata={"help": "Tokens per sample; longer texts are truncated."})
+        "help": "Samples per calibration batch (one gradient per batch unless --fisher_batch_size "
+                "or --per_sample)."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per sample; longer texts are "
+                                                           "truncated."})
     eval_data: str | None = field(default=None, metadata={
-        "help": "A file (same layout as --data) to report loss and accuracy on before and after pruning."})
+        "help": "A file (same layout as --data) to report loss and accuracy on before and after "
+                "pruning."})
     eval_batch_size: int = field(default=64, metadata={"help": "Samples per evaluation batch."})
     device: str | None = field(default=None, metadata={
-        "help": "Where the model and the Fisher live: cpu, cuda, cuda:1 ...; None: cuda when available."})
+        "help": "Where the model and the Fisher live: cpu, cuda, cuda:1 ...; None: cuda when "
+                "available."})
     seed: int = field(default=0, metadata={"help": "Seed of the calibration batches' order."})
-    no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar over the gradients."})
+    no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar over the "
+                                                               "gradients."})
 
     def __post_init__(self):
         for name in ("batch_size", "max_length", "eval_batch_size"):
@@ -92,16 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     from ..pruning import PruningConfig
 
-    parser = argparse.ArgumentParser(prog="hf-mfac", description="hf_mfac: second-order optimization and pruning")
+    parser = argparse.ArgumentParser(prog="hf-mfac", description="hf_mfac: second-order "
+                                                                 "optimization and pruning")
     parser.add_argument("--version", action="version", version=f"hf-mfac {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
     p = sub.add_parser("prune", dataclass_types=[PruneCommandArguments, PruningConfig],
                        help="one-shot pruning of a saved sequence-classification model",
-                       description="One-shot pruning of a saved sequence-classification model with local data.")
+                       description="One-shot pruning of a saved sequence-classification model with "
+                                   "local data.")
     p.add_argument("model", help="folder of a saved model (config.json, weights, tokenizer)")
-    sub.add_parser("build-kernels", help="build and self-check the CUDA kernels for every visible GPU",
-                   description="Build (or load from the cache) and self-check hf_mfac's CUDA kernels for every "
-                               "visible GPU; prints the report as JSON. Exit status 1 when a visible GPU has no "
+    sub.add_parser("build-kernels", help="build and self-check the CUDA kernels for every visible "
+                                         "GPU",
+                   description="Build (or load from the cache) and self-check hf_mfac's CUDA "
+                               "kernels for every "
+                               "visible GPU; prints the report as JSON. Exit status 1 when a "
+                               "visible GPU has no "
                                "working build.")
     return parser
 
@@ -110,7 +127,8 @@ def _dataclasses_from(ns: argparse.Namespace, *types):
     return [t(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(t)}) for t in types]
 
 
-# -- checks before loading -------------------------------------------------------------------------------
+# -- checks before loading
+# -------------------------------------------------------------------------------
 def check_model_folder(path: str) -> None:
     if not os.path.isdir(path):
         raise ValueError(f"{path} is not a folder with a saved model")
@@ -120,7 +138,8 @@ def check_model_folder(path: str) -> None:
             os.path.join(path, "model-*.safetensors")):
         raise ValueError(f"{path} has no weights ({', '.join(_WEIGHTS[:2])} or shards)")
     if not any(os.path.isfile(os.path.join(path, t)) for t in _TOKENIZER):
-        raise ValueError(f"{path} has no tokenizer files ({', '.join(_TOKENIZER[:3])}...): save the tokenizer next "
+        raise ValueError(f"{path} has no tokenizer files ({', '.join(_TOKENIZER[:3])}...): save "
+                         "the tokenizer next "
                          "to the model (tokenizer.save_pretrained(folder))")
 
 
@@ -180,7 +199,8 @@ def _unicode_error(e: BaseException) -> UnicodeDecodeError | None:
 
 
 def load_data(path: str, encoding: str = "utf-8"):
-    """A local .csv/.tsv/.json/.jsonl file as a ``datasets.Dataset`` (the datasets csv/json builders)."""
+    """A local .csv/.tsv/.json/.jsonl file as a ``datasets.Dataset`` (the datasets csv/json
+    builders)."""
     import datasets
 
     check_data_file(path, "data file")
@@ -190,16 +210,23 @@ def load_data(path: str, encoding: str = "utf-8"):
     if ext in (".json", ".jsonl"):
         builder, kwargs = "json", {}
     else:
-        builder, kwargs = "csv", {"encoding": encoding, **({"delimiter": "\t"} if ext == ".tsv" else {})}
+        builder, kwargs = (
+            "csv",
+            {"encoding": encoding, **({"delimiter": "\t"} if ext == ".tsv" else {})},
+        )
     try:
         ds = datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
     except Exception as e:  # the csv builder wraps the codec error in a DatasetGenerationError
         bad = _unicode_error(e)
         if bad is None:
             raise
-        raise ValueError(f"{path} is not valid {encoding} (byte {bad.object[bad.start:bad.start + 1]!r} at "
-                         f"position {bad.start}); pass --encoding with the file's encoding, e.g. --encoding "
-                         "latin-1") from None
+        raise ValueError(
+            f"{path} is not valid {encoding} (byte "
+            f"{bad.object[bad.start : bad.start + 1]!r} at "
+            f"position {bad.start}); pass --encoding with the file's encoding, e.g. "
+            "--encoding "
+            "latin-1"
+        ) from None
     if len(ds) == 0:
         raise ValueError(f"{path} has no rows")
     return ds
@@ -208,10 +235,16 @@ def load_data(path: str, encoding: str = "utf-8"):
 def text_columns(ds, text_col, pair_col, label_col, path: str) -> tuple[str, str | None]:
     cols = ds.column_names
     if label_col not in cols:
-        raise ValueError(f"{path}: label column {label_col!r} not found; columns: {cols} (--label_column)")
+        raise ValueError(
+            f"{path}: label column {label_col!r} not found; columns: {cols} (--label_column)"
+        )
     if text_col is None:
-        strings = [c for c in cols
-                   if c != label_col and getattr(ds.features[c], "dtype", None) in ("string", "large_string")]
+        strings = [
+            c
+            for c in cols
+            if c != label_col
+            and getattr(ds.features[c], "dtype", None) in ("string", "large_string")
+        ]
         text_col = next((c for c in _TEXT_COLUMNS if c in cols), strings[0] if strings else None)
     if text_col is None:
         raise ValueError(f"{path}: no text column found; give --text_column (columns: {cols})")
@@ -222,8 +255,8 @@ def text_columns(ds, text_col, pair_col, label_col, path: str) -> tuple[str, str
 
 
 def label_mapping(config, values, label_col: str):
-    """``value -> class id`` for the label column's values: the model's label2id for names, else ints, else the
-    sorted names (with a warning)."""
+    """``value -> class id`` for the label column's values: the model's label2id for names, else
+    ints, else the sorted names (with a warning)."""
     label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
     named = label2id and not all(k.startswith("LABEL_") for k in label2id)
     if named and all(str(v) in label2id for v in values):
@@ -233,8 +266,11 @@ def label_mapping(config, values, label_col: str):
     except (TypeError, ValueError):
         names = sorted({str(v) for v in values})
         if len(names) != config.num_labels:
-            raise ValueError(f"labels {names[:10]} of {label_col!r} cannot be mapped onto the model's "
-                             f"{config.num_labels} classes (its config has no matching label2id)") from None
+            raise ValueError(
+                f"labels {names[:10]} of {label_col!r} cannot be mapped onto the "
+                "model's "
+                f"{config.num_labels} classes (its config has no matching label2id)"
+            ) from None
         mapping = {n: i for i, n in enumerate(names)}
         logger.warning("labels mapped in sorted order: %s", mapping)
         return lambda v: mapping[str(v)]
@@ -243,7 +279,8 @@ def label_mapping(config, values, label_col: str):
     return int
 
 
-# -- the command -----------------------------------------------------------------------------------------
+# -- the command
+# -----------------------------------------------------------------------------------------
 def _loader(ds, tokenizer, cols, label_of, label_col, batch_size, max_length, shuffle, seed):
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding
@@ -251,13 +288,20 @@ def _loader(ds, tokenizer, cols, label_of, label_col, batch_size, max_length, sh
     text, pair = cols
 
     def encode(rows):
-        enc = tokenizer(rows[text], rows[pair] if pair else None, truncation=True, max_length=max_length)
+        enc = tokenizer(
+            rows[text], rows[pair] if pair else None, truncation=True, max_length=max_length
+        )
         enc["labels"] = [label_of(v) for v in rows[label_col]]
         return enc
 
     ds = ds.map(encode, batched=True, remove_columns=ds.column_names)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=DataCollatorWithPadding(tokenizer),
-                      generator=torch.Generator().manual_seed(seed) if shuffle else None)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=DataCollatorWithPadding(tokenizer),
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+    )
 
 
 @torch.no_grad()
@@ -274,15 +318,18 @@ def _evaluate(model, batches, device) -> dict:
 
 
 def _check_prune_inputs(model_path: str, args: PruneCommandArguments, config):
-    """(calibration data, (text, pair) columns, evaluation data or None, label -> class id): everything that can be
-    checked before loading the model (the settings, the model folder, the data files, their columns and labels)."""
+    """(calibration data, (text, pair) columns, evaluation data or None, label -> class id):
+    everything that can be checked before loading the model (the settings, the model folder, the
+    data files, their columns and labels)."""
     from transformers import AutoConfig
 
     from ..pruning import Pattern
 
     nm = Pattern.parse(config.pattern).kind == "nm"
     if config.sparsity is None and not config.sparsities and not nm:
-        raise ValueError("give --sparsity (one target) or --sparsities (a sweep), or an N:M --pattern")
+        raise ValueError(
+            "give --sparsity (one target) or --sparsities (a sweep), or an N:M --pattern"
+        )
     if config.method is None:
         raise ValueError("give --method")
     check_model_folder(model_path)
@@ -296,14 +343,27 @@ def _check_prune_inputs(model_path: str, args: PruneCommandArguments, config):
     if args.eval_data:
         eval_data = load_data(args.eval_data, args.encoding)
         text_columns(eval_data, *cols, args.label_column, args.eval_data)
-    labels = list(data[args.label_column]) + (list(eval_data[args.label_column]) if eval_data is not None else [])
+    labels = list(data[args.label_column]) + (
+        list(eval_data[args.label_column]) if eval_data is not None else []
+    )
     label_of = label_mapping(AutoConfig.from_pretrained(model_path), labels, args.label_column)
     return data, cols, eval_data, label_of
 
 
-def save_prune_result(out: str, model, masks, report: dict, *, tokenizer, method, pattern, recipe,
-                      command: str, eval_results: dict | None = None,
-                      dataset_name: str | None = None) -> None:
+def save_prune_result(
+    out: str,
+    model,
+    masks,
+    report: dict,
+    *,
+    tokenizer,
+    method,
+    pattern,
+    recipe,
+    command: str,
+    eval_results: dict | None = None,
+    dataset_name: str | None = None,
+) -> None:
     """Write one result folder whole: the sparse checkpoint (:func:`save_sparse_pretrained`), the
     tokenizer, ``pruning_report.json`` (``report``), and the model card with its plot (an existing
     ``README.md`` is updated, not replaced), all into one staging folder moved into place by
@@ -315,17 +375,23 @@ def save_prune_result(out: str, model, masks, report: dict, *, tokenizer, method
     from .checkpoint.staging import staged_save
 
     with staged_save(out, stale=is_checkpoint_file) as stage:
-        meta = save_sparse_pretrained(model, stage, masks, method=method, pattern=pattern,
-                                      recipe=recipe, _log=False)
+        meta = save_sparse_pretrained(
+            model, stage, masks, method=method, pattern=pattern, recipe=recipe, _log=False
+        )
         tokenizer.save_pretrained(stage)
         with open(os.path.join(stage, "pruning_report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
         readme = os.path.join(out, "README.md")
         if os.path.isfile(readme):
             shutil.copy2(readme, os.path.join(stage, "README.md"))
-        card = CardFields(model_name=os.path.basename(os.path.normpath(out)), method=method,
-                          recipe=recipe, command=command, eval_results=eval_results,
-                          dataset_name=dataset_name)
+        card = CardFields(
+            model_name=os.path.basename(os.path.normpath(out)),
+            method=method,
+            recipe=recipe,
+            command=command,
+            eval_results=eval_results,
+            dataset_name=dataset_name,
+        )
         create_sparse_model_card(stage, card, model=model, sparsity=meta)
     log_saved(out, meta)
 
@@ -335,22 +401,44 @@ def _result_saver(args: PruneCommandArguments, config, argv: list[str], tokenize
     ``sparsity-<s>``) through :func:`save_prune_result` (evaluated on ``evalb`` when given), and one
     line is printed."""
     sweep = bool(config.sparsities)
-    recipe = {**{k: v for k, v in config.to_dict().items() if v is not None},
-              "batch_size": args.batch_size, "max_length": args.max_length, "seed": args.seed}
+    recipe = {
+        **{k: v for k, v in config.to_dict().items() if v is not None},
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "seed": args.seed,
+    }
     command = shlex.join(["hf-mfac", *argv])
 
     def save(s, model, masks, report):
         out = os.path.join(args.output_dir, f"sparsity-{s:.2f}") if sweep else args.output_dir
-        rec = {"target": s, "sparsity": report.sparsity, "loss_increase": report.loss_increase,
-               "time": report.time_total, "grad_share": report.grad_share}
+        rec = {
+            "target": s,
+            "sparsity": report.sparsity,
+            "loss_increase": report.loss_increase,
+            "time": report.time_total,
+            "grad_share": report.grad_share,
+        }
         if evalb is not None:
             rec.update({f"eval_{k}": v for k, v in _evaluate(model, evalb, device).items()})
         results = {k[5:]: v for k, v in rec.items() if k.startswith("eval_")} or None
-        save_prune_result(out, model, masks, {**report.to_dict(), **rec}, tokenizer=tokenizer,
-                          method=config.method, pattern=config.pattern, recipe=recipe,
-                          command=command, eval_results=results,
-                          dataset_name=os.path.basename(args.eval_data) if results else None)
-        extra = f", eval loss {rec['eval_loss']:.4f}, accuracy {rec['eval_accuracy']:.4f}" if evalb else ""
+        save_prune_result(
+            out,
+            model,
+            masks,
+            {**report.to_dict(), **rec},
+            tokenizer=tokenizer,
+            method=config.method,
+            pattern=config.pattern,
+            recipe=recipe,
+            command=command,
+            eval_results=results,
+            dataset_name=os.path.basename(args.eval_data) if results else None,
+        )
+        extra = (
+            f", eval loss {rec['eval_loss']:.4f}, accuracy {rec['eval_accuracy']:.4f}"
+            if evalb
+            else ""
+        )
         print(f"{config.method} -> {out}: sparsity {report.sparsity:.4f}{extra}")
 
     return save
@@ -366,12 +454,30 @@ def prune_command(model_path: str, args: PruneCommandArguments, config, argv: li
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForSequenceClassification.from_pretrained(model_path).to(device)
-    calib = _loader(data, tokenizer, cols, label_of, args.label_column, args.batch_size, args.max_length, True,
-                    args.seed)
+    calib = _loader(
+        data,
+        tokenizer,
+        cols,
+        label_of,
+        args.label_column,
+        args.batch_size,
+        args.max_length,
+        True,
+        args.seed,
+    )
     evalb = None
     if eval_data is not None:
-        evalb = _loader(eval_data, tokenizer, cols, label_of, args.label_column, args.eval_batch_size,
-                        args.max_length, False, 0)
+        evalb = _loader(
+            eval_data,
+            tokenizer,
+            cols,
+            label_of,
+            args.label_column,
+            args.eval_batch_size,
+            args.max_length,
+            False,
+            0,
+        )
         before = _evaluate(model, evalb, device)
         print(f"dense: eval loss {before['loss']:.4f}, accuracy {before['accuracy']:.4f}")
     save = _result_saver(args, config, argv, tokenizer, evalb, device)
@@ -393,7 +499,8 @@ def build_kernels_command() -> int:
 
 
 def main(argv=None) -> int:
-    """Entry point of the ``hf-mfac`` script. Returns the exit status (errors in the inputs: 2, with a message)."""
+    """Entry point of the ``hf-mfac`` script. Returns the exit status (errors in the inputs: 2, with
+    a message)."""
     from .log_level import follow_log_level
 
     follow_log_level(logging.INFO)
@@ -401,7 +508,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     command = argv[0] if argv and not argv[0].startswith("-") else None
     try:
-        ns = parser.parse_args(argv)  # --help, --version and unknown options exit here, as argparse does
+        # --help, --version and unknown options exit here, as argparse does
+        ns = parser.parse_args(argv)
         if ns.command == "prune":
             from ..pruning import PruningConfig
 

@@ -1,26 +1,28 @@
 """One dispatch point for every kernel op.
 
 Each op has, side by side: ``_why_not_<op>`` (the CUDA kernel's limits: device, dtypes, shapes,
-contiguity, sizes; returns the reason it does not apply, or None), ``_cuda_<op>`` (calls the compiled
-module) and the reference in :mod:`.reference`. :func:`_run` picks one:
+contiguity, sizes; returns the reason it does not apply, or None), ``_cuda_<op>`` (calls the
+compiled module) and the reference in :mod:`.reference`. :func:`_run` picks one:
 
 - ``impl="torch"``: the reference.
 - ``impl="cuda"``: the kernel, or :class:`KernelUnavailableError` naming why not (no GPU, no nvcc or
   ninja, a failed build, or inputs outside the kernel's limits).
 - ``impl="auto"``: the kernel when the inputs are within its limits, it builds and it passed its
-  self-check; inputs outside the limits (e.g. CPU tensors) silently take the reference; a kernel that
-  cannot be built takes the reference with one :class:`KernelFallbackWarning` per process, one that fails
-  its self-check with one :class:`KernelSelfCheckWarning` (per kernel, dtype and device).
+  self-check; inputs outside the limits (e.g. CPU tensors) silently take the reference; a kernel
+  that cannot be built takes the reference with one :class:`KernelFallbackWarning` per process, one
+  that fails its self-check with one :class:`KernelSelfCheckWarning` (per kernel, dtype and device).
 
-Before a kernel's first use in a process (per build, device and storage dtype) :mod:`._selfcheck` runs it
-against the reference on small problems that reach its edge paths (a few milliseconds, once); ``impl="cuda"``
-raises :class:`KernelSelfCheckError` on a mismatch.
+Before a kernel's first use in a process (per build, device and storage dtype) :mod:`._selfcheck`
+runs it against the reference on small problems that reach its edge paths (a few milliseconds,
+once); ``impl="cuda"`` raises :class:`KernelSelfCheckError` on a mismatch.
 
-Limits in one place: every ``TORCH_CHECK`` in ``cuda/*.cpp`` is listed in :data:`TORCH_CHECK_MIRRORS` with the
-``_why_not_<op>`` message that rejects such inputs here (so ``auto`` never calls a kernel that would raise
-where the reference returns a value), or the conversion in ``_cuda_<op>`` that makes the condition hold.
+Limits in one place: every ``TORCH_CHECK`` in ``cuda/*.cpp`` is listed in
+:data:`TORCH_CHECK_MIRRORS` with the ``_why_not_<op>`` message that rejects such inputs here (so
+``auto`` never calls a kernel that would raise where the reference returns a value), or the
+conversion in ``_cuda_<op>`` that makes the condition hold.
 
-``HF_MFAC_KERNELS=auto|cuda|torch`` replaces ``impl="auto"``; an explicit ``"cuda"``/``"torch"`` wins.
+``HF_MFAC_KERNELS=auto|cuda|torch`` replaces ``impl="auto"``; an explicit ``"cuda"``/``"torch"``
+wins.
 """
 from __future__ import annotations
 
@@ -65,7 +67,9 @@ def _is_cuda(t) -> bool:
 
 
 def _why_not_autograd(*tensors) -> str | None:
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
+    ):
         return "the CUDA kernels do not support autograd (call under torch.no_grad())"
     return None
 
@@ -80,7 +84,8 @@ def _why_not_vector(v, G: torch.Tensor, n: int, name: str) -> str | None:
     return None
 
 
-# --- window products: cuda/window_gemv.cu -----------------------------------------------------------
+# --- window products: cuda/window_gemv.cu
+# -----------------------------------------------------------
 
 _WINDOW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -100,16 +105,23 @@ def _why_not_window(G, acc_dtype) -> str | None:
 
 
 def _why_not_window_matvec(G, x, acc_dtype=None) -> str | None:
-    return (_why_not_window(G, acc_dtype) or _why_not_vector(x, G, G.shape[1], "x")
-            or _why_not_autograd(G, x))
+    return (
+        _why_not_window(G, acc_dtype)
+        or _why_not_vector(x, G, G.shape[1], "x")
+        or _why_not_autograd(G, x)
+    )
 
 
 def _why_not_window_rmatvec(G, c, acc_dtype=None) -> str | None:
-    return (_why_not_window(G, acc_dtype) or _why_not_vector(c, G, G.shape[0], "c")
-            or _why_not_autograd(G, c))
+    return (
+        _why_not_window(G, acc_dtype)
+        or _why_not_vector(c, G, G.shape[0], "c")
+        or _why_not_autograd(G, c)
+    )
 
 
-# --- M-FAC coefficients: D by torch's Cholesky, B by cuda/mfac_b.cu ---------------------------------
+# --- M-FAC coefficients: D by torch's Cholesky, B by cuda/mfac_b.cu
+# ---------------------------------
 
 _MAX_M = 65535 * 32  # grid limit of the B kernel (nb = ceil(m / 32) <= 65535)
 
@@ -144,7 +156,9 @@ def _why_not_mfac_coefficients(GGt, damp, scale) -> str | None:
     return _why_not_square(GGt, "GGt") or _why_not_damp_scale(damp, scale) or _why_not_autograd(GGt)
 
 
-# --- Algorithm 2: two window kernels around the O(m^2) torch middle --------------------------------
+# --- Algorithm 2: two window kernels around the O(m^2) torch middle
+# --------------------------------
+
 
 def _why_not_mfac_apply_coefficients(G, D, B, x, damp, scale) -> str | None:
     why = _why_not_window(G, None) or _why_not_vector(x, G, G.shape[1], "x")
@@ -159,13 +173,15 @@ def _why_not_mfac_apply_coefficients(G, D, B, x, damp, scale) -> str | None:
     return _why_not_autograd(G, D, B, x)
 
 
-# --- limits in one place: every TORCH_CHECK of cuda/*.cpp and its mirror here ----------------------
+# --- limits in one place: every TORCH_CHECK of cuda/*.cpp and its mirror here
+# ----------------------
 
-# Condition of each TORCH_CHECK in cuda/*.cpp (whitespace collapsed) -> how the Python side keeps it:
-# ("why_not", fragment of the _why_not_<op> message that rejects inputs violating it), ("converted", the
-# _cuda_<op> conversion that makes it hold) or ("runtime", not an input limit). tests/test_kernels.py parses
-# the C++ sources, checks that this table lists exactly their conditions, and builds a violating input for
-# every "why_not" entry of every op that reaches the check.
+# Condition of each TORCH_CHECK in cuda/*.cpp (whitespace collapsed) -> how the Python side keeps
+# it: ("why_not", fragment of the _why_not_<op> message that rejects inputs violating it),
+# ("converted", the _cuda_<op> conversion that makes it hold) or ("runtime", not an input limit).
+# tests/test_kernels.py parses the C++ sources, checks that this table lists exactly their
+# conditions, and builds a violating input for every "why_not" entry of every op that reaches the
+# check.
 TORCH_CHECK_MIRRORS: dict[str, tuple[str, str]] = {
     # check_cuda: a failed CUDA runtime call or launch
     "err == cudaSuccess": ("runtime", "a CUDA error raises RuntimeError; it is no input limit"),
@@ -174,25 +190,37 @@ TORCH_CHECK_MIRRORS: dict[str, tuple[str, str]] = {
     "G.dim() == 2": ("why_not", "G must be a non-empty 2-D (m, d) tensor"),
     "G.size(0) > 0 && G.size(1) > 0": ("why_not", "G must be a non-empty 2-D (m, d) tensor"),
     "G.is_contiguous()": ("why_not", "G must be contiguous"),
-    "st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kFloat16":
-        ("why_not", "G must be float32, bfloat16 or float16"),
+    "st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kFloat16": (
+        "why_not",
+        "G must be float32, bfloat16 or float16",
+    ),
     # check_vector (x of G x, c of G^T c)
     "v.device() == G.device()": ("why_not", "must be a tensor on"),
-    "v.scalar_type() == torch::kFloat32": ("converted", "_cuda_<op> passes x.to(torch.float32) / c.to(torch.float32)"),
+    "v.scalar_type() == torch::kFloat32": (
+        "converted",
+        "_cuda_<op> passes x.to(torch.float32) / c.to(torch.float32)",
+    ),
     "v.dim() == 1 && v.size(0) == n": ("why_not", "must have shape"),
     "v.is_contiguous()": ("converted", "_cuda_<op> passes .contiguous() vectors"),
     # mfac_b (mfac_b; mfac_coefficients on D = mfac_d(GGt), same device, dtype and shape as GGt)
     "D.is_cuda()": ("why_not", "must be a CUDA tensor"),
-    "D.dim() == 2 && D.size(0) == D.size(1) && D.size(0) > 0": ("why_not", "must be a non-empty square (m, m) matrix"),
+    "D.dim() == 2 && D.size(0) == D.size(1) && D.size(0) > 0": (
+        "why_not",
+        "must be a non-empty square (m, m) matrix",
+    ),
     "D.is_contiguous()": ("converted", "launch_mfac_b passes D.contiguous()"),
-    "D.scalar_type() == torch::kFloat32 || D.scalar_type() == torch::kFloat64":
-        ("why_not", "must be float32 or float64"),
+    "D.scalar_type() == torch::kFloat32 || D.scalar_type() == torch::kFloat64": (
+        "why_not",
+        "must be float32 or float64",
+    ),
     "damp > 0 && scale >= 0": ("why_not", "needs damp > 0 and scale >= 0"),
     "hf_mfac::ceil_div(m, hf_mfac::kBTile) <= 65535": ("why_not", "exceeds the B kernel's limit"),
 }
 
 
-# --- dispatch ---------------------------------------------------------------------------------------
+# --- dispatch
+# ---------------------------------------------------------------------------------------
+
 
 class _Op(NamedTuple):
     why_not: Callable[..., str | None]
@@ -206,15 +234,33 @@ def _window_checks(G, *_):
 
 
 _OPS = {
-    "window_matvec": _Op(_why_not_window_matvec, launch_window_matvec, reference.window_matvec,
-                         lambda G, *_: [("window_matvec", G.dtype)]),
-    "window_rmatvec": _Op(_why_not_window_rmatvec, launch_window_rmatvec, reference.window_rmatvec,
-                          lambda G, *_: [("window_rmatvec", G.dtype)]),
-    "mfac_b": _Op(_why_not_mfac_b, launch_mfac_b, reference.mfac_b, lambda D, *_: [("mfac_b", D.dtype)]),
-    "mfac_coefficients": _Op(_why_not_mfac_coefficients, launch_mfac_coefficients, reference.mfac_coefficients,
-                             lambda GGt, *_: [("mfac_b", GGt.dtype)]),
-    "mfac_apply_coefficients": _Op(_why_not_mfac_apply_coefficients, launch_mfac_apply_coefficients,
-                                   reference.mfac_apply_coefficients, _window_checks),
+    "window_matvec": _Op(
+        _why_not_window_matvec,
+        launch_window_matvec,
+        reference.window_matvec,
+        lambda G, *_: [("window_matvec", G.dtype)],
+    ),
+    "window_rmatvec": _Op(
+        _why_not_window_rmatvec,
+        launch_window_rmatvec,
+        reference.window_rmatvec,
+        lambda G, *_: [("window_rmatvec", G.dtype)],
+    ),
+    "mfac_b": _Op(
+        _why_not_mfac_b, launch_mfac_b, reference.mfac_b, lambda D, *_: [("mfac_b", D.dtype)]
+    ),
+    "mfac_coefficients": _Op(
+        _why_not_mfac_coefficients,
+        launch_mfac_coefficients,
+        reference.mfac_coefficients,
+        lambda GGt, *_: [("mfac_b", GGt.dtype)],
+    ),
+    "mfac_apply_coefficients": _Op(
+        _why_not_mfac_apply_coefficients,
+        launch_mfac_apply_coefficients,
+        reference.mfac_apply_coefficients,
+        _window_checks,
+    ),
 }
 
 
@@ -225,7 +271,8 @@ def supports(op: str, *args, **kwargs) -> bool:
 
 
 def why_not(op: str, *args, **kwargs) -> str | None:
-    """The reason the CUDA kernel of ``op`` rejects these arguments, or None when it accepts them."""
+    """The reason the CUDA kernel of ``op`` rejects these arguments, or None when it accepts
+    them."""
     if op not in _OPS:
         raise ValueError(f"unknown kernel op {op!r}; expected one of {sorted(_OPS)}")
     return _OPS[op].why_not(*args, **kwargs)
@@ -241,10 +288,13 @@ def _run(op: str, impl: str, *args):
     if strict:
         env = _loader.environment_reason()
         if env is not None:
-            raise KernelUnavailableError(f"hf_mfac.kernels.{op}(impl='cuda'): CUDA kernels unavailable: {env}")
+            raise KernelUnavailableError(
+                f"hf_mfac.kernels.{op}(impl='cuda'): CUDA kernels unavailable: {env}"
+            )
         if why is not None:
-            raise KernelUnavailableError(f"hf_mfac.kernels.{op}(impl='cuda'): inputs outside the kernel's "
-                                         f"limits: {why}")
+            raise KernelUnavailableError(
+                f"hf_mfac.kernels.{op}(impl='cuda'): inputs outside the kernel's limits: {why}"
+            )
     elif why is not None:
         return spec.torch(*args)
     device = args[0].device
@@ -255,8 +305,13 @@ def _run(op: str, impl: str, *args):
             raise KernelUnavailableError(f"hf_mfac.kernels.{op}(impl='cuda'): {exc}") from exc
         if not _warned[0]:
             _warned[0] = True
-            warnings.warn(f"hf_mfac: CUDA kernels unavailable ({exc}); using the PyTorch reference ops. "
-                          f"Set {ENV_VAR}=torch to choose them explicitly.", KernelFallbackWarning, stacklevel=3)
+            warnings.warn(
+                f"hf_mfac: CUDA kernels unavailable ({exc}); using the PyTorch reference "
+                "ops. "
+                f"Set {ENV_VAR}=torch to choose them explicitly.",
+                KernelFallbackWarning,
+                stacklevel=3,
+            )
         return spec.torch(*args)
     try:
         verified = _selfcheck.ensure(ext, device, spec.checks(*args), strict=strict)
@@ -267,33 +322,46 @@ def _run(op: str, impl: str, *args):
     return spec.cuda(ext, *args)
 
 
-def window_matvec(G: torch.Tensor, x: torch.Tensor, acc_dtype: torch.dtype | None = None, *,
-                  impl: str = "auto") -> torch.Tensor:
-    """``p = G @ x`` (m,), accumulated in fp32 (or ``acc_dtype``); G (m, d), x (d,). One pass over G.
-    See :func:`hf_mfac.kernels.reference.window_matvec`."""
+def window_matvec(
+    G: torch.Tensor, x: torch.Tensor, acc_dtype: torch.dtype | None = None, *, impl: str = "auto"
+) -> torch.Tensor:
+    """``p = G @ x`` (m,), accumulated in fp32 (or ``acc_dtype``); G (m, d), x (d,). One pass over
+    G. See :func:`hf_mfac.kernels.reference.window_matvec`."""
     return _run("window_matvec", impl, G, x, acc_dtype)
 
 
-def window_rmatvec(G: torch.Tensor, c: torch.Tensor, acc_dtype: torch.dtype | None = None, *,
-                   impl: str = "auto") -> torch.Tensor:
-    """``y = G^T @ c`` (d,), accumulated in fp32 (or ``acc_dtype``); G (m, d), c (m,). One pass over G.
-    See :func:`hf_mfac.kernels.reference.window_rmatvec`."""
+def window_rmatvec(
+    G: torch.Tensor, c: torch.Tensor, acc_dtype: torch.dtype | None = None, *, impl: str = "auto"
+) -> torch.Tensor:
+    """``y = G^T @ c`` (d,), accumulated in fp32 (or ``acc_dtype``); G (m, d), c (m,). One pass over
+    G. See :func:`hf_mfac.kernels.reference.window_rmatvec`."""
     return _run("window_rmatvec", impl, G, c, acc_dtype)
 
 
 def mfac_b(D: torch.Tensor, damp: float, scale: float, *, impl: str = "auto") -> torch.Tensor:
-    """The B of [M-FAC, App. B, Alg. 1] (m, m) from D; see :func:`hf_mfac.kernels.reference.mfac_b`."""
+    """The B of [M-FAC, App. B, Alg. 1] (m, m) from D; see
+    :func:`hf_mfac.kernels.reference.mfac_b`."""
     return _run("mfac_b", impl, D, damp, scale)
 
 
-def mfac_coefficients(GGt: torch.Tensor, damp: float, scale: float, *,
-                      impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def mfac_coefficients(
+    GGt: torch.Tensor, damp: float, scale: float, *, impl: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[M-FAC, App. B, Alg. 1]: ``(D, B)`` from ``G G^T`` (m, m); see
     :func:`hf_mfac.kernels.reference.mfac_coefficients`."""
     return _run("mfac_coefficients", impl, GGt, damp, scale)
 
 
-def mfac_apply_coefficients(G: torch.Tensor, D: torch.Tensor, B: torch.Tensor, x: torch.Tensor, damp: float,
-                            scale: float, *, impl: str = "auto") -> torch.Tensor:
-    """[M-FAC, App. B, Alg. 2]: ``F^{-1} x`` (d,); see :func:`hf_mfac.kernels.reference.mfac_apply_coefficients`."""
+def mfac_apply_coefficients(
+    G: torch.Tensor,
+    D: torch.Tensor,
+    B: torch.Tensor,
+    x: torch.Tensor,
+    damp: float,
+    scale: float,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """[M-FAC, App. B, Alg. 2]: ``F^{-1} x`` (d,); see
+    :func:`hf_mfac.kernels.reference.mfac_apply_coefficients`."""
     return _run("mfac_apply_coefficients", impl, G, D, B, x, damp, scale)

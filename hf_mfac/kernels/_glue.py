@@ -1,6 +1,6 @@
-"""The calls into the compiled module, one per op: arguments made contiguous and fp32 where the kernel wants it,
-launched on the current stream. Shared by the dispatch (:mod:`._dispatch`) and the self-check
-(:mod:`._selfcheck`), so that a kernel is checked through the same glue as real calls."""
+"""The calls into the compiled module, one per op: arguments made contiguous and fp32 where the
+kernel wants it, launched on the current stream. Shared by the dispatch (:mod:`._dispatch`) and the
+self-check (:mod:`._selfcheck`), so that a kernel is checked through the same glue as real calls."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +9,8 @@ from . import reference
 
 
 def current_stream(device: torch.device) -> int:
-    """The current CUDA stream of ``device`` as an integer (0 elsewhere: the self-check's fake kernels)."""
+    """The current CUDA stream of ``device`` as an integer (0 elsewhere: the self-check's fake
+    kernels)."""
     return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 

@@ -1,4 +1,5 @@
-"""Lazy, cached JIT build of the CUDA module in ``cuda/`` (shipped as the package ``hf_mfac._cuda``).
+"""Lazy, cached JIT build of the CUDA module in ``cuda/`` (shipped as the package
+``hf_mfac._cuda``).
 
 Nothing happens at import. The first CUDA op calls :func:`load`, which checks, in order, that torch
 was built with CUDA, that ``torch.cuda.is_available()``, that nvcc (``CUDA_HOME`` or ``PATH``) and
@@ -9,17 +10,18 @@ name are keyed on a hash of the sources, torch/CUDA/Python versions and the devi
 :func:`status` reports and :class:`KernelUnavailableError` carries.
 
 A compile is visible: it logs (logger ``"hf_mfac"``, level WARNING, since it blocks the caller for a
-minute or more) where it builds and, when done, how long it took; a load from the cache logs at INFO.
-Builds into one cache folder are serialised across processes by an exclusive file lock
-(``<build dir>/hf_mfac.lock``; ``filelock`` when installed, else ``fcntl.flock``): of 8 ranks starting
-together, one compiles and the others wait, then load the result. The OS drops the lock when its holder
-dies, so a killed build never blocks the next one (torch's own lock file, which a killed build leaves
-behind, is removed under this lock). ``hf-mfac build-kernels`` (:func:`hf_mfac.kernels.build_kernels`)
-builds ahead of training.
+minute or more) where it builds and, when done, how long it took; a load from the cache logs at
+INFO. Builds into one cache folder are serialised across processes by an exclusive file lock
+(``<build dir>/hf_mfac.lock``; ``filelock`` when installed, else ``fcntl.flock``): of 8 ranks
+starting together, one compiles and the others wait, then load the result. The OS drops the lock
+when its holder dies, so a killed build never blocks the next one (torch's own lock file, which a
+killed build leaves behind, is removed under this lock). ``hf-mfac build-kernels``
+(:func:`hf_mfac.kernels.build_kernels`) builds ahead of training.
 
-Environment: ``HF_MFAC_BUILD_DIR`` (build root; default ``$XDG_CACHE_HOME/hf_mfac/torch_extensions``),
-``HF_MFAC_KERNELS_VERBOSE=1`` (show the compiler output), ``HF_MFAC_BUILD_LOCK_TIMEOUT`` (seconds to wait
-for another process's build, default 1800; then the kernels count as unavailable).
+Environment: ``HF_MFAC_BUILD_DIR`` (build root; default
+``$XDG_CACHE_HOME/hf_mfac/torch_extensions``), ``HF_MFAC_KERNELS_VERBOSE=1`` (show the compiler
+output), ``HF_MFAC_BUILD_LOCK_TIMEOUT`` (seconds to wait for another process's build, default 1800;
+then the kernels count as unavailable).
 """
 from __future__ import annotations
 
@@ -58,9 +60,10 @@ class KernelFallbackWarning(UserWarning):
 
 
 def source_dir() -> Path:
-    """Directory with the ``.cu``/``.cpp`` sources: the installed ``hf_mfac._cuda`` package, else the
-    repository's ``cuda/`` next to ``hf_mfac/`` (a source checkout used without installing)."""
-    with contextlib.suppress(ImportError, TypeError):  # not installed as a package: use the checkout's cuda/
+    """Directory with the ``.cu``/``.cpp`` sources: the installed ``hf_mfac._cuda`` package, else
+    the repository's ``cuda/`` next to ``hf_mfac/`` (a source checkout used without installing)."""
+    # not installed as a package: use the checkout's cuda/
+    with contextlib.suppress(ImportError, TypeError):
         from importlib.resources import files
 
         path = Path(str(files("hf_mfac._cuda")))
@@ -87,7 +90,8 @@ def _nvcc() -> str | None:
 def _check_environment() -> str | None:
     """Why the kernels cannot be built here, or None. Cheap: compiles nothing."""
     if torch.version.cuda is None:
-        return (f"torch.cuda.is_available() is False: this PyTorch build ({torch.__version__}) has no CUDA "
+        return (f"torch.cuda.is_available() is False: this PyTorch build ({torch.__version__}) has "
+                "no CUDA "
                 "support (torch.version.cuda is None)")
     if not torch.cuda.is_available():
         return "torch.cuda.is_available() is False: no usable CUDA GPU or driver"
@@ -157,7 +161,8 @@ def _lock_timeout() -> float:
 
 
 def lock_backend() -> str | None:
-    """What :func:`file_lock` uses here: ``"filelock"``, ``"fcntl"`` or None (no inter-process lock)."""
+    """What :func:`file_lock` uses here: ``"filelock"``, ``"fcntl"`` or None (no inter-process
+    lock)."""
     try:
         import filelock  # noqa: F401
         return "filelock"
@@ -174,10 +179,11 @@ def lock_backend() -> str | None:
 def file_lock(path: Path, timeout: float | None = None, what: str = "the lock"):
     """Hold an exclusive inter-process lock on the file ``path`` (created if missing) for the block.
 
-    ``filelock.FileLock`` when the package is installed, else ``fcntl.flock`` (both OS locks: released when
-    the holder exits or dies). Logs once at WARNING when it has to wait (saying for ``what``); raises
-    :class:`KernelUnavailableError` after ``timeout`` seconds (default ``HF_MFAC_BUILD_LOCK_TIMEOUT``).
-    Without either backend (Windows without filelock) the block runs unlocked.
+    ``filelock.FileLock`` when the package is installed, else ``fcntl.flock`` (both OS locks:
+    released when the holder exits or dies). Logs once at WARNING when it has to wait (saying for
+    ``what``); raises :class:`KernelUnavailableError` after ``timeout`` seconds (default
+    ``HF_MFAC_BUILD_LOCK_TIMEOUT``). Without either backend (Windows without filelock) the block
+    runs unlocked.
     """
     timeout = _lock_timeout() if timeout is None else float(timeout)
     path = Path(path)
@@ -185,8 +191,10 @@ def file_lock(path: Path, timeout: float | None = None, what: str = "the lock"):
     backend = lock_backend()
 
     def waited_too_long():
-        return KernelUnavailableError(f"gave up after {timeout:.0f} s waiting for {what} ({path}: another process "
-                                      "holds it); raise HF_MFAC_BUILD_LOCK_TIMEOUT or remove a stuck process")
+        return KernelUnavailableError(f"gave up after {timeout:.0f} s waiting for {what} ({path}: "
+                                      "another process "
+                                      "holds it); raise HF_MFAC_BUILD_LOCK_TIMEOUT or remove a "
+                                      "stuck process")
 
     if backend == "filelock":
         import filelock
@@ -217,7 +225,8 @@ def file_lock(path: Path, timeout: float | None = None, what: str = "the lock"):
                 except (BlockingIOError, PermissionError):
                     if not warned:
                         warned = True
-                        logger.warning("hf_mfac: waiting for %s (held by another process: %s)", what, path)
+                        logger.warning("hf_mfac: waiting for %s (held by another process: %s)",
+                                       what, path)
                     if time.monotonic() > deadline:
                         raise waited_too_long() from None
                     time.sleep(0.1)
@@ -250,29 +259,41 @@ def load(device: torch.device | int | None = None):
         except Exception as exc:  # noqa: BLE001 - any build error becomes the recorded reason
             msg = str(exc).strip().splitlines()
             detail = "\n".join(msg[-20:])[-2000:]
-            _failures[arch] = f"building the CUDA extension for {arch} failed: {type(exc).__name__}: {detail}"
-            logger.debug("hf_mfac: %s", _failures[arch])  # the caller's warning or exception carries it
+            _failures[arch] = (
+                f"building the CUDA extension for {arch} failed: {type(exc).__name__}: {detail}"
+            )
+            # the caller's warning or exception carries it
+            logger.debug("hf_mfac: %s", _failures[arch])
             raise KernelUnavailableError(_failures[arch]) from exc
         return _modules[arch]
 
 
 def _build(arch: str):
-    """Build (or load from the cache folder) the module for ``arch`` under the folder's file lock."""
+    """Build (or load from the cache folder) the module for ``arch`` under the folder's file
+    lock."""
     from torch.utils import cpp_extension
 
     cc = arch[3:]
     name = build_name(arch)
     folder = build_root() / name
     folder.mkdir(parents=True, exist_ok=True)
-    with file_lock(folder / LOCK_NAME, what=f"another process's build of the hf_mfac CUDA kernels for {arch}"):
-        # Under our lock nobody else builds here: a torch lock file left by a killed build is stale, and
-        # torch would wait on it forever.
+    with file_lock(
+        folder / LOCK_NAME, what=f"another process's build of the hf_mfac CUDA kernels for {arch}"
+    ):
+        # Under our lock nobody else builds here: a torch lock file left by a killed build is stale,
+        # and torch would wait on it forever.
         (folder / "lock").unlink(missing_ok=True)
         compiled = not (folder / f"{name}{_LIB_EXT}").is_file()
         if compiled:
-            logger.warning("hf_mfac: compiling the CUDA kernels for %s (first use of this source version, GPU "
-                           "architecture and toolchain; about a minute) into %s. `hf-mfac build-kernels` does this "
-                           "ahead of training; HF_MFAC_KERNELS=torch skips the kernels.", arch, folder)
+            logger.warning(
+                "hf_mfac: compiling the CUDA kernels for %s (first use of this source "
+                "version, GPU "
+                "architecture and toolchain; about a minute) into %s. `hf-mfac "
+                "build-kernels` does this "
+                "ahead of training; HF_MFAC_KERNELS=torch skips the kernels.",
+                arch,
+                folder,
+            )
         else:
             logger.info("hf_mfac: loading the CUDA kernels for %s from %s", arch, folder)
         t0 = time.perf_counter()
@@ -288,18 +309,29 @@ def _build(arch: str):
         )
         seconds = time.perf_counter() - t0
     if compiled:
-        logger.warning("hf_mfac: compiled the CUDA kernels for %s in %.1f s (cached in %s)", arch, seconds, folder)
-    _builds[arch] = {"name": name, "dir": str(folder), "compiled": compiled, "seconds": round(seconds, 3)}
+        logger.warning(
+            "hf_mfac: compiled the CUDA kernels for %s in %.1f s (cached in %s)",
+            arch,
+            seconds,
+            folder,
+        )
+    _builds[arch] = {
+        "name": name,
+        "dir": str(folder),
+        "compiled": compiled,
+        "seconds": round(seconds, 3),
+    }
     return module
 
 
 def status() -> dict:
     """Where the CUDA kernels stand, without building anything.
 
-    Keys: ``available`` (the environment can build them), ``reason`` (why not, else None), ``loaded``
-    (architectures with a loaded module), ``builds`` (architecture -> name, folder, whether this process
-    compiled it and the seconds it took), ``failed`` (architecture -> build error), ``build_root``, ``sources``
-    (:func:`hf_mfac.kernels.status` adds the self-check verdicts of this process).
+    Keys: ``available`` (the environment can build them), ``reason`` (why not, else None),
+    ``loaded`` (architectures with a loaded module), ``builds`` (architecture -> name, folder,
+    whether this process compiled it and the seconds it took), ``failed`` (architecture -> build
+    error), ``build_root``, ``sources`` (:func:`hf_mfac.kernels.status` adds the self-check verdicts
+    of this process).
     """
     reason = environment_reason()
     with _lock:
@@ -315,7 +347,8 @@ def status() -> dict:
 
 
 def reset() -> None:
-    """Forget cached checks and failures (tests; after installing a missing tool). Loaded modules stay."""
+    """Forget cached checks and failures (tests; after installing a missing tool). Loaded modules
+    stay."""
     with _lock:
         _precheck.clear()
         _failures.clear()

@@ -1,34 +1,34 @@
 """Self-check of the CUDA kernels before their first use.
 
 The first time an op would run a CUDA kernel in a process, for each (build, device, kernel, storage
-dtype), :func:`ensure` runs that kernel and its torch reference on small random problems chosen to reach
-the kernel's edge paths, and compares them with the tolerance the kernel tests use
-(:func:`within_tolerance`). The verdict is kept in memory and written next to the build, in
-``<build dir>/selfcheck.json`` (the build folder is keyed on the sources, toolchain and architecture; the
-entry inside on the GPU's name, the kernel and the dtype), so that later processes read it instead of
-re-running the check. ``hf-mfac build-kernels`` (:func:`hf_mfac.kernels.build_kernels`) re-runs every check
-and rewrites the file.
+dtype), :func:`ensure` runs that kernel and its torch reference on small random problems chosen to
+reach the kernel's edge paths, and compares them with the tolerance the kernel tests use
+(:func:`within_tolerance`). The verdict is kept in memory and written next to the build, in ``<build
+dir>/selfcheck.json`` (the build folder is keyed on the sources, toolchain and architecture; the
+entry inside on the GPU's name, the kernel and the dtype), so that later processes read it instead
+of re-running the check. ``hf-mfac build-kernels`` (:func:`hf_mfac.kernels.build_kernels`) re-runs
+every check and rewrites the file.
 
-- A kernel that disagrees under ``impl="auto"``: one :class:`KernelSelfCheckWarning` with the numbers,
-  then the torch reference for that kernel and dtype from then on (also in later processes, through the
-  file). Under ``impl="cuda"``: :class:`KernelSelfCheckError`.
-- Cost: a few milliseconds on a GPU, once per process and kernel/dtype actually used (the problems hold
-  about 1.1M elements; the float64 comparison runs on the same GPU). ``HF_MFAC_KERNELS=torch`` skips the
-  kernels, and with them the check.
+- A kernel that disagrees under ``impl="auto"``: one :class:`KernelSelfCheckWarning` with the
+  numbers, then the torch reference for that kernel and dtype from then on (also in later processes,
+  through the file). Under ``impl="cuda"``: :class:`KernelSelfCheckError`.
+- Cost: a few milliseconds on a GPU, once per process and kernel/dtype actually used (the problems
+  hold about 1.1M elements; the float64 comparison runs on the same GPU). ``HF_MFAC_KERNELS=torch``
+  skips the kernels, and with them the check.
 - The check uses its own ``torch.Generator`` (the global RNG is untouched) and runs under
   ``torch.no_grad()``. It cannot run while a CUDA graph is being captured: ``auto`` then takes the
   reference for that call, ``cuda`` raises (check first with ``build_kernels()`` or one eager step).
 
 The problems (see :func:`window_problems`, :func:`mfac_b_problems`):
 
-- window products, each storage dtype: ``m = 67`` rows (the last group of 4 rows in ``G x`` is partial,
-  the unrolled-by-4 row loop of ``G^T c`` has a remainder, ``m >= 64`` splits ``G^T c`` into two row
-  slices); ``d = 16424`` at an aligned base (16-byte vector loads, ``G x`` split over d, a last column block
-  shorter than 256 vectors); ``d = 4099`` with the bases of G and x one element off alignment (scalar
-  loads, ``G x`` split over d); ``(7, 2056)`` with G aligned and x one element off (vector loads of G, x
-  copied to an aligned buffer); and tiny ``(5, 24)``, ``(1, 1)``.
-- B kernel, float32 and float64: ``m = 67`` (three 32-wide tiles, a partial last one, an update launch with
-  two tile rows), ``m = 32`` (one full tile) and ``m = 1``.
+- window products, each storage dtype: ``m = 67`` rows (the last group of 4 rows in ``G x`` is
+  partial, the unrolled-by-4 row loop of ``G^T c`` has a remainder, ``m >= 64`` splits ``G^T c``
+  into two row slices); ``d = 16424`` at an aligned base (16-byte vector loads, ``G x`` split over
+  d, a last column block shorter than 256 vectors); ``d = 4099`` with the bases of G and x one
+  element off alignment (scalar loads, ``G x`` split over d); ``(7, 2056)`` with G aligned and x one
+  element off (vector loads of G, x copied to an aligned buffer); and tiny ``(5, 24)``, ``(1, 1)``.
+- B kernel, float32 and float64: ``m = 67`` (three 32-wide tiles, a partial last one, an update
+  launch with two tile rows), ``m = 32`` (one full tile) and ``m = 1``.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ from ._loader import KernelFallbackWarning, KernelUnavailableError
 
 logger = logging.getLogger("hf_mfac")
 
-CHECK_VERSION = 1  # bump when the problems or the tolerance change: older verdicts on disk are ignored
+# bump when the problems or the tolerance change: older verdicts on disk are ignored
+CHECK_VERSION = 1
 VERDICT_FILE = "selfcheck.json"
 U32 = 2.0**-24
 
@@ -64,7 +65,8 @@ class KernelSelfCheckError(KernelUnavailableError):
 
 
 class KernelSelfCheckWarning(KernelFallbackWarning):
-    """A CUDA kernel disagreed with its torch reference in the self-check; the reference runs instead."""
+    """A CUDA kernel disagreed with its torch reference in the self-check; the reference runs
+    instead."""
 
 
 _lock = threading.RLock()
@@ -94,7 +96,8 @@ def _build_of(ext) -> str:
 
 
 def _verdict_path(ext) -> Path | None:
-    """``selfcheck.json`` in the build folder of ``ext`` (its ``__file__`` is the compiled library there)."""
+    """``selfcheck.json`` in the build folder of ``ext`` (its ``__file__`` is the compiled library
+    there)."""
     f = getattr(ext, "__file__", None)
     return Path(f).parent / VERDICT_FILE if f else None
 
@@ -103,19 +106,22 @@ def _disk_key(device, kernel: str, dtype: torch.dtype) -> str:
     return f"{_device_name(device)}|{kernel}|{_dtype_name(dtype)}"
 
 
-# --- the tolerance of the kernel tests --------------------------------------------------------------
+# --- the tolerance of the kernel tests
+# --------------------------------------------------------------
 
 def within_tolerance(got: torch.Tensor, ref_same_precision: torch.Tensor, exact: torch.Tensor,
                      floor: float) -> tuple[bool, float, float]:
-    """``(ok, err, bound)``: ``err = max |got - exact| <= bound = 4 max |ref - exact| + floor``, where ``ref``
-    is the torch reference in the kernel's precision and ``exact`` float64. NaN fails."""
+    """``(ok, err, bound)``: ``err = max |got - exact| <= bound = 4 max |ref - exact| + floor``,
+    where ``ref`` is the torch reference in the kernel's precision and ``exact`` float64. NaN
+    fails."""
     err_ref = (ref_same_precision.double() - exact).abs().max().item()
     err = (got.double() - exact).abs().max().item()
     bound = 4 * err_ref + floor
     return bool(err <= bound), err, bound
 
 
-# --- problems --------------------------------------------------------------------------------------
+# --- problems
+# --------------------------------------------------------------------------------------
 
 # (m, d, offset of G's base, offset of x) in elements
 WINDOW_CASES = ((67, 16424, 0, 0), (67, 4099, 1, 1), (7, 2056, 0, 1), (5, 24, 0, 0), (1, 1, 0, 0))
@@ -126,10 +132,11 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def window_problems(dtype: torch.dtype, device) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``(label, G, x, c)`` per case of :data:`WINDOW_CASES`: G (m, d) in ``dtype`` starting ``g_off`` elements
-    into its buffer, x (d,) fp32 ``x_off`` elements into its own, c (m,) fp32. Drawn on the CPU from a fixed
-    seed, then moved."""
+def window_problems(dtype: torch.dtype, device) -> list[tuple[str, torch.Tensor, torch.Tensor,
+                                                              torch.Tensor]]:
+    """``(label, G, x, c)`` per case of :data:`WINDOW_CASES`: G (m, d) in ``dtype`` starting
+    ``g_off`` elements into its buffer, x (d,) fp32 ``x_off`` elements into its own, c (m,) fp32.
+    Drawn on the CPU from a fixed seed, then moved."""
     out = []
     for i, (m, d, g_off, x_off) in enumerate(WINDOW_CASES):
         g = _gen(1000 + i)
@@ -142,17 +149,20 @@ def window_problems(dtype: torch.dtype, device) -> list[tuple[str, torch.Tensor,
 
 
 def mfac_b_problems(dtype: torch.dtype, device) -> list[tuple[str, torch.Tensor, float, float]]:
-    """``(label, D, damp, scale)`` per case: D from a well-conditioned random window (float64, then cast)."""
+    """``(label, D, damp, scale)`` per case: D from a well-conditioned random window (float64, then
+    cast)."""
     out = []
     for m in MFAC_B_CASES:
-        G = torch.randn(m, 2 * m + 3, generator=_gen(2000 + m), dtype=torch.float64) / (2 * m + 3) ** 0.5
+        G = torch.randn(m, 2 * m + 3, generator=_gen(2000 + m),
+                        dtype=torch.float64) / (2 * m + 3) ** 0.5
         damp, scale = 1e-2, float(m)
         D = reference.mfac_d(G @ G.T, damp, scale).to(dtype).to(device)
         out.append((f"m={m}", D, damp, scale))
     return out
 
 
-# --- one check ---------------------------------------------------------------------------------------
+# --- one check
+# ---------------------------------------------------------------------------------------
 
 def _worse(a: tuple, b: tuple) -> tuple:
     """The case with the larger err / bound (the one closest to failing)."""
@@ -174,8 +184,13 @@ def _compare_window(kernel: str, ext, dtype, device) -> tuple[bool, float, float
             exact, mag = Gr.T @ c.double(), Gr.abs().T @ c.double().abs()
             n = G.shape[1]
         if not isinstance(got, torch.Tensor) or got.shape != (n,) or got.dtype != torch.float32:
-            return False, float("nan"), 0.0, f"{label}: returned {getattr(got, 'dtype', type(got))} " \
-                                               f"{tuple(getattr(got, 'shape', ()))}, expected float32 ({n},)"
+            return (
+                False,
+                float("nan"),
+                0.0,
+                f"{label}: returned {getattr(got, 'dtype', type(got))} "
+                f"{tuple(getattr(got, 'shape', ()))}, expected float32 ({n},)",
+            )
         ok, err, bound = within_tolerance(got, ref, exact, 8 * U32 * mag.max().item())
         if not ok:
             return ok, err, bound, label
@@ -188,8 +203,13 @@ def _compare_mfac_b(ext, dtype, device) -> tuple[bool, float, float, str]:
     for label, D, damp, scale in mfac_b_problems(dtype, device):
         got = _glue.launch_mfac_b(ext, D, damp, scale)
         if not isinstance(got, torch.Tensor) or got.shape != D.shape or got.dtype != dtype:
-            return False, float("nan"), 0.0, f"{label}: returned {getattr(got, 'dtype', type(got))} " \
-                                               f"{tuple(getattr(got, 'shape', ()))}, expected {dtype} {tuple(D.shape)}"
+            return (
+                False,
+                float("nan"),
+                0.0,
+                f"{label}: returned {getattr(got, 'dtype', type(got))} "
+                f"{tuple(getattr(got, 'shape', ()))}, expected {dtype} {tuple(D.shape)}",
+            )
         exact = reference.mfac_b(D.double(), damp, scale)
         floor = 16 * torch.finfo(dtype).eps * exact.abs().max().item()
         ok, err, bound = within_tolerance(got, reference.mfac_b(D, damp, scale), exact, floor)
@@ -202,16 +222,18 @@ def _compare_mfac_b(ext, dtype, device) -> tuple[bool, float, float, str]:
 def run_check(ext, device, kernel: str, dtype: torch.dtype) -> dict:
     """Run one self-check now (no cache): the kernel of ``ext`` against the reference on ``device``.
 
-    Returns the verdict: ``kernel``, ``dtype``, ``ok``, ``max_err`` and ``bound`` (of the worst case, or the
-    first failing one), ``case``, ``error`` (an exception raised by the kernel, else None), ``seconds``,
-    ``device``, ``build``, ``check_version``.
+    Returns the verdict: ``kernel``, ``dtype``, ``ok``, ``max_err`` and ``bound`` (of the worst
+    case, or the first failing one), ``case``, ``error`` (an exception raised by the kernel, else
+    None), ``seconds``, ``device``, ``build``, ``check_version``.
     """
     if kernel not in KERNEL_DTYPES or dtype not in KERNEL_DTYPES[kernel]:
         raise ValueError(f"no self-check for kernel {kernel!r} in {dtype}")
     device = torch.device(device)
     t0 = time.perf_counter()
     error = None
-    try:  # no autograd, no autocast (it would compute the fp32 reference in low precision and loosen the bound)
+    # no autograd, no autocast (it would compute the fp32 reference in low precision and loosen the
+    # bound)
+    try:
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             if kernel == "mfac_b":
                 ok, err, bound, case = _compare_mfac_b(ext, dtype, device)
@@ -225,12 +247,24 @@ def run_check(ext, device, kernel: str, dtype: torch.dtype) -> dict:
             torch.cuda.synchronize(device)
         except RuntimeError as exc:  # a launch error surfacing late: the verdict is a failure
             ok, error = False, error or f"{type(exc).__name__}: {str(exc).strip()[:500]}"
-    return {"kernel": kernel, "dtype": _dtype_name(dtype), "ok": ok, "max_err": err, "bound": bound, "case": case,
-            "error": error, "seconds": round(time.perf_counter() - t0, 6), "device": _device_name(device),
-            "build": _build_of(ext), "check_version": CHECK_VERSION}
+    return {
+        "kernel": kernel,
+        "dtype": _dtype_name(dtype),
+        "ok": ok,
+        "max_err": err,
+        "bound": bound,
+        "case": case,
+        "error": error,
+        "seconds": round(time.perf_counter() - t0, 6),
+        "device": _device_name(device),
+        "build": _build_of(ext),
+        "check_version": CHECK_VERSION,
+    }
 
 
-# --- verdicts: memory and the file next to the build -------------------------------------------------
+# --- verdicts: memory and the file next to the build
+# -------------------------------------------------
+
 
 def _read_disk(path: Path) -> dict:
     try:
@@ -250,7 +284,8 @@ def _disk_entries(path: Path | None) -> dict:
 
 
 def _write_disk(path: Path | None, entries: dict[str, dict]) -> None:
-    """Merge ``entries`` into the verdict file under its lock (read-modify-write, atomic replace)."""
+    """Merge ``entries`` into the verdict file under its lock (read-modify-write, atomic
+    replace)."""
     if path is None:
         return
     from ._loader import file_lock
@@ -263,21 +298,27 @@ def _write_disk(path: Path | None, entries: dict[str, dict]) -> None:
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
             os.replace(tmp, path)
         _disk[str(path)] = data
-    except (OSError, KernelUnavailableError) as exc:  # a read-only cache folder: keep the verdict in memory
+    # a read-only cache folder: keep the verdict in memory
+    except (OSError, KernelUnavailableError) as exc:
         logger.info("hf_mfac: could not record the kernel self-check in %s: %s", path, exc)
 
 
 def _describe(v: dict, device) -> str:
-    what = f"the CUDA kernel {v['kernel']} ({v['dtype']}) on {_device_key(device)} ({v['device']}, build {v['build']})"
+    where = f"{_device_key(device)} ({v['device']}, build {v['build']})"
+    what = f"the CUDA kernel {v['kernel']} ({v['dtype']}) on {where}"
     if v.get("error"):
         return f"{what} failed its self-check: it raised {v['error']}"
-    return (f"{what} disagrees with its torch reference: max error {v['max_err']:.3g} > allowed {v['bound']:.3g} "
-            f"({v['case']})")
+    return (
+        f"{what} disagrees with its torch reference: max error {v['max_err']:.3g} > allowed "
+        f"{v['bound']:.3g} "
+        f"({v['case']})"
+    )
 
 
 def verdict(ext, device, kernel: str, dtype: torch.dtype, force: bool = False) -> dict:
-    """The verdict for ``kernel``/``dtype`` of ``ext`` on ``device``: from memory, else from the file next to
-    the build, else by running :func:`run_check` (and recording it in both). ``force`` re-runs it."""
+    """The verdict for ``kernel``/``dtype`` of ``ext`` on ``device``: from memory, else from the
+    file next to the build, else by running :func:`run_check` (and recording it in both). ``force``
+    re-runs it."""
     key = (_build_of(ext), _device_key(device), kernel, dtype)
     with _lock:
         if not force and key in _verdicts:
@@ -285,14 +326,24 @@ def verdict(ext, device, kernel: str, dtype: torch.dtype, force: bool = False) -
         path = _verdict_path(ext)
         dkey = _disk_key(device, kernel, dtype)
         saved = None if force else _disk_entries(path).get(dkey)
-        if isinstance(saved, dict) and saved.get("check_version") == CHECK_VERSION and "ok" in saved:
+        if (
+            isinstance(saved, dict)
+            and saved.get("check_version") == CHECK_VERSION
+            and "ok" in saved
+        ):
             v = dict(saved, source="file")
         else:
             v = run_check(ext, device, kernel, dtype)
             (logger.info if v["ok"] else logger.debug)(
-                "hf_mfac: self-check of %s (%s) on %s: %s, max error %.3g (allowed %.3g), %.1f ms", kernel,
-                v["dtype"], _device_key(device), "passed" if v["ok"] else "FAILED", v["max_err"], v["bound"],
-                1e3 * v["seconds"])
+                "hf_mfac: self-check of %s (%s) on %s: %s, max error %.3g (allowed %.3g), %.1f ms",
+                kernel,
+                v["dtype"],
+                _device_key(device),
+                "passed" if v["ok"] else "FAILED",
+                v["max_err"],
+                v["bound"],
+                1e3 * v["seconds"],
+            )
             _write_disk(path, {dkey: v})
             v = dict(v, source="run")
         _verdicts[key] = v
@@ -305,9 +356,9 @@ def _capturing(device) -> bool:
 
 
 def ensure(ext, device, needs, strict: bool) -> bool:
-    """Whether every ``(kernel, dtype)`` in ``needs`` passed its self-check on ``device`` (running the checks
-    not yet known). A failure warns once (:class:`KernelSelfCheckWarning`) and returns False, or raises
-    :class:`KernelSelfCheckError` when ``strict`` (``impl="cuda"``)."""
+    """Whether every ``(kernel, dtype)`` in ``needs`` passed its self-check on ``device`` (running
+    the checks not yet known). A failure warns once (:class:`KernelSelfCheckWarning`) and returns
+    False, or raises :class:`KernelSelfCheckError` when ``strict`` (``impl="cuda"``)."""
     build, dev = _build_of(ext), None
     for kernel, dtype in needs:
         if dev is None:
@@ -317,32 +368,48 @@ def ensure(ext, device, needs, strict: bool) -> bool:
             if _capturing(device):
                 if strict:
                     raise KernelUnavailableError(
-                        f"the self-check of the CUDA kernel {kernel} ({_dtype_name(dtype)}) cannot run during CUDA "
-                        "graph capture; run hf_mfac.kernels.build_kernels() or one eager step before capturing")
+                        f"the self-check of the CUDA kernel {kernel} ({_dtype_name(dtype)}) cannot "
+                        "run during CUDA "
+                        "graph capture; run hf_mfac.kernels.build_kernels() or one eager step "
+                        "before capturing"
+                    )
                 return False
             v = verdict(ext, device, kernel, dtype)
         if v["ok"]:
             continue
         msg = _describe(v, device)
         if strict:
-            raise KernelSelfCheckError(f"{msg}. Set HF_MFAC_KERNELS=torch (or impl='torch') to use the reference; "
-                                       "`hf-mfac build-kernels` re-runs the check and prints the report.")
+            raise KernelSelfCheckError(
+                f"{msg}. Set HF_MFAC_KERNELS=torch (or impl='torch') to use "
+                "the reference; "
+                "`hf-mfac build-kernels` re-runs the check and prints the "
+                "report."
+            )
         key = (build, dev, kernel, dtype)
         with _lock:
             first = key not in _warned
             _warned.add(key)
         if first:
-            warnings.warn(f"hf_mfac: {msg}; using the PyTorch reference for it from now on. Please report this "
-                          "with the output of `hf-mfac build-kernels`; HF_MFAC_KERNELS=torch silences it.",
-                          KernelSelfCheckWarning, stacklevel=4)
+            warnings.warn(
+                f"hf_mfac: {msg}; using the PyTorch reference for it from now on. Please "
+                "report this "
+                "with the output of `hf-mfac build-kernels`; HF_MFAC_KERNELS=torch "
+                "silences it.",
+                KernelSelfCheckWarning,
+                stacklevel=4,
+            )
         return False
     return True
 
 
 def check_all(ext, device, force: bool = True) -> list[dict]:
-    """Every kernel in every dtype on ``device`` (re-run when ``force``): the verdicts, recorded as usual."""
-    return [verdict(ext, device, kernel, dtype, force=force)
-            for kernel, dtypes in KERNEL_DTYPES.items() for dtype in dtypes]
+    """Every kernel in every dtype on ``device`` (re-run when ``force``): the verdicts, recorded as
+    usual."""
+    return [
+        verdict(ext, device, kernel, dtype, force=force)
+        for kernel, dtypes in KERNEL_DTYPES.items()
+        for dtype in dtypes
+    ]
 
 
 def verdicts() -> list[dict]:

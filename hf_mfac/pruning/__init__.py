@@ -20,14 +20,19 @@ from .grads import GradStats, collect_grads, default_loss, iter_grads
 from .memory import MemoryEstimate, estimate_memory
 from .driver import FisherCache, PruneReport, PruneResult, apply_masks, masks_from_zeros
 from .oneshot import prune_oneshot, prune_sweep
-from .pruners import (PRUNERS, CAPPruner, MagnitudePruner, MFACPruner, OBSPruner, Pattern, Pruner, StepResult,
+from .pruners import (PRUNERS, CAPPruner, MagnitudePruner, MFACPruner, OBSPruner, Pattern, Pruner,
+                      StepResult,
                       make_pruner)
 from .targets import DEFAULT_EXCLUDE, DEFAULT_TYPES, Layout, find_prunable
 
 __all__ = [
-    "prune_oneshot", "prune_sweep", "PRUNERS", "make_pruner", "Pruner", "MagnitudePruner", "OBSPruner",
-    "MFACPruner", "CAPPruner", "Pattern", "StepResult", "PruneReport", "PruneResult", "find_prunable", "Layout",
-    "DEFAULT_EXCLUDE", "DEFAULT_TYPES", "collect_grads", "iter_grads", "GradStats", "default_loss", "apply_masks",
-    "masks_from_zeros", "FisherCache", "PruningConfig", "GradualPruningConfig", "prune_oneshot_distributed",
+    "prune_oneshot", "prune_sweep", "PRUNERS", "make_pruner", "Pruner", "MagnitudePruner",
+    "OBSPruner",
+    "MFACPruner", "CAPPruner", "Pattern", "StepResult", "PruneReport", "PruneResult",
+    "find_prunable", "Layout",
+    "DEFAULT_EXCLUDE", "DEFAULT_TYPES", "collect_grads", "iter_grads", "GradStats", "default_loss",
+    "apply_masks",
+    "masks_from_zeros", "FisherCache", "PruningConfig", "GradualPruningConfig",
+    "prune_oneshot_distributed",
     "DistributedPruner", "estimate_memory", "MemoryEstimate",
 ]

@@ -86,16 +86,20 @@ class PruningConfig:
     ``sparsities`` for a sweep (:func:`~hf_mfac.pruning.prune_sweep`). Validated on construction."""
 
     method: str | None = field(default="obert", metadata={
-        "help": "Pruning method: magnitude, obert (WoodFisher/oBERT block Fisher), mfac (static M-FAC) or cap "
+        "help": "Pruning method: magnitude, obert (WoodFisher/oBERT block Fisher), mfac (static "
+                "M-FAC) or cap "
                 "(CAP). None: no pruning.", "choices": _METHODS})
     sparsity: float | None = field(default=None, metadata={
-        "help": "Target (final) sparsity: the fraction in [0, 1) of the target weights set to zero; "
+        "help": "Target (final) sparsity: the fraction in [0, 1) of the target weights set to "
+                "zero; "
                 "implied by an N:M pattern."})
     sparsities: list[float] | None = field(default=None, metadata={
-        "help": "Sparsity sweep instead of one target: prune to each of these increasing values in turn, each "
+        "help": "Sparsity sweep instead of one target: prune to each of these increasing values in "
+                "turn, each "
                 "starting from the previous masks (one saved result per value)."})
     pattern: str | None = field(default=None, metadata={
-        "help": "Sparsity pattern: unstructured (default), N:M such as 2:4, or G-block such as 4-block."})
+        "help": "Sparsity pattern: unstructured (default), N:M such as 2:4, or G-block such as "
+                "4-block."})
     scope: str = field(default="global", metadata={
         "help": "global: one threshold over all targets; layer: the same sparsity in every target.",
         "choices": ["global", "layer"]})
@@ -110,18 +114,22 @@ class PruningConfig:
                 "diagonal over all target weights (one λ for every block); "
                 "None: the method's default."})
     recompute: int = field(default=1, metadata={
-        "help": "Fisher recomputations per target: steps on fresh gradients, each pruning the same fraction of "
+        "help": "Fisher recomputations per target: steps on fresh gradients, each pruning the same "
+                "fraction of "
                 "the remaining weights."})
     woodtaylor: bool = field(default=False, metadata={
-        "help": "WoodTaylor: add the first-order (gradient) term to the saliency and update (obert, mfac)."})
+        "help": "WoodTaylor: add the first-order (gradient) term to the saliency and update "
+                "(obert, mfac)."})
     fisher_batch_size: int | None = field(default=None, metadata={
         "help": "Samples per Fisher gradient; None: one batch of the dataloader."})
     per_sample: bool = field(default=False, metadata={
         "help": "One gradient per sample (the exact empirical Fisher) instead of one per batch."})
     include: list[str] | None = field(default=None, metadata={
-        "help": "Regular expressions of module names to prune; None: every Linear/Conv2d not excluded."})
+        "help": "Regular expressions of module names to prune; None: every Linear/Conv2d not "
+                "excluded."})
     exclude: list[str] | None = field(default=None, metadata={
-        "help": "Regular expressions of module names to keep dense; None: embeddings, pooler and heads "
+        "help": "Regular expressions of module names to keep dense; None: embeddings, pooler and "
+                "heads "
                 "(hf_mfac.pruning.DEFAULT_EXCLUDE)."})
 
     def __post_init__(self):
@@ -132,18 +140,29 @@ class PruningConfig:
                                  "beside it")
         elif self.method is not None:
             if str(self.method).lower() not in PRUNERS:
-                raise ValueError(f"unknown pruning method {self.method!r}; choose one of {_METHODS}")
+                raise ValueError(
+                    f"unknown pruning method {self.method!r}; choose one of {_METHODS}"
+                )
             self.method = str(self.method).lower()
         self._check_numbers()
         pat = Pattern.parse(self.pattern)
-        if pat.kind == "nm" and self.sparsity is not None and not math.isclose(self.sparsity, pat.sparsity):
-            raise ValueError(f"sparsity={self.sparsity} contradicts the {pat} pattern (which gives "
-                             f"{pat.sparsity:g}); leave sparsity out for N:M")
+        if (
+            pat.kind == "nm"
+            and self.sparsity is not None
+            and not math.isclose(self.sparsity, pat.sparsity)
+        ):
+            raise ValueError(
+                f"sparsity={self.sparsity} contradicts the {pat} pattern (which gives "
+                f"{pat.sparsity:g}); leave sparsity out for N:M"
+            )
         if self.scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' or 'layer'; got {self.scope!r}")
         if self.per_sample and self.fisher_batch_size not in (None, 1):
-            raise ValueError(f"per_sample=True means one sample per gradient (fisher_batch_size=1); got "
-                             f"fisher_batch_size={self.fisher_batch_size}: give one of the two")
+            raise ValueError(
+                "per_sample=True means one sample per gradient "
+                "(fisher_batch_size=1); got "
+                f"fisher_batch_size={self.fisher_batch_size}: give one of the two"
+            )
         for name in ("include", "exclude"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
@@ -158,8 +177,10 @@ class PruningConfig:
                 raise TypeError(f"sparsities must be a list of numbers; got {s!r}")
             self.sparsities = s = [_fraction("sparsities", v) for v in s]
             if not s or any(b <= a for a, b in zip(s, s[1:])):
-                raise ValueError(f"sparsities must be non-empty and increase strictly (masks never "
-                                 f"regrow); got {s}")
+                raise ValueError(
+                    f"sparsities must be non-empty and increase strictly (masks never "
+                    f"regrow); got {s}"
+                )
             if self.sparsity is not None:
                 raise ValueError("give sparsity (one target) or sparsities (a sweep), not both")
         for name in ("num_grads", "block_size", "recompute", "fisher_batch_size"):
@@ -204,8 +225,9 @@ class PruningConfig:
             return make_pruner(self.method, **settings, **runtime)
         given = sorted(k for k, v in runtime.items() if v is not None)
         if given:
-            raise ValueError(f"{given} are set on the Pruner instance; do not pass them to "
-                             "prune_oneshot")
+            raise ValueError(
+                f"{given} are set on the Pruner instance; do not pass them to prune_oneshot"
+            )
         return self.method
 
     def with_pruner(self, pruner: Pruner) -> "PruningConfig":
@@ -229,27 +251,58 @@ class GradualPruningConfig(PruningConfig):
     ``sparsity``, pruning at ``start``, ``start + frequency``, ..., ``end``; or, with
     ``sparsities``, one target per pruning step (a sweep, as in CAP)."""
 
-    initial_sparsity: float = field(default=0.0, metadata={"help": "Sparsity of the cubic schedule at start."})
+    initial_sparsity: float = field(
+        default=0.0, metadata={"help": "Sparsity of the cubic schedule at start."}
+    )
     start: float = field(default=0, metadata={"help": "First pruning step (or epoch, see unit)."})
-    end: float | None = field(default=None, metadata={
-        "help": "Last pruning step (or epoch) of the cubic schedule; None: three quarters of training."})
-    frequency: float = field(default=1, metadata={"help": "Steps (or epochs) between two pruning steps."})
-    unit: str = field(default="steps", metadata={
-        "help": "Unit of start, end and frequency.", "choices": ["steps", "epochs"]})
-    reset_momentum: bool = field(default=True, metadata={
-        "help": "Forget the optimizer's momentum (and the M-FAC window) after each pruning step."})
-    cyclic_lr: bool = field(default=False, metadata={
-        "help": "CAP's cyclic linear learning rate, restarting at every pruning step."})
-    lr_min_ratio: float = field(default=0.02, metadata={
-        "help": "Cyclic learning rate: lowest learning rate as a fraction of the peak."})
-    save_at_targets: bool = field(default=False, metadata={
-        "help": "Save a checkpoint at the end of each sparsity level (one fine-tuned checkpoint per sweep target)."})
-    recipe: str | None = field(default=None, metadata={
-        "help": "A paper's gradual recipe scaled to the run's length (hf_mfac.pruning.recipes): "
-                "obert, cap, or magnitude on oBERT's schedule. It sets the method, pruning steps, "
-                "first sparsity, schedule, Fisher, LR rewinds (and the examples' distillation); "
-                "settings given explicitly (not at their defaults) win.",
-        "choices": recipe_names()})
+    end: float | None = field(
+        default=None,
+        metadata={
+            "help": "Last pruning step (or epoch) of the cubic schedule; None: three quarters of "
+            "training."
+        },
+    )
+    frequency: float = field(
+        default=1, metadata={"help": "Steps (or epochs) between two pruning steps."}
+    )
+    unit: str = field(
+        default="steps",
+        metadata={"help": "Unit of start, end and frequency.", "choices": ["steps", "epochs"]},
+    )
+    reset_momentum: bool = field(
+        default=True,
+        metadata={
+            "help": "Forget the optimizer's momentum (and the M-FAC window) after each pruning "
+                    "step."
+        },
+    )
+    cyclic_lr: bool = field(
+        default=False,
+        metadata={"help": "CAP's cyclic linear learning rate, restarting at every pruning step."},
+    )
+    lr_min_ratio: float = field(
+        default=0.02,
+        metadata={"help": "Cyclic learning rate: lowest learning rate as a fraction of the peak."},
+    )
+    save_at_targets: bool = field(
+        default=False,
+        metadata={
+            "help": "Save a checkpoint at the end of each sparsity level (one fine-tuned "
+                    "checkpoint "
+            "per sweep target)."
+        },
+    )
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "A paper's gradual recipe scaled to the run's length "
+                    "(hf_mfac.pruning.recipes): "
+            "obert, cap, or magnitude on oBERT's schedule. It sets the method, pruning steps, "
+            "first sparsity, schedule, Fisher, LR rewinds (and the examples' distillation); "
+            "settings given explicitly (not at their defaults) win.",
+            "choices": recipe_names(),
+        },
+    )
 
     def __post_init__(self):
         if self.recipe is not None and not isinstance(self.method, Pruner):  # (a Pruner: applied)
@@ -291,8 +344,9 @@ class GradualPruningConfig(PruningConfig):
             return self
         scale = steps_per_epoch if self.unit == "epochs" else 1.0
         given = {k: v for k, v in self.recipe_given().items() if k in _SCHEDULE_FIELDS}
-        given.update({k: int(round(given[k] * scale)) for k in ("start", "end", "frequency")
-                      if k in given})
+        given.update(
+            {k: int(round(given[k] * scale)) for k in ("start", "end", "frequency") if k in given}
+        )
         target = self.sparsity if self.sparsity is not None else (self.sparsities or [None])[-1]
         if target is None:
             raise ValueError(f"the {self.recipe} recipe needs a final sparsity (sparsity=...)")
@@ -310,14 +364,20 @@ def prefixed_fields(cls, prefix: str, defaults: dict | None = None) -> list[tupl
     out = []
     for f in dataclasses.fields(cls):
         default = defaults.get(f.name, f.default)
-        out.append((prefix + f.name, hints[f.name], field(default=default, metadata=dict(f.metadata))))
+        out.append(
+            (prefix + f.name, hints[f.name], field(default=default, metadata=dict(f.metadata)))
+        )
     return out
 
 
 def from_prefixed(obj, prefix: str, cls=GradualPruningConfig, **overrides):
     """The ``cls`` config read from ``obj``'s ``prefix + name`` attributes (the inverse of
     :func:`prefixed_fields`)."""
-    values = {f.name: getattr(obj, prefix + f.name) for f in dataclasses.fields(cls) if hasattr(obj, prefix + f.name)}
+    values = {
+        f.name: getattr(obj, prefix + f.name)
+        for f in dataclasses.fields(cls)
+        if hasattr(obj, prefix + f.name)
+    }
     return cls(**{**values, **overrides})
 
 
@@ -334,14 +394,17 @@ def oneshot_config(config: PruningConfig | None = None, **overrides) -> PruningC
     if config is None:
         config = PruningConfig()
     elif not isinstance(config, PruningConfig):
-        raise TypeError(f"config must be a hf_mfac.pruning.PruningConfig; got "
-                        f"{type(config).__name__}")
+        raise TypeError(
+            f"config must be a hf_mfac.pruning.PruningConfig; got {type(config).__name__}"
+        )
     if "exclude" in overrides and overrides["exclude"] is None:
         overrides["exclude"] = []
     config = config.replace(**overrides)
     if config.method is None:
         raise ValueError("method is None (no pruning): give a pruning method, e.g. method='obert'")
     if config.sparsities is not None:
-        raise ValueError(f"sparsities={config.sparsities} is a sweep: call "
-                         "prune_sweep(model, dataloader, config=config) instead")
+        raise ValueError(
+            f"sparsities={config.sparsities} is a sweep: call "
+            "prune_sweep(model, dataloader, config=config) instead"
+        )
     return config

@@ -51,7 +51,8 @@ from .driver import restore_on_error, run_oneshot
 from .pruners import CAPPruner, MFACPruner, Pruner, StepResult, make_pruner
 from .targets import DEFAULT_TYPES
 
-__all__ = ["DistributedPruner", "ShardedFisherInverse", "ShardedBatches", "prune_oneshot_distributed",
+__all__ = ["DistributedPruner", "ShardedFisherInverse", "ShardedBatches",
+           "prune_oneshot_distributed",
            "block_bounds", "DistributedError"]
 
 
@@ -90,8 +91,12 @@ def _is_sharded(dataloader) -> bool:
     prepared)."""
     from torch.utils.data.distributed import DistributedSampler
 
-    for obj in (getattr(dataloader, "sampler", None), getattr(dataloader, "batch_sampler", None), dataloader):
-        if isinstance(obj, DistributedSampler) or type(obj).__module__.split(".")[0] == "accelerate":
+    for obj in (getattr(dataloader, "sampler", None), getattr(dataloader, "batch_sampler", None),
+                dataloader):
+        if (
+            isinstance(obj, DistributedSampler)
+            or type(obj).__module__.split(".")[0] == "accelerate"
+        ):
             return True
     return False
 
@@ -107,8 +112,16 @@ class ShardedFisherInverse:
     replicated ``prune`` does. ``mean_grad``: the mean gradient over all ranks (WoodTaylor).
     """
 
-    def __init__(self, comm: Comm, local, bounds: list[int], dim: int, dtype: torch.dtype, device,
-                 mean_grad: torch.Tensor | None = None):
+    def __init__(
+        self,
+        comm: Comm,
+        local,
+        bounds: list[int],
+        dim: int,
+        dtype: torch.dtype,
+        device,
+        mean_grad: torch.Tensor | None = None,
+    ):
         self.comm, self.local, self.bounds, self.dim = comm, local, bounds, dim
         self.dtype, self.device, self.mean_grad = dtype, torch.device(device), mean_grad
         self.start, self.stop = bounds[comm.rank], bounds[comm.rank + 1]
@@ -143,10 +156,17 @@ class ShardedFisherInverse:
         ends = torch.tensor(self.bounds[1:], device=self.device)
         owner = torch.searchsorted(ends, idx, right=True)  # (n, g) rank holding each coordinate
         if bool((owner != owner[:, :1]).any()):
-            raise ValueError("a group of weights straddles two ranks' Fisher blocks; groups must lie inside one block")
+            raise ValueError(
+                "a group of weights straddles two ranks' Fisher blocks; groups must "
+                "lie inside one block"
+            )
         owner = owner[:, 0]
         mine = idx[owner == self.comm.rank] - self.start
-        sub = self.local.submatrix(mine) if (self.local is not None and mine.numel()) else self._empty(0, g, g)
+        sub = (
+            self.local.submatrix(mine)
+            if (self.local is not None and mine.numel())
+            else self._empty(0, g, g)
+        )
         counts = torch.bincount(owner, minlength=self.comm.world_size).tolist()
         flat = self._gather(sub, [c * g * g for c in counts]).view(n, g, g)  # rows grouped by owner
         out = torch.empty_like(flat)
@@ -157,7 +177,9 @@ class ShardedFisherInverse:
         """All inverse blocks (nb, B, B): only in one process (over several ranks, use
         :meth:`block_range`)."""
         if self.comm.distributed:
-            raise RuntimeError("the Fisher blocks are spread over the ranks; use block_range() on each rank")
+            raise RuntimeError(
+                "the Fisher blocks are spread over the ranks; use block_range() on each rank"
+            )
         return self.local.blocks()
 
     def local_blocks(self) -> torch.Tensor | None:
@@ -178,7 +200,9 @@ class ShardedFisherInverse:
         def gather(t: torch.Tensor) -> torch.Tensor:
             per = math.prod(t.shape[1:])
             self.comm.check()
-            return self.comm.all_gatherv(t.reshape(-1), [c * per for c in counts]).view(sum(counts), *t.shape[1:])
+            return self.comm.all_gatherv(t.reshape(-1), [c * per for c in counts]).view(
+                sum(counts), *t.shape[1:]
+            )
 
         return hinv, self.start // B, gather
 
@@ -197,13 +221,19 @@ class _ShardSink:
         self.widths = [b - a for a, b in zip(self.bounds, self.bounds[1:])]
         total = num_grads * comm.world_size
         local_groups = None if groups is None else groups[self.start : self.stop]
-        self.local = (owner.inner.new_fisher(self.stop - self.start, total, device, groups=local_groups)
-                      if self.stop > self.start else None)
+        self.local = (
+            owner.inner.new_fisher(self.stop - self.start, total, device, groups=local_groups)
+            if self.stop > self.start
+            else None
+        )
         self.num_groups = 1 if groups is None or not groups.numel() else int(groups.max()) + 1
-        self.reduces = owner.inner.rel_damp is not None  # the block Fisher calls damp_reduce when it inverts
+        # the block Fisher calls damp_reduce when it inverts
+        self.reduces = owner.inner.rel_damp is not None
         if self.local is not None and self.reduces:
             self.local.damp_reduce = self._reduce_damp
-        self.sum = torch.zeros(dim, dtype=torch.float64, device=device) if owner.woodtaylor else None
+        self.sum = (
+            torch.zeros(dim, dtype=torch.float64, device=device) if owner.woodtaylor else None
+        )
         self.num_grads = 0
 
     def _reduce_damp(self, acc: torch.Tensor) -> None:
@@ -217,10 +247,13 @@ class _ShardSink:
 
     def add_grads(self, chunk: torch.Tensor) -> None:
         k = chunk.shape[0]
-        send = torch.cat([chunk[:, a:b].reshape(-1) for a, b in zip(self.bounds, self.bounds[1:])])  # (k D,)
+        # (k D,)
+        send = torch.cat([chunk[:, a:b].reshape(-1) for a, b in zip(self.bounds, self.bounds[1:])])
         width = self.stop - self.start
         self.comm.check()
-        recv = self.comm.all_to_allv(send, [k * w for w in self.widths], [k * width] * self.comm.world_size)
+        recv = self.comm.all_to_allv(
+            send, [k * w for w in self.widths], [k * width] * self.comm.world_size
+        )
         if self.local is not None:
             self.local.add_grads(recv.view(self.comm.world_size * k, width))  # (N k, D_r)
         if self.sum is not None:
@@ -229,20 +262,25 @@ class _ShardSink:
 
     def finish(self) -> ShardedFisherInverse:
         local = None if self.local is None else self.local.finish()
-        if self.reduces:  # invert now, so that every rank takes part in the damping's all-reduce here
+        # invert now, so that every rank takes part in the damping's all-reduce here
+        if self.reduces:
             if local is None:
                 self._reduce_damp(torch.zeros(2, 0, dtype=torch.float64, device=self.device))
             else:
                 local.blocks()
         dtype = None if local is None else getattr(local, "dtype", None) or local.W.dtype
         self.comm.check()
-        dtypes = {str(d) for d in self.comm.all_gather_object(None if dtype is None else str(dtype)) if d}
+        dtypes = {
+            str(d) for d in self.comm.all_gather_object(None if dtype is None else str(dtype)) if d
+        }
         dtype = getattr(torch, dtypes.pop().replace("torch.", ""))
         mean = None
         if self.sum is not None:
             self.comm.check()
             mean = (self.comm.all_reduce(self.sum) / self.num_grads).to(torch.float32)
-        return ShardedFisherInverse(self.comm, local, self.bounds, self.dim, dtype, self.device, mean)
+        return ShardedFisherInverse(
+            self.comm, local, self.bounds, self.dim, dtype, self.device, mean
+        )
 
 
 class DistributedPruner(Pruner):
@@ -255,6 +293,7 @@ class DistributedPruner(Pruner):
     (every rank computes the same masks); OBS methods go through :class:`ShardedFisherInverse`; CAP
     has its own distributed step.
     """
+
     runs_over_ranks = True  # prune_oneshot does not redirect it to prune_oneshot_distributed
 
     def __init__(self, pruner: Pruner | str, group=None, **kwargs):
@@ -289,8 +328,11 @@ class DistributedPruner(Pruner):
         try:
             self.inner.check(layout)
             if isinstance(self.inner, MFACPruner) and self.inner.rel_damp is not None:
-                raise NotImplementedError("distributed static M-FAC needs an absolute damping: pass damp=... (its "
-                                          "relative damping is not yet averaged over the ranks)")
+                raise NotImplementedError(
+                    "distributed static M-FAC needs an absolute damping: "
+                    "pass damp=... (its "
+                    "relative damping is not yet averaged over the ranks)"
+                )
         except Exception as e:  # noqa: BLE001 - reported on every rank
             error = e
         self.comm.check(error)
@@ -300,8 +342,10 @@ class DistributedPruner(Pruner):
         """Raise :class:`DistributedError` on every rank unless all ranks hold the same targets
         (names, shapes, dtypes): one all-gather of a hash and a summary; the whole list is gathered
         only to name a difference."""
-        rows = [f"{name} {tuple(shape)} {layout.params[name].dtype}"
-                for name, shape in zip(layout.names, layout.shapes)]
+        rows = [
+            f"{name} {tuple(shape)} {layout.params[name].dtype}"
+            for name, shape in zip(layout.names, layout.shapes)
+        ]
         digest = hashlib.sha256("\n".join(rows).encode()).hexdigest()
         summary = f"{len(rows)} targets, {layout.numel} weights"
         self.comm.check()
@@ -312,11 +356,20 @@ class DistributedPruner(Pruner):
         diffs = []
         for r, other in enumerate(every[1:], 1):
             if other != every[0]:
-                i = next((i for i, (a, b) in enumerate(zip(every[0], other)) if a != b), min(len(other), len(every[0])))
+                i = next(
+                    (i for i, (a, b) in enumerate(zip(every[0], other)) if a != b),
+                    min(len(other), len(every[0])),
+                )
                 show = lambda rs: rs[i] if i < len(rs) else "nothing"  # noqa: E731
-                diffs.append(f"rank {r} has {seen[r][1]}, target {i} is {show(other)} (rank 0: {show(every[0])})")
-        raise DistributedError(f"the ranks hold different pruning targets (rank 0: {seen[0][1]}); "
-                               + "; ".join(diffs) + ". Every rank must prune the same model")
+                diffs.append(
+                    f"rank {r} has {seen[r][1]}, target {i} is {show(other)} (rank 0: "
+                    f"{show(every[0])})"
+                )
+        raise DistributedError(
+            f"the ranks hold different pruning targets (rank 0: {seen[0][1]}); "
+            + "; ".join(diffs)
+            + ". Every rank must prune the same model"
+        )
 
     def config(self) -> dict:
         return {**self.inner.config(), "world_size": self.comm.world_size}
@@ -341,27 +394,49 @@ class DistributedPruner(Pruner):
         differ)."""
         pos = torch.arange(1, w.numel() + 1, dtype=torch.float64, device=w.device)
         wd = w.to(torch.float64)
-        fp = torch.stack([wd.sum(), (wd * pos).sum(), (wd * wd).sum(), keep.sum().to(torch.float64)])
+        fp = torch.stack(
+            [wd.sum(), (wd * pos).sum(), (wd * wd).sum(), keep.sum().to(torch.float64)]
+        )
         self.comm.check()
         fps = self.comm.all_gatherv(fp, [4] * self.comm.world_size).view(-1, 4)
         if not bool((fps == fps[:1]).all()):
-            raise DistributedError("the ranks hold different weights or masks of the pruning targets; every rank "
-                                   "must start from the same model (load it the same way, or broadcast it first)")
+            raise DistributedError(
+                "the ranks hold different weights or masks of the pruning "
+                "targets; every rank "
+                "must start from the same model (load it the same way, or "
+                "broadcast it first)"
+            )
 
-    def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
+    def prune(
+        self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None
+    ) -> StepResult:
         self._agree_on_inputs(w, keep)
         if not self.uses_fisher:  # magnitude: the same masks on every rank, nothing to exchange
-            return self.inner.prune(layout, w, keep, sparsity=sparsity, zeros=zeros, finv=finv, grad=grad)
-        if isinstance(self.inner, CAPPruner):  # CAP's own step on this rank's blocks, the merge over all blocks
+            return self.inner.prune(
+                layout, w, keep, sparsity=sparsity, zeros=zeros, finv=finv, grad=grad
+            )
+        # CAP's own step on this rank's blocks, the merge over all blocks
+        if isinstance(self.inner, CAPPruner):
             hinv, first, gather = finv.block_range(self.inner.block_size)
-            return self.inner.prune_blocks(layout, w, keep, hinv, first, sparsity=sparsity, zeros=zeros, gather=gather)
+            return self.inner.prune_blocks(
+                layout, w, keep, hinv, first, sparsity=sparsity, zeros=zeros, gather=gather
+            )
         if self.woodtaylor:
             grad = finv.mean_grad
-        return self.inner.prune(layout, w, keep, sparsity=sparsity, zeros=zeros, finv=finv, grad=grad)
+        return self.inner.prune(
+            layout, w, keep, sparsity=sparsity, zeros=zeros, finv=finv, grad=grad
+        )
 
 
-def prune_oneshot_distributed(model, dataloader=None, config: PruningConfig | None = None, *,
-                              shard_data: bool | str = "auto", group=None, **kwargs):
+def prune_oneshot_distributed(
+    model,
+    dataloader=None,
+    config: PruningConfig | None = None,
+    *,
+    shard_data: bool | str = "auto",
+    group=None,
+    **kwargs,
+):
     """:func:`~hf_mfac.pruning.prune_oneshot` over all ranks of ``group`` (call it on every rank).
 
     Same arguments and result as ``prune_oneshot`` (``config`` and its keyword overrides, the
@@ -390,13 +465,15 @@ def prune_oneshot_distributed(model, dataloader=None, config: PruningConfig | No
     comm = method.comm if isinstance(method, DistributedPruner) else Comm(group)
     error = agreed = None
     try:
-        config, dataloader, agreed = _setup(model, dataloader, config, settings, shard_data, group,
-                                            comm, kwargs)
+        config, dataloader, agreed = _setup(
+            model, dataloader, config, settings, shard_data, group, comm, kwargs
+        )
     except BaseException as e:  # noqa: BLE001 - reported on every rank
         error = e
     comm.check(error)
     comm.agree("the pruning settings", agreed)
-    with restore_on_error(kwargs["targets"]):  # a rank done before another failed puts its weights back too
+    # a rank done before another failed puts its weights back too
+    with restore_on_error(kwargs["targets"]):
         try:
             result = run_oneshot(model, dataloader, config, **kwargs)
         except DistributedError:  # raised on every rank already
@@ -414,25 +491,33 @@ def _setup(model, dataloader, config, settings: dict, shard_data, group, comm: C
     settings every rank must agree on; ``runtime`` (the ``prune_oneshot`` keywords that are not
     settings) gets the targets, resolved once."""
     config = oneshot_config(config, **settings)
-    pruner = config.pruner(device=runtime.pop("device", None),
-                           page_bytes=runtime.pop("page_bytes", None))
+    pruner = config.pruner(
+        device=runtime.pop("device", None), page_bytes=runtime.pop("page_bytes", None)
+    )
     if not isinstance(pruner, DistributedPruner):
         pruner = DistributedPruner(pruner, group)
         pruner.comm = comm
     config = config.with_pruner(pruner)
     if pruner.uses_fisher:  # the total over the ranks; each rank computes its share
-        config = config.replace(num_grads=math.ceil((config.num_grads or pruner.default_num_grads)
-                                                    / comm.world_size))
-    if dataloader is not None and comm.distributed and (
-            shard_data is True or (shard_data == "auto" and not _is_sharded(dataloader))):
+        config = config.replace(
+            num_grads=math.ceil((config.num_grads or pruner.default_num_grads) / comm.world_size)
+        )
+    if (
+        dataloader is not None
+        and comm.distributed
+        and (shard_data is True or (shard_data == "auto" and not _is_sharded(dataloader)))
+    ):
         dataloader = ShardedBatches(dataloader, comm.rank, comm.world_size)
     types = runtime.pop("types", DEFAULT_TYPES)
     if runtime.get("targets") is None:
         runtime["targets"] = config.find_targets(model, types)
     values = {**{k: getattr(config, k) for k in SETTINGS if k != "method"}, **runtime}
     plain = (int, float, str, bool, type(None), tuple)
-    agreed = {k: tuple(v) if isinstance(v, list) else v if isinstance(v, plain) else str(type(v))
-              for k, v in values.items() if not isinstance(v, Mapping) and k != "progress"}
+    agreed = {
+        k: tuple(v) if isinstance(v, list) else v if isinstance(v, plain) else str(type(v))
+        for k, v in values.items()
+        if not isinstance(v, Mapping) and k != "progress"
+    }
     agreed["pruner"] = repr(pruner.inner)
     runtime["progress"] = runtime.get("progress", True) and comm.rank == 0
     return config, dataloader, agreed

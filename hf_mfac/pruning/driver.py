@@ -55,9 +55,9 @@ class PruneReport:
     mini-batch of b samples, which shrinks that Fisher by about b near a minimum: the saliencies are
     multiplied by b (the mean number of samples per gradient) so that it is on the scale of the
     per-sample loss. Even so it is a relative score, not a loss change: the empirical Fisher
-    underestimates the curvature of a well-fit model (on the fine-tuned all-MiniLM-L6-v2 at 50 %,
-    0.0015 against a measured increase of the training loss of 0.024), so compare layers, methods
-    and steps of one run with it, and measure the loss. Times in seconds; ``grad_share`` = share of
+    underestimates the curvature of a well-fit model (by about 16x on the fine-tuned
+    all-MiniLM-L6-v2, benchmarks/RESULTS.md), so compare layers, methods and steps of one run with
+    it, and measure the loss. Times in seconds; ``grad_share`` = share of
     the time spent collecting gradients. ``time_grads`` splits into ``time_forward_backward`` (the
     model's passes) and ``time_accumulate`` (the Fisher's build from the gradient chunks),
     ``time_prune`` into ``time_invert`` (forming the Fisher inverse) and ``time_select_update``
@@ -97,13 +97,16 @@ class PruneReport:
 
     def to_markdown(self) -> str:
         """Per-layer table plus a summary line."""
-        lines = ["| layer | weights | sparsity | OBS saliency (relative score) |", "|---|---:|---:|---:|"]
+        lines = ["| layer | weights | sparsity | OBS saliency (relative score) |",
+                 "|---|---:|---:|---:|"]
         for name, r in self.layers.items():
             li = "-" if r["loss_increase"] is None else f"{r['loss_increase']:.4g}"
             lines.append(f"| {name} | {r['numel']} | {r['sparsity']:.4f} | {li} |")
         total = "-" if self.loss_increase is None else f"{self.loss_increase:.4g}"
-        lines.append(f"\n{self.method} ({self.pattern}, {self.scope}): sparsity {self.sparsity:.4f} "
-                     f"(target {self.target_sparsity:.4f}), OBS saliency {total} (a relative score), "
+        lines.append(f"\n{self.method} ({self.pattern}, {self.scope}): sparsity "
+                     f"{self.sparsity:.4f} "
+                     f"(target {self.target_sparsity:.4f}), OBS saliency {total} (a relative "
+                     "score), "
                      f"{len(self.steps)} step(s), "
                      f"{self.time_total:.2f}s ({100 * self.grad_share:.0f}% collecting gradients: "
                      f"forward/backward {self.time_forward_backward:.2f}s, accumulation "
@@ -168,17 +171,21 @@ def _fit_block_size(pruner: Pruner, targets: Mapping[str, torch.Tensor]) -> Prun
     carries no gradient) at a Fisher of up to (B / largest target) times the memory and (B / largest
     target)^2 the time. Logged on logger "hf_mfac"."""
     B = pruner.block_size
-    if not (pruner.uses_fisher and B and pruner.pad == B):  # static M-FAC: blocks span targets, no padding
+    # static M-FAC: blocks span targets, no padding
+    if not (pruner.uses_fisher and B and pruner.pad == B):
         return pruner
     g = pruner.pattern.group
     fit = -(-max(t.numel() for t in targets.values()) // g) * g
     if fit >= B:
         return pruner
-    logger.info("block_size=%d is larger than every pruning target (the largest has %d weights); using "
-                "block_size=%d, which gives the same Fisher inverse on the weights without the padding", B,
+    logger.info("block_size=%d is larger than every pruning target (the largest has %d weights); "
+                "using "
+                "block_size=%d, which gives the same Fisher inverse on the weights without the "
+                "padding", B,
                 max(t.numel() for t in targets.values()), fit)
     pruner = copy.copy(pruner)
-    inner = pruner.__dict__.get("inner")  # a DistributedPruner forwards its block size to the wrapped pruner
+    # a DistributedPruner forwards its block size to the wrapped pruner
+    inner = pruner.__dict__.get("inner")
     if inner is not None:
         pruner.inner = inner = copy.copy(inner)
     (inner or pruner).block_size = fit
@@ -190,14 +197,16 @@ def _initial_keep(layout: Layout, masks, device) -> torch.Tensor:
         return layout.valid(device)
     unknown = set(masks) - set(layout.names)
     if unknown:
-        raise ValueError(f"masks given for tensors that are not pruning targets: {sorted(unknown)[:5]}")
+        raise ValueError("masks given for tensors that are not pruning targets: "
+                         f"{sorted(unknown)[:5]}")
     full = {}
     for name, p in layout.params.items():
         m = masks.get(name)
         if m is None:
             m = torch.ones(p.shape, dtype=torch.bool)
         if tuple(m.shape) != tuple(p.shape):
-            raise ValueError(f"mask for {name} has shape {tuple(m.shape)}; the weight has {tuple(p.shape)}")
+            raise ValueError(f"mask for {name} has shape {tuple(m.shape)}; the weight has "
+                             f"{tuple(p.shape)}")
         full[name] = m.bool()
     return layout.flatten(full, dtype=torch.bool, device=device, fill=False)
 
@@ -207,22 +216,33 @@ def _schedule(pruner: Pruner, layout: Layout, keep: torch.Tensor, sparsity, reco
     pat = pruner.pattern
     if pat.kind == "nm":
         if sparsity is not None and not math.isclose(float(sparsity), pat.sparsity, abs_tol=1e-9):
-            raise ValueError(f"sparsity={sparsity} contradicts the {pat} pattern (which gives {pat.sparsity:g}); "
+            raise ValueError(f"sparsity={sparsity} contradicts the {pat} pattern (which gives "
+                             f"{pat.sparsity:g}); "
                              "leave sparsity out for N:M")
         have = int((~keep.view(-1, pat.m)).sum(1).max()) if keep.numel() else 0
         total = pat.m - pat.n
         if have > total:
-            raise ValueError(f"the masks already prune {have} of {pat.m} weights in some group; {pat} allows {total}")
-        zs = sorted({have + math.ceil((total - have) * i / recompute) for i in range(1, recompute + 1)} - {have})
+            raise ValueError(f"the masks already prune {have} of {pat.m} weights in some group; "
+                             f"{pat} allows {total}")
+        zs = sorted(
+            {have + math.ceil((total - have) * i / recompute) for i in range(1, recompute + 1)}
+            - {have}
+        )
         return [(1.0 - (pat.m - z) / pat.m, z) for z in zs] or [(pat.sparsity, total)]
     if sparsity is None:
         raise ValueError("give the target sparsity (a fraction in [0, 1))")
     sparsity = check_sparsity(sparsity)
     current = 1.0 - float(keep.sum()) / layout.numel
     if sparsity < current - 0.5 / layout.numel:
-        raise ValueError(f"target sparsity {sparsity} is below the current sparsity {current:.4f} of the masks; "
-                         "masks never regrow")
-    return [(s, None) for s in equal_fraction_schedule(sparsity, recompute, initial=min(current, sparsity))]
+        raise ValueError(
+            f"target sparsity {sparsity} is below the current sparsity {current:.4f} "
+            "of the masks; "
+            "masks never regrow"
+        )
+    return [
+        (s, None)
+        for s in equal_fraction_schedule(sparsity, recompute, initial=min(current, sparsity))
+    ]
 
 
 class FisherCache:
@@ -260,14 +280,32 @@ class FisherCache:
         self._entries.clear()
 
     @staticmethod
-    def key(model: nn.Module, pruner: Pruner, layout: Layout, keep: torch.Tensor, dataloader, extra: tuple) -> tuple:
+    def key(
+        model: nn.Module,
+        pruner: Pruner,
+        layout: Layout,
+        keep: torch.Tensor,
+        dataloader,
+        extra: tuple,
+    ) -> tuple:
         h = hashlib.sha256()
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             t = t.detach()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes() if t.numel() else b"")
+            h.update(
+                t.contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes()
+                if t.numel()
+                else b""
+            )
         h.update(keep.to(torch.uint8).cpu().numpy().tobytes())
-        return (pruner.fisher_key(), tuple(layout.names), tuple(layout.shapes), id(dataloader), *extra, h.hexdigest())
+        return (
+            pruner.fisher_key(),
+            tuple(layout.names),
+            tuple(layout.shapes),
+            id(dataloader),
+            *extra,
+            h.hexdigest(),
+        )
 
     def get(self, key):
         hit = self._entries.get(key)
@@ -290,10 +328,12 @@ def _check_autograd(what: str) -> None:
     the whole block (``torch.enable_grad()`` cannot turn it back on), saying so; ``what`` names the
     method."""
     if torch.is_inference_mode_enabled():
-        raise RuntimeError(f"{what} pruning needs the loss gradients, but it was called inside "
-                           "torch.inference_mode(), where autograd is off: call it outside the "
-                           "inference_mode block (torch.no_grad() around it is fine), or use "
-                           "method='magnitude'")
+        raise RuntimeError(
+            f"{what} pruning needs the loss gradients, but it was called inside "
+            "torch.inference_mode(), where autograd is off: call it outside the "
+            "inference_mode block (torch.no_grad() around it is fine), or use "
+            "method='magnitude'"
+        )
 
 
 @dataclass
@@ -301,6 +341,7 @@ class _Run:
     """What the steps of one :func:`prune_oneshot` call share: the model and data, the resolved
     settings (``config.num_grads`` and ``fisher_batch_size`` filled in), the pruner, its targets and
     devices."""
+
     model: nn.Module
     dataloader: object
     config: PruningConfig
@@ -328,11 +369,14 @@ def _run_steps(run: _Run, keep: torch.Tensor, steps, fisher_cache: FisherCache |
         w = layout.flatten(run.targets, dtype=torch.float32, device=run.wdev)
         clock = getattr(fisher.finv, "seconds", None)  # the block Fisher's own clocks
         inv0 = clock["invert"] if clock else 0.0
-        res = pruner.prune(layout, w, keep, sparsity=step_sparsity, zeros=zeros, finv=fisher.finv,
-                           grad=fisher.grad)
+        res = pruner.prune(
+            layout, w, keep, sparsity=step_sparsity, zeros=zeros, finv=fisher.finv, grad=fisher.grad
+        )
         fisher.invert_seconds += (clock["invert"] - inv0) if clock else 0.0
         if not bool(torch.isfinite(res.weights).all()):
-            raise FloatingPointError(f"{pruner.name}: the pruned weights are not finite; increase damp")
+            raise FloatingPointError(
+                f"{pruner.name}: the pruned weights are not finite; increase damp"
+            )
         keep = res.keep
         _write_back(run.targets, layout, res.weights)
         loss = None
@@ -347,8 +391,9 @@ def _run_steps(run: _Run, keep: torch.Tensor, steps, fisher_cache: FisherCache |
     return keep, loss_total
 
 
-def _check_grads(pruner: Pruner, layout: Layout, dataloader, num_grads, fisher_batch_size, num_steps: int,
-                 wdev) -> int | None:
+def _check_grads(
+    pruner: Pruner, layout: Layout, dataloader, num_grads, fisher_batch_size, num_steps: int, wdev
+) -> int | None:
     """The run's number of gradients per step (None for a method without a Fisher), checked against
     the data before any work (the memory: :func:`~hf_mfac.pruning.memory.check_estimate`)."""
     if not pruner.uses_fisher:
@@ -364,9 +409,17 @@ def _check_grads(pruner: Pruner, layout: Layout, dataloader, num_grads, fisher_b
 
 def _new_report(pruner: Pruner, target_sparsity: float, num_grads: int | None) -> PruneReport:
     cfg = pruner.config()
-    return PruneReport(method=cfg["method"], pattern=cfg["pattern"], scope=cfg["scope"],
-                       target_sparsity=target_sparsity, num_grads=num_grads, block_size=cfg["block_size"],
-                       damp=cfg["damp"], rel_damp=cfg["rel_damp"], woodtaylor=cfg["woodtaylor"])
+    return PruneReport(
+        method=cfg["method"],
+        pattern=cfg["pattern"],
+        scope=cfg["scope"],
+        target_sparsity=target_sparsity,
+        num_grads=num_grads,
+        block_size=cfg["block_size"],
+        damp=cfg["damp"],
+        rel_damp=cfg["rel_damp"],
+        woodtaylor=cfg["woodtaylor"],
+    )
 
 
 @dataclass
@@ -374,6 +427,7 @@ class _StepFisher:
     """What one pruning step needs from its gradients: the Fisher inverse, the mean gradient
     (WoodTaylor), the seconds spent collecting them, and the mean number of samples behind each
     gradient."""
+
     finv: object = None
     grad: torch.Tensor | None = None
     seconds: float = 0.0
@@ -389,26 +443,53 @@ def _step_fisher(run: _Run, keep: torch.Tensor, fisher_cache: FisherCache | None
     c, pruner, layout = run.config, run.pruner, run.layout
     key = None
     if fisher_cache is not None and pruner.fisher_key() is not None:
-        key = fisher_cache.key(run.model, pruner, layout, keep, run.dataloader, (
-            id(run.loss_fn), c.num_grads, c.fisher_batch_size, c.per_sample, str(run.dev),
-            str(run.wdev)))
+        key = fisher_cache.key(
+            run.model,
+            pruner,
+            layout,
+            keep,
+            run.dataloader,
+            (
+                id(run.loss_fn),
+                c.num_grads,
+                c.fisher_batch_size,
+                c.per_sample,
+                str(run.dev),
+                str(run.wdev),
+            ),
+        )
         cached = fisher_cache.get(key)
         if cached is not None:
             run.report.fisher_reused = True
             finv, grad, samples_per_grad = cached
             return _StepFisher(finv, grad, 0.0, samples_per_grad)
     fisher = pruner.new_fisher(layout.dim, c.num_grads, run.dev, groups=layout.layer_index())
-    stats = collect_grads(run.model, run.dataloader, c.num_grads, params=layout,
-                          keep=keep.to(run.dev), sink=fisher.add_grads,
-                          fisher_batch_size=c.fisher_batch_size, per_sample=c.per_sample,
-                          chunk_size=run.chunk_size, loss_fn=run.loss_fn, device=run.dev,
-                          progress=run.progress)
+    stats = collect_grads(
+        run.model,
+        run.dataloader,
+        c.num_grads,
+        params=layout,
+        keep=keep.to(run.dev),
+        sink=fisher.add_grads,
+        fisher_batch_size=c.fisher_batch_size,
+        per_sample=c.per_sample,
+        chunk_size=run.chunk_size,
+        loss_fn=run.loss_fn,
+        device=run.dev,
+        progress=run.progress,
+    )
     # static M-FAC's precomputation (a block Fisher inverts on first use, in the step)
     t_finish = time.perf_counter()
     finv = fisher.finish()
-    out = _StepFisher(finv, stats.mean.to(run.wdev), stats.seconds,
-                      stats.num_samples / max(1, stats.num_grads), stats.seconds_model,
-                      stats.seconds_sink, time.perf_counter() - t_finish)
+    out = _StepFisher(
+        finv,
+        stats.mean.to(run.wdev),
+        stats.seconds,
+        stats.num_samples / max(1, stats.num_grads),
+        stats.seconds_model,
+        stats.seconds_sink,
+        time.perf_counter() - t_finish,
+    )
     if key is not None:
         fisher_cache.put(key, (out.finv, out.grad, out.samples_per_grad))
     return out
@@ -420,40 +501,66 @@ def _write_back(targets: Mapping[str, torch.Tensor], layout: Layout, weights: to
             targets[name].copy_(v)
 
 
-def _record_step(report: PruneReport, layout: Layout, keep: torch.Tensor, loss,
-                 fisher: "_StepFisher", dt: float) -> None:
+def _record_step(
+    report: PruneReport, layout: Layout, keep: torch.Tensor, loss, fisher: "_StepFisher", dt: float
+) -> None:
     t_grads = fisher.seconds
-    split = {"time_forward_backward": fisher.model_seconds, "time_accumulate": fisher.sink_seconds,
-             "time_invert": fisher.invert_seconds,
-             "time_select_update": dt - t_grads - fisher.invert_seconds}
+    split = {
+        "time_forward_backward": fisher.model_seconds,
+        "time_accumulate": fisher.sink_seconds,
+        "time_invert": fisher.invert_seconds,
+        "time_select_update": dt - t_grads - fisher.invert_seconds,
+    }
     report.time_grads += t_grads
     report.time_prune += dt - t_grads
     for k, v in split.items():
         setattr(report, k, getattr(report, k) + v)
-    report.steps.append({"sparsity": 1.0 - float(keep.sum()) / layout.numel,
-                         "loss_increase": None if loss is None else float(loss.sum()),
-                         "time_grads": t_grads, "time_prune": dt - t_grads, **split})
+    report.steps.append(
+        {
+            "sparsity": 1.0 - float(keep.sum()) / layout.numel,
+            "loss_increase": None if loss is None else float(loss.sum()),
+            "time_grads": t_grads,
+            "time_prune": dt - t_grads,
+            **split,
+        }
+    )
 
 
-def _finish_report(report: PruneReport, layout: Layout, keep: torch.Tensor, targets, loss_total) -> dict:
+def _finish_report(
+    report: PruneReport, layout: Layout, keep: torch.Tensor, targets, loss_total
+) -> dict:
     """Fill the report's totals and per-layer rows; return the masks ``{name: bool}`` on the
     targets' devices."""
-    out_masks = {name: m.to(targets[name].device).clone() for name, m in layout.unflatten(keep).items()}
+    out_masks = {
+        name: m.to(targets[name].device).clone() for name, m in layout.unflatten(keep).items()
+    }
     report.sparsity = 1.0 - float(keep.sum()) / layout.numel
     report.loss_increase = None if loss_total is None else float(loss_total.sum())
     for i, name in enumerate(layout.names):
         n = layout.numels[i]
-        report.layers[name] = {"numel": n, "sparsity": 1.0 - float(out_masks[name].sum()) / n,
-                               "loss_increase": None if loss_total is None else float(loss_total[i])}
+        report.layers[name] = {
+            "numel": n,
+            "sparsity": 1.0 - float(out_masks[name].sum()) / n,
+            "loss_increase": None if loss_total is None else float(loss_total[i]),
+        }
     return out_masks
 
 
-def run_oneshot(model: nn.Module, dataloader, config: PruningConfig, *,
-                types: Sequence[type] = DEFAULT_TYPES,
-                targets: Mapping[str, torch.Tensor] | None = None,
-                masks: Mapping[str, torch.Tensor] | None = None, loss_fn: Callable | None = None,
-                device=None, page_bytes: int | None = None, chunk_size: int | None = None,
-                fisher_cache: FisherCache | None = None, progress: bool = True) -> PruneResult:
+def run_oneshot(
+    model: nn.Module,
+    dataloader,
+    config: PruningConfig,
+    *,
+    types: Sequence[type] = DEFAULT_TYPES,
+    targets: Mapping[str, torch.Tensor] | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    loss_fn: Callable | None = None,
+    device=None,
+    page_bytes: int | None = None,
+    chunk_size: int | None = None,
+    fisher_cache: FisherCache | None = None,
+    progress: bool = True,
+) -> PruneResult:
     """The one-shot driver in this process: :func:`~hf_mfac.pruning.prune_oneshot` once its
     settings are resolved to ``config`` (and, over several ranks,
     :func:`~hf_mfac.pruning.distributed.prune_oneshot_distributed` with its pruner distributed).
@@ -470,8 +577,10 @@ def run_oneshot(model: nn.Module, dataloader, config: PruningConfig, *,
         check_trainable(targets)
     layout = Layout(targets, pad=pruner.pad)
     pruner.check(layout)
-    dev = pruner.device or next(iter(targets.values())).device  # gradients and the Fisher's factorisations
-    wdev = pruner.work_device(dev)  # weights, masks, scores (static M-FAC: where its m x D matrix lives)
+    # gradients and the Fisher's factorisations
+    dev = pruner.device or next(iter(targets.values())).device
+    # weights, masks, scores (static M-FAC: where its m x D matrix lives)
+    wdev = pruner.work_device(dev)
     keep = _initial_keep(layout, masks, wdev)
     steps = _schedule(pruner, layout, keep, config.sparsity, config.recompute)
     batch = check_fisher_batch_size(config.fisher_batch_size, config.per_sample)
@@ -480,8 +589,20 @@ def run_oneshot(model: nn.Module, dataloader, config: PruningConfig, *,
     logger.info("%s pruning: estimated peak memory %s", pruner.name, estimate.describe())
     check_estimate(estimate, pruner, targets, num_grads or 0)  # refused before any work
     config = config.replace(num_grads=num_grads, fisher_batch_size=batch)
-    run = _Run(model, dataloader, config, pruner, layout, targets, dev, wdev,
-               _new_report(pruner, steps[-1][0], config.num_grads), loss_fn, chunk_size, progress)
+    run = _Run(
+        model,
+        dataloader,
+        config,
+        pruner,
+        layout,
+        targets,
+        dev,
+        wdev,
+        _new_report(pruner, steps[-1][0], config.num_grads),
+        loss_fn,
+        chunk_size,
+        progress,
+    )
     run.report.memory_estimate = dict(estimate)
     with restore_on_error(targets), keep_modes(model):  # all or nothing, the modes too
         keep, loss_total = _run_steps(run, keep, steps, fisher_cache)

@@ -39,7 +39,8 @@ from ..core.obs import block_obs_update, group_scores, obs_scores, obs_update
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Pattern", "Pruner", "MagnitudePruner", "OBSPruner", "MFACPruner", "CAPPruner", "PRUNERS",
+__all__ = ["Pattern", "Pruner", "MagnitudePruner", "OBSPruner", "MFACPruner", "CAPPruner",
+           "PRUNERS",
            "make_pruner", "StepResult"]
 
 
@@ -57,7 +58,9 @@ class Pattern:
     def parse(cls, spec) -> "Pattern":
         if isinstance(spec, Pattern):
             return spec
-        if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "unstructured", "none")):
+        if spec is None or (
+            isinstance(spec, str) and spec.strip().lower() in ("", "unstructured", "none")
+        ):
             return cls()
         if isinstance(spec, (tuple, list)) and len(spec) == 2:
             spec = f"{spec[0]}:{spec[1]}"
@@ -72,8 +75,11 @@ class Pattern:
             if g < 1:
                 raise ValueError(f"group size must be >= 1; got {spec!r}")
             return cls() if g == 1 else cls("group", 0, g)
-        raise ValueError(f"unknown sparsity pattern {spec!r}: use 'unstructured', 'N:M' (e.g. '2:4') or "
-                         "'G-block' (e.g. '4-block')")
+        raise ValueError(
+            f"unknown sparsity pattern {spec!r}: use 'unstructured', 'N:M' (e.g. "
+            "'2:4') or "
+            "'G-block' (e.g. '4-block')"
+        )
 
     @property
     def group(self) -> int:
@@ -87,17 +93,26 @@ class Pattern:
     def check_shape(self, name: str, shape) -> None:
         if self.kind != "unstructured" and shape[-1] % self.m:
             what = f"{self.n}:{self.m}" if self.kind == "nm" else f"{self.m}-block"
-            raise ValueError(f"pattern {what} needs the last dimension of every target to be divisible by {self.m}; "
-                             f"{name} has shape {tuple(shape)}. Exclude it (exclude=...) or pick another pattern.")
+            raise ValueError(
+                f"pattern {what} needs the last dimension of every target to be "
+                f"divisible by {self.m}; "
+                f"{name} has shape {tuple(shape)}. Exclude it (exclude=...) or pick "
+                "another pattern."
+            )
 
     def __str__(self) -> str:
-        return {"unstructured": "unstructured", "nm": f"{self.n}:{self.m}", "group": f"{self.m}-block"}[self.kind]
+        return {
+            "unstructured": "unstructured",
+            "nm": f"{self.n}:{self.m}",
+            "group": f"{self.m}-block",
+        }[self.kind]
 
 
 @dataclass
 class StepResult:
     """One pruning step: new weights (D,), new mask (D,) and OBS saliency per target (L,) or
     None."""
+
     weights: torch.Tensor
     keep: torch.Tensor
     loss: torch.Tensor | None
@@ -116,7 +131,9 @@ def _unit_slices(layout, g: int):
     return [(off // g, n // g) for off, n in zip(layout.offsets, layout.numels)]
 
 
-def _select_units(layout, scores_u: torch.Tensor, sparsity: float, scope: str, g: int) -> torch.Tensor:
+def _select_units(
+    layout, scores_u: torch.Tensor, sparsity: float, scope: str, g: int
+) -> torch.Tensor:
     """Units (D/g,) to prune: the ``sparsity`` fraction of lowest scores, globally or per target
     (exact)."""
     sl = _unit_slices(layout, g)
@@ -128,7 +145,9 @@ def _select_units(layout, scores_u: torch.Tensor, sparsity: float, scope: str, g
     return out
 
 
-def _block_groups(groups: torch.Tensor | None, B: int, scope: str = "global") -> torch.Tensor | None:
+def _block_groups(
+    groups: torch.Tensor | None, B: int, scope: str = "global"
+) -> torch.Tensor | None:
     """The damping group of each block of B consecutive coordinates: one group for all
     (``scope="global"``), or the target of the block's first coordinate (``"layer"``)."""
     if groups is None:
@@ -155,16 +174,24 @@ def _submatrix(finv, idx: torch.Tensor, budget: int = 1 << 24) -> torch.Tensor:
     return torch.cat([finv.submatrix(idx[s : s + rows]) for s in range(0, idx.shape[0], rows)])
 
 
-def _nm_select(w: torch.Tensor, sub: torch.Tensor, idx: torch.Tensor, zeros: int, forced: torch.Tensor,
-               u: torch.Tensor | None = None, budget: int = 1 << 22):
+def _nm_select(
+    w: torch.Tensor,
+    sub: torch.Tensor,
+    idx: torch.Tensor,
+    zeros: int,
+    forced: torch.Tensor,
+    u: torch.Tensor | None = None,
+    budget: int = 1 << 22,
+):
     """Best ``zeros`` weights to prune in each N:M group that include the ``forced`` (already
     pruned) ones.
 
     Exact joint OBS saliency ``1/2 w_Q^T ([F^{-1}]_QQ)^{-1} w_Q`` [oBERT, eq. 5] over all C(M,
     zeros) subsets, as :func:`hf_mfac.core.obs.nm_select` but with forced members. ``sub`` (n, M,
-    M); ``forced`` (n, M). Returns (pruned (n, M) bool, score (n,) fp64). Cost O(n C zeros^3). """
+    M); ``forced`` (n, M). Returns (pruned (n, M) bool, score (n,) fp64). Cost O(n C zeros^3)."""
     n, M = idx.shape
-    combos = torch.tensor(list(itertools.combinations(range(M), zeros)), device=idx.device)  # (C, z)
+    # (C, z)
+    combos = torch.tensor(list(itertools.combinations(range(M), zeros)), device=idx.device)
     member = torch.zeros(combos.shape[0], M, dtype=torch.bool, device=idx.device)
     member.scatter_(1, combos, True)
     ws_all = (w if u is None else w - u.to(w.dtype))[idx].to(torch.float64)  # (n, M)
@@ -182,7 +209,9 @@ def _nm_select(w: torch.Tensor, sub: torch.Tensor, idx: torch.Tensor, zeros: int
         pruned[s:e] = member[best]
         score[s:e] = sc.gather(1, best[:, None])[:, 0]
     if not bool(torch.isfinite(score).all()):
-        raise ValueError(f"an N:M group already has more than {zeros} pruned weights; masks never regrow")
+        raise ValueError(
+            f"an N:M group already has more than {zeros} pruned weights; masks never regrow"
+        )
     return pruned, score
 
 
@@ -199,7 +228,8 @@ class Pruner(abc.ABC):
 
     Subclasses set the defaults (one place for each: ``default_block_size``, ``default_rel_damp``,
     ``default_num_grads``) and implement :meth:`prune` (and :meth:`new_fisher` when
-    ``uses_fisher``). """
+    ``uses_fisher``)."""
+
     name = "base"
     uses_fisher = True
     patterns = ("unstructured", "nm", "group")
@@ -211,46 +241,81 @@ class Pruner(abc.ABC):
     # want more (the papers use 1024 and up on GPUs).
     default_block_size: int | None = 32
     default_rel_damp = 1e-2
-    updates = ("joint", "summed")  # how the remaining weights are updated (OBS pruners), the first the default
-    rel_damp_scope = "global"  # the mean diagonal is taken over all targets ("layer": over each target)
+    # how the remaining weights are updated (OBS pruners), the first the default
+    updates = ("joint", "summed")
+    # the mean diagonal is taken over all targets ("layer": over each target)
+    rel_damp_scope = "global"
     default_num_grads = 128
 
-    def __init__(self, *, pattern=None, scope: str = "global", block_size: int | None = None,
-                 damp: float | None = None, rel_damp: float | None = None, woodtaylor: bool = False, device=None,
-                 page_bytes: int | None = None, fisher_dtype: torch.dtype = torch.float32, update: str | None = None):
+    def __init__(
+        self,
+        *,
+        pattern=None,
+        scope: str = "global",
+        block_size: int | None = None,
+        damp: float | None = None,
+        rel_damp: float | None = None,
+        woodtaylor: bool = False,
+        device=None,
+        page_bytes: int | None = None,
+        fisher_dtype: torch.dtype = torch.float32,
+        update: str | None = None,
+    ):
         self.pattern = Pattern.parse(pattern)
         if self.pattern.kind not in self.patterns:
-            raise ValueError(f"method {self.name!r} does not support the {self.pattern} pattern "
-                             f"(supported: {', '.join(self.patterns)})")
+            raise ValueError(
+                f"method {self.name!r} does not support the {self.pattern} pattern "
+                f"(supported: {', '.join(self.patterns)})"
+            )
         if scope not in ("global", "layer"):
-            raise ValueError(f"scope must be 'global' or 'layer' (uniform per-layer sparsity); got {scope!r}")
+            raise ValueError(
+                f"scope must be 'global' or 'layer' (uniform per-layer sparsity); got {scope!r}"
+            )
         self.scope = scope
         if woodtaylor and not self.supports_woodtaylor:
             raise ValueError(f"method {self.name!r} does not support woodtaylor=True")
         self.woodtaylor = bool(woodtaylor)
         if update is not None and update not in self.updates:
-            raise ValueError(f"update={update!r} is not available for method {self.name!r}; choose one of "
-                             f"{', '.join(self.updates)}")
+            raise ValueError(
+                f"update={update!r} is not available for method {self.name!r}; choose "
+                "one of "
+                f"{', '.join(self.updates)}"
+            )
         self.update = update or self.updates[0]
-        self.block_size = (self.default_block_size if block_size is None
-                           else check_positive_int("block_size", block_size))
+        self.block_size = (
+            self.default_block_size
+            if block_size is None
+            else check_positive_int("block_size", block_size)
+        )
         if damp is not None and rel_damp is not None:
-            raise ValueError(f"give damp (absolute) or rel_damp (relative to the Fisher's scale), not both; got "
-                             f"damp={damp!r}, rel_damp={rel_damp!r}")
+            raise ValueError(
+                "give damp (absolute) or rel_damp (relative to the Fisher's scale), "
+                "not both; got "
+                f"damp={damp!r}, rel_damp={rel_damp!r}"
+            )
         # Default: relative damping (scale-free); an absolute damp replaces it when given.
         self.damp = None if damp is None else check_damp(damp)
-        self.rel_damp = (check_damp(self.default_rel_damp if rel_damp is None else rel_damp, "rel_damp")
-                         if damp is None else None)
+        self.rel_damp = (
+            check_damp(self.default_rel_damp if rel_damp is None else rel_damp, "rel_damp")
+            if damp is None
+            else None
+        )
         self.device = None if device is None else torch.device(device)
         self.page_bytes = page_bytes
         if fisher_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"fisher_dtype must be torch.float32 (the packed fp32 inverse, the default) or "
-                             f"torch.float64 (whole fp64 blocks); got {fisher_dtype!r}")
+            raise ValueError(
+                "fisher_dtype must be torch.float32 (the packed fp32 inverse, the "
+                "default) or "
+                f"torch.float64 (whole fp64 blocks); got {fisher_dtype!r}"
+            )
         self.fisher_dtype = fisher_dtype
         g = self.pattern.group
         if self.uses_fisher and self.block_size is not None and self.block_size % g:
-            raise ValueError(f"block_size={self.block_size} must be a multiple of {g} for the {self.pattern} "
-                             "pattern (groups must not straddle Fisher blocks)")
+            raise ValueError(
+                f"block_size={self.block_size} must be a multiple of {g} for the "
+                f"{self.pattern} "
+                "pattern (groups must not straddle Fisher blocks)"
+            )
 
     @property
     def pad(self) -> int:
@@ -268,19 +333,25 @@ class Pruner(abc.ABC):
         """Peak bytes of the block Fisher: its accumulator (packed triangles for an fp32 inverse,
         summed in fp32 or fp64 by the error bound; whole fp64 blocks for an fp64 inverse), over
         which the inverse is written."""
-        return block_fisher_bytes(dim, self.block_size, self.fisher_dtype, num_grads=num_grads,
-                                  rel_damp=self.rel_damp)[0]
+        return block_fisher_bytes(
+            dim, self.block_size, self.fisher_dtype, num_grads=num_grads, rel_damp=self.rel_damp
+        )[0]
 
     def work_device(self, device: torch.device) -> torch.device:
         """Where the weights, masks and scores live during :meth:`prune` (with the inverse)."""
         return device
 
     def config(self) -> dict:
-        return {"method": self.name, "pattern": str(self.pattern), "scope": self.scope,
-                "block_size": self.block_size if self.uses_fisher else None,
-                "damp": self.damp if self.uses_fisher else None,
-                "rel_damp": self.rel_damp if self.uses_fisher else None, "woodtaylor": self.woodtaylor,
-                "update": self.update if self.uses_fisher else None}
+        return {
+            "method": self.name,
+            "pattern": str(self.pattern),
+            "scope": self.scope,
+            "block_size": self.block_size if self.uses_fisher else None,
+            "damp": self.damp if self.uses_fisher else None,
+            "rel_damp": self.rel_damp if self.uses_fisher else None,
+            "woodtaylor": self.woodtaylor,
+            "update": self.update if self.uses_fisher else None,
+        }
 
     def damping(self) -> dict:
         """The keyword arguments of the damping for the core inverses (``damp`` or ``rel_damp``)."""
@@ -301,7 +372,9 @@ class Pruner(abc.ABC):
         raise TypeError(f"{type(self).__name__} does not use a Fisher")
 
     @abc.abstractmethod
-    def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
+    def prune(
+        self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None
+    ) -> StepResult:
         """Selection and update of one pruning step; every concrete pruner defines it."""
 
     def __repr__(self) -> str:
@@ -311,24 +384,31 @@ class Pruner(abc.ABC):
 class MagnitudePruner(Pruner):
     """Magnitude pruning: score ``w^2`` (group: sum over the group); ``scope="global"`` is global
     magnitude, ``scope="layer"`` uniform magnitude. No Fisher, no update, no loss estimate."""
+
     name = "magnitude"
     uses_fisher = False
     supports_woodtaylor = False
     default_block_size = None
 
-    def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
+    def prune(
+        self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None
+    ) -> StepResult:
         g = self.pattern.group
         sq = (w.to(torch.float64) ** 2).view(-1, g)
         prev = ~keep.view(-1, g).any(1)
         if self.pattern.kind == "nm":
             sc = torch.where(keep.view(-1, g), sq, torch.full_like(sq, -float("inf")))
             if bool(((~keep.view(-1, g)).sum(1) > zeros).any()):
-                raise ValueError(f"an N:M group already has more than {zeros} pruned weights; masks never regrow")
+                raise ValueError(
+                    f"an N:M group already has more than {zeros} pruned weights; masks never regrow"
+                )
             order = torch.sort(sc, dim=1, stable=True).indices[:, :zeros]
             pruned = torch.zeros_like(sq, dtype=torch.bool).scatter_(1, order, True).view(-1)
             pruned &= layout.valid(w.device)
         else:
-            sc = torch.where(prev, torch.full_like(prev, -float("inf"), dtype=torch.float64), sq.sum(1))
+            sc = torch.where(
+                prev, torch.full_like(prev, -float("inf"), dtype=torch.float64), sq.sum(1)
+            )
             pruned = _select_units(layout, sc, sparsity, self.scope, g).repeat_interleave(g)
         new_keep = keep & ~pruned
         return StepResult(w * new_keep, new_keep, None)
@@ -354,8 +434,12 @@ class _OBSPruner(Pruner):
             hinv, lo, gather = _block_source(finv), 0, (lambda t: t)
         hi = lo + block_shape(hinv)[0]
         ub = None if u is None else u.to(w.dtype).view(nb, B)[lo:hi]
-        new, block_loss = block_obs_update(w.view(nb, B)[lo:hi], hinv, pruned.view(nb, B)[lo:hi], ub)  # (n, B), (n,)
-        new, block_loss = gather(new), gather(block_loss)  # (nb, B), (nb,); WoodTaylor: w - u where nothing is pruned
+        # (n, B), (n,)
+        new, block_loss = block_obs_update(
+            w.view(nb, B)[lo:hi], hinv, pruned.view(nb, B)[lo:hi], ub
+        )
+        # (nb, B), (nb,); WoodTaylor: w - u where nothing is pruned
+        new, block_loss = gather(new), gather(block_loss)
         loss = torch.zeros(len(layout.names), dtype=torch.float64, device=w.device)
         loss.index_add_(0, layout.layer_index(w.device).view(nb, B)[:, 0], block_loss)
         new_keep = keep & ~pruned
@@ -368,18 +452,22 @@ class _OBSPruner(Pruner):
             return self._joint(layout, w, keep, pruned | ~keep, finv, u)
         return summed()
 
-    def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
+    def prune(
+        self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None
+    ) -> StepResult:
         if finv is None:
             raise ValueError(f"method {self.name!r} needs the Fisher inverse (finv)")
         u = None
         if self.woodtaylor:
             if grad is None:
                 raise ValueError("woodtaylor=True needs the mean gradient")
-            u = finv.mul(grad.to(w.dtype)).to(w.dtype)  # WoodTaylor's F^{-1} grad [WoodFisher, §6.2]
+            # WoodTaylor's F^{-1} grad [WoodFisher, §6.2]
+            u = finv.mul(grad.to(w.dtype)).to(w.dtype)
         g, kind = self.pattern.group, self.pattern.kind
         valid = layout.valid(w.device)
         if kind == "unstructured":
-            sc = obs_scores(w, finv.diag().to(w.device), u).to(torch.float64)  # (D,) w^2 / (2 [F^{-1}]_qq)
+            # (D,) w^2 / (2 [F^{-1}]_qq)
+            sc = obs_scores(w, finv.diag().to(w.device), u).to(torch.float64)
             sc = torch.where(keep, sc, torch.full_like(sc, -float("inf")))
             pruned = (_select_units(layout, sc, sparsity, self.scope, 1) | ~keep) & valid
 
@@ -387,6 +475,7 @@ class _OBSPruner(Pruner):
                 new = obs_update(finv, w, pruned.nonzero()[:, 0], u=u)
                 loss = torch.where(pruned & keep, sc, torch.zeros_like(sc))
                 return StepResult(new, keep & ~pruned, _per_layer(layout, loss))
+
             return self._finish(layout, w, keep, pruned, finv, u, summed)
         units = torch.arange(layout.dim, device=w.device).view(-1, g)  # (D/g, g)
         uvalid = valid.view(-1, g).all(1)
@@ -401,10 +490,13 @@ class _OBSPruner(Pruner):
             def summed():
                 pos = sel.nonzero()[:, 1].view(-1, zeros)  # (n, z) positions inside each group
                 r = torch.arange(idx.shape[0], device=w.device)[:, None, None]
-                new = obs_update(finv, w, idx.gather(1, pos), u=u, sub=sub[r, pos[:, :, None], pos[:, None, :]])
+                new = obs_update(
+                    finv, w, idx.gather(1, pos), u=u, sub=sub[r, pos[:, :, None], pos[:, None, :]]
+                )
                 loss_u = torch.zeros(layout.dim // g, dtype=torch.float64, device=w.device)
                 loss_u[uvalid] = score
                 return StepResult(new, keep & ~pruned.view(-1), _per_layer(layout, loss_u, g))
+
             return self._finish(layout, w, keep, pruned.view(-1), finv, u, summed)
         # groups of g weights (oBERT "4-block")
         prev = ~keep.view(-1, g).any(1)
@@ -418,7 +510,10 @@ class _OBSPruner(Pruner):
             sel_rows = pruned_u[uvalid]
             new = obs_update(finv, w, idx[sel_rows], u=u, sub=sub[sel_rows])
             loss_u = torch.where(pruned_u & ~prev, sc, torch.zeros_like(sc))
-            return StepResult(new, keep & ~pruned_u.repeat_interleave(g), _per_layer(layout, loss_u, g))
+            return StepResult(
+                new, keep & ~pruned_u.repeat_interleave(g), _per_layer(layout, loss_u, g)
+            )
+
         return self._finish(layout, w, keep, pruned_u.repeat_interleave(g), finv, u, summed)
 
 
@@ -428,12 +523,20 @@ class OBSPruner(_OBSPruner):
     weights inside each target; Fisher memory D*B values, gradients streamed (never all held). Cost
     per step: O(m D B) to accumulate, O(D B^2) to invert, O(D B) to score and update. WoodTaylor
     [WoodFisher, §6.2] with ``woodtaylor=True``."""
+
     name = "obert"
 
     def new_fisher(self, dim: int, num_grads: int, device, groups: torch.Tensor | None = None):
         groups = _block_groups(groups, self.block_size, self.rel_damp_scope)
-        return BlockFisherInverse(dim, self.block_size, **self.damping(), damp_groups=groups,
-                                  device=device, dtype=self.fisher_dtype, num_grads=num_grads)
+        return BlockFisherInverse(
+            dim,
+            self.block_size,
+            **self.damping(),
+            damp_groups=groups,
+            device=device,
+            dtype=self.fisher_dtype,
+            num_grads=num_grads,
+        )
 
 
 class _GradBuffer:
@@ -441,7 +544,9 @@ class _GradBuffer:
 
     def __init__(self, pruner, dim: int, num_grads: int, device, groups=None):
         self.pruner, self.n, self.groups = pruner, 0, groups
-        self.G = torch.empty(num_grads, dim, dtype=torch.float32, device=pruner.grads_device or "cpu")
+        self.G = torch.empty(
+            num_grads, dim, dtype=torch.float32, device=pruner.grads_device or "cpu"
+        )
         self.device = device
 
     def add_grads(self, chunk: torch.Tensor) -> None:
@@ -451,12 +556,18 @@ class _GradBuffer:
     def finish(self) -> StaticMFAC:
         p = self.pruner
         page = p.page_bytes
-        if page is None:  # bound the fp64 temporaries of the precomputation (about 6x the page) on any device
+        # bound the fp64 temporaries of the precomputation (about 6x the page) on any device
+        if page is None:
             page = MFACPruner.default_page_bytes
         B = min(p.block_size or self.G.shape[1], self.G.shape[1])
-        return StaticMFAC(self.G[: self.n], block_size=p.block_size, **p.damping(),
-                          damp_groups=_block_groups(self.groups, B, p.rel_damp_scope),
-                          device=self.device, page_bytes=page)
+        return StaticMFAC(
+            self.G[: self.n],
+            block_size=p.block_size,
+            **p.damping(),
+            damp_groups=_block_groups(self.groups, B, p.rel_damp_scope),
+            device=self.device,
+            page_bytes=page,
+        )
 
 
 class MFACPruner(_OBSPruner):
@@ -469,10 +580,12 @@ class MFACPruner(_OBSPruner):
     damping is per block. Default B=256: with the default 64 gradients, the paper's 2048 left a
     rank-64 Fisher per block and pruned no better than magnitude on all-MiniLM-L6-v2 at 80 % (0.556
     against 0.555; 256: 0.582)."""
+
     name = "mfac"
     default_block_size = 256
     default_num_grads = 64  # it holds all m gradients (m x D fp32: 2.7 GiB at MiniLM size)
-    updates = ("summed",)  # its blocks are queried element by element: no joint solve over B weights
+    # its blocks are queried element by element: no joint solve over B weights
+    updates = ("summed",)
     default_page_bytes = 1 << 28  # precompute in pages of 256 MiB of G (``page_bytes`` overrides)
 
     def __init__(self, *args, grads_device=None, **kwargs):
@@ -487,11 +600,18 @@ class MFACPruner(_OBSPruner):
         return dim * num_grads * 4
 
     def fisher_key(self) -> tuple:
-        return ("static-mfac", self.block_size, self.damp, self.rel_damp, self.page_bytes,
-                str(self.grads_device or "cpu"))
+        return (
+            "static-mfac",
+            self.block_size,
+            self.damp,
+            self.rel_damp,
+            self.page_bytes,
+            str(self.grads_device or "cpu"),
+        )
 
     def work_device(self, device: torch.device) -> torch.device:
-        return torch.device(self.grads_device or "cpu")  # W = L^{-1} G stays where G is; queries run there
+        # W = L^{-1} G stays where G is; queries run there
+        return torch.device(self.grads_device or "cpu")
 
     def new_fisher(self, dim: int, num_grads: int, device, groups: torch.Tensor | None = None):
         return _GradBuffer(self, dim, num_grads, device, groups)
@@ -503,23 +623,37 @@ class CAPPruner(Pruner):
     chosen prefix of each block's order is applied with the joint OBS solve (O(D) extra memory
     instead of the reference's (B+1) D). N:M: no weight is eliminated from a group that already has
     its zeros. Cost O(D B^2)."""
+
     name = "cap"
     patterns = ("unstructured", "nm")
     supports_woodtaylor = False
-    updates = ("joint",)  # the chosen prefix of each block's elimination is applied with the joint solve
+    # the chosen prefix of each block's elimination is applied with the joint solve
+    updates = ("joint",)
 
     def new_fisher(self, dim: int, num_grads: int, device, groups: torch.Tensor | None = None):
         groups = _block_groups(groups, self.block_size, self.rel_damp_scope)
-        return BlockFisherInverse(dim, self.block_size, **self.damping(), damp_groups=groups,
-                                  device=device, dtype=self.fisher_dtype, num_grads=num_grads)
+        return BlockFisherInverse(
+            dim,
+            self.block_size,
+            **self.damping(),
+            damp_groups=groups,
+            device=device,
+            dtype=self.fisher_dtype,
+            num_grads=num_grads,
+        )
 
-    def prune(self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None) -> StepResult:
+    def prune(
+        self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None
+    ) -> StepResult:
         if finv is None:
             raise ValueError("method 'cap' needs the Fisher inverse (finv)")
-        return self.prune_blocks(layout, w, keep, _block_source(finv), 0, sparsity=sparsity, zeros=zeros)
+        return self.prune_blocks(
+            layout, w, keep, _block_source(finv), 0, sparsity=sparsity, zeros=zeros
+        )
 
-    def prune_blocks(self, layout, w, keep, hinv, first: int = 0, *, sparsity=None, zeros=None,
-                     gather=None) -> StepResult:
+    def prune_blocks(
+        self, layout, w, keep, hinv, first: int = 0, *, sparsity=None, zeros=None, gather=None
+    ) -> StepResult:
         """One CAP step as one rank of a distributed run sees it (in one process: all blocks,
         ``gather`` None). ``hinv`` (n, B, B) (or a :class:`~hf_mfac.core.BlockFisherInverse`, read a
         page at a time) are the inverses of the layout's blocks ``first .. first + n - 1``:
@@ -541,7 +675,9 @@ class CAPPruner(Pruner):
         else:
             order, losses = cap_eliminate(W, hinv, valid=valid, forced=forced)
             steps = torch.arange(B, device=w.device)[None, :]
-            losses = torch.where(steps < forced.sum(1, keepdim=True), torch.full_like(losses, -1.0), losses)
+            losses = torch.where(
+                steps < forced.sum(1, keepdim=True), torch.full_like(losses, -1.0), losses
+            )
             all_losses = gather(losses)  # (nb, B): the merge sees every block
             if self.scope == "global":
                 counts = cap_select(all_losses, num_to_prune(layout.numel, sparsity))[lo:hi]
@@ -552,7 +688,8 @@ class CAPPruner(Pruner):
         pruned = pruned & valid | forced
         last = losses.gather(1, (counts - 1).clamp_min(0)[:, None])[:, 0].clamp_min(0)
         block_loss = torch.where(counts > 0, last, torch.zeros_like(last))
-        new, pruned, block_loss = gather(new), gather(pruned), gather(block_loss)  # (nb, B), (nb, B), (nb,)
+        # (nb, B), (nb, B), (nb,)
+        new, pruned, block_loss = gather(new), gather(pruned), gather(block_loss)
         loss = torch.zeros(len(layout.names), dtype=torch.float64, device=w.device)
         loss.index_add_(0, block_layer, block_loss)
         new_keep = keep & ~pruned.view(-1)
@@ -575,8 +712,11 @@ def make_pruner(method: str | Pruner, **kwargs) -> Pruner:
     if cls is None:
         raise ValueError(f"unknown pruning method {method!r}; choose one of {sorted(PRUNERS)}")
     if cls is MagnitudePruner:  # one sweep may pass the same settings to every method
-        unused = [k for k in ("block_size", "damp", "rel_damp", "woodtaylor", "update")
-                  if kwargs.pop(k, None) not in (None, False)]
+        unused = [
+            k
+            for k in ("block_size", "damp", "rel_damp", "woodtaylor", "update")
+            if kwargs.pop(k, None) not in (None, False)
+        ]
         if unused:
             logger.info("magnitude pruning uses no Fisher: ignoring %s", ", ".join(unused))
     return cls(**kwargs)

@@ -34,8 +34,9 @@ def _patterns(p) -> tuple[str, ...]:
     return (p,) if isinstance(p, str) else tuple(p)
 
 
-def find_prunable(model: nn.Module, include=None, exclude=DEFAULT_EXCLUDE,
-                  types: Sequence[type] = DEFAULT_TYPES) -> dict[str, nn.Parameter]:
+def find_prunable(
+    model: nn.Module, include=None, exclude=DEFAULT_EXCLUDE, types: Sequence[type] = DEFAULT_TYPES
+) -> dict[str, nn.Parameter]:
     """Target weights ``{"<module>.weight": parameter}`` in module order.
 
     ``include``/``exclude``: a regular expression or a list of them, searched (``re.search``) in the
@@ -53,13 +54,19 @@ def find_prunable(model: nn.Module, include=None, exclude=DEFAULT_EXCLUDE,
     if hasattr(model, "get_output_embeddings"):
         out = model.get_output_embeddings()
         tied = getattr(out, "weight", None) if out is not None else None
-    candidates = [(name, mod) for name, mod in model.named_modules()
-                  if isinstance(mod, tuple(types)) and isinstance(getattr(mod, "weight", None), torch.Tensor)]
+    candidates = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, tuple(types)) and isinstance(getattr(mod, "weight", None), torch.Tensor)
+    ]
     for p in inc:
         if not any(re.search(p, name) for name, _ in candidates):
             sample = ", ".join(name for name, _ in candidates[:6])
-            raise ValueError(f"include pattern {p!r} matches no {'/'.join(t.__name__ for t in types)} module "
-                             f"(some names: {sample or 'none'})")
+            raise ValueError(
+                f"include pattern {p!r} matches no "
+                f"{'/'.join(t.__name__ for t in types)} module "
+                f"(some names: {sample or 'none'})"
+            )
     found, seen = {}, set()
     for name, mod in candidates:
         if inc and not any(re.search(p, name) for p in inc):
@@ -67,13 +74,16 @@ def find_prunable(model: nn.Module, include=None, exclude=DEFAULT_EXCLUDE,
         if any(re.search(p, name) for p in exc):
             continue
         w = mod.weight
-        if w is tied or id(w) in seen:  # tied or shared weights are pruned once (or, if tied to embeddings, never)
+        # tied or shared weights are pruned once (or, if tied to embeddings, never)
+        if w is tied or id(w) in seen:
             continue
         seen.add(id(w))
         found[f"{name}.weight" if name else "weight"] = w
     if not found:
-        raise ValueError("no prunable weights: every candidate module was excluded "
-                         f"(include={list(inc) or None}, exclude={list(exc)})")
+        raise ValueError(
+            "no prunable weights: every candidate module was excluded "
+            f"(include={list(inc) or None}, exclude={list(exc)})"
+        )
     return found
 
 
@@ -103,8 +113,14 @@ class Layout:
     def _segments(self):
         return zip(self.names, self.offsets, self.numels, self.shapes)
 
-    def flatten(self, tensors: Mapping[str, torch.Tensor] | Iterable[torch.Tensor], *, dtype=None, device=None,
-                fill=0) -> torch.Tensor:
+    def flatten(
+        self,
+        tensors: Mapping[str, torch.Tensor] | Iterable[torch.Tensor],
+        *,
+        dtype=None,
+        device=None,
+        fill=0,
+    ) -> torch.Tensor:
         """(D,) vector holding ``tensors`` (a mapping by name or a sequence in target order);
         padding = ``fill``."""
         ts = [tensors[n] for n in self.names] if isinstance(tensors, Mapping) else list(tensors)

@@ -1,5 +1,6 @@
-"""Model cards: hf_mfac's marked section in a Hub card (YAML metadata with model-index, sparsity table and
-plot, M-FAC hyperparameters), what a Trainer tells it, and pushing a sparse model to the Hub."""
+"""Model cards: hf_mfac's marked section in a Hub card (YAML metadata with model-index, sparsity
+table and plot, M-FAC hyperparameters), what a Trainer tells it, and pushing a sparse model to the
+Hub."""
 
 from .model_card import (
     PLOT_NAME,

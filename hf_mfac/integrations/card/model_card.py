@@ -100,7 +100,8 @@ def _architectures(model, save_directory) -> list[str]:
 
 def _sparsity_from(sparsity, model, masks, save_directory) -> tuple[dict | None, bool]:
     """(sparsity record, whether it is the one saved with the checkpoint): given > in
-    save_directory/config.json > model.config > derived from the model's masks or zeros (not saved)."""
+    save_directory/config.json > model.config > derived from the model's masks or zeros (not
+    saved)."""
     if sparsity is not None:
         return dict(sparsity), True
     found = read_sparsity_metadata(save_directory) if save_directory else None
@@ -127,24 +128,34 @@ def _eval_results(eval_results, task, dataset_name, dataset_type, dataset_config
         return None, [], []
     if isinstance(eval_results, Mapping):
         named = dataset_name or dataset_type
-        rows = [dict(task=task or "", dataset=named or "(not named)", split=dataset_split or "", metric=k,
+        rows = [dict(task=task or "", dataset=named or "(not named)", split=dataset_split or "",
+                     metric=k,
                      value=format_value(v)) for k, v in eval_results.items()]
         left_out = [r for r, v in zip(rows, eval_results.values()) if not _finite(v)]
         if not (named and task):
             return None, rows, left_out
-        eval_results = [EvalResult(task_type=task, dataset_type=dataset_type or named, dataset_name=named,
+        eval_results = [EvalResult(task_type=task, dataset_type=dataset_type or named,
+                                   dataset_name=named,
                                    dataset_config=dataset_config, dataset_split=dataset_split,
                                    metric_type=k, metric_value=v) for k, v in eval_results.items()]
-    rows = [dict(task=r.task_type, dataset=r.dataset_name + (f" ({r.dataset_config})" if r.dataset_config else ""),
-                 split=r.dataset_split or "", metric=r.metric_type,
-                 value=format_value(r.metric_value)) for r in eval_results]
+    rows = [
+        dict(
+            task=r.task_type,
+            dataset=r.dataset_name + (f" ({r.dataset_config})" if r.dataset_config else ""),
+            split=r.dataset_split or "",
+            metric=r.metric_type,
+            value=format_value(r.metric_value),
+        )
+        for r in eval_results
+    ]
     left_out = [row for row, r in zip(rows, eval_results) if not _finite(r.metric_value)]
     results = [r for r in eval_results if _finite(r.metric_value)]
     return results or None, rows, left_out
 
 
 def _merge_data(existing: ModelCardData | None, ours: ModelCardData) -> ModelCardData:
-    """Our fields win, tags and datasets are unioned, everything else of the existing card is kept."""
+    """Our fields win, tags and datasets are unioned, everything else of the existing card is
+    kept."""
     if existing is None:
         return ours
     merged = existing.to_dict()
@@ -152,7 +163,9 @@ def _merge_data(existing: ModelCardData | None, ours: ModelCardData) -> ModelCar
         if key in ("tags", "datasets", "metrics"):
             old = merged.get(key) or []
             old = [old] if isinstance(old, str) else list(old)
-            merged[key] = old + [v for v in ([value] if isinstance(value, str) else value) if v not in old]
+            merged[key] = old + [
+                v for v in ([value] if isinstance(value, str) else value) if v not in old
+            ]
         else:
             merged[key] = value
     return ModelCardData(**merged)
@@ -204,30 +217,51 @@ class CardFields:
         names = [f.name for f in dataclass_fields(self)]
         unknown = sorted(set(overrides) - set(names))
         if unknown:
-            raise TypeError(f"create_sparse_model_card() got unexpected keyword arguments "
-                            f"{unknown}; the card's fields are {names}")
+            raise TypeError(
+                f"create_sparse_model_card() got unexpected keyword arguments "
+                f"{unknown}; the card's fields are {names}"
+            )
         return replace(self, **overrides)
 
     def redacted(self) -> "CardFields":
         """A copy with every secret out of every string (:func:`redact`); the recipe, command and
         hyperparameters are redacted where they are rendered."""
-        return replace(self, **{k: redact(v) for k, v in self.metadata().items()},
-                       eval_results=_redact_eval_results(self.eval_results),
-                       description=None if self.description is None
-                       else redact(str(self.description)))
+        return replace(
+            self,
+            **{k: redact(v) for k, v in self.metadata().items()},
+            eval_results=_redact_eval_results(self.eval_results),
+            description=None if self.description is None else redact(str(self.description)),
+        )
 
 
-_METADATA = ("model_name", "repo_id", "base_model", "datasets", "task", "dataset_name",
-             "dataset_type", "dataset_config", "dataset_split", "license", "language", "tags",
-             "pipeline_tag", "method")
+_METADATA = (
+    "model_name",
+    "repo_id",
+    "base_model",
+    "datasets",
+    "task",
+    "dataset_name",
+    "dataset_type",
+    "dataset_config",
+    "dataset_split",
+    "license",
+    "language",
+    "tags",
+    "pipeline_tag",
+    "method",
+)
 
 
 def _check_fields(card: CardFields) -> None:
     """Refuse a metadata field, a metric name or an ``EvalResult`` field holding a line break or
     control character (:func:`check_line`), before anything is read or written."""
     for field, value in card.metadata().items():
-        check_line(field, list(value) if field == "tags" and value is not None and not isinstance(value, str)
-                    else value)
+        check_line(
+            field,
+            list(value)
+            if field == "tags" and value is not None and not isinstance(value, str)
+            else value,
+        )
     eval_results = card.eval_results
     if isinstance(eval_results, Mapping):
         check_line("eval_results (metric names)", [str(k) for k in eval_results])
@@ -242,13 +276,16 @@ def _redact_eval_results(eval_results):
     if isinstance(eval_results, Mapping):
         return {redact(str(k)): v for k, v in eval_results.items()}
     if eval_results:
-        return [replace(r, **{k: redact(v) for k, v in vars(r).items() if isinstance(v, str)})
-                for r in eval_results]
+        return [
+            replace(r, **{k: redact(v) for k, v in vars(r).items() if isinstance(v, str)})
+            for r in eval_results
+        ]
     return eval_results
 
 
-def _clean(card: ModelCard, data: ModelCardData,
-           section: str) -> tuple[ModelCard, ModelCardData, str]:
+def _clean(
+    card: ModelCard, data: ModelCardData, section: str
+) -> tuple[ModelCard, ModelCardData, str]:
     """The last net: credentials found by shape (:func:`redact_credentials`) anywhere in the
     finished card, an updated card's hand-written text and metadata included, are hidden too."""
     content = redact_credentials(card.content)
@@ -260,7 +297,8 @@ def _clean(card: ModelCard, data: ModelCardData,
 
 @dataclass
 class _Resolved:
-    """What :func:`create_sparse_model_card` renders, its defaults filled in (see :func:`_resolve`)."""
+    """What :func:`create_sparse_model_card` renders, its defaults filled in (see
+    :func:`_resolve`)."""
 
     meta: dict | None  # the sparsity record, None for a dense model
     saved: bool  # whether ``meta`` is the record saved with the checkpoint
@@ -277,9 +315,10 @@ class _Resolved:
 
 
 def _resolve(sparsity, model, masks, save_directory, f: CardFields) -> _Resolved:
-    """The card's inputs with their defaults: the sparsity record (:func:`_sparsity_from`), the method and recipe
-    from it, the pipeline tag from the architecture, the model name from the repository or the folder, the task and
-    dataset of a metrics mapping from the pipeline tag and ``datasets``; and the YAML metadata built from them."""
+    """The card's inputs with their defaults: the sparsity record (:func:`_sparsity_from`), the
+    method and recipe from it, the pipeline tag from the architecture, the model name from the
+    repository or the folder, the task and dataset of a metrics mapping from the pipeline tag and
+    ``datasets``; and the YAML metadata built from them."""
     meta, saved = _sparsity_from(sparsity, model, masks, save_directory)
     method = f.method or (meta or {}).get("method")
     check_line("method", method)
@@ -288,37 +327,72 @@ def _resolve(sparsity, model, masks, save_directory, f: CardFields) -> _Resolved
     pipeline_tag = f.pipeline_tag or inferred_tag
     datasets = f.datasets
     datasets = [datasets] if isinstance(datasets, str) else (list(datasets) if datasets else None)
-    model_name = f.model_name or (f.repo_id or "").split("/")[-1] or (
-        one_line(os.path.basename(os.path.normpath(save_directory))) if save_directory else "model")
+    model_name = (
+        f.model_name
+        or (f.repo_id or "").split("/")[-1]
+        or (
+            one_line(os.path.basename(os.path.normpath(save_directory)))
+            if save_directory
+            else "model"
+        )
+    )
     first_dataset = datasets[0] if datasets else None
     results, eval_rows, left_out = _eval_results(
-        f.eval_results, f.task or pipeline_tag, f.dataset_name or first_dataset,
-        f.dataset_type or first_dataset, f.dataset_config, f.dataset_split)
+        f.eval_results,
+        f.task or pipeline_tag,
+        f.dataset_name or first_dataset,
+        f.dataset_type or first_dataset,
+        f.dataset_config,
+        f.dataset_split,
+    )
     is_mfac = bool(f.mfac) or method == "mfac"
     all_tags = _card_tags(meta, method, is_mfac, f.tags)
-    data = ModelCardData(library_name="transformers", tags=all_tags, base_model=f.base_model,
-                         datasets=datasets, license=f.license, language=f.language,
-                         pipeline_tag=pipeline_tag, eval_results=results,
-                         metrics=sorted({r.metric_type for r in results}) if results else None,
-                         model_name=model_name if results else None)
+    data = ModelCardData(
+        library_name="transformers",
+        tags=all_tags,
+        base_model=f.base_model,
+        datasets=datasets,
+        license=f.license,
+        language=f.language,
+        pipeline_tag=pipeline_tag,
+        eval_results=results,
+        metrics=sorted({r.metric_type for r in results}) if results else None,
+        model_name=model_name if results else None,
+    )
     plot_file = PLOT_NAME if (f.plot and meta and save_directory) else None
-    return _Resolved(meta, saved, method, recipe, auto_class, model_name, results, eval_rows,
-                     left_out, is_mfac, plot_file, data)
+    return _Resolved(
+        meta,
+        saved,
+        method,
+        recipe,
+        auto_class,
+        model_name,
+        results,
+        eval_rows,
+        left_out,
+        is_mfac,
+        plot_file,
+        data,
+    )
 
 
 def _card_tags(meta, method, is_mfac: bool, tags) -> list[str]:
-    """``hf_mfac`` + ``sparse``, ``pruned`` and the method when sparse + ``m-fac`` + the user's ``tags``."""
+    """``hf_mfac`` + ``sparse``, ``pruned`` and the method when sparse + ``m-fac`` + the user's
+    ``tags``."""
     all_tags = ["hf_mfac"] + (["sparse", "pruned"] + ([method] if method else []) if meta else [])
     all_tags += ["m-fac"] if is_mfac else []
-    all_tags += [t for t in ([tags] if isinstance(tags, str) else (tags or [])) if t not in all_tags]
+    all_tags += [
+        t for t in ([tags] if isinstance(tags, str) else (tags or [])) if t not in all_tags
+    ]
     return all_tags
 
 
-def _new_or_updated_card(save_directory, r: _Resolved, section: str, *, base_model,
-                         description) -> tuple[ModelCard, ModelCardData]:
-    """(card, its metadata): the existing ``README.md`` of ``save_directory`` with its metadata merged and
-    hf_mfac's section replaced, else a new card from the ``model_card.md`` template (``description`` defaulting to
-    one sentence on the sparsity, the base model and M-FAC)."""
+def _new_or_updated_card(
+    save_directory, r: _Resolved, section: str, *, base_model, description
+) -> tuple[ModelCard, ModelCardData]:
+    """(card, its metadata): the existing ``README.md`` of ``save_directory`` with its metadata
+    merged and hf_mfac's section replaced, else a new card from the ``model_card.md`` template
+    (``description`` defaulting to one sentence on the sparsity, the base model and M-FAC)."""
     readme = os.path.join(save_directory, "README.md") if save_directory else None
     if readme and os.path.isfile(readme):
         old = ModelCard.load(readme)  # a broken YAML header raises here
@@ -328,27 +402,42 @@ def _new_or_updated_card(save_directory, r: _Resolved, section: str, *, base_mod
         pct = format_percent(r.meta["sparsity"]) if r.meta else ""
         article = "An" if pct[:1] == "8" or pct[:3] in ("11.", "18.") else "A"  # "An 80.00%"
         what = f"{article} {pct} sparse" if r.meta else "A"
-        base = (f" version of [{card_text(base_model)}](https://huggingface.co/{quote(base_model, safe='/')})"
-                if isinstance(base_model, str) else " model")
+        base = (
+            " version of "
+            f"[{card_text(base_model)}](https://huggingface.co/{quote(base_model, safe='/')})"
+            if isinstance(base_model, str)
+            else " model"
+        )
         how = " trained with the M-FAC optimizer" if r.is_mfac else ""
         description = f"{what}{base}{how}, produced with hf_mfac."
-    card = ModelCard.from_template(r.data, template_str=read_template("model_card.md"), model_name=card_text(r.model_name),
-                                   description=unmark(redact(str(description))), hf_mfac_section=section)
+    card = ModelCard.from_template(
+        r.data,
+        template_str=read_template("model_card.md"),
+        model_name=card_text(r.model_name),
+        description=unmark(redact(str(description))),
+        hf_mfac_section=section,
+    )
     return card, r.data
 
 
 def _write_card(save_directory, card: ModelCard, r: _Resolved) -> None:
-    """``README.md`` and, when wanted, the per-layer plot, through one staged save (a failure changes nothing)."""
+    """``README.md`` and, when wanted, the per-layer plot, through one staged save (a failure
+    changes nothing)."""
     with staged_save(save_directory) as stage:
         if r.plot_file:
             plot_sparsity(r.meta["per_layer"], os.path.join(stage, r.plot_file))
         card.save(os.path.join(stage, "README.md"))
 
 
-def create_sparse_model_card(save_directory: str | os.PathLike | None = None,
-                             card: CardFields | None = None, *, model=None,
-                             sparsity: Mapping | None = None, masks: Mapping | None = None,
-                             **fields) -> ModelCard:
+def create_sparse_model_card(
+    save_directory: str | os.PathLike | None = None,
+    card: CardFields | None = None,
+    *,
+    model=None,
+    sparsity: Mapping | None = None,
+    masks: Mapping | None = None,
+    **fields,
+) -> ModelCard:
     """Build (and, with ``save_directory``, write) the model card of a sparse and/or M-FAC-trained
     model.
 
@@ -378,12 +467,23 @@ def create_sparse_model_card(save_directory: str | os.PathLike | None = None,
     f = f.redacted()
     r = _resolve(sparsity, model, masks, save_directory, f)
     section = render_section(
-        r.meta, saved=r.saved, method=r.method, auto_class=r.auto_class,
-        repo_id=f.repo_id or r.model_name, plot_file=r.plot_file, recipe=r.recipe,
-        command=f.command, mfac=f.mfac, training=f.training, eval_rows=r.eval_rows,
-        in_model_index=r.results is not None, left_out=r.left_out)
-    readme, data = _new_or_updated_card(save_directory, r, section, base_model=f.base_model,
-                                        description=f.description)
+        r.meta,
+        saved=r.saved,
+        method=r.method,
+        auto_class=r.auto_class,
+        repo_id=f.repo_id or r.model_name,
+        plot_file=r.plot_file,
+        recipe=r.recipe,
+        command=f.command,
+        mfac=f.mfac,
+        training=f.training,
+        eval_rows=r.eval_rows,
+        in_model_index=r.results is not None,
+        left_out=r.left_out,
+    )
+    readme, data = _new_or_updated_card(
+        save_directory, r, section, base_model=f.base_model, description=f.description
+    )
     readme, data, section = _clean(readme, data, section)
     verify_card(readme, data, section)
     if save_directory:
@@ -391,31 +491,36 @@ def create_sparse_model_card(save_directory: str | os.PathLike | None = None,
     return readme
 
 
-# -- Trainer ---------------------------------------------------------------------------------------------
+# -- Trainer
+# ---------------------------------------------------------------------------------------------
 
-def write_trainer_model_card(trainer, output_dir: str | os.PathLike | None = None, **info) -> ModelCard:
-    """Write hf_mfac's card (and, for a sparse model, its sparsity record) for ``trainer`` into ``output_dir``.
+
+def write_trainer_model_card(
+    trainer, output_dir: str | os.PathLike | None = None, **info
+) -> ModelCard:
+    """Write hf_mfac's card (and, for a sparse model, its sparsity record) for ``trainer`` into
+    ``output_dir``.
 
     For ``MFACTrainer.create_model_card``: ``Trainer.push_to_hub`` calls ``save_model`` and then
-    ``create_model_card(**kwargs)`` before uploading ``output_dir``, so this card (not the generic one) is
-    what reaches the Hub. ``info`` takes ``Trainer.create_model_card``'s arguments (``language``,
-    ``license``, ``tags``, ``model_name``, ``finetuned_from`` -> base model, ``tasks`` -> task,
-    ``dataset_tags`` -> datasets, ``dataset`` -> dataset name, ``dataset_args`` -> dataset config) and any
-    :func:`create_sparse_model_card` or :func:`~hf_mfac.integrations.save_sparse_pretrained` argument
-    (``masks``, ``method``, ``targets``, ``pattern``, ``recipe``, ``command``...).
+    ``create_model_card(**kwargs)`` before uploading ``output_dir``, so this card (not the generic
+    one) is what reaches the Hub. ``info`` takes ``Trainer.create_model_card``'s arguments
+    (``language``, ``license``, ``tags``, ``model_name``, ``finetuned_from`` -> base model,
+    ``tasks`` -> task, ``dataset_tags`` -> datasets, ``dataset`` -> dataset name, ``dataset_args``
+    -> dataset config) and any :func:`create_sparse_model_card` or
+    :func:`~hf_mfac.integrations.save_sparse_pretrained` argument (``masks``, ``method``,
+    ``targets``, ``pattern``, ``recipe``, ``command``...).
 
-    Gathered from the trainer: masks (``info["masks"]``, else the first callback with a non-empty ``masks``
-    mapping — keyed by parameter name or by parameter — such as ``PruningCallback``, with its method,
-    pattern and schedule as the recipe, else exact zeros in ``nn.Linear`` weights); M-FAC hyperparameters
-    (``args.mfac_kwargs()`` when ``args.optim == "mfac"``, else the ``hf_mfac.MFAC`` optimizer's settings);
-    training hyperparameters;
-    the last ``eval_*`` metrics of ``state.log_history``; the base model from ``config._name_or_path`` when
-    it is not a local folder; the command line, with secrets redacted
-    (:func:`~hf_mfac.integrations.checkpoint.redaction.redact_argv`).
-    When the model is sparse, ``output_dir`` is rewritten with
-    :func:`~hf_mfac.integrations.save_sparse_pretrained` (same weights, plus the sparsity record in
-    ``config.json`` and the masks file). The checkpoint and the card are written in one staged save: an
-    exception leaves ``output_dir`` as it was.
+    Gathered from the trainer: masks (``info["masks"]``, else the first callback with a non-empty
+    ``masks`` mapping — keyed by parameter name or by parameter — such as ``PruningCallback``, with
+    its method, pattern and schedule as the recipe, else exact zeros in ``nn.Linear`` weights);
+    M-FAC hyperparameters (``args.mfac_kwargs()`` when ``args.optim == "mfac"``, else the
+    ``hf_mfac.MFAC`` optimizer's settings); training hyperparameters; the last ``eval_*`` metrics of
+    ``state.log_history``; the base model from ``config._name_or_path`` when it is not a local
+    folder; the command line, with secrets redacted
+    (:func:`~hf_mfac.integrations.checkpoint.redaction.redact_argv`). When the model is sparse,
+    ``output_dir`` is rewritten with :func:`~hf_mfac.integrations.save_sparse_pretrained` (same
+    weights, plus the sparsity record in ``config.json`` and the masks file). The checkpoint and the
+    card are written in one staged save: an exception leaves ``output_dir`` as it was.
     """
     output_dir = output_dir or trainer.args.output_dir
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -423,49 +528,82 @@ def write_trainer_model_card(trainer, output_dir: str | os.PathLike | None = Non
     resolved = resolve_masks(model, masks, save_args.get("targets"))
     sparse = any(not bool(k.all()) for k in resolved.values())
     kwargs = trainer_card_kwargs(trainer, model, output_dir, info, method=method, recipe=recipe)
-    # One staged save for the checkpoint and the card: either both replace what output_dir held, or neither.
+    # One staged save for the checkpoint and the card: either both replace what output_dir held, or
+    # neither.
     with staged_save(output_dir, stale=is_checkpoint_file if sparse else None) as stage:
         sparsity = None
         if sparse:
-            sparsity = save_sparse_pretrained(model, stage, resolved, method=method, recipe=recipe, _log=False,
-                                              **save_args)
+            sparsity = save_sparse_pretrained(
+                model, stage, resolved, method=method, recipe=recipe, _log=False, **save_args
+            )
         readme = os.path.join(output_dir, "README.md")
         if os.path.isfile(readme):
             shutil.copy2(readme, os.path.join(stage, "README.md"))
         card = create_sparse_model_card(stage, sparsity=sparsity, **kwargs)
-    if sparsity is not None:  # the folder the files are in now, not the staging folder they were written to
+    # the folder the files are in now, not the staging folder they were written to
+    if sparsity is not None:
         log_saved(output_dir, sparsity)
     return card
 
 
-# -- Hub -------------------------------------------------------------------------------------------------
+# -- Hub
+# -------------------------------------------------------------------------------------------------
 
-def push_sparse_to_hub(model, repo_id: str, masks: Mapping | None = None, *, processing_class=None,
-                       private: bool | None = None, token: str | bool | None = None, endpoint: str | None = None,
-                       revision: str | None = None, commit_message: str = "Upload sparse model with hf_mfac",
-                       method: str | None = None, targets=None, pattern: str | None = None, recipe=None,
-                       save_masks: bool = True, **card_kwargs):
-    """Save ``model`` sparse, write its card, and upload both to ``repo_id``; returns the ``CommitInfo``.
 
-    In a temporary folder: :func:`~hf_mfac.integrations.save_sparse_pretrained` (same checks and errors,
-    raised before contacting the Hub), ``processing_class.save_pretrained`` when given (tokenizer or
-    image processor), and :func:`create_sparse_model_card` with ``card_kwargs`` — starting from the
-    repository's current ``README.md`` when it has one, so a card written by hand is updated, not replaced.
-    Then ``HfApi(endpoint, token).create_repo(repo_id, private=private, exist_ok=True)`` and
-    ``upload_folder`` as one commit.
+def push_sparse_to_hub(
+    model,
+    repo_id: str,
+    masks: Mapping | None = None,
+    *,
+    processing_class=None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload sparse model with hf_mfac",
+    method: str | None = None,
+    targets=None,
+    pattern: str | None = None,
+    recipe=None,
+    save_masks: bool = True,
+    **card_kwargs,
+):
+    """Save ``model`` sparse, write its card, and upload both to ``repo_id``; returns the
+    ``CommitInfo``.
+
+    In a temporary folder: :func:`~hf_mfac.integrations.save_sparse_pretrained` (same checks and
+    errors, raised before contacting the Hub), ``processing_class.save_pretrained`` when given
+    (tokenizer or image processor), and :func:`create_sparse_model_card` with ``card_kwargs`` —
+    starting from the repository's current ``README.md`` when it has one, so a card written by hand
+    is updated, not replaced. Then ``HfApi(endpoint, token).create_repo(repo_id, private=private,
+    exist_ok=True)`` and ``upload_folder`` as one commit.
     """
     api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory() as tmp:
-        meta = save_sparse_pretrained(model, tmp, masks, method=method, targets=targets, pattern=pattern,
-                                      recipe=recipe, save_masks=save_masks, _log=False)
+        meta = save_sparse_pretrained(
+            model,
+            tmp,
+            masks,
+            method=method,
+            targets=targets,
+            pattern=pattern,
+            recipe=recipe,
+            save_masks=save_masks,
+            _log=False,
+        )
         if processing_class is not None:
             processing_class.save_pretrained(tmp)
         repo = api.create_repo(repo_id, private=private, exist_ok=True)
         if api.file_exists(repo.repo_id, "README.md", revision=revision):
-            with open(api.hf_hub_download(repo.repo_id, "README.md", revision=revision), encoding="utf-8") as f:
+            with open(
+                api.hf_hub_download(repo.repo_id, "README.md", revision=revision), encoding="utf-8"
+            ) as f:
                 existing = f.read()
             with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
                 f.write(existing)
-        create_sparse_model_card(tmp, model=model, sparsity=meta, repo_id=repo.repo_id, **card_kwargs)
-        return api.upload_folder(repo_id=repo.repo_id, folder_path=tmp, commit_message=commit_message,
-                                 revision=revision)
+        create_sparse_model_card(
+            tmp, model=model, sparsity=meta, repo_id=repo.repo_id, **card_kwargs
+        )
+        return api.upload_folder(
+            repo_id=repo.repo_id, folder_path=tmp, commit_message=commit_message, revision=revision
+        )

@@ -3,9 +3,9 @@
 Holds the names every form shares (:data:`SPARSITY_KEY` in ``config.json``, :data:`MASKS_NAME`,
 :data:`COMPACT_WEIGHTS_NAME`, :data:`FORMAT_VERSION`); the patterns of the weights files
 ``transformers`` writes (single, sharded, index), which a save owns and replaces
-(:func:`is_checkpoint_file`) and the order a staged save moves them in (:func:`process_rank`); hf_mfac's
-version as recorded in the files (:func:`hf_mfac_version`); and the JSON and safetensors readers
-(:func:`read_json`, :func:`open_safetensors`) that turn a truncated or corrupted file into a
+(:func:`is_checkpoint_file`) and the order a staged save moves them in (:func:`process_rank`);
+hf_mfac's version as recorded in the files (:func:`hf_mfac_version`); and the JSON and safetensors
+readers (:func:`read_json`, :func:`open_safetensors`) that turn a truncated or corrupted file into a
 ``ValueError`` naming it; the checksums of tensor bytes written into our safetensors headers and
 their check (:func:`checksum_metadata`, :func:`verify_checksums`); and the dense weights' tensors
 read by name (:func:`read_dense_weights`)."""
@@ -37,8 +37,9 @@ WEIGHT_CHECKSUMS_KEY = "hf_mfac_weights_sha256"
 
 
 def hf_mfac_version() -> str:
-    """hf_mfac's version, also when ``hf_mfac`` itself resolved as a namespace package (a folder named
-    ``hf_mfac`` in the working directory shadowing the real one) and its ``__init__`` never ran."""
+    """hf_mfac's version, also when ``hf_mfac`` itself resolved as a namespace package (a folder
+    named ``hf_mfac`` in the working directory shadowing the real one) and its ``__init__`` never
+    ran."""
     try:
         from ... import __version__
 
@@ -59,24 +60,33 @@ def hf_mfac_version() -> str:
         return "unknown"
 
 
-# Weight files transformers writes or reads (any variant, sharded or not, with their index), and ours.
+# Weight files transformers writes or reads (any variant, sharded or not, with their index), and
+# ours.
 _STEM, _EXT = r"(?:model|pytorch_model|tf_model|flax_model)", r"(?:safetensors|bin|h5|msgpack)"
-_SINGLE_WEIGHTS = re.compile(rf"^{_STEM}(?:\.[^.]+)?\.{_EXT}$")  # model.safetensors, model.fp16.safetensors
-_SHARD = re.compile(rf"^{_STEM}(?:\.[^.]+)?-\d{{5}}-of-\d{{5}}\.{_EXT}$")  # model-00001-of-00002.safetensors
-_INDEX = re.compile(rf"^{_STEM}\.{_EXT}\.index(?:\.[^.]+)?\.json$")  # model.safetensors.index(.fp16).json
+# model.safetensors, model.fp16.safetensors
+_SINGLE_WEIGHTS = re.compile(rf"^{_STEM}(?:\.[^.]+)?\.{_EXT}$")
+# model-00001-of-00002.safetensors
+_SHARD = re.compile(rf"^{_STEM}(?:\.[^.]+)?-\d{{5}}-of-\d{{5}}\.{_EXT}$")
+# model.safetensors.index(.fp16).json
+_INDEX = re.compile(rf"^{_STEM}\.{_EXT}\.index(?:\.[^.]+)?\.json$")
 
 
 def is_checkpoint_file(name: str) -> bool:
-    """Files a save of either form owns: every weights file (dense, sharded, index, compact) and the masks.
-    A save removes those it did not write itself; anything else in the folder is left alone."""
-    return bool(name in (COMPACT_WEIGHTS_NAME, MASKS_NAME) or _SINGLE_WEIGHTS.match(name) or _SHARD.match(name)
-                or _INDEX.match(name))
+    """Files a save of either form owns: every weights file (dense, sharded, index, compact) and the
+    masks. A save removes those it did not write itself; anything else in the folder is left
+    alone."""
+    return bool(
+        name in (COMPACT_WEIGHTS_NAME, MASKS_NAME)
+        or _SINGLE_WEIGHTS.match(name)
+        or _SHARD.match(name)
+        or _INDEX.match(name)
+    )
 
 
 def process_rank(name: str) -> int:
-    """Commit order (ascending on install, descending on withdrawal): the files a loader opens to find the
-    weights (``model.safetensors``, an index, ``hf_mfac_compact.safetensors``) come last in and go first out;
-    shards just before them; README.md after everything else it may describe."""
+    """Commit order (ascending on install, descending on withdrawal): the files a loader opens to
+    find the weights (``model.safetensors``, an index, ``hf_mfac_compact.safetensors``) come last in
+    and go first out; shards just before them; README.md after everything else it may describe."""
     if _SHARD.match(name):
         return 2
     if name == COMPACT_WEIGHTS_NAME or _SINGLE_WEIGHTS.match(name) or _INDEX.match(name):
@@ -93,8 +103,8 @@ def read_json(path: str) -> Any:
 
 
 def open_safetensors(path: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, header metadata) of a safetensors file; a missing file raises ``FileNotFoundError`` and a
-    truncated or garbage one ``ValueError``, both naming it."""
+    """(tensors, header metadata) of a safetensors file; a missing file raises ``FileNotFoundError``
+    and a truncated or garbage one ``ValueError``, both naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
@@ -102,10 +112,13 @@ def open_safetensors(path: str, what: str) -> tuple[dict[str, torch.Tensor], dic
             header = dict(f.metadata() or {})
         return load_file(path), header
     except SafetensorError as e:
-        raise ValueError(f"{what} {path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+        raise ValueError(
+            f"{what} {path} is not a readable safetensors file (truncated or corrupted?): {e}"
+        ) from None
 
 
 # -- checksums -------------------------------------------------------------------------------
+
 
 def tensor_checksum(t: torch.Tensor) -> str:
     """``sha256:<hex>`` of the tensor's bytes in row-major order (its dtype's in-memory layout);
@@ -132,9 +145,15 @@ def _recorded(header: dict, path: str, key: str) -> dict | None:
     return sums
 
 
-def verify_checksums(tensors: dict[str, torch.Tensor], header: dict, path: str,
-                     key: str = CHECKSUMS_KEY, what: str = "tensor",
-                     header_path: str | None = None, why: str | None = None) -> None:
+def verify_checksums(
+    tensors: dict[str, torch.Tensor],
+    header: dict,
+    path: str,
+    key: str = CHECKSUMS_KEY,
+    what: str = "tensor",
+    header_path: str | None = None,
+    why: str | None = None,
+) -> None:
     """Check each tensor of the file ``path`` against the checksum that ``header[key]`` (the header
     of ``header_path``, by default ``path`` itself) records for it; ``ValueError`` naming the tensor
     and the file on a mismatch (a flipped or swapped bit, a changed value), and, when the header is
@@ -148,8 +167,10 @@ def verify_checksums(tensors: dict[str, torch.Tensor], header: dict, path: str,
         return
     if exact and set(sums) != set(tensors):
         odd = sorted(set(sums) ^ set(tensors))[:5]
-        raise ValueError(f"{path}: the tensors {odd} are in the file or in its checksums, not "
-                         "both: the file was changed after it was written")
+        raise ValueError(
+            f"{path}: the tensors {odd} are in the file or in its checksums, not "
+            "both: the file was changed after it was written"
+        )
     for name, t in tensors.items():
         if name in sums and tensor_checksum(t) != sums[name]:
             where = "" if header_path == path else f" recorded in {header_path}"
@@ -173,8 +194,13 @@ def read_dense_weights(folder: str, names) -> dict[str, tuple[torch.Tensor, str]
         try:
             with safe_open(path, framework="pt") as f:
                 keys = set(f.keys())
-                out.update({n: (f.get_tensor(n), path) for n, p in where.items()
-                            if p == path and n in keys})
+                out.update(
+                    {
+                        n: (f.get_tensor(n), path)
+                        for n, p in where.items()
+                        if p == path and n in keys
+                    }
+                )
         except SafetensorError as e:
             why = f"weights file {path} is not a readable safetensors file: {e}"
             raise ValueError(why) from None

@@ -1,11 +1,13 @@
-"""Masks and the sparsity record that every checkpoint form writes into ``config.json["hf_mfac_sparsity"]``.
+"""Masks and the sparsity record that every checkpoint form writes into
+``config.json["hf_mfac_sparsity"]``.
 
-Owns the checking of masks against a model (:func:`resolve_masks`: names, shapes, bool or 0/1 values, no nonzero
-weight where pruned; or masks derived from exact zeros), the ``N:M`` pattern test (:func:`is_nm_sparse`), building
-the record (:func:`sparsity_metadata`: counts, per-layer table, redacted recipe), reading it back from a model, a
-config or a folder with its shape checked (:func:`read_sparsity_metadata`), and saving a config with the record set
-for the duration of the save only (:func:`save_config_with`). Masks follow :mod:`hf_mfac.core.masks`:
-``{parameter name: bool tensor}``, ``True`` = kept.
+Owns the checking of masks against a model (:func:`resolve_masks`: names, shapes, bool or 0/1
+values, no nonzero weight where pruned; or masks derived from exact zeros), the ``N:M`` pattern test
+(:func:`is_nm_sparse`), building the record (:func:`sparsity_metadata`: counts, per-layer table,
+redacted recipe), reading it back from a model, a config or a folder with its shape checked
+(:func:`read_sparsity_metadata`), and saving a config with the record set for the duration of the
+save only (:func:`save_config_with`). Masks follow :mod:`hf_mfac.core.masks`: ``{parameter name:
+bool tensor}``, ``True`` = kept.
 """
 from __future__ import annotations
 
@@ -27,7 +29,11 @@ _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
 def _linear_weight_names(model: nn.Module) -> list[str]:
-    return [f"{name}.weight" if name else "weight" for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    return [
+        f"{name}.weight" if name else "weight"
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear)
+    ]
 
 
 def matching_names(names: Iterable[str], targets: Iterable[str]) -> list[str]:
@@ -44,7 +50,9 @@ def matching_names(names: Iterable[str], targets: Iterable[str]) -> list[str]:
 def _as_bool_mask(name: str, mask, param: torch.Tensor) -> torch.Tensor:
     mask = torch.as_tensor(mask).detach().cpu()
     if mask.shape != param.shape:
-        raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(param.shape)}")
+        raise ValueError(
+            f"mask for {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(param.shape)}"
+        )
     if mask.dtype != torch.bool:
         if bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError(f"mask for {name!r} must be bool or 0/1 values (True/1 = kept)")
@@ -52,20 +60,26 @@ def _as_bool_mask(name: str, mask, param: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def resolve_masks(model: nn.Module, masks: Mapping[str, Any] | None = None,
-                  targets: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+def resolve_masks(
+    model: nn.Module, masks: Mapping[str, Any] | None = None, targets: Iterable[str] | None = None
+) -> dict[str, torch.Tensor]:
     """Validated masks ``{name: bool CPU tensor}`` (True = kept) for ``model``.
 
-    With ``masks``: each name must be a parameter of ``model``, each mask its shape, and no weight may be
-    nonzero where its mask says pruned (``ValueError`` listing the offenders). Without: masks are derived
-    from exact zeros (``weight != 0``) of the weight matrices (parameters with 2 or more dimensions; biases
-    and norms, often initialised to 0, never count) whose names match ``targets`` (names or regular
-    expressions), or, when ``targets`` is None, of every ``nn.Linear`` weight holding at least one zero.
+    With ``masks``: each name must be a parameter of ``model``, each mask its shape, and no weight
+    may be nonzero where its mask says pruned (``ValueError`` listing the offenders). Without: masks
+    are derived from exact zeros (``weight != 0``) of the weight matrices (parameters with 2 or more
+    dimensions; biases and norms, often initialised to 0, never count) whose names match ``targets``
+    (names or regular expressions), or, when ``targets`` is None, of every ``nn.Linear`` weight
+    holding at least one zero.
     """
     params = dict(model.named_parameters())
     if masks is None:
         if targets is None:
-            names = [n for n in _linear_weight_names(model) if n in params and bool((params[n] == 0).any())]
+            names = [
+                n
+                for n in _linear_weight_names(model)
+                if n in params and bool((params[n] == 0).any())
+            ]
         else:
             matrices = [n for n, p in params.items() if p.dim() >= 2]
             names = matching_names(matrices, [targets] if isinstance(targets, str) else targets)
@@ -73,21 +87,26 @@ def resolve_masks(model: nn.Module, masks: Mapping[str, Any] | None = None,
     out, bad = {}, []
     for name, mask in masks.items():
         if name not in params:
-            raise KeyError(f"mask given for {name!r}, which is not a parameter of the model "
-                           "(masks are keyed by model.named_parameters() names)")
+            raise KeyError(
+                f"mask given for {name!r}, which is not a parameter of the model "
+                "(masks are keyed by model.named_parameters() names)"
+            )
         out[name] = mask = _as_bool_mask(name, mask, params[name])
         wrong = int(((params[name].detach().cpu() != 0) & ~mask).sum())
         if wrong:
             bad.append(f"{name}: {wrong} nonzero weights where the mask says pruned")
     if bad:
-        raise ValueError("masks disagree with the weights (apply the masks first, e.g. weight.mul_(mask)):\n  "
-                         + "\n  ".join(bad))
+        raise ValueError(
+            "masks disagree with the weights (apply the masks first, e.g. "
+            "weight.mul_(mask)):\n  " + "\n  ".join(bad)
+        )
     return out
 
 
 def is_nm_sparse(mask_or_weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
     """True when every group of ``m`` consecutive entries along the last dimension has at most ``n``
-    nonzeros (for a bool mask: at most ``n`` kept). False when the last dimension does not divide by ``m``."""
+    nonzeros (for a bool mask: at most ``n`` kept). False when the last dimension does not divide by
+    ``m``."""
     t = mask_or_weight
     if t.dim() == 0 or t.shape[-1] % m:
         return False
@@ -95,7 +114,9 @@ def is_nm_sparse(mask_or_weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
 
 
 def _exactly_2_4(mask: torch.Tensor) -> bool:
-    return mask.dim() > 0 and mask.shape[-1] % 4 == 0 and bool((mask.reshape(-1, 4).sum(1) == 2).all())
+    return (
+        mask.dim() > 0 and mask.shape[-1] % 4 == 0 and bool((mask.reshape(-1, 4).sum(1) == 2).all())
+    )
 
 
 def _check_pattern(pattern: str | None, masks: Mapping[str, torch.Tensor]) -> str:
@@ -106,8 +127,11 @@ def _check_pattern(pattern: str | None, masks: Mapping[str, torch.Tensor]) -> st
         n, m = map(int, nm.groups())
         off = [k for k, v in masks.items() if not is_nm_sparse(v, n, m)]
         if off:
-            raise ValueError(f"pattern {pattern!r} does not hold for {off[:5]}{' ...' if len(off) > 5 else ''}: "
-                             f"some group of {m} along the last dimension keeps more than {n}")
+            raise ValueError(
+                f"pattern {pattern!r} does not hold for "
+                f"{off[:5]}{' ...' if len(off) > 5 else ''}: "
+                f"some group of {m} along the last dimension keeps more than {n}"
+            )
         return f"{n}:{m}"
     return pattern
 
@@ -120,31 +144,47 @@ def _jsonable(name: str, value):
     return value
 
 
-def sparsity_metadata(model: nn.Module, masks: Mapping[str, torch.Tensor], *, method: str | None = None,
-                      targets: Iterable[str] | None = None, pattern: str | None = None, recipe=None,
-                      extra: Mapping[str, Any] | None = None, form: str = "dense") -> dict:
-    """The ``config.json["hf_mfac_sparsity"]`` record for validated ``masks`` (see :func:`resolve_masks`).
+def sparsity_metadata(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    *,
+    method: str | None = None,
+    targets: Iterable[str] | None = None,
+    pattern: str | None = None,
+    recipe=None,
+    extra: Mapping[str, Any] | None = None,
+    form: str = "dense",
+) -> dict:
+    """The ``config.json["hf_mfac_sparsity"]`` record for validated ``masks`` (see
+    :func:`resolve_masks`).
 
-    Fields: ``format`` (``"dense"`` or ``"compact"``), ``format_version``, ``library``, ``library_version``,
-    ``method``, ``pattern`` (``"N:M"``, checked against the masks; when None, ``"2:4"`` if every mask keeps
-    exactly 2 of each 4 along its last dimension, else ``"unstructured"``), ``targets`` (as given, else the
-    masked names), ``recipe`` (secret-looking values redacted, :func:`redact`), ``sparsity`` (pruned / masked
-    weights), ``num_masked``, ``num_pruned``,
-    ``model_sparsity`` (pruned / all parameters), ``per_layer`` (``{name: {shape, num_pruned, sparsity}}``),
-    plus the ``extra`` keys (redacted the same way). :func:`save_sparse_pretrained` adds ``masks_file``,
-    :func:`save_compact_pretrained`
-    the size report under ``compact``.
-    Raises ``ValueError`` when nothing is pruned.
+    Fields: ``format`` (``"dense"`` or ``"compact"``), ``format_version``, ``library``,
+    ``library_version``, ``method``, ``pattern`` (``"N:M"``, checked against the masks; when None,
+    ``"2:4"`` if every mask keeps exactly 2 of each 4 along its last dimension, else
+    ``"unstructured"``), ``targets`` (as given, else the masked names), ``recipe`` (secret-looking
+    values redacted, :func:`redact`), ``sparsity`` (pruned / masked weights), ``num_masked``,
+    ``num_pruned``, ``model_sparsity`` (pruned / all parameters), ``per_layer`` (``{name: {shape,
+    num_pruned, sparsity}}``), plus the ``extra`` keys (redacted the same way).
+    :func:`save_sparse_pretrained` adds ``masks_file``, :func:`save_compact_pretrained` the size
+    report under ``compact``. Raises ``ValueError`` when nothing is pruned.
     """
     per_layer, pruned, masked = {}, 0, 0
     for name, mask in masks.items():
         k = int((~mask).sum())
-        per_layer[name] = {"shape": list(mask.shape), "num_pruned": k, "sparsity": k / max(mask.numel(), 1)}
+        per_layer[name] = {
+            "shape": list(mask.shape),
+            "num_pruned": k,
+            "sparsity": k / max(mask.numel(), 1),
+        }
         pruned, masked = pruned + k, masked + mask.numel()
     if pruned == 0:
-        raise ValueError("the model has no sparsity to save: no mask prunes anything and no targeted weight is "
-                         "exactly zero. Prune first (hf_mfac.pruning) or pass masks=... / targets=...; "
-                         "use model.save_pretrained for a dense model")
+        raise ValueError(
+            "the model has no sparsity to save: no mask prunes anything and no "
+            "targeted weight is "
+            "exactly zero. Prune first (hf_mfac.pruning) or pass masks=... / "
+            "targets=...; "
+            "use model.save_pretrained for a dense model"
+        )
     total = sum(p.numel() for p in model.parameters())
     targets = [targets] if isinstance(targets, str) else targets
     return {
@@ -182,8 +222,9 @@ def save_config_with(model: nn.Module, attrs: Mapping[str, Any], save) -> None:
 
 
 def _check_record(rec, where: str) -> dict:
-    """The ``hf_mfac_sparsity`` record, checked enough for the readers (a dict whose ``per_layer`` maps names
-    to a shape and a pruned count); ``ValueError`` naming ``where`` otherwise."""
+    """The ``hf_mfac_sparsity`` record, checked enough for the readers (a dict whose ``per_layer``
+    maps names to a shape and a pruned count); ``ValueError`` naming ``where`` otherwise."""
+
     def bad(why):
         return ValueError(f"{where}: the {SPARSITY_KEY!r} record is malformed ({why})")
 
@@ -195,17 +236,24 @@ def _check_record(rec, where: str) -> dict:
     if not isinstance(per_layer, dict):
         raise bad("per_layer is not a mapping")
     for name, r in per_layer.items():
-        ok = isinstance(r, dict) and isinstance(r.get("shape"), list) and all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in r["shape"]) and isinstance(
-            r.get("num_pruned"), int) and 0 <= r["num_pruned"] <= math.prod(r["shape"])
+        ok = (
+            isinstance(r, dict)
+            and isinstance(r.get("shape"), list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in r["shape"])
+            and isinstance(r.get("num_pruned"), int)
+            and 0 <= r["num_pruned"] <= math.prod(r["shape"])
+        )
         if not ok:
-            raise bad(f"per_layer[{name!r}] needs a shape (list of sizes) and 0 <= num_pruned <= its size")
+            raise bad(
+                f"per_layer[{name!r}] needs a shape (list of sizes) and 0 <= num_pruned <= its size"
+            )
     return rec
 
 
 def read_sparsity_metadata(source) -> dict | None:
-    """The ``hf_mfac_sparsity`` record from a model, a config, a folder or a ``config.json`` path (None if absent).
-    A file that is not valid JSON, or a malformed record, raises ``ValueError`` naming the file."""
+    """The ``hf_mfac_sparsity`` record from a model, a config, a folder or a ``config.json`` path
+    (None if absent). A file that is not valid JSON, or a malformed record, raises ``ValueError``
+    naming the file."""
     if isinstance(source, nn.Module):
         source = getattr(source, "config", None)
     if isinstance(source, (str, os.PathLike)):

@@ -38,8 +38,9 @@ _QUOTED_KV = re.compile(  # "name": "value" / 'name': value, as in JSON or a Pyt
 
 
 def secret_name(name: str) -> bool:
-    """True when ``name`` (a flag, a key, an environment variable) says it holds a secret: it contains token,
-    secret, key, pass, auth or credential, in any case, once ``-`` and ``_`` are removed."""
+    """True when ``name`` (a flag, a key, an environment variable) says it holds a secret: it
+    contains token, secret, key, pass, auth or credential, in any case, once ``-`` and ``_`` are
+    removed."""
     return bool(_SECRET_WORDS.search(re.sub(r"[-_]", "", str(name))))
 
 
@@ -61,8 +62,14 @@ def redact_text(text: str) -> str:
     ``NAME=VALUE`` pair and quoted ``"NAME": VALUE`` pair whose ``NAME`` is secret
     (:func:`secret_name`), e.g. inside ``k=v,k=v`` lists, query strings and JSON."""
     text = redact_credentials(text)
-    text = _KV.sub(lambda m: m.group("k") + m.group("sep") + REDACTED if secret_name(m.group("k")) and m.group("v")
-                   else m.group(0), text)
+    text = _KV.sub(
+        lambda m: (
+            m.group("k") + m.group("sep") + REDACTED
+            if secret_name(m.group("k")) and m.group("v")
+            else m.group(0)
+        ),
+        text,
+    )
 
     def quoted(m):
         if not secret_name(m.group("k")):
@@ -74,12 +81,19 @@ def redact_text(text: str) -> str:
 
 
 def redact(value):
-    """A copy of ``value`` (JSON-like: mappings, lists, strings, numbers) with secrets replaced by ``***``: the
-    value of every key that :func:`secret_name` flags (unless None or a bool), and inside every string what
-    :func:`redact_text` hides. A string that parses as a JSON object or list is redacted as such."""
+    """A copy of ``value`` (JSON-like: mappings, lists, strings, numbers) with secrets replaced by
+    ``***``: the value of every key that :func:`secret_name` flags (unless None or a bool), and
+    inside every string what :func:`redact_text` hides. A string that parses as a JSON object or
+    list is redacted as such."""
     if isinstance(value, Mapping):
-        return {k: (REDACTED if secret_name(k) and value[k] is not None and not isinstance(value[k], bool)
-                    else redact(value[k])) for k in value}
+        return {
+            k: (
+                REDACTED
+                if secret_name(k) and value[k] is not None and not isinstance(value[k], bool)
+                else redact(value[k])
+            )
+            for k in value
+        }
     if isinstance(value, (list, tuple)):
         return type(value)(redact(v) for v in value)
     if isinstance(value, str):
@@ -102,13 +116,14 @@ _ASSIGN = re.compile(r"^(-{0,2})([A-Za-z_][\w.-]*)=(.*)$", re.S)
 
 
 def redact_argv(argv: Iterable[str]) -> list[str]:
-    """``argv`` with every secret replaced by ``***``, by rule: the value of ``--NAME VALUE``, ``--NAME=VALUE``
-    and ``NAME=VALUE`` (e.g. ``HF_TOKEN=hf_...``) when ``NAME`` contains token, secret, key, pass, auth or
-    credential (any case, ``-``/``_`` ignored: ``--hub-token``, ``--api_key``, ``--passwd``, ``--auth``,
-    ``--credentials``); the userinfo of any URL; any ``hf_`` token wherever it stands; and, inside any other
-    value (``k=v,k=v`` lists, JSON such as ``--optim_args '{"api_key": ...}'``), the values of secret keys.
-    Names are matched by rule, so some harmless ones are hidden too (``--tokenizer_name``, ``--num_passes``).
-    A secret flag followed by another option (``--use_auth_token --do_train``) hides nothing."""
+    """``argv`` with every secret replaced by ``***``, by rule: the value of ``--NAME VALUE``,
+    ``--NAME=VALUE`` and ``NAME=VALUE`` (e.g. ``HF_TOKEN=hf_...``) when ``NAME`` contains token,
+    secret, key, pass, auth or credential (any case, ``-``/``_`` ignored: ``--hub-token``,
+    ``--api_key``, ``--passwd``, ``--auth``, ``--credentials``); the userinfo of any URL; any
+    ``hf_`` token wherever it stands; and, inside any other value (``k=v,k=v`` lists, JSON such as
+    ``--optim_args '{"api_key": ...}'``), the values of secret keys. Names are matched by rule, so
+    some harmless ones are hidden too (``--tokenizer_name``, ``--num_passes``). A secret flag
+    followed by another option (``--use_auth_token --do_train``) hides nothing."""
     out, hide = [], False
     for word in map(str, argv):
         if hide and not _OPTION.match(word):
@@ -153,6 +168,7 @@ def pickled_without_secrets(obj):
     :func:`without_secrets` of it instead; ``obj`` itself keeps every value (the Hub upload that
     follows still reads its token). Works through the instance's ``__reduce_ex__``, which pickle
     looks up on the object."""
+
     def reduce_ex(protocol):
         return without_secrets(obj).__reduce_ex__(protocol)
 
@@ -169,7 +185,8 @@ def redacted_command(argv: list[str]) -> str:
 
 
 def redact_command(command: str) -> str:
-    """A command line given as one string, redacted like :func:`redact_argv` (kept verbatim when nothing is secret)."""
+    """A command line given as one string, redacted like :func:`redact_argv` (kept verbatim when
+    nothing is secret)."""
     try:
         words = shlex.split(command)
     except ValueError:  # unbalanced quotes: fall back to whitespace

@@ -1,10 +1,10 @@
 """The portable sparse checkpoint: dense safetensors with exact zeros plus hf_mfac's metadata.
 
-:func:`save_sparse_pretrained` writes ``model.save_pretrained`` output (pruned weights exactly 0), the sparsity
-record under ``config.json["hf_mfac_sparsity"]`` and the masks in ``sparsity_masks.safetensors``;
-:func:`load_sparse_masks` reads the masks back. Stock ``AutoModel*.from_pretrained`` loads the folder with no
-extra code. The other forms and the shared file handling live beside this module in
-:mod:`hf_mfac.integrations.checkpoint`.
+:func:`save_sparse_pretrained` writes ``model.save_pretrained`` output (pruned weights exactly 0),
+the sparsity record under ``config.json["hf_mfac_sparsity"]`` and the masks in
+``sparsity_masks.safetensors``; :func:`load_sparse_masks` reads the masks back. Stock
+``AutoModel*.from_pretrained`` loads the folder with no extra code. The other forms and the shared
+file handling live beside this module in :mod:`hf_mfac.integrations.checkpoint`.
 """
 from __future__ import annotations
 
@@ -40,51 +40,60 @@ logger = logging.getLogger("hf_mfac")
 __all__ = ["save_sparse_pretrained", "load_sparse_masks", "log_saved"]
 
 
-# -- dense with exact zeros ----------------------------------------------------------------------------
+# -- dense with exact zeros
+# ----------------------------------------------------------------------------
 
-def save_sparse_pretrained(model: nn.Module, save_directory: str | os.PathLike, masks: Mapping[str, Any] | None = None,
+def save_sparse_pretrained(model: nn.Module, save_directory: str | os.PathLike,
+                           masks: Mapping[str, Any] | None = None,
                            *, method: str | None = None, targets: Iterable[str] | None = None,
                            pattern: str | None = None, recipe=None, save_masks: bool = True,
                            extra_metadata: Mapping[str, Any] | None = None, _log: bool = True,
                            **save_kwargs) -> dict:
     """Save a pruned ``transformers`` model so that stock ``AutoModel*.from_pretrained`` loads it.
 
-    Writes ``model.save_pretrained(save_directory, **save_kwargs)`` (dense safetensors; pruned weights are
-    exactly 0), with :func:`sparsity_metadata` under ``config.json["hf_mfac_sparsity"]``, and, with
-    ``save_masks``, ``sparsity_masks.safetensors`` (bool masks keyed by parameter name; read them back with
-    :func:`load_sparse_masks`). ``model.config`` is left as it was.
+    Writes ``model.save_pretrained(save_directory, **save_kwargs)`` (dense safetensors; pruned
+    weights are exactly 0), with :func:`sparsity_metadata` under
+    ``config.json["hf_mfac_sparsity"]``, and, with ``save_masks``, ``sparsity_masks.safetensors``
+    (bool masks keyed by parameter name; read them back with :func:`load_sparse_masks`).
+    ``model.config`` is left as it was.
 
-    The files are written into a staging folder and moved into place (:func:`staged_save`): an exception,
-    ``KeyboardInterrupt`` included, leaves ``save_directory`` as it was. A save replaces a previous one
-    completely: weights of any earlier save (another shard count, ``pytorch_model.bin``, the compact file)
-    and, with ``save_masks=False``, an earlier masks file are removed; other files (a README, a tokenizer)
-    are kept. ``save_kwargs`` with ``is_main_process=False`` writes nothing hf_mfac-specific (only what
-    ``save_pretrained`` itself writes on such a process).
+    The files are written into a staging folder and moved into place (:func:`staged_save`): an
+    exception, ``KeyboardInterrupt`` included, leaves ``save_directory`` as it was. A save replaces
+    a previous one completely: weights of any earlier save (another shard count,
+    ``pytorch_model.bin``, the compact file) and, with ``save_masks=False``, an earlier masks file
+    are removed; other files (a README, a tokenizer) are kept. ``save_kwargs`` with
+    ``is_main_process=False`` writes nothing hf_mfac-specific (only what ``save_pretrained`` itself
+    writes on such a process).
 
     Args:
-        masks: ``{parameter name: bool tensor}``, True = kept; None derives them from exact zeros (see
+        masks: ``{parameter name: bool tensor}``, True = kept; None derives them from exact zeros
+    (see
             :func:`resolve_masks`, which also says how ``targets`` selects parameters then).
         method, pattern, recipe, targets, extra_metadata: recorded in the metadata (``recipe`` and
-            ``extra_metadata`` must be JSON-serialisable, and their secret-looking values are redacted, see
-            :func:`redact`); an ``"N:M"`` pattern is checked against the masks.
+            ``extra_metadata`` must be JSON-serialisable, and their secret-looking values are
+            redacted, see :func:`redact`); an ``"N:M"`` pattern is checked against the masks.
 
-    Raises, before writing anything: ``ValueError`` when nothing is pruned, when a mask disagrees with its
-    weight (nonzero where pruned) or with ``pattern``; ``KeyError`` for a mask of an unknown parameter;
-    ``TypeError`` for ``push_to_hub`` (use :func:`~hf_mfac.integrations.push_sparse_to_hub`).
-    Returns the metadata written.
+    Raises, before writing anything: ``ValueError`` when nothing is pruned, when a mask disagrees
+    with its weight (nonzero where pruned) or with ``pattern``; ``KeyError`` for a mask of an
+    unknown parameter; ``TypeError`` for ``push_to_hub`` (use
+    :func:`~hf_mfac.integrations.push_sparse_to_hub`). Returns the metadata written.
     """
     if save_kwargs.get("push_to_hub"):
-        raise TypeError("save_sparse_pretrained(push_to_hub=True) is not supported: the folder is written through a "
+        raise TypeError("save_sparse_pretrained(push_to_hub=True) is not supported: the folder is "
+                        "written through a "
                         "staging folder; use hf_mfac.integrations.push_sparse_to_hub")
     masks = resolve_masks(model, masks, targets)
-    meta = sparsity_metadata(model, masks, method=method, targets=targets, pattern=pattern, recipe=recipe,
+    meta = sparsity_metadata(model, masks, method=method, targets=targets, pattern=pattern,
+                             recipe=recipe,
                              extra=extra_metadata, form="dense")
     meta["masks_file"] = MASKS_NAME if save_masks else None
     if not save_kwargs.get("is_main_process", True):
-        save_config_with(model, {SPARSITY_KEY: meta}, lambda: model.save_pretrained(save_directory, **save_kwargs))
+        save_config_with(model, {SPARSITY_KEY: meta},
+                         lambda: model.save_pretrained(save_directory, **save_kwargs))
         return meta
     with staged_save(save_directory, stale=is_checkpoint_file) as stage:
-        save_config_with(model, {SPARSITY_KEY: meta}, lambda: model.save_pretrained(stage, **save_kwargs))
+        save_config_with(model, {SPARSITY_KEY: meta},
+                         lambda: model.save_pretrained(stage, **save_kwargs))
         if save_masks:
             _save_masks(masks, stage)
     if _log:  # callers that save into a staging or temporary folder log the final folder themselves
@@ -105,13 +114,15 @@ def _save_masks(masks: Mapping[str, torch.Tensor], stage: str) -> None:
 
 
 def log_saved(save_directory, meta: Mapping[str, Any]) -> None:
-    """The ``saved <folder>: <sparsity> over <n> tensors (<pattern>)`` line at INFO, for the metadata ``meta``
-    that :func:`save_sparse_pretrained` wrote there."""
-    logger.info("saved %s: %.2f%% sparsity over %d tensors (%s)", save_directory, 100 * meta["sparsity"],
+    """The ``saved <folder>: <sparsity> over <n> tensors (<pattern>)`` line at INFO, for the
+    metadata ``meta`` that :func:`save_sparse_pretrained` wrote there."""
+    logger.info("saved %s: %.2f%% sparsity over %d tensors (%s)", save_directory,
+                100 * meta["sparsity"],
                 len(meta["per_layer"]), meta["pattern"])
 
 
-def load_sparse_masks(save_directory: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_sparse_masks(save_directory: str | os.PathLike,
+                      device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The masks written by :func:`save_sparse_pretrained` (``{name: bool tensor}``, True = kept).
 
     Checked against the folder's sparsity record when ``config.json`` holds one (the same names,

@@ -1,9 +1,11 @@
-"""Staged saves: every checkpoint and model card is written into a staging folder on the same filesystem and then
-moved into place, so that an exception (``KeyboardInterrupt`` included) leaves the target folder as it was.
+"""Staged saves: every checkpoint and model card is written into a staging folder on the same
+filesystem and then moved into place, so that an exception (``KeyboardInterrupt`` included) leaves
+the target folder as it was.
 
-Owns :func:`staged_save` (the context manager the savers write through), the move into an existing folder and its
-rollback (:func:`_commit`, :class:`_RollbackFailed`), and the ``fsync`` calls that make the moved files durable.
-Which files a save owns, and in which order they move, comes from :mod:`.files`.
+Owns :func:`staged_save` (the context manager the savers write through), the move into an existing
+folder and its rollback (:func:`_commit`, :class:`_RollbackFailed`), and the ``fsync`` calls that
+make the moved files durable. Which files a save owns, and in which order they move, comes from
+:mod:`.files`.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ def _fsync_tree(root: str) -> None:
 
 
 class _RollbackFailed(RuntimeError):
-    """Moving the previous files back failed too; they are kept in the staging folder named in the message."""
+    """Moving the previous files back failed too; they are kept in the staging folder named in the
+    message."""
 
 
 def _note(exc: BaseException, text: str) -> None:
@@ -73,7 +76,8 @@ def staged_save(save_directory: str | os.PathLike, stale=None):
     if os.path.exists(target) and not os.path.isdir(target):
         raise NotADirectoryError(f"{target} exists and is not a folder")
     fresh = not os.path.isdir(target)
-    made, stage, keep_stage = [], None, False  # made: parent folders this call creates, removed on failure
+    # made: parent folders this call creates, removed on failure
+    made, stage, keep_stage = [], None, False
     try:
         if fresh:
             parent = os.path.dirname(target)
@@ -82,7 +86,8 @@ def staged_save(save_directory: str | os.PathLike, stale=None):
                 made.append(missing)
                 missing = os.path.dirname(missing)
             os.makedirs(parent, exist_ok=True)
-            stage = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}{_STAGE_PREFIX}", dir=parent)
+            stage = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}{_STAGE_PREFIX}",
+                                     dir=parent)
         else:
             stage = tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=target)
         yield stage
@@ -111,7 +116,8 @@ def staged_save(save_directory: str | os.PathLike, stale=None):
 
 
 def _commit(stage: str, target: str, stale) -> None:
-    """Move the entries of ``stage`` into ``target`` (see :func:`staged_save`); on failure move them back."""
+    """Move the entries of ``stage`` into ``target`` (see :func:`staged_save`); on failure move them
+    back."""
     new = sorted(os.listdir(stage), key=lambda n: (process_rank(n), n))
     backup = os.path.join(stage, _PREVIOUS)
     os.mkdir(backup)
@@ -125,16 +131,22 @@ def _commit(stage: str, target: str, stale) -> None:
         for n in new:
             os.replace(os.path.join(stage, n), os.path.join(target, n))
     except BaseException as e:
-        # Decide from the filesystem, not from counters: an interrupt may land after a rename returned.
+        # Decide from the filesystem, not from counters: an interrupt may land after a rename
+        # returned.
         try:
             for n in reversed(new):
-                if not os.path.lexists(os.path.join(stage, n)) and os.path.lexists(os.path.join(target, n)):
+                if not os.path.lexists(os.path.join(stage, n)) and os.path.lexists(
+                    os.path.join(target, n)
+                ):
                     os.replace(os.path.join(target, n), os.path.join(stage, n))
             for n in reversed(old):
                 if os.path.lexists(os.path.join(backup, n)):
                     os.replace(os.path.join(backup, n), os.path.join(target, n))
         except BaseException as undo:
-            raise _RollbackFailed(f"saving into {target} failed ({e!r}) and so did restoring the previous files "
-                               f"({undo!r}); they are in {backup}") from e
+            raise _RollbackFailed(
+                f"saving into {target} failed ({e!r}) and so did restoring the "
+                "previous files "
+                f"({undo!r}); they are in {backup}"
+            ) from e
         raise
     _fsync(target, directory=True)

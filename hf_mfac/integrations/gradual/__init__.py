@@ -5,4 +5,5 @@ from .arguments import PruningArguments
 from .callback import CHECKPOINT_MASKS_NAME, CHECKPOINT_STATE_NAME, PruningCallback
 from .distillation import DistillationMixin, DistillationTrainer, distillation_loss
 
-__all__ = ["CHECKPOINT_MASKS_NAME", "CHECKPOINT_STATE_NAME", "DistillationMixin", "DistillationTrainer", "PruningArguments", "PruningCallback", "distillation_loss"]
+__all__ = ["CHECKPOINT_MASKS_NAME", "CHECKPOINT_STATE_NAME", "DistillationMixin",
+           "DistillationTrainer", "PruningArguments", "PruningCallback", "distillation_loss"]

@@ -25,13 +25,18 @@ PREFIX = "prune_"
 
 _EXTRA_FIELDS = [
     ("prune_mode", str, field(default="gradual", metadata={
-        "help": "gradual: prune during training on the schedule (PruningCallback); oneshot: prune before training "
-                "(then sparse fine-tuning with fixed masks, if training).", "choices": ["gradual", "oneshot"]})),
+        "help": "gradual: prune during training on the schedule (PruningCallback); oneshot: prune "
+                "before training "
+                "(then sparse fine-tuning with fixed masks, if training).",
+                "choices": ["gradual", "oneshot"]})),
     ("distill_teacher", str | None, field(default=None, metadata={
-        "help": "Knowledge distillation from a dense teacher: a model folder, or 'self' for a copy of the starting "
+        "help": "Knowledge distillation from a dense teacher: a model folder, or 'self' for a copy "
+                "of the starting "
                 "model (oBERT recipe)."})),
-    ("distill_hardness", float, field(default=1.0, metadata={"help": "Weight of the distillation loss."})),
-    ("distill_temperature", float, field(default=2.0, metadata={"help": "Distillation temperature."})),
+    ("distill_hardness", float, field(default=1.0, metadata={"help": "Weight of the distillation "
+                                                                     "loss."})),
+    ("distill_temperature", float,
+     field(default=2.0, metadata={"help": "Distillation temperature."})),
 ]
 
 
@@ -85,23 +90,35 @@ class _PruningArgumentsMethods:
         masks = None
         if self.prune_method and self.prune_mode == "oneshot":
             if not has_train_data and self.prune_method != "magnitude":
-                raise ValueError("one-shot second-order pruning needs training data (--train_file / --do_train) "
+                raise ValueError("one-shot second-order pruning needs training data (--train_file "
+                                 "/ --do_train) "
                                  "for its gradients")
             loader = trainer.get_train_dataloader() if has_train_data else None
             # under DDP the loader is this process's shard of the train batches: prune_oneshot
             # then prunes over all processes (prune_oneshot_distributed)
             progress = trainer.is_world_process_zero() and not trainer.args.disable_tqdm
-            logger.info("one-shot pruning with %s to sparsity %s", self.prune_method, self.prune_sparsity)
+            logger.info("one-shot pruning with %s to sparsity %s", self.prune_method,
+                        self.prune_sparsity)
             masks, report = prune_oneshot(trainer.model, loader, self.config(), progress=progress)
             logger.info("one-shot pruning:\n%s", report.to_markdown())
-            trainer.log({"sparsity": report.sparsity, **({"pruning_saliency": report.loss_increase}
-                                                         if report.loss_increase is not None else {})})
+            trainer.log(
+                {
+                    "sparsity": report.sparsity,
+                    **(
+                        {"pruning_saliency": report.loss_increase}
+                        if report.loss_increase is not None
+                        else {}
+                    ),
+                }
+            )
         callback = self.callback(masks=masks)
         if callback is not None:
             callback.attach(trainer)
         return callback, masks
 
-    def save_sparse(self, trainer, callback: PruningCallback | None, masks: dict | None) -> dict | None:
+    def save_sparse(
+        self, trainer, callback: PruningCallback | None, masks: dict | None
+    ) -> dict | None:
         """After training: the final masks (the callback's, else the one-shot ``masks``), saved with
         :func:`~hf_mfac.integrations.save_sparse_pretrained` into ``trainer.args.output_dir`` by the
         main process. Returns the masks (None when nothing was pruned), e.g. for the model card."""
@@ -110,14 +127,21 @@ class _PruningArgumentsMethods:
         if masks and trainer.is_world_process_zero() and trainer.args.output_dir:
             from ..checkpoint.sparse import save_sparse_pretrained
 
-            save_sparse_pretrained(trainer.model, trainer.args.output_dir, masks, method=self.prune_method,
-                                   pattern=self.prune_pattern)
+            save_sparse_pretrained(
+                trainer.model,
+                trainer.args.output_dir,
+                masks,
+                method=self.prune_method,
+                pattern=self.prune_pattern,
+            )
         return masks or None
 
 
 PruningArguments = dataclasses.make_dataclass(
-    "PruningArguments", prefixed_fields(GradualPruningConfig, PREFIX, {"method": None}) + _EXTRA_FIELDS,
-    bases=(_PruningArgumentsMethods,))
+    "PruningArguments",
+    prefixed_fields(GradualPruningConfig, PREFIX, {"method": None}) + _EXTRA_FIELDS,
+    bases=(_PruningArgumentsMethods,),
+)
 PruningArguments.__module__ = __name__
 PruningArguments.__doc__ = """Pruning flags for ``HfArgumentParser`` scripts (the examples): every
 field of :class:`~hf_mfac.pruning.GradualPruningConfig` as ``--prune_<name>`` with the same help and

@@ -98,7 +98,8 @@ class PruningCallback(TrainerCallback):
 
     def __init__(self, method=_UNSET, final_sparsity: float | None = None, *,
                  config: GradualPruningConfig | None = None, dataloader=None, types=DEFAULT_TYPES,
-                 masks: dict | None = None, resume_from: str | None = None, progress: bool | None = None,
+                 masks: dict | None = None, resume_from: str | None = None,
+                 progress: bool | None = None,
                  trainer=None, **settings):
         overrides = dict(settings)
         if method is not _UNSET:
@@ -108,9 +109,19 @@ class PruningCallback(TrainerCallback):
         self.config = (config or GradualPruningConfig()).replace(**overrides)
         c = self.config
         self.pruner = None if c.method is None else c.pruner()
-        if self.pruner is not None and self.pruner.pattern.kind != "nm" and c.sparsity is None and not c.sparsities:
+        if (
+            self.pruner is not None
+            and self.pruner.pattern.kind != "nm"
+            and c.sparsity is None
+            and not c.sparsities
+        ):
             raise ValueError("give final_sparsity (cubic schedule) or sparsities (sweep)")
-        self.dataloader, self.types, self.resume_from, self.progress = dataloader, types, resume_from, progress
+        self.dataloader, self.types, self.resume_from, self.progress = (
+            dataloader,
+            types,
+            resume_from,
+            progress,
+        )
         self.masks: dict[str, torch.Tensor] = dict(masks or {})
         self.schedule: list[tuple[int, float | None]] = []
         self.last_pruned_step = -1
@@ -123,7 +134,8 @@ class PruningCallback(TrainerCallback):
         if trainer is not None:
             self.attach(trainer)
 
-    def __getattr__(self, name):  # the settings read as attributes: callback.num_grads, callback.final_sparsity
+    # the settings read as attributes: callback.num_grads, callback.final_sparsity
+    def __getattr__(self, name):
         config = self.__dict__.get("config")
         if config is not None:
             if name == "final_sparsity":
@@ -132,7 +144,8 @@ class PruningCallback(TrainerCallback):
                 return getattr(config, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    # -- wiring ------------------------------------------------------------------------------------------
+    # -- wiring
+    # ------------------------------------------------------------------------------------------
     def attach(self, trainer) -> "PruningCallback":
         """Keep a reference to ``trainer`` (for ``trainer.log`` and the cyclic LR) and add the
         callback to it if it is not there yet. Returns self."""
@@ -162,21 +175,32 @@ class PruningCallback(TrainerCallback):
             return [(start, c.sparsity)]
         out, prev = [], 0.0
         for t in [*range(start, end, freq), end]:
-            s = cubic_sparsity(t, start_step=start, end_step=end, initial_sparsity=c.initial_sparsity,
-                               final_sparsity=c.sparsity)
+            s = cubic_sparsity(
+                t,
+                start_step=start,
+                end_step=end,
+                initial_sparsity=c.initial_sparsity,
+                final_sparsity=c.sparsity,
+            )
             if s > prev:
                 out.append((t, s))
                 prev = s
         return out
 
-    # -- events ------------------------------------------------------------------------------------------
+    # -- events
+    # ------------------------------------------------------------------------------------------
     def on_init_end(self, args, state, control, **kwargs):
         follow_log_level(args)
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+    def on_train_begin(
+        self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs
+    ):
         follow_log_level(args)
-        self._show_progress = self.progress if self.progress is not None else (
-            state.is_world_process_zero and not args.disable_tqdm)
+        self._show_progress = (
+            self.progress
+            if self.progress is not None
+            else (state.is_world_process_zero and not args.disable_tqdm)
+        )
         self._train_dataloader = train_dataloader
         if not self.targets:
             self.targets = self.config.find_targets(model, self.types)
@@ -184,31 +208,49 @@ class PruningCallback(TrainerCallback):
                 self.pruner.check(Layout(self.targets, pad=self.pruner.pad))
         unknown = set(self.masks) - set(self.targets)
         if unknown:
-            raise ValueError(f"masks given for tensors that are not pruning targets: {sorted(unknown)[:5]}")
+            raise ValueError(
+                f"masks given for tensors that are not pruning targets: {sorted(unknown)[:5]}"
+            )
         self.schedule = self._build_schedule(state)
         if self.schedule:
-            logger.info("PruningCallback: %s, %d pruning step(s) at steps %s to sparsities %s", self.pruner.name,
-                        len(self.schedule), [t for t, _ in self.schedule],
-                        [None if s is None else round(s, 4) for _, s in self.schedule])
+            logger.info(
+                "PruningCallback: %s, %d pruning step(s) at steps %s to sparsities %s",
+                self.pruner.name,
+                len(self.schedule),
+                [t for t, _ in self.schedule],
+                [None if s is None else round(s, 4) for _, s in self.schedule],
+            )
         if state.global_step > 0:
             self._restore(args, state)
         if self.masks:
             self._enforce(optimizer, reset=False)
         if self.config.cyclic_lr:
             if self.trainer is None:
-                raise ValueError("cyclic_lr=True needs the trainer: call callback.attach(trainer) before train()")
+                raise ValueError(
+                    "cyclic_lr=True needs the trainer: call callback.attach(trainer) before train()"
+                )
             self.trainer.lr_scheduler = cyclic_linear_scheduler(
-                self.trainer.optimizer, [t for t, _ in self.schedule], state.max_steps, self.config.lr_min_ratio,
-                last_step=state.global_step)
+                self.trainer.optimizer,
+                [t for t, _ in self.schedule],
+                state.max_steps,
+                self.config.lr_min_ratio,
+                last_step=state.global_step,
+            )
 
-    def on_step_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+    def on_step_begin(
+        self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs
+    ):
         due = [(t, s) for t, s in self.schedule if self.last_pruned_step < t <= state.global_step]
         if not due:
             return
         t, target = due[-1]
         if target is not None and target <= self.current_sparsity():
-            logger.info("PruningCallback: step %d: masks already at %.4f >= target %.4f, nothing to prune", t,
-                        self.current_sparsity(), target)
+            logger.info(
+                "PruningCallback: step %d: masks already at %.4f >= target %.4f, nothing to prune",
+                t,
+                self.current_sparsity(),
+                target,
+            )
         else:
             self._prune(model, optimizer, train_dataloader or self._train_dataloader, target, state)
         self.last_pruned_step = t
@@ -227,7 +269,9 @@ class PruningCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.config.save_at_targets and self.last_pruned_step >= 0:
             upcoming = [t for t, _ in self.schedule if t > self.last_pruned_step]
-            if (upcoming and state.global_step == upcoming[0]) or state.global_step >= state.max_steps:
+            if (
+                upcoming and state.global_step == upcoming[0]
+            ) or state.global_step >= state.max_steps:
                 control.should_save = True
 
     def on_save(self, args, state, control, **kwargs):
@@ -235,47 +279,93 @@ class PruningCallback(TrainerCallback):
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if not os.path.isdir(folder):
-            logger.warning("PruningCallback: checkpoint folder %s not found; masks not saved", folder)
+            logger.warning(
+                "PruningCallback: checkpoint folder %s not found; masks not saved", folder
+            )
             return
         self.save_state(folder)
 
-    # -- pruning -----------------------------------------------------------------------------------------
+    # -- pruning
+    # -----------------------------------------------------------------------------------------
     def _prune(self, model, optimizer, train_dataloader, target, state) -> None:
         c = self.config
         data = self.dataloader
         if data is None:
             if train_dataloader is None:
-                raise ValueError("PruningCallback needs gradients: pass dataloader=... or train with a train dataset")
-            data = getattr(train_dataloader, "base_dataloader", train_dataloader)  # leave accelerate's state alone
+                raise ValueError(
+                    "PruningCallback needs gradients: pass dataloader=... or train "
+                    "with a train dataset"
+                )
+            # leave accelerate's state alone
+            data = getattr(train_dataloader, "base_dataloader", train_dataloader)
         step = c.with_pruner(self.pruner).replace(sparsity=target, sparsities=None)  # this step
-        grads = f", {c.num_grads or self.pruner.default_num_grads} gradients" if self.pruner.uses_fisher else ""
-        logger.info("PruningCallback: step %d: pruning with %s from sparsity %.4f to %s%s%s", state.global_step,
-                    self.pruner.name, self.current_sparsity(), "the pattern" if target is None else f"{target:.4f}",
-                    grads, f", {c.recompute} recomputations" if c.recompute > 1 else "")
+        grads = (
+            f", {c.num_grads or self.pruner.default_num_grads} gradients"
+            if self.pruner.uses_fisher
+            else ""
+        )
+        logger.info(
+            "PruningCallback: step %d: pruning with %s from sparsity %.4f to %s%s%s",
+            state.global_step,
+            self.pruner.name,
+            self.current_sparsity(),
+            "the pattern" if target is None else f"{target:.4f}",
+            grads,
+            f", {c.recompute} recomputations" if c.recompute > 1 else "",
+        )
         previous = self.masks
-        with restore_on_error(self.targets):  # a failure up to the optimizer's masks leaves the model as it was
+        # a failure up to the optimizer's masks leaves the model as it was
+        with restore_on_error(self.targets):
             # Under DDP this is prune_oneshot_distributed: every rank computes its share of the
             # gradients (the Trainer's sharded train batches, or batches r, r + N, ... of a given
             # dataloader), owns its share of the Fisher blocks and ends with the same masks and
             # weights; num_grads is the total over the ranks.
-            masks, report = prune_oneshot(model, data, step, targets=self.targets,
-                                          masks=self.masks or None, progress=self._show_progress)
+            masks, report = prune_oneshot(
+                model,
+                data,
+                step,
+                targets=self.targets,
+                masks=self.masks or None,
+                progress=self._show_progress,
+            )
             try:
                 self.masks = masks
                 self._enforce(optimizer, reset=True)
             except BaseException:
                 self.masks = previous
                 raise
-        rec = {"step": state.global_step, "target": report.target_sparsity, "sparsity": report.sparsity,
-               "loss_increase": report.loss_increase, "time": report.time_total, "grad_share": report.grad_share,
-               "num_grads": report.num_grads}
+        rec = {
+            "step": state.global_step,
+            "target": report.target_sparsity,
+            "sparsity": report.sparsity,
+            "loss_increase": report.loss_increase,
+            "time": report.time_total,
+            "grad_share": report.grad_share,
+            "num_grads": report.num_grads,
+        }
         self.history.append(rec)
-        loss = "" if report.loss_increase is None else f", OBS saliency {report.loss_increase:.4g} (relative)"
-        logger.info("PruningCallback: step %d: sparsity %.4f (target %.4f)%s in %.1f s (%.0f%% collecting "
-                    "gradients)", state.global_step, report.sparsity, report.target_sparsity, loss, report.time_total,
-                    100 * report.grad_share)
-        logs = {"sparsity": report.sparsity, "pruning_target": report.target_sparsity,
-                "pruning_time": report.time_total, "pruning_grad_share": report.grad_share}
+        loss = (
+            ""
+            if report.loss_increase is None
+            else f", OBS saliency {report.loss_increase:.4g} (relative)"
+        )
+        logger.info(
+            "PruningCallback: step %d: sparsity %.4f (target %.4f)%s in %.1f s (%.0f%% "
+            "collecting "
+            "gradients)",
+            state.global_step,
+            report.sparsity,
+            report.target_sparsity,
+            loss,
+            report.time_total,
+            100 * report.grad_share,
+        )
+        logs = {
+            "sparsity": report.sparsity,
+            "pruning_target": report.target_sparsity,
+            "pruning_time": report.time_total,
+            "pruning_grad_share": report.grad_share,
+        }
         if report.loss_increase is not None:
             logs["pruning_saliency"] = report.loss_increase
         self._log(logs, state)
@@ -294,9 +384,13 @@ class PruningCallback(TrainerCallback):
         reset = reset and self.config.reset_momentum
         if isinstance(opt, MFAC):
             owned = {id(p) for g in opt.param_groups for p in g["params"]}
-            new = {self.targets[n]: m for n, m in self.masks.items() if id(self.targets[n]) in owned}
+            new = {
+                self.targets[n]: m for n, m in self.masks.items() if id(self.targets[n]) in owned
+            }
             current = opt.masks
-            same = len(current) == len(new) and all(p in current and torch.equal(current[p], m) for p, m in new.items())
+            same = len(current) == len(new) and all(
+                p in current and torch.equal(current[p], m) for p, m in new.items()
+            )
             if not same:  # on resume the window and its masks come back with the optimizer state
                 opt.set_masks(new)
             if reset:
@@ -318,16 +412,25 @@ class PruningCallback(TrainerCallback):
             self.trainer.log(dict(logs))
             return
         if not self._warned_log:
-            logger.warning("PruningCallback is not attached to the trainer: its metrics go to state.log_history only, "
-                           "not to TensorBoard/W&B. Call callback.attach(trainer).")
+            logger.warning(
+                "PruningCallback is not attached to the trainer: its metrics go to "
+                "state.log_history only, "
+                "not to TensorBoard/W&B. Call callback.attach(trainer)."
+            )
             self._warned_log = True
         state.log_history.append({**logs, "step": state.global_step})
 
-    # -- checkpoints -------------------------------------------------------------------------------------
+    # -- checkpoints
+    # -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"version": 1, "last_pruned_step": self.last_pruned_step, "history": self.history,
-                "schedule": [[t, s] for t, s in self.schedule],
-                "sparsity": self.current_sparsity(), "pruner": None if self.pruner is None else self.pruner.config()}
+        return {
+            "version": 1,
+            "last_pruned_step": self.last_pruned_step,
+            "history": self.history,
+            "schedule": [[t, s] for t, s in self.schedule],
+            "sparsity": self.current_sparsity(),
+            "pruner": None if self.pruner is None else self.pruner.config(),
+        }
 
     def current_sparsity(self) -> float:
         if not self.masks:
@@ -367,12 +470,16 @@ class PruningCallback(TrainerCallback):
         mpath = os.path.join(folder, CHECKPOINT_MASKS_NAME)
         try:
             masks = load_file(mpath)
-        except Exception as e:  # safetensors raises its own error types for truncated or garbage files
+        # safetensors raises its own error types for truncated or garbage files
+        except Exception as e:
             raise ValueError(f"cannot read the pruning masks {mpath}: {e}") from e
         for n, m in masks.items():
             if n not in self.targets or tuple(m.shape) != tuple(self.targets[n].shape):
-                raise ValueError(f"checkpoint mask {n} {tuple(m.shape)} in {mpath} does not match this model's "
-                                 "pruning targets")
+                raise ValueError(
+                    f"checkpoint mask {n} {tuple(m.shape)} in {mpath} does not match "
+                    "this model's "
+                    "pruning targets"
+                )
         st = {}
         path = os.path.join(folder, CHECKPOINT_STATE_NAME)
         if os.path.isfile(path):
@@ -388,16 +495,27 @@ class PruningCallback(TrainerCallback):
         self.last_pruned_step, self.history = last, history
 
     def _restore(self, args, state) -> None:
-        candidates = [self.resume_from, getattr(args, "resume_from_checkpoint", None),
-                      os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")]
+        candidates = [
+            self.resume_from,
+            getattr(args, "resume_from_checkpoint", None),
+            os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"),
+        ]
         for c in candidates:
             if isinstance(c, str) and os.path.isfile(os.path.join(c, CHECKPOINT_MASKS_NAME)):
                 self.load_state(c)
-                logger.info("PruningCallback: restored masks from %s (sparsity %.4f)", c, self.current_sparsity())
+                logger.info(
+                    "PruningCallback: restored masks from %s (sparsity %.4f)",
+                    c,
+                    self.current_sparsity(),
+                )
                 return
         if any(t < state.global_step for t, _ in self.schedule):
             self.masks = masks_from_zeros(self.targets)
             self.last_pruned_step = max(t for t, _ in self.schedule if t < state.global_step)
-            logger.warning("PruningCallback: resuming at step %d without %s; masks rebuilt from the zero weights "
-                           "(pass resume_from=<checkpoint folder> to restore them exactly)", state.global_step,
-                           CHECKPOINT_MASKS_NAME)
+            logger.warning(
+                "PruningCallback: resuming at step %d without %s; masks rebuilt from "
+                "the zero weights "
+                "(pass resume_from=<checkpoint folder> to restore them exactly)",
+                state.global_step,
+                CHECKPOINT_MASKS_NAME,
+            )

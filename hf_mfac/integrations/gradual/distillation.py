@@ -16,7 +16,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     class axis)."""
     s = student_logits.reshape(-1, student_logits.shape[-1]).float() / temperature
     t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).float() / temperature
-    return nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), reduction="batchmean", log_target=True) \
+    return nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), reduction="batchmean",
+                                log_target=True) \
         * temperature**2
 
 
@@ -44,15 +45,24 @@ class DistillationMixin:
             teacher_model.to(self.args.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
         if self.teacher_model is not None and self.distill_hardness > 0 and model.training:
             with torch.no_grad():
                 teacher_out = self.teacher_model(**inputs)
-            keys = [k for k in _LOGIT_KEYS if _get(outputs, k) is not None and _get(teacher_out, k) is not None]
+            keys = [
+                k
+                for k in _LOGIT_KEYS
+                if _get(outputs, k) is not None and _get(teacher_out, k) is not None
+            ]
             if not keys:
-                raise ValueError("distillation needs `logits` (or `start_logits`/`end_logits`) in both outputs")
-            kd = sum(distillation_loss(_get(outputs, k), _get(teacher_out, k), self.distill_temperature)
-                     for k in keys) / len(keys)
+                raise ValueError(
+                    "distillation needs `logits` (or `start_logits`/`end_logits`) in both outputs"
+                )
+            kd = sum(
+                distillation_loss(_get(outputs, k), _get(teacher_out, k), self.distill_temperature)
+                for k in keys
+            ) / len(keys)
             loss = (1.0 - self.distill_hardness) * loss + self.distill_hardness * kd
         return (loss, outputs) if return_outputs else loss
 

@@ -1,17 +1,18 @@
 """Saving and restoring the sharded M-FAC window with ``transformers.Trainer`` checkpoints.
 
 The Trainer writes ``optimizer.state_dict()`` from the main process only. With
-:class:`~hf_mfac.optim.distributed.ShardedMFAC` that state is the same on every rank except the gradient
-window, which each rank holds a part of; :class:`MFACShardCheckpointCallback` writes that part next to it,
-``checkpoint-N/mfac_shard_{rank}.pt``, and reads it back when training resumes (with any number of ranks).
+:class:`~hf_mfac.optim.distributed.ShardedMFAC` that state is the same on every rank except the
+gradient window, which each rank holds a part of; :class:`MFACShardCheckpointCallback` writes that
+part next to it, ``checkpoint-N/mfac_shard_{rank}.pt``, and reads it back when training resumes
+(with any number of ranks).
 
 ```python
 from hf_mfac.optim.distributed import ShardedMFAC
 from hf_mfac.integrations import mfac_optimizer_cls_and_kwargs
 from hf_mfac.integrations.trainer.shards import MFACShardCheckpointCallback
 
-_, kwargs = mfac_optimizer_cls_and_kwargs(args)
-trainer = Trainer(model=model, args=args, train_dataset=ds, optimizer_cls_and_kwargs=(ShardedMFAC, kwargs),
+_, kwargs = mfac_optimizer_cls_and_kwargs(args) trainer = Trainer(model=model, args=args,
+train_dataset=ds, optimizer_cls_and_kwargs=(ShardedMFAC, kwargs),
                   callbacks=[MFACShardCheckpointCallback()])
 trainer.train(resume_from_checkpoint=True)  # run with: torchrun --nproc_per_node=4 train.py ...
 ```
@@ -34,12 +35,14 @@ logger = logging.getLogger("hf_mfac")
 class MFACShardCheckpointCallback(TrainerCallback):
     """Write each rank's M-FAC window shard into every checkpoint and restore it on resume.
 
-    ``on_save``: ``<output_dir>/checkpoint-<global_step>/mfac_shard_{rank}.pt`` on every rank (skipped with
-    ``save_only_model``). ``on_train_begin`` of a resumed run (``global_step > 0``): loads the shards from
-    ``resume_from_checkpoint`` if given here, else from ``args.resume_from_checkpoint`` when it is a folder,
-    else from ``<output_dir>/checkpoint-<global_step>`` (what ``train(resume_from_checkpoint=True)`` picks);
-    the number of ranks may differ from the saving run. Without shards there: ``strict=True`` raises,
-    ``strict=False`` warns and starts with an empty window. Does nothing for other optimizers.
+    ``on_save``: ``<output_dir>/checkpoint-<global_step>/mfac_shard_{rank}.pt`` on every rank
+    (skipped with ``save_only_model``). ``on_train_begin`` of a resumed run (``global_step > 0``):
+    loads the shards from ``resume_from_checkpoint`` if given here, else from
+    ``args.resume_from_checkpoint`` when it is a folder, else from
+    ``<output_dir>/checkpoint-<global_step>`` (what ``train(resume_from_checkpoint=True)`` picks);
+    the number of ranks may differ from the saving run. Without shards there: ``strict=True``
+    raises, ``strict=False`` warns and starts with an empty window. Does nothing for other
+    optimizers.
     """
 
     def __init__(self, resume_from_checkpoint: str | None = None, strict: bool = True):
@@ -76,8 +79,10 @@ class MFACShardCheckpointCallback(TrainerCallback):
             if any(os.path.isfile(shard_file(folder, r)) for r in (opt.comm.rank, 0)):
                 load_mfac_shards(opt, folder, expect_meta={"global_step": state.global_step})
             else:
-                msg = (f"resuming at step {state.global_step} but {folder} has no M-FAC window shards "
-                       "(mfac_shard_*.pt); pass MFACShardCheckpointCallback(resume_from_checkpoint=<folder>)")
+                msg = (f"resuming at step {state.global_step} but {folder} has no M-FAC window "
+                       "shards "
+                       "(mfac_shard_*.pt); pass "
+                       "MFACShardCheckpointCallback(resume_from_checkpoint=<folder>)")
                 if self.strict:
                     raise FileNotFoundError(msg + ", or strict=False to start with an empty window")
                 logger.warning("%s; the M-FAC window starts empty", msg)
