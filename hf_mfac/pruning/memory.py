@@ -95,7 +95,7 @@ def estimate_memory(
     on the meta device. Returns a :class:`MemoryEstimate` (a dict ``{device: bytes}`` with the terms
     in ``.parts``). The peak of the block Fisher methods is the larger of the gradient phase
     (accumulator + chunk + vectors) and the step (packed inverse + the step's vectors); static M-FAC
-    holds its m x D gradients through both. """
+    holds its m x D gradients through both."""
     settings.setdefault("sparsity", 0.5)
     runtime = {"device": device, "page_bytes": page_bytes}
     if settings.get("fisher_dtype") is not None:
@@ -211,7 +211,7 @@ def plan_fisher_placement(
     before the next, so that the CPU (slow) gets only what the accelerators cannot hold. Contiguous
     ranges keep a target's blocks together and each device's share one slice of every gradient chunk
     (a round-robin placement would scatter both). Devices with no blocks are left out. Raises
-    ``MemoryError`` naming the shortfall when all of them together cannot hold the blocks. """
+    ``MemoryError`` naming the shortfall when all of them together cannot hold the blocks."""
     if num_blocks < 0 or block_bytes <= 0:
         raise ValueError(
             f"need num_blocks >= 0 and block_bytes > 0; got {num_blocks}, {block_bytes}"
@@ -250,7 +250,7 @@ def check_estimate(
     ``available``: ``{device: bytes}`` (default: :func:`~hf_mfac.core._checks.free_bytes` of each
     device; None where it cannot be told, which passes). The ``MemoryError`` names the need, what is
     available, and the settings that would fit (a smaller ``block_size``, fewer ``num_grads`` for
-    static M-FAC) with their peaks. """
+    static M-FAC) with their peaks."""
     short = []
     for dev, need in est.items():
         have = available.get(dev) if available is not None else free_bytes(torch.device(dev))

@@ -17,7 +17,7 @@ layer), or exactly ``zeros`` per N:M group. Weights already pruned stay pruned (
 
 Patterns: ``"unstructured"`` (None), ``"N:M"`` (e.g. ``"2:4"``: at most N of every M consecutive
 weights along the last dimension are kept) and ``"G-block"`` (e.g. ``"4-block"``: groups of G
-consecutive weights pruned together, oBERT's block pruning). """
+consecutive weights pruned together, oBERT's block pruning)."""
 from __future__ import annotations
 
 import abc
