@@ -101,7 +101,7 @@ class CompressedMFAC(DynamicMFAC):
 
     Layout: block-major, ``I`` and ``V`` of shape (blocks, m, k_block): the products go block by
     block over all rows, so that each block of x (128 KiB at 2^15 fp32) stays in cache while all m
-    rows gather from it (row by row, the gathers miss the cache: measured 3-5x slower on a CPU).
+    rows gather from it (row by row, the gathers would miss the cache; benchmarks/RESULTS.md).
     A last partial block of r coordinates keeps ``ceil(density * r)`` entries; its other slots point
     at coordinate r (padding, value 0).
 
@@ -184,8 +184,8 @@ class CompressedMFAC(DynamicMFAC):
         return self._c
 
     def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A kept workspace tensor of ``numel`` elements (fresh allocations of this size cost more
-        in page faults than the products themselves on a CPU: measured 13 ns per int64)."""
+        """A kept workspace tensor of ``numel`` elements (a fresh allocation of this size can cost
+        more in page faults than the products themselves)."""
         buf = self._work.get(name)
         if buf is None or buf.numel() < numel or buf.dtype != dtype:
             buf = self._work[name] = torch.empty(numel, dtype=dtype, device=self.device)

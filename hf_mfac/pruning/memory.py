@@ -9,9 +9,8 @@ error. It reads only the targets' shapes, so the model may be built on the meta 
 allocated): a BERT-large config is estimated in milliseconds. The model's own activations and
 gradients outside the targets are not counted (they depend on the batch).
 
-The constants per coordinate below are the tensors of the call, counted in the code; measured
-against the peak resident memory of whole calls (benchmarks/bench_memory.py, random BERTs of 3.1M,
-7.1M and 12.6M targets), the estimate was 1-13 % below it.
+The constants per coordinate below are the tensors of the call, counted in the code; how the
+estimate compares with measured peaks is in benchmarks/RESULTS.md (benchmarks/bench_memory.py).
 """
 
 from __future__ import annotations
