@@ -121,3 +121,16 @@ def test_layers_point_down_and_no_module_imports_in_a_circle():
 
     for m in inner:
         visit(m)
+
+
+def test_every_package_ships_in_the_wheel():
+    """pyproject lists its packages by hand: every folder of hf_mfac with an __init__.py must be in
+    the list, or an installed wheel lacks it (an editable install would not show it)."""
+    import pathlib
+    import tomllib
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    setup = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(p.parent.relative_to(repo).parts)
+             for p in (repo / "hf_mfac").rglob("__init__.py")}
+    assert found <= set(setup["packages"]), sorted(found - set(setup["packages"]))
