@@ -3,7 +3,7 @@ length, and explicit settings win (hf_mfac.pruning.recipes; pure Python, no mode
 import pytest
 
 from hf_mfac.core.schedules import cubic_sparsity
-from hf_mfac.pruning.recipes import RECIPES, distillation, expand, recipe_names
+from hf_mfac.pruning.recipes import RECIPES, distillation, expand, lr_restarts, recipe_names
 
 
 def prune_steps(s: dict) -> list[int]:
@@ -44,14 +44,59 @@ def test_obert_scales_with_the_run(max_steps):
         assert abs(s["end"] / max_steps - 26 / 30) < 0.02
 
 
-def test_cap_is_a_linear_sweep_from_40_percent():
-    s = expand("cap", max_steps=100, sparsity=0.9)
-    assert (s["method"], s["start"], s["frequency"], s["end"]) == ("cap", 0, 20, 80)
+CAP_300 = [0.4, 0.5, 0.6, 0.65, 0.7, 0.75, *(0.75 + 0.15 * k / 9 for k in range(1, 10))]
+
+
+def test_cap_at_the_papers_length_is_the_papers_recipe():
+    """300 steps stand for the paper's 300 epochs: a pruning step every 20 from 0 to 280, 40 %, 50,
+    60, then linear to 75 % at 100 and linear to 90 % at 280 (the official 300-epoch recipe)."""
+    s = expand("cap", max_steps=300, sparsity=0.9)
+    assert (s["method"], s["start"], s["frequency"], s["end"]) == ("cap", 0, 20, 280)
+    assert prune_steps(s) == list(range(0, 281, 20))
     assert s["sparsity"] is None
-    assert s["sparsities"] == pytest.approx([0.4, 0.525, 0.65, 0.775, 0.9])
+    assert s["sparsities"] == pytest.approx(CAP_300)
     assert (s["num_grads"], s["block_size"]) == (4096, 192)
     assert s["cyclic_lr"] is True and s["lr_min_ratio"] == pytest.approx(0.02)  # 5e-4 -> 1e-5
     assert distillation("cap") is None
+    steps = dict(zip(prune_steps(s), s["sparsities"]))
+    assert (steps[20], steps[40], steps[100], steps[280]) == pytest.approx((0.5, 0.6, 0.75, 0.9))
+
+
+@pytest.mark.parametrize("max_steps", [16, 60, 100, 301, 997])
+def test_cap_scales_with_the_run(max_steps):
+    """Fifteen steps whatever the run's length, finer towards the end, the recovery after the last
+    at least the paper's 1/15 of training."""
+    s = expand("cap", max_steps=max_steps, sparsity=0.9)
+    steps = prune_steps(s)
+    assert len(steps) == 15 and steps[0] == 0 and steps[-1] == s["end"] < max_steps
+    assert max_steps - steps[-1] >= max_steps / 15 - 1
+    assert s["sparsities"] == pytest.approx(CAP_300)
+    jumps = [b - a for a, b in zip(s["sparsities"], s["sparsities"][1:])]
+    assert all(b <= a + 1e-12 for a, b in zip(jumps, jumps[1:]))  # never coarser later on
+    assert jumps[-1] == pytest.approx(0.15 / 9)
+
+
+def test_cap_levels_for_another_target_and_count():
+    """Another target: the same fractions of the way from 40 %; another number of steps (a given
+    frequency): the levels read off the same curve, still ending at the target."""
+    s = expand("cap", max_steps=300, sparsity=0.8)
+    assert s["sparsities"] == pytest.approx([0.4 + 0.4 * (x - 0.4) / 0.5 for x in CAP_300])
+    fewer = expand("cap", max_steps=300, sparsity=0.9, given={"frequency": 40})
+    assert prune_steps(fewer) == list(range(0, 281, 40))
+    assert fewer["sparsities"] == pytest.approx(CAP_300[::2])
+    three = expand("cap", max_steps=300, sparsity=0.9, given={"frequency": 140})
+    assert three["sparsities"] == pytest.approx([0.4, CAP_300[7], 0.9])
+
+
+def test_lr_restarts():
+    """oBERT (and magnitude) decay the rate over the dense steps before the first pruning step,
+    i.e. it restarts at step 0 too; CAP prunes at step 0; no recipe: the pruning steps."""
+    assert lr_restarts("obert", [2, 6, 10]) == [0, 2, 6, 10]
+    assert lr_restarts("magnitude", [10, 2]) == [0, 2, 10]
+    assert lr_restarts("cap", [0, 4, 8]) == [0, 4, 8]
+    assert lr_restarts("cap", [3, 7]) == [3, 7]
+    assert lr_restarts(None, [5, 9]) == [5, 9]
+    assert lr_restarts("obert", []) == []
 
 
 def test_magnitude_is_obert_without_the_fisher():
@@ -81,11 +126,13 @@ def test_explicit_settings_win():
 def test_a_low_target_caps_the_first_step():
     assert expand("obert", max_steps=300, sparsity=0.5)["initial_sparsity"] == 0.5
     assert expand("cap", max_steps=100, sparsity=0.3)["sparsities"] == pytest.approx([0.3])
+    assert expand("cap", max_steps=100, sparsity=0.3)["initial_sparsity"] == 0.3
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(name="sparsegpt", max_steps=100, sparsity=0.9), "unknown pruning recipe"),
     (dict(name="obert", max_steps=7, sparsity=0.9), "more than 7 optimizer steps"),
+    (dict(name="cap", max_steps=15, sparsity=0.9), "prunes 15 times"),
     (dict(name="obert", max_steps=100, sparsity=1.0), r"final sparsity in \(0, 1\)"),
 ])
 def test_refused(kwargs, match):
@@ -105,11 +152,11 @@ def test_config_takes_the_recipe_and_keeps_explicit_settings():
     c = GradualPruningConfig(recipe="cap", sparsity=0.9, num_grads=64)
     assert (c.method, c.num_grads, c.block_size, c.initial_sparsity) == ("cap", 64, 192, 0.4)
     assert c.cyclic_lr is True and c.lr_min_ratio == pytest.approx(0.02)
-    run = c.for_run(100)
-    assert (run.start, run.frequency, run.end, run.unit) == (0, 20, 80, "steps")
+    run = c.for_run(300)
+    assert (run.start, run.frequency, run.end, run.unit) == (0, 20, 280, "steps")
     assert run.sparsity is None
-    assert run.sparsities == pytest.approx([0.4, 0.525, 0.65, 0.775, 0.9])
-    assert run.num_grads == 64 and run.for_run(100) == run  # resolving twice changes nothing
+    assert run.sparsities == pytest.approx(CAP_300)
+    assert run.num_grads == 64 and run.for_run(300) == run  # resolving twice changes nothing
     epochs = GradualPruningConfig(recipe="obert", sparsity=0.8, unit="epochs", start=1)
     epochs = epochs.for_run(300, 100)
     assert (epochs.start, epochs.frequency) == (100, 40)  # a start given in epochs, in steps
@@ -135,7 +182,8 @@ def test_flags_choose_method_and_distillation():
     assert cap.prune_method == "cap" and cap.distill_teacher is None
 
 
-@pytest.mark.parametrize("recipe, given", [("magnitude", {}), ("obert", {"num_grads": 4})])
+@pytest.mark.parametrize("recipe, given", [("magnitude", {}), ("obert", {"num_grads": 4}),
+                                           ("cap", {"num_grads": 4, "block_size": 8})])
 def test_callback_prunes_on_the_recipes_steps_with_rewinds(tmp_path, recipe, given):
     transformers = pytest.importorskip("transformers")
     import torch
@@ -162,11 +210,21 @@ def test_callback_prunes_on_the_recipes_steps_with_rewinds(tmp_path, recipe, giv
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[LR()])
     cb.attach(trainer)
     trainer.train()
-    assert [t for t, _ in cb.schedule] == [2, 6, 10, 14, 18, 22, 26]
-    assert cb.schedule[0][1] == pytest.approx(0.7) and cb.schedule[-1][1] == pytest.approx(0.9)
     assert cb.current_sparsity() == pytest.approx(0.9, abs=1e-3)
     assert (cb.pruner.name, cb.config.num_grads) == (recipe, given.get("num_grads"))
-    # the learning rate restarts at its peak at each pruning step and decays linearly towards 0.1x
-    for t in (2, 6, 26):
+    if recipe == "cap":  # 15 steps every 2 from 0, the last ones finer
+        assert [t for t, _ in cb.schedule] == list(range(0, 29, 2))
+        assert [s for _, s in cb.schedule] == pytest.approx(CAP_300)
+        # the learning rate restarts at its peak at each pruning step, decays linearly to 0.02x
+        for t in (0, 2, 28):
+            assert lrs[t] == pytest.approx(1e-3, rel=1e-6)
+        assert lrs[1] == pytest.approx(1e-3 * (1 - 0.98 / 2)) and lrs[29] < 0.6e-3
+        return
+    assert [t for t, _ in cb.schedule] == [2, 6, 10, 14, 18, 22, 26]
+    assert cb.schedule[0][1] == pytest.approx(0.7) and cb.schedule[-1][1] == pytest.approx(0.9)
+    # the learning rate restarts at its peak at each pruning step and decays linearly towards 0.1x;
+    # before the first pruning step it decays from its peak too (oBERT's dense epochs)
+    for t in (0, 2, 6, 26):
         assert lrs[t] == pytest.approx(1e-3, rel=1e-6)
+    assert lrs[1] == pytest.approx(1e-3 * (1 - 0.9 / 2))
     assert lrs[5] < 0.5e-3 and lrs[29] < 0.5e-3

@@ -43,6 +43,7 @@ from ...core.schedules import cubic_sparsity, cyclic_linear_scheduler
 from ...optim import MFAC, unwrap_optimizer
 from ...pruning import DEFAULT_TYPES, GradualPruningConfig, Layout, prune_oneshot
 from ...pruning.driver import masks_from_zeros, restore_on_error
+from ...pruning.recipes import lr_restarts
 from ..log_level import follow_log_level
 
 __all__ = ["PruningCallback", "CHECKPOINT_MASKS_NAME", "CHECKPOINT_STATE_NAME"]
@@ -85,6 +86,13 @@ class PruningCallback(TrainerCallback):
             ``output_dir`` or ``args.resume_from_checkpoint``.
         progress: progress bar over the gradients of a pruning step; None: on the main process
             unless ``args.disable_tqdm``.
+
+    With the config's ``recipe`` (``PruningCallback(recipe="obert", final_sparsity=0.9)``), the
+    recipe's pruning steps for the run's ``max_steps`` (:mod:`hf_mfac.pruning.recipes`); with
+    ``cyclic_lr`` (a recipe sets it) the learning rate restarts at its peak at each pruning step and
+    decays linearly to ``lr_min_ratio`` before the next (and, for the oBERT and magnitude recipes,
+    over the dense steps before the first: :func:`~hf_mfac.pruning.recipes.lr_restarts`). It needs
+    :meth:`attach`.
 
     Under DDP the pruning steps run distributed (see the module docstring); ``num_grads`` is then
     the total number of gradients over all ranks.
@@ -231,7 +239,7 @@ class PruningCallback(TrainerCallback):
                 )
             self.trainer.lr_scheduler = cyclic_linear_scheduler(
                 self.trainer.optimizer,
-                [t for t, _ in self.schedule],
+                lr_restarts(self.config.recipe, [t for t, _ in self.schedule]),
                 state.max_steps,
                 self.config.lr_min_ratio,
                 last_step=state.global_step,
