@@ -9,9 +9,16 @@ the distillation from the dense model where the recipe has it). The eval accurac
 ``--eval_every`` steps. A ``dense`` row trains the dense model for the same ``--steps`` at the same
 learning rate, without pruning, as the budget-matched reference.
 
+A recipe name followed by ``+kd`` (e.g. ``cap+kd``) runs that recipe with distillation from the
+dense model added (hardness 1, temperature 2, as oBERT's), for recipes that have none: an explicit
+override, reported as its own row.
+
 Writes ``<output_dir>/results.json`` (rewritten after every run, so a stopped benchmark keeps its
-finished runs), ``<output_dir>/accuracy_along_training.png`` and prints the markdown table (mean and
-sample standard deviation over the seeds), the machine and the command.
+finished runs; runs already in it are kept and skipped, so seeds and recipes can be run in
+separate invocations into one table: rerun a row by deleting it or with ``--redo``),
+``<output_dir>/accuracy_along_training.png`` and prints the markdown table (mean and sample
+standard deviation over the seeds), the machine and the commands. The dense start of each seed is
+saved in ``<output_dir>/dense<seed>`` and reused by later invocations with the same settings.
 
 The recipes' Fisher sizes (oBERT 1024 gradients, blocks of 50; CAP 4096, blocks of 192) are GPU
 sizes; ``--num_grads`` and ``--block_size`` (default 128 and 32, hf_mfac's defaults) override them
@@ -69,7 +76,17 @@ def parse_args(argv=None):
                     help="Fisher block size of every Fisher recipe (0: the recipe's own)")
     ap.add_argument("--fisher_batch_size", type=int, default=8, help="samples per Fisher gradient")
     ap.add_argument("--split_seed", type=int, default=0)
+    ap.add_argument("--redo", default="",
+                    help="comma-separated rows to run again even if results.json has them")
+    ap.add_argument("--plot_only", action="store_true",
+                    help="only redraw the plot and print the table from results.json")
     return ap.parse_args(argv)
+
+
+# the settings a run's result depends on: a results.json made with others is not merged
+_SAME = ("sparsity", "train_size", "eval_size", "max_length", "batch_size", "dense_steps",
+         "dense_lr", "steps", "lr", "eval_every", "num_grads", "block_size", "fisher_batch_size",
+         "split_seed", "model_path")
 
 
 def setup(args):
@@ -121,9 +138,20 @@ def trainer_for(args, data, model, out, seed, steps, lr, teacher=None, distill=N
 
 
 def dense_model(args, data, seed):
-    """The AdamW fine-tuned dense model of ``seed`` and its eval accuracy."""
+    """The AdamW fine-tuned dense model of ``seed`` and its eval accuracy (saved in
+    ``<output_dir>/dense<seed>``, and loaded from there when it was made with the same
+    settings)."""
     from transformers import AutoModelForSequenceClassification, set_seed
 
+    folder = os.path.join(args.output_dir, f"dense{seed}")
+    key = {k: getattr(args, k) for k in _SAME}
+    info = os.path.join(folder, "dense_start.json")
+    if os.path.isfile(info):
+        with open(info) as f:
+            saved = json.load(f)
+        if saved["settings"] == key:
+            model = AutoModelForSequenceClassification.from_pretrained(folder)
+            return model, saved["accuracy"]
     set_seed(seed)
     labels = data["labels"]
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -134,6 +162,9 @@ def dense_model(args, data, seed):
     tr.train()
     acc = tr.evaluate()["eval_accuracy"]
     tr.accelerator.free_memory()
+    model.save_pretrained(folder)
+    with open(info, "w") as f:
+        json.dump({"accuracy": acc, "settings": key}, f, indent=2)
     return model, acc
 
 
@@ -149,19 +180,25 @@ def recipe_run(args, data, dense, seed, name) -> dict:
     model = copy.deepcopy(dense)
     out = os.path.join(args.output_dir, "runs", f"{name}{seed}")
     cb = None
+    recipe, _, extra = name.partition("+")
+    if extra not in ("", "kd"):
+        raise ValueError(f"unknown row {name!r}: a recipe name, optionally followed by +kd")
     if name == "dense":
         tr = trainer_for(args, data, model, out, seed, args.steps, args.lr)
     else:
-        given = {} if name == "magnitude" else {
+        given = {} if recipe == "magnitude" else {
             k: v for k, v in dict(num_grads=args.num_grads, block_size=args.block_size,
                                   fisher_batch_size=args.fisher_batch_size).items() if v}
-        distill = distillation(name)
+        distill = distillation(recipe)
+        if extra == "kd" and distill is None:  # oBERT's distillation, added explicitly
+            distill = {"teacher": "self", "hardness": 1.0, "temperature": 2.0}
         teacher = copy.deepcopy(dense) if distill else None
         tr = trainer_for(args, data, model, out, seed, args.steps, args.lr, teacher, distill)
         calib = DataLoader(data["train"], batch_size=args.fisher_batch_size, shuffle=True,
                            collate_fn=data["collator"],
                            generator=torch.Generator().manual_seed(seed))
-        cb = PruningCallback(recipe=name, final_sparsity=args.sparsity, dataloader=calib, **given)
+        cb = PruningCallback(recipe=recipe, final_sparsity=args.sparsity, dataloader=calib,
+                             **given)
         cb.attach(tr)  # the cyclic learning rate needs the trainer
     t0 = time.time()
     tr.train()
@@ -171,42 +208,76 @@ def recipe_run(args, data, dense, seed, name) -> dict:
     settings = {} if cb is None else {**cb.config.to_dict(), "distillation": distill,
                                       "schedule": cb.schedule}
     tr.accelerator.free_memory()
+    pruning = sum(h.get("pruning_time", 0.0) for h in tr.state.log_history)
     return {"accuracy": acc, "sparsity": sparsity, "curve": curve, "seconds": time.time() - t0,
-            "settings": settings}
+            "pruning_seconds": pruning, "settings": settings}
 
 
-def plot(results: dict, path: str, dense_acc: dict) -> None:
+def cpu_name() -> str:
+    """The CPU's model name and core count (from /proc/cpuinfo where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        return f"{len(names)} cores {names[0]}" if names else "CPU"
+    except OSError:
+        return "CPU"
+
+
+def plot(results: dict, path: str, dense_acc: dict, footer: str, eval_size: int) -> None:
+    """Eval accuracy along each pruning run, one line per recipe and seed (seeds by line style),
+    the dense start of each seed as a dotted line at step 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, per_seed in results.items():
-        for i, (seed, r) in enumerate(per_seed.items()):
+    seeds = sorted(dense_acc, key=int)
+    styles = ["-", "--", ":", "-."]
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for k, (name, per_seed) in enumerate(results.items()):
+        for seed, r in sorted(per_seed.items(), key=lambda kv: int(kv[0])):
             steps, accs = zip(*r["curve"]) if r["curve"] else ((), ())
-            ax.plot(steps, accs, marker=".", color=f"C{list(results).index(name)}",
-                    label=f"{name} ({r['sparsity']:.0%})" if i == 0 else None)
-    mean_dense = statistics.mean(dense_acc.values())
-    ax.axhline(mean_dense, color="k", ls="--", lw=1, label="dense start (AdamW)")
-    ax.set_xlabel("step of the pruning run"), ax.set_ylabel("eval accuracy")
-    ax.set_title("gradual pruning to 90 % with the recipes (one line per seed)")
-    ax.legend(fontsize=8), fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
+            # the run starts from the dense model: its accuracy is the curve's point at step 0
+            steps, accs = (0, *steps), (dense_acc[seed], *accs)
+            ax.plot(steps, accs, marker=".", color=f"C{k}", ls=styles[seeds.index(seed) % 4],
+                    label=f"{name} ({r['sparsity']:.0%}), seed {seed}")
+    ax.set_xlabel("optimizer step of the pruning run (the dense start at step 0)")
+    ax.set_ylabel(f"eval accuracy ({eval_size} held-out tweets)")
+    ax.set_title("all-MiniLM-L6-v2 on the tweets: gradual pruning to 90 % with the recipes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    fig.text(0.01, 0.01, footer, fontsize=6, va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def summary_table(results: dict, dense_acc: dict) -> str:
-    def cell(vals):
+    """Mean ± sample standard deviation over the seeds, the difference to the dense start and to
+    the budget-matched dense row (mean of the per-seed differences), and each seed's accuracy."""
+    def cell(vals, signed=False):
         sd = f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else ""
-        return f"{statistics.mean(vals):.3f}{sd}"
+        return f"{statistics.mean(vals):+.3f}{sd}" if signed else f"{statistics.mean(vals):.3f}{sd}"
 
-    seeds = list(dense_acc)
-    rows = [["dense start", "0 %", cell(list(dense_acc.values())),
-             " / ".join(f"{dense_acc[s]:.3f}" for s in seeds)]]
+    seeds = sorted(dense_acc, key=int)
+    dense = results.get("dense", {})
+    heads = ["run", "sparsity", "eval accuracy", "minus dense start", "minus dense (same steps)",
+             *(f"seed {s}" for s in seeds), "pruning time (s)"]
+    rows = [["dense start", "0 %", cell([dense_acc[s] for s in seeds]), "", "",
+             *(f"{dense_acc[s]:.3f}" for s in seeds), ""]]
     for name, per_seed in results.items():
-        accs = [r["accuracy"] for r in per_seed.values()]
-        sp = statistics.mean(r["sparsity"] for r in per_seed.values())
-        rows.append([name, f"{sp:.1%}", cell(accs), " / ".join(f"{a:.3f}" for a in accs)])
-    return table(["run", "sparsity", "eval accuracy", "per seed"], rows)
+        got = [s for s in seeds if s in per_seed]
+        accs = [per_seed[s]["accuracy"] for s in got]
+        sp = statistics.mean(per_seed[s]["sparsity"] for s in got)
+        vs_start = cell([per_seed[s]["accuracy"] - dense_acc[s] for s in got], True)
+        both = [s for s in got if s in dense]
+        vs_dense = cell([per_seed[s]["accuracy"] - dense[s]["accuracy"] for s in both], True) \
+            if both and name != "dense" else ""
+        prune = statistics.mean(per_seed[s].get("pruning_seconds", 0.0) for s in got)
+        rows.append([name, f"{sp:.1%}", cell(accs), vs_start, vs_dense,
+                     *(f"{per_seed[s]['accuracy']:.3f}" if s in per_seed else "-" for s in seeds),
+                     f"{prune:.0f}" if name != "dense" else ""])
+    return table(heads, rows)
 
 
 def main(argv=None):
@@ -217,29 +288,59 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    t0, data = time.time(), setup(args)
+    t0 = time.time()
     names = [n for n in args.recipes.split(",") if n]
-    results, dense_acc = {n: {} for n in names}, {}
+    redo = {n for n in args.redo.split(",") if n}
     command = "python benchmarks/bench_recipe.py " + shlex.join(argv)
     path = os.path.join(args.output_dir, "results.json")
-    for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
-        dense, dense_acc[seed] = dense_model(args, data, seed)
-        print(f"[dense] seed {seed}: accuracy {dense_acc[seed]:.4f}", flush=True)
-        for name in names:
-            r = recipe_run(args, data, dense, seed, name)
-            results[name][seed] = r
-            print(f"[{name}] seed {seed}: accuracy {r['accuracy']:.4f} at sparsity "
-                  f"{r['sparsity']:.1%} ({r['seconds']:.0f} s)", flush=True)
-            with open(path, "w") as f:
-                json.dump({"dense_start": dense_acc, "runs": results, "args": vars(args),
-                           "command": command, "machine": machine(),
-                           "minutes": (time.time() - t0) / 60}, f, indent=2, default=str)
+    key = {k: getattr(args, k) for k in _SAME}
+    old = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("settings") != key:
+            raise SystemExit(f"{path} holds runs made with other settings ({old.get('settings')});"
+                             " use another --output_dir")
+    # json keys are strings: seeds as strings throughout
+    dense_acc = dict(old.get("dense_start", {}))
+    results = {n: dict(r) for n, r in old.get("runs", {}).items()}
+    for n in names:
+        results.setdefault(n, {})
+    commands = [*old.get("commands", []), *([] if args.plot_only else [command])]
+    machines = [*old.get("machines", []), *([] if args.plot_only else [machine()])]
+
+    def write():
+        with open(path, "w") as f:
+            json.dump({"dense_start": dense_acc, "runs": results, "settings": key,
+                       "commands": commands, "machines": machines,
+                       "minutes": old.get("minutes", 0.0) + (time.time() - t0) / 60}, f, indent=2,
+                      default=str)
+
+    if not args.plot_only:
+        data = setup(args)
+        for seed in [s.strip() for s in args.seeds.split(",") if s.strip()]:
+            todo = [n for n in names if n in redo or seed not in results[n]]
+            if not todo:
+                continue
+            dense, dense_acc[seed] = dense_model(args, data, int(seed))
+            print(f"[dense start] seed {seed}: accuracy {dense_acc[seed]:.4f}", flush=True)
+            for name in todo:
+                r = recipe_run(args, data, dense, int(seed), name)
+                results[name][seed] = r
+                print(f"[{name}] seed {seed}: accuracy {r['accuracy']:.4f} at sparsity "
+                      f"{r['sparsity']:.1%} ({r['seconds']:.0f} s, pruning "
+                      f"{r['pruning_seconds']:.0f} s)", flush=True)
+                write()
+            write()
     results = {n: r for n, r in results.items() if r}
-    plot(results, os.path.join(args.output_dir, "accuracy_along_training.png"), dense_acc)
     minutes = (time.time() - t0) / 60
+    footer = (f"{cpu_name()}, {machine()}; {time.strftime('%Y-%m-%d', time.gmtime())}; a shared "
+              "machine. " + " && ".join(commands))
+    plot(results, os.path.join(args.output_dir, "accuracy_along_training.png"), dense_acc, footer,
+         args.eval_size)
     print(f"\nMachine: {machine()}; {minutes:.1f} min (wall-clock, shared machine)\n")
     print(summary_table(results, dense_acc))
-    print(f"\nCommand: {command}")
+    print("\nCommands:\n" + "\n".join(commands))
 
 
 if __name__ == "__main__":
