@@ -271,7 +271,8 @@ def test_memory_check_before_allocating(monkeypatch):
     need = compressed_window_bytes(10**6, 1024, 0.01)
     slots = 31 * 328  # 30 blocks of 2^15 keep 328, the last (16960) keeps 170 in 328 slots
     chunk = 12 * 1024 * 328  # 12 blocks of all rows: about 2^22 entries
-    assert need == 1024 * slots * 6 + 8 * 1024**2 + 3 * 4 * 31 * 32768 + chunk * (8 + 4 + 4)
+    # workspace: int32 indices, selected values, added terms
+    assert need == 1024 * slots * 6 + 8 * 1024**2 + 3 * 4 * 31 * 32768 + chunk * (4 + 4 + 4)
     monkeypatch.setattr(sparse_window, "free_bytes", lambda device: need - 1)
     with pytest.raises(MemoryError, match=f"needs {need / 2**30:.2f} GiB"):
         CompressedMFAC(10**6, 1024, 1e-2, 0.01)

@@ -10,7 +10,8 @@ indices (int16 within a block of at most 2^15 coordinates, else int32) and value
 
 Everything m x m (``G G^T``, its fp64 Cholesky with the damped fallback, the ring position,
 ``normalize_by_seen``, sharding) is that of :class:`~hf_mfac.core.DynamicMFAC`; only the O(dm)
-products differ: ``G x`` gathers x at the stored indices, ``G^T c`` scatters with ``scatter_add_``.
+products differ: ``G x`` selects x at the stored indices (``index_select``), ``G^T c`` adds at
+them (``index_add_``), block by block.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def compressed_window_bytes(dim: int, num_grads: int, density: float,
     """Memory of a :class:`CompressedMFAC`: per block and row ``k_block`` indices and values (the
     last partial block padded to ``k_block``), the fp64 m x m matrix, and in the compute ``dtype``
     three vectors of the padded length D (the error buffer, its spare, the compressed gradient)
-    and the products' workspace (three chunks of 2^22 entries or one block of all rows: int64
+    and the products' workspace (three chunks of 2^22 entries or one block of all rows: int32
     indices, gathered values, scattered terms)."""
     block, full, k_block, rest, _ = _layout(dim, density, block_size)
     blocks = full + (1 if rest else 0)
@@ -72,7 +73,7 @@ def compressed_window_bytes(dim: int, num_grads: int, density: float,
     compute = torch.empty((), dtype=dtype).element_size()
     chunk = min(blocks, _chunk_blocks(num_grads * k_block)) * num_grads * k_block
     return (num_grads * blocks * k_block * (item + index) + 8 * num_grads * num_grads
-            + 3 * blocks * block * compute + chunk * (8 + 2 * compute))
+            + 3 * blocks * block * compute + chunk * (4 + 2 * compute))
 
 
 def _chunk_blocks(per_block: int) -> int:
@@ -106,10 +107,11 @@ class CompressedMFAC(DynamicMFAC):
     at coordinate r (padding, value 0).
 
     Cost per ``update_mul``: the block top-k of a (O(d)), two passes over the m * k stored entries
-    (``G c`` by ``gather``, ``G^T c'`` by ``scatter_add_``, in chunks of 2^22 entries with int64
-    index temporaries), the O(m^3/3) Cholesky and O(m^2) solves of :class:`DynamicMFAC`. Memory:
-    :func:`compressed_window_bytes`, checked against the free memory of ``device`` before anything
-    is allocated (``MemoryError`` with the numbers); during a step three more d-vectors.
+    (``G c`` by ``index_select``, ``G^T c'`` by ``index_add_``, in chunks of 2^22 entries with
+    int32 index temporaries when the indices are stored as int16), the O(m^3/3) Cholesky and
+    O(m^2) solves of :class:`DynamicMFAC`. Memory: :func:`compressed_window_bytes`, checked
+    against the free memory of ``device`` before anything is allocated (``MemoryError`` with the
+    numbers); during a step three more d-vectors.
 
     All or nothing as :class:`DynamicMFAC`: a non-finite gradient (or one beyond the range of
     ``grad_dtype``), non-finite products, a failed factorisation or (``update_mul``) a non-finite
@@ -199,7 +201,7 @@ class CompressedMFAC(DynamicMFAC):
         return out.view(m, -1)[:, : self.dim]
 
     def _kernel_rows(self) -> bool:
-        return False  # the products are PyTorch gathers; G G^T carries only their fp32 rounding
+        return False  # the products are PyTorch index ops; G G^T carries only their fp32 rounding
 
     def _chunk_entries(self) -> int:
         """Entries of the largest chunk (all m rows): the size of the kept product buffers."""
@@ -208,31 +210,40 @@ class CompressedMFAC(DynamicMFAC):
 
     def _chunks(self, n: int):
         """Block ranges of about 2^22 stored entries of rows [0, n), with their indices (blocks,
-        n * k_block) as int64 (``gather``/``scatter_add_`` take no other) in a kept buffer."""
+        n * k_block) as int32 (``index_select``/``index_add_`` take int32; int16 is copied into a
+        kept buffer, stored int32 indices of all rows are used in place)."""
         per = n * self._k_block
         step = _chunk_blocks(self.num_grads * self._k_block)
-        buf = self._buffer("index", self._chunk_entries(), torch.int64)
+        buf = None
         for b in range(0, self._nblk, step):
             e = min(self._nblk, b + step)
+            if self._I.dtype == torch.int32 and n == self.num_grads:
+                yield b, e, self._I[b:e].view(e - b, per)
+                continue
+            if buf is None:
+                buf = self._buffer("index", self._chunk_entries(), torch.int32)
             idx = buf[: (e - b) * per].view(e - b, n, self._k_block)
             idx.copy_(self._I[b:e, :n])
             yield b, e, idx.view(e - b, per)
 
     def _matvec(self, n: int, x: torch.Tensor) -> torch.Tensor:
-        """``G[:n] x`` (n,) for dense x (d,) or padded: ``p_i = sum_j V[., i, j] x[I[., i, j]]``."""
+        """``G[:n] x`` (n,) for dense x (d,) or padded: ``p_i = sum_j V[., i, j] x[I[., i, j]]``,
+        block by block ``index_select`` of x at the stored indices (faster here than ``gather``,
+        which also needs int64 indices; benchmarks/RESULTS.md)."""
         xb = self._pad(x).view(self._nblk, self._block)  # (blocks, block)
         p = torch.zeros(n, dtype=self.dtype, device=self.device)
         kb = self._k_block
         for b, e, idx in self._chunks(n):
             vals = self._buffer("values", self._chunk_entries(), self.dtype)[: idx.numel()]
-            vals = vals.view_as(idx)
-            torch.gather(xb[b:e], 1, idx, out=vals)  # (e - b, n * k_block)
+            vals = vals.view_as(idx)  # (e - b, n * k_block)
+            for j in range(e - b):
+                torch.index_select(xb[b + j], 0, idx[j], out=vals[j])
             vals.view(e - b, n, kb).mul_(self._V[b:e, :n])
             p += vals.view(e - b, n, kb).sum(2).sum(0)
         return p
 
     def _rmatvec(self, n: int, c: torch.Tensor) -> torch.Tensor:
-        """``G[:n]^T c`` (d,) for c (n,): ``scatter_add_`` of ``c_i V[., i, j]`` at
+        """``G[:n]^T c`` (d,) for c (n,): block by block ``index_add_`` of ``c_i V[., i, j]`` at
         ``I[., i, j]``."""
         y = torch.zeros(self._nblk, self._block, dtype=self.dtype, device=self.device)
         coef = c[:n].to(self.dtype).view(1, n, 1)
@@ -240,7 +251,8 @@ class CompressedMFAC(DynamicMFAC):
             terms = self._buffer("terms", self._chunk_entries(), self.dtype)[: idx.numel()]
             terms = terms.view(e - b, n, -1)
             torch.mul(self._V[b:e, :n], coef, out=terms)  # (e - b, n, k_block)
-            y[b:e].scatter_add_(1, idx, terms.view(e - b, -1))
+            for j in range(e - b):
+                y[b + j].index_add_(0, idx[j], terms[j].view(-1))
         return y.view(-1)[: self.dim]
 
     # -- compression and the update ----------------------------------------------------------------
