@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +38,8 @@ def main_job():
 
 
 def settings(args) -> dict:
+    """The named settings; ``name+key=value+...`` in ``--settings`` overrides a named setting's
+    training arguments (e.g. ``sparse1024+learning_rate=0.001+mfac_damp=1e-4``)."""
     return {
         "adamw": dict(optim="adamw_torch", learning_rate=3e-4),
         "dense32": dict(optim="mfac", learning_rate=0.3 / 32, mfac_num_grads=32),
@@ -45,6 +48,65 @@ def settings(args) -> dict:
         "sparse_mem32": dict(optim="mfac", learning_rate=0.3 / args.num_grads_mem,
                              mfac_num_grads=args.num_grads_mem, mfac_density=0.01),
     }
+
+
+def resolve(spec: str, table: dict) -> dict:
+    """A setting from ``name`` or ``name+key=value+...`` (values parsed as JSON numbers/strings)."""
+    base, *overrides = spec.split("+")
+    kw = dict(table[base])
+    for item in overrides:
+        key, value = item.split("=", 1)
+        try:
+            kw[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kw[key] = value
+    return kw
+
+
+class Diagnostics:
+    """Per-step norms of the M-FAC step (``--diag``): |g|, |c| (the compressed gradient), |e| (the
+    error buffer), |u| = |F^{-1} c|, and at the end the share of the summed gradient still held
+    in the error buffer and the fraction of coordinates the window ever took."""
+
+    def __init__(self):
+        self.rows, self.sum_g, self.taken = [], None, None
+
+    def install(self):
+        from hf_mfac.optim.mfac import MFAC
+
+        orig, diag = MFAC._precondition, self
+
+        def precondition(opt, g):
+            u = orig(opt, g)
+            diag.record(opt.window, g, u)
+            return u
+
+        MFAC._precondition = precondition
+        return lambda: setattr(MFAC, "_precondition", orig)
+
+    def record(self, w, g, u):
+        row = {"g": float(g.norm()), "u": None if u is None else float(u.norm())}
+        if self.sum_g is None:
+            self.sum_g = torch.zeros_like(g)
+        self.sum_g += g
+        if hasattr(w, "error"):
+            c = w._c[: w.dim]
+            if self.taken is None:
+                self.taken = torch.zeros(w.dim, dtype=torch.bool)
+            self.taken |= c != 0
+            row.update(c=float(c.norm()), e=float(w.error.norm()))
+        self.rows.append(row)
+
+    def summary(self, w) -> dict:
+        out = {"steps": self.rows[:3] + self.rows[-3:]}
+        if hasattr(w, "error"):
+            out["error_share"] = float(w.error.norm() / self.sum_g.norm())
+            out["taken_fraction"] = float(self.taken.float().mean())
+        for key in ("g", "c", "e", "u"):
+            vals = [r[key] for r in self.rows if r.get(key) is not None]
+            if vals:
+                out[f"mean_{key}"] = statistics.mean(vals)
+        return out
 
 
 def run(name: str, kw: dict, seed: int, args, mj) -> dict:
@@ -81,12 +143,23 @@ def run(name: str, kw: dict, seed: int, args, mj) -> dict:
     trainer = MFACTrainer(model=model, args=targs, train_dataset=encode(train_raw),
                           eval_dataset=encode(eval_raw), data_collator=DataCollatorWithPadding(tok),
                           compute_metrics=accuracy)
+    diag = Diagnostics() if args.diag else None
+    uninstall = diag.install() if diag else None
     t0 = time.time()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        if uninstall:
+            uninstall()
     acc = trainer.evaluate()["eval_accuracy"]
     loss = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"setting": name, "seed": seed, "accuracy": acc, "seconds": time.time() - t0,
-            "last_loss": loss[-1] if loss else None, **{k: v for k, v in kw.items()}}
+    out = {"setting": name, "seed": seed, "accuracy": acc, "seconds": time.time() - t0,
+           "last_loss": loss[-1] if loss else None, **{k: v for k, v in kw.items()}}
+    if diag is not None and diag.rows:
+        from hf_mfac.optim.mfac import unwrap_optimizer
+
+        out["diag"] = diag.summary(unwrap_optimizer(trainer.optimizer).window)
+    return out
 
 
 def main():
@@ -99,6 +172,7 @@ def main():
     ap.add_argument("--sparse_lr", type=float, default=None)
     ap.add_argument("--num_grads_mem", type=int, default=2048)
     ap.add_argument("--output_dir", default="/tmp/bench_sparse_quality")
+    ap.add_argument("--diag", action="store_true", help="record per-step norms of the M-FAC step")
     args = ap.parse_args()
     mj = main_job()
     table = settings(args)
@@ -108,7 +182,7 @@ def main():
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in args.settings.split(","):
-            rows.append(run(name, table[name], seed, args, mj))
+            rows.append(run(name, resolve(name, table), seed, args, mj))
             print(json.dumps(rows[-1]), flush=True)
     print("\n| setting | lr | seeds | eval accuracy (each) | mean ± std | s per run |")
     print("|---|---|---|---|---|---|")
@@ -117,7 +191,7 @@ def main():
         secs = statistics.mean(r["seconds"] for r in rows if r["setting"] == name)
         std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
         each = ", ".join(f"{a:.4f}" for a in accs)
-        print(f"| {name} | {table[name]['learning_rate']:.3g} | {len(accs)} | {each} | "
+        print(f"| {name} | {resolve(name, table)['learning_rate']:.3g} | {len(accs)} | {each} | "
               f"{statistics.mean(accs):.4f} ± {std:.4f} | {secs:.0f} |")
 
 
