@@ -9,14 +9,18 @@ runs forward and backward on a batch of random token ids, then
 
 RSS is read after the model's first backward (gradients allocated) and again after the timed
 steps; their difference is the optimizer's (window, error buffer, workspace, AdamW's moments).
+"state" is the bytes of the optimizer's own tensors (M-FAC: indices, values, error buffer and its
+spare, the compressed-gradient buffer, the m x m matrix, the products' workspace; AdamW: the two
+moments), next to ``compressed_window_bytes`` (the number the memory check uses).
 The compressed window fills one row per step: to time and measure a full window of m = 1024 rows
 without 1024 steps, the rows not yet written are filled with random rows of the right layout (and
 G G^T with their squared norms on the diagonal; the products cost the same whatever the values),
 then the timed steps run on the full window. Step time = forward + backward +
 ``optimizer.step()``, median of ``--steps`` steps after one warm-up step.
 
-Run (heavy: ~3 GiB for MiniLM, ~10 GiB for all-mpnet-base-v2 at m = 1024, 1 %):
-``flock /tmp/brief/heavy.lock python benchmarks/bench_sparse_mfac_bert.py``
+Run (heavy: ~3 GiB for MiniLM, ~7-10 GiB for all-mpnet-base-v2 at m = 1024, 1 %):
+``flock /tmp/brief/heavy.lock python benchmarks/bench_sparse_mfac_bert.py`` (MiniLM), or with
+``--model $(bash benchmarks/get_mpnet.sh) --grad_dtype bfloat16`` (BERT-base size, bf16 values).
 """
 from __future__ import annotations
 
@@ -74,6 +78,7 @@ def worker(args) -> dict:
     from transformers import AutoModelForSequenceClassification
 
     import hf_mfac
+    from hf_mfac.core.sparse_window import compressed_window_bytes
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=3)
@@ -94,7 +99,7 @@ def worker(args) -> dict:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     else:
         opt = hf_mfac.MFAC(model.parameters(), lr=1e-5, num_grads=args.num_grads,
-                           damp=args.damp, density=args.density)
+                           damp=args.damp, density=args.density, grad_dtype=args.grad_dtype)
     fwd_bwd()
     opt.step()  # allocates the window / the moments
     if args.optim == "mfac" and args.density < 1:
@@ -110,8 +115,21 @@ def worker(args) -> dict:
             times.append(t2 - t0)
             opt_times.append(t2 - t1)
     grown = rss() - base
-    count = getattr(getattr(opt, "window", None), "count", None)
+    window = getattr(opt, "window", None)
+    count = getattr(window, "count", None)
+    if window is not None:
+        tensors = [window._I, window._V, window._err, window._spare, window._c, window.GGt,
+                   *window._work.values()]
+        predicted = compressed_window_bytes(d, args.num_grads, args.density,
+                                            grad_dtype=getattr(torch, args.grad_dtype))
+    else:
+        tensors = [t for st in opt.state.values() for t in st.values()
+                   if isinstance(t, torch.Tensor) and t.numel() > 1]
+        predicted = None
+    state = sum(t.numel() * t.element_size() for t in tensors)
     return {"optim": args.optim, "d": d, "rss_growth_gib": grown / 2**30,
+            "state_gib": state / 2**30, "state_gb": state / 1e9,
+            "predicted_gib": None if predicted is None else predicted / 2**30,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "step_s": statistics.median(times), "optimizer_step_s": statistics.median(opt_times),
             "window_rows": count, "threads": torch.get_num_threads()}
@@ -123,6 +141,7 @@ def main():
     ap.add_argument("--num_grads", type=int, default=1024)
     ap.add_argument("--density", type=float, default=0.01)
     ap.add_argument("--damp", type=float, default=1e-6)
+    ap.add_argument("--grad_dtype", default="float32", help="the window's value dtype")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--length", type=int, default=48)
     ap.add_argument("--steps", type=int, default=5)
@@ -136,7 +155,8 @@ def main():
         return
     now = datetime.datetime.now(datetime.timezone.utc)
     print(f"{now:%Y-%m-%d %H:%M} UTC; model {args.model}; batch {args.batch} x {args.length} "
-          f"tokens; M-FAC m={args.num_grads}, density={args.density}", flush=True)
+          f"tokens; M-FAC m={args.num_grads}, density={args.density}, values {args.grad_dtype}",
+          flush=True)
     rows = []
     for optim in args.optims.split(","):
         cmd = [sys.executable, __file__, "--worker", optim] + [
@@ -146,14 +166,15 @@ def main():
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     ref = next((r for r in rows if r["optim"] == "adamw"), None)
-    print("\n| optimizer | d | RSS growth GiB | peak RSS GiB | step s | optimizer.step s | "
-          "step / AdamW's |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| optimizer | d | state GB (GiB) | RSS growth GiB | peak RSS GiB | step s | "
+          "optimizer.step s | step / AdamW's |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['step_s'] / ref['step_s']:.2f}" if ref else "-"
         name = "AdamW" if r["optim"] == "adamw" else (
             f"M-FAC m={args.num_grads}, density {args.density:g} ({r['window_rows']} rows)")
-        print(f"| {name} | {r['d'] / 1e6:.1f}M | {r['rss_growth_gib']:.2f} | "
+        print(f"| {name} | {r['d'] / 1e6:.1f}M | {r['state_gb']:.2f} ({r['state_gib']:.2f}) | "
+              f"{r['rss_growth_gib']:.2f} | "
               f"{r['peak_rss_gib']:.2f} | {r['step_s']:.2f} | {r['optimizer_step_s']:.2f} | "
               f"{ratio} |")
 

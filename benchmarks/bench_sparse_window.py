@@ -1,11 +1,12 @@
 """The compressed M-FAC window (:class:`hf_mfac.core.CompressedMFAC`) on this machine.
 
 1. The memory-bandwidth bound of this CPU, measured in the same run: a large copy and a large sum.
-2. The window products ``G x`` (gather) and ``G^T c`` (scatter_add) at m = 1024, density 0.01:
-   time, window bytes streamed per second and the fraction of the bound reached (each product
-   reads every stored index and value once); next to them, for scale, the same ``G x`` as a
-   PyTorch CSR matrix-vector product (int32 columns, built once) and a dense fp32 product of as
-   many values.
+2. The window products ``G x`` (``index_select``) and ``G^T c`` (``index_add_``) at m = 1024,
+   density 0.01: time, window bytes streamed per second and the fraction of the bound reached
+   (each product reads every stored index and value once); next to them, for scale, the earlier
+   formulation (``gather`` / ``scatter_add_`` with the indices copied to int64), the same ``G x``
+   as a PyTorch CSR matrix-vector product (int32 columns, built once) and a dense fp32 product of
+   as many values.
 3. ``update_mul`` (top-k with error feedback, ``G c``, the m x m Cholesky, ``G^T c'``) at
    d = 23M and d = 110M, m = 1024, density 0.01, with its parts.
 
@@ -66,6 +67,30 @@ def csr(w: CompressedMFAC) -> torch.Tensor:
     return torch.sparse_csr_tensor(crow, cols.reshape(-1), vals.reshape(-1), size=size)
 
 
+def gather_matvec(w: CompressedMFAC, x: torch.Tensor) -> torch.Tensor:
+    """``G x`` the earlier way: int16 -> int64 indices, ``gather``, multiply, sum."""
+    xb, kb, m = w._pad(x).view(w._nblk, w._block), w._k_block, w.num_grads
+    p = torch.zeros(m)
+    step = max(1, (1 << 22) // (m * kb))
+    for b in range(0, w._nblk, step):
+        e = min(w._nblk, b + step)
+        idx = w._I[b:e].view(e - b, -1).long()
+        vals = torch.gather(xb[b:e], 1, idx).view(e - b, m, kb).mul_(w._V[b:e])
+        p += vals.sum(2).sum(0)
+    return p
+
+
+def scatter_rmatvec(w: CompressedMFAC, c: torch.Tensor) -> torch.Tensor:
+    """``G^T c`` the earlier way: int16 -> int64 indices, ``scatter_add_``."""
+    y, m = torch.zeros(w._nblk, w._block), w.num_grads
+    step = max(1, (1 << 22) // (m * w._k_block))
+    for b in range(0, w._nblk, step):
+        e = min(w._nblk, b + step)
+        terms = (w._V[b:e] * c.view(1, m, 1)).view(e - b, -1)
+        y[b:e].scatter_add_(1, w._I[b:e].view(e - b, -1).long(), terms)
+    return y.view(-1)[: w.dim]
+
+
 def row(size: str, name: str, t: float, entries: int, nbytes: int, bound: float) -> list:
     return [size, name, f"{t * 1e3:.0f}", f"{t / entries * 1e9:.2f}", f"{nbytes / t / 1e9:.2f}",
             f"{nbytes / t / bound:.2f}"]
@@ -78,11 +103,14 @@ def products(w: CompressedMFAC, bound: float, repeats: int, compare: bool) -> li
     x, c = torch.randn(w.dim), torch.randn(m)
     size = f"d={w.dim / 1e6:.1f}M"
     rows = []
-    for name, fn in (("G x (gather)", lambda: w._matvec(m, x)),
-                     ("G^T c (scatter_add)", lambda: w._rmatvec(m, c))):
+    for name, fn in (("G x (index_select)", lambda: w._matvec(m, x)),
+                     ("G^T c (index_add_)", lambda: w._rmatvec(m, c))):
         rows.append(row(size, name, timeit(fn, repeats=repeats), entries, nbytes, bound))
     if not compare:
         return rows
+    for name, fn in (("G x (earlier: gather, int64)", lambda: gather_matvec(w, x)),
+                     ("G^T c (earlier: scatter_add_, int64)", lambda: scatter_rmatvec(w, c))):
+        rows.append(row(size, name, timeit(fn, repeats=repeats), entries, nbytes, bound))
     G, xp = csr(w), w._pad(x).clone()
     t = timeit(lambda: G @ xp, repeats=repeats)
     rows.append(row(size, "G x (CSR matrix, MKL)", t, entries, nbytes, bound))
