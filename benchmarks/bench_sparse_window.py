@@ -103,9 +103,17 @@ def products(w: CompressedMFAC, bound: float, repeats: int, compare: bool) -> li
     x, c = torch.randn(w.dim), torch.randn(m)
     size = f"d={w.dim / 1e6:.1f}M"
     rows = []
-    for name, fn in (("G x (index_select)", lambda: w._matvec(m, x)),
-                     ("G^T c (index_add_)", lambda: w._rmatvec(m, c))):
+    workers = w._workers
+    for name, fn in ((f"G x (index_select, {workers} threads)", lambda: w._matvec(m, x)),
+                     (f"G^T c (index_add_, {workers} threads)", lambda: w._rmatvec(m, c))):
         rows.append(row(size, name, timeit(fn, repeats=repeats), entries, nbytes, bound))
+    if workers > 1:  # the same on one thread
+        w._workers = 1
+        for name, fn in (("G x (index_select, 1 thread)", lambda: w._matvec(m, x)),
+                         ("G^T c (index_add_, 1 thread)", lambda: w._rmatvec(m, c))):
+            rows.append(row(size, name, timeit(fn, repeats=repeats), entries, nbytes, bound))
+        w._workers = workers
+        w._work.clear()
     if not compare:
         return rows
     for name, fn in (("G x (earlier: gather, int64)", lambda: gather_matvec(w, x)),

@@ -268,11 +268,12 @@ def test_bad_density_is_refused_naming_it(density):
 
 
 def test_memory_check_before_allocating(monkeypatch):
-    need = compressed_window_bytes(10**6, 1024, 0.01)
     slots = 31 * 328  # 30 blocks of 2^15 keep 328, the last (16960) keeps 170 in 328 slots
-    chunk = 12 * 1024 * 328  # 12 blocks of all rows: about 2^22 entries
-    # workspace: int32 indices, selected values, added terms
-    assert need == 1024 * slots * 6 + 8 * 1024**2 + 3 * 4 * 31 * 32768 + chunk * (4 + 4 + 4)
+    chunk = 12 * 1024 * 328  # 2 workers x 6 blocks of all rows: about 2^22 entries
+    # workspace: int32 indices and the values selected / terms added, per worker
+    want = 1024 * slots * 6 + 8 * 1024**2 + 3 * 4 * 31 * 32768 + chunk * (4 + 4)
+    assert compressed_window_bytes(10**6, 1024, 0.01, workers=2) == want
+    need = compressed_window_bytes(10**6, 1024, 0.01)  # this machine's workers
     monkeypatch.setattr(sparse_window, "free_bytes", lambda device: need - 1)
     with pytest.raises(MemoryError, match=f"needs {need / 2**30:.2f} GiB"):
         CompressedMFAC(10**6, 1024, 1e-2, 0.01)
@@ -281,6 +282,29 @@ def test_memory_check_before_allocating(monkeypatch):
     w.update_mul(torch.randn(10**6))  # allocates the products' workspace
     tensors = [w._I, w._V, w._err, w._spare, w._c, w.GGt, *w._work.values()]
     assert sum(t.numel() * t.element_size() for t in tensors) == need
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_products_do_not_depend_on_the_workers(monkeypatch, workers):
+    """Threads split the blocks; the products equal the one-worker ones to fp32 rounding, and each
+    worker count gives the same bits every time."""
+    torch.manual_seed(4)
+    d, m = 5000, 6
+    windows = []
+    for n in (1, workers):
+        monkeypatch.setattr(sparse_window, "product_workers", lambda device=None, n=n: n)
+        w = CompressedMFAC(d, m, 1e-3, 0.05, block_size=256)  # 20 blocks, 13 kept in each
+        assert w._workers == n
+        windows.append(w)
+    for t in range(9):
+        g = torch.randn(d, generator=torch.Generator().manual_seed(t))
+        ys = [w.update_mul(g) for w in windows]
+        torch.testing.assert_close(ys[0], ys[1], rtol=1e-5, atol=1e-6 * float(ys[0].abs().max()))
+    x = torch.randn(d)
+    a, b = windows[1]._matvec(m, x), windows[1]._matvec(m, x)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, windows[0]._matvec(m, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(windows[1].dense_rows() @ x, a, rtol=1e-4, atol=1e-4)
 
 
 def test_dense_window_accessor_is_refused():

@@ -15,6 +15,7 @@ them (``index_add_``), block by block.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import math
 
 import torch
@@ -23,12 +24,14 @@ from ._checks import all_finite, check_int, check_real, free_bytes
 from .ihvp import DynamicMFAC, GradientRejected
 
 __all__ = ["CompressedMFAC", "compressed_window_bytes", "check_density", "index_dtype",
-           "kept_per_block", "DEFAULT_BLOCK_SIZE"]
+           "kept_per_block", "product_workers", "DEFAULT_BLOCK_SIZE"]
 
 # Coordinates per block of the top-k selection: the largest block whose indices fit int16.
 DEFAULT_BLOCK_SIZE = 1 << 15
 _INT16_SPAN = 1 << 15  # blocks up to this length index their coordinates with int16
 _CHUNK_ENTRIES = 1 << 22  # window entries per chunk of the products (bounds their temporaries)
+_MAX_WORKERS = 8  # threads of the products on a CPU
+_POOL = None  # their thread pool, made on first use
 
 
 def check_density(density, label: str = "density") -> float:
@@ -60,25 +63,49 @@ def index_dtype(dim: int, block_size: int) -> torch.dtype:
 
 def compressed_window_bytes(dim: int, num_grads: int, density: float,
                             block_size: int = DEFAULT_BLOCK_SIZE, grad_dtype=torch.float32,
-                            dtype: torch.dtype = torch.float32) -> int:
+                            dtype: torch.dtype = torch.float32, workers: int | None = None) -> int:
     """Memory of a :class:`CompressedMFAC`: per block and row ``k_block`` indices and values (the
     last partial block padded to ``k_block``), the fp64 m x m matrix, and in the compute ``dtype``
     three vectors of the padded length D (the error buffer, its spare, the compressed gradient)
-    and the products' workspace (three chunks of 2^22 entries or one block of all rows: int32
-    indices, gathered values, scattered terms)."""
+    and the products' workspace (per worker, a chunk of about 2^22 / workers entries, at least
+    one block of all rows: int32 indices, and values selected or terms added). ``workers``:
+    :func:`product_workers` of the CPU by default."""
     block, full, k_block, rest, _ = _layout(dim, density, block_size)
     blocks = full + (1 if rest else 0)
     item = torch.empty((), dtype=grad_dtype).element_size()
     index = torch.empty((), dtype=index_dtype(dim, block_size)).element_size()
     compute = torch.empty((), dtype=dtype).element_size()
-    chunk = min(blocks, _chunk_blocks(num_grads * k_block)) * num_grads * k_block
+    workers, step = _chunk_plan(blocks, num_grads * k_block,
+                                workers if workers is not None else product_workers())
+    chunk = workers * step * num_grads * k_block
     return (num_grads * blocks * k_block * (item + index) + 8 * num_grads * num_grads
-            + 3 * blocks * block * compute + chunk * (4 + 2 * compute))
+            + 3 * blocks * block * compute + chunk * (4 + compute))
 
 
 def _chunk_blocks(per_block: int) -> int:
     """Blocks per chunk of the products: about 2^22 stored entries, at least one block."""
     return max(1, _CHUNK_ENTRIES // max(1, per_block))
+
+
+def product_workers(device=None) -> int:
+    """Threads the window's products run on: on a CPU the number of torch threads (at most 8),
+    since ``index_select``/``index_add_`` on one block run on one core; on a GPU one."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return max(1, min(torch.get_num_threads(), _MAX_WORKERS)) if device.type == "cpu" else 1
+
+
+def _chunk_plan(blocks: int, per_block: int, workers: int) -> tuple[int, int]:
+    """``(workers, blocks per chunk)``: the chunks of all workers together hold about 2^22
+    stored entries (at least one block each), and the blocks are shared among the workers."""
+    workers = max(1, min(workers, blocks))
+    return workers, min(-(-blocks // workers), max(1, _chunk_blocks(per_block) // workers))
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(_MAX_WORKERS, "hf_mfac-window")
+    return _POOL
 
 
 class CompressedMFAC(DynamicMFAC):
@@ -131,8 +158,9 @@ class CompressedMFAC(DynamicMFAC):
     def _allocate_window(self, storage: torch.dtype) -> None:
         """Indices (int16/int32) and values (``storage``) of shape (blocks, m, k_block) and the
         error buffer; fails before allocating when ``device`` lacks the memory."""
+        self._workers = product_workers(self.device)
         need = compressed_window_bytes(self.dim, self.num_grads, self.density, self.block_size,
-                                       storage, self.dtype)
+                                       storage, self.dtype, self._workers)
         free = free_bytes(self.device)
         if free is not None and need > free:
             raise MemoryError(
@@ -204,55 +232,80 @@ class CompressedMFAC(DynamicMFAC):
         return False  # the products are PyTorch index ops; G G^T carries only their fp32 rounding
 
     def _chunk_entries(self) -> int:
-        """Entries of the largest chunk (all m rows): the size of the kept product buffers."""
+        """Entries of one worker's largest chunk (all m rows): the size of its kept buffers."""
         per = self.num_grads * self._k_block
-        return min(self._nblk, _chunk_blocks(per)) * per
+        return _chunk_plan(self._nblk, per, self._workers)[1] * per
 
-    def _chunks(self, n: int):
-        """Block ranges of about 2^22 stored entries of rows [0, n), with their indices (blocks,
-        n * k_block) as int32 (``index_select``/``index_add_`` take int32; int16 is copied into a
-        kept buffer, stored int32 indices of all rows are used in place)."""
+    def _chunks(self, n: int, worker: int):
+        """The block ranges of rows [0, n) that ``worker`` handles: chunks of about 2^22 / workers
+        stored entries, dealt round-robin, with their indices (blocks, n * k_block) as int32
+        (``index_select``/``index_add_`` take int32; int16 is copied into the worker's kept
+        buffer, stored int32 indices of all rows are used in place)."""
         per = n * self._k_block
-        step = _chunk_blocks(self.num_grads * self._k_block)
+        workers, step = _chunk_plan(self._nblk, self.num_grads * self._k_block, self._workers)
         buf = None
-        for b in range(0, self._nblk, step):
+        for b in range(worker * step, self._nblk, workers * step):
             e = min(self._nblk, b + step)
             if self._I.dtype == torch.int32 and n == self.num_grads:
                 yield b, e, self._I[b:e].view(e - b, per)
                 continue
             if buf is None:
-                buf = self._buffer("index", self._chunk_entries(), torch.int32)
+                buf = self._buffer(("index", worker), self._chunk_entries(), torch.int32)
             idx = buf[: (e - b) * per].view(e - b, n, self._k_block)
             idx.copy_(self._I[b:e, :n])
             yield b, e, idx.view(e - b, per)
 
+    def _parallel(self, fn) -> list:
+        """``[fn(w) for w in workers]``, on threads when there are several (the index ops release
+        the GIL and run on one core each); waits for every worker even when one fails or the
+        wait is interrupted, so that no worker still writes to the buffers afterwards."""
+        workers = _chunk_plan(self._nblk, self.num_grads * self._k_block, self._workers)[0]
+        if workers == 1:
+            return [fn(0)]
+        futures = [_pool().submit(fn, w) for w in range(workers)]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            concurrent.futures.wait(futures)
+            raise
+
     def _matvec(self, n: int, x: torch.Tensor) -> torch.Tensor:
         """``G[:n] x`` (n,) for dense x (d,) or padded: ``p_i = sum_j V[., i, j] x[I[., i, j]]``,
         block by block ``index_select`` of x at the stored indices (faster here than ``gather``,
-        which also needs int64 indices; benchmarks/RESULTS.md)."""
+        which also needs int64 indices; benchmarks/RESULTS.md). The workers' partial sums are
+        added in worker order (the result does not depend on their timing)."""
         xb = self._pad(x).view(self._nblk, self._block)  # (blocks, block)
-        p = torch.zeros(n, dtype=self.dtype, device=self.device)
         kb = self._k_block
-        for b, e, idx in self._chunks(n):
-            vals = self._buffer("values", self._chunk_entries(), self.dtype)[: idx.numel()]
-            vals = vals.view_as(idx)  # (e - b, n * k_block)
-            for j in range(e - b):
-                torch.index_select(xb[b + j], 0, idx[j], out=vals[j])
-            vals.view(e - b, n, kb).mul_(self._V[b:e, :n])
-            p += vals.view(e - b, n, kb).sum(2).sum(0)
-        return p
+
+        def part(worker: int) -> torch.Tensor:
+            p = torch.zeros(n, dtype=self.dtype, device=self.device)
+            vals = self._buffer(("values", worker), self._chunk_entries(), self.dtype)
+            for b, e, idx in self._chunks(n, worker):
+                v = vals[: idx.numel()].view_as(idx)  # (e - b, n * k_block)
+                for j in range(e - b):
+                    torch.index_select(xb[b + j], 0, idx[j], out=v[j])
+                v.view(e - b, n, kb).mul_(self._V[b:e, :n])
+                p += v.view(e - b, n, kb).sum(2).sum(0)
+            return p
+
+        parts = self._parallel(part)
+        return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
 
     def _rmatvec(self, n: int, c: torch.Tensor) -> torch.Tensor:
         """``G[:n]^T c`` (d,) for c (n,): block by block ``index_add_`` of ``c_i V[., i, j]`` at
-        ``I[., i, j]``."""
+        ``I[., i, j]`` (each block is written by one worker only)."""
         y = torch.zeros(self._nblk, self._block, dtype=self.dtype, device=self.device)
         coef = c[:n].to(self.dtype).view(1, n, 1)
-        for b, e, idx in self._chunks(n):
-            terms = self._buffer("terms", self._chunk_entries(), self.dtype)[: idx.numel()]
-            terms = terms.view(e - b, n, -1)
-            torch.mul(self._V[b:e, :n], coef, out=terms)  # (e - b, n, k_block)
-            for j in range(e - b):
-                y[b + j].index_add_(0, idx[j], terms[j].view(-1))
+
+        def part(worker: int) -> None:
+            terms = self._buffer(("values", worker), self._chunk_entries(), self.dtype)
+            for b, e, idx in self._chunks(n, worker):
+                t = terms[: idx.numel()].view(e - b, n, -1)
+                torch.mul(self._V[b:e, :n], coef, out=t)  # (e - b, n, k_block)
+                for j in range(e - b):
+                    y[b + j].index_add_(0, idx[j], t[j].view(-1))
+
+        self._parallel(part)
         return y.view(-1)[: self.dim]
 
     # -- compression and the update ----------------------------------------------------------------
