@@ -135,7 +135,7 @@ def run(name: str, kw: dict, seed: int, args, mj) -> dict:
         per_device_eval_batch_size=128, max_steps=args.max_steps, logging_steps=10,
         eval_strategy="no", save_strategy="no", report_to=[], seed=seed, data_seed=seed,
         lr_scheduler_type="linear", warmup_steps=0, dataloader_num_workers=0, disable_tqdm=True,
-        mfac_damp=1e-6, **kw)
+        **{"mfac_damp": 1e-6, **kw})
 
     def accuracy(p):
         return {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())}

@@ -323,3 +323,16 @@ def test_dense_window_refuses_a_compressed_state():
     with pytest.raises(ValueError, match="compressed window"):
         dense.load_state_dict(sparse.state_dict())
     assert torch.equal(dense.G, G) and torch.equal(dense.GGt, GGt) and dense.count == 1
+
+
+def test_before_the_window_fills_only_lr_times_m_and_m_times_damp_matter():
+    """F = damp I + (1/m) G^T G, so lr F^{-1} = (lr m) (m damp I + G^T G)^{-1}: while fewer than m
+    rows are held, m = 8 and m = 16 with the same lr * m and m * damp give the same steps."""
+    torch.manual_seed(5)
+    d, alpha, beta = 600, 0.3, 1e-2
+    small = CompressedMFAC(d, 8, beta / 8, 0.05, block_size=100, dtype=torch.float64)
+    large = CompressedMFAC(d, 16, beta / 16, 0.05, block_size=100, dtype=torch.float64)
+    for _ in range(8):
+        g = torch.randn(d, dtype=torch.float64)
+        a, b = alpha / 8 * small.update_mul(g), alpha / 16 * large.update_mul(g)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12 * float(a.abs().max()))
