@@ -22,6 +22,13 @@ order of priority (a part that would not get its minimum time before the deadlin
    products) at d = 2^22 against the bare fp32 batched GEMMs of the same accumulation (TF32 off), as
    a fraction of the GEMM's throughput.
 7. ``sparse24``: 2:4 export of a BERT-base Linear stack and its speed against dense.
+8. ``split``: a small BERT dispatched by accelerate between the GPU and the CPU (embeddings and the
+   first half of the layers on ``cuda:0``, the rest on the CPU, resident: ``main_device="cpu"``)
+   pruned as it is (each target's Fisher on its weight's device), and the CPU model's Fisher placed
+   over ``[cuda:0 with a capacity for about half of it, cpu]``: the plans, the estimated and
+   measured peak per device, whether the masks equal a CPU-only run's, the hooks intact, the
+   forward. ``python3 benchmarks/gpu_check.py --split-check --device cpu`` runs the same code on
+   the CPU alone (the tests do).
 """
 from __future__ import annotations
 
@@ -84,6 +91,143 @@ BUILD_CODE = (
     "import json, hf_mfac.kernels as K; "
     "print('@@GPU_CHECK_JSON ' + json.dumps(K.build_kernels(verbose=True)), flush=True)"
 )
+
+
+def split_check(argv=None) -> int:
+    """The ``split`` part (run with the environment's python): prune a BERT split between
+    ``--device`` (default cuda:0) and the CPU, and the CPU model with its Fisher placed over both;
+    compare with a CPU-only run. Prints a Markdown table and one JSON line; exit 1 when the masks
+    of a run differ from the CPU run's in more than 0.1 % of the weights, a hook is lost, or the
+    forward fails."""
+    import argparse as _argparse
+    import copy as _copy
+    import resource
+
+    import torch
+    from accelerate import dispatch_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_mfac.pruning import Layout, find_prunable, make_pruner, prune_oneshot
+    from hf_mfac.pruning.grads import default_chunk_size
+    from hf_mfac.pruning.placement import GRAD_PHASE_BYTES, STEP_BYTES
+
+    ap = _argparse.ArgumentParser(prog="gpu_check.py --split-check")
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=128)
+    a = ap.parse_args(argv)
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("split: torch sees no CUDA device (pass --device cpu to run it on the CPU alone)")
+        return 1
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=1000, hidden_size=a.hidden, num_hidden_layers=a.layers,
+                     num_attention_heads=4, intermediate_size=4 * a.hidden,
+                     max_position_embeddings=64, num_labels=2)
+    base = BertForSequenceClassification(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 1000, (8, 32), generator=g),
+             "attention_mask": torch.ones(8, 32, dtype=torch.long),
+             "labels": torch.randint(0, 2, (8,), generator=g)} for _ in range(32)]
+    settings = dict(method="obert", sparsity=0.5, num_grads=32, block_size=32, progress=False)
+    half = a.layers // 2
+    device_map = {"bert.embeddings": str(dev), "bert.pooler": "cpu", "dropout": "cpu",
+                  "classifier": "cpu"}
+    device_map.update({f"bert.encoder.layer.{i}": str(dev) if i < half else "cpu"
+                       for i in range(a.layers)})
+
+    def peak_reset():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            return torch.cuda.memory_allocated(dev)
+        return 0
+
+    def peak_read(start):
+        if dev.type != "cuda":
+            return None
+        torch.cuda.synchronize(dev)
+        return torch.cuda.max_memory_allocated(dev) - start
+
+    def rss():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    reference = _copy.deepcopy(base)
+    t0 = time.perf_counter()
+    ref = prune_oneshot(reference, data, **settings)
+    rows, failures, report = [("CPU alone", ref, None, time.perf_counter() - t0, rss())], [], {}
+
+    split = dispatch_model(_copy.deepcopy(base), device_map=device_map, main_device="cpu",
+                           force_hooks=True)
+    hooks = {n: type(m._hf_hook).__name__ for n, m in split.named_modules()
+             if hasattr(m, "_hf_hook")}
+    start = peak_reset()
+    t0 = time.perf_counter()
+    res = prune_oneshot(split, data, **settings)
+    rows.append(("dispatched (device_map)", res, peak_read(start), time.perf_counter() - t0,
+                 rss()))
+    after = {n: type(m._hf_hook).__name__ for n, m in split.named_modules()
+             if hasattr(m, "_hf_hook")}
+    if after != hooks:
+        failures.append("the dispatched model's hooks changed")
+    with torch.no_grad():
+        out_split = split(**data[0]).logits.float().cpu()
+        out_ref = reference(**data[0]).logits.float()
+    forward_err = float((out_split - out_ref).abs().max())
+    if not forward_err <= 1e-3 * max(1.0, float(out_ref.abs().max())):
+        failures.append(f"the dispatched model's forward differs from the CPU run's by "
+                        f"{forward_err}")
+
+    # a capacity on the device for about half of the Fisher (and the step's vectors): the CPU
+    # takes the rest
+    placed = _copy.deepcopy(base)
+    layout = Layout(find_prunable(base), pad=32)
+    fisher = make_pruner("obert", block_size=32).fisher_bytes(layout.dim, 32)
+    nb = layout.dim // 32
+    chunk = default_chunk_size(layout.dim, 32, fisher_bytes=fisher)
+    per_block = -(-fisher // nb) + 32 * (4 * chunk + GRAD_PHASE_BYTES)  # as the plan counts
+    room = nb // 2 * per_block + layout.dim * STEP_BYTES
+    start = peak_reset()
+    t0 = time.perf_counter()
+    rest = None if dev.type != "cpu" else room  # CPU alone: two equal slots
+    res2 = prune_oneshot(placed, data, device=[(str(dev), room), ("cpu", rest)], **settings)
+    rows.append(("CPU model, Fisher placed", res2, peak_read(start), time.perf_counter() - t0,
+                 rss()))
+
+    total = sum(m.numel() for m in ref.masks.values())
+    print(f"split: {a.layers} BERT layers of {a.hidden}, {total} target weights; layers "
+          f"0-{half - 1} on {dev}, the rest on the CPU; obert 50 %, 32 gradients, B = 32")
+    print("")
+    print("| run | Fisher placement | work device | estimate per device | measured peak on "
+          f"{dev} | peak RSS | seconds | masks = CPU run | weights max diff |")
+    print("|---|---|---|---|---:|---:|---:|---|---:|")
+    for name, r, peak, sec, rss_b in rows:
+        diff = sum(int((r.masks[k].cpu() != ref.masks[k].cpu()).sum()) for k in ref.masks)
+        wdiff = 0.0
+        plan = "; ".join(f"{p['device']} {p['blocks'][0]}-{p['blocks'][1] - 1}"
+                         for p in r.report.placement or [])
+        est = ", ".join(f"{d} {b / 2**20:.0f} MiB" for d, b in
+                        (r.report.memory_estimate or {}).items())
+        if r is not ref:
+            model = split if r is res else placed
+            wdiff = max(float((p.detach().cpu() - q.detach()).abs().max())
+                        for p, q in zip(model.parameters(), reference.parameters()))
+            if diff > 1e-3 * total:
+                failures.append(f"{name}: {diff} mask entries differ from the CPU run's")
+        report[name] = {"placement": r.report.placement, "work_device": r.report.work_device,
+                        "estimate": r.report.memory_estimate, "peak_device": peak,
+                        "peak_rss": rss_b, "seconds": round(sec, 2), "mask_diffs": diff,
+                        "weights_max_diff": wdiff}
+        shown = "n/a" if peak is None else f"{peak / 2**20:.0f} MiB"
+        same = "yes" if diff == 0 else f"no ({diff} of {total} differ)"
+        print(f"| {name} | {plan} | {r.report.work_device} | {est} | {shown} | "
+              f"{rss_b / 2**20:.0f} MiB | {sec:.1f} | {same} | {wdiff:.2e} |")
+    print("")
+    print(f"split: hooks intact: {after == hooks} ({len(after)} modules); forward after pruning "
+          f"vs the CPU run: max |diff| {forward_err:.2e}; "
+          + ("ok" if not failures else "FAILED: " + "; ".join(failures)))
+    print(JSON_MARK + json.dumps({"runs": report, "failures": failures}, default=str))
+    return 1 if failures else 0
 
 
 class Part:
@@ -176,6 +320,14 @@ def parts(py: str) -> list[Part]:
             50,
             20,
             ["benchmarks/bench_checkpoint_size.py"],
+        ),
+        Part(
+            "split",
+            "a model split between the GPU and the CPU, pruned as it is",
+            [py, "benchmarks/gpu_check.py", "--split-check"],
+            90,
+            30,
+            ["benchmarks/gpu_check.py"],
         ),
     ]
 
@@ -338,6 +490,11 @@ def markdown(results: dict) -> str:
             lambda ln: ln.startswith("|"),
         ),
         ("sparse24", "2:4 export and speed vs dense", None),
+        (
+            "split",
+            "A model split between the GPU and the CPU (accelerate device_map), pruned as it is",
+            lambda ln: ln.startswith("|") or ln.startswith("split:"),
+        ),
     ):
         p = byname.get(name)
         if p is None:
@@ -365,6 +522,9 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--split-check"]:  # the split part itself, in the environment under test
+        return split_check(argv[1:])
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("env", "build", "tests", "bench_kernels", "bench_optim", "bench_core", "sparse24")
+PARTS = ("env", "build", "tests", "bench_kernels", "bench_optim", "bench_core", "sparse24",
+         "split")
 
 
 def _driver():
@@ -74,7 +75,10 @@ def test_markdown_of_a_gpu_run():
                   _part("bench_optim", "('mini', 1)\n| params |\n|---|\n| mini |"),
                   _part("bench_core", "# core benchmarks\n\n| d | m | B |\n|---|\n| 4194304 | 256 "
                                       "| 32 |"),
-                  _part("sparse24", "2:4 inference ...\n| tokens |", status="timeout")],
+                  _part("sparse24", "2:4 inference ...\n| tokens |", status="timeout"),
+                  _part("split", "split: 4 BERT layers\n\n| run | Fisher placement |\n|---|---|\n"
+                                 "| dispatched (device_map) | cuda:0 0-95; cpu 96-191 |\n"
+                                 "split: hooks intact: True\n@@GPU_CHECK_JSON {}")],
     }
     md = drv.markdown(results)
     assert md.startswith("### GPU check: NVIDIA H200 (x1, sm_90, 139.8 GiB, 132 SMs), 2025-01-01")
@@ -91,6 +95,38 @@ def test_markdown_of_a_gpu_run():
     )
     assert "# core benchmarks" not in md
     assert "| bench_optim | ok |" in md and "| sparse24 | timeout |" in md
+    assert "#### A model split between the GPU and the CPU" in md
+    assert "| dispatched (device_map) | cuda:0 0-95; cpu 96-191 |" in md
+    assert "split: hooks intact: True" in md and "@@GPU_CHECK_JSON" not in md
+
+
+def test_split_part_runs_on_the_cpu_alone():
+    """The split part's own code, with the CPU standing in for the GPU: the dispatched model and the
+    placed Fisher give the CPU run's masks, the hooks stay, the report is complete."""
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--split-check", "--device",
+         "cpu", "--layers", "2", "--hidden", "32"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    assert "| dispatched (device_map) |" in out and "| CPU model, Fisher placed |" in out
+    assert out.count("| yes |") == 3 and "hooks intact: True" in out and "; ok" in out
+    data = _driver().marked_json(out)
+    assert data["failures"] == []
+    assert len(data["runs"]["CPU model, Fisher placed"]["placement"]) == 2
+
+
+def test_split_part_without_a_gpu_says_so():
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--split-check"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    assert res.returncode == 1 and "torch sees no CUDA device" in res.stdout
 
 
 def test_driver_without_gpu_writes_its_report(tmp_path):

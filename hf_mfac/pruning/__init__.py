@@ -9,8 +9,11 @@ print(report.to_markdown())                               #      method="obert",
 
 Layout: :mod:`.config` (the settings as values), :mod:`.targets` (which weights; flat padded view),
 :mod:`.grads` (gradients streamed from a dataloader), :mod:`.pruners` (selection + update per
-method), :mod:`.oneshot` (driver, recomputations, sweeps), :mod:`.distributed` (the same over the
-ranks of a process group: ``prune_oneshot_distributed``, which ``prune_oneshot`` calls there).
+method), :mod:`.oneshot` (the entry points, ``prune_oneshot`` and ``prune_sweep``), :mod:`.driver`
+(the one-shot driver: recomputations, restore on error, the report), :mod:`.memory` (the estimate
+before the work), :mod:`.placement` (the Fisher on one device, several, or the weights' own),
+:mod:`.distributed` (the same over the ranks of a process group: ``prune_oneshot_distributed``,
+which ``prune_oneshot`` calls there).
 Imports torch, :mod:`hf_mfac.core` and :mod:`hf_mfac.comm` only; the Trainer glue is in
 :mod:`hf_mfac.integrations.gradual`.
 """
@@ -20,6 +23,7 @@ from .grads import GradStats, collect_grads, default_loss, iter_grads
 from .memory import MemoryEstimate, estimate_memory
 from .driver import FisherCache, PruneReport, PruneResult, apply_masks, masks_from_zeros
 from .oneshot import prune_oneshot, prune_sweep
+from .placement import FisherPart, plan_fisher_placement, plan_placement
 from .pruners import (PRUNERS, CAPPruner, MagnitudePruner, MFACPruner, OBSPruner, Pattern, Pruner,
                       StepResult,
                       make_pruner)
@@ -34,5 +38,6 @@ __all__ = [
     "apply_masks",
     "masks_from_zeros", "FisherCache", "PruningConfig", "GradualPruningConfig",
     "prune_oneshot_distributed",
-    "DistributedPruner", "estimate_memory", "MemoryEstimate",
+    "DistributedPruner", "estimate_memory", "MemoryEstimate", "plan_placement",
+    "plan_fisher_placement", "FisherPart",
 ]

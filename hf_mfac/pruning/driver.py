@@ -37,6 +37,8 @@ from ..core.schedules import equal_fraction_schedule
 from .config import PruningConfig
 from .grads import check_dataloader, check_fisher_batch_size, check_trainable, collect_grads
 from .memory import check_estimate, estimate_pruner
+from .placement import (Placement, PlacedFisher, check_device, check_placed, check_resident,
+                        describe_plan, parse_fisher_device, place_fisher, placed_estimate)
 from .pruners import Pruner
 from .targets import DEFAULT_TYPES, Layout, keep_modes
 
@@ -62,7 +64,10 @@ class PruneReport:
     model's passes) and ``time_accumulate`` (the Fisher's build from the gradient chunks),
     ``time_prune`` into ``time_invert`` (forming the Fisher inverse) and ``time_select_update``
     (scores, selection and the update of the weights). ``memory_estimate``: the estimated peak bytes
-    per device (:func:`~hf_mfac.pruning.estimate_memory`), checked before the work."""
+    per device (:func:`~hf_mfac.pruning.estimate_memory`), checked before the work. ``placement``:
+    where the Fisher lived, ``[{"device", "blocks": [first, stop]}]`` in block order (one entry
+    for a Fisher on one device; None without a Fisher), and ``work_device``, where the selection
+    and the update ran (:mod:`~hf_mfac.pruning.placement`)."""
     method: str
     pattern: str
     scope: str
@@ -85,6 +90,8 @@ class PruneReport:
     time_invert: float = 0.0
     time_select_update: float = 0.0
     memory_estimate: dict | None = None
+    placement: list | None = None
+    work_device: str | None = None
 
     @property
     def grad_share(self) -> float:
@@ -114,6 +121,11 @@ class PruneReport:
                      "selection and "
                      f"update {self.time_select_update:.2f}s"
                      f"{'; first Fisher reused from the cache' if self.fisher_reused else ''})")
+        if self.placement and len(self.placement) > 1:
+            parts = "; ".join(f"{p['device']}: blocks {p['blocks'][0]}-{p['blocks'][1] - 1}"
+                              for p in self.placement)
+            lines.append(f"Fisher placed over {len(self.placement)} parts ({parts}); selection "
+                         f"and update on {self.work_device}")
         return "\n".join(lines)
 
 
@@ -354,6 +366,7 @@ class _Run:
     loss_fn: Callable | None
     chunk_size: int | None
     progress: bool
+    placement: Placement | None = None  # the Fisher over several devices (None: on ``dev``)
 
 
 def _run_steps(run: _Run, keep: torch.Tensor, steps, fisher_cache: FisherCache | None):
@@ -456,6 +469,7 @@ def _step_fisher(run: _Run, keep: torch.Tensor, fisher_cache: FisherCache | None
                 c.per_sample,
                 str(run.dev),
                 str(run.wdev),
+                None if run.placement is None else tuple(run.placement.plan),
             ),
         )
         cached = fisher_cache.get(key)
@@ -463,7 +477,13 @@ def _step_fisher(run: _Run, keep: torch.Tensor, fisher_cache: FisherCache | None
             run.report.fisher_reused = True
             finv, grad, samples_per_grad = cached
             return _StepFisher(finv, grad, 0.0, samples_per_grad)
-    fisher = pruner.new_fisher(layout.dim, c.num_grads, run.dev, groups=layout.layer_index())
+    parts = None
+    if run.placement is not None:  # one block Fisher per part, on its device
+        fisher = PlacedFisher(pruner, run.placement.plan, layout.dim, c.num_grads, run.wdev,
+                              groups=layout.layer_index())
+        parts = run.placement.coordinate_parts()
+    else:
+        fisher = pruner.new_fisher(layout.dim, c.num_grads, run.dev, groups=layout.layer_index())
     stats = collect_grads(
         run.model,
         run.dataloader,
@@ -477,6 +497,7 @@ def _step_fisher(run: _Run, keep: torch.Tensor, fisher_cache: FisherCache | None
         loss_fn=run.loss_fn,
         device=run.dev,
         progress=run.progress,
+        parts=parts,
     )
     # static M-FAC's precomputation (a block Fisher inverts on first use, in the step)
     t_finish = time.perf_counter()
@@ -568,26 +589,51 @@ def run_oneshot(
     t_start = time.perf_counter()
     if chunk_size is not None:
         chunk_size = check_positive_int("chunk_size", chunk_size)
-    pruner = config.pruner(device=device, page_bytes=page_bytes)
+    spec = parse_fisher_device(device)  # every device named must exist here
+    pruner = config.pruner(device=spec if isinstance(spec, torch.device) else None,
+                           page_bytes=page_bytes)
+    if pruner.device is not None:
+        check_device(pruner.device, "the pruner's device")
+        if isinstance(spec, list):
+            raise ValueError(f"the pruner has its own device ({pruner.device}); do not pass "
+                             f"device={device!r} beside it")
     if pruner.uses_fisher:
         _check_autograd(pruner.name)
     targets = config.find_targets(model, types) if targets is None else targets
+    check_resident(model, targets)  # no target offloaded by accelerate (meta weights)
     pruner = _fit_block_size(pruner, targets)
     if pruner.uses_fisher:
         check_trainable(targets)
     layout = Layout(targets, pad=pruner.pad)
     pruner.check(layout)
-    # gradients and the Fisher's factorisations
-    dev = pruner.device or next(iter(targets.values())).device
+    placement = place_fisher(pruner, layout, targets, spec,
+                             config.num_grads or pruner.default_num_grads, chunk_size=chunk_size)
+    if placement is not None and len(placement.plan) == 1:  # one device after all
+        pruner = copy.copy(pruner)
+        inner = pruner.__dict__.get("inner")  # a DistributedPruner forwards its device
+        if inner is not None:
+            pruner.inner = inner = copy.copy(inner)
+        (inner or pruner).device, placement = torch.device(placement.plan[0].device), None
+    # gradients and the Fisher's factorisations (placed: each part on its device)
+    dev = (placement.work_device if placement
+           else pruner.device or next(iter(targets.values())).device)
     # weights, masks, scores (static M-FAC: where its m x D matrix lives)
-    wdev = pruner.work_device(dev)
+    wdev = placement.work_device if placement else pruner.work_device(dev)
     keep = _initial_keep(layout, masks, wdev)
     steps = _schedule(pruner, layout, keep, config.sparsity, config.recompute)
     batch = check_fisher_batch_size(config.fisher_batch_size, config.per_sample)
     num_grads = _check_grads(pruner, layout, dataloader, config.num_grads, batch, len(steps), wdev)
-    estimate = estimate_pruner(pruner, targets, num_grads or 0, chunk_size=chunk_size)
-    logger.info("%s pruning: estimated peak memory %s", pruner.name, estimate.describe())
-    check_estimate(estimate, pruner, targets, num_grads or 0)  # refused before any work
+    if placement is None:
+        estimate = estimate_pruner(pruner, targets, num_grads or 0, chunk_size=chunk_size)
+        logger.info("%s pruning: estimated peak memory %s", pruner.name, estimate.describe())
+        check_estimate(estimate, pruner, targets, num_grads or 0)  # refused before any work
+    else:
+        estimate = placed_estimate(pruner, layout, targets, placement, num_grads,
+                                   chunk_size=chunk_size)
+        logger.info("%s pruning: the Fisher placed over %d parts (%s), selection and update on %s; "
+                    "estimated peak memory %s", pruner.name, len(placement.plan),
+                    describe_plan(placement.plan), placement.work_device, estimate.describe())
+        check_placed(estimate)  # refused before any work
     config = config.replace(num_grads=num_grads, fisher_batch_size=batch)
     run = _Run(
         model,
@@ -602,8 +648,15 @@ def run_oneshot(
         loss_fn,
         chunk_size,
         progress,
+        placement,
     )
     run.report.memory_estimate = dict(estimate)
+    run.report.work_device = str(wdev)
+    if placement is not None:
+        run.report.placement = placement.to_list()
+    elif pruner.uses_fisher:
+        nb = -(-layout.dim // (pruner.block_size or layout.dim))
+        run.report.placement = [{"device": str(dev), "blocks": [0, nb]}]
     with restore_on_error(targets), keep_modes(model):  # all or nothing, the modes too
         keep, loss_total = _run_steps(run, keep, steps, fisher_cache)
         out_masks = _finish_report(run.report, layout, keep, targets, loss_total)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -26,8 +26,7 @@ from ..core._checks import check_positive_int, free_bytes
 from .targets import Layout, find_prunable, module_modes
 
 __all__ = ["collect_grads", "iter_grads", "GradStats", "default_loss", "check_dataloader",
-           "check_trainable",
-           "check_fisher_batch_size"]
+           "check_trainable", "check_fisher_batch_size", "SplitChunk", "model_input_device"]
 
 
 def default_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -208,6 +207,42 @@ def default_chunk_size(
     return max(1, min(CHUNK_ROWS, num_grads, cap // per))
 
 
+class SplitChunk(NamedTuple):
+    """A chunk of k gradients whose columns lie on several devices: ``pieces`` ``[(start, stop,
+    tensor (k, stop - start))]``, covering the layout's D coordinates in order (what
+    :func:`iter_grads` yields with ``parts``)."""
+
+    pieces: list
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.pieces[0][2].shape[0], self.pieces[-1][1])
+
+    def whole(self, device=None) -> torch.Tensor:
+        """The chunk (k, D) on ``device`` (default: the first piece's)."""
+        device = self.pieces[0][2].device if device is None else device
+        return torch.cat([t.to(device) for _, _, t in self.pieces], dim=1)
+
+
+def _pieces(chunk) -> list:
+    """``[(start, stop, tensor)]`` of a chunk: a :class:`SplitChunk`'s pieces, or one piece."""
+    return chunk.pieces if isinstance(chunk, SplitChunk) else [(0, chunk.shape[1], chunk)]
+
+
+def model_input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: the execution device of accelerate's hook on the model itself
+    (a dispatched model), else the device of its first parameter that is not on the meta device."""
+    hook = getattr(model, "_hf_hook", None)
+    for h in [hook, *getattr(hook, "hooks", ())]:
+        dev = getattr(h, "execution_device", None)
+        if dev is not None and not isinstance(dev, Mapping):
+            return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return next(model.parameters()).device
+
+
 def _sink_bytes(sink) -> int | None:
     """The bytes held by the Fisher a sink feeds (``fisher.add_grads``), when it says
     (``storage_bytes()``)."""
@@ -230,6 +265,7 @@ def iter_grads(
     progress: bool = True,
     stats: dict | None = None,
     fisher_bytes: int | None = None,
+    parts: Sequence[tuple[int, int, object]] | None = None,
 ):
     """Yield chunks (k, D) fp32 of flattened, masked gradients until ``num_grads`` rows were
     produced.
@@ -240,18 +276,40 @@ def iter_grads(
     Chunks are reused buffers: consume them before asking for the next one. ``fisher_bytes``: the
     size of the Fisher the chunks feed, which sizes the default chunk (:func:`default_chunk_size`).
     ``stats`` gets the counts and ``seconds_model``, the time of the forward and backward passes and
-    of flattening the gradients."""
+    of flattening the gradients. ``parts``: ``[(start, stop, device)]`` ranges of coordinates that
+    cover [0, D) in order (a Fisher placed on several devices): each range's columns are filled on
+    its device, straight from the weight's gradient, and the chunks are :class:`SplitChunk` s
+    (``device`` is then unused). The inputs go to the model's own input device
+    (:func:`model_input_device`; accelerate's hooks move them on from there)."""
     loss_fn = loss_fn or default_loss
     params = [layout.params[n] for n in layout.names]
-    model_device = next(model.parameters()).device
+    model_device = model_input_device(model)
     device = torch.device(device) if device is not None else model_device
-    chunk_size = (
-        default_chunk_size(layout.dim, num_grads, fisher_bytes=fisher_bytes, device=device)
-        if chunk_size is None
-        else min(check_positive_int("chunk_size", chunk_size), num_grads)
-    )
-    buf = torch.zeros(chunk_size, layout.dim, dtype=torch.float32, device=device)
-    keep_f = None if keep is None else keep.to(device=device, dtype=torch.float32)
+    split = parts is not None
+    spec = [(0, layout.dim, device)] if not split else [
+        (int(s), int(e), torch.device(d)) for s, e, d in parts]
+    if split and (spec[0][0] != 0 or spec[-1][1] != layout.dim
+                  or any(a[1] != b[0] for a, b in zip(spec, spec[1:]))):
+        raise ValueError(f"parts {parts} do not cover the {layout.dim} coordinates in order")
+    if chunk_size is None:  # each device's slice within its own bounds
+        chunk_size = min(
+            default_chunk_size(e - s, num_grads, device=d, fisher_bytes=None if fisher_bytes is None
+                               else fisher_bytes * (e - s) // max(1, layout.dim))
+            for s, e, d in spec
+        )
+    else:
+        chunk_size = min(check_positive_int("chunk_size", chunk_size), num_grads)
+    bufs = [torch.zeros(chunk_size, e - s, dtype=torch.float32, device=d) for s, e, d in spec]
+    keeps = [
+        None if keep is None else keep[s:e].to(device=d, dtype=torch.float32) for s, e, d in spec
+    ]
+    # where each target's gradient goes: (piece, its columns, the gradient's elements)
+    routes = []
+    for off, n in zip(layout.offsets, layout.numels):
+        routes.append([
+            (j, max(off, s) - s, min(off + n, e) - s, max(off, s) - off, min(off + n, e) - off)
+            for j, (s, e, _) in enumerate(spec) if max(off, s) < min(off + n, e)
+        ])
     restore_modes = module_modes(model)  # every submodule's own mode comes back
     model.eval()
     done = k = samples = 0
@@ -271,21 +329,30 @@ def iter_grads(
                             "the loss does not depend on the target weights (requires_grad is off?)"
                         )
                     grads = torch.autograd.grad(loss, params, allow_unused=True)
-                row = buf[k]
-                row.zero_()
-                for g, off, n in zip(grads, layout.offsets, layout.numels):
-                    if g is not None:
-                        row[off : off + n] = g.reshape(-1).to(device=device, dtype=torch.float32)
+                rows = [b[k] for b in bufs]
+                for row in rows:
+                    row.zero_()
+                for g, route in zip(grads, routes):
+                    if g is None:
+                        continue
+                    flat = g.reshape(-1)
+                    for j, a, b, ga, gb in route:
+                        rows[j][a:b] = flat[ga:gb].to(device=rows[j].device, dtype=torch.float32)
+                flat = None
                 del grads  # the model's gradients are not held while the chunk is consumed
-                if keep_f is not None:
-                    row.mul_(keep_f)
+                for row, keep_f in zip(rows, keeps):
+                    if keep_f is not None:
+                        row.mul_(keep_f)
                 t_model += time.perf_counter() - t0
                 samples += _batch_len(micro) if isinstance(micro, Mapping) else 1
                 k += 1
                 done += 1
                 bar.update(1)
                 if k == chunk_size or done == num_grads:
-                    yield buf[:k]
+                    if split:
+                        yield SplitChunk([(s, e, b[:k]) for (s, e, _), b in zip(spec, bufs)])
+                    else:
+                        yield bufs[0][:k]
                     k = 0
                 if done == num_grads:
                     return
@@ -317,6 +384,7 @@ def collect_grads(
     device=None,
     out_device="cpu",
     progress: bool = True,
+    parts: Sequence[tuple[int, int, object]] | None = None,
 ) -> GradStats:
     """Collect ``num_grads`` (m) loss gradients of the target weights.
 
@@ -327,7 +395,10 @@ def collect_grads(
     The mean gradient (D,) is always returned (WoodTaylor needs it). Cost: m forward/backward
     passes; memory ``chunk_size * D`` values on ``device`` (default: the model's device;
     ``chunk_size`` defaults to :func:`default_chunk_size`, sized by the Fisher the sink feeds) plus
-    ``m * D`` on ``out_device`` when ``sink`` is None."""
+    ``m * D`` on ``out_device`` when ``sink`` is None. ``parts`` (a Fisher on several devices, see
+    :func:`iter_grads`): the chunks are :class:`SplitChunk` s, each range of coordinates (its
+    slice of the chunk and of the running sum) on its own device; the mean gradient is on the first
+    range's device."""
     fisher_batch_size = check_fisher_batch_size(fisher_batch_size, per_sample)
     num_grads = check_positive_int("num_grads", num_grads)
     layout = params if isinstance(params, Layout) else Layout(params or find_prunable(model))
@@ -355,19 +426,25 @@ def collect_grads(
         progress=progress,
         stats=info,
         fisher_bytes=_sink_bytes(sink),
+        parts=parts,
     ):
+        pieces = _pieces(chunk)
         if total is None:
-            total = torch.zeros(layout.dim, dtype=torch.float64, device=chunk.device)
-        for g in chunk:  # the fp64 sum in place: no (D,) fp64 temporary per chunk
-            total.add_(g)
+            total = [torch.zeros(e - s, dtype=torch.float64, device=t.device) for s, e, t in pieces]
+        for (s, e, t), tot in zip(pieces, total):
+            for g in t:  # the fp64 sum in place: no (D,) fp64 temporary per chunk
+                tot.add_(g)
         if sink is not None:
             t1 = time.perf_counter()
             sink(chunk)
             t_sink += time.perf_counter() - t1
         else:
-            G[row : row + chunk.shape[0]] = chunk.to(G.device)
+            for s, e, t in pieces:
+                G[row : row + t.shape[0], s:e] = t.to(G.device)
         row += chunk.shape[0]
-    mean = total.div_(num_grads).to(torch.float32)
+    first = total[0].device
+    mean = [t.div_(num_grads).to(device=first, dtype=torch.float32) for t in total]
+    mean = mean[0] if len(mean) == 1 else torch.cat(mean)
     return GradStats(
         G=G,
         mean=mean,

@@ -80,8 +80,21 @@ def prune_oneshot(model: nn.Module, dataloader=None, config: PruningConfig | Non
         include, exclude, types: target selection (:func:`find_prunable`; ``exclude=None`` keeps no
             module out), or ``targets={name: param}``.
         masks: existing masks ``{name: bool}`` (True = kept); those weights stay pruned.
-        device: where the Fisher and the solves live (default: the model's device); ``page_bytes``
-            pages the static M-FAC gradients through it.
+        device: where the Fisher and the solves live (every device named must exist, else
+            ``ValueError`` before any work). None (default): the targets' device, or, for a model
+            whose targets lie on several devices (dispatched by accelerate with a
+            ``device_map``), each target's Fisher blocks on its own weight's device. One device
+            (``"cuda:1"``): the whole Fisher there. Several (``["cuda:0", "cuda:1", "cpu"]``, or
+            with capacities in bytes ``{"cuda:0": 30 * 2**30, "cpu": 60 * 2**30}``) or
+            ``"auto"`` (the visible GPUs, then the CPU): the block Fisher of "obert"/"cap" in
+            contiguous ranges of blocks, the accelerators sharing them in proportion to their
+            free memory (or the capacity given), the CPU taking only what they cannot hold
+            (:mod:`hf_mfac.pruning.placement`; a plan that cannot fit is a ``MemoryError``
+            before any work). The plan is logged and recorded in ``report.placement``; the
+            selection and the update run on the first accelerator used (else the CPU) and are
+            written back in place into each weight on its device. ``page_bytes`` pages the
+            static M-FAC gradients through its one device. Targets offloaded by accelerate (on
+            the meta device) are refused before any work.
         chunk_size: gradients handed to the Fisher at a time (default: up to 32 within 256 MiB of
             fp32 gradients). Each chunk costs one pass over the block-Fisher accumulator, so a
             larger chunk makes the build faster for ``chunk_size * D * 4`` bytes on ``device``.
@@ -119,6 +132,12 @@ def prune_oneshot(model: nn.Module, dataloader=None, config: PruningConfig | Non
                    page_bytes=page_bytes, chunk_size=chunk_size, fisher_cache=fisher_cache,
                    progress=progress)
     if _several_ranks(config.method):  # every rank must end with the same model: prune over all
+        if isinstance(device, (list, tuple, Mapping)) or (
+                isinstance(device, str) and device.strip().lower() == "auto"):
+            raise ValueError(
+                f"device={device!r}: under several processes the Fisher is sharded over the "
+                "ranks; give each rank one device (e.g. device=f'cuda:{local_rank}')"
+            )
         return prune_oneshot_distributed(model, dataloader, config, **runtime)
     return run_oneshot(model, dataloader, config, **runtime)
 
