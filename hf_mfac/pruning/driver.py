@@ -470,6 +470,7 @@ def _step_fisher(run: _Run, keep: torch.Tensor, fisher_cache: FisherCache | None
                 str(run.dev),
                 str(run.wdev),
                 None if run.placement is None else tuple(run.placement.plan),
+                bool(pruner.woodtaylor),  # the entry holds the mean gradient only then
             ),
         )
         cached = fisher_cache.get(key)
@@ -498,13 +499,14 @@ def _step_fisher(run: _Run, keep: torch.Tensor, fisher_cache: FisherCache | None
         device=run.dev,
         progress=run.progress,
         parts=parts,
+        mean=bool(pruner.woodtaylor),  # only WoodTaylor reads the mean gradient
     )
     # static M-FAC's precomputation (a block Fisher inverts on first use, in the step)
     t_finish = time.perf_counter()
     finv = fisher.finish()
     out = _StepFisher(
         finv,
-        stats.mean.to(run.wdev),
+        None if stats.mean is None else stats.mean.to(run.wdev),
         stats.seconds,
         stats.num_samples / max(1, stats.num_grads),
         stats.seconds_model,

@@ -172,12 +172,13 @@ def check_dataloader(
 
 @dataclass
 class GradStats:
-    """What a gradient collection produced: ``G`` (m, D) when kept, the mean gradient (D,), counts,
+    """What a gradient collection produced: ``G`` (m, D) when kept, the mean gradient (D,) when
+    asked (else None), counts,
     time: ``seconds`` in all, ``seconds_model`` in the forward and backward passes, ``seconds_sink``
     in the sink (the Fisher's accumulation)."""
 
     G: torch.Tensor | None
-    mean: torch.Tensor
+    mean: torch.Tensor | None
     num_grads: int
     num_samples: int
     seconds: float
@@ -300,9 +301,9 @@ def iter_grads(
     else:
         chunk_size = min(check_positive_int("chunk_size", chunk_size), num_grads)
     bufs = [torch.zeros(chunk_size, e - s, dtype=torch.float32, device=d) for s, e, d in spec]
-    keeps = [
-        None if keep is None else keep[s:e].to(device=d, dtype=torch.float32) for s, e, d in spec
-    ]
+    # the pruned coordinates of each range (bool: 1 byte per coordinate, not an fp32 copy of keep)
+    drops = [None if keep is None else ~keep[s:e].to(device=d, dtype=torch.bool)
+             for s, e, d in spec]
     # where each target's gradient goes: (piece, its columns, the gradient's elements)
     routes = []
     for off, n in zip(layout.offsets, layout.numels):
@@ -340,9 +341,9 @@ def iter_grads(
                         rows[j][a:b] = flat[ga:gb].to(device=rows[j].device, dtype=torch.float32)
                 flat = None
                 del grads  # the model's gradients are not held while the chunk is consumed
-                for row, keep_f in zip(rows, keeps):
-                    if keep_f is not None:
-                        row.mul_(keep_f)
+                for row, drop in zip(rows, drops):
+                    if drop is not None:
+                        row.masked_fill_(drop, 0.0)
                 t_model += time.perf_counter() - t0
                 samples += _batch_len(micro) if isinstance(micro, Mapping) else 1
                 k += 1
@@ -385,6 +386,7 @@ def collect_grads(
     out_device="cpu",
     progress: bool = True,
     parts: Sequence[tuple[int, int, object]] | None = None,
+    mean: bool = True,
 ) -> GradStats:
     """Collect ``num_grads`` (m) loss gradients of the target weights.
 
@@ -392,10 +394,12 @@ def collect_grads(
     defaults). ``sink``: called with each fp32 chunk (k, D), e.g. ``BlockFisherInverse.add_grads``;
     with ``sink=None`` the gradients are returned as ``G`` (m, D) on ``out_device`` (host memory by
     default, as the static M-FAC pruner needs them). ``per_sample=True`` is ``fisher_batch_size=1``.
-    The mean gradient (D,) is always returned (WoodTaylor needs it). Cost: m forward/backward
-    passes; memory ``chunk_size * D`` values on ``device`` (default: the model's device;
-    ``chunk_size`` defaults to :func:`default_chunk_size`, sized by the Fisher the sink feeds) plus
-    ``m * D`` on ``out_device`` when ``sink`` is None. ``parts`` (a Fisher on several devices, see
+    The mean gradient (D,) is returned with ``mean=True`` (WoodTaylor needs it; its fp64 running
+    sum costs 8 bytes per coordinate during the collection), else ``GradStats.mean`` is None.
+    Cost: m forward/backward passes; memory ``chunk_size * D`` values on ``device`` (default: the
+    model's device; ``chunk_size`` defaults to :func:`default_chunk_size`, sized by the Fisher the
+    sink feeds), the pruned coordinates as a bool mask (1 byte each), plus ``m * D`` on
+    ``out_device`` when ``sink`` is None. ``parts`` (a Fisher on several devices, see
     :func:`iter_grads`): the chunks are :class:`SplitChunk` s, each range of coordinates (its
     slice of the chunk and of the running sum) on its own device; the mean gradient is on the first
     range's device."""
@@ -429,9 +433,9 @@ def collect_grads(
         parts=parts,
     ):
         pieces = _pieces(chunk)
-        if total is None:
+        if total is None and mean:
             total = [torch.zeros(e - s, dtype=torch.float64, device=t.device) for s, e, t in pieces]
-        for (s, e, t), tot in zip(pieces, total):
+        for (s, e, t), tot in zip(pieces, total or ()):
             for g in t:  # the fp64 sum in place: no (D,) fp64 temporary per chunk
                 tot.add_(g)
         if sink is not None:
@@ -442,12 +446,14 @@ def collect_grads(
             for s, e, t in pieces:
                 G[row : row + t.shape[0], s:e] = t.to(G.device)
         row += chunk.shape[0]
-    first = total[0].device
-    mean = [t.div_(num_grads).to(device=first, dtype=torch.float32) for t in total]
-    mean = mean[0] if len(mean) == 1 else torch.cat(mean)
+    avg = None
+    if total is not None:
+        first = total[0].device
+        avg = [t.div_(num_grads).to(device=first, dtype=torch.float32) for t in total]
+        avg = avg[0] if len(avg) == 1 else torch.cat(avg)
     return GradStats(
         G=G,
-        mean=mean,
+        mean=avg,
         num_grads=info["num_grads"],
         num_samples=info["num_samples"],
         seconds=time.perf_counter() - t0,

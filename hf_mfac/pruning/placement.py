@@ -390,7 +390,6 @@ class PlacedFisherInverse:
         self.block_size, self.dtype, self.device = block_size, dtype, torch.device(device)
         self.num_blocks = self.plan[-1].stop
         self.bounds = [(p.start * block_size, p.stop * block_size) for p in self.plan]
-        self._diag = None
 
     @property
     def seconds(self) -> dict:
@@ -404,10 +403,22 @@ class PlacedFisherInverse:
     def storage_bytes(self) -> int:
         return sum(int(p.storage_bytes()) for p in self.parts)
 
-    def diag(self) -> torch.Tensor:
-        if self._diag is None:
-            self._diag = torch.cat([p.diag().to(self.device) for p in self.parts])
-        return self._diag
+    def diag(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """``diag(F^{-1})`` (D,), or its coordinates ``[start, stop)``, from the parts that hold
+        them, on the work device."""
+        stop = self.dim if stop is None else min(stop, self.dim)
+        out = []
+        for p, (s, e) in zip(self.parts, self.bounds):
+            a, b = max(start, s), min(stop, e)
+            if a < b:
+                try:
+                    piece = p.diag(a - s, b - s)
+                except TypeError:  # an inverse that gives its diagonal whole
+                    piece = p.diag()[a - s : b - s]
+                out.append(piece.to(self.device))
+        if not out:
+            return torch.zeros(0, dtype=self.dtype, device=self.device)
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def mul(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(-1)
@@ -418,22 +429,20 @@ class PlacedFisherInverse:
         ])
 
     def submatrix(self, idx: torch.Tensor) -> torch.Tensor:
+        """``[F^{-1}]_QQ`` (n, g, g) for index sets ``idx`` (n, g): each entry from the part that
+        holds both coordinates (zero between parts, whose blocks differ)."""
         idx = torch.as_tensor(idx, device=self.device)
         n, g = idx.shape
         out = torch.zeros(n, g, g, dtype=self.dtype, device=self.device)
-        owner = torch.searchsorted(
-            torch.tensor([e for _, e in self.bounds], device=self.device), idx[:, 0].contiguous(),
-            right=True
-        )
-        for i, (p, (s, e)) in enumerate(zip(self.parts, self.bounds)):
-            rows = (owner == i).nonzero()[:, 0]
+        for p, (s, e) in zip(self.parts, self.bounds):
+            inside = (idx >= s) & (idx < e)
+            rows = inside.any(1).nonzero()[:, 0]
             if not rows.numel():
                 continue
-            sel = idx[rows]
-            inside = (sel >= s) & (sel < e)  # entries in another part's blocks are zero
-            local = torch.where(inside, sel - s, torch.zeros_like(sel))
+            mine = inside[rows]
+            local = torch.where(mine, idx[rows] - s, torch.zeros_like(idx[rows]))
             sub = p.submatrix(local.to(p.device)).to(self.device, self.dtype)
-            out[rows] = sub * (inside[:, :, None] & inside[:, None, :])
+            out[rows] += sub * (mine[:, :, None] & mine[:, None, :])
         return out
 
     def unpack(self, s: int = 0, e: int | None = None, out: torch.Tensor | None = None):
@@ -471,8 +480,8 @@ class PlacedFisherInverse:
 # pruners' per-coordinate step terms of the memory estimate, rounded up
 STEP_BYTES = 64
 # bytes per coordinate of the gradient phase on each part's device besides the chunk: the fp64
-# running sum of the gradients and the keep mask as fp32
-GRAD_PHASE_BYTES = 8 + 4
+# running sum of the gradients (WoodTaylor only; counted always) and the pruned mask (bool)
+GRAD_PHASE_BYTES = 8 + 1
 
 
 class Placement(NamedTuple):
