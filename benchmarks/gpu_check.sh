@@ -18,7 +18,9 @@
 # m = 256..4096 vs torch and the paper's 2 ms at m = 1024; window products and DynamicMFAC.update_mul at
 # BERT-mini d, m = 1024, fp32 and bf16, against the copy bandwidth of the same run), bench_optim (M-FAC
 # step vs AdamW step), bench_core (block-Fisher add_grads + invert vs the bare fp32 batched GEMM at d = 2^22),
-# sparse24 (2:4 export and its speed vs dense).
+# sparse24 (2:4 export and its speed vs dense), split (a small BERT dispatched by accelerate between cuda:0
+# and the CPU pruned as it is, and its Fisher placed over both: plans, estimated and measured peak per
+# device, masks against a CPU-only run, hooks and forward after).
 #
 # Output: gpu_check.md (one Markdown block for benchmarks/RESULTS.md), gpu_check.json and gpu_check.log in
 # $OUT when set, else outputs/gpu_check/. Exit status 0 when every part ran and passed.
