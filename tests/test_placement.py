@@ -435,3 +435,24 @@ def test_the_placed_inverse_answers_as_the_one_device_inverse():
                                rtol=1e-5, atol=1e-6)
     assert finv.blocks() is finv and finv.num_blocks == 83
     assert finv.storage_bytes() == one.storage_bytes()
+
+
+def test_auto_on_a_machine_without_gpu_is_the_cpu_and_the_cache_says_its_bytes():
+    from hf_mfac.pruning import FisherCache, make_pruner
+
+    torch.manual_seed(0)
+    model, data = MLP(), _data()
+    kw = dict(method="obert", sparsity=0.5, num_grads=16, block_size=8, exclude=None,
+              progress=False)
+    cache = FisherCache()
+    r1 = prune_oneshot(copy.deepcopy(model), data, fisher_cache=cache, **kw)
+    # the cached inverse: the packed fp32 blocks (83 blocks of 8 x 9 / 2 values), no mean gradient
+    assert cache.storage_bytes() == 83 * 36 * 4
+    assert cache.storage_bytes() < make_pruner("obert", block_size=8).fisher_bytes(664, 16) * 2
+    if torch.cuda.is_available():
+        return
+    r2 = prune_oneshot(copy.deepcopy(model), data, device="auto", **kw)
+    assert r2.report.placement == r1.report.placement == [{"device": "cpu", "blocks": [0, 83]}]
+    for name in r1.masks:
+        assert torch.equal(r1.masks[name], r2.masks[name])
+    assert "Fisher placed" not in r2.report.to_markdown()

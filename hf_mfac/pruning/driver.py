@@ -276,8 +276,11 @@ class FisherCache:
 
     Later steps of a run with ``recompute > 1`` start from pruned weights and always collect fresh
     gradients. The pruners only read the inverse, so one entry serves any number of runs. Each entry
-    holds a whole Fisher inverse (``Pruner.fisher_bytes``) until it is evicted (``max_entries``,
-    least recently used first) or :meth:`clear` is called. ``hits`` / ``misses`` count the lookups.
+    holds one Fisher inverse as the run left it (a block Fisher's packed fp32 inverse, on one device
+    or over the devices of its placement, which is part of the key; static M-FAC's m x D
+    ``W = L^{-1} G``), and the mean gradient for WoodTaylor runs, until it is evicted
+    (``max_entries``, least recently used first) or :meth:`clear` is called; :meth:`storage_bytes`
+    says how much that is. ``hits`` / ``misses`` count the lookups.
     """
 
     def __init__(self, max_entries: int = 1):
@@ -290,6 +293,27 @@ class FisherCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def storage_bytes(self) -> int:
+        """Bytes the entries hold now: each inverse's storage (its ``storage_bytes()``, else its
+        tensors) and mean gradient, every storage counted once."""
+        seen, total = set(), 0
+
+        def count(t) -> None:
+            nonlocal total
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
+
+        for finv, grad, _ in self._entries.values():
+            size = getattr(finv, "storage_bytes", None)
+            if callable(size):
+                total += int(size())
+            else:
+                for t in vars(finv).values():
+                    count(t)
+            count(grad)
+        return total
 
     @staticmethod
     def key(
