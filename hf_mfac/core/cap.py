@@ -23,7 +23,7 @@ from .masks import lowest_k_mask
 from .fisher import block_shape, read_blocks
 from .obs import block_obs_update
 
-__all__ = ["cap_eliminate", "cap_select", "cap_apply", "cap_prune"]
+__all__ = ["cap_eliminate", "cap_select", "cap_apply", "cap_prune", "order_dtype", "prefix_mask"]
 
 # fp64 inverses of one page of blocks, per device type: small enough to stay in cache on a CPU;
 # other devices (accelerators, where each of the B steps of a page costs kernel launches) use
@@ -60,10 +60,12 @@ def cap_eliminate(w: torch.Tensor, hinv: torch.Tensor, *, valid: torch.Tensor | 
     :class:`~hf_mfac.core.BlockFisherInverse`, unpacked a page at a time); valid (nb, B) bool, False
     for padding (never eliminated); forced (nb, B) bool, weights already pruned (eliminated first,
     at zero loss, so the inverses are downdated for them); nm=(N, M): never eliminate a weight whose
-    group of M already has M - N zeros. Returns (order (nb, B) long, losses (nb, B) fp64):
+    group of M already has M - N zeros. Returns (order (nb, B), losses (nb, B) fp64):
     ``order[:, t]`` is the weight removed at step t and ``losses[:, t]`` the cumulative saliency
-    after it (inf, and an arbitrary order entry, where no weight could be removed). Cost O(nb B^3) =
-    O(d B^2).
+    after it (inf, and an arbitrary order entry, where no weight could be removed). ``order`` holds
+    positions inside a block, in the smallest integer dtype that holds them (uint8 up to B = 256,
+    int16 up to 32768, else int64: 1 byte a weight at the usual sizes instead of 8). Cost O(nb B^3)
+    = O(d B^2).
     """
     if w.dim() != 2:
         raise ValueError(f"w must be (blocks, block size); got shape {tuple(w.shape)}")
@@ -77,7 +79,7 @@ def cap_eliminate(w: torch.Tensor, hinv: torch.Tensor, *, valid: torch.Tensor | 
         if mask is not None and tuple(mask.shape) != (nb, B):
             raise ValueError(f"{name} must have w's shape {(nb, B)}; got {tuple(mask.shape)}")
     nm = _nm_groups(B, nm)
-    order = torch.zeros(nb, B, dtype=torch.long, device=w.device)
+    order = torch.zeros(nb, B, dtype=order_dtype(B), device=w.device)
     losses = torch.full((nb, B), float("inf"), dtype=torch.float64, device=w.device)
     page = min(nb, _page(B, w.device))
     work = _Work(page, B, w.device)
@@ -88,6 +90,12 @@ def cap_eliminate(w: torch.Tensor, hinv: torch.Tensor, *, valid: torch.Tensor | 
             None if valid is None else valid[s:e], None if forced is None else forced[s:e], nm)
         order[s:e], losses[s:e] = page_order.t(), page_losses.t()
     return order, losses
+
+
+def order_dtype(B: int) -> torch.dtype:
+    """The smallest integer dtype of the positions 0 .. B - 1 of a block (what
+    :func:`cap_eliminate`'s elimination order is stored in)."""
+    return torch.uint8 if B <= 256 else torch.int16 if B <= 1 << 15 else torch.long
 
 
 class _Work:
@@ -224,14 +232,26 @@ def _k_smallest(losses: torch.Tensor, k: int) -> torch.Tensor:
 def cap_apply(w: torch.Tensor, hinv: torch.Tensor, order: torch.Tensor, counts: torch.Tensor):
     """Weights after removing the first ``counts[b]`` weights of each block's ``order``: the joint
     OBS update ``w - H^{-1}_{:,P} (H^{-1}_{PP})^{-1} w_P`` with ``w_P`` set exactly to 0. Returns
-    (new weights (nb, B) in w's dtype, pruned mask (nb, B) bool). Cost O(d B^2)."""
-    nb, B = w.shape
-    # (nb, B) prefix of the order
-    steps = torch.arange(B, device=w.device)[None, :] < counts[:, None]
-    # scatter_add: after the last possible elimination the order repeats index 0 (steps past counts)
-    pruned = torch.zeros(nb, B, dtype=torch.long,
-                         device=w.device).scatter_add_(1, order, steps.long()) > 0
+    (new weights (nb, B) in w's dtype, pruned mask (nb, B) bool). Cost O(d B^2); the mask is built
+    a page of blocks at a time (no (nb, B) int64 temporaries)."""
+    pruned = prefix_mask(order, counts)
     return block_obs_update(w, hinv, pruned)[0], pruned
+
+
+def prefix_mask(order: torch.Tensor, counts: torch.Tensor, page: int = 1 << 14) -> torch.Tensor:
+    """(nb, B) bool: True at the first ``counts[b]`` entries of each block's ``order`` (nb, B),
+    built ``page`` blocks at a time."""
+    nb, B = order.shape
+    out = torch.empty(nb, B, dtype=torch.bool, device=order.device)
+    steps = torch.arange(B, device=order.device)[None, :]
+    for s in range(0, nb, page):
+        e = min(nb, s + page)
+        # (n, B) prefix of the order; scatter_add: after the last possible elimination the order
+        # repeats index 0 (steps past counts)
+        taken = (steps < counts[s:e, None]).long()
+        hit = torch.zeros(e - s, B, dtype=torch.long, device=order.device)
+        out[s:e] = hit.scatter_add_(1, order[s:e].long(), taken) > 0
+    return out
 
 
 def cap_prune(w: torch.Tensor, hinv: torch.Tensor, k: int, *, valid=None, forced=None, nm=None,

@@ -515,15 +515,21 @@ class BlockFisherInverse:
             return torch.full(
                 (self.num_blocks,), self.damp, dtype=torch.float64, device=self.device
             )
-        if self._packed:
-            # (nb, B)
-            diag = torch.cat([t[:, self._diag_pos] for t in self._slabs]) / self.num_grads
-        else:
-            diag = self._slabs[0].diagonal(dim1=-2, dim2=-1) / self.num_grads
+        # each block's sum and count of its live diagonal entries, a page of blocks at a time (the
+        # whole (nb, B) diagonal would be 4-8 bytes a weight on top of the accumulator)
+        nb, B = self.num_blocks, self.block_size
+        sums = torch.empty(nb, dtype=self.sum_dtype if self._packed else torch.float64,
+                           device=self.device)
+        counts = torch.empty(nb, dtype=torch.long, device=self.device)
+        for s, e in self._pages(max(1, (1 << 20) // B)):
+            if self._packed:
+                diag = self._acc(s, e)[:, self._diag_pos] / self.num_grads  # (e - s, B)
+            else:
+                diag = self._acc(s, e).diagonal(dim1=-2, dim2=-1) / self.num_grads
+            torch.sum(diag, 1, out=sums[s:e])
+            torch.sum(diag > 0, 1, out=counts[s:e])
         groups = None if self.damp_groups is None else self.damp_groups.to(self.device)
-        return relative_damp(
-            diag.sum(1), (diag > 0).sum(1), self.rel_damp, groups, self.damp_reduce
-        )
+        return relative_damp(sums, counts, self.rel_damp, groups, self.damp_reduce)
 
     # -- the inverse
     # ----------------------------------------------------------------------------------------
@@ -551,12 +557,18 @@ class BlockFisherInverse:
         self._invert()
         return self._mat if not self._packed else self.unpack()
 
-    def diag(self) -> torch.Tensor:
-        """``diag(F^{-1})`` (d,)."""
+    def diag(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """``diag(F^{-1})`` (d,), or its coordinates ``[start, stop)`` (read from those blocks
+        only: a page of the diagonal without the whole)."""
         self._invert()
+        stop = self.dim if stop is None else min(stop, self.dim)
+        B = self.block_size
+        s, e = start // B, -(-stop // B)
         if self._packed:
-            return self._mat[:, self._diag_pos].reshape(-1)[: self.dim]
-        return self._mat.diagonal(dim1=-2, dim2=-1).reshape(-1)[: self.dim]
+            d = self._mat[s:e, self._diag_pos]
+        else:
+            d = self._mat[s:e].diagonal(dim1=-2, dim2=-1)
+        return d.reshape(-1)[start - s * B : stop - s * B]
 
     def mul(self, x: torch.Tensor) -> torch.Tensor:
         """``F^{-1} x`` for x (d,): batched matrix-vector products over pages of unpacked blocks,

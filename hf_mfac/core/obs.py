@@ -21,8 +21,8 @@ import torch
 from ._checks import page_bytes
 from .fisher import block_shape, read_blocks
 
-__all__ = ["obs_scores", "group_scores", "nm_select", "obs_update", "block_obs_update",
-           "woodtaylor_shift"]
+__all__ = ["obs_scores", "group_scores", "nm_select", "obs_update", "obs_update_masked",
+           "block_obs_update", "woodtaylor_shift"]
 
 _TINY = 1e-30
 
@@ -104,6 +104,34 @@ def obs_update(finv, w: torch.Tensor, idx: torch.Tensor, u: torch.Tensor | None 
     out = w + delta.to(w.dtype)
     out[idx.reshape(-1)] = 0
     return out
+
+
+def obs_update_masked(finv, w: torch.Tensor, pruned: torch.Tensor, u: torch.Tensor | None = None,
+                      page: int = 1 << 20) -> torch.Tensor:
+    """:func:`obs_update` for single weights given as a mask ``pruned`` (d,) bool instead of
+    indices: the same weights (the same arithmetic: ``z_q = (w - u)_q / [F^{-1}]_qq`` in fp64,
+    rounded to w's dtype, ``dw = -F^{-1} z - u``), without the index tensor (8 bytes a pruned
+    weight) and the fp64 ``z``: ``z`` is formed a page of ``page`` coordinates at a time, the
+    diagonal read per page where the inverse can (``finv.diag(a, b)`` of a
+    :class:`~hf_mfac.core.BlockFisherInverse`)."""
+    from .fisher import BlockFisherInverse
+
+    d_all = None if isinstance(finv, BlockFisherInverse) else finv.diag()
+    z = torch.empty_like(w)
+    for a in range(0, w.numel(), page):
+        b = min(w.numel(), a + page)
+        d = (finv.diag(a, b) if d_all is None else d_all[a:b]).to(w.device)
+        ws = _shifted(w[a:b], None if u is None else u[a:b]).to(torch.float64)
+        zq = ws / d.to(torch.float64).clamp_min(_TINY)
+        torch.where(pruned[a:b], zq, torch.zeros_like(zq), out=zq)
+        z[a:b] = zq
+    del d_all
+    delta = finv.mul(z).neg_()
+    del z
+    if u is not None:
+        delta = delta - u.to(delta.dtype)
+    out = w + delta.to(w.dtype)
+    return out.masked_fill_(pruned, 0)
 
 
 # fp64 bytes of one page of blocks in block_obs_update (three such buffers are kept), per device

@@ -182,9 +182,14 @@ class ShardedFisherInverse:
             )
         return self.local.blocks()
 
-    def local_blocks(self) -> torch.Tensor | None:
-        """This rank's inverse blocks (nb_r, B, B), or None when it owns none."""
-        return None if self.local is None else self.local.blocks()
+    def local_blocks(self):
+        """This rank's inverse blocks as a block source (nb_r, B, B): its
+        :class:`~hf_mfac.core.BlockFisherInverse` itself, read a page of blocks at a time (no whole
+        fp32 copy of the packed blocks), or the local inverse's ``blocks()``; None when it owns
+        none."""
+        if self.local is None:
+            return None
+        return self.local if hasattr(self.local, "unpack") else self.local.blocks()
 
     def block_range(self, block_size: int):
         """What a step that works block by block needs on this rank: ``(hinv, first, gather)``, this
@@ -266,8 +271,8 @@ class _ShardSink:
         if self.reduces:
             if local is None:
                 self._reduce_damp(torch.zeros(2, 0, dtype=torch.float64, device=self.device))
-            else:
-                local.blocks()
+            else:  # forming the inverse: no copy of its blocks
+                local.invert() if hasattr(local, "invert") else local.blocks()
         dtype = None if local is None else getattr(local, "dtype", None) or local.W.dtype
         self.comm.check()
         dtypes = {

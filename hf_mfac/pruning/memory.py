@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..core._checks import free_bytes
-from ..core.fisher import block_fisher_bytes
+from ..core.cap import order_dtype
 from .config import oneshot_config
 from .grads import default_chunk_size
 from .pruners import MFACPruner
@@ -39,16 +39,21 @@ __all__ = [
 # chunk): gradient phase: the fp64 running sum of the gradients (collect_grads), the keep mask as
 # fp32 and bool, the targets' gradients from autograd (fp32) while a row is filled
 _GRAD_PHASE = 8 + 4 + 1 + 1 + 4
-# OBS step: weights (fp32) and the new ones, diag(F^{-1}) (fp32), scores and their masked copy
-# (fp64), the selection (its fp64 threshold pass), masks (bool), the per-block update's output and
-# the flattened copy
-_OBS_STEP = 4 + 4 + 4 + 8 + 8 + 8 + 1 + 1 + 1 + 4 + 4
-# CAP step: weights, orders (int64), losses and their masked and gathered copies (fp64), counts and
-# masks, the joint update's output
-_CAP_STEP = 4 + 4 + 8 + 8 + 8 + 8 + 1 + 1 + 8 + 4 + 4
-# static M-FAC, besides its m x D gradients: the diagonal and the scores (fp64), one fp32 product
-# F^{-1} x
-_MFAC_STEP = 8 + 8 + 4 + 4 + 8 + 1 + 1
+# what the driver holds through every step: the flat weights (fp32), the keep mask (bool) and the
+# mean gradient (fp32)
+_DRIVER = 4 + 1 + 4
+# OBS step (scored, selected and updated a page at a time): at the selection the fp32 scores, the
+# selected mask and a negated keep mask; at the update the mask and the new weights (fewer)
+_OBS_STEP = _DRIVER + 4 + 1 + 1
+# CAP step: the valid and forced masks (bool, one temporary), the elimination orders (1 byte a
+# weight up to B = 256: :func:`~hf_mfac.core.cap.order_dtype`, counted apart) and the cumulative
+# losses (fp64), then the chosen masks and the new weights
+_CAP_STEP = _DRIVER + 1 + 1 + 1 + 8 + 1 + 4
+# static M-FAC, besides its m x D gradients: the scores (fp32), the masks (bool, one temporary),
+# diag(F^{-1}) (fp32), the summed update's z and the product F^{-1} z with its scaled copy (fp32)
+_MFAC_STEP = _DRIVER + 4 + 1 + 1 + 4 + 4 + 4 + 4
+# WoodTaylor: F^{-1} grad (fp32) through the step
+_WOODTAYLOR = 4
 
 
 def human(nbytes: float) -> str:
@@ -83,6 +88,7 @@ def estimate_memory(
     device=None,
     chunk_size: int | None = None,
     page_bytes: int | None = None,
+    placement=None,
     **settings,
 ) -> MemoryEstimate:
     """The peak memory of ``prune_oneshot(model, ..., method=method, **settings)`` per device, in
@@ -90,11 +96,12 @@ def estimate_memory(
 
     ``settings`` are :func:`~hf_mfac.pruning.prune_oneshot`'s (``sparsity``, ``num_grads``,
     ``block_size``, ``pattern``, ``include``/``exclude``, ...) and the pruner's ``fisher_dtype``;
-    ``targets``, ``types``, ``device``, ``chunk_size`` and ``page_bytes`` as there. Works on a model
-    on the meta device. Returns a :class:`MemoryEstimate` (a dict ``{device: bytes}`` with the terms
-    in ``.parts``). The peak of the block Fisher methods is the larger of the gradient phase
-    (accumulator + chunk + vectors) and the step (packed inverse + the step's vectors); static M-FAC
-    holds its m x D gradients through both."""
+    ``targets``, ``types``, ``device``, ``chunk_size`` and ``page_bytes`` as there; ``placement``
+    as in :func:`estimate_pruner` (the blocks of a block Fisher over several devices). Works on a
+    model on the meta device. Returns a :class:`MemoryEstimate` (a dict ``{device: bytes}`` with
+    the terms in ``.parts``). The peak of the block Fisher methods is the larger of the gradient
+    phase (accumulator + chunk + vectors) and the step (packed inverse + the step's vectors); static
+    M-FAC holds its m x D gradients through both."""
     settings.setdefault("sparsity", 0.5)
     runtime = {"device": device, "page_bytes": page_bytes}
     if settings.get("fisher_dtype") is not None:
@@ -113,15 +120,30 @@ def estimate_memory(
         g = pruner.pattern.group
         pruner.block_size = min(B, -(-max(t.numel() for t in targets.values()) // g) * g)
     m = (config.num_grads or pruner.default_num_grads) if pruner.uses_fisher else 0
-    return estimate_pruner(pruner, targets, m, chunk_size=chunk_size)
+    return estimate_pruner(pruner, targets, m, chunk_size=chunk_size, placement=placement)
 
 
 def estimate_pruner(
-    pruner, targets: Mapping[str, torch.Tensor], num_grads: int, *, chunk_size: int | None = None
+    pruner,
+    targets: Mapping[str, torch.Tensor],
+    num_grads: int,
+    *,
+    chunk_size: int | None = None,
+    placement=None,
 ) -> MemoryEstimate:
     """:func:`estimate_memory` for a resolved ``pruner`` (its block size already fitted to the
     targets), its ``targets`` and ``num_grads`` gradients per step: what
-    :func:`~hf_mfac.pruning.prune_oneshot` checks."""
+    :func:`~hf_mfac.pruning.prune_oneshot` checks.
+
+    ``placement``: where a block Fisher's blocks live, ``[(device, first_block, stop_block)]``
+    (contiguous ranges; a device may appear more than once): each range's accumulator and inverse,
+    its columns of the gradient chunk and its share of the gradient phase's vectors count on its
+    device; the step's vectors on the work device, the restore copy on the host. Default: all
+    blocks on the pruner's device.
+
+    Each device's peak is the larger of its two phases: the gradients (the Fisher's accumulator,
+    the chunk, the gradient phase's vectors) and the step (the inverse, written over the
+    accumulator, and the step's vectors); the restore copy is held through both."""
     layout = Layout(targets, pad=pruner.pad)
     D, B, m = layout.dim, pruner.block_size, num_grads
     first = next(iter(targets.values()))
@@ -129,59 +151,57 @@ def estimate_pruner(
     dev = torch.device("cpu") if dev.type == "meta" else dev
     wdev = pruner.work_device(dev)
     host = torch.device("cpu")
-    parts: dict[str, dict] = {}
+    grad_phase: dict[str, dict] = {}
+    step_phase: dict[str, dict] = {}
 
-    def add(where, what: str, nbytes: int) -> None:
-        parts.setdefault(str(where), {})
-        parts[str(where)][what] = parts[str(where)].get(what, 0) + int(nbytes)
+    def add(phase, where, what: str, nbytes: int) -> None:
+        terms = phase.setdefault(str(torch.device(where)), {})
+        terms[what] = terms.get(what, 0) + int(nbytes)
 
-    add(host, "restore copy", sum(t.numel() * t.element_size() for t in targets.values()))
+    restore = sum(t.numel() * t.element_size() for t in targets.values())
+    for phase in (grad_phase, step_phase):
+        add(phase, host, "restore copy", restore)
     if not pruner.uses_fisher:
-        add(wdev, "step", D * (4 + 8 + 1 + 1 + 4))
-        return _peaks(parts, {}, _settings(pruner, D, 0, None))
+        add(step_phase, wdev, "step", D * (4 + 8 + 1 + 1 + 4))
+        return _peaks(grad_phase, step_phase, _settings(pruner, D, 0, None))
     fisher = pruner.fisher_bytes(D, m)
+    wt = _WOODTAYLOR if getattr(pruner, "woodtaylor", False) else 0
     if isinstance(pruner, MFACPruner):
         k = chunk_size or default_chunk_size(D, m, device=dev)
-        add(pruner.grads_device or host, "gradients G", fisher)
-        add(dev, "gradient chunk", k * D * 4)
-        add(dev, "gradient phase", D * _GRAD_PHASE)
-        add(wdev, "step", D * _MFAC_STEP)
-        return _peaks(parts, {}, _settings(pruner, D, m, k))
+        for phase in (grad_phase, step_phase):
+            add(phase, pruner.grads_device or host, "gradients G", fisher)
+        add(grad_phase, dev, "gradient chunk", k * D * 4)
+        add(grad_phase, dev, "gradient phase", D * _GRAD_PHASE)
+        add(step_phase, wdev, "step", D * (_MFAC_STEP + wt))
+        return _peaks(grad_phase, step_phase, _settings(pruner, D, m, k))
     k = chunk_size or default_chunk_size(D, m, fisher_bytes=fisher, device=dev)
-    build = {
-        "fisher accumulator": fisher,
-        "gradient chunk": k * D * 4,
-        "gradient phase": D * _GRAD_PHASE,
-    }
-    inverse = block_fisher_bytes(D, B, pruner.fisher_dtype, num_grads=m, rel_damp=pruner.rel_damp)[
-        1
-    ]
-    step = {
-        "fisher inverse": inverse,
-        "step": D * (_CAP_STEP if pruner.name == "cap" else _OBS_STEP),
-    }
-    alt = {str(dev): step} if str(dev) == str(wdev) else {}
-    for what, v in build.items():
-        add(dev, what, v)
-    if str(dev) != str(wdev):
-        add(wdev, "step", step["step"])
-    return _peaks(parts, alt, _settings(pruner, D, m, k))
+    nb = -(-D // B)
+    for where, lo, hi in placement or [(dev, 0, nb)]:
+        width = min(D, hi * B) - lo * B
+        if width <= 0:
+            continue
+        acc = pruner.fisher_bytes(width, m)
+        inv = pruner.inverse_bytes(width, m)
+        add(grad_phase, where, "fisher accumulator", acc)
+        add(grad_phase, where, "gradient chunk", k * width * 4)
+        add(grad_phase, where, "gradient phase", width * _GRAD_PHASE)
+        add(step_phase, where, "fisher inverse", inv)
+    if pruner.name == "cap":
+        step = D * (_CAP_STEP + order_dtype(B).itemsize)
+    else:
+        step = D * (_OBS_STEP + wt)
+    add(step_phase, wdev, "step", step)
+    return _peaks(grad_phase, step_phase, _settings(pruner, D, m, k))
 
 
-def _peaks(parts: dict, alt: dict, settings: dict) -> MemoryEstimate:
-    """Each device's peak: the sum of its terms (the build), or, where ``alt`` gives the terms of a
-    later phase on that device (the step, after the accumulator gave way to the inverse), the larger
-    of the two sums; the restore copy is held throughout and counts in both."""
+def _peaks(grad_phase: dict, step_phase: dict, settings: dict) -> MemoryEstimate:
+    """Each device's peak: the larger sum of its terms in the two phases (a device missing from a
+    phase holds nothing then); ``parts`` gives the terms of the larger."""
     peaks, out_parts = {}, {}
-    for dev, terms in parts.items():
-        total = sum(terms.values())
-        out_parts[dev] = dict(terms)
-        if dev in alt:
-            keep = {k: v for k, v in terms.items() if k == "restore copy"}
-            later = sum(alt[dev].values()) + sum(keep.values())
-            if later > total:
-                total, out_parts[dev] = later, {**keep, **alt[dev]}
-        peaks[dev] = total
+    for dev in dict.fromkeys([*grad_phase, *step_phase]):
+        a, b = grad_phase.get(dev, {}), step_phase.get(dev, {})
+        terms = a if sum(a.values()) >= sum(b.values()) else b
+        peaks[dev], out_parts[dev] = sum(terms.values()), dict(terms)
     return MemoryEstimate(peaks, out_parts, settings)
 
 

@@ -35,7 +35,13 @@ from ..core.fisher import block_fisher_bytes, block_shape
 from ..core._checks import check_damp, check_positive_int
 from ..core.cap import cap_apply, cap_eliminate, cap_select
 from ..core.masks import num_to_prune, threshold_masks
-from ..core.obs import block_obs_update, group_scores, obs_scores, obs_update
+from ..core.obs import (
+    block_obs_update,
+    group_scores,
+    obs_scores,
+    obs_update,
+    obs_update_masked,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +127,14 @@ class StepResult:
 # -- helpers
 # ----------------------------------------------------------------------------------------------
 def _block_source(finv):
-    """What the per-block steps read the inverse blocks from: a :class:`BlockFisherInverse` itself
-    (its packed blocks are unpacked a page at a time, never all at once), else the object's
-    ``blocks()`` tensor."""
-    return finv if isinstance(finv, BlockFisherInverse) else finv.blocks()
+    """What the per-block steps read the inverse blocks from: a :class:`BlockFisherInverse` (or any
+    object with ``num_blocks``, ``block_size`` and ``unpack(s, e, out=)``) itself, its blocks
+    unpacked a page at a time, never all at once; else the object's ``blocks()``."""
+    if isinstance(finv, BlockFisherInverse) or (
+        hasattr(finv, "unpack") and hasattr(finv, "num_blocks")
+    ):
+        return finv
+    return finv.blocks()
 
 
 def _unit_slices(layout, g: int):
@@ -135,14 +145,46 @@ def _select_units(
     layout, scores_u: torch.Tensor, sparsity: float, scope: str, g: int
 ) -> torch.Tensor:
     """Units (D/g,) to prune: the ``sparsity`` fraction of lowest scores, globally or per target
-    (exact)."""
+    (exact). The selection reads the targets' slices of ``scores_u`` in place and writes into one
+    (D/g,) mask (:func:`~hf_mfac.core.masks.lowest_k_masks`): no copy of the scores."""
     sl = _unit_slices(layout, g)
-    per = {i: scores_u[o : o + c] for i, (o, c) in enumerate(sl)}
-    sel = threshold_masks(per, sparsity, scope=scope, unit=g, prune_mask_only=True)
     out = torch.zeros_like(scores_u, dtype=torch.bool)
-    for i, (o, c) in enumerate(sl):
-        out[o : o + c] = sel[i]
+    threshold_masks(
+        [scores_u[o : o + c] for o, c in sl],
+        sparsity,
+        scope=scope,
+        unit=g,
+        prune_mask_only=True,
+        out=[out[o : o + c] for o, c in sl],
+    )
     return out
+
+
+# coordinates per page of the scores and of the summed update
+_SCORE_PAGE = 1 << 20
+
+
+def _diag_pages(finv, dim: int):
+    """``(a, b, diag(F^{-1})[a:b])`` over pages of coordinates: a
+    :class:`~hf_mfac.core.BlockFisherInverse` reads each page from its packed blocks (no (D,)
+    copy); other inverses give their ``diag()`` once, sliced."""
+    whole = None if isinstance(finv, BlockFisherInverse) else finv.diag()
+    for a in range(0, dim, _SCORE_PAGE):
+        b = min(dim, a + _SCORE_PAGE)
+        yield a, b, (finv.diag(a, b) if whole is None else whole[a:b])
+
+
+def _obs_scores(finv, w: torch.Tensor, keep: torch.Tensor, u: torch.Tensor | None):
+    """Single-weight OBS scores (D,) ``(w - u)^2 / (2 [F^{-1}]_qq)`` (:func:`obs_scores`), ``-inf``
+    where already pruned; computed a page at a time (the diagonal is read per page), in the dtype
+    :func:`obs_scores` gives (fp32 for an fp32 inverse): the selection compares them exactly."""
+    sc = None
+    for a, b, d in _diag_pages(finv, w.numel()):
+        page = obs_scores(w[a:b], d.to(w.device), None if u is None else u[a:b])
+        if sc is None:
+            sc = torch.empty(w.numel(), dtype=page.dtype, device=w.device)
+        sc[a:b] = page.masked_fill_(~keep[a:b], -float("inf"))
+    return sc
 
 
 def _block_groups(
@@ -152,8 +194,18 @@ def _block_groups(
     (``scope="global"``), or the target of the block's first coordinate (``"layer"``)."""
     if groups is None:
         return None
-    groups = groups[::B].cpu()
+    groups = groups[::B].cpu().clone()  # not a view: the (D,) tensor is freed
     return torch.zeros_like(groups) if scope == "global" else groups
+
+
+def _block_layers(layout, B: int, device=None) -> torch.Tensor:
+    """(D/B,) long: the target each block of B coordinates belongs to (each target starts a block:
+    the layout is padded to B), without the (D,) ``layout.layer_index()``."""
+    ids = torch.empty(layout.dim // B, dtype=torch.long, device=device)
+    ends = layout.offsets[1:] + [layout.dim]
+    for i, (off, end) in enumerate(zip(layout.offsets, ends)):
+        ids[off // B : end // B] = i
+    return ids
 
 
 def _per_layer(layout, values: torch.Tensor, g: int = 1) -> torch.Tensor:
@@ -337,6 +389,14 @@ class Pruner(abc.ABC):
             dim, self.block_size, self.fisher_dtype, num_grads=num_grads, rel_damp=self.rel_damp
         )[0]
 
+    def inverse_bytes(self, dim: int, num_grads: int) -> int:
+        """Bytes of the formed inverse (what a :class:`~hf_mfac.pruning.FisherCache` entry holds):
+        the packed fp32 inverse (half the fp64 accumulator when the sum was fp64, the same bytes
+        when it was fp32), whole fp64 blocks for an fp64 inverse."""
+        return block_fisher_bytes(
+            dim, self.block_size, self.fisher_dtype, num_grads=num_grads, rel_damp=self.rel_damp
+        )[1]
+
     def work_device(self, device: torch.device) -> torch.device:
         """Where the weights, masks and scores live during :meth:`prune` (with the inverse)."""
         return device
@@ -424,8 +484,9 @@ class _OBSPruner(Pruner):
 
     def _joint(self, layout, w, keep, pruned, finv, u) -> StepResult:
         """Apply the joint per-block update for the mask ``pruned`` (D,) (previously pruned weights
-        included, they are zero and stay zero); the loss is the quadratic model's increase of each
-        block."""
+        included, they are zero and stay zero; ``pruned`` is overwritten with the new mask); the
+        loss is the quadratic model's increase of each block. The update runs a page of blocks at a
+        time (:func:`~hf_mfac.core.obs.block_obs_update`)."""
         B = self.block_size
         nb = layout.dim // B
         if hasattr(finv, "block_range"):  # a sharded inverse: this rank's blocks, then one gather
@@ -441,9 +502,9 @@ class _OBSPruner(Pruner):
         # (nb, B), (nb,); WoodTaylor: w - u where nothing is pruned
         new, block_loss = gather(new), gather(block_loss)
         loss = torch.zeros(len(layout.names), dtype=torch.float64, device=w.device)
-        loss.index_add_(0, layout.layer_index(w.device).view(nb, B)[:, 0], block_loss)
-        new_keep = keep & ~pruned
-        return StepResult(new.view(-1) * new_keep, new_keep, loss)
+        loss.index_add_(0, _block_layers(layout, B, w.device), block_loss)
+        new_keep = pruned.logical_not_().logical_and_(keep)  # keep & ~pruned, in place
+        return StepResult(new.view(-1).mul_(new_keep), new_keep, loss)
 
     def _finish(self, layout, w, keep, pruned, finv, u, summed):
         """The step's result: the joint update where the inverse has blocks, else the summed one
@@ -464,21 +525,22 @@ class _OBSPruner(Pruner):
             # WoodTaylor's F^{-1} grad [WoodFisher, §6.2]
             u = finv.mul(grad.to(w.dtype)).to(w.dtype)
         g, kind = self.pattern.group, self.pattern.kind
-        valid = layout.valid(w.device)
         if kind == "unstructured":
-            # (D,) w^2 / (2 [F^{-1}]_qq)
-            sc = obs_scores(w, finv.diag().to(w.device), u).to(torch.float64)
-            sc = torch.where(keep, sc, torch.full_like(sc, -float("inf")))
-            pruned = (_select_units(layout, sc, sparsity, self.scope, 1) | ~keep) & valid
-
-            def summed():
-                new = obs_update(finv, w, pruned.nonzero()[:, 0], u=u)
-                loss = torch.where(pruned & keep, sc, torch.zeros_like(sc))
-                return StepResult(new, keep & ~pruned, _per_layer(layout, loss))
-
-            return self._finish(layout, w, keep, pruned, finv, u, summed)
+            # (D,) w^2 / (2 [F^{-1}]_qq), -inf where already pruned
+            sc = _obs_scores(finv, w, keep, u)
+            # the weights to remove, the already pruned ones with them (and the padding, which is
+            # never kept): what the per-block update sets to zero
+            pruned = _select_units(layout, sc, sparsity, self.scope, 1).logical_or_(~keep)
+            if self.update == "joint":
+                del sc
+                return self._joint(layout, w, keep, pruned, finv, u)
+            pruned.logical_and_(layout.valid(w.device))
+            new = obs_update_masked(finv, w, pruned, u=u, page=_SCORE_PAGE)
+            loss = sc.masked_fill_(~(pruned & keep), 0)  # the scores of the weights pruned now
+            new_keep = pruned.logical_not_().logical_and_(keep)
+            return StepResult(new, new_keep, _per_layer(layout, loss))
         units = torch.arange(layout.dim, device=w.device).view(-1, g)  # (D/g, g)
-        uvalid = valid.view(-1, g).all(1)
+        uvalid = layout.valid(w.device).view(-1, g).all(1)
         idx = units[uvalid]
         sub = _submatrix(finv, idx).to(w.device)  # (n, g, g)
         if kind == "nm":
@@ -599,6 +661,9 @@ class MFACPruner(_OBSPruner):
     def fisher_bytes(self, dim: int, num_grads: int) -> int:
         return dim * num_grads * 4
 
+    def inverse_bytes(self, dim: int, num_grads: int) -> int:
+        return dim * num_grads * 4  # W = L^{-1} G in G's memory
+
     def fisher_key(self) -> tuple:
         return (
             "static-mfac",
@@ -667,17 +732,16 @@ class CAPPruner(Pruner):
         W = w.view(nb, B)[lo:hi]
         valid = layout.valid(w.device).view(nb, B)[lo:hi]
         forced = ~keep.view(nb, B)[lo:hi] & valid
-        block_layer = layout.layer_index(w.device).view(nb, B)[:, 0]  # (nb,) target of every block
+        block_layer = _block_layers(layout, B, w.device)  # (nb,) target of every block
         if self.pattern.kind == "nm":
             M = self.pattern.m
             order, losses = cap_eliminate(W, hinv, valid=valid, forced=forced, nm=(M - zeros, M))
             counts = torch.isfinite(losses).sum(1)
         else:
             order, losses = cap_eliminate(W, hinv, valid=valid, forced=forced)
+            # the forced weights come first, at loss -1 (always taken); in place
             steps = torch.arange(B, device=w.device)[None, :]
-            losses = torch.where(
-                steps < forced.sum(1, keepdim=True), torch.full_like(losses, -1.0), losses
-            )
+            losses.masked_fill_(steps < forced.sum(1, keepdim=True), -1.0)
             all_losses = gather(losses)  # (nb, B): the merge sees every block
             if self.scope == "global":
                 counts = cap_select(all_losses, num_to_prune(layout.numel, sparsity))[lo:hi]
@@ -685,15 +749,17 @@ class CAPPruner(Pruner):
                 k = {i: num_to_prune(n, sparsity) for i, n in enumerate(layout.numels)}
                 counts = cap_select(all_losses, 0, block_layer, k)[lo:hi]
         new, pruned = cap_apply(W, hinv, order, counts)
-        pruned = pruned & valid | forced
+        pruned.logical_and_(valid).logical_or_(forced)
         last = losses.gather(1, (counts - 1).clamp_min(0)[:, None])[:, 0].clamp_min(0)
         block_loss = torch.where(counts > 0, last, torch.zeros_like(last))
+        del order, losses  # (and all_losses, the same tensor in one process)
+        all_losses = None
         # (nb, B), (nb, B), (nb,)
         new, pruned, block_loss = gather(new), gather(pruned), gather(block_loss)
         loss = torch.zeros(len(layout.names), dtype=torch.float64, device=w.device)
         loss.index_add_(0, block_layer, block_loss)
-        new_keep = keep & ~pruned.view(-1)
-        return StepResult(new.view(-1) * new_keep, new_keep, loss)
+        new_keep = pruned.view(-1).logical_not_().logical_and_(keep)  # keep & ~pruned, in place
+        return StepResult(new.view(-1).mul_(new_keep), new_keep, loss)
 
 
 PRUNERS: dict[str, type[Pruner]] = {
