@@ -456,3 +456,13 @@ def test_auto_on_a_machine_without_gpu_is_the_cpu_and_the_cache_says_its_bytes()
     for name in r1.masks:
         assert torch.equal(r1.masks[name], r2.masks[name])
     assert "Fisher placed" not in r2.report.to_markdown()
+
+
+def test_targets_on_the_meta_device_are_refused_naming_them():
+    from hf_mfac.pruning.placement import check_resident
+
+    model = MLP()
+    targets = {"a.weight": torch.zeros(24, 16, device="meta"), "b.weight": model.b.weight}
+    with pytest.raises(ValueError, match=r"a\.weight are on the meta device \(no values\)"):
+        check_resident(model, targets)
+    check_resident(model, {"b.weight": model.b.weight})  # resident: passes
