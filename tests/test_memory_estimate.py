@@ -190,6 +190,14 @@ def test_estimate_takes_the_larger_phase_and_splits_a_placed_fisher():
                            placement=[("cuda:1", 0, nb - 1), ("cuda:0", nb - 1, nb)])
     assert step.parts["cuda:0"]["step"] == _OBS_STEP * D
     assert "step" not in step.parts["cuda:1"]
+    # device as prune_oneshot takes it: one device with its room is the plain estimate
+    assert estimate_memory(model, "obert", num_grads=64, device={"cpu": 1 << 40}) == whole
+    # the same device twice (two slots, the first too small for every block): the parts add up
+    # on it, to the same need as one part (the step's vectors are the smaller phase here)
+    two = estimate_memory(model, "obert", num_grads=64, chunk_size=32,
+                          device=[("cpu", whole["cpu"] // 3), ("cpu", 1 << 40)])
+    assert set(two) == {"cpu"} and two["cpu"] == estimate_memory(
+        model, "obert", num_grads=64, chunk_size=32)["cpu"]
 
 
 # -- placement plan over given capacities
@@ -214,7 +222,7 @@ def test_placement_fills_the_largest_accelerator_first_then_the_cpu():
         "cuda:0": (9, 13),
         "cpu": (13, 20),
     }
-    assert plan_fisher_placement(4, 5, caps) == {"cuda:1": (0, 4)}
+    assert plan_fisher_placement(4, 5, caps) == {"cuda:1": (0, 3), "cuda:0": (3, 4)}
     assert plan_fisher_placement(0, 5, caps) == {}
 
 

@@ -24,6 +24,7 @@ from ..core._checks import free_bytes
 from ..core.cap import order_dtype
 from .config import oneshot_config
 from .grads import default_chunk_size
+from .placement import plan_fisher_placement  # noqa: F401 - its former home
 from .pruners import MFACPruner
 from .targets import DEFAULT_TYPES, Layout
 
@@ -36,12 +37,11 @@ __all__ = [
 ]
 
 # bytes per padded coordinate D of the vectors alive in each phase (besides the Fisher and the
-# chunk): gradient phase: the fp64 running sum of the gradients (collect_grads), the keep mask as
-# fp32 and bool, the targets' gradients from autograd (fp32) while a row is filled
-_GRAD_PHASE = 8 + 4 + 1 + 1 + 4
-# what the driver holds through every step: the flat weights (fp32), the keep mask (bool) and the
-# mean gradient (fp32)
-_DRIVER = 4 + 1 + 4
+# chunk): gradient phase: the keep mask and its negation (bool, what the rows are masked with), the
+# targets' gradients from autograd (fp32) while a row is filled
+_GRAD_PHASE = 1 + 1 + 4
+# what the driver holds through every step: the flat weights (fp32) and the keep mask (bool)
+_DRIVER = 4 + 1
 # OBS step (scored, selected and updated a page at a time): at the selection the fp32 scores, the
 # selected mask and a negated keep mask; at the update the mask and the new weights (fewer)
 _OBS_STEP = _DRIVER + 4 + 1 + 1
@@ -52,8 +52,10 @@ _CAP_STEP = _DRIVER + 1 + 1 + 1 + 8 + 1 + 4
 # static M-FAC, besides its m x D gradients: the scores (fp32), the masks (bool, one temporary),
 # diag(F^{-1}) (fp32), the summed update's z and the product F^{-1} z with its scaled copy (fp32)
 _MFAC_STEP = _DRIVER + 4 + 1 + 1 + 4 + 4 + 4 + 4
-# WoodTaylor: F^{-1} grad (fp32) through the step
-_WOODTAYLOR = 4
+# WoodTaylor: the fp64 running sum of the gradients in the gradient phase; the mean gradient and
+# F^{-1} grad (fp32) through the step
+_WOODTAYLOR_GRADS = 8
+_WOODTAYLOR_STEP = 4 + 4
 
 
 def human(nbytes: float) -> str:
@@ -101,8 +103,22 @@ def estimate_memory(
     model on the meta device. Returns a :class:`MemoryEstimate` (a dict ``{device: bytes}`` with
     the terms in ``.parts``). The peak of the block Fisher methods is the larger of the gradient
     phase (accumulator + chunk + vectors) and the step (packed inverse + the step's vectors); static
-    M-FAC holds its m x D gradients through both."""
+    M-FAC holds its m x D gradients through both.
+
+    ``device`` may also name several devices, ``{device: bytes}`` or ``"auto"`` (as
+    ``prune_oneshot``: the devices must exist here, their capacities are what they have available);
+    the estimate is then that of the placement ``prune_oneshot`` would plan. For a what-if over
+    devices this machine lacks, give ``placement`` instead."""
     settings.setdefault("sparsity", 0.5)
+    spec = None
+    if isinstance(device, (list, tuple, Mapping)) or (
+        isinstance(device, str) and device.strip().lower() == "auto"
+    ):
+        from .placement import parse_fisher_device
+
+        spec, device = parse_fisher_device(device), None
+        if not isinstance(spec, list):
+            spec, device = None, spec
     runtime = {"device": device, "page_bytes": page_bytes}
     if settings.get("fisher_dtype") is not None:
         runtime["fisher_dtype"] = settings.pop("fisher_dtype")
@@ -120,7 +136,18 @@ def estimate_memory(
         g = pruner.pattern.group
         pruner.block_size = min(B, -(-max(t.numel() for t in targets.values()) // g) * g)
     m = (config.num_grads or pruner.default_num_grads) if pruner.uses_fisher else 0
-    return estimate_pruner(pruner, targets, m, chunk_size=chunk_size, placement=placement)
+    work_device = None
+    if placement is None and spec is not None:  # the plan prune_oneshot would make
+        from .placement import place_fisher
+
+        plan = place_fisher(pruner, Layout(targets, pad=pruner.pad), targets, spec, m,
+                            chunk_size=chunk_size)
+        if plan is not None and len(plan.plan) == 1:
+            pruner.device = torch.device(plan.plan[0].device)
+        elif plan is not None:
+            placement, work_device = plan.plan, plan.work_device
+    return estimate_pruner(pruner, targets, m, chunk_size=chunk_size, placement=placement,
+                           work_device=work_device)
 
 
 def estimate_pruner(
@@ -130,6 +157,7 @@ def estimate_pruner(
     *,
     chunk_size: int | None = None,
     placement=None,
+    work_device=None,
 ) -> MemoryEstimate:
     """:func:`estimate_memory` for a resolved ``pruner`` (its block size already fitted to the
     targets), its ``targets`` and ``num_grads`` gradients per step: what
@@ -138,8 +166,8 @@ def estimate_pruner(
     ``placement``: where a block Fisher's blocks live, ``[(device, first_block, stop_block)]``
     (contiguous ranges; a device may appear more than once): each range's accumulator and inverse,
     its columns of the gradient chunk and its share of the gradient phase's vectors count on its
-    device; the step's vectors on the work device, the restore copy on the host. Default: all
-    blocks on the pruner's device.
+    device; the step's vectors on the work device (``work_device``, default the pruner's), the
+    restore copy on the host. Default: all blocks on the pruner's device.
 
     Each device's peak is the larger of its two phases: the gradients (the Fisher's accumulator,
     the chunk, the gradient phase's vectors) and the step (the inverse, written over the
@@ -149,7 +177,7 @@ def estimate_pruner(
     first = next(iter(targets.values()))
     dev = pruner.device or first.device
     dev = torch.device("cpu") if dev.type == "meta" else dev
-    wdev = pruner.work_device(dev)
+    wdev = pruner.work_device(dev) if work_device is None else torch.device(work_device)
     host = torch.device("cpu")
     grad_phase: dict[str, dict] = {}
     step_phase: dict[str, dict] = {}
@@ -165,13 +193,15 @@ def estimate_pruner(
         add(step_phase, wdev, "step", D * (4 + 8 + 1 + 1 + 4))
         return _peaks(grad_phase, step_phase, _settings(pruner, D, 0, None))
     fisher = pruner.fisher_bytes(D, m)
-    wt = _WOODTAYLOR if getattr(pruner, "woodtaylor", False) else 0
+    woodtaylor = bool(getattr(pruner, "woodtaylor", False))
+    wt_grads = _WOODTAYLOR_GRADS if woodtaylor else 0
+    wt = _WOODTAYLOR_STEP if woodtaylor else 0
     if isinstance(pruner, MFACPruner):
         k = chunk_size or default_chunk_size(D, m, device=dev)
         for phase in (grad_phase, step_phase):
             add(phase, pruner.grads_device or host, "gradients G", fisher)
         add(grad_phase, dev, "gradient chunk", k * D * 4)
-        add(grad_phase, dev, "gradient phase", D * _GRAD_PHASE)
+        add(grad_phase, dev, "gradient phase", D * (_GRAD_PHASE + wt_grads))
         add(step_phase, wdev, "step", D * (_MFAC_STEP + wt))
         return _peaks(grad_phase, step_phase, _settings(pruner, D, m, k))
     k = chunk_size or default_chunk_size(D, m, fisher_bytes=fisher, device=dev)
@@ -184,7 +214,7 @@ def estimate_pruner(
         inv = pruner.inverse_bytes(width, m)
         add(grad_phase, where, "fisher accumulator", acc)
         add(grad_phase, where, "gradient chunk", k * width * 4)
-        add(grad_phase, where, "gradient phase", width * _GRAD_PHASE)
+        add(grad_phase, where, "gradient phase", width * (_GRAD_PHASE + wt_grads))
         add(step_phase, where, "fisher inverse", inv)
     if pruner.name == "cap":
         step = D * (_CAP_STEP + order_dtype(B).itemsize)
@@ -215,45 +245,6 @@ def _settings(pruner, D: int, m: int, k: int | None) -> dict:
         "fisher_dtype": str(pruner.fisher_dtype).replace("torch.", ""),
         "pattern": str(pruner.pattern),
     }
-
-
-def plan_fisher_placement(
-    num_blocks: int, block_bytes: int, capacities: Mapping[str, int], *, per_device_bytes: int = 0
-) -> dict[str, tuple[int, int]]:
-    """Where the blocks of a block Fisher go: ``{device: (first, stop)}``, contiguous ranges of
-    blocks.
-
-    A pure plan over given capacities (``{device: available bytes}``, e.g. from
-    ``torch.cuda.mem_get_info`` and MemAvailable): accelerators first, the largest first, then the
-    CPU; each device takes as many blocks as fit in its capacity less ``per_device_bytes`` (what the
-    device needs besides its blocks: a gradient chunk, the step's vectors), filling one device
-    before the next, so that the CPU (slow) gets only what the accelerators cannot hold. Contiguous
-    ranges keep a target's blocks together and each device's share one slice of every gradient chunk
-    (a round-robin placement would scatter both). Devices with no blocks are left out. Raises
-    ``MemoryError`` naming the shortfall when all of them together cannot hold the blocks."""
-    if num_blocks < 0 or block_bytes <= 0:
-        raise ValueError(
-            f"need num_blocks >= 0 and block_bytes > 0; got {num_blocks}, {block_bytes}"
-        )
-    order = sorted(capacities, key=lambda d: (str(d).startswith("cpu"), -int(capacities[d])))
-    plan, start = {}, 0
-    for dev in order:
-        if start >= num_blocks:
-            break
-        room = max(0, int(capacities[dev]) - per_device_bytes) // block_bytes
-        n = min(num_blocks - start, room)
-        if n > 0:
-            plan[str(dev)] = (start, start + n)
-            start += n
-    if start < num_blocks:
-        need = num_blocks * block_bytes + per_device_bytes
-        have = ", ".join(f"{d} {int(c) / 2**30:.2f} GiB" for d, c in capacities.items())
-        raise MemoryError(
-            f"the Fisher's {num_blocks} blocks need {need / 2**30:.2f} GiB; the devices hold "
-            f"{(start * block_bytes) / 2**30:.2f} GiB of them ({have}): lower block_size, use "
-            "a half-precision Fisher, prune fewer layers, or add devices"
-        )
-    return plan
 
 
 def check_estimate(
