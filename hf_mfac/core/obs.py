@@ -113,10 +113,14 @@ def obs_update_masked(finv, w: torch.Tensor, pruned: torch.Tensor, u: torch.Tens
     rounded to w's dtype, ``dw = -F^{-1} z - u``), without the index tensor (8 bytes a pruned
     weight) and the fp64 ``z``: ``z`` is formed a page of ``page`` coordinates at a time, the
     diagonal read per page where the inverse can (``finv.diag(a, b)`` of a
-    :class:`~hf_mfac.core.BlockFisherInverse`)."""
+    :class:`~hf_mfac.core.BlockFisherInverse` or an object that unpacks pages of blocks like
+    one)."""
     from .fisher import BlockFisherInverse
 
-    d_all = None if isinstance(finv, BlockFisherInverse) else finv.diag()
+    pages = isinstance(finv, BlockFisherInverse) or (
+        hasattr(finv, "unpack") and hasattr(finv, "num_blocks")
+    )
+    d_all = None if pages else finv.diag()
     z = torch.empty_like(w)
     for a in range(0, w.numel(), page):
         b = min(w.numel(), a + page)

@@ -126,15 +126,20 @@ class StepResult:
 
 # -- helpers
 # ----------------------------------------------------------------------------------------------
+def _reads_pages(finv) -> bool:
+    """Whether ``finv`` reads its blocks and diagonal a page at a time (``unpack(s, e, out=)``,
+    ``diag(start, stop)``): a :class:`BlockFisherInverse`, or an object that answers like one (an
+    inverse placed over several devices)."""
+    return isinstance(finv, BlockFisherInverse) or (
+        hasattr(finv, "unpack") and hasattr(finv, "num_blocks")
+    )
+
+
 def _block_source(finv):
     """What the per-block steps read the inverse blocks from: a :class:`BlockFisherInverse` (or any
     object with ``num_blocks``, ``block_size`` and ``unpack(s, e, out=)``) itself, its blocks
     unpacked a page at a time, never all at once; else the object's ``blocks()``."""
-    if isinstance(finv, BlockFisherInverse) or (
-        hasattr(finv, "unpack") and hasattr(finv, "num_blocks")
-    ):
-        return finv
-    return finv.blocks()
+    return finv if _reads_pages(finv) else finv.blocks()
 
 
 def _unit_slices(layout, g: int):
@@ -166,9 +171,9 @@ _SCORE_PAGE = 1 << 20
 
 def _diag_pages(finv, dim: int):
     """``(a, b, diag(F^{-1})[a:b])`` over pages of coordinates: a
-    :class:`~hf_mfac.core.BlockFisherInverse` reads each page from its packed blocks (no (D,)
-    copy); other inverses give their ``diag()`` once, sliced."""
-    whole = None if isinstance(finv, BlockFisherInverse) else finv.diag()
+    :class:`~hf_mfac.core.BlockFisherInverse` (:func:`_reads_pages`) reads each page from its
+    packed blocks (no (D,) copy); other inverses give their ``diag()`` once, sliced."""
+    whole = None if _reads_pages(finv) else finv.diag()
     for a in range(0, dim, _SCORE_PAGE):
         b = min(dim, a + _SCORE_PAGE)
         yield a, b, (finv.diag(a, b) if whole is None else whole[a:b])
