@@ -38,7 +38,7 @@ from .config import PruningConfig
 from .grads import check_dataloader, check_fisher_batch_size, check_trainable, collect_grads
 from .memory import check_estimate, estimate_pruner
 from .placement import (Placement, PlacedFisher, check_device, check_placed, check_resident,
-                        describe_plan, parse_fisher_device, place_fisher, placed_estimate)
+                        describe_plan, parse_fisher_device, place_fisher)
 from .pruners import Pruner
 from .targets import DEFAULT_TYPES, Layout, keep_modes
 
@@ -654,8 +654,8 @@ def run_oneshot(
         logger.info("%s pruning: estimated peak memory %s", pruner.name, estimate.describe())
         check_estimate(estimate, pruner, targets, num_grads or 0)  # refused before any work
     else:
-        estimate = placed_estimate(pruner, layout, targets, placement, num_grads,
-                                   chunk_size=chunk_size)
+        estimate = estimate_pruner(pruner, targets, num_grads, chunk_size=chunk_size,
+                                   placement=placement.plan, work_device=placement.work_device)
         logger.info("%s pruning: the Fisher placed over %d parts (%s), selection and update on %s; "
                     "estimated peak memory %s", pruner.name, len(placement.plan),
                     describe_plan(placement.plan), placement.work_device, estimate.describe())

@@ -580,52 +580,9 @@ def place_fisher(pruner, layout, targets: Mapping[str, torch.Tensor], spec, num_
     return Placement(plan, _work_device(p.device for p in plan), B)
 
 
-def placed_estimate(pruner, layout, targets: Mapping[str, torch.Tensor], placement: Placement,
-                    num_grads: int, *, chunk_size: int | None = None):
-    """The peak memory per device of a run whose Fisher is placed (a
-    :class:`~hf_mfac.pruning.MemoryEstimate`): on each part's device its blocks' accumulator, its
-    slice of the gradient chunk and of the gradient-phase vectors, then its packed inverse; on the
-    work device the step's vectors besides; on the host the copy of the targets kept to restore
-    them. Each device's peak is the larger of the two phases."""
-    from ..core.fisher import block_fisher_bytes
-    from .grads import default_chunk_size
-    from .memory import MemoryEstimate  # (memory may import this module)
-
-    B, D = placement.block_size, layout.dim
-    fisher = pruner.fisher_bytes(D, num_grads)
-    k = chunk_size or default_chunk_size(D, num_grads, fisher_bytes=fisher)
-    build: dict[str, dict] = {}
-    step: dict[str, dict] = {}
-
-    def add(table, dev, what, nbytes):
-        terms = table.setdefault(str(dev), {})
-        terms[what] = terms.get(what, 0) + int(nbytes)
-
-    for p in placement.plan:
-        width = (p.stop - p.start) * B
-        acc, inv = block_fisher_bytes(width, B, pruner.fisher_dtype, num_grads=num_grads,
-                                      rel_damp=pruner.rel_damp)
-        add(build, p.device, "fisher accumulator", acc)
-        add(build, p.device, "gradient chunk", k * width * 4)
-        add(build, p.device, "gradient phase", width * GRAD_PHASE_BYTES)
-        add(step, p.device, "fisher inverse", inv)
-    add(step, placement.work_device, "step", D * STEP_BYTES)
-    host = sum(t.numel() * t.element_size() for t in targets.values())
-    peaks, parts = {}, {}
-    for dev in sorted(set(build) | set(step) | {"cpu"}, key=lambda d: (d == "cpu", d)):
-        keep = {"restore copy": host} if dev == "cpu" else {}
-        a = {**keep, **build.get(dev, {})}
-        b = {**keep, **step.get(dev, {})}
-        parts[dev] = a if sum(a.values()) >= sum(b.values()) else b
-        peaks[dev] = sum(parts[dev].values())
-    settings = {"method": pruner.name, "dim": D, "block_size": B, "num_grads": num_grads,
-                "chunk_size": k, "fisher_dtype": str(pruner.fisher_dtype).replace("torch.", ""),
-                "pattern": str(pruner.pattern), "placement": describe_plan(placement.plan)}
-    return MemoryEstimate(peaks, parts, settings)
-
-
 def check_placed(est, available: Mapping[str, int | None] | None = None) -> None:
-    """Refuse, before any work, a placed run whose estimated peak exceeds what a device has
+    """Refuse, before any work, a placed run whose estimated peak
+    (:func:`~hf_mfac.pruning.memory.estimate_pruner` with the placement) exceeds what a device has
     available (``available``: ``{device: bytes}``, default :func:`free_bytes`; unknown passes),
     naming the device, the need, what is available and what to change."""
     for dev, need in est.items():
