@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ..core._checks import free_bytes
+from .grads import default_chunk_size
 
 __all__ = ["FisherPart", "plan_placement", "plan_fisher_placement", "home_placement",
            "parse_fisher_device", "check_device", "check_resident", "PlacedFisher",
@@ -569,8 +570,6 @@ def place_fisher(pruner, layout, targets: Mapping[str, torch.Tensor], spec, num_
     B = pruner.block_size
     nb = layout.dim // B
     wdev = _work_device(d for d, _ in spec)
-    from .grads import default_chunk_size  # (grads imports nothing from here)
-
     fisher = pruner.fisher_bytes(layout.dim, num_grads)
     k = chunk_size or default_chunk_size(layout.dim, num_grads, fisher_bytes=fisher)
     per_block = -(-fisher // nb) + B * (4 * k + GRAD_PHASE_BYTES)
