@@ -27,6 +27,10 @@ holds another's blocks whole. The selection and the update run on the work devic
 when one is used, else the CPU) over the flat weights, and are written back in place into each
 weight on its own device.
 
+Several devices place the block Fisher of oBERT and CAP; static M-FAC keeps its gradients on
+``grads_device`` and takes one device, and under several processes each rank keeps its shard on
+its one device (``prune_oneshot_distributed``).
+
 A model whose targets are offloaded by accelerate (weights on the meta device, their values in the
 hooks' ``weights_map``: ``cpu_offload``, ``disk_offload``, or "cpu"/"disk" entries of a device_map
 under an accelerator main device) is refused before any work (:func:`check_resident`).
