@@ -7,7 +7,11 @@ every setting; only the optimizer differs:
 * ``dense32``: M-FAC, m = 32, dense window, lr 0.3 / m (the main job's M-FAC row);
 * ``sparse1024``: M-FAC, m = 1024, density 0.01, lr ``--sparse_lr`` (default 0.3 / m);
 * ``sparse_mem32``: M-FAC at the memory of the dense m = 32 window: density 0.01 and
-  m = 32 * 4 / (0.01 * 6) ~ 2133 rows would fit it; capped at ``--num_grads_mem``.
+  m = 32 * 4 / (0.01 * 6) ~ 2133 rows would fit it; capped at ``--num_grads_mem``;
+* ``sparse128``: M-FAC, m = 128, density 0.1, lr 0.3 / m: 60 % of the dense m = 32 window's
+  memory, spent on as many rows as a run of up to 128 steps fills. Before the window fills only
+  lr * m and m * damp set the step, so over 90 steps this is m = 1024 at density 0.1 (lr 0.3 / 1024,
+  damp 1.25e-7), with an eighth of its memory.
 
 Prints eval accuracy per setting and seed, the mean and sample standard deviation, and the
 seconds per run. Run: ``flock /tmp/brief/heavy.lock python benchmarks/bench_sparse_quality.py
@@ -47,6 +51,8 @@ def settings(args) -> dict:
                            mfac_num_grads=1024, mfac_density=0.01),
         "sparse_mem32": dict(optim="mfac", learning_rate=0.3 / args.num_grads_mem,
                              mfac_num_grads=args.num_grads_mem, mfac_density=0.01),
+        "sparse128": dict(optim="mfac", learning_rate=0.3 / 128, mfac_num_grads=128,
+                          mfac_density=0.1),
     }
 
 
