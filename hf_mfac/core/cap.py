@@ -9,10 +9,12 @@ value selection, no sort), and give each block the prefix of its elimination ord
 the threshold.
 
 Memory: the reference code saves the block's weights after every step ((B+1) d values). Here only
-the elimination order and the losses are kept (O(d)); the chosen prefix is applied with the joint
-OBS solve ``w - H^{-1}_{:,P} (H^{-1}_{PP})^{-1} w_P``, which equals the sequential OBS/downdate
-replay exactly (the sequential eliminations solve the same constrained quadratic). The elimination
-runs on pages of blocks so the working copy of the inverses is bounded too.
+the elimination order (1 byte a weight up to B = 256) and the losses (fp64) are kept; the chosen
+prefix is applied with the joint OBS solve ``w - H^{-1}_{:,P} (H^{-1}_{PP})^{-1} w_P``, which equals
+the sequential OBS/downdate replay exactly (the sequential eliminations solve the same constrained
+quadratic). The elimination, the masks of the chosen prefixes and the update run on pages of
+blocks, so the working copy of the inverses is bounded too, and the merge is one paged selection
+over the losses (:func:`~hf_mfac.core.masks.lowest_k_mask`).
 """
 from __future__ import annotations
 
