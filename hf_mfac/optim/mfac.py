@@ -127,7 +127,11 @@ class MFAC(torch.optim.Optimizer):
             d = 1.1e8, m = 1024, density 0.01 that is 8.1 GB (7.6 GiB) with fp32 values and 5.8 GB
             (5.4 GiB) with bfloat16 values, instead of 450 GB. While fewer than m gradients have
             been seen, ``lr * m`` and ``m * damp`` alone set the step (the rows not yet written
-            count as zeros), so a short run behaves the same at any m above its step count.
+            count as zeros), so a short run behaves the same at any m above its step count. The
+            error buffer delays what the window drops: a coordinate is taken about once per
+            ``1 / density`` steps, so a run of a few hundred steps or fewer wants a higher density
+            (and fewer rows for the same memory) than the 1 % of long runs
+            (benchmarks/RESULTS.md, "Compressed M-FAC window").
         nonfinite: what to do with a gradient the window refuses
             (:class:`~hf_mfac.core.ihvp.GradientRejected`: NaN/inf, values beyond the range of
             ``grad_dtype`` such as 7e4 in a float16 window, non-finite products with the window, a
