@@ -56,12 +56,13 @@ def _reset_hwm() -> bool:
         return False
 
 
-def watch_phases(peaks: dict) -> None:
+def watch_phases(peaks: dict, rss_at: dict | None = None) -> None:
     """Record each phase's own peak resident memory (MiB) in ``peaks``: "gradients" (the gradient
     phase, up to the inverse), "invert" (forming the block Fisher inverse, or static M-FAC's
     precomputation), "step" (the rest, filled by the caller). Patches the inverse's build and
     resets the peak (``/proc/self/clear_refs``) at each boundary; older checkouts without these
-    methods leave ``peaks`` empty."""
+    methods leave ``peaks`` empty. ``rss_at``: the resident memory at the end of each phase."""
+    rss_at = {} if rss_at is None else rss_at
     try:
         from hf_mfac.core import fisher as F
         from hf_mfac.pruning import pruners as P
@@ -73,6 +74,7 @@ def watch_phases(peaks: dict) -> None:
         if hwm is not None:
             peaks[name] = max(peaks.get(name, 0.0), hwm)
         _reset_hwm()
+        rss_at[name] = _rss_mb()  # where the next phase starts
 
     real_invert = getattr(F.BlockFisherInverse, "_invert", None)
     if real_invert is not None:
@@ -137,7 +139,8 @@ def _case(q, method: str, opts: dict) -> None:
     if hasattr(pruning, "estimate_memory"):
         est = pruning.estimate_memory(model, method=method, sparsity=opts["sparsity"], **kw)
     peaks: dict = {}
-    watch_phases(peaks)
+    rss_at: dict = {}
+    watch_phases(peaks, rss_at)
     rss0 = _rss_mb()
     hwm = _reset_hwm()
     t0 = time.perf_counter()
@@ -151,6 +154,7 @@ def _case(q, method: str, opts: dict) -> None:
     else:  # no resettable peak: the process's high-water mark
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
     phase_peaks = {k: v - rss0 for k, v in peaks.items()}
+    phase_peaks.update({f"rss after {k}": v - rss0 for k, v in rss_at.items()})
     info = rep.to_dict() if hasattr(rep, "to_dict") else {}
     phases = {k: v for k, v in info.items() if k.startswith("time_")}
     q.put(

@@ -222,3 +222,25 @@ def free_bytes(device) -> int | None:
         if device.type == "cpu":
             return host_available_bytes()
     return None
+
+
+_LIBC = None
+
+
+def trim_host_heap() -> bool:
+    """Give the free pages of the host's heap back to the operating system (glibc's
+    ``malloc_trim(0)``); True when it could be called. Between the gradient phase and the inverse:
+    the model's activations are freed into the heap, where the kernel still counts them as
+    resident, while the large tensors that follow (the step's vectors) are fresh mappings, so the
+    two would add up in the process's peak. Elsewhere (no glibc) it does nothing."""
+    global _LIBC
+    try:
+        if _LIBC is None:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        _LIBC = False
+        return False

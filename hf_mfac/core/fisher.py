@@ -51,6 +51,7 @@ from ._checks import (
     check_positive_int,
     damped_cholesky,
     page_bytes,
+    trim_host_heap,
 )
 
 logger = logging.getLogger("hf_mfac")
@@ -477,6 +478,8 @@ class BlockFisherInverse:
         if self.num_grads == 0:
             raise RuntimeError("no gradients were added; call add_grads() first")
         t0 = time.perf_counter()
+        if self.device.type == "cpu":  # the gradient phase's freed activations back to the system
+            trim_host_heap()
         B, nb = self.block_size, self.num_blocks
         lam = self._block_damp()  # (nb,)
         if self._packed and self.sum_dtype == torch.float32:  # row for row over the fp32 sums

@@ -32,7 +32,7 @@ import torch
 
 from ..core import BlockFisherInverse, StaticMFAC
 from ..core.fisher import block_fisher_bytes, block_shape
-from ..core._checks import check_damp, check_positive_int
+from ..core._checks import check_damp, check_positive_int, trim_host_heap
 from ..core.cap import cap_apply, cap_eliminate, cap_select
 from ..core.masks import num_to_prune, threshold_masks
 from ..core.obs import (
@@ -621,6 +621,8 @@ class _GradBuffer:
         self.n += chunk.shape[0]
 
     def finish(self) -> StaticMFAC:
+        if self.G.device.type == "cpu":  # the gradient phase's freed activations back to the system
+            trim_host_heap()
         p = self.pruner
         page = p.page_bytes
         # bound the fp64 temporaries of the precomputation (about 6x the page) on any device
