@@ -108,8 +108,7 @@ def split_check(argv=None) -> int:
     from transformers import BertConfig, BertForSequenceClassification
 
     from hf_mfac.pruning import Layout, find_prunable, make_pruner, prune_oneshot
-    from hf_mfac.pruning.grads import default_chunk_size
-    from hf_mfac.pruning.placement import GRAD_PHASE_BYTES, STEP_BYTES
+    from hf_mfac.pruning.placement import placement_sizes
 
     ap = _argparse.ArgumentParser(prog="gpu_check.py --split-check")
     ap.add_argument("--device", default="cuda:0")
@@ -182,11 +181,8 @@ def split_check(argv=None) -> int:
     # takes the rest
     placed = _copy.deepcopy(base)
     layout = Layout(find_prunable(base), pad=32)
-    fisher = make_pruner("obert", block_size=32).fisher_bytes(layout.dim, 32)
-    nb = layout.dim // 32
-    chunk = default_chunk_size(layout.dim, 32, fisher_bytes=fisher)
-    per_block = -(-fisher // nb) + 32 * (4 * chunk + GRAD_PHASE_BYTES)  # as the plan counts
-    room = nb // 2 * per_block + layout.dim * STEP_BYTES
+    per_block, reserve = placement_sizes(make_pruner("obert", block_size=32), layout.dim, 32)
+    room = layout.dim // 32 // 2 * per_block + reserve  # as the plan counts
     start = peak_reset()
     t0 = time.perf_counter()
     rest = None if dev.type != "cpu" else room  # CPU alone: two equal slots

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ..core._checks import free_bytes
+from ..core.cap import order_dtype
 from .grads import default_chunk_size
 
 __all__ = ["FisherPart", "plan_placement", "plan_fisher_placement", "home_placement",
@@ -480,13 +481,27 @@ class PlacedFisherInverse:
 
 
 # -- one run's placement ------------------------------------------------------------------------
-# bytes per coordinate on the work device during the step (the flat weights and their update,
-# diag(F^{-1}), scores and their masked copies, masks; CAP's orders and losses): the largest of the
-# pruners' per-coordinate step terms of the memory estimate, rounded up
-STEP_BYTES = 64
-# bytes per coordinate of the gradient phase on each part's device besides the chunk: the fp64
-# running sum of the gradients (WoodTaylor only; counted always) and the pruned mask (bool)
-GRAD_PHASE_BYTES = 8 + 1
+# Bytes per coordinate besides the Fisher and the gradient chunk, as the memory estimate counts
+# them (:func:`~hf_mfac.pruning.memory.estimate_pruner`): each part's device holds its share of the
+# gradient phase's vectors (the keep mask and its negation, the gradients from autograd while a row
+# is filled; WoodTaylor adds the fp64 running sum), the work device the step's (the flat weights,
+# keep mask, scores and masks of a page; CAP its elimination orders and losses; WoodTaylor the mean
+# gradient and F^{-1} grad)
+GRAD_PHASE_BYTES = 1 + 1 + 4
+STEP_BYTES = {"obert": 4 + 1 + 4 + 1 + 1, "cap": 4 + 1 + 1 + 1 + 1 + 8 + 1 + 4}
+WOODTAYLOR_BYTES = (8, 4 + 4)  # (gradient phase, step)
+
+
+def coordinate_bytes(pruner) -> tuple[int, int]:
+    """``(gradient phase, step)``: the bytes per coordinate a block-Fisher run holds besides the
+    Fisher and the chunk, on each part's device and on the work device. The step is the larger of
+    oBERT's and CAP's, so that both plan alike and share one cached Fisher
+    (:class:`~hf_mfac.pruning.FisherCache` keys on the plan)."""
+    grads = GRAD_PHASE_BYTES
+    step = max(STEP_BYTES["obert"], STEP_BYTES["cap"] + order_dtype(pruner.block_size).itemsize)
+    if getattr(pruner, "woodtaylor", False):
+        grads, step = grads + WOODTAYLOR_BYTES[0], step + WOODTAYLOR_BYTES[1]
+    return grads, step
 
 
 class Placement(NamedTuple):
@@ -529,6 +544,21 @@ def _work_device(devices) -> torch.device:
         if torch.device(d).type != "cpu":
             return torch.device(d)
     return torch.device("cpu")
+
+
+def placement_sizes(pruner, dim: int, num_grads: int, chunk_size: int | None = None
+                    ) -> tuple[int, int]:
+    """``(bytes per block, bytes on the work device)`` of a placed block Fisher of ``dim``
+    coordinates: a block's share of the larger phase on its device (the accumulator, its columns of
+    the gradient chunk and the gradient phase's vectors; or its inverse), and the step's vectors
+    over all coordinates, which the work device holds besides its blocks."""
+    B = pruner.block_size
+    nb = -(-dim // B)
+    grads, step = coordinate_bytes(pruner)
+    acc = pruner.fisher_bytes(dim, num_grads)
+    k = chunk_size or default_chunk_size(dim, num_grads, fisher_bytes=acc)
+    build = -(-acc // nb) + B * (4 * k + grads)
+    return build, dim * step
 
 
 def place_fisher(pruner, layout, targets: Mapping[str, torch.Tensor], spec, num_grads: int, *,
@@ -574,13 +604,10 @@ def place_fisher(pruner, layout, targets: Mapping[str, torch.Tensor], spec, num_
     B = pruner.block_size
     nb = layout.dim // B
     wdev = _work_device(d for d, _ in spec)
-    fisher = pruner.fisher_bytes(layout.dim, num_grads)
-    k = chunk_size or default_chunk_size(layout.dim, num_grads, fisher_bytes=fisher)
-    per_block = -(-fisher // nb) + B * (4 * k + GRAD_PHASE_BYTES)
+    per_block, reserve = placement_sizes(pruner, layout.dim, num_grads, chunk_size)
     plan = plan_placement(nb, per_block, [(str(d), c) for d, c in spec],
-                          per_device_bytes={str(wdev): layout.dim * STEP_BYTES},
-                          homes=_homes(layout, targets, B))
-    return Placement(plan, _work_device(p.device for p in plan), B)
+                          per_device_bytes={str(wdev): reserve}, homes=_homes(layout, targets, B))
+    return Placement(plan, wdev, B)  # the step's vectors were kept room for there
 
 
 def check_placed(est, available: Mapping[str, int | None] | None = None) -> None:
