@@ -276,11 +276,11 @@ class FisherCache:
 
     Later steps of a run with ``recompute > 1`` start from pruned weights and always collect fresh
     gradients. The pruners only read the inverse, so one entry serves any number of runs. Each entry
-    holds one Fisher inverse as the run left it (a block Fisher's packed fp32 inverse, on one device
-    or over the devices of its placement, which is part of the key; static M-FAC's m x D
-    ``W = L^{-1} G``), and the mean gradient for WoodTaylor runs, until it is evicted
-    (``max_entries``, least recently used first) or :meth:`clear` is called; :meth:`storage_bytes`
-    says how much that is. ``hits`` / ``misses`` count the lookups.
+    holds one Fisher inverse as the run left it (``Pruner.inverse_bytes``: a block Fisher's packed
+    fp32 inverse, on one device or over the devices of its placement, which is part of the key;
+    static M-FAC's m x D ``W = L^{-1} G``), and the mean gradient for WoodTaylor runs, until it is
+    evicted (``max_entries``, least recently used first) or :meth:`clear` is called;
+    :meth:`storage_bytes` says how much that is. ``hits`` / ``misses`` count the lookups.
     """
 
     def __init__(self, max_entries: int = 1):
