@@ -22,15 +22,17 @@ saved in ``<output_dir>/dense<seed>`` and reused by later invocations with the s
 
 The recipes' Fisher sizes (oBERT 1024 gradients, blocks of 50; CAP 4096, blocks of 192) are GPU
 sizes; ``--num_grads`` and ``--block_size`` (default 128 and 32, hf_mfac's defaults) override them
-for every Fisher recipe alike, as explicit settings override a recipe. Example (2 seeds, about
-2-3 hours on an idle 2-core CPU)::
+for every Fisher recipe alike, as explicit settings override a recipe. The full run (2 seeds, 300
+steps per row; several hours on an idle 2-core CPU, not run yet)::
 
     python benchmarks/bench_recipe.py --seeds 0,1 --output_dir outputs/recipe90
 
-The smallest run that still shows the ordering (one seed, a short budget)::
+The short budget measured in RESULTS ("The 90 % recipe"; on an idle 2-core CPU about 3 minutes
+for the dense start and the dense row, 12 for CAP's 15 pruning steps, 12 for oBERT's 7; seeds and
+rows may go in separate invocations into the same ``--output_dir``)::
 
-    python benchmarks/bench_recipe.py --seeds 0 --dense_steps 90 --steps 60 --eval_every 20 \\
-        --num_grads 32 --output_dir outputs/recipe90-small
+    python benchmarks/bench_recipe.py --seeds 0,1 --dense_steps 90 --steps 60 --lr 3e-4 \\
+        --eval_every 20 --num_grads 32 --block_size 32 --output_dir outputs/recipe90-short
 """
 from __future__ import annotations
 
@@ -61,7 +63,8 @@ def parse_args(argv=None):
                     help="'dense' (no pruning) and recipe names of hf_mfac.pruning.recipes")
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--train_size", type=int, default=3000)
-    ap.add_argument("--eval_size", type=int, default=500)
+    ap.add_argument("--eval_size", type=int, default=1000,
+                    help="held-out tweets (1000: the main job's split; the train set follows them)")
     ap.add_argument("--max_length", type=int, default=48)
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--dense_steps", type=int, default=90, help="AdamW steps of the dense model")
