@@ -135,7 +135,9 @@ class CompressedMFAC(DynamicMFAC):
 
     Cost per ``update_mul``: the block top-k of a (O(d)), two passes over the m * k stored entries
     (``G c`` by ``index_select``, ``G^T c'`` by ``index_add_``, in chunks of 2^22 entries with
-    int32 index temporaries when the indices are stored as int16), the O(m^3/3) Cholesky and
+    int32 index temporaries when the indices are stored as int16; on a CPU the blocks are shared
+    among :func:`product_workers` threads, since these index ops use one core each, and the
+    partial sums are added in a fixed order), the O(m^3/3) Cholesky and
     O(m^2) solves of :class:`DynamicMFAC`. Memory: :func:`compressed_window_bytes`, checked
     against the free memory of ``device`` before anything is allocated (``MemoryError`` with the
     numbers); during a step three more d-vectors.
