@@ -7,7 +7,8 @@ every setting; only the optimizer differs:
 * ``dense32``: M-FAC, m = 32, dense window, lr 0.3 / m (the main job's M-FAC row);
 * ``sparse1024``: M-FAC, m = 1024, density 0.01, lr ``--sparse_lr`` (default 0.3 / m);
 * ``sparse_mem32``: M-FAC at the memory of the dense m = 32 window: density 0.01 and
-  m = 32 * 4 / (0.01 * 6) ~ 2133 rows would fit it; capped at ``--num_grads_mem``;
+  m = 32 * 4 / (0.01 * 6) ~ 2133 rows would fit it; capped at ``--num_grads_mem``. Over fewer
+  steps than m this is ``sparse1024`` with m * damp doubled (only lr * m and m * damp matter);
 * ``sparse128``: M-FAC, m = 128, density 0.1, lr 0.3 / m: 60 % of the dense m = 32 window's
   memory, spent on as many rows as a run of up to 128 steps fills. Before the window fills only
   lr * m and m * damp set the step, so over 90 steps this is m = 1024 at density 0.1 (lr 0.3 / 1024,
