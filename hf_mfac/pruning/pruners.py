@@ -509,7 +509,9 @@ class _OBSPruner(Pruner):
         loss = torch.zeros(len(layout.names), dtype=torch.float64, device=w.device)
         loss.index_add_(0, _block_layers(layout, B, w.device), block_loss)
         new_keep = pruned.logical_not_().logical_and_(keep)  # keep & ~pruned, in place
-        return StepResult(new.view(-1).mul_(new_keep), new_keep, loss)
+        # zero what is not kept (already zero: the update zeroes the pruned weights) with a bool
+        # mask; ``mul_`` by the bool mask would convert it to a (D,) float temporary first
+        return StepResult(new.view(-1).masked_fill_(~new_keep, 0), new_keep, loss)
 
     def _finish(self, layout, w, keep, pruned, finv, u, summed):
         """The step's result: the joint update where the inverse has blocks, else the summed one
@@ -766,7 +768,9 @@ class CAPPruner(Pruner):
         loss = torch.zeros(len(layout.names), dtype=torch.float64, device=w.device)
         loss.index_add_(0, block_layer, block_loss)
         new_keep = pruned.view(-1).logical_not_().logical_and_(keep)  # keep & ~pruned, in place
-        return StepResult(new.view(-1).mul_(new_keep), new_keep, loss)
+        # zero what is not kept (already zero: the update zeroes the pruned weights) with a bool
+        # mask; ``mul_`` by the bool mask would convert it to a (D,) float temporary first
+        return StepResult(new.view(-1).masked_fill_(~new_keep, 0), new_keep, loss)
 
 
 PRUNERS: dict[str, type[Pruner]] = {
