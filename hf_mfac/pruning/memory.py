@@ -296,7 +296,8 @@ def check_estimate(
     raise MemoryError(
         f"{pruner.name} pruning needs an estimated {human(need)} on {dev} "
         f"({est.describe()}), but only {human(have)} is available there; {advice}; or prune fewer "
-        "layers (include=/exclude=), or put the Fisher on another device (device=...)"
+        "layers (include=/exclude=), or put the Fisher on another device or spread it over "
+        "several (device=[...] or device='auto')"
     )
 
 
