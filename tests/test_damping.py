@@ -65,6 +65,35 @@ def test_relative_damping_matches_dense_reference(groups, gen):
     assert torch.allclose(st.element(i, j), ref[i, j], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_damp_sums_are_the_group_sums_of_the_diagonal(dtype, gen):
+    # what a Fisher split over devices adds up across its parts before it damps
+    m, d, B = 7, 45, 10
+    G = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    G[:, 7] = 0
+    groups = [0, 0, 1, 1, 2]
+    bf = BlockFisherInverse(d, B, rel_damp=1e-2, damp_groups=torch.tensor(groups), dtype=dtype)
+    bf.add_grads(G.to(dtype))
+    acc = bf.damp_sums()
+    diag = (G**2).sum(0) / m
+    for g in set(groups):
+        cols = torch.cat([torch.arange(s, min(s + B, d))
+                          for s, gg in zip(range(0, d, B), groups) if gg == g])
+        assert acc[0, g].item() == pytest.approx(diag[cols].sum().item(), rel=1e-6)
+        assert acc[1, g].item() == (diag[cols] > 0).sum().item()
+    bf.invert()  # reading the sums changed nothing: the inverse is the one-device one
+    ref = BlockFisherInverse(d, B, rel_damp=1e-2, damp_groups=torch.tensor(groups), dtype=dtype)
+    ref.add_grads(G.to(dtype))
+    assert torch.equal(bf.diag(), ref.diag())
+    with pytest.raises(RuntimeError, match="before invert"):
+        bf.damp_sums()
+    absolute = BlockFisherInverse(d, B, damp=1e-3, dtype=dtype)
+    absolute.add_grads(G.to(dtype))
+    assert absolute.damp_sums() is None
+    with pytest.raises(RuntimeError, match="no gradients"):
+        BlockFisherInverse(d, B, rel_damp=1e-2).damp_sums()
+
+
 def test_relative_damping_is_scale_free(gen):
     G = torch.randn(16, 40, generator=gen, dtype=torch.float64)
     base = BlockFisherInverse(40, 8, rel_damp=1e-2, dtype=torch.float64)

@@ -95,6 +95,22 @@ def check_damping(damp, rel_damp) -> tuple[float | None, float | None]:
     return None, check_damp(rel_damp, "rel_damp")
 
 
+def damp_group_sums(
+    diag_sums: torch.Tensor, counts: torch.Tensor, groups: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The per-group sums of the blocks' diagonal sums and live counts, a (2, n_groups) fp64 tensor
+    (``groups`` None: each block its own group): what :func:`relative_damp` means over, and what a
+    Fisher split over shards or devices adds up across them before it damps."""
+    sums, cnt = diag_sums.to(torch.float64), counts.to(torch.float64)
+    if groups is None:
+        return torch.stack([sums, cnt])
+    n = int(groups.max()) + 1 if groups.numel() else 0
+    acc = torch.zeros(2, n, dtype=torch.float64, device=sums.device)
+    acc[0].index_add_(0, groups, sums)
+    acc[1].index_add_(0, groups, cnt)
+    return acc
+
+
 def relative_damp(
     diag_sums: torch.Tensor,
     counts: torch.Tensor,
@@ -116,14 +132,7 @@ def relative_damp(
     its weights, which the Fisher says cost nothing, stay cheap to prune), or ``rel_damp`` when
     every group is empty. Multiplying every gradient by c multiplies the result by c^2, as it does
     the Fisher: OBS scores scale uniformly and neither the selection nor the updates change."""
-    sums, cnt = diag_sums.to(torch.float64), counts.to(torch.float64)
-    if groups is not None:
-        n = int(groups.max()) + 1 if groups.numel() else 0
-        acc = torch.zeros(2, n, dtype=torch.float64, device=sums.device)
-        acc[0].index_add_(0, groups, sums)
-        acc[1].index_add_(0, groups, cnt)
-    else:
-        acc = torch.stack([sums, cnt])
+    acc = damp_group_sums(diag_sums, counts, groups)
     if reduce is not None:
         reduce(acc)
     lam = torch.where(acc[1] > 0, acc[0] / acc[1].clamp_min(1), torch.zeros_like(acc[0])) * rel_damp
@@ -518,8 +527,16 @@ class BlockFisherInverse:
             return torch.full(
                 (self.num_blocks,), self.damp, dtype=torch.float64, device=self.device
             )
-        # each block's sum and count of its live diagonal entries, a page of blocks at a time (the
-        # whole (nb, B) diagonal would be 4-8 bytes a weight on top of the accumulator)
+        sums, counts = self._diag_sums()
+        return relative_damp(sums, counts, self.rel_damp, self._groups(), self.damp_reduce)
+
+    def _groups(self) -> torch.Tensor | None:
+        return None if self.damp_groups is None else self.damp_groups.to(self.device)
+
+    def _diag_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each accumulated block's sum and count of its live diagonal entries of F, a page of
+        blocks at a time (the whole (nb, B) diagonal would be 4-8 bytes a weight on top of the
+        accumulator)."""
         nb, B = self.num_blocks, self.block_size
         sums = torch.empty(nb, dtype=self.sum_dtype if self._packed else torch.float64,
                            device=self.device)
@@ -531,8 +548,21 @@ class BlockFisherInverse:
                 diag = self._acc(s, e).diagonal(dim1=-2, dim2=-1) / self.num_grads
             torch.sum(diag, 1, out=sums[s:e])
             torch.sum(diag > 0, 1, out=counts[s:e])
-        groups = None if self.damp_groups is None else self.damp_groups.to(self.device)
-        return relative_damp(sums, counts, self.rel_damp, groups, self.damp_reduce)
+        return sums, counts
+
+    def damp_sums(self) -> torch.Tensor | None:
+        """The per-group diagonal sums and live counts of the accumulated Fisher, (2, n_groups)
+        fp64 (see :func:`damp_group_sums`), before any ``damp_reduce``: what a Fisher split in
+        parts adds up over its parts so that each damps like the whole. None with an absolute
+        damping (nothing to add up). Before the inverse only."""
+        if self.rel_damp is None:
+            return None
+        if self._inverted:
+            raise RuntimeError("damp_sums() reads the accumulated Fisher: call it before invert()")
+        if self.num_grads == 0:
+            raise RuntimeError("no gradients were added; call add_grads() first")
+        sums, counts = self._diag_sums()
+        return damp_group_sums(sums, counts, self._groups())
 
     # -- the inverse
     # ----------------------------------------------------------------------------------------

@@ -294,10 +294,6 @@ def check_resident(model: nn.Module, targets: Mapping[str, torch.Tensor]) -> Non
 
 
 # -- the placed Fisher --------------------------------------------------------------------------
-class _Captured(Exception):
-    """Stops a part's inversion right after it reported its damping sums (nothing changed)."""
-
-
 class PlacedFisher:
     """Gradient sink of a block Fisher whose blocks lie in ``plan`` (contiguous block ranges) on
     several devices: one ``pruner.new_fisher`` per part, on its device. ``add_grads`` takes a chunk
@@ -339,21 +335,11 @@ class PlacedFisher:
 
     def _damp_sums(self) -> None:
         """Give every part the per-group diagonal sums and counts of all parts (its
-        ``damp_reduce``): one pass that stops each part's inversion where it reports its own."""
-        seen = []
-
-        def capture(acc):
-            seen.append(acc.detach().to("cpu", torch.float64, copy=True))
-            raise _Captured
-
-        for part in self.parts:
-            part.damp_reduce = capture
-            try:
-                part.invert()
-            except _Captured:
-                pass
-            else:  # nothing to reduce (an absolute damping after all)
-                return
+        ``damp_reduce``), so that each damps its blocks as the whole Fisher on one device would."""
+        seen = [part.damp_sums() for part in self.parts]
+        if any(a is None for a in seen):  # nothing to reduce (an absolute damping after all)
+            return
+        seen = [a.to("cpu") for a in seen]
         n = max(a.shape[1] for a in seen)
         total = torch.zeros(2, n, dtype=torch.float64)
         for a in seen:
