@@ -102,6 +102,30 @@ def test_prune_sweep_with_eval_and_model_cards(tiny, tmp_path, capsys):
         assert "dataset_name=" not in card.text
 
 
+def test_dispatched_model_and_fisher_over_two_slots_prune_as_on_one_device(tiny, tmp_path):
+    """--device_map auto (accelerate's hooks, here all on the CPU) and --fisher_device cpu,cpu (the
+    block Fisher in two parts) give the masks and weights of the plain run."""
+    from hf_mfac.integrations.checkpoint import load_sparse_masks
+    from safetensors.torch import load_file
+
+    model_dir, data = tiny
+    base = ["prune", str(model_dir), "--data", str(data), "--encoding", "latin-1", "--method",
+            "obert", "--sparsity", "0.6", "--num_grads", "4", "--batch_size", "4",
+            "--block_size", "16", "--no_progress"]
+    outs = {}
+    for name, extra in [("plain", []), ("placed", ["--device_map", "auto", "--fisher_device",
+                                                   "cpu,cpu"])]:
+        outs[name] = tmp_path / name
+        assert cli.main([*base, "--output_dir", str(outs[name]), *extra]) == 0, name
+    a, b = load_sparse_masks(outs["plain"]), load_sparse_masks(outs["placed"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    wa = load_file(outs["plain"] / "model.safetensors")
+    wb = load_file(outs["placed"] / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wa)
+    report = json.load(open(outs["placed"] / "pruning_report.json"))
+    assert len(report.get("placement") or []) == 2, report.get("placement")
+
+
 LOADED = AssertionError("the model was loaded before the inputs were checked")
 
 
@@ -130,6 +154,13 @@ LOADED = AssertionError("the model was loaded before the inputs were checked")
             ["--sparsity", "0.5", "--data", "@three-labels.csv"],
             "cannot be mapped",
         ),
+        ("device and device_map", ["--sparsity", "0.5", "--device", "cpu", "--device_map",
+                                   "auto"], "not both"),
+        ("unknown device_map", ["--sparsity", "0.5", "--device_map", "everywhere"],
+         "is not one of auto"),
+        ("a GPU that is not there", ["--sparsity", "0.5", "--device", "cuda:7"], "does not exist"),
+        ("a Fisher device that is not there", ["--sparsity", "0.5", "--fisher_device",
+                                               "cpu,cuda:7"], "--fisher_device"),
         (
             "per_sample with a fisher_batch_size",
             ["--sparsity", "0.5", "--per_sample", "--fisher_batch_size", "4"],

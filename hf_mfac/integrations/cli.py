@@ -86,8 +86,18 @@ class PruneCommandArguments:
                 "pruning."})
     eval_batch_size: int = field(default=64, metadata={"help": "Samples per evaluation batch."})
     device: str | None = field(default=None, metadata={
-        "help": "Where the model and the Fisher live: cpu, cuda, cuda:1 ...; None: cuda when "
-                "available."})
+        "help": "Where the model lives: cpu, cuda, cuda:1 ...; None: cuda when available (the "
+                "Fisher too, unless --fisher_device)."})
+    device_map: str | None = field(default=None, metadata={
+        "help": "Load the model dispatched by accelerate over the GPUs and the CPU: auto, "
+                "balanced, balanced_low_0 or sequential (from_pretrained's device_map); each "
+                "target's gradients and Fisher blocks then stay on its weight's device (layers "
+                "accelerate offloads to the CPU are refused: the model must fit the GPUs; spread "
+                "the Fisher with --fisher_device). Not with --device."})
+    fisher_device: str | None = field(default=None, metadata={
+        "help": "Where the Fisher blocks live: one device (cuda:1), several (cuda:0,cuda:1,cpu) "
+                "or auto (the visible GPUs by free memory, then the CPU); None: the model's "
+                "device (each weight's device with --device_map)."})
     seed: int = field(default=0, metadata={"help": "Seed of the calibration batches' order."})
     no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar over the "
                                                                "gradients."})
@@ -317,6 +327,40 @@ def _evaluate(model, batches, device) -> dict:
     return {"loss": loss / max(n, 1), "accuracy": correct / max(n, 1)}
 
 
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _fisher_spec(args: PruneCommandArguments):
+    """``--fisher_device`` as ``prune_oneshot(device=...)`` takes it: None, "auto", one device or a
+    list."""
+    spec = args.fisher_device
+    if spec is None or spec.strip().lower() == "auto":
+        return spec
+    names = [d.strip() for d in spec.split(",") if d.strip()]
+    return names if len(names) > 1 else (names[0] if names else spec)
+
+
+def _check_devices(args: PruneCommandArguments) -> None:
+    """--device, --device_map and --fisher_device name devices that exist here (else ValueError)."""
+    from ..pruning.placement import check_device, parse_fisher_device
+
+    if args.device is not None and args.device_map is not None:
+        raise ValueError(
+            "give --device (the whole model on one device) or --device_map (dispatched by "
+            "accelerate), not both"
+        )
+    if args.device is not None:
+        check_device(args.device, "--device")
+    if args.device_map is not None and args.device_map not in _DEVICE_MAPS:
+        raise ValueError(
+            f"--device_map {args.device_map!r} is not one of {', '.join(_DEVICE_MAPS)}"
+        )
+    try:
+        parse_fisher_device(_fisher_spec(args))
+    except ValueError as e:
+        raise ValueError(f"--fisher_device: {e}") from None
+
+
 def _check_prune_inputs(model_path: str, args: PruneCommandArguments, config):
     """(calibration data, (text, pair) columns, evaluation data or None, label -> class id):
     everything that can be checked before loading the model (the settings, the model folder, the
@@ -332,6 +376,7 @@ def _check_prune_inputs(model_path: str, args: PruneCommandArguments, config):
         )
     if config.method is None:
         raise ValueError("give --method")
+    _check_devices(args)
     check_model_folder(model_path)
     check_output_folders(model_path, _result_folders(args, config))
     check_data_file(args.data, "--data")
@@ -451,9 +496,14 @@ def prune_command(model_path: str, args: PruneCommandArguments, config, argv: li
 
     data, cols, eval_data, label_of = _check_prune_inputs(model_path, args, config)
     torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path).to(device)
+    if args.device_map is not None:  # accelerate's hooks move the inputs where each layer is
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, device_map=args.device_map)
+        device = next(model.parameters()).device
+    else:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = AutoModelForSequenceClassification.from_pretrained(model_path).to(device)
     calib = _loader(
         data,
         tokenizer,
@@ -482,6 +532,8 @@ def prune_command(model_path: str, args: PruneCommandArguments, config, argv: li
         print(f"dense: eval loss {before['loss']:.4f}, accuracy {before['accuracy']:.4f}")
     save = _result_saver(args, config, argv, tokenizer, evalb, device)
     kwargs = {**config.oneshot_kwargs(), "progress": not args.no_progress}
+    if args.fisher_device is not None:
+        kwargs["device"] = _fisher_spec(args)
     if config.sparsities:  # a sweep
         prune_sweep(model, calib, config.sparsities, save_fn=save, **kwargs)
     else:
