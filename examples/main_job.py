@@ -237,7 +237,8 @@ def run(job: Job) -> None:
                     per_device_eval_batch_size=128, max_steps=args.max_steps, logging_steps=5,
                     eval_strategy="no", save_strategy="no", report_to=[], seed=args.seed,
                     data_seed=args.seed, lr_scheduler_type="linear", warmup_steps=0,
-                    dataloader_num_workers=0, disable_tqdm=False)
+                    dataloader_num_workers=0, disable_tqdm=False,
+                    dataloader_pin_memory=torch.cuda.is_available())
         return MFACTrainingArguments(**{**base, **kw})
 
     def trainer_for(model, name, **kw):
