@@ -15,8 +15,13 @@ every setting; only the optimizer differs:
   damp 1.25e-7), with an eighth of its memory.
 
 Prints eval accuracy per setting and seed, the mean and sample standard deviation, and the
-seconds per run. Run: ``flock /tmp/brief/heavy.lock python benchmarks/bench_sparse_quality.py
---seeds 0``.
+seconds per run. Long runs: ``--train_size`` up to the corpus's ~36k training tweets (so that a
+run of 1000 steps of batch 32 is under one epoch), ``--eval_every k`` evaluates every k steps and
+prints each point of the curve as a JSON line (``{"curve": ...}``; with ``--diag`` also the error
+buffer's share of the summed gradient and the coordinates taken so far), ``--json_out`` appends
+each finished run (curve included) to a file, and ``--plot FILE`` draws the curves of such a file
+(``--figure``) instead of training. Run: ``python benchmarks/bench_sparse_quality.py --seeds 0``
+(heavy: one run at a time on this machine).
 """
 from __future__ import annotations
 
@@ -104,6 +109,19 @@ class Diagnostics:
             row.update(c=float(c.norm()), e=float(w.error.norm()))
         self.rows.append(row)
 
+    def snapshot(self, w) -> dict:
+        """The state so far: steps, the error buffer's share of the summed gradient, the fraction
+        of coordinates taken, and the mean norms over the last (up to) 10 steps."""
+        out = {"steps_seen": len(self.rows)}
+        if self.sum_g is not None and hasattr(w, "error"):
+            out["error_share"] = float(w.error.norm() / self.sum_g.norm())
+            out["taken_fraction"] = float(self.taken.float().mean())
+        for key in ("g", "c", "e", "u"):
+            vals = [r[key] for r in self.rows[-10:] if r.get(key) is not None]
+            if vals:
+                out[f"last10_{key}"] = statistics.mean(vals)
+        return out
+
     def summary(self, w) -> dict:
         out = {"steps": self.rows[:3] + self.rows[-3:]}
         if hasattr(w, "error"):
@@ -119,7 +137,7 @@ class Diagnostics:
 def run(name: str, kw: dict, seed: int, args, mj) -> dict:
     from datasets import Dataset
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
-                              DataCollatorWithPadding, set_seed)
+                              DataCollatorWithPadding, TrainerCallback, set_seed)
     from transformers.utils import logging as hf_logging
 
     from hf_mfac.integrations import MFACTrainer, MFACTrainingArguments
@@ -140,7 +158,8 @@ def run(name: str, kw: dict, seed: int, args, mj) -> dict:
     targs = MFACTrainingArguments(
         output_dir=str(Path(args.output_dir) / f"{name}-{seed}"), per_device_train_batch_size=32,
         per_device_eval_batch_size=128, max_steps=args.max_steps, logging_steps=10,
-        eval_strategy="no", save_strategy="no", report_to=[], seed=seed, data_seed=seed,
+        eval_strategy="steps" if args.eval_every else "no", eval_steps=args.eval_every or None,
+        save_strategy="no", report_to=[], seed=seed, data_seed=seed,
         lr_scheduler_type="linear", warmup_steps=0, dataloader_num_workers=0, disable_tqdm=True,
         **{"mfac_damp": 1e-6, **kw})
 
@@ -151,22 +170,106 @@ def run(name: str, kw: dict, seed: int, args, mj) -> dict:
                           eval_dataset=encode(eval_raw), data_collator=DataCollatorWithPadding(tok),
                           compute_metrics=accuracy)
     diag = Diagnostics() if args.diag else None
-    uninstall = diag.install() if diag else None
+    curve = []
     t0 = time.time()
+
+    class Curve(TrainerCallback):
+        """Each evaluation during training as a point of the curve (printed at once, so that a
+        run cut short still leaves its curve in the log)."""
+
+        def on_evaluate(self, targs, state, control, metrics=None, **kw):
+            loss = [h["loss"] for h in state.log_history if "loss" in h]
+            point = {"setting": name, "seed": seed, "step": state.global_step,
+                     "accuracy": metrics["eval_accuracy"], "eval_loss": metrics["eval_loss"],
+                     "train_loss": loss[-1] if loss else None, "seconds": time.time() - t0}
+            if diag is not None and diag.rows:
+                from hf_mfac.optim.mfac import unwrap_optimizer
+
+                point.update(diag.snapshot(unwrap_optimizer(trainer.optimizer).window))
+            curve.append(point)
+            print(json.dumps({"curve": point}), flush=True)
+
+    trainer.add_callback(Curve())
+    uninstall = diag.install() if diag else None
     try:
         trainer.train()
     finally:
         if uninstall:
             uninstall()
-    acc = trainer.evaluate()["eval_accuracy"]
+    if curve and curve[-1]["step"] == trainer.state.global_step:
+        acc = curve[-1]["accuracy"]  # evaluated at the last step already
+    else:
+        acc = trainer.evaluate()["eval_accuracy"]
     loss = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     out = {"setting": name, "seed": seed, "accuracy": acc, "seconds": time.time() - t0,
-           "last_loss": loss[-1] if loss else None, **{k: v for k, v in kw.items()}}
+           "last_loss": loss[-1] if loss else None, "max_steps": args.max_steps,
+           "train_size": args.train_size, "curve": curve, **{k: v for k, v in kw.items()}}
     if diag is not None and diag.rows:
         from hf_mfac.optim.mfac import unwrap_optimizer
 
         out["diag"] = diag.summary(unwrap_optimizer(trainer.optimizer).window)
     return out
+
+
+def read_curves(path: str) -> dict:
+    """``{(setting, seed): [points]}`` from a ``--json_out`` file (runs with their curves) or a
+    log holding the ``{"curve": ...}`` lines a run prints as it goes (a run cut short included)."""
+    curves: dict = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            points = [row["curve"]] if "curve" in row and isinstance(row["curve"], dict) else (
+                row.get("curve") or [])
+            for p in points:
+                key = (p["setting"], p["seed"])
+                have = {q["step"] for q in curves.get(key, [])}
+                if p["step"] not in have:
+                    curves.setdefault(key, []).append(p)
+    return {k: sorted(v, key=lambda p: p["step"]) for k, v in curves.items()}
+
+
+def plot(path: str, figure: str, title: str) -> None:
+    """Eval accuracy against steps for every run in ``path`` (left), and for the compressed
+    window's runs the error buffer's share of the summed gradient and the coordinates taken so
+    far (right), into ``figure``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = read_curves(path)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (name, seed), pts in curves.items():
+        steps = [p["step"] for p in pts]
+        ax.plot(steps, [p["accuracy"] for p in pts], marker="o", label=f"{name} (seed {seed})")
+        if any("taken_fraction" in p for p in pts):
+            pts = [p for p in pts if "taken_fraction" in p]
+            st = [p["step"] for p in pts]
+            bx.plot(st, [p["taken_fraction"] for p in pts], marker="o",
+                    label=f"{name}: coordinates taken so far")
+            bx.plot(st, [p["error_share"] for p in pts], marker="s", linestyle="--",
+                    label=f"{name}: |e| / |sum g|")
+    ax.set_xlabel("step (batch 32)")
+    ax.set_ylabel("eval accuracy (1000 tweets)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    bx.set_xlabel("step (batch 32)")
+    bx.set_ylabel("fraction")
+    bx.set_ylim(0, 1)
+    bx.grid(alpha=0.3)
+    bx.legend(fontsize=8)
+    fig.suptitle("all-MiniLM-L6-v2 on the tweets: AdamW vs compressed M-FAC along training"
+                 + (f"\n{title}" if title else ""), fontsize=9)
+    fig.tight_layout()
+    Path(figure).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=120)
+    print(f"wrote {figure}")
 
 
 def main():
@@ -180,7 +283,19 @@ def main():
     ap.add_argument("--num_grads_mem", type=int, default=2048)
     ap.add_argument("--output_dir", default="/tmp/bench_sparse_quality")
     ap.add_argument("--diag", action="store_true", help="record per-step norms of the M-FAC step")
+    ap.add_argument("--eval_every", type=int, default=0,
+                    help="evaluate every k steps (a curve); 0: only at the end")
+    ap.add_argument("--json_out", default=None, help="append each finished run as a JSON line")
+    ap.add_argument("--plot", default=None,
+                    help="draw the curves of this --json_out file (or a log with curve lines) "
+                         "into --figure and exit")
+    ap.add_argument("--figure", default=str(ROOT / "benchmarks" / "figures" /
+                                            "sparse_long_curve.png"))
+    ap.add_argument("--title", default="", help="a second title line for --plot (hardware, date)")
     args = ap.parse_args()
+    if args.plot:
+        plot(args.plot, args.figure, args.title)
+        return
     mj = main_job()
     table = settings(args)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -191,6 +306,9 @@ def main():
         for name in args.settings.split(","):
             rows.append(run(name, resolve(name, table), seed, args, mj))
             print(json.dumps(rows[-1]), flush=True)
+            if args.json_out:
+                with open(args.json_out, "a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
     print("\n| setting | lr | seeds | eval accuracy (each) | mean ± std | s per run |")
     print("|---|---|---|---|---|---|")
     for name in args.settings.split(","):
