@@ -226,9 +226,18 @@ def cpu_name() -> str:
         return "CPU"
 
 
+def sparsity_at(schedule, step: int) -> float:
+    """The sparsity the model has when it is evaluated after ``step`` optimizer steps: the callback
+    prunes at the start of a step, after the evaluation at the end of the previous one, so a pruning
+    step scheduled at ``step`` itself is not in it yet (0 before the first pruning step)."""
+    done = [s for t, s in (schedule or []) if t < step and s is not None]
+    return max(done, default=0.0)
+
+
 def plot(results: dict, path: str, dense_acc: dict, footer: str, eval_size: int) -> None:
     """Eval accuracy along each pruning run, one line per recipe and seed (seeds by line style),
-    the dense start of each seed as a dotted line at step 0."""
+    the dense start of each seed at step 0; below it, each recipe's sparsity along the run (from
+    its schedule: a pruning step at step t acts after the evaluation at t)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,7 +245,9 @@ def plot(results: dict, path: str, dense_acc: dict, footer: str, eval_size: int)
 
     seeds = sorted(dense_acc, key=int)
     styles = ["-", "--", ":", "-."]
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    fig, (ax, axs) = plt.subplots(2, 1, figsize=(8, 6.4), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1]})
+    scheds: dict = {}  # schedule -> (colour index, the rows that have it)
     for k, (name, per_seed) in enumerate(results.items()):
         for seed, r in sorted(per_seed.items(), key=lambda kv: int(kv[0])):
             steps, accs = zip(*r["curve"]) if r["curve"] else ((), ())
@@ -244,40 +255,58 @@ def plot(results: dict, path: str, dense_acc: dict, footer: str, eval_size: int)
             steps, accs = (0, *steps), (dense_acc[seed], *accs)
             ax.plot(steps, accs, marker=".", color=f"C{k}", ls=styles[seeds.index(seed) % 4],
                     label=f"{name} ({r['sparsity']:.0%}), seed {seed}")
-    ax.set_xlabel("optimizer step of the pruning run (the dense start at step 0)")
+            sched = tuple(map(tuple, (r.get("settings") or {}).get("schedule") or []))
+            if sched:
+                scheds.setdefault((sched, max(steps)), (k, []))[1].append(name)
+    for (sched, last), (k, names) in scheds.items():
+        xs = list(range(0, last + 2))
+        axs.step(xs, [sparsity_at(sched, x + 1) for x in xs], where="post", color=f"C{k}",
+                 label=", ".join(dict.fromkeys(names)), lw=1.2)
     ax.set_ylabel(f"eval accuracy ({eval_size} held-out tweets)")
     ax.set_title("all-MiniLM-L6-v2 on the tweets: gradual pruning to 90 % with the recipes")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower left")
+    axs.set_xlabel("optimizer step of the pruning run (the dense start at step 0)")
+    axs.set_ylabel("sparsity")
+    axs.set_ylim(-0.03, 1.0)
+    axs.grid(alpha=0.3)
+    axs.legend(fontsize=7, ncol=3, loc="lower right")
     fig.text(0.01, 0.01, footer, fontsize=6, va="bottom", wrap=True)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def summary_table(results: dict, dense_acc: dict) -> str:
-    """Mean ± sample standard deviation over the seeds, the difference to the dense start and to
-    the budget-matched dense row (mean of the per-seed differences), and each seed's accuracy."""
+    """Mean ± sample standard deviation over the seeds, the difference to the dense start, to the
+    budget-matched dense row and to the magnitude row (means of the per-seed differences, over the
+    seeds both rows have), and each seed's accuracy."""
     def cell(vals, signed=False):
         sd = f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else ""
         return f"{statistics.mean(vals):+.3f}{sd}" if signed else f"{statistics.mean(vals):.3f}{sd}"
 
     seeds = sorted(dense_acc, key=int)
     dense = results.get("dense", {})
+    magnitude = results.get("magnitude", {})
+
+    def minus(per_seed, ref):  # mean of the per-seed differences to the row ``ref``
+        both = [s for s in seeds if s in per_seed and s in ref]
+        if not both or per_seed is ref:
+            return ""
+        return cell([per_seed[s]["accuracy"] - ref[s]["accuracy"] for s in both], True)
+
     heads = ["run", "sparsity", "eval accuracy", "minus dense start", "minus dense (same steps)",
-             *(f"seed {s}" for s in seeds), "pruning time (s)"]
-    rows = [["dense start", "0 %", cell([dense_acc[s] for s in seeds]), "", "",
+             "minus magnitude", *(f"seed {s}" for s in seeds), "pruning time (s)"]
+    rows = [["dense start", "0 %", cell([dense_acc[s] for s in seeds]), "", "", "",
              *(f"{dense_acc[s]:.3f}" for s in seeds), ""]]
     for name, per_seed in results.items():
         got = [s for s in seeds if s in per_seed]
         accs = [per_seed[s]["accuracy"] for s in got]
         sp = statistics.mean(per_seed[s]["sparsity"] for s in got)
         vs_start = cell([per_seed[s]["accuracy"] - dense_acc[s] for s in got], True)
-        both = [s for s in got if s in dense]
-        vs_dense = cell([per_seed[s]["accuracy"] - dense[s]["accuracy"] for s in both], True) \
-            if both and name != "dense" else ""
         prune = statistics.mean(per_seed[s].get("pruning_seconds", 0.0) for s in got)
-        rows.append([name, f"{sp:.1%}", cell(accs), vs_start, vs_dense,
+        rows.append([name, f"{sp:.1%}", cell(accs), vs_start, minus(per_seed, dense),
+                     minus(per_seed, magnitude) if name != "dense" else "",
                      *(f"{per_seed[s]['accuracy']:.3f}" if s in per_seed else "-" for s in seeds),
                      f"{prune:.0f}" if name != "dense" else ""])
     return table(heads, rows)

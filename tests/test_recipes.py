@@ -228,3 +228,53 @@ def test_callback_prunes_on_the_recipes_steps_with_rewinds(tmp_path, recipe, giv
         assert lrs[t] == pytest.approx(1e-3, rel=1e-6)
     assert lrs[1] == pytest.approx(1e-3 * (1 - 0.9 / 2))
     assert lrs[5] < 0.5e-3 and lrs[29] < 0.5e-3
+
+
+def test_the_benchmarks_sparsity_at_each_evaluation(tmp_path):
+    """benchmarks/bench_recipe.py reads the sparsity at each evaluation off the schedule
+    (``sparsity_at``): the callback prunes at the start of a step, so the evaluation at step t
+    comes before a pruning step scheduled at t. Checked against the callback's masks at each
+    evaluation of a real run."""
+    import importlib.util
+    from pathlib import Path
+
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from hf_mfac.integrations import PruningCallback
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_recipe.py"
+    spec = importlib.util.spec_from_file_location("bench_recipe_for_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.sparsity_at([(0, 0.4), (4, 0.5)], 0) == 0.0
+    assert bench.sparsity_at([(0, 0.4), (4, 0.5)], 4) == 0.4
+    assert bench.sparsity_at([(0, 0.4), (4, 0.5)], 5) == 0.5
+
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=16, num_labels=3))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 50, (32, 10), generator=g)
+    data = [{"input_ids": ids[i], "attention_mask": torch.ones(10, dtype=torch.long),
+             "labels": int(ids[i, 0]) % 3} for i in range(32)]
+    seen = {}
+    cb = PruningCallback(recipe="magnitude", final_sparsity=0.9)
+
+    class AtEval(transformers.TrainerCallback):
+        def on_evaluate(self, args, state, control, **kw):
+            seen[state.global_step] = cb.current_sparsity()
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=8, learning_rate=1e-3,
+        eval_strategy="steps", eval_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
+        save_strategy="no", seed=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                   eval_dataset=data[:8], callbacks=[AtEval()])
+    cb.attach(trainer)
+    trainer.train()
+    assert sorted(seen) == list(range(2, 31, 2))
+    # the schedule prunes at 2, 6, ..., 26: the evaluations at those steps see the level before
+    assert [t for t, _ in cb.schedule] == [2, 6, 10, 14, 18, 22, 26]
+    for step, got in seen.items():
+        assert got == pytest.approx(bench.sparsity_at(cb.schedule, step), abs=2e-3), step
