@@ -145,12 +145,14 @@ class Job:
         self.settings, self.last_report, self.per_layer, self.labels = {}, {}, None, []
         self.overrides: dict = {}
         self.done: list[str] = []
+        self.finished = False
 
     def summary(self) -> dict:
         return {"dense": self.runs, "pruned_from": self.base_name, "oneshot": self.oneshot,
                 "pruner_settings": self.settings, "loss_estimate": self.estimate,
                 "gradual": self.gradual, "labels": self.labels, "args": vars(self.args),
                 "command": self.command, "parts_done": self.done, "error": self.error,
+                "finished": self.finished,
                 "minutes": (time.time() - self.t_start) / 60}
 
     def save(self, part: str | None = None) -> None:
@@ -188,6 +190,8 @@ def main(argv=None):
               file=sys.stderr)
         traceback.print_exc()
         raise
+    job.finished = True
+    job.save()
     print(f"[done] {(time.time() - job.t_start) / 60:.1f} min; report in {out / 'README.md'}")
 
 
@@ -541,8 +545,8 @@ def report_lines(job: Job, layers) -> list[str]:
         f"{args.max_length}. torch {torch.__version__}, {os.cpu_count()} CPU cores.", "",
         f"Command: `{job.command}`", "",
         f"Times are wall-clock seconds on a machine that may be shared with other jobs: compare "
-        f"them as ratios within one run, not across runs. This run: {seconds / 60:.1f} min so "
-        "far.", ""]
+        f"them as ratios within one run, not across runs. This run: {seconds / 60:.1f} min "
+        + ("in all." if job.finished else "so far."), ""]
     if job.error:
         lines += [f"> **The run stopped in the middle**: {job.error}. Parts done: "
                   f"{', '.join(job.done) or 'none'}.", ""]
