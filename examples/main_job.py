@@ -118,7 +118,8 @@ def parse_args(argv=None):
     ap.add_argument("--gradual_sparsity", type=float, default=0.8)
     ap.add_argument("--gradual_steps", type=int, default=60)
     ap.add_argument("--gradual_prunes", type=int, default=4,
-                    help="pruning steps of the cubic schedule")
+                    help="points of the cubic schedule, evenly spaced from step 0 (at sparsity 0, "
+                         "where nothing is pruned) to 60 %% of the steps")
     ap.add_argument("--gradual_methods", default="obert,magnitude",
                     help="gradual runs at the same schedule and budget; the first is saved as the "
                          "checkpoint")
@@ -558,6 +559,17 @@ def report_lines(job: Job, layers) -> list[str]:
     return lines
 
 
+def pruned_at(job: Job) -> str:
+    """The training steps at which the gradual runs pruned, read from their logs (the schedule's
+    first point, at sparsity 0, prunes nothing)."""
+    steps = sorted({e["step"] for r in job.gradual.values() for e in r.get("log", [])
+                    if "step" in e})
+    if not steps:
+        return f"{job.args.gradual_prunes} points of the schedule"
+    shown = ", ".join(map(str, steps[:-1])) + (" and " if len(steps) > 1 else "") + str(steps[-1])
+    return f"pruning at step{'s' if len(steps) > 1 else ''} {shown}"
+
+
 def fine_tune_lines(job: Job) -> list[str]:
     if not job.runs:
         return []
@@ -600,7 +612,7 @@ def gradual_lines(job: Job) -> list[str]:
     lines = ["## Gradual pruning with PruningCallback (M-FAC training)", "",
              f"Starting from the {job.base_name} model: cubic schedule to "
              f"{args.gradual_sparsity:.0%} over the first {int(args.gradual_steps * 0.6)} of "
-             f"{args.gradual_steps} M-FAC steps ({args.gradual_prunes} pruning steps), the same "
+             f"{args.gradual_steps} M-FAC steps ({pruned_at(job)}), the same "
              f"schedule and training budget for every method; the Fisher methods' settings: "
              f"{source_text(job)}. Sparse checkpoint and model card of the first: "
              "`sparse-checkpoint/`.", "",
