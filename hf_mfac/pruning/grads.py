@@ -5,7 +5,8 @@ over a mini-batch lets the Fisher see mini-batch times more samples at the same 
 one batch of the dataloader; ``fisher_batch_size`` re-cuts the dataloader's batches (``1`` =
 per-sample gradients). The model runs in eval mode (no dropout), the gradients are taken with
 ``torch.autograd.grad`` (the parameters' ``.grad`` is left alone, so this is safe inside a training
-loop), cast to fp32, masked, and handed to ``sink`` in chunks of (k, D) rows of a
+loop), each target's gradient copied into its chunk row (fp32) as the backward pass produces it and
+then freed, masked, and handed to ``sink`` in chunks of (k, D) rows of a
 :class:`~hf_mfac.pruning.targets.Layout`, so the m x D matrix is never held unless the caller wants
 it (``sink=None``: the static M-FAC pruner).
 
@@ -252,6 +253,51 @@ def _sink_bytes(sink) -> int | None:
     return int(size()) if callable(size) else None
 
 
+def _fill(g: torch.Tensor, route, rows) -> None:
+    """Copy one target's gradient ``g`` into its columns of the chunk's ``rows`` (fp32)."""
+    flat = g.reshape(-1)
+    for j, a, b, ga, gb in route:
+        rows[j][a:b] = flat[ga:gb].to(device=rows[j].device, dtype=torch.float32)
+
+
+def _streamed_grads(loss: torch.Tensor, params, routes, rows) -> None:
+    """The gradients of ``loss`` with respect to ``params`` written into the chunk's ``rows`` as the
+    backward pass produces them, one target at a time.
+
+    ``torch.autograd.grad`` would hold every target's gradient until the pass ends (4 bytes a
+    target weight, 0.32 GiB at BERT-base, while the activations are still being freed). Here a
+    hook on each target (``register_hook``: it runs before autograd captures the gradient) copies
+    the gradient into its columns and hands autograd a zero-stride stand-in of the same shape
+    instead, so each target's gradient is freed as soon as it is copied. The parameters' ``.grad``
+    is not touched (``autograd.grad``, not ``backward``, and so no gradient-accumulation hooks,
+    e.g. DDP's, run), and the hooks are removed whatever happens. Where a hook did not run (a
+    PyTorch whose engine captures before the hooks), the captured gradient is copied instead."""
+    filled = [False] * len(params)
+
+    def hook_for(i):
+        def hook(g):
+            if g is None:
+                return None
+            _fill(g, routes[i], rows)
+            filled[i] = True
+            return g.new_zeros(()).expand(g.shape)  # what autograd captures: no storage
+
+        return hook
+
+    handles = []
+    try:
+        for i, p in enumerate(params):
+            if p.requires_grad:
+                handles.append(p.register_hook(hook_for(i)))
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    for i, g in enumerate(grads):
+        if g is not None and not filled[i]:
+            _fill(g, routes[i], rows)
+
+
 def iter_grads(
     model: nn.Module,
     dataloader,
@@ -301,9 +347,11 @@ def iter_grads(
     else:
         chunk_size = min(check_positive_int("chunk_size", chunk_size), num_grads)
     bufs = [torch.zeros(chunk_size, e - s, dtype=torch.float32, device=d) for s, e, d in spec]
-    # the pruned coordinates of each range (bool: 1 byte per coordinate, not an fp32 copy of keep)
-    drops = [None if keep is None else ~keep[s:e].to(device=d, dtype=torch.bool)
+    # the kept coordinates of each range: views of ``keep`` where it is a bool mask on the range's
+    # device (no copy, not its negation, not an fp32 copy)
+    keeps = [None if keep is None else keep[s:e].to(device=d, dtype=torch.bool)
              for s, e, d in spec]
+    zero = [torch.zeros((), dtype=torch.float32, device=d) for _, _, d in spec]
     # where each target's gradient goes: (piece, its columns, the gradient's elements)
     routes = []
     for off, n in zip(layout.offsets, layout.numels):
@@ -323,27 +371,20 @@ def iter_grads(
             for micro in _split(batch, fisher_batch_size):
                 t0 = time.perf_counter()
                 micro = _to(micro, model_device)
+                rows = [b[k] for b in bufs]
+                for row in rows:
+                    row.zero_()
                 with torch.enable_grad():
                     loss = loss_fn(model, micro)
                     if not loss.requires_grad:
                         raise ValueError(
                             "the loss does not depend on the target weights (requires_grad is off?)"
                         )
-                    grads = torch.autograd.grad(loss, params, allow_unused=True)
-                rows = [b[k] for b in bufs]
-                for row in rows:
-                    row.zero_()
-                for g, route in zip(grads, routes):
-                    if g is None:
-                        continue
-                    flat = g.reshape(-1)
-                    for j, a, b, ga, gb in route:
-                        rows[j][a:b] = flat[ga:gb].to(device=rows[j].device, dtype=torch.float32)
-                flat = None
-                del grads  # the model's gradients are not held while the chunk is consumed
-                for row, drop in zip(rows, drops):
-                    if drop is not None:
-                        row.masked_fill_(drop, 0.0)
+                    _streamed_grads(loss, params, routes, rows)
+                del loss
+                for row, kp, z in zip(rows, keeps, zero):
+                    if kp is not None:  # the pruned coordinates set to zero, in place
+                        torch.where(kp, row, z, out=row)
                 t_model += time.perf_counter() - t0
                 samples += _batch_len(micro) if isinstance(micro, Mapping) else 1
                 k += 1
@@ -398,7 +439,8 @@ def collect_grads(
     sum costs 8 bytes per coordinate during the collection), else ``GradStats.mean`` is None.
     Cost: m forward/backward passes; memory ``chunk_size * D`` values on ``device`` (default: the
     model's device; ``chunk_size`` defaults to :func:`default_chunk_size`, sized by the Fisher the
-    sink feeds), the pruned coordinates as a bool mask (1 byte each), plus ``m * D`` on
+    sink feeds), one target's gradient at a time (streamed into the chunk), ``keep`` itself (a
+    copy only where it is not a bool mask on the chunk's device), plus ``m * D`` on
     ``out_device`` when ``sink`` is None. ``parts`` (a Fisher on several devices, see
     :func:`iter_grads`): the chunks are :class:`SplitChunk` s, each range of coordinates (its
     slice of the chunk and of the running sum) on its own device; the mean gradient is on the first
