@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import inspect
 import logging
 import math
 import time
@@ -43,7 +44,7 @@ from .pruners import Pruner
 from .targets import DEFAULT_TYPES, Layout, keep_modes
 
 __all__ = ["run_oneshot", "PruneReport", "PruneResult", "FisherCache", "apply_masks",
-           "masks_from_zeros", "restore_on_error"]
+           "masks_from_zeros", "restore_on_error", "before_update"]
 
 logger = logging.getLogger("hf_mfac")
 
@@ -147,32 +148,70 @@ def masks_from_zeros(params: Mapping[str, torch.Tensor]) -> dict:
 
 
 _GUARDED: ContextVar[frozenset] = ContextVar("hf_mfac_guarded_tensors", default=frozenset())
+# the restore_on_error blocks open in this context, innermost last (what before_update() arms)
+_GUARDS: ContextVar[tuple] = ContextVar("hf_mfac_restore_guards", default=())
+
+
+class _Guard:
+    """The host copy of one :func:`restore_on_error` block: taken on entry, or, for a lazy block,
+    by :meth:`take` (:func:`before_update`) just before the tensors are first written."""
+
+    def __init__(self, own: Mapping[str, torch.Tensor], lazy: bool):
+        self.own, self.saved = own, None
+        if not lazy:
+            self.take()
+
+    def take(self) -> None:
+        if self.saved is None:  # set only once every copy is made (an interrupted copy: no copy)
+            self.saved = {name: t.detach().to("cpu", copy=True) for name, t in self.own.items()}
+
+    def commit(self) -> None:
+        if self.saved is None:
+            self.take()
+        else:
+            for name, t in self.own.items():
+                self.saved[name].copy_(t.detach())
+
+    def restore(self) -> None:
+        if self.saved is None:  # never written: nothing to put back
+            return
+        with torch.no_grad():
+            for name, t in self.own.items():
+                t.copy_(self.saved[name])
+
+
+def before_update() -> None:
+    """Take the host copies of the lazy :func:`restore_on_error` blocks open in this context (a
+    no-op for those that have theirs): call it before the guarded tensors are first written."""
+    for guard in _GUARDS.get():
+        guard.take()
 
 
 @contextlib.contextmanager
-def restore_on_error(tensors: Mapping[str, torch.Tensor]):
+def restore_on_error(tensors: Mapping[str, torch.Tensor], *, lazy: bool = False):
     """Copy ``tensors`` back to their values on entry if the block raises anything
     (KeyboardInterrupt included), then re-raise. Memory: one host (CPU) copy of the tensors for the
     duration of the block; tensors an enclosing ``restore_on_error`` already guards are not copied
     again (the outer block restores them). Yields ``commit()``, which makes the current values the
-    ones to restore."""
+    ones to restore.
+
+    ``lazy=True``: the copy is taken only when :func:`before_update` is called inside the block
+    (the writer calls it before its first write), so the memory is not held through the work
+    before that, e.g. the gradient phase and the inversion of a pruning step; a block that raises
+    before it has nothing to put back. Every writer of the tensors inside a lazy block must call
+    :func:`before_update` first."""
     outer = _GUARDED.get()
     own = {name: t for name, t in tensors.items() if id(t) not in outer}
-    saved = {name: t.detach().to("cpu", copy=True) for name, t in own.items()}
-
-    def commit() -> None:
-        for name, t in own.items():
-            saved[name].copy_(t.detach())
-
+    guard = _Guard(own, lazy)
     token = _GUARDED.set(outer | {id(t) for t in own.values()})
+    guards = _GUARDS.set((*_GUARDS.get(), guard))
     try:
-        yield commit
+        yield guard.commit
     except BaseException:
-        with torch.no_grad():
-            for name, t in own.items():
-                t.copy_(saved[name])
+        guard.restore()
         raise
     finally:
+        _GUARDS.reset(guards)
         _GUARDED.reset(token)
 
 
@@ -406,8 +445,11 @@ def _run_steps(run: _Run, keep: torch.Tensor, steps, fisher_cache: FisherCache |
         w = layout.flatten(run.targets, dtype=torch.float32, device=run.wdev)
         clock = getattr(fisher.finv, "seconds", None)  # the block Fisher's own clocks
         inv0 = clock["invert"] if clock else 0.0
+        # the new weights may go over w, which the driver no longer needs
+        into = {"out": w} if _takes_out(pruner) else {}
         res = pruner.prune(
-            layout, w, keep, sparsity=step_sparsity, zeros=zeros, finv=fisher.finv, grad=fisher.grad
+            layout, w, keep, sparsity=step_sparsity, zeros=zeros, finv=fisher.finv,
+            grad=fisher.grad, **into
         )
         fisher.invert_seconds += (clock["invert"] - inv0) if clock else 0.0
         if not bool(torch.isfinite(res.weights).all()):
@@ -415,6 +457,10 @@ def _run_steps(run: _Run, keep: torch.Tensor, steps, fisher_cache: FisherCache |
                 f"{pruner.name}: the pruned weights are not finite; increase damp"
             )
         keep = res.keep
+        # the step's inputs are no longer needed: the inverse (unless a cache keeps it) and the
+        # flat weights are freed before the restore copy is taken, just before the first write
+        fisher.finv = w = None
+        before_update()
         _write_back(run.targets, layout, res.weights)
         loss = None
         if res.loss is not None:
@@ -426,6 +472,14 @@ def _run_steps(run: _Run, keep: torch.Tensor, steps, fisher_cache: FisherCache |
         _record_step(run.report, layout, keep, loss, fisher, time.perf_counter() - t0)
         del fisher
     return keep, loss_total
+
+
+def _takes_out(pruner) -> bool:
+    """Whether ``pruner.prune`` takes ``out=`` (the library's pruners do; a wrapper may not)."""
+    try:
+        return "out" in inspect.signature(pruner.prune).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _check_grads(
@@ -650,12 +704,14 @@ def run_oneshot(
     batch = check_fisher_batch_size(config.fisher_batch_size, config.per_sample)
     num_grads = _check_grads(pruner, layout, dataloader, config.num_grads, batch, len(steps), wdev)
     if placement is None:
-        estimate = estimate_pruner(pruner, targets, num_grads or 0, chunk_size=chunk_size)
+        estimate = estimate_pruner(pruner, targets, num_grads or 0, chunk_size=chunk_size,
+                                   steps=len(steps))
         logger.info("%s pruning: estimated peak memory %s", pruner.name, estimate.describe())
         check_estimate(estimate, pruner, targets, num_grads or 0)  # refused before any work
     else:
         estimate = estimate_pruner(pruner, targets, num_grads, chunk_size=chunk_size,
-                                   placement=placement.plan, work_device=placement.work_device)
+                                   placement=placement.plan, work_device=placement.work_device,
+                                   steps=len(steps))
         logger.info("%s pruning: the Fisher placed over %d parts (%s), selection and update on %s; "
                     "estimated peak memory %s", pruner.name, len(placement.plan),
                     describe_plan(placement.plan), placement.work_device, estimate.describe())
@@ -683,7 +739,8 @@ def run_oneshot(
     elif pruner.uses_fisher:
         nb = -(-layout.dim // (pruner.block_size or layout.dim))
         run.report.placement = [{"device": str(dev), "blocks": [0, nb]}]
-    with restore_on_error(targets), keep_modes(model):  # all or nothing, the modes too
+    # all or nothing, the modes too; the restore copy is taken just before the first write-back
+    with restore_on_error(targets, lazy=True), keep_modes(model):
         keep, loss_total = _run_steps(run, keep, steps, fisher_cache)
         out_masks = _finish_report(run.report, layout, keep, targets, loss_total)
         run.report.time_total = time.perf_counter() - t_start

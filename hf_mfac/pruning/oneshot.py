@@ -113,8 +113,10 @@ def prune_oneshot(model: nn.Module, dataloader=None, config: PruningConfig | Non
 
     All or nothing: if anything raises, KeyboardInterrupt included (a failed or interrupted
     recomputation step, a non-finite result), the target weights are copied back exactly and the
-    exception propagates. This costs one host (CPU) copy of the target weights for the duration of
-    the call. Every module's train/eval mode is as it was on entry, whatever happens.
+    exception propagates. This costs one host (CPU) copy of the target weights, taken just before
+    the first weight is written (after the first step's gradients, inversion and selection, which
+    do not change the model) and held to the end of the call. Every module's train/eval mode is as
+    it was on entry, whatever happens.
 
     Inside an initialised ``torch.distributed`` process group of more than one rank this is
     :func:`~hf_mfac.pruning.distributed.prune_oneshot_distributed` (call it on every rank;
@@ -157,7 +159,8 @@ def prune_sweep(model: nn.Module, dataloader=None, sparsities: Sequence[float] =
     target weights are copied back to what they were before the call, unless ``save_fn`` already
     returned for some targets: then to what they were when the last ``save_fn`` returned, so the
     model agrees with the last checkpoint written (the exception carries a note naming the targets
-    that were saved). Memory: one host copy of the target weights for the whole sweep."""
+    that were saved). Memory: one host copy of the target weights, from the first weight update
+    to the end of the sweep."""
     config = _sweep_config(config, sparsities, {k: kwargs.pop(k) for k in SETTINGS if k in kwargs})
     types = kwargs.pop("types", DEFAULT_TYPES)
     if kwargs.get("targets") is None:  # resolved once, for the guard and every target
@@ -166,7 +169,8 @@ def prune_sweep(model: nn.Module, dataloader=None, sparsities: Sequence[float] =
     one = config.replace(sparsities=None)
     results, saved = [], []
     try:
-        with restore_on_error(kwargs["targets"]) as commit:
+        # the copy is taken when the first run first writes the weights
+        with restore_on_error(kwargs["targets"], lazy=True) as commit:
             for s in config.sparsities:
                 res = prune_oneshot(model, dataloader, one.replace(sparsity=s), masks=masks,
                                     **kwargs)
