@@ -240,3 +240,105 @@ def test_block_diag_pages_and_compact_orders(gen):
     order = torch.tensor([[2, 0, 1, 3], [3, 2, 1, 0]], dtype=torch.uint8)
     got = prefix_mask(order, torch.tensor([2, 0]), page=1)
     assert got.tolist() == [[True, False, True, False], [False] * 4]
+
+
+# -- CAP's losses stored in fp32, the ties at the threshold broken in fp64
+# ----------------------------------------------------------------------------------------------
+def test_fp32_losses_with_exact_ties_select_as_fp64(gen):
+    """Sorted rows of fp64 losses that collide in fp32 (differences far below fp32's resolution),
+    with forced -1 entries and infinities: the counts from the fp32 values plus the fp64 values of
+    the tied blocks are those of the fp64 selection, for every k, globally and per group."""
+    from hf_mfac.core.cap import cap_select, stored_losses
+
+    nb, B = 9, 6
+    base = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    vals = base[torch.randint(0, 3, (nb, B), generator=gen)]
+    vals = vals + torch.randint(0, 4, (nb, B), generator=gen).double() * 1e-12  # fp32 ties
+    vals, _ = vals.sort(1)
+    vals[0, :2] = -1.0  # forced
+    vals[3, 4:] = float("inf")  # no candidate left
+    vals[5, 2:] = 1e300  # beyond fp32's range, still prunable
+    vals[6] = vals[2]  # exact fp64 ties too: by position
+    l32 = stored_losses(vals, torch.float32)
+    assert l32.dtype == torch.float32 and torch.equal(torch.isfinite(l32), torch.isfinite(vals))
+    calls = []
+
+    def exact(blocks):
+        calls.append(blocks.numel())
+        return vals[blocks]
+
+    finite = int(torch.isfinite(vals).sum())
+    for k in range(finite + 1):
+        assert torch.equal(cap_select(l32, k, exact=exact), cap_select(vals, k)), k
+    assert calls  # the ties were resolved in fp64 at least once
+    groups = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 1])
+    for k in range(0, 12):
+        per = {0: min(k, 14), 1: min(k, 19)}
+        assert torch.equal(cap_select(l32, 0, groups, per, exact=exact),
+                           cap_select(vals, 0, groups, per))
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_cap_step_with_coarse_stored_losses_equals_the_fp64_step(scope, gen, tiny_pages,
+                                                                 monkeypatch):
+    """The CAP step with its losses stored far more coarsely than fp32 (a power of two: many ties
+    at the threshold, all broken in fp64 by eliminating the tied blocks' pages again) gives the
+    masks and weights of the step over fp64 losses, bit for bit."""
+    import hf_mfac.core.cap as cap_mod
+
+    monkeypatch.setattr(cap_mod, "_PAGE_BYTES", {"cpu": 1 << 11})  # pages of 4 blocks at B = 8
+    real = cap_mod.stored_losses
+
+    def coarse(x, dtype):  # a power of two below each positive value: monotone, many ties
+        x = real(x, dtype)
+        if dtype == torch.float64:  # the reference's losses
+            return x
+        p2 = torch.exp2(torch.floor(torch.log2(x.clamp_min(1e-30))))
+        return torch.where((x > 0) & torch.isfinite(x), p2, x)
+
+    monkeypatch.setattr(cap_mod, "stored_losses", coarse)
+    spy = []
+    real_blocks = cap_mod.cap_block_losses
+
+    def counted(*a, **k):
+        spy.append(a[2].numel())
+        return real_blocks(*a, **k)
+
+    monkeypatch.setattr(pruners_mod, "cap_block_losses", counted)
+    pruner, layout, w, keep, finv, _ = _setup("cap", gen, scope=scope)
+    for sparsity in (0.5, 0.7):
+        got = pruner.prune(layout, w, keep, sparsity=sparsity, finv=finv)
+        ref_w, ref_keep = _cap_ref(pruner, layout, w, keep, finv, sparsity=sparsity)
+        assert torch.equal(got.keep, ref_keep) and torch.equal(got.weights, ref_w)
+    assert spy  # the fp64 tie-break ran
+
+
+def test_cap_block_losses_are_those_of_the_elimination(gen, monkeypatch):
+    import hf_mfac.core.cap as cap_mod
+    from hf_mfac.core.cap import cap_block_losses
+
+    monkeypatch.setattr(cap_mod, "_PAGE_BYTES", {"cpu": 1 << 11})
+    _, layout, w, keep, finv, _ = _setup("cap", gen)
+    nb = layout.dim // 8
+    W, valid = w.view(nb, 8), layout.valid().view(nb, 8)
+    forced = ~keep.view(nb, 8) & valid
+    _, ref = cap_eliminate(W, finv, valid=valid, forced=forced)
+    _, l32 = cap_eliminate(W, finv, valid=valid, forced=forced, loss_dtype=torch.float32)
+    assert l32.dtype == torch.float32 and torch.equal(l32, ref.float())
+    blocks = torch.tensor([nb - 1, 0, 5, 6, 2])
+    assert torch.equal(cap_block_losses(W, finv, blocks, valid=valid, forced=forced), ref[blocks])
+    with pytest.raises(ValueError, match="loss_dtype"):
+        cap_eliminate(W, finv, loss_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("method", ["obert", "cap"])
+def test_step_written_over_its_input_weights(method, gen, tiny_pages):
+    """``out=w``: the joint updates write the new weights over the flat weights they read (page by
+    page, each page read first): the same weights and masks as into a new tensor."""
+    pruner, layout, w, keep, finv, _ = _setup(method, gen)
+    ref = pruner.prune(layout, w, keep, sparsity=0.6, finv=finv)
+    w2 = w.clone()
+    got = pruner.prune(layout, w2, keep, sparsity=0.6, finv=finv, out=w2)
+    assert got.weights.data_ptr() == w2.data_ptr()
+    assert torch.equal(got.weights, ref.weights) and torch.equal(got.keep, ref.keep)
+    assert torch.equal(got.loss, ref.loss)

@@ -9,7 +9,8 @@ value selection, no sort), and give each block the prefix of its elimination ord
 the threshold.
 
 Memory: the reference code saves the block's weights after every step ((B+1) d values). Here only
-the elimination order (1 byte a weight up to B = 256) and the losses (fp64) are kept; the chosen
+the elimination order (1 byte a weight up to B = 256) and the losses (fp64, or fp32 with the ties
+at the merge's threshold broken in fp64, :func:`cap_select`'s ``exact``) are kept; the chosen
 prefix is applied with the joint OBS solve ``w - H^{-1}_{:,P} (H^{-1}_{PP})^{-1} w_P``, which equals
 the sequential OBS/downdate replay exactly (the sequential eliminations solve the same constrained
 quadratic). The elimination, the masks of the chosen prefixes and the update run on pages of
@@ -25,7 +26,8 @@ from .masks import lowest_k_mask
 from .fisher import block_shape, read_blocks
 from .obs import block_obs_update
 
-__all__ = ["cap_eliminate", "cap_select", "cap_apply", "cap_prune", "order_dtype", "prefix_mask"]
+__all__ = ["cap_eliminate", "cap_select", "cap_apply", "cap_prune", "order_dtype", "prefix_mask",
+           "cap_block_losses", "stored_losses"]
 
 # fp64 inverses of one page of blocks, per device type: small enough to stay in cache on a CPU;
 # other devices (accelerators, where each of the B steps of a page costs kernel launches) use
@@ -55,7 +57,8 @@ def _nm_groups(B: int, nm: tuple[int, int] | None):
 
 
 def cap_eliminate(w: torch.Tensor, hinv: torch.Tensor, *, valid: torch.Tensor | None = None,
-                  forced: torch.Tensor | None = None, nm: tuple[int, int] | None = None):
+                  forced: torch.Tensor | None = None, nm: tuple[int, int] | None = None,
+                  loss_dtype: torch.dtype = torch.float64):
     """Greedy per-block elimination, vectorised over blocks.
 
     w (nb, B) weights; hinv (nb, B, B) block inverses (not modified; a tensor or a
@@ -68,6 +71,11 @@ def cap_eliminate(w: torch.Tensor, hinv: torch.Tensor, *, valid: torch.Tensor | 
     positions inside a block, in the smallest integer dtype that holds them (uint8 up to B = 256,
     int16 up to 32768, else int64: 1 byte a weight at the usual sizes instead of 8). Cost O(nb B^3)
     = O(d B^2).
+
+    The losses are computed in fp64 and stored in ``loss_dtype``: fp64 (default), or fp32, half the
+    memory, rounded to nearest (:func:`stored_losses`: finite values stay finite, the order is kept
+    up to ties); :func:`cap_select` with ``exact=`` (:func:`cap_block_losses`) then resolves the
+    ties at the threshold in fp64, so the selection is that of the fp64 losses.
     """
     if w.dim() != 2:
         raise ValueError(f"w must be (blocks, block size); got shape {tuple(w.shape)}")
@@ -81,8 +89,10 @@ def cap_eliminate(w: torch.Tensor, hinv: torch.Tensor, *, valid: torch.Tensor | 
         if mask is not None and tuple(mask.shape) != (nb, B):
             raise ValueError(f"{name} must have w's shape {(nb, B)}; got {tuple(mask.shape)}")
     nm = _nm_groups(B, nm)
+    if loss_dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"loss_dtype must be torch.float64 or torch.float32; got {loss_dtype!r}")
     order = torch.zeros(nb, B, dtype=order_dtype(B), device=w.device)
-    losses = torch.full((nb, B), float("inf"), dtype=torch.float64, device=w.device)
+    losses = torch.full((nb, B), float("inf"), dtype=loss_dtype, device=w.device)
     page = min(nb, _page(B, w.device))
     work = _Work(page, B, w.device)
     for s in range(0, nb, page):
@@ -90,8 +100,51 @@ def cap_eliminate(w: torch.Tensor, hinv: torch.Tensor, *, valid: torch.Tensor | 
         page_order, page_losses = _eliminate_page(
             work, w[s:e], read_blocks(hinv, s, e, work.H[: e - s]),
             None if valid is None else valid[s:e], None if forced is None else forced[s:e], nm)
-        order[s:e], losses[s:e] = page_order.t(), page_losses.t()
+        order[s:e], losses[s:e] = page_order.t(), stored_losses(page_losses.t(), loss_dtype)
     return order, losses
+
+
+_F32_MAX = torch.finfo(torch.float32).max
+
+
+def stored_losses(losses: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp64 ``losses`` in ``dtype``: fp32 rounded to nearest, with the finite values beyond fp32's
+    range clamped to its largest finite value (so a loss that could be pruned stays finite: the
+    counts of prunable weights do not change). Rounding to nearest is monotone, so a < b in fp32
+    implies a < b in fp64: the stored order is the fp64 order up to ties."""
+    if dtype == torch.float64 or losses.dtype == dtype:
+        return losses
+    big = losses.abs() > _F32_MAX
+    if bool(big.any()):
+        losses = torch.where(big & torch.isfinite(losses), losses.clamp(-_F32_MAX, _F32_MAX),
+                             losses)
+    return losses.to(dtype)
+
+
+def cap_block_losses(w: torch.Tensor, hinv, blocks: torch.Tensor, *,
+                     valid: torch.Tensor | None = None, forced: torch.Tensor | None = None,
+                     nm: tuple[int, int] | None = None) -> torch.Tensor:
+    """The fp64 losses (n, B) of the blocks ``blocks`` (n,) long, bit for bit those
+    :func:`cap_eliminate` computes (``w``, ``hinv``, ``valid``, ``forced`` and ``nm`` as there): the
+    pages that hold them are eliminated again, with the same page boundaries and buffers. What
+    :func:`cap_select` reads to break the ties of fp32-stored losses; cost: one page of
+    eliminations per page involved."""
+    nb, B = w.shape
+    nm = _nm_groups(B, nm)
+    out = torch.empty(blocks.numel(), B, dtype=torch.float64, device=w.device)
+    if not blocks.numel():
+        return out
+    page = min(nb, _page(B, w.device))
+    work = _Work(page, B, w.device)
+    blocks = blocks.to(w.device)
+    for p in torch.unique(torch.div(blocks, page, rounding_mode="floor")).tolist():
+        s, e = p * page, min(nb, (p + 1) * page)
+        _, page_losses = _eliminate_page(
+            work, w[s:e], read_blocks(hinv, s, e, work.H[: e - s]),
+            None if valid is None else valid[s:e], None if forced is None else forced[s:e], nm)
+        here = (blocks >= s) & (blocks < e)
+        out[here] = page_losses.t()[blocks[here] - s]
+    return out
 
 
 def order_dtype(B: int) -> torch.dtype:
@@ -202,25 +255,34 @@ def _eliminate_page(work, w, hinv, valid, forced, nm):
 
 
 def cap_select(losses: torch.Tensor, k: int, block_groups: torch.Tensor | None = None,
-               k_per_group: dict | list | None = None) -> torch.Tensor:
+               k_per_group: dict | list | None = None, exact=None) -> torch.Tensor:
     """Global merge: prune the ``k`` smallest recorded losses; returns per-block counts (nb,).
 
     The losses are non-decreasing along each block's order, and ties go by position (as in a stable
     sort), so each block's selection is a prefix of its elimination order. With ``block_groups``
     (nb,) and ``k_per_group`` (one count per group id), the merge is done within each group instead
     (uniform per-layer sparsity).
+
+    ``exact(blocks) -> (n, B) fp64``: for losses stored in fp32 (rounded to nearest from fp64, e.g.
+    by :func:`cap_block_losses`), the fp64 losses of the given blocks (of ``losses``' rows). The
+    entries whose fp32 value is the threshold's are then ordered by their fp64 values (ties by
+    position), so the counts are those of the selection over the fp64 losses, bit for bit: a
+    value below the threshold in fp32 is below it in fp64 (rounding is monotone), and only the
+    entries equal to it in fp32 can be in either order.
     """
     nb, B = losses.shape
     if block_groups is None:
-        return _k_smallest(losses, k)
+        return _k_smallest(losses, k, exact)
     counts = torch.zeros(nb, dtype=torch.long, device=losses.device)
     for gid in torch.unique(block_groups).tolist():
         sel = block_groups == gid
-        counts[sel] = _k_smallest(losses[sel], int(k_per_group[gid]))
+        ids = sel.nonzero()[:, 0]
+        sub = None if exact is None else (lambda b, ids=ids: exact(ids[b]))
+        counts[sel] = _k_smallest(losses[sel], int(k_per_group[gid]), sub)
     return counts
 
 
-def _k_smallest(losses: torch.Tensor, k: int) -> torch.Tensor:
+def _k_smallest(losses: torch.Tensor, k: int, exact=None) -> torch.Tensor:
     nb, B = losses.shape
     finite = int(torch.isfinite(losses).sum())
     if not 0 <= k <= finite:
@@ -228,16 +290,48 @@ def _k_smallest(losses: torch.Tensor, k: int) -> torch.Tensor:
                          "constraints")
     # the k smallest with ties by position (what a stable sort's first k are), from one selection:
     # no sort
-    return lowest_k_mask(losses, k).count_nonzero(1)
+    counts = lowest_k_mask(losses, k).count_nonzero(1)
+    if exact is None or losses.dtype == torch.float64 or k == 0:
+        return counts
+    return _exact_ties(losses, k, counts, exact)
 
 
-def cap_apply(w: torch.Tensor, hinv: torch.Tensor, order: torch.Tensor, counts: torch.Tensor):
+def _exact_ties(losses: torch.Tensor, k: int, counts: torch.Tensor, exact) -> torch.Tensor:
+    """The counts of the selection over the fp64 losses, from the counts over their fp32 values:
+    only the entries equal to the threshold t (the k-th smallest fp32 value) can change; they are
+    taken in the order of their fp64 values, then of their positions."""
+    nb, B = losses.shape
+    last = losses.gather(1, (counts - 1).clamp_min(0)[:, None])[:, 0]
+    t = last[counts > 0].max()
+    # each block's entries equal to t: the run [lo, hi) of its sorted row
+    tt = t.expand(nb, 1).contiguous()
+    lo = torch.searchsorted(losses, tt)[:, 0]
+    hi = torch.searchsorted(losses, tt, right=True)[:, 0]
+    rank = k - int(lo.sum())  # how many of the tied entries the fp64 selection takes
+    tied = (hi > lo).nonzero()[:, 0]
+    n_tied = int((hi - lo).sum())
+    if rank == n_tied:  # every tied entry is taken: nothing to order
+        return counts
+    exact_rows = exact(tied)  # (n, B) fp64
+    vals, blk = [], []
+    for i, b in enumerate(tied.tolist()):
+        a, z = int(lo[b]), int(hi[b])
+        vals.append(exact_rows[i, a:z])
+        blk.append(torch.full((z - a,), b, dtype=torch.long, device=losses.device))
+    vals, blk = torch.cat(vals), torch.cat(blk)  # in position order
+    taken = blk[torch.sort(vals, stable=True).indices[:rank]]
+    return lo + torch.bincount(taken, minlength=nb)
+
+
+def cap_apply(w: torch.Tensor, hinv: torch.Tensor, order: torch.Tensor, counts: torch.Tensor,
+              out: torch.Tensor | None = None):
     """Weights after removing the first ``counts[b]`` weights of each block's ``order``: the joint
     OBS update ``w - H^{-1}_{:,P} (H^{-1}_{PP})^{-1} w_P`` with ``w_P`` set exactly to 0. Returns
     (new weights (nb, B) in w's dtype, pruned mask (nb, B) bool). Cost O(d B^2); the mask is built
-    a page of blocks at a time (no (nb, B) int64 temporaries)."""
+    a page of blocks at a time (no (nb, B) int64 temporaries). ``out``: where the new weights go
+    (may be ``w``), as in :func:`~hf_mfac.core.obs.block_obs_update`."""
     pruned = prefix_mask(order, counts)
-    return block_obs_update(w, hinv, pruned)[0], pruned
+    return block_obs_update(w, hinv, pruned, out=out)[0], pruned
 
 
 def prefix_mask(order: torch.Tensor, counts: torch.Tensor, page: int = 1 << 14) -> torch.Tensor:

@@ -18,6 +18,7 @@ __all__ = [
     "num_to_prune",
     "lowest_k_mask",
     "lowest_k_masks",
+    "ComputedScores",
     "threshold_masks",
     "nm_groups",
     "nm_mask",
@@ -38,6 +39,37 @@ def _check_no_nan(flat: torch.Tensor) -> None:
     # element-wise
     if flat.numel() and bool(torch.isnan(flat.sum())) and bool(torch.isnan(flat).any()):
         raise FloatingPointError("pruning scores contain NaN; check the gradients and damp")
+
+
+class ComputedScores:
+    """Scores that are computed a page at a time, never held whole: ``fn(start, stop)`` gives the
+    scores [start, stop) (a 1-D tensor of ``dtype`` on ``device``; the same values whatever the
+    page boundaries, e.g. an elementwise formula). :func:`lowest_k_masks` (and so
+    :func:`threshold_masks`) read such scores page by page in its radix selection (three passes),
+    where a tensor of scores would cost ``numel`` values of memory; slicing (``s[a:b]``) gives the
+    scores of a range."""
+
+    def __init__(self, n: int, fn, dtype: torch.dtype, device, offset: int = 0):
+        self.n, self.fn, self.dtype, self.offset = int(n), fn, dtype, int(offset)
+        self.device = torch.device(device)
+
+    def numel(self) -> int:
+        return self.n
+
+    def page(self, s: int, e: int) -> torch.Tensor:
+        return self.fn(self.offset + s, self.offset + e)
+
+    def __getitem__(self, sl: slice) -> "ComputedScores":
+        a, b, step = sl.indices(self.n)
+        if step != 1:
+            raise ValueError("computed scores take contiguous slices only")
+        return ComputedScores(max(0, b - a), self.fn, self.dtype, self.device, self.offset + a)
+
+    def materialize(self) -> torch.Tensor:
+        if not self.n:
+            return torch.empty(0, dtype=self.dtype, device=self.device)
+        return torch.cat([self.page(s, min(self.n, s + _RADIX_PAGE))
+                          for s in range(0, self.n, _RADIX_PAGE)])
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -73,15 +105,19 @@ def lowest_k_masks(
     smallest is found by a radix selection over the scores' order-preserving integer keys, 16 bits
     per pass (two passes for fp32, four for fp64), reading the scores in pages of
     :data:`_RADIX_PAGE` entries: the memory is the masks plus a page."""
-    tensors = [t.reshape(-1) for t in scores]
+    tensors = [t if isinstance(t, ComputedScores) else t.reshape(-1) for t in scores]
     n = sum(t.numel() for t in tensors)
+    if n < RADIX_MIN:  # computed scores are small here: held whole
+        tensors = [t.materialize() if isinstance(t, ComputedScores) else t for t in tensors]
     for t in tensors:
-        _check_no_nan(t)
+        if not isinstance(t, ComputedScores):  # (computed ones: checked per page below)
+            _check_no_nan(t)
     if not 0 <= k <= n:
         raise ValueError(f"cannot select {k} of {n} entries")
     out_given = out
     if out is None:
-        out = [torch.empty(t.shape, dtype=torch.bool, device=t.device) for t in scores]
+        out = [torch.empty((t.numel(),) if isinstance(t, ComputedScores) else t.shape,
+                           dtype=torch.bool, device=t.device) for t in scores]
     flat_out = [o.view(-1) for o in out]
     if k == 0 or k == n:
         for o in flat_out:
@@ -96,7 +132,7 @@ def lowest_k_masks(
             flat = flat.float()  # exact; the CPU selection kernels are fastest in fp32/64
         sel = _lowest_k_kthvalue(flat, k)
         if out_given is None and len(tensors) == 1:
-            return [sel.view_as(scores[0])]
+            return [sel if isinstance(scores[0], ComputedScores) else sel.view_as(scores[0])]
         for o, part in zip(flat_out, torch.split(sel, [t.numel() for t in tensors])):
             o.copy_(part)
         return list(out)
@@ -112,6 +148,10 @@ def lowest_k_masks(
                 yield t, s, min(t.numel(), s + _RADIX_PAGE)
 
     def keys(t, s, e):
+        if isinstance(t, ComputedScores):
+            page = t.page(s, e)
+            _check_no_nan(page)
+            return _order_keys(page.to(dtype))
         return _order_keys(t[s:e].to(dtype))
 
     # the k-th smallest key, 16 bits at a time from the top: after each pass ``hi`` holds its

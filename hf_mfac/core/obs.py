@@ -145,7 +145,8 @@ _ACCEL_PAGE_BYTES = 64 << 20
 
 
 def block_obs_update(
-    w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor, u: torch.Tensor | None = None
+    w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor, u: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ):
     """Exact joint OBS update of each block for the set P of its weights to remove (any number per
     block).
@@ -160,7 +161,8 @@ def block_obs_update(
     ([F^{-1}]_PP)^{-1} (w - u)_P`` (nb,) fp64, the quadratic model's loss increase). Cost O(nb B^3),
     in pages of 1 MiB of fp64 inverses on a CPU (64 MiB on an accelerator): three page buffers (the
     fp64 inverses, the masked matrices and their Cholesky factors) are allocated once and reused, so
-    the working set is ~3 pages.
+    the working set is ~3 pages. ``out`` (nb, B): where the new weights go (may be ``w`` itself:
+    each page of ``w`` is read before it is written), else a new tensor.
     """
     nb, B = w.shape
     if block_shape(hinv) != (nb, B, B):
@@ -168,7 +170,11 @@ def block_obs_update(
             f"hinv must hold one ({B}, {B}) inverse per block of w; got {block_shape(hinv)}"
         )
     dev = w.device
-    out = torch.empty_like(w)
+    if out is None:
+        out = torch.empty_like(w)
+    elif out.shape != w.shape or out.dtype != w.dtype:
+        raise ValueError(f"out must be like w, {tuple(w.shape)} {w.dtype}; got "
+                         f"{tuple(out.shape)} {out.dtype}")
     loss = torch.zeros(nb, dtype=torch.float64, device=dev)
     page = max(1, min(nb, page_bytes(dev, _PAGE_BYTES, _ACCEL_PAGE_BYTES) // (8 * B * B)))
     Hbuf = torch.empty(page, B, B, dtype=torch.float64, device=dev)

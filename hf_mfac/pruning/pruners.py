@@ -33,8 +33,8 @@ import torch
 from ..core import BlockFisherInverse, StaticMFAC
 from ..core.fisher import block_fisher_bytes, block_shape
 from ..core._checks import check_damp, check_positive_int, trim_host_heap
-from ..core.cap import cap_apply, cap_eliminate, cap_select
-from ..core.masks import num_to_prune, threshold_masks
+from ..core.cap import cap_apply, cap_block_losses, cap_eliminate, cap_select
+from ..core.masks import ComputedScores, num_to_prune, threshold_masks
 from ..core.obs import (
     block_obs_update,
     group_scores,
@@ -153,7 +153,7 @@ def _select_units(
     (exact). The selection reads the targets' slices of ``scores_u`` in place and writes into one
     (D/g,) mask (:func:`~hf_mfac.core.masks.lowest_k_masks`): no copy of the scores."""
     sl = _unit_slices(layout, g)
-    out = torch.zeros_like(scores_u, dtype=torch.bool)
+    out = torch.zeros(scores_u.numel(), dtype=torch.bool, device=scores_u.device)
     threshold_masks(
         [scores_u[o : o + c] for o, c in sl],
         sparsity,
@@ -190,6 +190,20 @@ def _obs_scores(finv, w: torch.Tensor, keep: torch.Tensor, u: torch.Tensor | Non
             sc = torch.empty(w.numel(), dtype=page.dtype, device=w.device)
         sc[a:b] = page.masked_fill_(~keep[a:b], -float("inf"))
     return sc
+
+
+def _obs_score_pages(finv, w: torch.Tensor, keep: torch.Tensor, u: torch.Tensor | None):
+    """:func:`_obs_scores` as :class:`~hf_mfac.core.masks.ComputedScores`: the same values,
+    computed a page at a time when the selection reads them (the diagonal read per page), so the
+    (D,) scores are never held (4 bytes a weight at the step's peak)."""
+
+    def scores(a: int, b: int) -> torch.Tensor:
+        d = finv.diag(a, b).to(w.device)
+        page = obs_scores(w[a:b], d, None if u is None else u[a:b])
+        return page.masked_fill_(~keep[a:b], -float("inf"))
+
+    dtype = scores(0, min(1, w.numel())).dtype
+    return ComputedScores(w.numel(), scores, dtype, w.device)
 
 
 def _block_groups(
@@ -438,9 +452,13 @@ class Pruner(abc.ABC):
 
     @abc.abstractmethod
     def prune(
-        self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None
+        self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None, out=None
     ) -> StepResult:
-        """Selection and update of one pruning step; every concrete pruner defines it."""
+        """Selection and update of one pruning step; every concrete pruner defines it.
+
+        ``out`` (D,): where the step may write its new weights (``w`` itself when the caller no
+        longer needs it: the exact per-block updates then need no second (D,) vector); the
+        returned ``weights`` are ``out`` or a new tensor. ``w`` is read before it is written."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
@@ -456,7 +474,7 @@ class MagnitudePruner(Pruner):
     default_block_size = None
 
     def prune(
-        self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None
+        self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None, out=None
     ) -> StepResult:
         g = self.pattern.group
         sq = (w.to(torch.float64) ** 2).view(-1, g)
@@ -487,7 +505,7 @@ class _OBSPruner(Pruner):
     single-group) updates, the papers' approximation, which ignores the correlations between the
     removed weights and overshoots when the damping is small."""
 
-    def _joint(self, layout, w, keep, pruned, finv, u) -> StepResult:
+    def _joint(self, layout, w, keep, pruned, finv, u, out=None) -> StepResult:
         """Apply the joint per-block update for the mask ``pruned`` (D,) (previously pruned weights
         included, they are zero and stay zero; ``pruned`` is overwritten with the new mask); the
         loss is the quadratic model's increase of each block. The update runs a page of blocks at a
@@ -501,8 +519,9 @@ class _OBSPruner(Pruner):
         hi = lo + block_shape(hinv)[0]
         ub = None if u is None else u.to(w.dtype).view(nb, B)[lo:hi]
         # (n, B), (n,)
+        into = None if out is None or lo or hi != nb else out.view(nb, B)  # in one process
         new, block_loss = block_obs_update(
-            w.view(nb, B)[lo:hi], hinv, pruned.view(nb, B)[lo:hi], ub
+            w.view(nb, B)[lo:hi], hinv, pruned.view(nb, B)[lo:hi], ub, out=into
         )
         # (nb, B), (nb,); WoodTaylor: w - u where nothing is pruned
         new, block_loss = gather(new), gather(block_loss)
@@ -513,15 +532,15 @@ class _OBSPruner(Pruner):
         # mask; ``mul_`` by the bool mask would convert it to a (D,) float temporary first
         return StepResult(new.view(-1).masked_fill_(~new_keep, 0), new_keep, loss)
 
-    def _finish(self, layout, w, keep, pruned, finv, u, summed):
+    def _finish(self, layout, w, keep, pruned, finv, u, summed, out=None):
         """The step's result: the joint update where the inverse has blocks, else the summed one
         (``summed()``)."""
         if self.update == "joint":
-            return self._joint(layout, w, keep, pruned | ~keep, finv, u)
+            return self._joint(layout, w, keep, pruned | ~keep, finv, u, out)
         return summed()
 
     def prune(
-        self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None
+        self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None, out=None
     ) -> StepResult:
         if finv is None:
             raise ValueError(f"method {self.name!r} needs the Fisher inverse (finv)")
@@ -533,14 +552,18 @@ class _OBSPruner(Pruner):
             u = finv.mul(grad.to(w.dtype)).to(w.dtype)
         g, kind = self.pattern.group, self.pattern.kind
         if kind == "unstructured":
-            # (D,) w^2 / (2 [F^{-1}]_qq), -inf where already pruned
-            sc = _obs_scores(finv, w, keep, u)
+            # (D,) w^2 / (2 [F^{-1}]_qq), -inf where already pruned; for the joint update of a
+            # paged inverse computed a page at a time by the selection, never held whole
+            if self.update == "joint" and _reads_pages(finv):
+                sc = _obs_score_pages(finv, w, keep, u)
+            else:
+                sc = _obs_scores(finv, w, keep, u)
             # the weights to remove, the already pruned ones with them (and the padding, which is
             # never kept): what the per-block update sets to zero
             pruned = _select_units(layout, sc, sparsity, self.scope, 1).logical_or_(~keep)
             if self.update == "joint":
                 del sc
-                return self._joint(layout, w, keep, pruned, finv, u)
+                return self._joint(layout, w, keep, pruned, finv, u, out)
             pruned.logical_and_(layout.valid(w.device))
             new = obs_update_masked(finv, w, pruned, u=u, page=_SCORE_PAGE)
             loss = sc.masked_fill_(~(pruned & keep), 0)  # the scores of the weights pruned now
@@ -566,7 +589,7 @@ class _OBSPruner(Pruner):
                 loss_u[uvalid] = score
                 return StepResult(new, keep & ~pruned.view(-1), _per_layer(layout, loss_u, g))
 
-            return self._finish(layout, w, keep, pruned.view(-1), finv, u, summed)
+            return self._finish(layout, w, keep, pruned.view(-1), finv, u, summed, out)
         # groups of g weights (oBERT "4-block")
         prev = ~keep.view(-1, g).any(1)
         sc_valid = group_scores(w, sub, idx, u)  # (n,)
@@ -583,7 +606,8 @@ class _OBSPruner(Pruner):
                 new, keep & ~pruned_u.repeat_interleave(g), _per_layer(layout, loss_u, g)
             )
 
-        return self._finish(layout, w, keep, pruned_u.repeat_interleave(g), finv, u, summed)
+        return self._finish(layout, w, keep, pruned_u.repeat_interleave(g), finv, u, summed,
+                            out)
 
 
 class OBSPruner(_OBSPruner):
@@ -695,8 +719,10 @@ class CAPPruner(Pruner):
     """CAP, the correlation-aware pruner ([CAP, §3.1, App. A]) on block-Fisher inverses: greedy OBC
     elimination inside every block, then one global (or per-layer) merge of the recorded losses; the
     chosen prefix of each block's order is applied with the joint OBS solve (O(D) extra memory
-    instead of the reference's (B+1) D). N:M: no weight is eliminated from a group that already has
-    its zeros. Cost O(D B^2)."""
+    instead of the reference's (B+1) D: in one process 1 byte of order and 4 of fp32 loss a weight,
+    the merge's ties at its threshold broken by the fp64 losses of the tied blocks, so the masks
+    are those of fp64 losses). N:M: no weight is eliminated from a group that already has its
+    zeros. Cost O(D B^2)."""
 
     name = "cap"
     patterns = ("unstructured", "nm")
@@ -717,23 +743,25 @@ class CAPPruner(Pruner):
         )
 
     def prune(
-        self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None
+        self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None, out=None
     ) -> StepResult:
         if finv is None:
             raise ValueError("method 'cap' needs the Fisher inverse (finv)")
         return self.prune_blocks(
-            layout, w, keep, _block_source(finv), 0, sparsity=sparsity, zeros=zeros
+            layout, w, keep, _block_source(finv), 0, sparsity=sparsity, zeros=zeros, out=out
         )
 
     def prune_blocks(
-        self, layout, w, keep, hinv, first: int = 0, *, sparsity=None, zeros=None, gather=None
+        self, layout, w, keep, hinv, first: int = 0, *, sparsity=None, zeros=None, gather=None,
+        out=None,
     ) -> StepResult:
         """One CAP step as one rank of a distributed run sees it (in one process: all blocks,
         ``gather`` None). ``hinv`` (n, B, B) (or a :class:`~hf_mfac.core.BlockFisherInverse`, read a
         page at a time) are the inverses of the layout's blocks ``first .. first + n - 1``:
         eliminate inside them, merge the losses of all blocks (global or per target), apply the
         chosen prefixes. ``gather(t)`` concatenates a per-block tensor (n, ...) over the ranks into
-        (nb, ...), in block order."""
+        (nb, ...), in block order. ``out``: as in :meth:`Pruner.prune` (in one process)."""
+        local = gather is None  # all blocks in this process
         gather = gather or (lambda t: t)
         B = self.block_size
         nb = layout.dim // B
@@ -742,27 +770,43 @@ class CAPPruner(Pruner):
         valid = layout.valid(w.device).view(nb, B)[lo:hi]
         forced = ~keep.view(nb, B)[lo:hi] & valid
         block_layer = _block_layers(layout, B, w.device)  # (nb,) target of every block
+        # in one process the losses are stored in fp32 (4 bytes a weight, not 8) and the ties of
+        # the merge broken in fp64 (exact); over several ranks the merge sees fp64 losses
+        loss_dtype = torch.float32 if local else torch.float64
         if self.pattern.kind == "nm":
             M = self.pattern.m
-            order, losses = cap_eliminate(W, hinv, valid=valid, forced=forced, nm=(M - zeros, M))
+            order, losses = cap_eliminate(W, hinv, valid=valid, forced=forced, nm=(M - zeros, M),
+                                          loss_dtype=loss_dtype)
             counts = torch.isfinite(losses).sum(1)
         else:
-            order, losses = cap_eliminate(W, hinv, valid=valid, forced=forced)
+            order, losses = cap_eliminate(W, hinv, valid=valid, forced=forced,
+                                          loss_dtype=loss_dtype)
             # the forced weights come first, at loss -1 (always taken); in place
             steps = torch.arange(B, device=w.device)[None, :]
-            losses.masked_fill_(steps < forced.sum(1, keepdim=True), -1.0)
+            n_forced = forced.sum(1, keepdim=True)
+            losses.masked_fill_(steps < n_forced, -1.0)
+
+            def exact(blocks):  # the fp64 losses of these blocks, as the merge would see them
+                rows = cap_block_losses(W, hinv, blocks, valid=valid, forced=forced)
+                return rows.masked_fill_(steps < n_forced[blocks], -1.0)
+
+            exact = exact if local else None
             all_losses = gather(losses)  # (nb, B): the merge sees every block
             if self.scope == "global":
-                counts = cap_select(all_losses, num_to_prune(layout.numel, sparsity))[lo:hi]
+                counts = cap_select(all_losses, num_to_prune(layout.numel, sparsity),
+                                    exact=exact)[lo:hi]
             else:
                 k = {i: num_to_prune(n, sparsity) for i, n in enumerate(layout.numels)}
-                counts = cap_select(all_losses, 0, block_layer, k)[lo:hi]
-        new, pruned = cap_apply(W, hinv, order, counts)
-        pruned.logical_and_(valid).logical_or_(forced)
+                counts = cap_select(all_losses, 0, block_layer, k, exact=exact)[lo:hi]
+            all_losses = None
+        # the loss of each block's chosen prefix, then the losses are freed before the update
         last = losses.gather(1, (counts - 1).clamp_min(0)[:, None])[:, 0].clamp_min(0)
-        block_loss = torch.where(counts > 0, last, torch.zeros_like(last))
-        del order, losses  # (and all_losses, the same tensor in one process)
-        all_losses = None
+        block_loss = torch.where(counts > 0, last, torch.zeros_like(last)).to(torch.float64)
+        del losses, last
+        into = out.view(nb, B) if out is not None and local else None
+        new, pruned = cap_apply(W, hinv, order, counts, out=into)
+        del order
+        pruned.logical_and_(valid).logical_or_(forced)
         # (nb, B), (nb, B), (nb,)
         new, pruned, block_loss = gather(new), gather(pruned), gather(block_loss)
         loss = torch.zeros(len(layout.names), dtype=torch.float64, device=w.device)
