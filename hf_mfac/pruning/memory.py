@@ -34,21 +34,36 @@ __all__ = [
     "MemoryEstimate",
     "plan_fisher_placement",
     "check_estimate",
+    "coordinate_bytes",
+    "step_bytes",
+    "grad_phase_bytes",
 ]
 
 # bytes per padded coordinate D of the vectors alive in each phase (besides the Fisher and the
-# chunk): gradient phase: the keep mask and its negation (bool, what the rows are masked with), the
-# targets' gradients from autograd (fp32) while a row is filled
-_GRAD_PHASE = 1 + 1 + 4
+# chunk): gradient phase: the keep mask (bool, what the rows are masked with, used in place); the
+# targets' gradients are streamed into the chunk one target at a time as the backward pass makes
+# them (not held together)
+_GRAD_PHASE = 1
 # what the driver holds through every step: the flat weights (fp32) and the keep mask (bool)
 _DRIVER = 4 + 1
-# OBS step (scored, selected and updated a page at a time): at the selection the fp32 scores, the
-# selected mask and a negated keep mask; at the update the mask and the new weights (fewer)
-_OBS_STEP = _DRIVER + 4 + 1 + 1
-# CAP step: the valid and forced masks (bool, one temporary), the elimination orders (1 byte a
-# weight up to B = 256: :func:`~hf_mfac.core.cap.order_dtype`, counted apart) and the cumulative
-# losses (fp64), then the chosen masks and the new weights
-_CAP_STEP = _DRIVER + 1 + 1 + 1 + 8 + 1 + 4
+# OBS step with the joint update (the default; unstructured): the scores are computed a page at a
+# time while the selection reads them, the new weights written over the driver's flat weights, so
+# the step holds the selected mask and a negated mask at either point
+_OBS_STEP = _DRIVER + 1 + 1
+# OBS step with the summed update (and the groups and N:M): the fp32 scores, the selected mask and
+# a negated keep mask at the selection; the mask, ``z`` and the new weights at the update
+_OBS_SUMMED_STEP = _DRIVER + 4 + 1 + 1
+# CAP step: the valid and forced masks (bool) and a mask temporary, the elimination orders (1 byte
+# a weight up to B = 256: :func:`~hf_mfac.core.cap.order_dtype`, counted apart), the cumulative
+# losses (stored in fp32 in one process: ``_CAP_LOSSES``) and the merge's mask; then, the losses
+# freed, the chosen mask and the new weights (as much)
+_CAP_LOSSES = 4
+_CAP_STEP = _DRIVER + 1 + 1 + 1 + _CAP_LOSSES + 1
+# over several ranks CAP's merge reads fp64 losses of all blocks
+_CAP_LOSSES_RANKS = 8
+# the write-back of a step: the new weights (fp32) and the two masks, beside the restore copy
+# (taken then) and, when a cache keeps it, the inverse
+_UPDATE = 4 + 1 + 1
 # static M-FAC, besides its m x D gradients: the scores (fp32), the masks (bool, one temporary),
 # diag(F^{-1}) (fp32), the summed update's z and the product F^{-1} z with its scaled copy (fp32)
 _MFAC_STEP = _DRIVER + 4 + 1 + 1 + 4 + 4 + 4 + 4
@@ -102,8 +117,10 @@ def estimate_memory(
     as in :func:`estimate_pruner` (the blocks of a block Fisher over several devices). Works on a
     model on the meta device. Returns a :class:`MemoryEstimate` (a dict ``{device: bytes}`` with
     the terms in ``.parts``). The peak of the block Fisher methods is the larger of the gradient
-    phase (accumulator + chunk + vectors) and the step (packed inverse + the step's vectors); static
-    M-FAC holds its m x D gradients through both.
+    phase (accumulator + chunk + vectors) and the step (packed inverse + the step's vectors); the
+    host copy that restores the targets on error is taken only when the first step writes its
+    result (held through the later steps with ``recompute`` > 1); static M-FAC holds its m x D
+    gradients throughout.
 
     ``device`` may also name several devices, ``{device: bytes}`` or ``"auto"`` (as
     ``prune_oneshot``: the devices must exist here, their capacities are what they have available);
@@ -147,7 +164,7 @@ def estimate_memory(
         elif plan is not None:
             placement, work_device = plan.plan, plan.work_device
     return estimate_pruner(pruner, targets, m, chunk_size=chunk_size, placement=placement,
-                           work_device=work_device)
+                           work_device=work_device, steps=config.recompute or 1)
 
 
 def estimate_pruner(
@@ -158,6 +175,7 @@ def estimate_pruner(
     chunk_size: int | None = None,
     placement=None,
     work_device=None,
+    steps: int = 1,
 ) -> MemoryEstimate:
     """:func:`estimate_memory` for a resolved ``pruner`` (its block size already fitted to the
     targets), its ``targets`` and ``num_grads`` gradients per step: what
@@ -169,9 +187,12 @@ def estimate_pruner(
     device; the step's vectors on the work device (``work_device``, default the pruner's), the
     restore copy on the host. Default: all blocks on the pruner's device.
 
-    Each device's peak is the larger of its two phases: the gradients (the Fisher's accumulator,
-    the chunk, the gradient phase's vectors) and the step (the inverse, written over the
-    accumulator, and the step's vectors); the restore copy is held through both."""
+    Each device's peak is the largest of its phases: the gradients (the Fisher's accumulator, the
+    chunk, the gradient phase's vectors), the step (the inverse, written over the accumulator, and
+    the step's vectors) and the write-back of the step's result (the new weights and masks, the
+    inverse when a cache keeps it, and the host copy that restores the targets on error, taken
+    then). With ``steps`` > 1 (recomputations) the restore copy is held through the later steps'
+    phases too."""
     layout = Layout(targets, pad=pruner.pad)
     D, B, m = layout.dim, pruner.block_size, num_grads
     first = next(iter(targets.values()))
@@ -181,29 +202,33 @@ def estimate_pruner(
     host = torch.device("cpu")
     grad_phase: dict[str, dict] = {}
     step_phase: dict[str, dict] = {}
+    update_phase: dict[str, dict] = {}
 
     def add(phase, where, what: str, nbytes: int) -> None:
         terms = phase.setdefault(str(torch.device(where)), {})
         terms[what] = terms.get(what, 0) + int(nbytes)
 
     restore = sum(t.numel() * t.element_size() for t in targets.values())
-    for phase in (grad_phase, step_phase):
+    for phase in (grad_phase, step_phase) if steps > 1 else ():
         add(phase, host, "restore copy", restore)
+    add(update_phase, host, "restore copy", restore)
+    add(update_phase, wdev, "step result", D * _UPDATE)
+    phases = (grad_phase, step_phase, update_phase)
     if not pruner.uses_fisher:
         add(step_phase, wdev, "step", D * (4 + 8 + 1 + 1 + 4))
-        return _peaks(grad_phase, step_phase, _settings(pruner, D, 0, None))
+        return _peaks(phases, _settings(pruner, D, 0, None))
     fisher = pruner.fisher_bytes(D, m)
     woodtaylor = bool(getattr(pruner, "woodtaylor", False))
     wt_grads = _WOODTAYLOR_GRADS if woodtaylor else 0
     wt = _WOODTAYLOR_STEP if woodtaylor else 0
     if isinstance(pruner, MFACPruner):
         k = chunk_size or default_chunk_size(D, m, device=dev)
-        for phase in (grad_phase, step_phase):
+        for phase in phases:
             add(phase, pruner.grads_device or host, "gradients G", fisher)
         add(grad_phase, dev, "gradient chunk", k * D * 4)
         add(grad_phase, dev, "gradient phase", D * (_GRAD_PHASE + wt_grads))
         add(step_phase, wdev, "step", D * (_MFAC_STEP + wt))
-        return _peaks(grad_phase, step_phase, _settings(pruner, D, m, k))
+        return _peaks(phases, _settings(pruner, D, m, k))
     k = chunk_size or default_chunk_size(D, m, fisher_bytes=fisher, device=dev)
     nb = -(-D // B)
     for where, lo, hi in placement or [(dev, 0, nb)]:
@@ -214,23 +239,52 @@ def estimate_pruner(
         inv = pruner.inverse_bytes(width, m)
         add(grad_phase, where, "fisher accumulator", acc)
         add(grad_phase, where, "gradient chunk", k * width * 4)
-        add(grad_phase, where, "gradient phase", width * (_GRAD_PHASE + wt_grads))
+        add(grad_phase, where, "gradient phase", width * grad_phase_bytes(pruner))
         add(step_phase, where, "fisher inverse", inv)
-    if pruner.name == "cap":
-        step = D * (_CAP_STEP + order_dtype(B).itemsize)
+        add(update_phase, where, "fisher inverse", inv)
+    add(step_phase, wdev, "step", D * step_bytes(pruner))
+    return _peaks(phases, _settings(pruner, D, m, k))
+
+
+def grad_phase_bytes(pruner) -> int:
+    """Bytes per coordinate the gradient phase holds besides the Fisher and the gradient chunk, on
+    each device that holds a part of the Fisher (the keep mask; WoodTaylor's fp64 running sum)."""
+    return _GRAD_PHASE + (_WOODTAYLOR_GRADS if getattr(pruner, "woodtaylor", False) else 0)
+
+
+def step_bytes(pruner, method: str | None = None) -> int:
+    """Bytes per coordinate the pruning step holds on the work device besides the inverse, for
+    ``pruner`` (or, with ``method``, as ``"obert"`` or ``"cap"`` at the pruner's block size): the
+    flat weights and masks, oBERT's scores, CAP's elimination orders and losses (fp32 in one
+    process, fp64 over several ranks), WoodTaylor's mean gradient and ``F^{-1} grad``."""
+    method = method or pruner.name
+    if isinstance(pruner, MFACPruner) and method == pruner.name:
+        base = _MFAC_STEP
+    elif method == "cap":
+        over_ranks = getattr(pruner, "runs_over_ranks", False)
+        losses = (_CAP_LOSSES_RANKS - _CAP_LOSSES) if over_ranks else 0
+        return _CAP_STEP + losses + order_dtype(pruner.block_size or 1).itemsize
+    elif getattr(pruner, "update", "joint") == "joint" and pruner.pattern.kind == "unstructured":
+        base = _OBS_STEP
     else:
-        step = D * (_OBS_STEP + wt)
-    add(step_phase, wdev, "step", step)
-    return _peaks(grad_phase, step_phase, _settings(pruner, D, m, k))
+        base = _OBS_SUMMED_STEP
+    return base + (_WOODTAYLOR_STEP if getattr(pruner, "woodtaylor", False) else 0)
 
 
-def _peaks(grad_phase: dict, step_phase: dict, settings: dict) -> MemoryEstimate:
-    """Each device's peak: the larger sum of its terms in the two phases (a device missing from a
-    phase holds nothing then); ``parts`` gives the terms of the larger."""
+def coordinate_bytes(pruner) -> tuple[int, int]:
+    """``(gradient phase, step)`` bytes per coordinate of a block-Fisher run besides the Fisher and
+    the chunk, as :func:`estimate_pruner` counts them: each part's device holds its share of the
+    first, the work device the second, taken as the larger of oBERT's and CAP's step so that both
+    plan alike (and can share one cached Fisher). The one table a placement plan should read."""
+    return grad_phase_bytes(pruner), max(step_bytes(pruner, "obert"), step_bytes(pruner, "cap"))
+
+
+def _peaks(phases, settings: dict) -> MemoryEstimate:
+    """Each device's peak: the largest sum of its terms over the ``phases`` (a device missing from
+    a phase holds nothing then); ``parts`` gives the terms of the largest (the first of equals)."""
     peaks, out_parts = {}, {}
-    for dev in dict.fromkeys([*grad_phase, *step_phase]):
-        a, b = grad_phase.get(dev, {}), step_phase.get(dev, {})
-        terms = a if sum(a.values()) >= sum(b.values()) else b
+    for dev in dict.fromkeys(d for phase in phases for d in phase):
+        terms = max((phase.get(dev, {}) for phase in phases), key=lambda t: sum(t.values()))
         peaks[dev], out_parts[dev] = sum(terms.values()), dict(terms)
     return MemoryEstimate(peaks, out_parts, settings)
 
