@@ -216,6 +216,24 @@ def recipe_run(args, data, dense, seed, name) -> dict:
             "pruning_seconds": pruning, "settings": settings}
 
 
+def compact(commands: list[str]) -> str:
+    """The invocations in one line: the flags they share once, then each one's ``--seeds`` and
+    ``--recipes`` (all of each command when they differ in anything else)."""
+    parts = []
+    for c in commands:
+        words, own = shlex.split(c), {}
+        for flag in ("--seeds", "--recipes"):
+            if flag in words[:-1]:
+                i = words.index(flag)
+                own[flag] = words.pop(i + 1)
+                words.pop(i)
+        parts.append((shlex.join(words), own))
+    if len(parts) < 2 or len({w for w, _ in parts}) > 1:
+        return " && ".join(commands)
+    each = "; ".join(" ".join(f"{k} {v}" for k, v in own.items()) for _, own in parts)
+    return f"{parts[0][0]}, {len(parts)} invocations: {each}"
+
+
 def cpu_name() -> str:
     """The CPU's model name and core count (from /proc/cpuinfo where there is one)."""
     try:
@@ -367,7 +385,7 @@ def main(argv=None):
     results = {n: r for n, r in results.items() if r}
     minutes = (time.time() - t0) / 60
     footer = (f"{cpu_name()}, {machine()}; {time.strftime('%Y-%m-%d', time.gmtime())}; a shared "
-              "machine. " + " && ".join(commands))
+              "machine. " + compact(commands))
     plot(results, os.path.join(args.output_dir, "accuracy_along_training.png"), dense_acc, footer,
          args.eval_size)
     print(f"\nMachine: {machine()}; {minutes:.1f} min (wall-clock, shared machine)\n")
