@@ -265,7 +265,8 @@ def step_bytes(pruner, method: str | None = None) -> int:
         losses = (_CAP_LOSSES_RANKS - _CAP_LOSSES) if over_ranks else 0
         return _CAP_STEP + losses + order_dtype(pruner.block_size or 1).itemsize
     elif getattr(pruner, "update", "joint") == "joint" and pruner.pattern.kind == "unstructured":
-        base = _OBS_STEP
+        # over several ranks the update is not written over the flat weights (no ``out=``)
+        base = _OBS_STEP + (4 if getattr(pruner, "runs_over_ranks", False) else 0)
     else:
         base = _OBS_SUMMED_STEP
     return base + (_WOODTAYLOR_STEP if getattr(pruner, "woodtaylor", False) else 0)
