@@ -45,7 +45,6 @@ import torch
 from torch import nn
 
 from ..core._checks import free_bytes
-from ..core.cap import order_dtype
 from .grads import default_chunk_size
 
 __all__ = ["FisherPart", "plan_placement", "plan_fisher_placement", "home_placement",
@@ -467,27 +466,14 @@ class PlacedFisherInverse:
 
 
 # -- one run's placement ------------------------------------------------------------------------
-# Bytes per coordinate besides the Fisher and the gradient chunk, as the memory estimate counts
-# them (:func:`~hf_mfac.pruning.memory.estimate_pruner`): each part's device holds its share of the
-# gradient phase's vectors (the keep mask and its negation, the gradients from autograd while a row
-# is filled; WoodTaylor adds the fp64 running sum), the work device the step's (the flat weights,
-# keep mask, scores and masks of a page; CAP its elimination orders and losses; WoodTaylor the mean
-# gradient and F^{-1} grad)
-GRAD_PHASE_BYTES = 1 + 1 + 4
-STEP_BYTES = {"obert": 4 + 1 + 4 + 1 + 1, "cap": 4 + 1 + 1 + 1 + 1 + 8 + 1 + 4}
-WOODTAYLOR_BYTES = (8, 4 + 4)  # (gradient phase, step)
-
-
 def coordinate_bytes(pruner) -> tuple[int, int]:
     """``(gradient phase, step)``: the bytes per coordinate a block-Fisher run holds besides the
-    Fisher and the chunk, on each part's device and on the work device. The step is the larger of
-    oBERT's and CAP's, so that both plan alike and share one cached Fisher
-    (:class:`~hf_mfac.pruning.FisherCache` keys on the plan)."""
-    grads = GRAD_PHASE_BYTES
-    step = max(STEP_BYTES["obert"], STEP_BYTES["cap"] + order_dtype(pruner.block_size).itemsize)
-    if getattr(pruner, "woodtaylor", False):
-        grads, step = grads + WOODTAYLOR_BYTES[0], step + WOODTAYLOR_BYTES[1]
-    return grads, step
+    Fisher and the chunk, on each part's device and on the work device; the memory estimate's own
+    table (:func:`hf_mfac.pruning.memory.coordinate_bytes`), so that the plan and the estimate
+    count alike."""
+    from .memory import coordinate_bytes as table  # memory imports this module
+
+    return table(pruner)
 
 
 class Placement(NamedTuple):
