@@ -47,7 +47,7 @@ import torch
 
 from ..comm import Comm, DistributedError
 from .config import SETTINGS, PruningConfig, oneshot_config
-from .driver import restore_on_error, run_oneshot
+from .driver import _takes_out, restore_on_error, run_oneshot
 from .pruners import CAPPruner, MFACPruner, Pruner, StepResult, make_pruner
 from .targets import DEFAULT_TYPES
 
@@ -413,12 +413,16 @@ class DistributedPruner(Pruner):
             )
 
     def prune(
-        self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None
+        self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None, out=None
     ) -> StepResult:
+        """The inner pruner's step over all ranks; ``out`` (the new weights may be written there,
+        e.g. over ``w``) is passed on where the inner step takes it, CAP's merge over ranks
+        returns its own."""
         self._agree_on_inputs(w, keep)
+        into = {"out": out} if out is not None and _takes_out(self.inner) else {}
         if not self.uses_fisher:  # magnitude: the same masks on every rank, nothing to exchange
             return self.inner.prune(
-                layout, w, keep, sparsity=sparsity, zeros=zeros, finv=finv, grad=grad
+                layout, w, keep, sparsity=sparsity, zeros=zeros, finv=finv, grad=grad, **into
             )
         # CAP's own step on this rank's blocks, the merge over all blocks
         if isinstance(self.inner, CAPPruner):
@@ -429,7 +433,7 @@ class DistributedPruner(Pruner):
         if self.woodtaylor:
             grad = finv.mean_grad
         return self.inner.prune(
-            layout, w, keep, sparsity=sparsity, zeros=zeros, finv=finv, grad=grad
+            layout, w, keep, sparsity=sparsity, zeros=zeros, finv=finv, grad=grad, **into
         )
 
 
@@ -477,8 +481,9 @@ def prune_oneshot_distributed(
         error = e
     comm.check(error)
     comm.agree("the pruning settings", agreed)
-    # a rank done before another failed puts its weights back too
-    with restore_on_error(kwargs["targets"]):
+    # a rank done before another failed puts its weights back too; the host copy is taken only
+    # when the run first writes the weights (before_update), not through the gradients
+    with restore_on_error(kwargs["targets"], lazy=True):
         try:
             result = run_oneshot(model, dataloader, config, **kwargs)
         except DistributedError:  # raised on every rank already
