@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ..core._checks import free_bytes
+from .footprint import coordinate_bytes  # the memory estimate's table
 from .grads import default_chunk_size
 
 __all__ = ["FisherPart", "plan_placement", "plan_fisher_placement", "home_placement",
@@ -466,16 +467,6 @@ class PlacedFisherInverse:
 
 
 # -- one run's placement ------------------------------------------------------------------------
-def coordinate_bytes(pruner) -> tuple[int, int]:
-    """``(gradient phase, step)``: the bytes per coordinate a block-Fisher run holds besides the
-    Fisher and the chunk, on each part's device and on the work device; the memory estimate's own
-    table (:func:`hf_mfac.pruning.memory.coordinate_bytes`), so that the plan and the estimate
-    count alike."""
-    from .memory import coordinate_bytes as table  # memory imports this module
-
-    return table(pruner)
-
-
 class Placement(NamedTuple):
     """Where one run's block Fisher lives: ``plan`` (block ranges per device, in block order) and
     the ``work_device`` of the selection and the update."""
