@@ -90,6 +90,9 @@ def parse_args(argv=None):
 _SAME = ("sparsity", "train_size", "eval_size", "max_length", "batch_size", "dense_steps",
          "dense_lr", "steps", "lr", "eval_every", "num_grads", "block_size", "fisher_batch_size",
          "split_seed", "model_path")
+# the settings the dense start depends on: it is shared by runs that differ only in the others
+_DENSE = ("train_size", "eval_size", "max_length", "batch_size", "dense_steps", "dense_lr",
+          "split_seed", "model_path")
 
 
 def setup(args):
@@ -142,17 +145,18 @@ def trainer_for(args, data, model, out, seed, steps, lr, teacher=None, distill=N
 
 def dense_model(args, data, seed):
     """The AdamW fine-tuned dense model of ``seed`` and its eval accuracy (saved in
-    ``<output_dir>/dense<seed>``, and loaded from there when it was made with the same
-    settings)."""
+    ``<output_dir>/dense<seed>``, and loaded from there when it was made with the same dense
+    settings: a copy of that folder can start runs with another pruning learning rate, budget or
+    Fisher size)."""
     from transformers import AutoModelForSequenceClassification, set_seed
 
     folder = os.path.join(args.output_dir, f"dense{seed}")
-    key = {k: getattr(args, k) for k in _SAME}
+    key = {k: getattr(args, k) for k in _DENSE}
     info = os.path.join(folder, "dense_start.json")
     if os.path.isfile(info):
         with open(info) as f:
             saved = json.load(f)
-        if saved["settings"] == key:
+        if {k: saved["settings"].get(k) for k in _DENSE} == key:
             model = AutoModelForSequenceClassification.from_pretrained(folder)
             return model, saved["accuracy"]
     set_seed(seed)
