@@ -372,23 +372,29 @@ class DynamicMFAC:
                     "large for fp32 "
                     "accumulation); the window is unchanged"
                 )
-            p64 = p.to(torch.float64)
-            self.GGt[slot, :n] = p64
-            self.GGt[:n, slot] = p64
-            self.count = n
-            self.ptr = (slot + 1) % self.num_grads
-            self._chol = None
-            try:
-                self._factor()
-            except FloatingPointError as e:
-                raise GradientRejected(
-                    f"the window's system could not be factorised with this gradient ({e}); "
-                    "the window is unchanged"
-                ) from e
+            self._commit_products(slot, n, p)
         except BaseException:
             self._restore(undo)
             raise
         return p, g_stored, undo
+
+    def _commit_products(self, slot: int, n: int, p: torch.Tensor) -> None:
+        """Write the new row's products ``p`` into GG^T as row and column ``slot`` of the ``n``
+        rows held, advance the ring and refactor; a system that cannot be factorised raises
+        GradientRejected (the caller restores the window)."""
+        p64 = p.to(torch.float64)
+        self.GGt[slot, :n] = p64
+        self.GGt[:n, slot] = p64
+        self.count = n
+        self.ptr = (slot + 1) % self.num_grads
+        self._chol = None
+        try:
+            self._factor()
+        except FloatingPointError as e:
+            raise GradientRejected(
+                f"the window's system could not be factorised with this gradient ({e}); "
+                "the window is unchanged"
+            ) from e
 
     def _rejection(self, nonfinite: float, overflow: float) -> str:
         where = "" if self.allreduce is None else " (on at least one shard)"

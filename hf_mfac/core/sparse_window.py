@@ -365,18 +365,8 @@ class CompressedMFAC(DynamicMFAC):
         return p, c, undo
 
     def _commit(self, slot: int, n: int, p: torch.Tensor, error: torch.Tensor) -> None:
-        p64 = p.to(torch.float64)
-        self.GGt[slot, :n] = p64
-        self.GGt[:n, slot] = p64
-        self.count = n
-        self.ptr = (slot + 1) % self.num_grads
-        self._chol = None
         self._err, self._spare = error, self._err
-        try:
-            self._factor()
-        except FloatingPointError as e:
-            raise GradientRejected(f"the window's system could not be factorised with this "
-                                   f"gradient ({e}); the window is unchanged") from e
+        self._commit_products(slot, n, p)
 
     def _rejection(self, nonfinite: float, overflow: float) -> str:
         where = "" if self.allreduce is None else " (on at least one shard)"

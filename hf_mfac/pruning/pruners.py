@@ -497,6 +497,14 @@ class MagnitudePruner(Pruner):
         return StepResult(w * new_keep, new_keep, None)
 
 
+def _block_fisher(pruner: Pruner, dim: int, num_grads: int, device, groups) -> BlockFisherInverse:
+    """The block-diagonal Fisher inverse of OBS and CAP: blocks of ``pruner.block_size``, its
+    damping, precision and damping groups."""
+    groups = _block_groups(groups, pruner.block_size, pruner.rel_damp_scope)
+    return BlockFisherInverse(dim, pruner.block_size, **pruner.damping(), damp_groups=groups,
+                              device=device, dtype=pruner.fisher_dtype, num_grads=num_grads)
+
+
 class _OBSPruner(Pruner):
     """OBS selection ([WoodFisher, eqs. 10-11]; groups and N:M: [oBERT, eq. 5]) for any inverse with
     ``diag``/``mul``/``submatrix``, and the update of the remaining weights: ``"joint"``, the exact
@@ -620,16 +628,7 @@ class OBSPruner(_OBSPruner):
     name = "obert"
 
     def new_fisher(self, dim: int, num_grads: int, device, groups: torch.Tensor | None = None):
-        groups = _block_groups(groups, self.block_size, self.rel_damp_scope)
-        return BlockFisherInverse(
-            dim,
-            self.block_size,
-            **self.damping(),
-            damp_groups=groups,
-            device=device,
-            dtype=self.fisher_dtype,
-            num_grads=num_grads,
-        )
+        return _block_fisher(self, dim, num_grads, device, groups)
 
 
 class _GradBuffer:
@@ -731,16 +730,7 @@ class CAPPruner(Pruner):
     updates = ("joint",)
 
     def new_fisher(self, dim: int, num_grads: int, device, groups: torch.Tensor | None = None):
-        groups = _block_groups(groups, self.block_size, self.rel_damp_scope)
-        return BlockFisherInverse(
-            dim,
-            self.block_size,
-            **self.damping(),
-            damp_groups=groups,
-            device=device,
-            dtype=self.fisher_dtype,
-            num_grads=num_grads,
-        )
+        return _block_fisher(self, dim, num_grads, device, groups)
 
     def prune(
         self, layout, w, keep, *, sparsity=None, zeros=None, finv=None, grad=None, out=None
