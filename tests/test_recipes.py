@@ -182,21 +182,28 @@ def test_flags_choose_method_and_distillation():
     assert cap.prune_method == "cap" and cap.distill_teacher is None
 
 
-@pytest.mark.parametrize("recipe, given", [("magnitude", {}), ("obert", {"num_grads": 4}),
-                                           ("cap", {"num_grads": 4, "block_size": 8})])
-def test_callback_prunes_on_the_recipes_steps_with_rewinds(tmp_path, recipe, given):
-    transformers = pytest.importorskip("transformers")
+def _tiny_bert_and_data(transformers, n: int):
+    """A tiny random BERT classifier (3 labels) and ``n`` examples of 10 random tokens."""
     import torch
-    from hf_mfac.integrations import PruningCallback
 
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(transformers.BertConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=16, num_labels=3))
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, 50, (64, 10), generator=g)
+    ids = torch.randint(5, 50, (n, 10), generator=g)
     data = [{"input_ids": ids[i], "attention_mask": torch.ones(10, dtype=torch.long),
-             "labels": int(ids[i, 0]) % 3} for i in range(64)]
+             "labels": int(ids[i, 0]) % 3} for i in range(n)]
+    return model, data
+
+
+@pytest.mark.parametrize("recipe, given", [("magnitude", {}), ("obert", {"num_grads": 4}),
+                                           ("cap", {"num_grads": 4, "block_size": 8})])
+def test_callback_prunes_on_the_recipes_steps_with_rewinds(tmp_path, recipe, given):
+    transformers = pytest.importorskip("transformers")
+    from hf_mfac.integrations import PruningCallback
+
+    model, data = _tiny_bert_and_data(transformers, 64)
     lrs = {}
 
     class LR(transformers.TrainerCallback):
@@ -239,7 +246,6 @@ def test_the_benchmarks_sparsity_at_each_evaluation(tmp_path):
     from pathlib import Path
 
     transformers = pytest.importorskip("transformers")
-    import torch
     from hf_mfac.integrations import PruningCallback
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_recipe.py"
@@ -250,14 +256,7 @@ def test_the_benchmarks_sparsity_at_each_evaluation(tmp_path):
     assert bench.sparsity_at([(0, 0.4), (4, 0.5)], 4) == 0.4
     assert bench.sparsity_at([(0, 0.4), (4, 0.5)], 5) == 0.5
 
-    torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=16, num_labels=3))
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, 50, (32, 10), generator=g)
-    data = [{"input_ids": ids[i], "attention_mask": torch.ones(10, dtype=torch.long),
-             "labels": int(ids[i, 0]) % 3} for i in range(32)]
+    model, data = _tiny_bert_and_data(transformers, 32)
     seen = {}
     cb = PruningCallback(recipe="magnitude", final_sparsity=0.9)
 
