@@ -234,10 +234,39 @@ def read_curves(path: str) -> dict:
     return {k: sorted(v, key=lambda p: p["step"]) for k, v in curves.items()}
 
 
+def by_setting(curves: dict) -> dict:
+    """``{setting: {step: [points of the seeds that reached it]}}`` from :func:`read_curves`."""
+    out: dict = {}
+    for (name, _seed), pts in curves.items():
+        for p in pts:
+            out.setdefault(name, {}).setdefault(p["step"], []).append(p)
+    return {k: dict(sorted(v.items())) for k, v in out.items()}
+
+
+def _mean_sd(values):
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def curve_table(curves: dict) -> str:
+    """A markdown table: eval accuracy and eval loss at each evaluated step, mean ± sample
+    standard deviation over the seeds of each setting (n: how many seeds reached the step)."""
+    rows = ["| setting | step | n | eval accuracy | eval loss |", "|---|---|---|---|---|"]
+    for name, steps in by_setting(curves).items():
+        for step, pts in steps.items():
+            acc = _mean_sd([p["accuracy"] for p in pts])
+            loss = _mean_sd([p["eval_loss"] for p in pts if p.get("eval_loss") is not None]
+                            or [float("nan")])
+            rows.append(f"| {name} | {step} | {len(pts)} | {acc[0]:.3f} ± {acc[1]:.3f} | "
+                        f"{loss[0]:.3f} ± {loss[1]:.3f} |")
+    return "\n".join(rows)
+
+
 def plot(path: str, figure: str, title: str) -> None:
-    """Eval accuracy against steps for every run in ``path`` (left), and for the compressed
+    """Eval accuracy against steps for every setting in ``path`` (left: the mean over its seeds,
+    the band one sample standard deviation, the seeds as faint lines), and for the compressed
     window's runs the error buffer's share of the summed gradient and the coordinates taken so
-    far (right), into ``figure``."""
+    far, averaged over the seeds (right), into ``figure``; prints :func:`curve_table`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,30 +274,45 @@ def plot(path: str, figure: str, title: str) -> None:
 
     curves = read_curves(path)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (name, seed), pts in curves.items():
-        steps = [p["step"] for p in pts]
-        ax.plot(steps, [p["accuracy"] for p in pts], marker="o", label=f"{name} (seed {seed})")
-        if any("taken_fraction" in p for p in pts):
-            pts = [p for p in pts if "taken_fraction" in p]
-            st = [p["step"] for p in pts]
-            bx.plot(st, [p["taken_fraction"] for p in pts], marker="o",
-                    label=f"{name}: coordinates taken so far")
-            bx.plot(st, [p["error_share"] for p in pts], marker="s", linestyle="--",
-                    label=f"{name}: |e| / |sum g|")
+    for i, (name, steps) in enumerate(by_setting(curves).items()):
+        color = f"C{i}"
+        for (n, seed), pts in curves.items():
+            if n == name and len({q for (m, q) in curves if m == name}) > 1:
+                ax.plot([p["step"] for p in pts], [p["accuracy"] for p in pts], color=color,
+                        alpha=0.25, linewidth=0.8)
+        xs = list(steps)
+        stats = [_mean_sd([p["accuracy"] for p in pts]) for pts in steps.values()]
+        seeds = sorted({q for (m, q) in curves if m == name})
+        mean = [m for m, _ in stats]
+        ax.plot(xs, mean, marker="o", color=color,
+                label=f"{name} ({len(seeds)} seed{'s' * (len(seeds) > 1)}: "
+                      f"{','.join(map(str, seeds))})")
+        if len(seeds) > 1:
+            ax.fill_between(xs, [m - sd for m, sd in stats], [m + sd for m, sd in stats],
+                            color=color, alpha=0.15)
+        diag = {t: [p for p in pts if "taken_fraction" in p] for t, pts in steps.items()}
+        diag = {t: pts for t, pts in diag.items() if pts}
+        if diag:
+            st = list(diag)
+            bx.plot(st, [statistics.fmean(p["taken_fraction"] for p in v) for v in diag.values()],
+                    marker="o", color=color, label=f"{name}: coordinates taken so far")
+            bx.plot(st, [statistics.fmean(p["error_share"] for p in v) for v in diag.values()],
+                    marker="s", linestyle="--", color=color, label=f"{name}: |e| / |sum g|")
     ax.set_xlabel("step (batch 32)")
     ax.set_ylabel("eval accuracy (1000 tweets)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     bx.set_xlabel("step (batch 32)")
-    bx.set_ylabel("fraction")
+    bx.set_ylabel("fraction (mean over seeds)")
     bx.set_ylim(0, 1)
     bx.grid(alpha=0.3)
-    bx.legend(fontsize=8)
-    fig.suptitle("all-MiniLM-L6-v2 on the tweets: AdamW vs compressed M-FAC along training"
-                 + (f"\n{title}" if title else ""), fontsize=9)
+    bx.legend(fontsize=7)
+    fig.suptitle("all-MiniLM-L6-v2 on the tweets: AdamW vs M-FAC along training (mean ± sd over "
+                 "seeds)" + (f"\n{title}" if title else ""), fontsize=9)
     fig.tight_layout()
     Path(figure).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=120)
+    print(curve_table(curves))
     print(f"wrote {figure}")
 
 
