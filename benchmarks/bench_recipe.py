@@ -116,6 +116,7 @@ def setup(args):
 
 def trainer_for(args, data, model, out, seed, steps, lr, teacher=None, distill=None, evals=True):
     import numpy as np
+    import torch
     from transformers.trainer_callback import PrinterCallback
 
     from hf_mfac.integrations import DistillationMixin, MFACTrainer, MFACTrainingArguments
@@ -131,7 +132,8 @@ def trainer_for(args, data, model, out, seed, steps, lr, teacher=None, distill=N
         max_steps=steps, learning_rate=lr, optim="adamw_torch", lr_scheduler_type="linear",
         warmup_steps=0, logging_steps=10, eval_strategy="steps" if evals else "no",
         eval_steps=args.eval_every, save_strategy="no", report_to=[], seed=seed, data_seed=seed,
-        dataloader_num_workers=0, disable_tqdm=True)
+        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=True)
     kw = dict(model=model, args=targs, train_dataset=data["train"], eval_dataset=data["eval"],
               data_collator=data["collator"], compute_metrics=accuracy)
     if teacher is None:
