@@ -13,6 +13,9 @@ every setting; only the optimizer differs:
   memory, spent on as many rows as a run of up to 128 steps fills. Before the window fills only
   lr * m and m * damp set the step, so over 90 steps this is m = 1024 at density 0.1 (lr 0.3 / 1024,
   damp 1.25e-7), with an eighth of its memory.
+* ``sparse512``: M-FAC, m = 512, density 0.04, lr 0.3 / m: 96 % of the dense m = 32 window's
+  memory (512 * 0.04 * 6 bytes against 32 * 4 per coordinate), spent on as many rows as a run of
+  500 steps fills.
 
 Prints eval accuracy per setting and seed, the mean and sample standard deviation, and the
 seconds per run. Long runs: ``--train_size`` up to the corpus's ~36k training tweets (so that a
@@ -59,6 +62,8 @@ def settings(args) -> dict:
                              mfac_num_grads=args.num_grads_mem, mfac_density=0.01),
         "sparse128": dict(optim="mfac", learning_rate=0.3 / 128, mfac_num_grads=128,
                           mfac_density=0.1),
+        "sparse512": dict(optim="mfac", learning_rate=0.3 / 512, mfac_num_grads=512,
+                          mfac_density=0.04),
     }
 
 
