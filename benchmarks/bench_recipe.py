@@ -23,8 +23,8 @@ saved in ``<output_dir>/dense<seed>`` and reused by later invocations with the s
 The dense start is the teacher of the distilling recipes (hardness 1: their loss is the teacher's
 alone), so it must be fine-tuned to convergence: by default 400 steps on 20 000 tweets (0.789 at
 seed 0), after which the pruning runs train on data the dense start has partly not seen. A dense
-start of 90 steps (0.74) caps a distilled student near its accuracy while the dense row, on the
-labels, climbs past it (measured in RESULTS, "The 90 % recipe").
+start of 90 steps (0.74) held a distilled student near its accuracy while the dense row, on the
+labels, climbed past it (seed 0, in RESULTS, "The 90 % recipe").
 
 The recipes' Fisher sizes (oBERT 1024 gradients, blocks of 50; CAP 4096, blocks of 192) are GPU
 sizes; ``--num_grads`` and ``--block_size`` (default 128 and 32, hf_mfac's defaults) override them
@@ -95,12 +95,12 @@ def parse_args(argv=None):
 
 
 # the settings a run's result depends on: a results.json made with others is not merged
-_SAME = ("sparsity", "train_size", "eval_size", "max_length", "batch_size", "dense_steps",
-         "dense_lr", "steps", "lr", "eval_every", "num_grads", "block_size", "fisher_batch_size",
-         "split_seed", "model_path")
 # the settings the dense start depends on: it is shared by runs that differ only in the others
 _DENSE = ("train_size", "eval_size", "max_length", "batch_size", "dense_steps", "dense_lr",
           "split_seed", "model_path")
+# the settings all runs of one results.json share
+_SAME = (*_DENSE, "sparsity", "steps", "lr", "eval_every", "num_grads", "block_size",
+         "fisher_batch_size")
 
 
 def setup(args):
