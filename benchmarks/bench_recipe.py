@@ -11,7 +11,9 @@ learning rate, without pruning, as the budget-matched reference.
 
 A recipe name followed by ``+kd`` (e.g. ``cap+kd``) runs that recipe with distillation from the
 dense model added (hardness 1, temperature 2, as oBERT's), for recipes that have none: an explicit
-override, reported as its own row.
+override, reported as its own row. ``+hardness=<h>`` (e.g. ``obert+hardness=0.5``) runs a
+distilling recipe with the teacher's share of the loss set to ``h`` instead of the recipe's (the
+labels' share 1 - h), also as its own row.
 
 Writes ``<output_dir>/results.json`` (rewritten after every run, so a stopped benchmark keeps its
 finished runs; runs already in it are kept and skipped, so seeds and recipes can be run in
@@ -185,6 +187,33 @@ def dense_model(args, data, seed):
     return model, acc
 
 
+def parse_row(name: str) -> tuple[str, str, float | None]:
+    """(recipe, suffix, hardness) of a ``--recipes`` row: ``dense``, a recipe name, or a recipe
+    name followed by ``+kd`` or ``+hardness=<h>`` (a clear error for anything else, before any
+    training)."""
+    from hf_mfac.pruning.recipes import distillation, get_recipe
+
+    recipe, _, extra = name.partition("+")
+    if recipe == "dense":
+        if extra:
+            raise ValueError(f"row {name!r}: the dense row takes no suffix")
+        return recipe, extra, None
+    get_recipe(recipe)
+    if extra in ("", "kd"):
+        return recipe, extra, None
+    if extra.startswith("hardness="):
+        try:
+            h = float(extra.split("=", 1)[1])
+        except ValueError:
+            h = float("nan")
+        if not 0.0 <= h <= 1.0 or distillation(recipe) is None:
+            raise ValueError(f"row {name!r}: +hardness=<h> needs a recipe that distills and h in "
+                             "[0, 1]")
+        return recipe, extra, h
+    raise ValueError(f"unknown row {name!r}: a recipe name, optionally followed by +kd or "
+                     "+hardness=<h>")
+
+
 def recipe_run(args, data, dense, seed, name) -> dict:
     """Train ``--steps`` from a copy of ``dense``, pruning with recipe ``name`` ('dense': no
     pruning)."""
@@ -197,9 +226,7 @@ def recipe_run(args, data, dense, seed, name) -> dict:
     model = copy.deepcopy(dense)
     out = os.path.join(args.output_dir, "runs", f"{name}{seed}")
     cb = None
-    recipe, _, extra = name.partition("+")
-    if extra not in ("", "kd"):
-        raise ValueError(f"unknown row {name!r}: a recipe name, optionally followed by +kd")
+    recipe, extra, hardness = parse_row(name)
     if name == "dense":
         tr = trainer_for(args, data, model, out, seed, args.steps, args.lr)
     else:
@@ -209,6 +236,8 @@ def recipe_run(args, data, dense, seed, name) -> dict:
         distill = distillation(recipe)
         if extra == "kd" and distill is None:  # oBERT's distillation, added explicitly
             distill = {"teacher": "self", "hardness": 1.0, "temperature": 2.0}
+        if hardness is not None:
+            distill = {**distill, "hardness": hardness}
         teacher = copy.deepcopy(dense) if distill else None
         tr = trainer_for(args, data, model, out, seed, args.steps, args.lr, teacher, distill)
         calib = DataLoader(data["train"], batch_size=args.fisher_batch_size, shuffle=True,
@@ -354,6 +383,11 @@ def main(argv=None):
     hf_logging.set_verbosity_error()
     t0 = time.time()
     names = [n for n in args.recipes.split(",") if n]
+    for n in names:
+        try:
+            parse_row(n)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     redo = {n for n in args.redo.split(",") if n}
     command = "python benchmarks/bench_recipe.py " + shlex.join(argv)
     path = os.path.join(args.output_dir, "results.json")

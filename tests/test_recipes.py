@@ -237,21 +237,39 @@ def test_callback_prunes_on_the_recipes_steps_with_rewinds(tmp_path, recipe, giv
     assert lrs[5] < 0.5e-3 and lrs[29] < 0.5e-3
 
 
-def test_the_benchmarks_sparsity_at_each_evaluation(tmp_path):
-    """benchmarks/bench_recipe.py reads the sparsity at each evaluation off the schedule
-    (``sparsity_at``): the callback prunes at the start of a step, so the evaluation at step t
-    comes before a pruning step scheduled at t. Checked against the callback's masks at each
-    evaluation of a real run."""
+def _bench_recipe():
     import importlib.util
     from pathlib import Path
-
-    transformers = pytest.importorskip("transformers")
-    from hf_mfac.integrations import PruningCallback
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_recipe.py"
     spec = importlib.util.spec_from_file_location("bench_recipe_for_test", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_benchmarks_rows_are_checked_before_training():
+    """bench_recipe.py's rows: a recipe, ``+kd``, or ``+hardness=<h>`` on a distilling recipe;
+    anything else is refused by name before the dense start is trained."""
+    bench = _bench_recipe()
+    assert bench.parse_row("dense") == ("dense", "", None)
+    assert bench.parse_row("cap+kd") == ("cap", "kd", None)
+    assert bench.parse_row("obert+hardness=0.5") == ("obert", "hardness=0.5", 0.5)
+    for bad in ("obert+hardness=1.5", "obert+hardness=x", "cap+hardness=0.5", "dense+kd",
+                "obert+lr=1", "nosuch"):
+        with pytest.raises(ValueError, match="row|recipe"):
+            bench.parse_row(bad)
+
+
+def test_the_benchmarks_sparsity_at_each_evaluation(tmp_path):
+    """benchmarks/bench_recipe.py reads the sparsity at each evaluation off the schedule
+    (``sparsity_at``): the callback prunes at the start of a step, so the evaluation at step t
+    comes before a pruning step scheduled at t. Checked against the callback's masks at each
+    evaluation of a real run."""
+    transformers = pytest.importorskip("transformers")
+    from hf_mfac.integrations import PruningCallback
+
+    bench = _bench_recipe()
     assert bench.sparsity_at([(0, 0.4), (4, 0.5)], 0) == 0.0
     assert bench.sparsity_at([(0, 0.4), (4, 0.5)], 4) == 0.4
     assert bench.sparsity_at([(0, 0.4), (4, 0.5)], 5) == 0.5
