@@ -436,7 +436,9 @@ def main(argv=None):
               "machine. " + compact(commands))
     plot(results, os.path.join(args.output_dir, "accuracy_along_training.png"), dense_acc, footer,
          args.eval_size)
-    print(f"\nMachine: {machine()}; {minutes:.1f} min (wall-clock, shared machine)\n")
+    total = old.get("minutes", 0.0) + (0.0 if args.plot_only else minutes)
+    print(f"\nMachine: {machine()}; {minutes:.1f} min this invocation, {total:.1f} min for all the "
+          f"runs in {path} (wall-clock, shared machine)\n")
     print(summary_table(results, dense_acc))
     print("\nCommands:\n" + "\n".join(commands))
 
