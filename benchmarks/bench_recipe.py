@@ -11,9 +11,11 @@ learning rate, without pruning, as the budget-matched reference.
 
 A recipe name followed by ``+kd`` (e.g. ``cap+kd``) runs that recipe with distillation from the
 dense model added (hardness 1, temperature 2, as oBERT's), for recipes that have none: an explicit
-override, reported as its own row. ``+hardness=<h>`` (e.g. ``obert+hardness=0.5``) runs a
-distilling recipe with the teacher's share of the loss set to ``h`` instead of the recipe's (the
-labels' share 1 - h), also as its own row.
+override, reported as its own row. Other overrides of a recipe go the same way, each row its own
+(``ROW_OPTIONS``): ``+hardness=<h>`` (e.g. ``obert+hardness=0.5``) sets a distilling recipe's
+teacher share of the loss to ``h`` (the labels' share 1 - h); ``+recompute=<n>`` splits each
+pruning step into ``n`` on fresh gradients; ``+initial_sparsity=<s>`` sets the first pruning
+step's sparsity. They combine: ``obert+recompute=4+initial_sparsity=0.5``.
 
 Writes ``<output_dir>/results.json`` (rewritten after every run, so a stopped benchmark keeps its
 finished runs; runs already in it are kept and skipped, so seeds and recipes can be run in
@@ -187,31 +189,60 @@ def dense_model(args, data, seed):
     return model, acc
 
 
-def parse_row(name: str) -> tuple[str, str, float | None]:
-    """(recipe, suffix, hardness) of a ``--recipes`` row: ``dense``, a recipe name, or a recipe
-    name followed by ``+kd`` or ``+hardness=<h>`` (a clear error for anything else, before any
-    training)."""
+# a row's ``+key=value`` options: the recipe setting each one overrides, and what it accepts
+ROW_OPTIONS = {
+    "hardness": "the teacher's share of a distilling recipe's loss, in [0, 1]",
+    "recompute": "the pruning steps each pruning step is split into, on fresh gradients (an "
+                 "integer >= 1)",
+    "initial_sparsity": "the first pruning step's sparsity, in (0, 1)",
+}
+
+
+def _row_option(name: str, recipe: str, key: str, text: str):
+    """The value of one ``+key=value`` option of row ``name`` (a clear error if it is invalid)."""
     from hf_mfac.pruning.recipes import distillation, get_recipe
+
+    if key not in ROW_OPTIONS:
+        raise ValueError(f"row {name!r}: unknown option {key!r}; a row takes +kd or +<key>=<value> "
+                         f"with key in {sorted(ROW_OPTIONS)}")
+    try:
+        value = int(text) if key == "recompute" else float(text)
+    except ValueError:
+        value = None
+    ok = {"hardness": lambda v: 0.0 <= v <= 1.0 and distillation(recipe) is not None,
+          "recompute": lambda v: v >= 1 and get_recipe(recipe).method != "magnitude",
+          "initial_sparsity": lambda v: 0.0 < v < 1.0}[key]
+    if value is None or not ok(value):
+        raise ValueError(f"row {name!r}: +{key}=<value> takes {ROW_OPTIONS[key]}"
+                         + (" (a distilling recipe)" if key == "hardness" else "")
+                         + (" (a Fisher recipe)" if key == "recompute" else ""))
+    return value
+
+
+def parse_row(name: str) -> tuple[str, str, dict]:
+    """(recipe, suffix, options) of a ``--recipes`` row: ``dense``, a recipe name, or a recipe
+    name followed by ``+kd`` and/or ``+<key>=<value>`` options (:data:`ROW_OPTIONS`), e.g.
+    ``obert+hardness=0.5`` or ``obert+recompute=4+initial_sparsity=0.5``. Anything else is a clear
+    error, raised before any training."""
+    from hf_mfac.pruning.recipes import get_recipe
 
     recipe, _, extra = name.partition("+")
     if recipe == "dense":
         if extra:
             raise ValueError(f"row {name!r}: the dense row takes no suffix")
-        return recipe, extra, None
+        return recipe, extra, {}
     get_recipe(recipe)
-    if extra in ("", "kd"):
-        return recipe, extra, None
-    if extra.startswith("hardness="):
-        try:
-            h = float(extra.split("=", 1)[1])
-        except ValueError:
-            h = float("nan")
-        if not 0.0 <= h <= 1.0 or distillation(recipe) is None:
-            raise ValueError(f"row {name!r}: +hardness=<h> needs a recipe that distills and h in "
-                             "[0, 1]")
-        return recipe, extra, h
-    raise ValueError(f"unknown row {name!r}: a recipe name, optionally followed by +kd or "
-                     "+hardness=<h>")
+    options: dict = {}
+    for part in extra.split("+") if extra else []:
+        if part == "kd":
+            options["kd"] = True
+            continue
+        key, eq, text = part.partition("=")
+        if not eq:
+            raise ValueError(f"unknown row {name!r}: a recipe name, optionally followed by +kd or "
+                             f"+<key>=<value> with key in {sorted(ROW_OPTIONS)}")
+        options[key] = _row_option(name, recipe, key, text)
+    return recipe, extra, options
 
 
 def recipe_run(args, data, dense, seed, name) -> dict:
@@ -226,18 +257,19 @@ def recipe_run(args, data, dense, seed, name) -> dict:
     model = copy.deepcopy(dense)
     out = os.path.join(args.output_dir, "runs", f"{name}{seed}")
     cb = None
-    recipe, extra, hardness = parse_row(name)
+    recipe, _, options = parse_row(name)
     if name == "dense":
         tr = trainer_for(args, data, model, out, seed, args.steps, args.lr)
     else:
         given = {} if recipe == "magnitude" else {
             k: v for k, v in dict(num_grads=args.num_grads, block_size=args.block_size,
                                   fisher_batch_size=args.fisher_batch_size).items() if v}
+        given.update({k: options[k] for k in ("recompute", "initial_sparsity") if k in options})
         distill = distillation(recipe)
-        if extra == "kd" and distill is None:  # oBERT's distillation, added explicitly
+        if options.get("kd") and distill is None:  # oBERT's distillation, added explicitly
             distill = {"teacher": "self", "hardness": 1.0, "temperature": 2.0}
-        if hardness is not None:
-            distill = {**distill, "hardness": hardness}
+        if "hardness" in options:
+            distill = {**distill, "hardness": options["hardness"]}
         teacher = copy.deepcopy(dense) if distill else None
         tr = trainer_for(args, data, model, out, seed, args.steps, args.lr, teacher, distill)
         calib = DataLoader(data["train"], batch_size=args.fisher_batch_size, shuffle=True,

@@ -249,14 +249,19 @@ def _bench_recipe():
 
 
 def test_the_benchmarks_rows_are_checked_before_training():
-    """bench_recipe.py's rows: a recipe, ``+kd``, or ``+hardness=<h>`` on a distilling recipe;
-    anything else is refused by name before the dense start is trained."""
+    """bench_recipe.py's rows: a recipe, ``+kd``, or ``+<key>=<value>`` overrides (the distillation
+    weight of a distilling recipe, recomputations of a Fisher recipe, the first step's sparsity),
+    alone or together; anything else is refused by name before the dense start is trained."""
     bench = _bench_recipe()
-    assert bench.parse_row("dense") == ("dense", "", None)
-    assert bench.parse_row("cap+kd") == ("cap", "kd", None)
-    assert bench.parse_row("obert+hardness=0.5") == ("obert", "hardness=0.5", 0.5)
+    assert bench.parse_row("dense") == ("dense", "", {})
+    assert bench.parse_row("cap+kd") == ("cap", "kd", {"kd": True})
+    assert bench.parse_row("obert+hardness=0.5") == ("obert", "hardness=0.5", {"hardness": 0.5})
+    assert bench.parse_row("obert+recompute=4+initial_sparsity=0.5") == (
+        "obert", "recompute=4+initial_sparsity=0.5", {"recompute": 4, "initial_sparsity": 0.5})
+    assert bench.parse_row("magnitude+initial_sparsity=0.3")[2] == {"initial_sparsity": 0.3}
     for bad in ("obert+hardness=1.5", "obert+hardness=x", "cap+hardness=0.5", "dense+kd",
-                "obert+lr=1", "nosuch"):
+                "obert+lr=1", "nosuch", "obert+recompute=0", "obert+recompute=2.5",
+                "magnitude+recompute=2", "obert+initial_sparsity=1", "obert+fast"):
         with pytest.raises(ValueError, match="row|recipe"):
             bench.parse_row(bad)
 
