@@ -94,7 +94,8 @@ def parse_args(argv=None):
     ap.add_argument("--redo", default="",
                     help="comma-separated rows to run again even if results.json has them")
     ap.add_argument("--plot_only", action="store_true",
-                    help="only redraw the plot and print the table from results.json")
+                    help="only redraw the plot and print the table from results.json (with the "
+                         "settings its runs were made with; the other flags are ignored)")
     return ap.parse_args(argv)
 
 
@@ -408,7 +409,8 @@ def summary_table(results: dict, dense_acc: dict) -> str:
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    os.makedirs(args.output_dir, exist_ok=True)
+    if not args.plot_only:
+        os.makedirs(args.output_dir, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
@@ -423,11 +425,17 @@ def main(argv=None):
     redo = {n for n in args.redo.split(",") if n}
     command = "python benchmarks/bench_recipe.py " + shlex.join(argv)
     path = os.path.join(args.output_dir, "results.json")
-    key = {k: getattr(args, k) for k in _SAME}
     old = {}
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
+    elif args.plot_only:
+        raise SystemExit(f"--plot_only: there is no {path} to draw; run the benchmark first")
+    if args.plot_only:  # the runs' own settings, whatever the flags say
+        for k, v in old.get("settings", {}).items():
+            setattr(args, k, v)
+    key = {k: getattr(args, k) for k in _SAME}
+    if old:
         if old.get("settings") != key:
             raise SystemExit(f"{path} holds runs made with other settings ({old.get('settings')});"
                              " use another --output_dir")

@@ -300,3 +300,34 @@ def test_the_benchmarks_sparsity_at_each_evaluation(tmp_path):
     assert [t for t, _ in cb.schedule] == [2, 6, 10, 14, 18, 22, 26]
     for step, got in seen.items():
         assert got == pytest.approx(bench.sparsity_at(cb.schedule, step), abs=2e-3), step
+
+
+def test_the_benchmarks_plot_only_redraws_with_the_runs_own_settings(tmp_path, capsys):
+    """``bench_recipe.py --plot_only`` draws and tabulates a results.json made with other flags
+    than the defaults (it takes the runs' settings from the file), and refuses a folder without
+    one, creating nothing."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    bench = _bench_recipe()
+    settings = {k: getattr(bench.parse_args([]), k) for k in bench._SAME}
+    settings.update(num_grads=32, eval_every=50, sparsity=0.8)
+    curve = [[50, 0.77], [100, 0.78]]
+    runs = {"dense": {"0": {"accuracy": 0.8, "sparsity": 0.0, "curve": curve, "seconds": 1.0,
+                            "pruning_seconds": 0.0, "settings": {}}},
+            "obert": {"0": {"accuracy": 0.77, "sparsity": 0.8, "curve": curve, "seconds": 2.0,
+                            "pruning_seconds": 1.0,
+                            "settings": {"schedule": [[20, 0.7], [60, 0.8]]}}}}
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"dense_start": {"0": 0.79}, "runs": runs, "settings": settings,
+         "commands": ["python benchmarks/bench_recipe.py --seeds 0"], "machines": ["cpu"],
+         "minutes": 3.0}))
+    bench.main(["--plot_only", "--output_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| obert | 80.0% | 0.770 |" in out
+    assert (tmp_path / "accuracy_along_training.png").stat().st_size > 0
+    assert json.loads((tmp_path / "results.json").read_text())["settings"] == settings
+    missing = tmp_path / "nothing_here"
+    with pytest.raises(SystemExit, match="no .*results.json"):
+        bench.main(["--plot_only", "--output_dir", str(missing)])
+    assert not missing.exists()
