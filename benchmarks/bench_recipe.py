@@ -328,7 +328,8 @@ def sparsity_at(schedule, step: int) -> float:
     return max(done, default=0.0)
 
 
-def plot(results: dict, path: str, dense_acc: dict, footer: str, eval_size: int) -> None:
+def plot(results: dict, path: str, dense_acc: dict, footer: str, eval_size: int,
+         sparsity: float = 0.9) -> None:
     """Eval accuracy along each pruning run, one line per recipe and seed (seeds by line style),
     the dense start of each seed at step 0; below it, each recipe's sparsity along the run (from
     its schedule: a pruning step at step t acts after the evaluation at t)."""
@@ -357,7 +358,8 @@ def plot(results: dict, path: str, dense_acc: dict, footer: str, eval_size: int)
         axs.step(xs, [sparsity_at(sched, x + 1) for x in xs], where="post", color=f"C{k}",
                  label=", ".join(dict.fromkeys(names)), lw=1.2)
     ax.set_ylabel(f"eval accuracy ({eval_size} held-out tweets)")
-    ax.set_title("all-MiniLM-L6-v2 on the tweets: gradual pruning to 90 % with the recipes")
+    ax.set_title(f"all-MiniLM-L6-v2 on the tweets: gradual pruning to {sparsity:.0%} with the "
+                 "recipes")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower left")
     axs.set_xlabel("optimizer step of the pruning run (the dense start at step 0)")
@@ -472,10 +474,13 @@ def main(argv=None):
             write()
     results = {n: r for n, r in results.items() if r}
     minutes = (time.time() - t0) / 60
+    how = compact(commands)
+    if len(how) > 400:  # more than the figure's footer holds
+        how = f"{len(commands)} invocations, listed in results.json"
     footer = (f"{cpu_name()}, {machine()}; {time.strftime('%Y-%m-%d', time.gmtime())}; a shared "
-              "machine. " + compact(commands))
+              "machine. " + how)
     plot(results, os.path.join(args.output_dir, "accuracy_along_training.png"), dense_acc, footer,
-         args.eval_size)
+         args.eval_size, args.sparsity)
     total = old.get("minutes", 0.0) + (0.0 if args.plot_only else minutes)
     print(f"\nMachine: {machine()}; {minutes:.1f} min this invocation, {total:.1f} min for all the "
           f"runs in {path} (wall-clock, shared machine)\n")
