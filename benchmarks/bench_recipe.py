@@ -199,8 +199,9 @@ ROW_OPTIONS = {
 }
 
 
-def _row_option(name: str, recipe: str, key: str, text: str):
-    """The value of one ``+key=value`` option of row ``name`` (a clear error if it is invalid)."""
+def _row_option(name: str, recipe: str, key: str, text: str, kd: bool = False):
+    """The value of one ``+key=value`` option of row ``name`` (a clear error if it is invalid);
+    ``kd``: the row adds distillation (``+kd``), so ``hardness`` applies to any recipe."""
     from hf_mfac.pruning.recipes import distillation, get_recipe
 
     if key not in ROW_OPTIONS:
@@ -210,7 +211,7 @@ def _row_option(name: str, recipe: str, key: str, text: str):
         value = int(text) if key == "recompute" else float(text)
     except ValueError:
         value = None
-    ok = {"hardness": lambda v: 0.0 <= v <= 1.0 and distillation(recipe) is not None,
+    ok = {"hardness": lambda v: 0.0 <= v <= 1.0 and (kd or distillation(recipe) is not None),
           "recompute": lambda v: v >= 1 and get_recipe(recipe).method != "magnitude",
           "initial_sparsity": lambda v: 0.0 < v < 1.0}[key]
     if value is None or not ok(value):
@@ -233,16 +234,16 @@ def parse_row(name: str) -> tuple[str, str, dict]:
             raise ValueError(f"row {name!r}: the dense row takes no suffix")
         return recipe, extra, {}
     get_recipe(recipe)
-    options: dict = {}
-    for part in extra.split("+") if extra else []:
+    parts = extra.split("+") if extra else []
+    options: dict = {"kd": True} if "kd" in parts else {}
+    for part in parts:
         if part == "kd":
-            options["kd"] = True
             continue
         key, eq, text = part.partition("=")
         if not eq:
             raise ValueError(f"unknown row {name!r}: a recipe name, optionally followed by +kd or "
                              f"+<key>=<value> with key in {sorted(ROW_OPTIONS)}")
-        options[key] = _row_option(name, recipe, key, text)
+        options[key] = _row_option(name, recipe, key, text, kd="kd" in options)
     return recipe, extra, options
 
 

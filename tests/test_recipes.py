@@ -259,6 +259,9 @@ def test_the_benchmarks_rows_are_checked_before_training():
     assert bench.parse_row("obert+recompute=4+initial_sparsity=0.5") == (
         "obert", "recompute=4+initial_sparsity=0.5", {"recompute": 4, "initial_sparsity": 0.5})
     assert bench.parse_row("magnitude+initial_sparsity=0.3")[2] == {"initial_sparsity": 0.3}
+    # +kd gives CAP a distillation, whose weight +hardness then sets (in either order)
+    for row in ("cap+kd+hardness=0.5", "cap+hardness=0.5+kd"):
+        assert bench.parse_row(row)[2] == {"kd": True, "hardness": 0.5}
     for bad in ("obert+hardness=1.5", "obert+hardness=x", "cap+hardness=0.5", "dense+kd",
                 "obert+lr=1", "nosuch", "obert+recompute=0", "obert+recompute=2.5",
                 "magnitude+recompute=2", "obert+initial_sparsity=1", "obert+fast"):
