@@ -192,9 +192,9 @@ def dense_model(args, data, seed):
 
 # a row's ``+key=value`` options: the recipe setting each one overrides, and what it accepts
 ROW_OPTIONS = {
-    "hardness": "the teacher's share of a distilling recipe's loss, in [0, 1]",
+    "hardness": "the teacher's share of the loss, in [0, 1], on a recipe that distills (or +kd)",
     "recompute": "the pruning steps each pruning step is split into, on fresh gradients (an "
-                 "integer >= 1)",
+                 "integer >= 1), on a Fisher recipe",
     "initial_sparsity": "the first pruning step's sparsity, in (0, 1)",
 }
 
@@ -215,9 +215,7 @@ def _row_option(name: str, recipe: str, key: str, text: str, kd: bool = False):
           "recompute": lambda v: v >= 1 and get_recipe(recipe).method != "magnitude",
           "initial_sparsity": lambda v: 0.0 < v < 1.0}[key]
     if value is None or not ok(value):
-        raise ValueError(f"row {name!r}: +{key}=<value> takes {ROW_OPTIONS[key]}"
-                         + (" (a distilling recipe)" if key == "hardness" else "")
-                         + (" (a Fisher recipe)" if key == "recompute" else ""))
+        raise ValueError(f"row {name!r}: +{key}=<value> takes {ROW_OPTIONS[key]}")
     return value
 
 
