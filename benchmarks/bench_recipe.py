@@ -410,8 +410,6 @@ def summary_table(results: dict, dense_acc: dict) -> str:
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if not args.plot_only:
-        os.makedirs(args.output_dir, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
@@ -423,6 +421,8 @@ def main(argv=None):
             parse_row(n)
         except ValueError as e:
             raise SystemExit(str(e)) from None
+    if not args.plot_only:  # (after the rows are checked: a typo leaves no empty folder)
+        os.makedirs(args.output_dir, exist_ok=True)
     redo = {n for n in args.redo.split(",") if n}
     command = "python benchmarks/bench_recipe.py " + shlex.join(argv)
     path = os.path.join(args.output_dir, "results.json")
