@@ -339,7 +339,7 @@ def plot(results: dict, path: str, dense_acc: dict, footer: str, eval_size: int,
 
     seeds = sorted(dense_acc, key=int)
     styles = ["-", "--", ":", "-."]
-    fig, (ax, axs) = plt.subplots(2, 1, figsize=(8, 6.4), sharex=True,
+    fig, (ax, axs) = plt.subplots(2, 1, figsize=(10.5, 6.4), sharex=True,
                                   gridspec_kw={"height_ratios": [3, 1]})
     scheds: dict = {}  # schedule -> (colour index, the rows that have it)
     for k, (name, per_seed) in enumerate(results.items()):
@@ -360,15 +360,16 @@ def plot(results: dict, path: str, dense_acc: dict, footer: str, eval_size: int,
     ax.set_title(f"all-MiniLM-L6-v2 on the tweets: gradual pruning to {sparsity:.0%} with the "
                  "recipes")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    # legends beside the axes, where they cannot cover a point
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     axs.set_xlabel("optimizer step of the pruning run (the dense start at step 0)")
     axs.set_ylabel("sparsity")
     axs.set_ylim(-0.03, 1.0)
     axs.grid(alpha=0.3)
-    axs.legend(fontsize=7, ncol=3, loc="lower right")
+    axs.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.text(0.01, 0.01, footer, fontsize=6, va="bottom", wrap=True)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
